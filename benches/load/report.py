@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Turn run.sh's raw per-run rows into the medians table (text or markdown).
+
+    report.py text|md RAW_TSV IDLE_TSV
+
+RAW_TSV columns (one row per measured run, scenarios a-c):
+    scenario proto proxy rep rps p50_ms p99_ms cpu_pct errors
+IDLE_TSV columns (one row per measured run, scenario d):
+    proxy rep rss_before_kib rss_after_kib opened failed alive
+
+Every figure printed is the median over the repeats of that cell, each
+column taken independently. Standard library only.
+"""
+
+import statistics
+import sys
+
+SCENARIOS = {
+    "a": "a: 1 tenant",
+    "b": "b: 10k tenants, 1k hot",
+    "c": "c: 1 KiB POST",
+}
+PROXY_ORDER = ["bulkhead", "nginx", "haproxy", "direct"]
+PROTO_LABEL = {"h1": "HTTP/1.1", "h2": "h2c"}
+
+
+def fnum(x):
+    try:
+        return float(x)
+    except ValueError:
+        return None
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def read_tsv(path):
+    try:
+        with open(path) as f:
+            return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def aggregate(rows):
+    cells = {}
+    for scen, proto, proxy, _rep, rps, p50, p99, cpu, errors in rows:
+        c = cells.setdefault((scen, proto, proxy),
+                             {"rps": [], "p50": [], "p99": [], "cpu": [], "eff": [],
+                              "errors": 0, "runs": 0})
+        rps, cpu = fnum(rps), fnum(cpu)
+        c["rps"].append(rps)
+        c["p50"].append(fnum(p50))
+        c["p99"].append(fnum(p99))
+        c["cpu"].append(cpu)
+        c["eff"].append(rps / (cpu / 100) if rps is not None and cpu else None)
+        c["errors"] += int(errors)
+        c["runs"] += 1
+    return {k: {"rps": median(v["rps"]), "p50": median(v["p50"]), "p99": median(v["p99"]),
+                "cpu": median(v["cpu"]), "eff": median(v["eff"]),
+                "errors": v["errors"], "runs": v["runs"]}
+            for k, v in cells.items()}
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def load_table(cells):
+    header = ["scenario", "proto", "proxy", "req/s", "p50 ms", "p99 ms", "proxy CPU%",
+              "req/CPU-s", "B/peer req/s", "B/peer p99", "B/peer req/CPU-s", "errors"]
+    out = []
+    keys = sorted({(s, p) for s, p, _ in cells},
+                  key=lambda k: (k[0], ["h1", "h2"].index(k[1])))
+    for scen, proto in keys:
+        b = cells.get((scen, proto, "bulkhead"))
+        label = SCENARIOS.get(scen, scen)
+        if scen == "b" and proto == "h2":
+            label = "b: 10k tenants, 1 hot (h2)"
+        for proxy in PROXY_ORDER:
+            c = cells.get((scen, proto, proxy))
+            if c is None:
+                continue
+            name = "direct (ceiling)" if proxy == "direct" else proxy
+            if b is None or proxy == "bulkhead":
+                r_rps = r_p99 = r_eff = None
+            else:
+                r_rps = ratio(b["rps"], c["rps"])
+                r_p99 = ratio(b["p99"], c["p99"])
+                r_eff = ratio(b["eff"], c["eff"])
+            out.append([label, PROTO_LABEL.get(proto, proto), name,
+                        fmt(c["rps"], ",.0f"), fmt(c["p50"], ".3f"), fmt(c["p99"], ".3f"),
+                        fmt(c["cpu"], ".0f"), fmt(c["eff"], ",.0f"),
+                        fmt(r_rps, ".2f"), fmt(r_p99, ".2f"), fmt(r_eff, ".2f"),
+                        str(c["errors"]) if c["errors"] else ""])
+    return header, out
+
+
+def idle_table(rows):
+    per = {}
+    for proxy, _rep, before, after, opened, failed, alive in rows:
+        d = per.setdefault(proxy, {"kib": [], "before": [], "after": [], "opened": [],
+                                   "failed": 0, "closed": 0})
+        before, after, opened = float(before), float(after), int(opened)
+        d["before"].append(before)
+        d["after"].append(after)
+        d["opened"].append(opened)
+        d["kib"].append((after - before) / opened if opened else None)
+        d["failed"] += int(failed)
+        d["closed"] += opened - int(alive) if alive != "-" else 0
+    header = ["proxy", "RSS before MiB", "RSS after MiB", "conns held", "KiB per conn",
+              "B/peer", "failed+closed"]
+    b = median(per["bulkhead"]["kib"]) if "bulkhead" in per else None
+    out = []
+    for proxy in PROXY_ORDER:
+        if proxy not in per:
+            continue
+        d = per[proxy]
+        kib = median(d["kib"])
+        r = None if proxy == "bulkhead" or b is None else ratio(b, kib)
+        bad = d["failed"] + d["closed"]
+        out.append([proxy, fmt(median(d["before"]) / 1024, ".1f"),
+                    fmt(median(d["after"]) / 1024, ".1f"), fmt(median(d["opened"]), ".0f"),
+                    fmt(kib, ".2f"), fmt(r, ".2f"), str(bad) if bad else ""])
+    return header, out, per
+
+
+def goals(cells, idle_per):
+    """The issue's goals, evaluated on this run's medians (figures, not asserts)."""
+    lines = []
+
+    def get(s, p, x):
+        return cells.get((s, p, x))
+
+    b, n, h = get("a", "h1", "bulkhead"), get("a", "h1", "nginx"), get("a", "h1", "haproxy")
+    peers = [c for c in (n, h) if c]
+    if b and peers:
+        best = max(c["rps"] or 0 for c in peers)
+        low_p99 = min(c["p99"] for c in peers if c["p99"] is not None)
+        r = ratio(b["rps"], best)
+        ok = r is not None and r >= 1.10 and b["p99"] is not None and b["p99"] <= low_p99
+        lines.append(f"1. (a) HTTP/1.1: Bulkhead = {fmt(r, '.2f')} x the faster peer "
+                     f"(goal >= 1.10); p99 {fmt(b['p99'], '.3f')} ms vs lowest peer "
+                     f"{low_p99:.3f} ms (goal <=): {'MET' if ok else 'NOT MET'}")
+    b2, h2 = get("a", "h2", "bulkhead"), get("a", "h2", "haproxy")
+    if b2 and h2:
+        r = ratio(b2["rps"], h2["rps"])
+        lines.append(f"1. (a) h2c: Bulkhead = {fmt(r, '.2f')} x HAProxy (goal >= 1.0): "
+                     f"{'MET' if r is not None and r >= 1.0 else 'NOT MET'}")
+    for proto in ("h1", "h2"):
+        ba, bb = get("a", proto, "bulkhead"), get("b", proto, "bulkhead")
+        if ba and bb:
+            r = ratio(bb["rps"], ba["rps"])
+            da, db = get("a", proto, "direct"), get("b", proto, "direct")
+            dr = ratio(db["rps"], da["rps"]) if da and db else None
+            lines.append(f"2. {PROTO_LABEL[proto]}: Bulkhead (b)/(a) = {fmt(r, '.3f')} "
+                         f"(goal >= 0.95; the same client against the backend directly gives "
+                         f"{fmt(dr, '.3f')}, i.e. the load generator's own cost): "
+                         f"{'MET' if r is not None and r >= 0.95 else 'NOT MET'}")
+    if "bulkhead" in idle_per and "haproxy" in idle_per:
+        bk = median(idle_per["bulkhead"]["kib"])
+        hk = median(idle_per["haproxy"]["kib"])
+        ok = bk is not None and hk is not None and bk <= hk
+        lines.append(f"3. (d) idle memory: Bulkhead {fmt(bk, '.2f')} KiB/conn vs HAProxy "
+                     f"{fmt(hk, '.2f')} KiB/conn (goal <=): {'MET' if ok else 'NOT MET'}")
+    return lines
+
+
+def render(fmt_kind, header, rows):
+    if not rows:
+        return []
+    if fmt_kind == "md":
+        right = {i for i, h in enumerate(header) if i >= 3 or h in ("conns held",)}
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return lines
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cols: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cols, widths)))
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def main():
+    kind, raw, idle = sys.argv[1], sys.argv[2], sys.argv[3]
+    cells = aggregate(read_tsv(raw))
+    out = []
+    h, rows = load_table(cells)
+    out += render(kind, h, rows)
+    ih, irows, per = idle_table(read_tsv(idle))
+    if irows:
+        out += ["", "d: 10k idle keep-alive connections (HTTP/1.1), proxy RSS" if kind == "text"
+                else "**d: idle keep-alive connections (HTTP/1.1), proxy RSS**", ""]
+        out += render(kind, ih, irows)
+    g = goals(cells, per)
+    if g:
+        out += ["", "Goals (issue 7), on this run's medians:" if kind == "text"
+                else "**Goals (issue 7), on this run's medians:**", ""]
+        out += g
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

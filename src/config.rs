@@ -1,0 +1,833 @@
+//! `gateway.toml` as the operator writes it: serde structs that mirror the file
+//! (unknown keys rejected), and the validation rules of SPEC.md, each reported as
+//! `PATH:LINE:COL: message`. Nothing here is read on the request path: a validated
+//! [`Config`] is turned into a [`crate::snapshot::Snapshot`] first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::units::{ByteSize, Dur};
+
+/// The whole file. Every table is optional; defaults follow SPEC.md.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub tenancy: TenancyConfig,
+    #[serde(default)]
+    pub defaults: DefaultsConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<Spanned<String>, UpstreamConfig>,
+    #[serde(default)]
+    pub tenants: BTreeMap<Spanned<String>, TenantConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: Spanned<String>,
+    pub admin_listen: Spanned<String>,
+    pub workers: usize,
+    pub shutdown_grace: Dur,
+    pub header_read_timeout: Dur,
+    pub max_header_bytes: ByteSize,
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: Spanned::new(0..0, "0.0.0.0:8080".to_owned()),
+            admin_listen: Spanned::new(0..0, "127.0.0.1:9901".to_owned()),
+            workers: 0,
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            max_header_bytes: ByteSize(16 * 1024),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Host,
+    Header,
+    Path,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    pub resolve: Spanned<Vec<SourceKind>>,
+    pub header: Spanned<String>,
+    pub path_prefix: Spanned<String>,
+    pub forward_header: Spanned<String>,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        TenancyConfig {
+            resolve: Spanned::new(0..0, vec![SourceKind::Host]),
+            header: Spanned::new(0..0, "x-tenant-id".to_owned()),
+            path_prefix: Spanned::new(0..0, "/t/".to_owned()),
+            forward_header: Spanned::new(0..0, "x-tenant-id".to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsConfig {
+    pub upstream: Option<Spanned<String>>,
+    pub request_timeout: Option<Dur>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[defaults.limits]` and `[tenants.X.limits]`. A field left out means "inherit"
+/// (for a tenant) or "no limit" (for the defaults).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub requests_per_second: Option<Spanned<PositiveNumber>>,
+    pub burst: Option<Spanned<u64>>,
+    pub max_body: Option<Spanned<ByteSize>>,
+    pub max_in_flight: Option<Spanned<u64>>,
+}
+
+/// An integer or float; `validate` checks that it is positive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PositiveNumber(pub f64);
+
+impl<'de> Deserialize<'de> for PositiveNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = PositiveNumber;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PositiveNumber, E> {
+                Ok(PositiveNumber(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PositiveNumber, E> {
+                Ok(PositiveNumber(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<PositiveNumber, E> {
+                Ok(PositiveNumber(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub targets: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantStatus {
+    #[default]
+    Active,
+    Suspended,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    pub upstream: Option<Spanned<String>>,
+    pub request_timeout: Option<Dur>,
+    #[serde(default)]
+    pub features: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub status: TenantStatus,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub prefix: Spanned<String>,
+    pub upstream: Spanned<String>,
+}
+
+/// Limits after `[defaults.limits]` has been merged under the tenant's own.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u64>,
+    pub max_body: Option<u64>,
+    pub max_in_flight: Option<u64>,
+}
+
+/// A host pattern from a tenant's `hosts`, normalised (lower case, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// `*.acme.example.com` is stored as `acme.example.com`.
+    Wildcard(String),
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(h) => write!(f, "*.{h}"),
+        }
+    }
+}
+
+/// One tenant with `[defaults]` merged in and every name checked.
+#[derive(Debug, Clone)]
+pub struct ResolvedTenant {
+    pub id: String,
+    pub hosts: Vec<HostPattern>,
+    pub upstream: String,
+    pub request_timeout: Duration,
+    pub features: Vec<String>,
+    pub status: TenantStatus,
+    pub limits: Limits,
+    /// `(prefix, upstream)`, in file order.
+    pub routes: Vec<(String, String)>,
+}
+
+/// An upstream whose targets have been parsed to `host:port` authorities.
+#[derive(Debug, Clone)]
+pub struct ResolvedUpstream {
+    pub name: String,
+    pub targets: Vec<String>,
+}
+
+/// A validated configuration: what a snapshot is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    /// A short hash of the file's bytes.
+    pub version: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub workers: usize,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: u64,
+    pub log_format: LogFormat,
+    pub resolve: Vec<SourceKind>,
+    pub tenant_header: String,
+    pub path_prefix: String,
+    pub forward_header: String,
+    pub upstreams: Vec<ResolvedUpstream>,
+    pub tenants: Vec<ResolvedTenant>,
+}
+
+/// One problem found in the file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+/// Every problem found in one file; `Display` prints one `PATH:LINE:COL: message` per line.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.path.display(),
+                p.line,
+                p.col,
+                p.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(path, &text),
+            Err(e) => Err(ConfigError {
+                path: path.to_owned(),
+                problems: vec![Problem {
+                    line: 1,
+                    col: 1,
+                    message: format!("cannot read the file: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Parses and validates `text` as the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            text,
+            problems: Vec::new(),
+        };
+        let file: FileConfig = match toml::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                v.error(span, e.message().to_owned());
+                return Err(v.into_error(path));
+            }
+        };
+        let config = v.validate(path, text, &file);
+        if v.problems.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        Err(v.into_error(path))
+    }
+}
+
+/// A short, stable hash of the file's bytes (FNV-1a, 64 bit, first 12 hex digits).
+pub fn version_of(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:012x}", h >> 16)
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: std::ops::Range<usize>, message: String) {
+        let (line, col) = line_col(self.text, span.start);
+        self.problems.push(Problem { line, col, message });
+    }
+
+    fn into_error(mut self, path: &Path) -> ConfigError {
+        self.problems.sort_by_key(|p| (p.line, p.col));
+        ConfigError {
+            path: path.to_owned(),
+            problems: self.problems,
+        }
+    }
+
+    fn addr(&mut self, s: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match s.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    s.span(),
+                    format!(
+                        "`{key}` must be an IP address and port such as \"127.0.0.1:8080\", not {:?}",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn header_name(&mut self, s: &Spanned<String>, key: &str) {
+        if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() || s.get_ref().is_empty()
+        {
+            self.error(
+                s.span(),
+                format!("`{key}` is not a valid header name: {:?}", s.get_ref()),
+            );
+        }
+    }
+
+    fn validate(&mut self, path: &Path, text: &str, f: &FileConfig) -> Option<Config> {
+        let server = &f.server;
+        let listen = self.addr(&server.listen, "server.listen");
+        let admin_listen = self.addr(&server.admin_listen, "server.admin_listen");
+        if let (Some(l), Some(a)) = (listen, admin_listen) {
+            if l == a && l.port() != 0 {
+                self.error(
+                    server.admin_listen.span(),
+                    "`server.admin_listen` must differ from `server.listen`: the admin API is never served on the data plane".to_owned(),
+                );
+            }
+        }
+        if server.max_header_bytes.0 < 1024 {
+            self.error(
+                0..0,
+                "`server.max_header_bytes` must be at least 1KiB".to_owned(),
+            );
+        }
+
+        let t = &f.tenancy;
+        if t.resolve.get_ref().is_empty() {
+            self.error(
+                t.resolve.span(),
+                "`tenancy.resolve` must name at least one source".to_owned(),
+            );
+        }
+        let mut seen = Vec::new();
+        for s in t.resolve.get_ref() {
+            if seen.contains(s) {
+                self.error(
+                    t.resolve.span(),
+                    format!("`tenancy.resolve` names {s:?} twice"),
+                );
+            }
+            seen.push(*s);
+        }
+        self.header_name(&t.header, "tenancy.header");
+        self.header_name(&t.forward_header, "tenancy.forward_header");
+        let prefix = t.path_prefix.get_ref();
+        if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
+            self.error(
+                t.path_prefix.span(),
+                format!("`tenancy.path_prefix` must look like \"/t/\" (start and end with '/'), not {prefix:?}"),
+            );
+        }
+
+        // Upstreams.
+        let mut upstreams = Vec::new();
+        for (name, u) in &f.upstreams {
+            if !valid_id(name.get_ref()) {
+                self.error(
+                    name.span(),
+                    format!(
+                        "upstream name {:?} must match [a-z0-9][a-z0-9_-]{{0,62}}",
+                        name.get_ref()
+                    ),
+                );
+            }
+            if u.targets.get_ref().is_empty() {
+                self.error(
+                    u.targets.span(),
+                    format!("upstream {:?} has no targets", name.get_ref()),
+                );
+            }
+            let mut targets = Vec::new();
+            for target in u.targets.get_ref() {
+                match parse_target(target.get_ref()) {
+                    Ok(t) => targets.push(t),
+                    Err(msg) => self.error(target.span(), msg),
+                }
+            }
+            upstreams.push(ResolvedUpstream {
+                name: name.get_ref().clone(),
+                targets,
+            });
+        }
+        let upstream_ok = |name: &str| {
+            f.upstreams
+                .get(name)
+                .is_some_and(|u| !u.targets.get_ref().is_empty())
+        };
+
+        // Defaults.
+        let d = &f.defaults;
+        if let Some(u) = &d.upstream {
+            if !upstream_ok(u.get_ref()) {
+                self.missing_upstream(u, "[defaults] upstream");
+            }
+        }
+        self.limits(&d.limits);
+
+        // Tenants.
+        let mut tenants = Vec::new();
+        let mut host_owner: HashMap<HostPattern, &str> = HashMap::new();
+        for (id, tc) in &f.tenants {
+            let id_str = id.get_ref().as_str();
+            if !valid_id(id_str) {
+                self.error(
+                    id.span(),
+                    format!("tenant id {id_str:?} must match [a-z0-9][a-z0-9_-]{{0,62}}"),
+                );
+            }
+            let mut hosts = Vec::new();
+            for h in &tc.hosts {
+                match parse_host_pattern(h.get_ref()) {
+                    Ok(p) => {
+                        if let Some(owner) = host_owner.get(&p) {
+                            if *owner != id_str {
+                                self.error(
+                                    h.span(),
+                                    format!(
+                                        "host {:?} of tenant {id_str:?} already belongs to tenant {owner:?}: a host belongs to at most one tenant",
+                                        p.to_string()
+                                    ),
+                                );
+                            }
+                        } else {
+                            host_owner.insert(p.clone(), id_str);
+                        }
+                        if !hosts.contains(&p) {
+                            hosts.push(p);
+                        }
+                    }
+                    Err(msg) => self.error(h.span(), format!("tenant {id_str:?}: {msg}")),
+                }
+            }
+            let upstream = match (&tc.upstream, &d.upstream) {
+                (Some(u), _) => {
+                    if !upstream_ok(u.get_ref()) {
+                        self.missing_upstream(u, &format!("tenant {id_str:?}"));
+                    }
+                    u.get_ref().clone()
+                }
+                (None, Some(u)) => u.get_ref().clone(),
+                (None, None) => {
+                    self.error(
+                        id.span(),
+                        format!("tenant {id_str:?} names no `upstream` and `[defaults]` has none"),
+                    );
+                    String::new()
+                }
+            };
+            let mut features = Vec::new();
+            for feat in &tc.features {
+                let s = feat.get_ref();
+                if s.is_empty()
+                    || s.contains(',')
+                    || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                {
+                    self.error(
+                        feat.span(),
+                        format!("feature {s:?} of tenant {id_str:?} must be visible ASCII without commas"),
+                    );
+                }
+                features.push(s.clone());
+            }
+            let mut routes = Vec::new();
+            for r in &tc.routes {
+                let p = r.prefix.get_ref();
+                if !p.starts_with('/') {
+                    self.error(
+                        r.prefix.span(),
+                        format!("route prefix {p:?} of tenant {id_str:?} must start with '/'"),
+                    );
+                }
+                if !upstream_ok(r.upstream.get_ref()) {
+                    self.missing_upstream(&r.upstream, &format!("a route of tenant {id_str:?}"));
+                }
+                routes.push((p.clone(), r.upstream.get_ref().clone()));
+            }
+            self.limits(&tc.limits);
+            tenants.push(ResolvedTenant {
+                id: id_str.to_owned(),
+                hosts,
+                upstream,
+                request_timeout: tc
+                    .request_timeout
+                    .or(d.request_timeout)
+                    .map_or(Duration::from_secs(30), |d| d.0),
+                features,
+                status: tc.status,
+                limits: merge_limits(&tc.limits, &d.limits),
+                routes,
+            });
+        }
+
+        Some(Config {
+            path: path.to_owned(),
+            version: version_of(text),
+            listen: listen?,
+            admin_listen: admin_listen?,
+            workers: server.workers,
+            shutdown_grace: server.shutdown_grace.0,
+            header_read_timeout: server.header_read_timeout.0,
+            max_header_bytes: server.max_header_bytes.0,
+            log_format: server.log_format,
+            resolve: t.resolve.get_ref().clone(),
+            tenant_header: t.header.get_ref().to_ascii_lowercase(),
+            path_prefix: t.path_prefix.get_ref().clone(),
+            forward_header: t.forward_header.get_ref().to_ascii_lowercase(),
+            upstreams,
+            tenants,
+        })
+    }
+
+    fn missing_upstream(&mut self, u: &Spanned<String>, who: &str) {
+        self.error(
+            u.span(),
+            format!(
+                "{who} names upstream {:?}, which is not defined in [upstreams] or has no targets",
+                u.get_ref()
+            ),
+        );
+    }
+
+    fn limits(&mut self, l: &LimitsConfig) {
+        if let Some(r) = &l.requests_per_second {
+            let v = r.get_ref().0;
+            if !(v.is_finite() && v > 0.0) {
+                self.error(
+                    r.span(),
+                    format!("`requests_per_second` must be positive, not {v}"),
+                );
+            }
+        }
+        if let Some(b) = &l.burst {
+            if *b.get_ref() < 1 {
+                self.error(b.span(), "`burst` must be at least 1".to_owned());
+            }
+        }
+        if let Some(b) = &l.max_body {
+            if b.get_ref().0 < 1 {
+                self.error(b.span(), "`max_body` must be positive".to_owned());
+            }
+        }
+        if let Some(m) = &l.max_in_flight {
+            if *m.get_ref() < 1 {
+                self.error(m.span(), "`max_in_flight` must be positive".to_owned());
+            }
+        }
+    }
+}
+
+fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
+    let pick = |a: &Option<Spanned<u64>>, b: &Option<Spanned<u64>>| {
+        a.as_ref().or(b.as_ref()).map(|s| *s.get_ref())
+    };
+    Limits {
+        requests_per_second: t
+            .requests_per_second
+            .as_ref()
+            .or(d.requests_per_second.as_ref())
+            .map(|s| s.get_ref().0),
+        burst: pick(&t.burst, &d.burst),
+        max_body: t
+            .max_body
+            .as_ref()
+            .or(d.max_body.as_ref())
+            .map(|s| s.get_ref().0),
+        max_in_flight: pick(&t.max_in_flight, &d.max_in_flight),
+    }
+}
+
+/// `[a-z0-9][a-z0-9_-]{0,62}`
+pub fn valid_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        })
+}
+
+/// Parses a `hosts` entry: `acme.example.com` or `*.acme.example.com`.
+pub fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
+    let lower = raw.to_ascii_lowercase();
+    let h = lower.strip_suffix('.').unwrap_or(&lower);
+    if h.contains(':') {
+        return Err(format!(
+            "host {raw:?} must not carry a port (host matching ignores the port)"
+        ));
+    }
+    if let Some(rest) = h.strip_prefix("*.") {
+        if valid_hostname(rest) {
+            return Ok(HostPattern::Wildcard(rest.to_owned()));
+        }
+    } else if valid_hostname(h) {
+        return Ok(HostPattern::Exact(h.to_owned()));
+    }
+    Err(format!(
+        "host {raw:?} is not a valid host name or `*.domain` wildcard"
+    ))
+}
+
+/// Parses an upstream target (`host:port` or `http://host:port`) to `host:port`.
+pub fn parse_target(raw: &str) -> Result<String, String> {
+    let rest = if let Some(r) = raw.strip_prefix("http://") {
+        r
+    } else if raw.starts_with("https://") {
+        return Err(format!(
+            "target {raw:?}: https upstreams are not supported yet; use host:port or http://host:port"
+        ));
+    } else if raw.contains("://") {
+        return Err(format!(
+            "target {raw:?}: only http:// targets are supported"
+        ));
+    } else {
+        raw
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let auth: http::uri::Authority = rest
+        .parse()
+        .map_err(|_| format!("target {raw:?} must be \"host:port\" or \"http://host:port\""))?;
+    if auth.port_u16().is_none() || rest.contains('@') || auth.host().is_empty() {
+        return Err(format!(
+            "target {raw:?} must name a port, e.g. \"127.0.0.1:9001\""
+        ));
+    }
+    Ok(auth.as_str().to_owned())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = text[line_start..offset].chars().count() + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("gateway.toml"), text)
+    }
+
+    const BASE: &str = r#"
+[upstreams.shared]
+targets = ["127.0.0.1:9001", "http://127.0.0.1:9002"]
+
+[defaults]
+upstream = "shared"
+"#;
+
+    #[test]
+    fn minimal_file_gets_spec_defaults() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.resolve, vec![SourceKind::Host]);
+        assert_eq!(c.tenant_header, "x-tenant-id");
+        assert_eq!(c.path_prefix, "/t/");
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_header_bytes, 16384);
+        assert_eq!(c.upstreams[0].targets, vec!["127.0.0.1:9001", "127.0.0.1:9002"]);
+    }
+
+    #[test]
+    fn unknown_key_reports_line_and_column() {
+        let text = format!("{BASE}\n[tenants.acme]\nhosts = [\"a.com\"]\ncolour = \"red\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("gateway.toml:10:1: unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_host_across_tenants() {
+        let text = format!(
+            "{BASE}\n[tenants.a]\nhosts = [\"x.com\"]\n[tenants.b]\nhosts = [\"X.com.\"]\n"
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(":11:10: host \"x.com\" of tenant \"b\" already belongs to tenant \"a\""), "{e}");
+    }
+
+    #[test]
+    fn bad_tenant_id_and_missing_route_upstream() {
+        let text = format!(
+            "{BASE}\n[tenants.Acme]\nhosts = [\"x.com\"]\n[[tenants.Acme.routes]]\nprefix = \"/r\"\nupstream = \"nope\"\n"
+        );
+        let e = parse(&text).unwrap_err();
+        let msgs: Vec<_> = e.problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(msgs.iter().any(|m| m.contains("tenant id \"Acme\" must match")), "{e}");
+        assert!(msgs.iter().any(|m| m.contains("names upstream \"nope\"")), "{e}");
+        assert_eq!(e.problems.len(), 2);
+    }
+
+    #[test]
+    fn limits_merge_field_by_field() {
+        let text = format!(
+            "{BASE}\n[defaults.limits]\nrequests_per_second = 100\nburst = 200\nmax_body = \"1MiB\"\n[tenants.a]\nhosts=[\"a.com\"]\n[tenants.a.limits]\nburst = 5\n"
+        );
+        let c = parse(&text).unwrap();
+        let l = c.tenants[0].limits;
+        assert_eq!(l.requests_per_second, Some(100.0));
+        assert_eq!(l.burst, Some(5));
+        assert_eq!(l.max_body, Some(1 << 20));
+        assert_eq!(l.max_in_flight, None);
+    }
+
+    #[test]
+    fn limits_must_be_positive() {
+        let text = format!("{BASE}\n[defaults.limits]\nrequests_per_second = 0\nburst = 0\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(
+            parse_host_pattern("*.Acme.com").unwrap(),
+            HostPattern::Wildcard("acme.com".into())
+        );
+        assert_eq!(
+            parse_host_pattern("acme.com.").unwrap(),
+            HostPattern::Exact("acme.com".into())
+        );
+        assert!(parse_host_pattern("acme.com:80").is_err());
+        assert!(parse_host_pattern("a.*.com").is_err());
+        assert!(parse_host_pattern("").is_err());
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("http://localhost:80/").unwrap(), "localhost:80");
+        assert!(parse_target("localhost").is_err());
+        assert!(parse_target("https://a:1").is_err());
+        assert!(parse_target("ftp://a:1").is_err());
+    }
+
+    #[test]
+    fn invalid_toml_has_position() {
+        let e = parse("[server\nlisten = 1").unwrap_err();
+        assert_eq!(e.problems[0].line, 1);
+    }
+
+    #[test]
+    fn tenant_without_any_upstream() {
+        let e = parse("[tenants.a]\nhosts = [\"a.com\"]\n").unwrap_err().to_string();
+        assert!(e.contains("gateway.toml:1:10: tenant \"a\" names no `upstream`"), "{e}");
+    }
+}

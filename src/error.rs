@@ -1,0 +1,169 @@
+//! `ProxyError`: every reason the gateway answers a request itself, and the one
+//! exhaustive mapping from each to a status, an `error` code and a JSON body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+/// How an upstream exchange failed (the `kind` label of `upstream_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The TCP connection could not be made.
+    Connect,
+    /// The connection was reset or closed before a complete response head.
+    Reset,
+    /// The upstream sent something that is not HTTP.
+    Protocol,
+}
+
+impl UpstreamFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Reset => "reset",
+            UpstreamFailure::Protocol => "protocol",
+        }
+    }
+}
+
+/// A fact about why a request was not proxied. Carries typed data; the text for
+/// humans is made only when the response is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No source named a tenant, or the first one named an id nobody has.
+    UnknownTenant { named: Option<Box<str>> },
+    /// Two sources named different tenants.
+    TenantMismatch {
+        first: Box<str>,
+        first_source: &'static str,
+        other: Box<str>,
+        other_source: &'static str,
+    },
+    TenantSuspended,
+    HeadersTooLarge { size: u64, limit: u64 },
+    UpstreamError {
+        upstream: std::sync::Arc<str>,
+        failure: UpstreamFailure,
+    },
+    UpstreamTimeout {
+        upstream: std::sync::Arc<str>,
+        after: Duration,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::UnknownTenant { .. } => StatusCode::NOT_FOUND,
+            ProxyError::TenantMismatch { .. } => StatusCode::FORBIDDEN,
+            ProxyError::TenantSuspended => StatusCode::FORBIDDEN,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `error` field of the body, and the `reason` label of `rejected_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownTenant { .. } => "unknown_tenant",
+            ProxyError::TenantMismatch { .. } => "tenant_mismatch",
+            ProxyError::TenantSuspended => "tenant_suspended",
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::UpstreamError { .. } => "upstream_error",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ProxyError::UnknownTenant { named: Some(id) } => {
+                format!("no tenant {id:?} is configured")
+            }
+            ProxyError::UnknownTenant { named: None } => {
+                "the request names no known tenant".to_owned()
+            }
+            ProxyError::TenantMismatch {
+                first,
+                first_source,
+                other,
+                other_source,
+            } => format!(
+                "the {first_source} names tenant {first:?} but the {other_source} names {other:?}"
+            ),
+            ProxyError::TenantSuspended => "this tenant is suspended".to_owned(),
+            ProxyError::HeadersTooLarge { size, limit } => {
+                format!("request headers are {size} bytes; the limit is {limit}")
+            }
+            ProxyError::UpstreamError { upstream, failure } => match failure {
+                UpstreamFailure::Connect => format!("could not connect to upstream {upstream:?}"),
+                UpstreamFailure::Reset => {
+                    format!("upstream {upstream:?} closed the connection before responding")
+                }
+                UpstreamFailure::Protocol => {
+                    format!("upstream {upstream:?} sent an invalid HTTP response")
+                }
+            },
+            ProxyError::UpstreamTimeout { upstream, after } => format!(
+                "upstream {upstream:?} sent no response head within {}ms",
+                after.as_millis()
+            ),
+        }
+    }
+
+    /// `Retry-After` in whole seconds, for the rejections that have one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::UnknownTenant { .. }
+            | ProxyError::TenantMismatch { .. }
+            | ProxyError::TenantSuspended
+            | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::UpstreamError { .. }
+            | ProxyError::UpstreamTimeout { .. } => None,
+        }
+    }
+
+    /// The response the client sees.
+    pub fn to_response(&self, tenant: Option<&str>, request_id: &HeaderValue) -> Response<ProxyBody> {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: &'static str,
+            message: String,
+            tenant: Option<&'a str>,
+            request_id: &'a str,
+        }
+        let body = Body {
+            error: self.code(),
+            message: self.message(),
+            tenant,
+            request_id: request_id.to_str().unwrap_or(""),
+        };
+        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+        bytes.push(b'\n');
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(bytes)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after() {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_spec_json() {
+        let rid = HeaderValue::from_static("abc");
+        let r = ProxyError::TenantSuspended.to_response(Some("acme"), &rid);
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+    }
+}

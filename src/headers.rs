@@ -1,0 +1,220 @@
+//! Header rules of SPEC.md "What is forwarded", one small function per concern:
+//! hop-by-hop removal (both directions), tenant and feature injection, request ids
+//! and `x-forwarded-*`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+
+use crate::snapshot::{Tenancy, Tenant};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_TENANT_FEATURES: HeaderName = HeaderName::from_static("x-tenant-features");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
+/// `Host` is never removed through `Connection`: it is end to end and routing needs it.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| name != header::HOST)
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::UPGRADE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+}
+
+/// The client's `x-request-id` when it is sane (1–128 visible ASCII characters),
+/// else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| (0x21..=0x7e).contains(c)) {
+            return v.clone();
+        }
+    }
+    new_request_id()
+}
+
+/// 16 hex digits, unique within the process: a bijective mix of a per-process random
+/// seed plus a counter, so ids do not reveal request counts.
+pub fn new_request_id() -> HeaderValue {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    });
+    let n = splitmix64(seed.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let mut buf = [0u8; 16];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What the rewrite of a forwarded request needs besides the headers themselves.
+pub struct Forward<'a> {
+    pub tenancy: &'a Tenancy,
+    pub tenant: &'a Tenant,
+    /// The client's IP address, formatted once per connection.
+    pub peer_ip: &'a HeaderValue,
+    pub request_id: &'a HeaderValue,
+    /// The request's authority when it came in the URI (HTTP/2, absolute form).
+    pub authority: Option<&'a http::uri::Authority>,
+}
+
+/// Rewrites the headers of a request about to be forwarded.
+pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
+    remove_hop_by_hop(headers);
+
+    // Tenant identity comes from the gateway only.
+    headers.remove(&f.tenancy.header);
+    headers.insert(f.tenancy.forward_header.clone(), f.tenant.id_value.clone());
+    match &f.tenant.features {
+        Some(v) => headers.insert(X_TENANT_FEATURES.clone(), v.clone()),
+        None => headers.remove(&X_TENANT_FEATURES),
+    };
+
+    headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+
+    // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need `Host`.
+    if !headers.contains_key(header::HOST) {
+        if let Some(a) = f.authority {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    match headers.get(header::HOST).cloned() {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static("http"),
+    );
+    append_forwarded_for(headers, f.peer_ip);
+}
+
+/// Appends the client address to `x-forwarded-for`, folding repeated copies into one.
+pub fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
+    let mut values = headers.get_all(&X_FORWARDED_FOR).iter();
+    let Some(first) = values.next() else {
+        headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in values {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(peer_ip.as_bytes());
+    match HeaderValue::from_bytes(&joined) {
+        Ok(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
+        Err(_) => headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone()),
+    };
+}
+
+/// Rewrites the headers of an upstream response about to be sent to the client.
+pub fn rewrite_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
+    remove_hop_by_hop(headers);
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_including_connection_listed() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("trailer", "x"),
+            ("x-kept", "1"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut h = map(&[("connection", "host"), ("host", "a.com")]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h["host"], "a.com");
+    }
+
+    #[test]
+    fn request_ids() {
+        let sane = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&sane), "abc-123");
+        let long = "a".repeat(129);
+        let bad = map(&[("x-request-id", &long)]);
+        assert_eq!(request_id(&bad).len(), 16);
+        assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+    }
+}

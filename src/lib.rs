@@ -1,0 +1,24 @@
+//! Bulkhead: a multi-tenant reverse-proxy gateway.
+//!
+//! A request goes accept ([`server`]) → snapshot ([`snapshot`]) → resolve ([`tenant`])
+//! → admit → route → rewrite ([`headers`]) → forward ([`upstream`]), all in
+//! [`proxy`]; every refusal is a [`error::ProxyError`] mapped to a response in one place.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod snapshot;
+pub mod tenant;
+pub mod units;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use server::RunningGateway;

@@ -1,0 +1,161 @@
+//! The `bulkhead` command: run the gateway, or check a config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bulkhead::config::LogFormat;
+use bulkhead::{Config, RunningGateway};
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(name = "bulkhead", version, about = "A multi-tenant reverse-proxy gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run(RunArgs),
+    /// Validate the configuration without serving.
+    Check {
+        /// Path to gateway.toml.
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Path to gateway.toml.
+    #[arg(long, default_value = "gateway.toml")]
+    config: PathBuf,
+    /// Also start built-in echo upstreams on the addresses the config names.
+    #[arg(long)]
+    demo: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { config }) => check(config),
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    match Config::load(&path) {
+        Ok(c) => {
+            let upstreams = c.upstreams.len();
+            let suspended = c
+                .tenants
+                .iter()
+                .filter(|t| t.status == bulkhead::config::TenantStatus::Suspended)
+                .count();
+            println!(
+                "{}: ok, version {}: {} tenants ({} suspended), {} upstreams",
+                path.display(),
+                c.version,
+                c.tenants.len(),
+                suspended,
+                upstreams
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log_format);
+    if args.demo {
+        if let Err(e) = bulkhead::demo::spawn_echo_upstreams(&config) {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let gateway = match RunningGateway::start(config) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the signal runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match bulkhead::reload::reload(&gateway.shared) {
+                    Ok(v) => tracing::info!(version = %v, "SIGHUP: configuration reloaded"),
+                    Err(e) => tracing::warn!("SIGHUP: reload rejected, the old configuration keeps serving: {e}"),
+                },
+            }
+        }
+        tracing::info!(
+            grace = ?gateway.shared.config.shutdown_grace,
+            "draining: no new connections, in-flight requests finish"
+        );
+        gateway.shutdown();
+        let waiter = tokio::task::spawn_blocking(move || gateway.wait());
+        tokio::select! {
+            _ = waiter => {
+                tracing::info!("drained; exiting");
+                ExitCode::SUCCESS
+            }
+            _ = term.recv() => {
+                tracing::warn!("second signal: exiting without waiting");
+                ExitCode::FAILURE
+            }
+            _ = int.recv() => {
+                tracing::warn!("second signal: exiting without waiting");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

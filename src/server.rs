@@ -1,0 +1,380 @@
+//! Listeners, accept loops and graceful shutdown. Thread per core: each worker thread
+//! runs its own `current_thread` runtime, accepts on a clone of the one listening
+//! socket and owns its own upstream pool, so nothing on the request path crosses
+//! threads except the snapshot pointer.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+use crate::config::Config;
+use crate::proxy::{self, ConnCtx};
+use crate::snapshot::Snapshot;
+use crate::upstream;
+
+/// State shared by every worker and the admin listener.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Set from the first moment of draining; `/readyz` answers 503.
+    pub draining: AtomicBool,
+    /// Settings fixed for the life of the process (listeners, workers, timeouts).
+    pub config: Config,
+}
+
+/// A gateway that is serving. Dropping it does not stop it: call
+/// [`RunningGateway::shutdown`] then [`RunningGateway::wait`].
+pub struct RunningGateway {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    admin_stop: watch::Sender<bool>,
+    admin: JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Binds the listeners and starts serving `config`.
+    pub fn start(config: Config) -> io::Result<RunningGateway> {
+        let snapshot = Snapshot::build(&config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let listener = bind(config.listen)?;
+        let admin_listener = bind(config.admin_listen)?;
+        let listen_addr = listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let workers_n = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            draining: AtomicBool::new(false),
+            config,
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut workers = Vec::with_capacity(workers_n);
+        for i in 0..workers_n {
+            let l = listener.try_clone()?;
+            let shared = shared.clone();
+            let rx = shutdown_rx.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("bulkhead-worker-{i}"))
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("a tokio runtime can be built");
+                        rt.block_on(worker(l, shared, rx));
+                    })?,
+            );
+        }
+        drop(listener);
+
+        let (admin_stop, admin_rx) = watch::channel(false);
+        let admin_shared = shared.clone();
+        let admin = std::thread::Builder::new()
+            .name("bulkhead-admin".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime can be built");
+                rt.block_on(crate::admin::serve(admin_listener, admin_shared, admin_rx));
+            })?;
+        tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving");
+        Ok(RunningGateway {
+            listen_addr,
+            admin_addr,
+            shared,
+            shutdown_tx,
+            workers,
+            admin_stop,
+            admin,
+        })
+    }
+
+    /// Starts draining: `/readyz` turns 503, listeners close (new connections are
+    /// refused), idle connections close, in-flight requests run to completion for up
+    /// to `shutdown_grace`.
+    pub fn shutdown(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Waits until every worker has drained, then stops the admin listener.
+    pub fn wait(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+        let _ = self.admin_stop.send(true);
+        let _ = self.admin.join();
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<StdListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nodelay(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Counts a worker's open connections so draining can wait for them.
+#[derive(Default)]
+struct Tracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+struct ConnGuard(Arc<Tracker>);
+
+impl Tracker {
+    fn enter(self: &Arc<Self>) -> ConnGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(self.clone())
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Per-worker connection settings, built once.
+struct WorkerCtx {
+    shared: Arc<Shared>,
+    client: upstream::UpstreamClient,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot use the listener");
+            return;
+        }
+    };
+    let cfg = &shared.config;
+    // hyper's own limit is a backstop above ours, so that an oversized head normally
+    // gets the JSON 431 from the proxy rather than hyper's empty one.
+    let hyper_limit = (cfg.max_header_bytes.saturating_mul(2)).max(64 * 1024) as usize;
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(hyper_limit)
+        .max_headers(256);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(hyper_limit).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let ctx = Arc::new(WorkerCtx {
+        client: upstream::client(),
+        h1,
+        h2,
+        header_read_timeout: cfg.header_read_timeout,
+        shared: shared.clone(),
+    });
+    let tracker = Arc::new(Tracker::default());
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let guard = tracker.enter();
+                    let ctx = ctx.clone();
+                    let rx = shutdown.clone();
+                    tokio::spawn(async move {
+                        serve_connection(stream, peer, ctx, rx).await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let grace = shared.config.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.all_closed()).await.is_err() {
+        tracing::warn!(
+            open = tracker.open.load(Ordering::Relaxed),
+            "connections still open after shutdown_grace; closing them"
+        );
+    }
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<WorkerCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    // Choose HTTP/1.1 or HTTP/2 (prior knowledge) from the first bytes, under the
+    // header read timeout so a client that sends nothing is cut off too.
+    let mut prefix = Prefixed {
+        buf: [0; 24],
+        pos: 0,
+        len: 0,
+        inner: stream,
+    };
+    let sniff = async {
+        loop {
+            let n = prefix.inner.read(&mut prefix.buf[prefix.len..]).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(None);
+            }
+            prefix.len += n;
+            if prefix.buf[..prefix.len] != H2_PREFACE[..prefix.len] {
+                return Ok(Some(false));
+            }
+            if prefix.len == H2_PREFACE.len() {
+                return Ok(Some(true));
+            }
+        }
+    };
+    let is_h2 = match tokio::time::timeout(ctx.header_read_timeout, sniff).await {
+        Ok(Ok(Some(h2))) => h2,
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "closing a connection that sent no request in time");
+            return;
+        }
+    };
+    let conn_ctx = Arc::new(ConnCtx {
+        shared: ctx.shared.clone(),
+        client: ctx.client.clone(),
+        peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value"),
+    });
+    let service = service_fn(move |req| proxy::handle(req, conn_ctx.clone()));
+    let io = TokioIo::new(prefix);
+    let result = if is_h2 {
+        drive(ctx.h2.serve_connection(io, service), &mut shutdown).await
+    } else {
+        drive(ctx.h1.serve_connection(io, service), &mut shutdown).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Runs a connection to its end; on shutdown, asks it to finish gracefully (in-flight
+/// requests complete, no new ones are read) and keeps driving it.
+async fn drive<C>(conn: C, shutdown: &mut watch::Receiver<bool>) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(conn);
+    if !*shutdown.borrow() {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = shutdown.changed() => {}
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// A TCP stream with the bytes already read for protocol detection put back in front.
+struct Prefixed {
+    buf: [u8; 24],
+    pos: usize,
+    len: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.len {
+            let n = (this.len - this.pos).min(out.remaining());
+            out.put_slice(&this.buf[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

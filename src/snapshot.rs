@@ -1,0 +1,226 @@
+//! The runtime view of one validated config: the tenant table, the host index and
+//! pre-built header values and upstream authorities. Immutable once built; the hot
+//! path reads it through one `arc_swap` load per request and never parses, formats or
+//! looks a tenant up by string twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::uri::Authority;
+use http::{HeaderName, HeaderValue};
+
+use crate::config::{Config, HostPattern, Limits, SourceKind, TenantStatus};
+
+/// Index of a tenant in [`Snapshot::tenants`].
+pub type TenantIdx = u32;
+
+/// One upstream pool: targets chosen round robin.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub targets: Vec<Authority>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    /// The next target, round robin. Relaxed is enough: fairness, not ordering, is wanted.
+    pub fn pick(&self) -> &Authority {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.targets[i % self.targets.len()]
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub prefix: Box<str>,
+    pub upstream: Arc<Upstream>,
+}
+
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: Arc<str>,
+    /// The id as a header value, for `forward_header`.
+    pub id_value: HeaderValue,
+    /// `x-tenant-features`, comma-separated; `None` when the tenant has none.
+    pub features: Option<HeaderValue>,
+    pub status: TenantStatus,
+    pub upstream: Arc<Upstream>,
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+    pub request_timeout: Duration,
+    pub limits: Limits,
+}
+
+impl Tenant {
+    /// The upstream for `path`: the longest matching route prefix, else the tenant's own.
+    /// A prefix matches at a segment boundary: `/reports` matches `/reports` and
+    /// `/reports/x`, not `/reportsx` (a prefix ending in `/` matches anything below it).
+    pub fn route(&self, path: &str) -> &Arc<Upstream> {
+        for r in &self.routes {
+            if let Some(rest) = path.strip_prefix(&*r.prefix) {
+                if r.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') {
+                    return &r.upstream;
+                }
+            }
+        }
+        &self.upstream
+    }
+}
+
+#[derive(Debug)]
+pub struct Tenancy {
+    pub sources: Vec<SourceKind>,
+    pub header: HeaderName,
+    pub path_prefix: Box<str>,
+    pub forward_header: HeaderName,
+}
+
+/// Everything one request needs to decide where it goes.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: String,
+    pub loaded_at: SystemTime,
+    pub tenancy: Tenancy,
+    pub max_header_bytes: u64,
+    pub tenants: Vec<Tenant>,
+    pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
+    by_id: HashMap<Box<str>, TenantIdx>,
+    exact_hosts: HashMap<Box<str>, TenantIdx>,
+    /// `*.acme.com` is stored under `acme.com`.
+    wildcard_hosts: HashMap<Box<str>, TenantIdx>,
+}
+
+/// Why a validated config could still not be turned into a snapshot.
+#[derive(Debug)]
+pub struct BuildError(pub String);
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Snapshot {
+    pub fn build(config: &Config) -> Result<Snapshot, BuildError> {
+        let header = |s: &str| {
+            HeaderName::from_bytes(s.as_bytes())
+                .map_err(|_| BuildError(format!("invalid header name {s:?}")))
+        };
+        let mut upstreams = HashMap::new();
+        for u in &config.upstreams {
+            let targets = u
+                .targets
+                .iter()
+                .map(|t| {
+                    t.parse::<Authority>()
+                        .map_err(|_| BuildError(format!("invalid target {t:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if targets.is_empty() {
+                continue;
+            }
+            upstreams.insert(
+                u.name.clone().into_boxed_str(),
+                Arc::new(Upstream {
+                    name: Arc::from(u.name.as_str()),
+                    targets,
+                    next: AtomicUsize::new(0),
+                }),
+            );
+        }
+        let lookup = |name: &str| {
+            upstreams
+                .get(name)
+                .cloned()
+                .ok_or_else(|| BuildError(format!("unknown upstream {name:?}")))
+        };
+
+        let mut tenants = Vec::with_capacity(config.tenants.len());
+        let mut by_id = HashMap::with_capacity(config.tenants.len());
+        let mut exact_hosts = HashMap::new();
+        let mut wildcard_hosts = HashMap::new();
+        for (i, t) in config.tenants.iter().enumerate() {
+            let idx = TenantIdx::try_from(i).map_err(|_| BuildError("too many tenants".into()))?;
+            let mut routes = t
+                .routes
+                .iter()
+                .map(|(prefix, up)| {
+                    Ok(Route {
+                        prefix: prefix.clone().into_boxed_str(),
+                        upstream: lookup(up)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, BuildError>>()?;
+            // Longest prefix first; the sort is stable so equal lengths keep file order.
+            routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+            let features = if t.features.is_empty() {
+                None
+            } else {
+                Some(
+                    HeaderValue::from_str(&t.features.join(","))
+                        .map_err(|_| BuildError(format!("invalid features of {:?}", t.id)))?,
+                )
+            };
+            for h in &t.hosts {
+                match h {
+                    HostPattern::Exact(h) => exact_hosts.insert(h.clone().into_boxed_str(), idx),
+                    HostPattern::Wildcard(h) => {
+                        wildcard_hosts.insert(h.clone().into_boxed_str(), idx)
+                    }
+                };
+            }
+            by_id.insert(t.id.clone().into_boxed_str(), idx);
+            tenants.push(Tenant {
+                id: Arc::from(t.id.as_str()),
+                id_value: HeaderValue::from_str(&t.id)
+                    .map_err(|_| BuildError(format!("invalid tenant id {:?}", t.id)))?,
+                features,
+                status: t.status,
+                upstream: lookup(&t.upstream)?,
+                routes,
+                request_timeout: t.request_timeout,
+                limits: t.limits,
+            });
+        }
+
+        Ok(Snapshot {
+            version: config.version.clone(),
+            loaded_at: SystemTime::now(),
+            tenancy: Tenancy {
+                sources: config.resolve.clone(),
+                header: header(&config.tenant_header)?,
+                path_prefix: config.path_prefix.clone().into_boxed_str(),
+                forward_header: header(&config.forward_header)?,
+            },
+            max_header_bytes: config.max_header_bytes,
+            tenants,
+            upstreams,
+            by_id,
+            exact_hosts,
+            wildcard_hosts,
+        })
+    }
+
+    pub fn tenant(&self, idx: TenantIdx) -> &Tenant {
+        &self.tenants[idx as usize]
+    }
+
+    pub fn tenant_by_id(&self, id: &str) -> Option<TenantIdx> {
+        self.by_id.get(id).copied()
+    }
+
+    /// The tenant owning `host`, which must already be lower case without port or
+    /// trailing dot. An exact host beats a wildcard; a wildcard covers one label.
+    pub fn tenant_by_host(&self, host: &str) -> Option<TenantIdx> {
+        if let Some(i) = self.exact_hosts.get(host) {
+            return Some(*i);
+        }
+        let dot = host.find('.')?;
+        if dot == 0 {
+            return None;
+        }
+        self.wildcard_hosts.get(&host[dot + 1..]).copied()
+    }
+}

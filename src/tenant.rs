@@ -1,0 +1,303 @@
+//! Tenant resolution: the "host", "header" and "path" sources, read in the order of
+//! `tenancy.resolve`, with the yield / mismatch rules of SPEC.md. Each lookup is a hash
+//! map probe, so the cost does not grow with the number of tenants, and the common
+//! path allocates nothing.
+
+use http::{HeaderMap, Uri};
+
+use crate::config::SourceKind;
+use crate::error::ProxyError;
+use crate::snapshot::{Snapshot, TenantIdx};
+
+/// The outcome of resolution for a request that names a known tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub tenant: TenantIdx,
+    /// When the path source is configured and the path starts with `path_prefix`,
+    /// the number of leading bytes (`/t/{tenant}`) to strip before forwarding.
+    pub strip_path: Option<usize>,
+}
+
+/// What one source said.
+enum Yield<'a> {
+    Known(TenantIdx),
+    /// An id that no tenant has.
+    Unknown(&'a str),
+}
+
+fn source_name(s: SourceKind) -> &'static str {
+    match s {
+        SourceKind::Host => "host",
+        SourceKind::Header => "tenant header",
+        SourceKind::Path => "path",
+    }
+}
+
+/// Resolves the tenant of a request from its URI and headers.
+pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolved, ProxyError> {
+    let mut first: Option<(TenantIdx, SourceKind)> = None;
+    let mut strip_path = None;
+    let mut host_buf = [0u8; 256];
+    for &source in &snap.tenancy.sources {
+        let y = match source {
+            SourceKind::Host => host_source(snap, uri, headers, &mut host_buf)?,
+            SourceKind::Header => header_source(snap, headers)?,
+            SourceKind::Path => {
+                let (y, strip) = path_source(snap, uri.path());
+                strip_path = strip;
+                y
+            }
+        };
+        let Some(y) = y else { continue };
+        match (first, y) {
+            // The first id yielded decides; an id nobody has is unknown.
+            (None, Yield::Known(t)) => first = Some((t, source)),
+            (None, Yield::Unknown(id)) => {
+                return Err(ProxyError::UnknownTenant {
+                    named: Some(id.into()),
+                })
+            }
+            (Some((a, _)), Yield::Known(b)) if a == b => {}
+            (Some((a, first_source)), other) => {
+                let other = match other {
+                    Yield::Known(b) => &*snap.tenant(b).id,
+                    Yield::Unknown(id) => id,
+                };
+                return Err(ProxyError::TenantMismatch {
+                    first: (*snap.tenant(a).id).into(),
+                    first_source: source_name(first_source),
+                    other: other.into(),
+                    other_source: source_name(source),
+                });
+            }
+        }
+    }
+    match first {
+        Some((tenant, _)) => Ok(Resolved { tenant, strip_path }),
+        None => Err(ProxyError::UnknownTenant { named: None }),
+    }
+}
+
+/// The "host" source: HTTP/2 `:authority` (or an absolute-form request target), else
+/// `Host`. When both are present, or `Host` is repeated, they must agree.
+fn host_source(
+    snap: &Snapshot,
+    uri: &Uri,
+    headers: &HeaderMap,
+    buf: &mut [u8; 256],
+) -> Result<Option<Yield<'static>>, ProxyError> {
+    let mut host: Option<&[u8]> = uri.authority().map(|a| a.as_str().as_bytes());
+    for v in headers.get_all(http::header::HOST) {
+        match host {
+            None => host = Some(v.as_bytes()),
+            Some(h) if same_host(h, v.as_bytes()) => {}
+            Some(h) => {
+                return Err(ProxyError::TenantMismatch {
+                    first: String::from_utf8_lossy(h).into(),
+                    first_source: "request authority",
+                    other: String::from_utf8_lossy(v.as_bytes()).into(),
+                    other_source: "host header",
+                })
+            }
+        }
+    }
+    let Some(raw) = host else { return Ok(None) };
+    Ok(normalize_host(raw, buf)
+        .and_then(|h| snap.tenant_by_host(h))
+        .map(Yield::Known))
+}
+
+fn same_host(a: &[u8], b: &[u8]) -> bool {
+    let (mut x, mut y) = ([0u8; 256], [0u8; 256]);
+    match (normalize_host(a, &mut x), normalize_host(b, &mut y)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Lower-cases `raw` into `buf` without its port and trailing dot. `None` when it
+/// cannot be a host name (too long, not ASCII, a malformed port).
+pub fn normalize_host<'a>(raw: &[u8], buf: &'a mut [u8; 256]) -> Option<&'a str> {
+    let host = if raw.first() == Some(&b'[') {
+        // IPv6 literal: "[::1]:8080"
+        let end = raw.iter().position(|&c| c == b']')?;
+        let rest = &raw[end + 1..];
+        if !(rest.is_empty() || (rest[0] == b':' && rest[1..].iter().all(u8::is_ascii_digit))) {
+            return None;
+        }
+        &raw[..=end]
+    } else {
+        match raw.iter().rposition(|&c| c == b':') {
+            Some(i) if raw[i + 1..].iter().all(u8::is_ascii_digit) => &raw[..i],
+            Some(_) => return None,
+            None => raw,
+        }
+    };
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    if host.is_empty() || host.len() > 253 {
+        return None;
+    }
+    let out = &mut buf[..host.len()];
+    for (o, c) in out.iter_mut().zip(host) {
+        if !c.is_ascii() || c.is_ascii_control() {
+            return None;
+        }
+        *o = c.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+/// The "header" source: `tenancy.header`. Repeated copies must agree.
+fn header_source<'h>(
+    snap: &Snapshot,
+    headers: &'h HeaderMap,
+) -> Result<Option<Yield<'h>>, ProxyError> {
+    let mut values = headers.get_all(&snap.tenancy.header).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    for other in values {
+        if other != v {
+            return Err(ProxyError::TenantMismatch {
+                first: String::from_utf8_lossy(v.as_bytes()).into(),
+                first_source: "tenant header",
+                other: String::from_utf8_lossy(other.as_bytes()).into(),
+                other_source: "tenant header",
+            });
+        }
+    }
+    let id = v.to_str().unwrap_or("");
+    Ok(Some(match snap.tenant_by_id(id) {
+        Some(i) => Yield::Known(i),
+        None => Yield::Unknown(id),
+    }))
+}
+
+/// The "path" source: `/t/{tenant}/rest`. Returns the yield and the length to strip.
+fn path_source<'p>(snap: &Snapshot, path: &'p str) -> (Option<Yield<'p>>, Option<usize>) {
+    let prefix = &*snap.tenancy.path_prefix;
+    let Some(rest) = path.strip_prefix(prefix) else {
+        return (None, None);
+    };
+    let id = rest.split('/').next().unwrap_or("");
+    let y = match snap.tenant_by_id(id) {
+        Some(i) => Yield::Known(i),
+        None => Yield::Unknown(id),
+    };
+    (Some(y), Some(prefix.len() + id.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn snap(resolve: &str) -> Snapshot {
+        let text = format!(
+            r#"
+[tenancy]
+resolve = {resolve}
+[upstreams.u]
+targets = ["127.0.0.1:1"]
+[defaults]
+upstream = "u"
+[tenants.acme]
+hosts = ["acme.example.com", "*.acme.example.com"]
+[tenants.globex]
+hosts = ["globex.example.com"]
+[tenants.special]
+hosts = ["x.acme.example.com"]
+"#
+        );
+        Snapshot::build(&Config::parse(Path::new("t.toml"), &text).unwrap()).unwrap()
+    }
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> (Uri, HeaderMap) {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        (uri.parse().unwrap(), h)
+    }
+
+    fn who(s: &Snapshot, uri: &str, headers: &[(&str, &str)]) -> Result<String, &'static str> {
+        let (u, h) = req(uri, headers);
+        resolve(s, &u, &h)
+            .map(|r| s.tenant(r.tenant).id.to_string())
+            .map_err(|e| e.code())
+    }
+
+    #[test]
+    fn host_exact_wildcard_case_port() {
+        let s = snap(r#"["host"]"#);
+        assert_eq!(who(&s, "/", &[("host", "ACME.example.com:8080")]).unwrap(), "acme");
+        assert_eq!(who(&s, "/", &[("host", "a.acme.example.com")]).unwrap(), "acme");
+        assert_eq!(who(&s, "/", &[("host", "x.acme.example.com")]).unwrap(), "special");
+        assert_eq!(who(&s, "/", &[("host", "globex.example.com.")]).unwrap(), "globex");
+        assert_eq!(who(&s, "/", &[("host", "a.b.acme.example.com")]), Err("unknown_tenant"));
+        assert_eq!(who(&s, "/", &[("host", ".acme.example.com")]), Err("unknown_tenant"));
+        assert_eq!(who(&s, "/", &[("host", "example.com")]), Err("unknown_tenant"));
+        assert_eq!(who(&s, "/", &[]), Err("unknown_tenant"));
+        assert_eq!(who(&s, "http://acme.example.com/x", &[]).unwrap(), "acme");
+    }
+
+    #[test]
+    fn authority_and_host_must_agree() {
+        let s = snap(r#"["host"]"#);
+        assert_eq!(
+            who(&s, "http://acme.example.com/", &[("host", "globex.example.com")]),
+            Err("tenant_mismatch")
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", "acme.example.com"), ("host", "globex.example.com")]),
+            Err("tenant_mismatch")
+        );
+        assert_eq!(
+            who(&s, "http://acme.example.com/", &[("host", "ACME.example.com:80")]).unwrap(),
+            "acme"
+        );
+    }
+
+    #[test]
+    fn sources_in_order_with_mismatch() {
+        let s = snap(r#"["host", "header", "path"]"#);
+        assert_eq!(
+            who(&s, "/", &[("host", "acme.example.com"), ("x-tenant-id", "globex")]),
+            Err("tenant_mismatch")
+        );
+        assert_eq!(
+            who(&s, "/t/globex/x", &[("host", "acme.example.com")]),
+            Err("tenant_mismatch")
+        );
+        assert_eq!(who(&s, "/t/globex/x", &[("host", "nobody.com")]).unwrap(), "globex");
+        assert_eq!(who(&s, "/", &[("x-tenant-id", "globex")]).unwrap(), "globex");
+        assert_eq!(who(&s, "/", &[("x-tenant-id", "nope")]), Err("unknown_tenant"));
+        assert_eq!(
+            who(&s, "/", &[("x-tenant-id", "acme"), ("x-tenant-id", "globex")]),
+            Err("tenant_mismatch")
+        );
+        // Host yields nothing, the header yields an unknown id: unknown, not mismatch.
+        assert_eq!(who(&s, "/t/acme/", &[("x-tenant-id", "nope")]), Err("unknown_tenant"));
+    }
+
+    #[test]
+    fn path_strip_length() {
+        let s = snap(r#"["path"]"#);
+        let (u, h) = req("/t/acme/reports?q=1", &[]);
+        let r = resolve(&s, &u, &h).unwrap();
+        assert_eq!(r.strip_path, Some("/t/acme".len()));
+    }
+
+    #[test]
+    fn normalize() {
+        let mut b = [0u8; 256];
+        assert_eq!(normalize_host(b"[::1]:80", &mut b), Some("[::1]"));
+        assert_eq!(normalize_host(b"a.com:x", &mut b), None);
+        assert_eq!(normalize_host(b"A.Com.", &mut b), Some("a.com"));
+        assert_eq!(normalize_host(&[b'a'; 300], &mut b), None);
+    }
+}
