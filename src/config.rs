@@ -367,8 +367,7 @@ impl Validator<'_> {
     }
 
     fn header_name(&mut self, s: &Spanned<String>, key: &str) {
-        if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() || s.get_ref().is_empty()
-        {
+        if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() || s.get_ref().is_empty() {
             self.error(
                 s.span(),
                 format!("`{key}` is not a valid header name: {:?}", s.get_ref()),
@@ -745,14 +744,20 @@ upstream = "shared"
         assert_eq!(c.path_prefix, "/t/");
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.max_header_bytes, 16384);
-        assert_eq!(c.upstreams[0].targets, vec!["127.0.0.1:9001", "127.0.0.1:9002"]);
+        assert_eq!(
+            c.upstreams[0].targets,
+            vec!["127.0.0.1:9001", "127.0.0.1:9002"]
+        );
     }
 
     #[test]
     fn unknown_key_reports_line_and_column() {
         let text = format!("{BASE}\n[tenants.acme]\nhosts = [\"a.com\"]\ncolour = \"red\"\n");
         let e = parse(&text).unwrap_err().to_string();
-        assert!(e.starts_with("gateway.toml:10:1: unknown field `colour`"), "{e}");
+        assert!(
+            e.starts_with("gateway.toml:10:1: unknown field `colour`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -761,7 +766,10 @@ upstream = "shared"
             "{BASE}\n[tenants.a]\nhosts = [\"x.com\"]\n[tenants.b]\nhosts = [\"X.com.\"]\n"
         );
         let e = parse(&text).unwrap_err().to_string();
-        assert!(e.contains(":11:10: host \"x.com\" of tenant \"b\" already belongs to tenant \"a\""), "{e}");
+        assert!(
+            e.contains(":11:10: host \"x.com\" of tenant \"b\" already belongs to tenant \"a\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -771,8 +779,15 @@ upstream = "shared"
         );
         let e = parse(&text).unwrap_err();
         let msgs: Vec<_> = e.problems.iter().map(|p| p.message.as_str()).collect();
-        assert!(msgs.iter().any(|m| m.contains("tenant id \"Acme\" must match")), "{e}");
-        assert!(msgs.iter().any(|m| m.contains("names upstream \"nope\"")), "{e}");
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("tenant id \"Acme\" must match")),
+            "{e}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("names upstream \"nope\"")),
+            "{e}"
+        );
         assert_eq!(e.problems.len(), 2);
     }
 
@@ -813,7 +828,10 @@ upstream = "shared"
 
     #[test]
     fn targets() {
-        assert_eq!(parse_target("http://localhost:80/").unwrap(), "localhost:80");
+        assert_eq!(
+            parse_target("http://localhost:80/").unwrap(),
+            "localhost:80"
+        );
         assert!(parse_target("localhost").is_err());
         assert!(parse_target("https://a:1").is_err());
         assert!(parse_target("ftp://a:1").is_err());
@@ -827,7 +845,12 @@ upstream = "shared"
 
     #[test]
     fn tenant_without_any_upstream() {
-        let e = parse("[tenants.a]\nhosts = [\"a.com\"]\n").unwrap_err().to_string();
-        assert!(e.contains("gateway.toml:1:10: tenant \"a\" names no `upstream`"), "{e}");
+        let e = parse("[tenants.a]\nhosts = [\"a.com\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gateway.toml:1:10: tenant \"a\" names no `upstream`"),
+            "{e}"
+        );
     }
 }

@@ -32,7 +32,13 @@ pub fn spawn_echo_upstreams(config: &Config) -> io::Result<Vec<SocketAddr>> {
             }
             seen.push(addr);
             let l = StdListener::bind(addr).map_err(|e| {
-                io::Error::new(e.kind(), format!("--demo cannot listen on {addr} for upstream {:?}: {e}", u.name))
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "--demo cannot listen on {addr} for upstream {:?}: {e}",
+                        u.name
+                    ),
+                )
             })?;
             l.set_nonblocking(true)?;
             listeners.push((l, u.name.clone()));
@@ -59,11 +65,17 @@ pub fn spawn_echo_upstreams(config: &Config) -> io::Result<Vec<SocketAddr>> {
 }
 
 async fn serve_echo(listener: StdListener, name: String) {
-    let Ok(listener) = TcpListener::from_std(listener) else { return };
-    let Ok(local) = listener.local_addr() else { return };
+    let Ok(listener) = TcpListener::from_std(listener) else {
+        return;
+    };
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
     tracing::info!(upstream = %name, addr = %local, "demo upstream listening");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let name = name.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| echo(req, name.clone(), local));

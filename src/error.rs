@@ -35,7 +35,9 @@ impl UpstreamFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
     /// No source named a tenant, or the first one named an id nobody has.
-    UnknownTenant { named: Option<Box<str>> },
+    UnknownTenant {
+        named: Option<Box<str>>,
+    },
     /// Two sources named different tenants.
     TenantMismatch {
         first: Box<str>,
@@ -44,7 +46,10 @@ pub enum ProxyError {
         other_source: &'static str,
     },
     TenantSuspended,
-    HeadersTooLarge { size: u64, limit: u64 },
+    HeadersTooLarge {
+        size: u64,
+        limit: u64,
+    },
     UpstreamError {
         upstream: std::sync::Arc<str>,
         failure: UpstreamFailure,
@@ -128,7 +133,11 @@ impl ProxyError {
     }
 
     /// The response the client sees.
-    pub fn to_response(&self, tenant: Option<&str>, request_id: &HeaderValue) -> Response<ProxyBody> {
+    pub fn to_response(
+        &self,
+        tenant: Option<&str>,
+        request_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
         #[derive(serde::Serialize)]
         struct Body<'a> {
             error: &'static str,

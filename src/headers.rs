@@ -124,10 +124,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         None => headers.remove(&X_FORWARDED_HOST),
     };
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     append_forwarded_for(headers, f.peer_ip);
 }
 
@@ -164,7 +161,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -210,7 +210,10 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let ip = HeaderValue::from_static("10.0.0.9");
-        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
         append_forwarded_for(&mut h, &ip);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         let mut h = HeaderMap::new();

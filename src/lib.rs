@@ -5,6 +5,9 @@
 //! [`proxy`]; every refusal is a [`error::ProxyError`] mapped to a response in one place.
 
 #![forbid(unsafe_code)]
+// `unwrap` on anything a client or upstream controls is a bug: use `expect` with the
+// reason it cannot fail, or handle the error. Tests may unwrap freely.
+#![warn(clippy::unwrap_used)]
 
 pub mod admin;
 pub mod body;

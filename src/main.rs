@@ -1,5 +1,9 @@
 //! The `bulkhead` command: run the gateway, or check a config.
 
+#![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used)]
+
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,7 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
-#[command(name = "bulkhead", version, about = "A multi-tenant reverse-proxy gateway")]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "A multi-tenant reverse-proxy gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -79,6 +87,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -241,7 +241,10 @@ async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch:
     }
     drop(listener);
     let grace = shared.config.shutdown_grace;
-    if tokio::time::timeout(grace, tracker.all_closed()).await.is_err() {
+    if tokio::time::timeout(grace, tracker.all_closed())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = tracker.open.load(Ordering::Relaxed),
             "connections still open after shutdown_grace; closing them"

@@ -234,13 +234,34 @@ hosts = ["x.acme.example.com"]
     #[test]
     fn host_exact_wildcard_case_port() {
         let s = snap(r#"["host"]"#);
-        assert_eq!(who(&s, "/", &[("host", "ACME.example.com:8080")]).unwrap(), "acme");
-        assert_eq!(who(&s, "/", &[("host", "a.acme.example.com")]).unwrap(), "acme");
-        assert_eq!(who(&s, "/", &[("host", "x.acme.example.com")]).unwrap(), "special");
-        assert_eq!(who(&s, "/", &[("host", "globex.example.com.")]).unwrap(), "globex");
-        assert_eq!(who(&s, "/", &[("host", "a.b.acme.example.com")]), Err("unknown_tenant"));
-        assert_eq!(who(&s, "/", &[("host", ".acme.example.com")]), Err("unknown_tenant"));
-        assert_eq!(who(&s, "/", &[("host", "example.com")]), Err("unknown_tenant"));
+        assert_eq!(
+            who(&s, "/", &[("host", "ACME.example.com:8080")]).unwrap(),
+            "acme"
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", "a.acme.example.com")]).unwrap(),
+            "acme"
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", "x.acme.example.com")]).unwrap(),
+            "special"
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", "globex.example.com.")]).unwrap(),
+            "globex"
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", "a.b.acme.example.com")]),
+            Err("unknown_tenant")
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", ".acme.example.com")]),
+            Err("unknown_tenant")
+        );
+        assert_eq!(
+            who(&s, "/", &[("host", "example.com")]),
+            Err("unknown_tenant")
+        );
         assert_eq!(who(&s, "/", &[]), Err("unknown_tenant"));
         assert_eq!(who(&s, "http://acme.example.com/x", &[]).unwrap(), "acme");
     }
@@ -249,15 +270,28 @@ hosts = ["x.acme.example.com"]
     fn authority_and_host_must_agree() {
         let s = snap(r#"["host"]"#);
         assert_eq!(
-            who(&s, "http://acme.example.com/", &[("host", "globex.example.com")]),
+            who(
+                &s,
+                "http://acme.example.com/",
+                &[("host", "globex.example.com")]
+            ),
             Err("tenant_mismatch")
         );
         assert_eq!(
-            who(&s, "/", &[("host", "acme.example.com"), ("host", "globex.example.com")]),
+            who(
+                &s,
+                "/",
+                &[("host", "acme.example.com"), ("host", "globex.example.com")]
+            ),
             Err("tenant_mismatch")
         );
         assert_eq!(
-            who(&s, "http://acme.example.com/", &[("host", "ACME.example.com:80")]).unwrap(),
+            who(
+                &s,
+                "http://acme.example.com/",
+                &[("host", "ACME.example.com:80")]
+            )
+            .unwrap(),
             "acme"
         );
     }
@@ -266,22 +300,42 @@ hosts = ["x.acme.example.com"]
     fn sources_in_order_with_mismatch() {
         let s = snap(r#"["host", "header", "path"]"#);
         assert_eq!(
-            who(&s, "/", &[("host", "acme.example.com"), ("x-tenant-id", "globex")]),
+            who(
+                &s,
+                "/",
+                &[("host", "acme.example.com"), ("x-tenant-id", "globex")]
+            ),
             Err("tenant_mismatch")
         );
         assert_eq!(
             who(&s, "/t/globex/x", &[("host", "acme.example.com")]),
             Err("tenant_mismatch")
         );
-        assert_eq!(who(&s, "/t/globex/x", &[("host", "nobody.com")]).unwrap(), "globex");
-        assert_eq!(who(&s, "/", &[("x-tenant-id", "globex")]).unwrap(), "globex");
-        assert_eq!(who(&s, "/", &[("x-tenant-id", "nope")]), Err("unknown_tenant"));
         assert_eq!(
-            who(&s, "/", &[("x-tenant-id", "acme"), ("x-tenant-id", "globex")]),
+            who(&s, "/t/globex/x", &[("host", "nobody.com")]).unwrap(),
+            "globex"
+        );
+        assert_eq!(
+            who(&s, "/", &[("x-tenant-id", "globex")]).unwrap(),
+            "globex"
+        );
+        assert_eq!(
+            who(&s, "/", &[("x-tenant-id", "nope")]),
+            Err("unknown_tenant")
+        );
+        assert_eq!(
+            who(
+                &s,
+                "/",
+                &[("x-tenant-id", "acme"), ("x-tenant-id", "globex")]
+            ),
             Err("tenant_mismatch")
         );
         // Host yields nothing, the header yields an unknown id: unknown, not mismatch.
-        assert_eq!(who(&s, "/t/acme/", &[("x-tenant-id", "nope")]), Err("unknown_tenant"));
+        assert_eq!(
+            who(&s, "/t/acme/", &[("x-tenant-id", "nope")]),
+            Err("unknown_tenant")
+        );
     }
 
     #[test]

@@ -19,13 +19,11 @@ pub struct Dur(pub Duration);
 /// Parses `"512"`, `"512B"`, `"16KiB"`, `"1MiB"`, `"2GiB"`, and the decimal `KB`/`MB`/`GB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 1048576, \"512KiB\" or \"1MiB\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected e.g. 1048576, \"512KiB\" or \"1MiB\"")
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -46,8 +44,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, and combinations such as `"1m30s"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?}: {e} (expected e.g. \"250ms\", \"30s\", \"5m\")"))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration {s:?}: {e} (expected e.g. \"250ms\", \"30s\", \"5m\")")
+    })
 }
 
 impl<'de> Deserialize<'de> for ByteSize {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: installs the Debian packages the tests
+# drive for real (when missing), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "scripts/test.sh: installing ${need[*]} for the tests" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+
+cargo test --locked "$@"

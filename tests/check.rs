@@ -1,0 +1,129 @@
+//! `bulkhead check`: exit codes and `PATH:LINE:COL: message` lines.
+
+use std::process::Command;
+
+fn check(text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "PATH");
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+const BASE: &str =
+    "[upstreams.shared]\ntargets = [\"127.0.0.1:9001\"]\n[defaults]\nupstream = \"shared\"\n";
+
+#[test]
+fn shipped_config_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok") && stdout.contains("3 tenants"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nupstreem = \"x\"\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(err.trim(), "PATH:7:1: unknown field `upstreem`, expected one of `hosts`, `upstream`, `request_timeout`, `features`, `status`, `limits`, `routes`");
+}
+
+#[test]
+fn duplicate_host_across_tenants() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.globex]\nhosts = [\"b.com\", \"A.com\"]\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "PATH:8:19: host \"a.com\" of tenant \"globex\" already belongs to tenant \"acme\": a host belongs to at most one tenant"
+    );
+}
+
+#[test]
+fn route_naming_a_missing_upstream() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[[tenants.acme.routes]]\nprefix = \"/r\"\nupstream = \"reports\"\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "PATH:9:12: a route of tenant \"acme\" names upstream \"reports\", which is not defined in [upstreams] or has no targets"
+    );
+}
+
+#[test]
+fn bad_tenant_id() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.\"Acme Corp\"]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "PATH:5:10: tenant id \"Acme Corp\" must match [a-z0-9][a-z0-9_-]{0,62}"
+    );
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.Bad]\nhosts = [\"x.com\"]\n[tenants.ok]\nhosts = [\"x.com\"]\nupstream = \"nope\"\n[defaults.limits]\nburst = 0\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 4, "{err}");
+    assert!(err.lines().all(|l| l.starts_with("PATH:")), "{err}");
+}
+
+#[test]
+fn missing_file() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config", "/nonexistent/gateway.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .starts_with("/nonexistent/gateway.toml:1:1: cannot read the file"));
+}
+
+#[test]
+fn run_with_invalid_file_fails_fast_with_the_same_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "[server]\nlisten = \"nope\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gateway.toml:2:10: `server.listen` must be an IP address and port"),
+        "{err}"
+    );
+}

@@ -1,0 +1,163 @@
+//! Upstream failures, slow clients and oversized heads, through real sockets.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn one_tenant(upstream: &str, extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "[server]\nheader_read_timeout = \"1s\"\nworkers = 1\n[upstreams.u]\ntargets = [\"{upstream}\"]\n[defaults]\nupstream = \"u\"\n{extra}\n[tenants.t]\nhosts = [\"t.com\"]\n"
+    ))
+}
+
+#[tokio::test]
+async fn upstream_down_is_502() {
+    // A port that was just free: nothing listens there.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = one_tenant(&free.to_string(), "");
+    let r = get(gw.addr, "/", &[("host", "t.com")]).await;
+    assert_error(&r, 502, "upstream_error");
+    assert_eq!(r.json()["tenant"], "t");
+}
+
+#[tokio::test]
+async fn upstream_garbage_and_reset_are_502() {
+    let garbage = Upstream::start("g", Behavior::Garbage).await;
+    let gw = one_tenant(&garbage.addr.to_string(), "");
+    assert_error(
+        &get(gw.addr, "/", &[("host", "t.com")]).await,
+        502,
+        "upstream_error",
+    );
+}
+
+#[tokio::test]
+async fn upstream_closing_mid_body_cuts_the_client_response() {
+    let up = Upstream::start("c", Behavior::CloseMidBody).await;
+    let gw = one_tenant(&up.addr.to_string(), "");
+    let resp = client()
+        .request(
+            http::Request::get(gw.url("/"))
+                .header("host", "t.com")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the head was already on its way");
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(body.is_err(), "a truncated body must not look complete");
+}
+
+#[tokio::test]
+async fn upstream_slower_than_request_timeout_is_504() {
+    let slow = Upstream::start("slow", Behavior::Slow(Duration::from_secs(3))).await;
+    let gw = one_tenant(&slow.addr.to_string(), "request_timeout = \"300ms\"");
+    let started = Instant::now();
+    let r = get(gw.addr, "/", &[("host", "t.com")]).await;
+    assert_error(&r, 504, "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "did not wait for the upstream"
+    );
+}
+
+/// Reads until the server closes; returns what it sent.
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            n = s.read(&mut buf) => match n {
+                Ok(0) | Err(_) => return Some(out),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            },
+            _ = &mut deadline => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn half_a_request_line_is_cut_off_after_header_read_timeout() {
+    let up = Upstream::echo("u").await;
+    let gw = one_tenant(&up.addr.to_string(), "");
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /slow").await.unwrap();
+    let closed = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(
+        closed.is_some(),
+        "the connection stayed open well past the 1s timeout"
+    );
+
+    // A client that sends nothing at all is cut off too.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    assert!(read_until_closed(&mut s, Duration::from_secs(8))
+        .await
+        .is_some());
+
+    // Trickling header lines one at a time does not reset the clock.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let trickle = async {
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if s.write_all(format!("x-h{i}: v\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let cut = tokio::time::timeout(Duration::from_secs(10), trickle)
+        .await
+        .unwrap();
+    assert!(cut, "a trickling client was never cut off");
+    assert!(up.seen().is_empty());
+}
+
+#[tokio::test]
+async fn oversized_header_block_is_431() {
+    let up = Upstream::echo("u").await;
+    let gw = one_tenant(&up.addr.to_string(), "");
+    let big = "v".repeat(20 * 1024);
+    let r = get(gw.addr, "/", &[("host", "t.com"), ("x-big", &big)]).await;
+    assert_error(&r, 431, "headers_too_large");
+    // Many small headers adding up to 20 KiB as well.
+    let values: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("x-h{i}"), "v".repeat(500)))
+        .collect();
+    let mut headers: Vec<(&str, &str)> = values
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    headers.push(("host", "t.com"));
+    assert_error(&get(gw.addr, "/", &headers).await, 431, "headers_too_large");
+    // Far beyond: hyper's own backstop still answers 431.
+    let huge = "v".repeat(200 * 1024);
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: t.com\r\nx-huge: {huge}\r\n\r\n").as_bytes())
+        .await
+        .ok();
+    let out = read_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&out[..out.len().min(100)])
+    );
+    assert!(up.seen().is_empty());
+    // Normal requests still pass.
+    assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
+}
