@@ -1,5 +1,6 @@
-//! The admin listener (`server.admin_listen`): health and readiness today; metrics,
-//! reload and config endpoints plug into [`route`]. Never served on the data plane.
+//! The admin listener (`server.admin_listen`): health, readiness, reload and the
+//! config version and history; metrics plug into [`route`]. Never served on the data
+//! plane.
 
 use std::convert::Infallible;
 use std::net::TcpListener as StdListener;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
+use crate::reload::Trigger;
 use crate::server::Shared;
 
 /// Serves the admin API until `stop` turns true.
@@ -40,7 +42,7 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
                     TokioIo::new(stream),
                     service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(route(req, &shared)) }
+                        async move { Ok::<_, Infallible>(route(req, shared).await) }
                     }),
                 );
                 tokio::spawn(async move {
@@ -52,8 +54,27 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
+async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/reload") => reload(shared).await,
+        (&Method::GET, "/config") => {
+            let snap = shared.snapshot.load();
+            let body = serde_json::json!({
+                "version": snap.version,
+                "loaded_at": humantime::format_rfc3339_millis(snap.loaded_at).to_string(),
+                "tenants": snap.tenants.len(),
+            });
+            json_value(StatusCode::OK, &body)
+        }
+        (&Method::GET, "/config/history") => json_value(StatusCode::OK, &shared.reload.history()),
+        (_, "/reload") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method_not_allowed"}"#,
+        ),
+        (_, "/config" | "/config/history") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method_not_allowed"}"#,
+        ),
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => {
             if shared.draining.load(Ordering::SeqCst) {
@@ -70,8 +91,39 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<ProxyBody> {
     }
 }
 
+/// `POST /reload`: 200 `{"version": V}`, or 422 `invalid_config` with the message
+/// while the old config keeps serving. The build runs on the blocking pool so the
+/// admin listener keeps answering health checks meanwhile.
+async fn reload(shared: Arc<Shared>) -> Response<ProxyBody> {
+    let result =
+        tokio::task::spawn_blocking(move || crate::reload::reload(&shared, Trigger::Admin)).await;
+    match result {
+        Ok(Ok(version)) => json_value(StatusCode::OK, &serde_json::json!({ "version": version })),
+        Ok(Err(message)) => json_value(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &serde_json::json!({ "error": "invalid_config", "message": message }),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "the reload task failed");
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"error":"internal_error","message":"the reload task failed; see the log"}"#,
+            )
+        }
+    }
+}
+
+fn json_value<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<ProxyBody> {
+    let bytes = serde_json::to_vec(body).expect("admin responses are plain JSON values");
+    respond(status, Bytes::from(bytes))
+}
+
 fn json(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+    respond(status, Bytes::from_static(body.as_bytes()))
+}
+
+fn respond(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

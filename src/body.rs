@@ -9,10 +9,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::limits::Permit;
+
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Streamed from the upstream as it arrives.
-    Upstream(Incoming),
+    /// Streamed from the upstream as it arrives. The in-flight permit is held until
+    /// the body is finished or dropped (the client went away).
+    Upstream(Incoming, Option<Permit>),
     /// A body the gateway made itself; `None` once sent.
     Full(Option<Bytes>),
 }
@@ -36,21 +39,28 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            ProxyBody::Upstream(inner, permit) => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    // Done: the slot is free even if hyper keeps the body a while.
+                    permit.take();
+                }
+                polled
+            }
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(inner) => inner.is_end_stream(),
+            ProxyBody::Upstream(inner, _) => inner.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream(inner) => inner.size_hint(),
+            ProxyBody::Upstream(inner, _) => inner.size_hint(),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }

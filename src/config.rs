@@ -49,6 +49,12 @@ pub struct ServerConfig {
     pub header_read_timeout: Dur,
     pub max_header_bytes: ByteSize,
     pub log_format: LogFormat,
+    /// One JSON line per applied config change is appended here; off when unset.
+    pub audit_log: Option<Spanned<String>>,
+    /// Peers whose `x-forwarded-for` is believed (IPs or CIDRs).
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// How often per-client limiter state is pruned.
+    pub limiter_prune_interval: Dur,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +67,9 @@ impl Default for ServerConfig {
             header_read_timeout: Dur(Duration::from_secs(10)),
             max_header_bytes: ByteSize(16 * 1024),
             log_format: LogFormat::Text,
+            audit_log: None,
+            trusted_proxies: Vec::new(),
+            limiter_prune_interval: Dur(Duration::from_secs(60)),
         }
     }
 }
@@ -111,6 +120,8 @@ pub struct LimitsConfig {
     pub burst: Option<Spanned<u64>>,
     pub max_body: Option<Spanned<ByteSize>>,
     pub max_in_flight: Option<Spanned<u64>>,
+    pub per_client_requests_per_second: Option<Spanned<PositiveNumber>>,
+    pub per_client_burst: Option<Spanned<u64>>,
 }
 
 /// An integer or float; `validate` checks that it is positive.
@@ -184,6 +195,8 @@ pub struct Limits {
     pub burst: Option<u64>,
     pub max_body: Option<u64>,
     pub max_in_flight: Option<u64>,
+    pub per_client_requests_per_second: Option<f64>,
+    pub per_client_burst: Option<u64>,
 }
 
 /// A host pattern from a tenant's `hosts`, normalised (lower case, no trailing dot).
@@ -204,7 +217,7 @@ impl fmt::Display for HostPattern {
 }
 
 /// One tenant with `[defaults]` merged in and every name checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedTenant {
     pub id: String,
     pub hosts: Vec<HostPattern>,
@@ -237,6 +250,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub max_header_bytes: u64,
     pub log_format: LogFormat,
+    /// `server.audit_log`, relative paths taken from the config file's directory.
+    pub audit_log: Option<PathBuf>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub limiter_prune_interval: Duration,
     pub resolve: Vec<SourceKind>,
     pub tenant_header: String,
     pub path_prefix: String,
@@ -391,6 +408,27 @@ impl Validator<'_> {
             self.error(
                 0..0,
                 "`server.max_header_bytes` must be at least 1KiB".to_owned(),
+            );
+        }
+
+        let mut trusted_proxies = Vec::new();
+        for p in &server.trusted_proxies {
+            let raw = p.get_ref().trim();
+            let net = raw
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match net {
+                Ok(n) => trusted_proxies.push(n),
+                Err(_) => self.error(
+                    p.span(),
+                    format!("`server.trusted_proxies` entry {raw:?} is not an IP address or CIDR such as \"10.0.0.0/8\""),
+                ),
+            }
+        }
+        if server.limiter_prune_interval.0.is_zero() {
+            self.error(
+                0..0,
+                "`server.limiter_prune_interval` must be positive".to_owned(),
             );
         }
 
@@ -571,6 +609,9 @@ impl Validator<'_> {
             header_read_timeout: server.header_read_timeout.0,
             max_header_bytes: server.max_header_bytes.0,
             log_format: server.log_format,
+            audit_log: self.audit_log(path, server.audit_log.as_ref()),
+            trusted_proxies,
+            limiter_prune_interval: server.limiter_prune_interval.0,
             resolve: t.resolve.get_ref().clone(),
             tenant_header: t.header.get_ref().to_ascii_lowercase(),
             path_prefix: t.path_prefix.get_ref().clone(),
@@ -578,6 +619,20 @@ impl Validator<'_> {
             upstreams,
             tenants,
         })
+    }
+
+    fn audit_log(&mut self, config: &Path, raw: Option<&Spanned<String>>) -> Option<PathBuf> {
+        let raw = raw?;
+        if raw.get_ref().is_empty() {
+            self.error(
+                raw.span(),
+                "`server.audit_log` must be a file path (leave it out to turn the audit log off)"
+                    .to_owned(),
+            );
+            return None;
+        }
+        let dir = config.parent().unwrap_or(Path::new(""));
+        Some(dir.join(raw.get_ref()))
     }
 
     fn missing_upstream(&mut self, u: &Spanned<String>, who: &str) {
@@ -591,18 +646,34 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, l: &LimitsConfig) {
-        if let Some(r) = &l.requests_per_second {
-            let v = r.get_ref().0;
-            if !(v.is_finite() && v > 0.0) {
-                self.error(
-                    r.span(),
-                    format!("`requests_per_second` must be positive, not {v}"),
-                );
+        for (key, r) in [
+            ("requests_per_second", &l.requests_per_second),
+            (
+                "per_client_requests_per_second",
+                &l.per_client_requests_per_second,
+            ),
+        ] {
+            if let Some(r) = r {
+                let v = r.get_ref().0;
+                if !(v.is_finite() && v > 0.0 && v <= 1e9) {
+                    self.error(
+                        r.span(),
+                        format!("`{key}` must be positive (and at most 1e9), not {v}"),
+                    );
+                }
             }
         }
-        if let Some(b) = &l.burst {
-            if *b.get_ref() < 1 {
-                self.error(b.span(), "`burst` must be at least 1".to_owned());
+        for (key, b) in [
+            ("burst", &l.burst),
+            ("per_client_burst", &l.per_client_burst),
+        ] {
+            if let Some(b) = b {
+                if *b.get_ref() < 1 || *b.get_ref() > u64::from(u32::MAX) {
+                    self.error(
+                        b.span(),
+                        format!("`{key}` must be at least 1 (and fit in 32 bits)"),
+                    );
+                }
             }
         }
         if let Some(b) = &l.max_body {
@@ -635,6 +706,12 @@ fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
             .or(d.max_body.as_ref())
             .map(|s| s.get_ref().0),
         max_in_flight: pick(&t.max_in_flight, &d.max_in_flight),
+        per_client_requests_per_second: t
+            .per_client_requests_per_second
+            .as_ref()
+            .or(d.per_client_requests_per_second.as_ref())
+            .map(|s| s.get_ref().0),
+        per_client_burst: pick(&t.per_client_burst, &d.per_client_burst),
     }
 }
 

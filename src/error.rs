@@ -32,7 +32,7 @@ impl UpstreamFailure {
 
 /// A fact about why a request was not proxied. Carries typed data; the text for
 /// humans is made only when the response is built.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ProxyError {
     /// No source named a tenant, or the first one named an id nobody has.
     UnknownTenant {
@@ -46,6 +46,20 @@ pub enum ProxyError {
         other_source: &'static str,
     },
     TenantSuspended,
+    /// Over the tenant's (or, with `policy = "client"`, the client's) rate.
+    RateLimited {
+        retry_after: u64,
+        policy: &'static str,
+        limit: f64,
+    },
+    TooManyInFlight {
+        limit: u64,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
+    /// The client's request body failed mid-stream (it went away, or sent bad chunks).
+    BadRequestBody,
     HeadersTooLarge {
         size: u64,
         limit: u64,
@@ -66,6 +80,10 @@ impl ProxyError {
             ProxyError::UnknownTenant { .. } => StatusCode::NOT_FOUND,
             ProxyError::TenantMismatch { .. } => StatusCode::FORBIDDEN,
             ProxyError::TenantSuspended => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -78,6 +96,10 @@ impl ProxyError {
             ProxyError::UnknownTenant { .. } => "unknown_tenant",
             ProxyError::TenantMismatch { .. } => "tenant_mismatch",
             ProxyError::TenantSuspended => "tenant_suspended",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::TooManyInFlight { .. } => "too_many_in_flight",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BadRequestBody => "bad_request_body",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
@@ -101,6 +123,27 @@ impl ProxyError {
                 "the {first_source} names tenant {first:?} but the {other_source} names {other:?}"
             ),
             ProxyError::TenantSuspended => "this tenant is suspended".to_owned(),
+            ProxyError::RateLimited {
+                retry_after,
+                policy,
+                limit,
+            } => {
+                let whose = if *policy == "client" {
+                    "this client's"
+                } else {
+                    "the tenant's"
+                };
+                format!(
+                    "over {whose} limit of {limit} requests per second; retry in {retry_after}s"
+                )
+            }
+            ProxyError::TooManyInFlight { limit } => {
+                format!("the tenant already has {limit} requests in flight")
+            }
+            ProxyError::BodyTooLarge { limit } => {
+                format!("the request body is over the limit of {limit} bytes")
+            }
+            ProxyError::BadRequestBody => "the request body could not be read".to_owned(),
             ProxyError::HeadersTooLarge { size, limit } => {
                 format!("request headers are {size} bytes; the limit is {limit}")
             }
@@ -123,9 +166,14 @@ impl ProxyError {
     /// `Retry-After` in whole seconds, for the rejections that have one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
+            ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
+            // In-flight slots free up as requests finish: typically within a second.
+            ProxyError::TooManyInFlight { .. } => Some(1),
             ProxyError::UnknownTenant { .. }
             | ProxyError::TenantMismatch { .. }
             | ProxyError::TenantSuspended
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::UpstreamTimeout { .. } => None,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod limits;
 pub mod proxy;
 pub mod reload;
 pub mod server;
@@ -22,6 +23,7 @@ pub mod snapshot;
 pub mod tenant;
 pub mod units;
 pub mod upstream;
+pub mod watch;
 
 pub use config::{Config, ConfigError};
 pub use server::RunningGateway;

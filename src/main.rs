@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bulkhead::config::LogFormat;
+use bulkhead::reload::Trigger;
 use bulkhead::{Config, RunningGateway};
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
@@ -45,6 +46,9 @@ struct RunArgs {
     /// Also start built-in echo upstreams on the addresses the config names.
     #[arg(long)]
     demo: bool,
+    /// Don't reload when the config file changes (SIGHUP and POST /reload still do).
+    #[arg(long)]
+    no_watch: bool,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +121,19 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let watcher = if args.no_watch {
+        None
+    } else {
+        match bulkhead::watch::spawn(gateway.shared.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "{e}; the file is not watched (SIGHUP and POST /reload still reload it)"
+                );
+                None
+            }
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -140,12 +157,13 @@ fn run(args: RunArgs) -> ExitCode {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => match bulkhead::reload::reload(&gateway.shared) {
-                    Ok(v) => tracing::info!(version = %v, "SIGHUP: configuration reloaded"),
-                    Err(e) => tracing::warn!("SIGHUP: reload rejected, the old configuration keeps serving: {e}"),
-                },
+                // The outcome is logged, counted and recorded by `reload` itself.
+                _ = hup.recv() => {
+                    let _ = bulkhead::reload::reload(&gateway.shared, Trigger::Signal);
+                }
             }
         }
+        drop(watcher);
         tracing::info!(
             grace = ?gateway.shared.config.shutdown_grace,
             "draining: no new connections, in-flight requests finish"

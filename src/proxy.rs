@@ -3,6 +3,7 @@
 //! error into a response.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::uri::{PathAndQuery, Scheme};
@@ -13,6 +14,7 @@ use crate::body::ProxyBody;
 use crate::config::TenantStatus;
 use crate::error::ProxyError;
 use crate::headers::{self, Forward, X_REQUEST_ID};
+use crate::limits::{self, Permit, RequestBody};
 use crate::server::Shared;
 use crate::snapshot::{Snapshot, Tenant};
 use crate::tenant;
@@ -23,8 +25,22 @@ use crate::upstream::{self, UpstreamClient};
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub client: UpstreamClient,
+    pub peer: IpAddr,
+    /// `peer`, formatted once for `x-forwarded-for`.
     pub peer_ip: HeaderValue,
 }
+
+/// What the stages learned about a request, for the response and the records made
+/// when it finishes, whether it was proxied or refused.
+#[derive(Default)]
+struct Exchange<'s> {
+    tenant: Option<&'s Tenant>,
+    /// `RateLimit`, for tenants with a rate limit.
+    rate_limit: Option<HeaderValue>,
+}
+
+static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 
 /// The service function: never fails, every error becomes a response.
 pub async fn handle(
@@ -33,16 +49,31 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = ctx.shared.snapshot.load_full();
     let request_id = headers::request_id(req.headers());
-    let mut tenant = None;
-    let mut resp = match proxy(req, &snap, &ctx, &request_id, &mut tenant).await {
+    let mut ex = Exchange::default();
+    let mut resp = match proxy(req, &snap, &ctx, &request_id, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
-            let id = tenant.map(|t: &Tenant| &*t.id);
+            let id = ex.tenant.map(|t| &*t.id);
             tracing::debug!(error = e.code(), tenant = id, request_id = ?request_id, "rejected");
+            if let ProxyError::RateLimited {
+                retry_after,
+                policy,
+                ..
+            } = &e
+            {
+                ex.rate_limit = Some(limits::exhausted_header(policy, *retry_after));
+            }
             e.to_response(id, &request_id)
         }
     };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    let h = resp.headers_mut();
+    h.insert(X_REQUEST_ID.clone(), request_id);
+    if let Some(policy) = ex.tenant.and_then(|t| t.limits.policy.as_ref()) {
+        h.insert(RATELIMIT_POLICY.clone(), policy.clone());
+        if let Some(v) = ex.rate_limit {
+            h.insert(RATELIMIT.clone(), v);
+        }
+    }
     Ok(resp)
 }
 
@@ -51,15 +82,16 @@ async fn proxy<'s>(
     snap: &'s Snapshot,
     ctx: &ConnCtx,
     request_id: &HeaderValue,
-    tenant_out: &mut Option<&'s Tenant>,
+    ex: &mut Exchange<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     check_header_size(&req, snap.max_header_bytes)?;
     let resolved = tenant::resolve(snap, req.uri(), req.headers())?;
     let tenant = snap.tenant(resolved.tenant);
-    *tenant_out = Some(tenant);
-    admit(tenant)?;
+    ex.tenant = Some(tenant);
+    let permit = admit(snap, tenant, ctx, &req, ex)?;
 
     let (mut parts, body) = req.into_parts();
+    let body = RequestBody::new(body, tenant.limits.max_body);
     let path_and_query = forwarded_path(&parts.uri, resolved.strip_path);
     let upstream = tenant.route(path_and_query.path());
     let target = upstream.pick().clone();
@@ -90,15 +122,33 @@ async fn proxy<'s>(
     .await?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::rewrite_response(&mut rparts.headers, request_id);
-    Ok(Response::from_parts(rparts, ProxyBody::Upstream(rbody)))
+    Ok(Response::from_parts(
+        rparts,
+        ProxyBody::Upstream(rbody, Some(permit)),
+    ))
 }
 
-/// Status today; rate, in-flight and body limits join here.
-fn admit(tenant: &Tenant) -> Result<(), ProxyError> {
-    match tenant.status {
-        TenantStatus::Active => Ok(()),
-        TenantStatus::Suspended => Err(ProxyError::TenantSuspended),
+/// Status → rate → in-flight → declared body size, before anything is routed. Only
+/// known tenants get here, so nothing here creates state for unknown ones.
+fn admit<B>(
+    snap: &Snapshot,
+    tenant: &Tenant,
+    ctx: &ConnCtx,
+    req: &Request<B>,
+    ex: &mut Exchange<'_>,
+) -> Result<Permit, ProxyError> {
+    if tenant.status == TenantStatus::Suspended {
+        return Err(ProxyError::TenantSuspended);
     }
+    let limits = &tenant.limits;
+    let client = limits
+        .has_client_rate()
+        .then(|| limits::client_ip(ctx.peer, req.headers(), &snap.trusted_proxies));
+    let rate = limits.check_rate(client)?;
+    ex.rate_limit = rate.header();
+    let permit = limits.acquire()?;
+    limits.check_content_length(req.headers())?;
+    Ok(permit)
 }
 
 /// The request head's size as the client sent it (request line and header lines), so

@@ -1,36 +1,629 @@
 //! Reload: read `gateway.toml` again, validate, build a whole new snapshot off the
 //! hot path and swap it in atomically. A failed reload changes nothing.
+//!
+//! Every trigger (file watcher, `SIGHUP`, `POST /reload`) ends in [`reload`]. This
+//! module also owns the reload bookkeeping: the config in force (for diffs), the last
+//! [`HISTORY_LEN`] attempts, the success / failure counters and the audit log.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
+use serde::{Serialize, Serializer};
+
+use crate::config::{version_of, Config, ResolvedTenant};
 use crate::server::Shared;
 use crate::snapshot::Snapshot;
 
-/// Reloads the file the gateway was started with. Returns the new version, or the
-/// error message (`PATH:LINE:COL: message` lines) while the old config keeps serving.
-pub fn reload(shared: &Shared) -> Result<String, String> {
-    let new = Config::load(&shared.config.path).map_err(|e| e.to_string())?;
-    let old = &shared.config;
-    let mut restart = Vec::new();
-    if new.listen != old.listen {
-        restart.push("server.listen");
+/// How many reload attempts `GET /config/history` keeps.
+pub const HISTORY_LEN: usize = 50;
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The configuration the process started with.
+    Startup,
+    /// The file watcher saw the file change.
+    File,
+    /// `SIGHUP`.
+    Signal,
+    /// `POST /reload` on the admin listener.
+    Admin,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Trigger::Startup => "startup",
+            Trigger::File => "file",
+            Trigger::Signal => "signal",
+            Trigger::Admin => "admin",
+        })
     }
-    if new.admin_listen != old.admin_listen {
-        restart.push("server.admin_listen");
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// One tenant whose settings differ between two versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TenantChange {
+    pub tenant: String,
+    /// The names of the fields that changed, as written in `gateway.toml`
+    /// (`upstream`, `limits.burst`, …), after `[defaults]` is merged in.
+    pub fields: Vec<&'static str>,
+}
+
+/// Upstream pools added, removed, or whose targets changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UpstreamChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<TenantChange>,
+    pub upstreams: UpstreamChanges,
+    /// Gateway-wide keys that changed (`tenancy.resolve`, `server.audit_log`, …).
+    pub settings: Vec<&'static str>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
     }
-    if new.workers != old.workers {
-        restart.push("server.workers");
+}
+
+/// One reload attempt, as `GET /config/history` and the audit log show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub trigger: Trigger,
+    pub result: Outcome,
+    /// The version of the file that was read (`null` when it could not be read).
+    pub version: Option<String>,
+    /// The version in force before this attempt (`null` at startup). After a failure
+    /// it is still the one in force.
+    pub previous_version: Option<String>,
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub changes: Changes,
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// Reload bookkeeping, held by [`Shared`]. Reloads are serialised by its lock, so
+/// two triggers at once run one after the other and each diffs against the config
+/// the other left in force.
+pub struct ReloadState {
+    inner: Mutex<Inner>,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    /// Milliseconds since the Unix epoch of the last successful load (startup included).
+    last_success_ms: AtomicU64,
+}
+
+struct Inner {
+    /// The config in force.
+    config: Config,
+    /// Oldest first.
+    history: VecDeque<HistoryEntry>,
+    /// The version of the last file that was rejected: the watcher does not try the
+    /// same bytes twice.
+    last_rejected: Option<String>,
+}
+
+impl ReloadState {
+    /// Starts the bookkeeping for the config the process started with, and records it
+    /// in the history and the audit log.
+    pub fn new(config: &Config) -> ReloadState {
+        let now = SystemTime::now();
+        let entry = HistoryEntry {
+            time: now,
+            trigger: Trigger::Startup,
+            result: Outcome::Success,
+            version: Some(config.version.clone()),
+            previous_version: None,
+            error: None,
+            changes: Changes::default(),
+        };
+        audit(config.audit_log.as_deref(), &entry);
+        ReloadState {
+            inner: Mutex::new(Inner {
+                config: config.clone(),
+                history: VecDeque::from([entry]),
+                last_rejected: None,
+            }),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            last_success_ms: AtomicU64::new(unix_ms(now)),
+        }
     }
-    if !restart.is_empty() {
-        return Err(format!(
-            "{}: {} changed; these need a restart, so nothing from this file was applied",
-            old.path.display(),
-            restart.join(", ")
-        ));
+
+    /// Reloads that succeeded since startup (`config_reloads_total{result="success"}`).
+    pub fn succeeded(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
     }
-    let snapshot = Snapshot::build(&new).map_err(|e| format!("{}: {e}", old.path.display()))?;
-    let version = snapshot.version.clone();
+
+    /// Reloads that were rejected since startup (`config_reloads_total{result="failure"}`).
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// When the config in force was last loaded successfully (startup included), for
+    /// `config_last_reload_success_timestamp_seconds`.
+    pub fn last_success(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.last_success_ms.load(Ordering::Relaxed))
+    }
+
+    /// The last [`HISTORY_LEN`] attempts, newest first.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.lock().history.iter().rev().cloned().collect()
+    }
+
+    /// A copy of the config in force.
+    pub fn config(&self) -> Config {
+        self.lock().config.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data behind: every field is
+        // replaced whole, so the poison flag can be ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reloads the file the gateway was started with. Returns the version now in force,
+/// or the error message (`PATH:LINE:COL: message` lines) while the old config keeps
+/// serving. Re-reading an unchanged file succeeds without swapping anything.
+pub fn reload(shared: &Shared, trigger: Trigger) -> Result<String, String> {
+    attempt(shared, trigger, false).unwrap_or_else(|| Ok(shared.snapshot.load().version.clone()))
+}
+
+/// For the file watcher: reloads only when the file's bytes differ both from the
+/// config in force and from the last file rejected. `None` when nothing was tried.
+pub fn reload_if_changed(shared: &Shared) -> Option<Result<String, String>> {
+    attempt(shared, Trigger::File, true)
+}
+
+fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Result<String, String>> {
+    let state = &shared.reload;
+    let mut inner = state.lock();
+    let path = inner.config.path.clone();
+    let previous = inner.config.version.clone();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            if only_if_new {
+                // An editor or a ConfigMap swap may leave the path missing for a moment;
+                // the next event will find the file again.
+                tracing::debug!(path = %path.display(), error = %e, "config file not readable; waiting for the next change");
+                return None;
+            }
+            let msg = format!("{}:1:1: cannot read the file: {e}", path.display());
+            return Some(Err(reject(state, &mut inner, trigger, None, msg)));
+        }
+    };
+    let version = version_of(&text);
+    if only_if_new
+        && (version == previous || inner.last_rejected.as_deref() == Some(version.as_str()))
+    {
+        return None;
+    }
+    let new = match Config::parse(&path, &text) {
+        Ok(c) => c,
+        Err(e) => {
+            return Some(Err(reject(
+                state,
+                &mut inner,
+                trigger,
+                Some(version),
+                e.to_string(),
+            )));
+        }
+    };
+    if let Some(msg) = needs_restart(&shared.config, &new) {
+        return Some(Err(reject(state, &mut inner, trigger, Some(version), msg)));
+    }
+    let now = SystemTime::now();
+    if version == previous {
+        tracing::info!(%trigger, %version, "configuration file unchanged; nothing to apply");
+        state.succeeded.fetch_add(1, Ordering::Relaxed);
+        state.last_success_ms.store(unix_ms(now), Ordering::Relaxed);
+        inner.last_rejected = None;
+        let entry = HistoryEntry {
+            time: now,
+            trigger,
+            result: Outcome::Success,
+            version: Some(version.clone()),
+            previous_version: Some(previous),
+            error: None,
+            changes: Changes::default(),
+        };
+        push(&mut inner, entry);
+        return Some(Ok(version));
+    }
+
+    let built = {
+        let current = shared.snapshot.load();
+        Snapshot::build(&new, Some(&current))
+    };
+    let snapshot = match built {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("{}: {e}", path.display());
+            return Some(Err(reject(state, &mut inner, trigger, Some(version), msg)));
+        }
+    };
+    let changes = diff(&inner.config, &new);
     shared.snapshot.store(Arc::new(snapshot));
-    Ok(version)
+
+    state.succeeded.fetch_add(1, Ordering::Relaxed);
+    state.last_success_ms.store(unix_ms(now), Ordering::Relaxed);
+    tracing::info!(
+        %trigger,
+        %version,
+        previous = %previous,
+        added = changes.added.len(),
+        removed = changes.removed.len(),
+        changed = changes.changed.len(),
+        "configuration reloaded"
+    );
+    let entry = HistoryEntry {
+        time: now,
+        trigger,
+        result: Outcome::Success,
+        version: Some(version.clone()),
+        previous_version: Some(previous),
+        error: None,
+        changes,
+    };
+    audit(new.audit_log.as_deref(), &entry);
+    inner.config = new;
+    inner.last_rejected = None;
+    push(&mut inner, entry);
+    Some(Ok(version))
+}
+
+/// Records a rejected attempt and returns its message.
+fn reject(
+    state: &ReloadState,
+    inner: &mut Inner,
+    trigger: Trigger,
+    version: Option<String>,
+    msg: String,
+) -> String {
+    state.failed.fetch_add(1, Ordering::Relaxed);
+    // One log line, so line-oriented log shippers keep the whole message together.
+    tracing::warn!(
+        %trigger,
+        version = version.as_deref().unwrap_or("-"),
+        in_force = %inner.config.version,
+        "configuration rejected, the old configuration keeps serving: {}",
+        msg.replace('\n', "; ")
+    );
+    inner.last_rejected.clone_from(&version);
+    let entry = HistoryEntry {
+        time: SystemTime::now(),
+        trigger,
+        result: Outcome::Failure,
+        version,
+        previous_version: Some(inner.config.version.clone()),
+        error: Some(msg.clone()),
+        changes: Changes::default(),
+    };
+    push(inner, entry);
+    msg
+}
+
+fn push(inner: &mut Inner, entry: HistoryEntry) {
+    if inner.history.len() == HISTORY_LEN {
+        inner.history.pop_front();
+    }
+    inner.history.push_back(entry);
+}
+
+/// Settings the running process cannot change: the listeners are bound, the worker
+/// threads and their connection settings are made, the log format is set, at start.
+/// Rejecting the file is better than applying part of it silently.
+fn needs_restart(running: &Config, new: &Config) -> Option<String> {
+    let mut keys = Vec::new();
+    if new.listen != running.listen {
+        keys.push("server.listen");
+    }
+    if new.admin_listen != running.admin_listen {
+        keys.push("server.admin_listen");
+    }
+    if new.workers != running.workers {
+        keys.push("server.workers");
+    }
+    if new.header_read_timeout != running.header_read_timeout {
+        keys.push("server.header_read_timeout");
+    }
+    if new.shutdown_grace != running.shutdown_grace {
+        keys.push("server.shutdown_grace");
+    }
+    if new.log_format != running.log_format {
+        keys.push("server.log_format");
+    }
+    if new.limiter_prune_interval != running.limiter_prune_interval {
+        keys.push("server.limiter_prune_interval");
+    }
+    if keys.is_empty() {
+        return None;
+    }
+    let verb = if keys.len() == 1 {
+        "this needs"
+    } else {
+        "these need"
+    };
+    Some(format!(
+        "{}: {} changed; {verb} a restart, so nothing from this file was applied",
+        running.path.display(),
+        keys.join(", "),
+    ))
+}
+
+/// The tenants, upstreams and settings that differ between `old` and `new`.
+pub fn diff(old: &Config, new: &Config) -> Changes {
+    let mut c = Changes::default();
+    let old_t: HashMap<&str, &ResolvedTenant> =
+        old.tenants.iter().map(|t| (t.id.as_str(), t)).collect();
+    let new_t: HashMap<&str, &ResolvedTenant> =
+        new.tenants.iter().map(|t| (t.id.as_str(), t)).collect();
+    for t in &new.tenants {
+        match old_t.get(t.id.as_str()) {
+            None => c.added.push(t.id.clone()),
+            Some(o) if *o != t => c.changed.push(TenantChange {
+                tenant: t.id.clone(),
+                fields: tenant_fields(o, t),
+            }),
+            Some(_) => {}
+        }
+    }
+    for t in &old.tenants {
+        if !new_t.contains_key(t.id.as_str()) {
+            c.removed.push(t.id.clone());
+        }
+    }
+    c.added.sort();
+    c.removed.sort();
+    c.changed.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+
+    let old_u: BTreeMap<&str, &Vec<String>> = old
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), &u.targets))
+        .collect();
+    let new_u: BTreeMap<&str, &Vec<String>> = new
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), &u.targets))
+        .collect();
+    for (name, targets) in &new_u {
+        match old_u.get(name) {
+            None => c.upstreams.added.push((*name).to_owned()),
+            Some(o) if o != targets => c.upstreams.changed.push((*name).to_owned()),
+            Some(_) => {}
+        }
+    }
+    for name in old_u.keys() {
+        if !new_u.contains_key(name) {
+            c.upstreams.removed.push((*name).to_owned());
+        }
+    }
+
+    let mut setting = |changed: bool, key: &'static str| {
+        if changed {
+            c.settings.push(key);
+        }
+    };
+    setting(old.resolve != new.resolve, "tenancy.resolve");
+    setting(old.tenant_header != new.tenant_header, "tenancy.header");
+    setting(old.path_prefix != new.path_prefix, "tenancy.path_prefix");
+    setting(
+        old.forward_header != new.forward_header,
+        "tenancy.forward_header",
+    );
+    setting(
+        old.max_header_bytes != new.max_header_bytes,
+        "server.max_header_bytes",
+    );
+    setting(
+        old.trusted_proxies != new.trusted_proxies,
+        "server.trusted_proxies",
+    );
+    setting(old.audit_log != new.audit_log, "server.audit_log");
+    c
+}
+
+/// The names of the fields of one tenant that differ, `[defaults]` merged in.
+fn tenant_fields(a: &ResolvedTenant, b: &ResolvedTenant) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    let mut field = |changed: bool, name: &'static str| {
+        if changed {
+            f.push(name);
+        }
+    };
+    field(a.hosts != b.hosts, "hosts");
+    field(a.upstream != b.upstream, "upstream");
+    field(a.routes != b.routes, "routes");
+    field(a.request_timeout != b.request_timeout, "request_timeout");
+    field(a.features != b.features, "features");
+    field(a.status != b.status, "status");
+    let (la, lb) = (&a.limits, &b.limits);
+    field(
+        la.requests_per_second != lb.requests_per_second,
+        "limits.requests_per_second",
+    );
+    field(la.burst != lb.burst, "limits.burst");
+    field(la.max_body != lb.max_body, "limits.max_body");
+    field(la.max_in_flight != lb.max_in_flight, "limits.max_in_flight");
+    field(
+        la.per_client_requests_per_second != lb.per_client_requests_per_second,
+        "limits.per_client_requests_per_second",
+    );
+    field(
+        la.per_client_burst != lb.per_client_burst,
+        "limits.per_client_burst",
+    );
+    if f.is_empty() {
+        // A field this list does not name yet: say that something changed rather
+        // than nothing.
+        f.push("other");
+    }
+    f
+}
+
+/// Appends `entry` as one JSON line. A failure to write is logged, never fatal: the
+/// config is already in force.
+fn audit(path: Option<&Path>, entry: &HistoryEntry) {
+    let Some(path) = path else { return };
+    let mut line = match serde_json::to_vec(entry) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode an audit log entry");
+            return;
+        }
+    };
+    line.push(b'\n');
+    // One write of a whole line to a file opened for appending: concurrent writers
+    // and log rotation never see half a line.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(&line));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot append to the audit log");
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(Path::new("gateway.toml"), text).unwrap()
+    }
+
+    const BASE: &str = r#"
+[upstreams.a]
+targets = ["127.0.0.1:1"]
+[upstreams.b]
+targets = ["127.0.0.1:2"]
+[defaults]
+upstream = "a"
+[defaults.limits]
+burst = 10
+[tenants.acme]
+hosts = ["acme.com"]
+[tenants.globex]
+hosts = ["globex.com"]
+[tenants.initech]
+hosts = ["initech.com"]
+"#;
+
+    #[test]
+    fn diff_names_added_removed_and_changed_fields() {
+        let old = parse(BASE);
+        let new = parse(
+            &BASE
+                .replace(
+                    "[tenants.acme]\nhosts = [\"acme.com\"]",
+                    "[tenants.acme]\nhosts = [\"acme.com\"]\nupstream = \"b\"\nlimits = { burst = 3 }",
+                )
+                .replace("[tenants.initech]\nhosts = [\"initech.com\"]", "[tenants.umbrella]\nhosts = [\"u.com\"]")
+                .replace("targets = [\"127.0.0.1:2\"]", "targets = [\"127.0.0.1:3\"]"),
+        );
+        let c = diff(&old, &new);
+        assert_eq!(c.added, vec!["umbrella"]);
+        assert_eq!(c.removed, vec!["initech"]);
+        assert_eq!(
+            c.changed,
+            vec![TenantChange {
+                tenant: "acme".into(),
+                fields: vec!["upstream", "limits.burst"],
+            }]
+        );
+        assert_eq!(c.upstreams.changed, vec!["b"]);
+        assert!(c.settings.is_empty());
+    }
+
+    #[test]
+    fn a_default_change_shows_on_every_tenant_that_inherits_it() {
+        let old = parse(BASE);
+        let new = parse(&BASE.replace("burst = 10", "burst = 11"));
+        let c = diff(&old, &new);
+        let names: Vec<_> = c.changed.iter().map(|t| t.tenant.as_str()).collect();
+        assert_eq!(names, vec!["acme", "globex", "initech"]);
+        assert!(c.changed.iter().all(|t| t.fields == vec!["limits.burst"]));
+    }
+
+    #[test]
+    fn same_config_has_no_changes() {
+        let c = diff(&parse(BASE), &parse(&format!("# a comment\n{BASE}")));
+        assert!(c.is_empty(), "{c:?}");
+    }
+
+    #[test]
+    fn listener_changes_need_a_restart() {
+        let old = parse(&format!("[server]\nlisten = \"127.0.0.1:1\"\n{BASE}"));
+        let new = parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:2\"\nworkers = 3\n{BASE}"
+        ));
+        let msg = needs_restart(&old, &new).unwrap();
+        assert!(
+            msg.contains("server.listen, server.workers changed; these need a restart"),
+            "{msg}"
+        );
+        let one = parse(&format!("[server]\nlisten = \"127.0.0.1:2\"\n{BASE}"));
+        let msg = needs_restart(&old, &one).unwrap();
+        assert!(
+            msg.contains("server.listen changed; this needs a restart"),
+            "{msg}"
+        );
+        assert!(needs_restart(&old, &old.clone()).is_none());
+    }
+
+    #[test]
+    fn history_entry_json_shape() {
+        let e = HistoryEntry {
+            time: UNIX_EPOCH + Duration::from_millis(1_500),
+            trigger: Trigger::Admin,
+            result: Outcome::Failure,
+            version: Some("abc".into()),
+            previous_version: Some("def".into()),
+            error: Some("gateway.toml:1:2: bad".into()),
+            changes: Changes::default(),
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["time"], "1970-01-01T00:00:01.500Z");
+        assert_eq!(j["trigger"], "admin");
+        assert_eq!(j["result"], "failure");
+        assert_eq!(j["added"], serde_json::json!([]));
+        assert_eq!(j["upstreams"]["changed"], serde_json::json!([]));
+    }
 }

@@ -34,6 +34,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Settings fixed for the life of the process (listeners, workers, timeouts).
     pub config: Config,
+    /// The config in force, reload history and counters.
+    pub reload: crate::reload::ReloadState,
 }
 
 /// A gateway that is serving. Dropping it does not stop it: call
@@ -51,7 +53,7 @@ pub struct RunningGateway {
 impl RunningGateway {
     /// Binds the listeners and starts serving `config`.
     pub fn start(config: Config) -> io::Result<RunningGateway> {
-        let snapshot = Snapshot::build(&config)
+        let snapshot = Snapshot::build(&config, None)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let listener = bind(config.listen)?;
         let admin_listener = bind(config.admin_listen)?;
@@ -64,6 +66,7 @@ impl RunningGateway {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
+            reload: crate::reload::ReloadState::new(&config),
             config,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -95,7 +98,10 @@ impl RunningGateway {
                     .enable_all()
                     .build()
                     .expect("a tokio runtime can be built");
-                rt.block_on(crate::admin::serve(admin_listener, admin_shared, admin_rx));
+                rt.block_on(async move {
+                    tokio::spawn(prune_limiters(admin_shared.clone()));
+                    crate::admin::serve(admin_listener, admin_shared, admin_rx).await;
+                });
             })?;
         tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving");
         Ok(RunningGateway {
@@ -124,6 +130,23 @@ impl RunningGateway {
         }
         let _ = self.admin_stop.send(true);
         let _ = self.admin.join();
+    }
+}
+
+/// Keyed (per-client) limiter state grows with every new client address; every
+/// `limiter_prune_interval` the buckets that are full again are dropped, so a flood of
+/// distinct clients cannot grow memory without bound.
+async fn prune_limiters(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.limiter_prune_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let snap = shared.snapshot.load_full();
+        for t in snap.tenants.iter().filter(|t| t.limits.has_client_rate()) {
+            let left = t.limits.prune();
+            tracing::trace!(tenant = %t.id, keys = left, "pruned per-client limiter state");
+        }
     }
 }
 
@@ -295,6 +318,7 @@ async fn serve_connection(
     let conn_ctx = Arc::new(ConnCtx {
         shared: ctx.shared.clone(),
         client: ctx.client.clone(),
+        peer: peer.ip(),
         peer_ip: HeaderValue::from_str(&peer.ip().to_string())
             .expect("an IP address is a valid header value"),
     });

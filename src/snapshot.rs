@@ -12,6 +12,7 @@ use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::{Config, HostPattern, Limits, SourceKind, TenantStatus};
+use crate::limits::TenantLimits;
 
 /// Index of a tenant in [`Snapshot::tenants`].
 pub type TenantIdx = u32;
@@ -50,7 +51,10 @@ pub struct Tenant {
     /// Longest prefix first.
     pub routes: Vec<Route>,
     pub request_timeout: Duration,
-    pub limits: Limits,
+    /// The limits as configured (defaults merged in).
+    pub configured_limits: Limits,
+    /// The limiter state; carried over across reloads where the limit is unchanged.
+    pub limits: TenantLimits,
 }
 
 impl Tenant {
@@ -84,6 +88,8 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub tenancy: Tenancy,
     pub max_header_bytes: u64,
+    /// Peers whose `x-forwarded-for` names the client for per-client limits.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tenants: Vec<Tenant>,
     pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
     by_id: HashMap<Box<str>, TenantIdx>,
@@ -103,7 +109,10 @@ impl std::fmt::Display for BuildError {
 }
 
 impl Snapshot {
-    pub fn build(config: &Config) -> Result<Snapshot, BuildError> {
+    /// Builds the runtime view of `config`. Limiter state (rate buckets, in-flight
+    /// counts) of tenants also present in `previous` carries over where their limits
+    /// are unchanged, so a reload never resets a drained bucket.
+    pub fn build(config: &Config, previous: Option<&Snapshot>) -> Result<Snapshot, BuildError> {
         let header = |s: &str| {
             HeaderName::from_bytes(s.as_bytes())
                 .map_err(|_| BuildError(format!("invalid header name {s:?}")))
@@ -181,7 +190,11 @@ impl Snapshot {
                 upstream: lookup(&t.upstream)?,
                 routes,
                 request_timeout: t.request_timeout,
-                limits: t.limits,
+                configured_limits: t.limits,
+                limits: TenantLimits::build(
+                    &t.limits,
+                    previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| &p.tenant(i).limits)),
+                ),
             });
         }
 
@@ -195,6 +208,7 @@ impl Snapshot {
                 forward_header: header(&config.forward_header)?,
             },
             max_header_bytes: config.max_header_bytes,
+            trusted_proxies: config.trusted_proxies.clone(),
             tenants,
             upstreams,
             by_id,

@@ -210,7 +210,7 @@ hosts = ["globex.example.com"]
 hosts = ["x.acme.example.com"]
 "#
         );
-        Snapshot::build(&Config::parse(Path::new("t.toml"), &text).unwrap()).unwrap()
+        Snapshot::build(&Config::parse(Path::new("t.toml"), &text).unwrap(), None).unwrap()
     }
 
     fn req(uri: &str, headers: &[(&str, &str)]) -> (Uri, HeaderMap) {

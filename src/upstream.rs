@@ -13,8 +13,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::{ProxyError, UpstreamFailure};
+use crate::limits::{RequestBody, RequestBodyError};
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// Idle upstream connections are closed after this long; it must stay below the
 /// upstreams' own keep-alive timeout (nginx: 75 s) so we never write to a connection
@@ -40,13 +41,21 @@ pub fn client() -> UpstreamClient {
 /// Sends `req` and waits for the response head for at most `timeout`.
 pub async fn send(
     client: &UpstreamClient,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     upstream: &Arc<str>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, ProxyError> {
     match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => {
+            // The request body's own failure is not the upstream's fault.
+            match body_error(&e) {
+                Some(RequestBodyError::TooLarge { limit }) => {
+                    return Err(ProxyError::BodyTooLarge { limit: *limit })
+                }
+                Some(RequestBodyError::Client(_)) => return Err(ProxyError::BadRequestBody),
+                None => {}
+            }
             let failure = classify(&e);
             tracing::debug!(upstream = %upstream, error = %e, source = ?e.source(), "upstream request failed");
             Err(ProxyError::UpstreamError {
@@ -59,6 +68,17 @@ pub async fn send(
             after: timeout,
         }),
     }
+}
+
+fn body_error(e: &hyper_util::client::legacy::Error) -> Option<&RequestBodyError> {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<RequestBodyError>() {
+            return Some(b);
+        }
+        source = s.source();
+    }
+    None
 }
 
 fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamFailure {

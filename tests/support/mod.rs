@@ -215,6 +215,7 @@ pub struct PatternBody {
     len: u64,
     exact: bool,
     fixed: Option<Bytes>,
+    chunk: u64,
 }
 
 impl PatternBody {
@@ -224,6 +225,15 @@ impl PatternBody {
             len,
             exact: !chunked,
             fixed: None,
+            chunk: 64 * 1024,
+        }
+    }
+
+    /// Sent in frames of `chunk` bytes.
+    pub fn chunked_by(len: u64, chunk: u64) -> PatternBody {
+        PatternBody {
+            chunk,
+            ..PatternBody::pattern(len, true)
         }
     }
 
@@ -233,6 +243,7 @@ impl PatternBody {
             len: b.len() as u64,
             exact: true,
             fixed: Some(b),
+            chunk: 64 * 1024,
         }
     }
 }
@@ -257,7 +268,7 @@ impl Body for PatternBody {
         if this.pos >= this.len {
             return Poll::Ready(None);
         }
-        let n = (this.len - this.pos).min(64 * 1024);
+        let n = (this.len - this.pos).min(this.chunk);
         let chunk: Vec<u8> = (this.pos..this.pos + n).map(pattern_byte).collect();
         this.pos += n;
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))

@@ -1,0 +1,95 @@
+//! Criterion micro-benchmarks of the per-request hot path: tenant resolution (cost
+//! must not grow with the tenant count), admission (status + rate + in-flight) and
+//! header rewriting. Run: `cargo bench --bench hot_path`.
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::Path;
+
+use bulkhead::headers::{self, Forward};
+use bulkhead::snapshot::Snapshot;
+use bulkhead::tenant;
+use bulkhead::Config;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Uri};
+
+fn snapshot(tenants: usize) -> Snapshot {
+    let mut text = String::from(
+        "[tenancy]\nresolve = [\"host\", \"header\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[defaults]\nupstream = \"u\"\n[defaults.limits]\nrequests_per_second = 1e9\nburst = 1000000000\nmax_in_flight = 1000000\n",
+    );
+    for i in 0..tenants {
+        let _ = write!(
+            text,
+            "[tenants.t{i}]\nhosts = [\"t{i}.example.com\", \"*.t{i}.example.com\"]\nfeatures = [\"f1\", \"f2\"]\n"
+        );
+    }
+    let config = Config::parse(Path::new("bench.toml"), &text).expect("bench config is valid");
+    Snapshot::build(&config, None).expect("bench snapshot builds")
+}
+
+fn request(host: &str) -> (Uri, HeaderMap) {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_str(host).expect("valid host"));
+    h.insert("user-agent", HeaderValue::from_static("wrk"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    (Uri::from_static("/api/v1/items?limit=10"), h)
+}
+
+fn resolution(c: &mut Criterion) {
+    let mut g = c.benchmark_group("resolve");
+    for n in [1usize, 10_000] {
+        let snap = snapshot(n);
+        let host = format!("t{}.example.com:8080", n / 2);
+        let (uri, headers) = request(&host);
+        g.bench_function(format!("exact_host_{n}_tenants"), |b| {
+            b.iter(|| tenant::resolve(black_box(&snap), black_box(&uri), black_box(&headers)))
+        });
+        let (uri, headers) = request(&format!("eu.t{}.example.com", n / 2));
+        g.bench_function(format!("wildcard_host_{n}_tenants"), |b| {
+            b.iter(|| tenant::resolve(black_box(&snap), black_box(&uri), black_box(&headers)))
+        });
+    }
+    g.finish();
+}
+
+fn admission(c: &mut Criterion) {
+    let snap = snapshot(1);
+    let t = snap.tenant(0);
+    c.bench_function("admit/rate_and_in_flight", |b| {
+        b.iter(|| {
+            let rate = t.limits.check_rate(None).expect("far below the limit");
+            let permit = t.limits.acquire().expect("far below the cap");
+            black_box((rate.header(), permit));
+        })
+    });
+}
+
+fn rewrite(c: &mut Criterion) {
+    let snap = snapshot(1);
+    let t = snap.tenant(0);
+    let peer = HeaderValue::from_static("127.0.0.1");
+    let rid = headers::new_request_id();
+    let (_, base) = request("t0.example.com");
+    c.bench_function("headers/rewrite_request", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            headers::rewrite_request(
+                &mut h,
+                &Forward {
+                    tenancy: &snap.tenancy,
+                    tenant: t,
+                    peer_ip: &peer,
+                    request_id: &rid,
+                    authority: None,
+                },
+            );
+            black_box(h)
+        })
+    });
+    c.bench_function("headers/request_id_generate", |b| {
+        b.iter(headers::new_request_id)
+    });
+}
+
+criterion_group!(benches, resolution, admission, rewrite);
+criterion_main!(benches);

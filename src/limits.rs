@@ -1,0 +1,509 @@
+//! Per-tenant limits: rate and burst (GCRA through `governor`), an optional rate per
+//! client IP inside the tenant, in-flight caps, and the request body cap.
+//!
+//! The state that must outlive a reload (a tenant's bucket, its per-client buckets,
+//! its in-flight count) sits behind `Arc`s that [`TenantLimits::build`] takes over
+//! from the previous snapshot whenever the limit itself is unchanged.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+
+use crate::config::Limits;
+use crate::error::ProxyError;
+use crate::headers::X_FORWARDED_FOR;
+
+type TenantBucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type ClientBuckets =
+    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, DefaultClock, StateInformationMiddleware>;
+
+/// A configured rate: requests per second and burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// `burst` defaults to one second's worth of requests (at least 1).
+    fn new(per_second: Option<f64>, burst: Option<u64>) -> Option<Rate> {
+        let per_second = per_second?;
+        let burst = burst
+            .unwrap_or(per_second.ceil() as u64)
+            .clamp(1, u64::from(u32::MAX));
+        Some(Rate {
+            per_second,
+            burst: burst as u32,
+        })
+    }
+
+    fn quota(&self) -> Quota {
+        let period = Duration::from_secs_f64(1.0 / self.per_second).max(Duration::from_nanos(1));
+        Quota::with_period(period)
+            .expect("the period is at least 1ns")
+            .allow_burst(NonZeroU32::new(self.burst).expect("burst is at least 1"))
+    }
+
+    /// The window `w` of `RateLimit-Policy`: the time to earn a full burst, ≥ 1 s.
+    fn window_secs(&self) -> u64 {
+        ((f64::from(self.burst) / self.per_second).ceil() as u64).max(1)
+    }
+
+    /// Seconds until a bucket with `remaining` requests left is full again.
+    fn reset_secs(&self, remaining: u32) -> u64 {
+        (f64::from(self.burst.saturating_sub(remaining)) / self.per_second).ceil() as u64
+    }
+}
+
+/// How many requests of one tenant are being served now.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicU64);
+
+impl InFlight {
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Held while a request is served, until its response body is finished or dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<InFlight>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One tenant's limits and limiter state.
+pub struct TenantLimits {
+    rate: Option<(Rate, Arc<TenantBucket>)>,
+    client_rate: Option<(Rate, Arc<ClientBuckets>)>,
+    pub in_flight: Arc<InFlight>,
+    pub max_in_flight: Option<u64>,
+    pub max_body: Option<u64>,
+    /// `RateLimit-Policy`, built once; `None` when the tenant has no rate limit.
+    pub policy: Option<HeaderValue>,
+}
+
+impl fmt::Debug for TenantLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantLimits")
+            .field("rate", &self.rate.as_ref().map(|r| r.0))
+            .field("client_rate", &self.client_rate.as_ref().map(|r| r.0))
+            .field("in_flight", &self.in_flight.current())
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_body", &self.max_body)
+            .finish()
+    }
+}
+
+/// The `RateLimit` header of an admitted request.
+pub struct RateState {
+    tenant: Option<(Rate, u32)>,
+    client: Option<(Rate, u32)>,
+}
+
+impl TenantLimits {
+    /// Builds a tenant's limits, taking over the buckets and the in-flight count of
+    /// `previous` (the same tenant in the snapshot being replaced) where the limit is
+    /// unchanged. The in-flight count always carries over: it counts requests that
+    /// are still running.
+    pub fn build(limits: &Limits, previous: Option<&TenantLimits>) -> TenantLimits {
+        let rate = Rate::new(limits.requests_per_second, limits.burst).map(|r| {
+            let bucket = previous
+                .and_then(|p| p.rate.as_ref())
+                .filter(|(old, _)| *old == r)
+                .map(|(_, b)| b.clone())
+                .unwrap_or_else(|| {
+                    Arc::new(
+                        RateLimiter::direct(r.quota())
+                            .with_middleware::<StateInformationMiddleware>(),
+                    )
+                });
+            (r, bucket)
+        });
+        let client_rate = Rate::new(
+            limits.per_client_requests_per_second,
+            limits.per_client_burst,
+        )
+        .map(|r| {
+            let buckets = previous
+                .and_then(|p| p.client_rate.as_ref())
+                .filter(|(old, _)| *old == r)
+                .map(|(_, b)| b.clone())
+                .unwrap_or_else(|| {
+                    Arc::new(
+                        RateLimiter::dashmap(r.quota())
+                            .with_middleware::<StateInformationMiddleware>(),
+                    )
+                });
+            (r, buckets)
+        });
+        let mut policy = Vec::new();
+        for (name, r) in [
+            ("tenant", rate.as_ref().map(|r| r.0)),
+            ("client", client_rate.as_ref().map(|r| r.0)),
+        ] {
+            if let Some(r) = r {
+                if !policy.is_empty() {
+                    policy.extend_from_slice(b", ");
+                }
+                let _ = write!(policy, "\"{name}\";q={};w={}", r.burst, r.window_secs());
+            }
+        }
+        TenantLimits {
+            rate,
+            client_rate,
+            in_flight: previous.map(|p| p.in_flight.clone()).unwrap_or_default(),
+            max_in_flight: limits.max_in_flight,
+            max_body: limits.max_body,
+            policy: (!policy.is_empty())
+                .then(|| HeaderValue::from_bytes(&policy).expect("ASCII digits and names")),
+        }
+    }
+
+    pub fn has_client_rate(&self) -> bool {
+        self.client_rate.is_some()
+    }
+
+    /// Takes one request from the client's bucket (when per-client limits are set),
+    /// then from the tenant's.
+    pub fn check_rate(&self, client: Option<IpAddr>) -> Result<RateState, ProxyError> {
+        let mut state = RateState {
+            tenant: None,
+            client: None,
+        };
+        if let (Some((rate, buckets)), Some(ip)) = (&self.client_rate, client) {
+            match buckets.check_key(&ip) {
+                Ok(s) => state.client = Some((*rate, s.remaining_burst_capacity())),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(buckets.clock().now());
+                    return Err(self.rate_limited(wait, "client", rate));
+                }
+            }
+        }
+        if let Some((rate, bucket)) = &self.rate {
+            match bucket.check() {
+                Ok(s) => state.tenant = Some((*rate, remaining(&s))),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(bucket.clock().now());
+                    return Err(self.rate_limited(wait, "tenant", rate));
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    fn rate_limited(&self, wait: Duration, policy: &'static str, rate: &Rate) -> ProxyError {
+        let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        ProxyError::RateLimited {
+            retry_after: retry_after.max(1),
+            policy,
+            limit: rate.per_second,
+        }
+    }
+
+    /// Counts the request in flight, or refuses it when the tenant is at its cap.
+    pub fn acquire(&self) -> Result<Permit, ProxyError> {
+        let now = self.in_flight.0.fetch_add(1, Ordering::AcqRel) + 1;
+        let permit = Permit(self.in_flight.clone());
+        match self.max_in_flight {
+            Some(max) if now > max => Err(ProxyError::TooManyInFlight { limit: max }),
+            _ => Ok(permit),
+        }
+    }
+
+    /// Refuses a body whose declared length is over the cap.
+    pub fn check_content_length(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
+        let (Some(limit), Some(len)) = (self.max_body, headers.get(http::header::CONTENT_LENGTH))
+        else {
+            return Ok(());
+        };
+        match len.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
+            Some(n) if n > limit => Err(ProxyError::BodyTooLarge { limit }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops per-client buckets that are full again (indistinguishable from new).
+    pub fn prune(&self) -> usize {
+        match &self.client_rate {
+            Some((_, buckets)) => {
+                buckets.retain_recent();
+                buckets.shrink_to_fit();
+                buckets.len()
+            }
+            None => 0,
+        }
+    }
+
+    /// Number of per-client buckets held now.
+    pub fn client_keys(&self) -> usize {
+        self.client_rate.as_ref().map_or(0, |(_, b)| b.len())
+    }
+
+    /// Whether this tenant's bucket is the very same object as `other`'s (for tests of
+    /// reload carry-over).
+    pub fn shares_bucket_with(&self, other: &TenantLimits) -> bool {
+        match (&self.rate, &other.rate) {
+            (Some((_, a)), Some((_, b))) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+fn remaining(s: &StateSnapshot) -> u32 {
+    s.remaining_burst_capacity()
+}
+
+impl RateState {
+    /// `RateLimit: "tenant";r=…;t=…[, "client";r=…;t=…]`, or `None` without rate limits.
+    pub fn header(&self) -> Option<HeaderValue> {
+        let mut buf = Vec::with_capacity(48);
+        for (name, s) in [("tenant", self.tenant), ("client", self.client)] {
+            if let Some((rate, left)) = s {
+                if !buf.is_empty() {
+                    buf.extend_from_slice(b", ");
+                }
+                let _ = write!(buf, "\"{name}\";r={left};t={}", rate.reset_secs(left));
+            }
+        }
+        (!buf.is_empty()).then(|| HeaderValue::from_bytes(&buf).expect("ASCII digits and names"))
+    }
+}
+
+/// The `RateLimit` header of a refused request: nothing left until `retry_after`.
+pub fn exhausted_header(policy: &str, retry_after: u64) -> HeaderValue {
+    let mut buf = Vec::with_capacity(32);
+    let _ = write!(buf, "\"{policy}\";r=0;t={retry_after}");
+    HeaderValue::from_bytes(&buf).expect("ASCII digits and names")
+}
+
+/// The client address for per-client limits: the peer, or — when the peer is a
+/// trusted proxy — the first `x-forwarded-for` hop, from the right, that is not one.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut last = peer;
+    let values: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+    for v in values.iter().rev() {
+        let Ok(s) = v.to_str() else { return last };
+        for hop in s.rsplit(',') {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                return last;
+            };
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            last = ip;
+        }
+    }
+    last
+}
+
+/// Why a request body stopped.
+#[derive(Debug)]
+pub enum RequestBodyError {
+    /// The body crossed `max_body`; nothing past the cap was forwarded.
+    TooLarge { limit: u64 },
+    /// The client's side of the body failed (e.g. it went away mid-upload).
+    Client(hyper::Error),
+}
+
+impl fmt::Display for RequestBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestBodyError::TooLarge { limit } => {
+                write!(f, "request body is over the {limit}-byte limit")
+            }
+            RequestBodyError::Client(e) => write!(f, "client body error: {e}"),
+        }
+    }
+}
+
+impl StdError for RequestBodyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            RequestBodyError::TooLarge { .. } => None,
+            RequestBodyError::Client(e) => Some(e),
+        }
+    }
+}
+
+/// The client's request body on its way upstream, stopped at `max_body`.
+pub struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    seen: u64,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+        RequestBody {
+            inner,
+            limit: limit.unwrap_or(u64::MAX),
+            seen: 0,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
+                            limit: this.limit,
+                        })));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rps: f64, burst: u64) -> Limits {
+        Limits {
+            requests_per_second: Some(rps),
+            burst: Some(burst),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn burst_then_refused_with_retry_after() {
+        let l = TenantLimits::build(&limits(1.0, 3), None);
+        for _ in 0..3 {
+            assert!(l.check_rate(None).is_ok());
+        }
+        match l.check_rate(None) {
+            Err(ProxyError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 1),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert_eq!(l.policy.as_ref().unwrap(), "\"tenant\";q=3;w=3");
+    }
+
+    #[test]
+    fn retry_after_follows_the_rate() {
+        let l = TenantLimits::build(&limits(0.1, 1), None);
+        assert!(l.check_rate(None).is_ok());
+        match l.check_rate(None) {
+            Err(ProxyError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 10),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn unchanged_limits_keep_their_bucket() {
+        let a = TenantLimits::build(&limits(1.0, 2), None);
+        let _ = a.check_rate(None);
+        let _ = a.check_rate(None);
+        let b = TenantLimits::build(&limits(1.0, 2), Some(&a));
+        assert!(b.shares_bucket_with(&a));
+        assert!(
+            b.check_rate(None).is_err(),
+            "a drained bucket stays drained"
+        );
+        let c = TenantLimits::build(&limits(1.0, 5), Some(&b));
+        assert!(!c.shares_bucket_with(&b));
+        assert!(
+            c.check_rate(None).is_ok(),
+            "a changed limit applies at once"
+        );
+    }
+
+    #[test]
+    fn in_flight_permits_are_returned() {
+        let l = TenantLimits::build(
+            &Limits {
+                max_in_flight: Some(2),
+                ..Limits::default()
+            },
+            None,
+        );
+        let p1 = l.acquire().unwrap();
+        let p2 = l.acquire().unwrap();
+        assert!(matches!(
+            l.acquire(),
+            Err(ProxyError::TooManyInFlight { limit: 2 })
+        ));
+        assert_eq!(
+            l.in_flight.current(),
+            2,
+            "a refused acquire gives its count back"
+        );
+        drop((p1, p2));
+        assert_eq!(l.in_flight.current(), 0);
+    }
+
+    #[test]
+    fn client_ip_through_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.append(
+            &X_FORWARDED_FOR,
+            "198.51.100.1, 203.0.113.9, 10.1.1.1".parse().unwrap(),
+        );
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        let untrusted: IpAddr = "192.0.2.5".parse().unwrap();
+        assert_eq!(client_ip(untrusted, &h, &trusted), untrusted);
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted), peer);
+    }
+
+    #[test]
+    fn ratelimit_header() {
+        let l = TenantLimits::build(&limits(10.0, 5), None);
+        let s = l.check_rate(None).unwrap();
+        assert_eq!(s.header().unwrap(), "\"tenant\";r=4;t=1");
+    }
+}
