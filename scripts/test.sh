@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v curl >/dev/null 2>&1 || need+=(curl)          # HTTP/2 prior-knowledge tests
+command -v promtool >/dev/null 2>&1 || need+=(prometheus) # promtool: deploy/ files, metrics exposition
 if [ ${#need[@]} -gt 0 ]; then
     echo "scripts/test.sh: installing ${need[*]} for the tests" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi

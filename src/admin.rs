@@ -75,6 +75,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"error":"method_not_allowed"}"#,
         ),
+        (&Method::GET, "/metrics") => metrics(&shared),
         (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => {
             if shared.draining.load(Ordering::SeqCst) {
@@ -128,6 +129,21 @@ fn respond(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn metrics(shared: &Shared) -> Response<ProxyBody> {
+    let reloads = crate::metrics::ReloadCounters {
+        succeeded: shared.reload.succeeded(),
+        failed: shared.reload.failed(),
+        last_success: shared.reload.last_success(),
+    };
+    let body = crate::metrics::render(&shared.snapshot.load(), &reloads);
+    let mut r = Response::new(ProxyBody::full(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
 }

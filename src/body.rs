@@ -1,32 +1,117 @@
 //! The response body type the gateway hands to hyper: either the upstream's body,
-//! streamed frame by frame, or a small body the gateway made itself. An enum rather
+//! streamed frame by frame, or a small body the gateway made itself — plus what must
+//! happen when the response is over: the in-flight permit is released, the bytes sent
+//! are counted, and the access-log line is written. A struct around an enum rather
 //! than a boxed trait object, so no allocation per response.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
+use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::limits::Permit;
+use crate::metrics::TenantStats;
 
 #[derive(Debug)]
-pub enum ProxyBody {
-    /// Streamed from the upstream as it arrives. The in-flight permit is held until
-    /// the body is finished or dropped (the client went away).
-    Upstream(Incoming, Option<Permit>),
+enum Kind {
+    /// Streamed from the upstream as it arrives.
+    Upstream(Incoming),
     /// A body the gateway made itself; `None` once sent.
     Full(Option<Bytes>),
 }
 
+#[derive(Debug)]
+pub struct ProxyBody {
+    kind: Kind,
+    finish: Option<Finish>,
+}
+
+/// What happens when a response body is finished or dropped (the client went away).
+#[derive(Debug)]
+pub struct Finish {
+    /// Held until the body is done: the request counts against `max_in_flight`.
+    pub permit: Option<Permit>,
+    pub stats: Arc<TenantStats>,
+    pub bytes_out: u64,
+    /// `None` when `server.access_log = false`.
+    pub log: Option<Box<AccessRecord>>,
+}
+
+/// The fields of one access-log line, gathered along the request path.
+#[derive(Debug)]
+pub struct AccessRecord {
+    pub started: Instant,
+    pub method: Method,
+    pub path: http::uri::PathAndQuery,
+    pub status: u16,
+    pub tenant: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub request_id: HeaderValue,
+    pub reason: Option<&'static str>,
+    /// Request body bytes, counted by the request body as it streams.
+    pub bytes_in: Arc<AtomicU64>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.permit.take();
+        self.stats.add_response_bytes(self.bytes_out);
+        if let Some(r) = self.log.take() {
+            tracing::info!(
+                target: "access",
+                tenant = r.tenant.as_deref().unwrap_or(crate::metrics::UNKNOWN_TENANT),
+                method = r.method.as_str(),
+                // The path only: query strings may carry secrets.
+                path = r.path.path(),
+                status = r.status,
+                duration_us = u64::try_from(r.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                bytes_in = r.bytes_in.load(Ordering::Relaxed),
+                bytes_out = self.bytes_out,
+                upstream = r.upstream.as_deref().unwrap_or("-"),
+                request_id = r.request_id.to_str().unwrap_or("-"),
+                reason = r.reason.unwrap_or("-"),
+            );
+        }
+    }
+}
+
 impl ProxyBody {
     pub fn full(b: Bytes) -> ProxyBody {
-        ProxyBody::Full(Some(b))
+        ProxyBody {
+            kind: Kind::Full(Some(b)),
+            finish: None,
+        }
     }
 
     pub fn empty() -> ProxyBody {
-        ProxyBody::Full(None)
+        ProxyBody {
+            kind: Kind::Full(None),
+            finish: None,
+        }
+    }
+
+    pub fn upstream(body: Incoming) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Upstream(body),
+            finish: None,
+        }
+    }
+
+    /// Attaches the end-of-response work.
+    pub fn set_finish(&mut self, finish: Finish) {
+        self.finish = Some(finish);
+    }
+
+    fn done(&mut self) {
+        // Dropping `Finish` releases the permit and records the response at once, even
+        // if hyper keeps the body object around a while longer.
+        self.finish.take();
     }
 }
 
@@ -38,31 +123,35 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream(inner, permit) => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    // Done: the slot is free even if hyper keeps the body a while.
-                    permit.take();
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(f), Some(d)) = (&mut this.finish, frame.data_ref()) {
+                    f.bytes_out += d.len() as u64;
                 }
-                polled
             }
-            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.done(),
+            Poll::Pending => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream(inner, _) => inner.is_end_stream(),
-            ProxyBody::Full(b) => b.is_none(),
+        match &self.kind {
+            Kind::Upstream(inner) => inner.is_end_stream(),
+            Kind::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream(inner, _) => inner.size_hint(),
-            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ProxyBody::Full(None) => SizeHint::with_exact(0),
+        match &self.kind {
+            Kind::Upstream(inner) => inner.size_hint(),
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<Spanned<String>>,
     /// How often per-client limiter state is pruned.
     pub limiter_prune_interval: Dur,
+    /// One access-log line per request.
+    pub access_log: bool,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +72,7 @@ impl Default for ServerConfig {
             audit_log: None,
             trusted_proxies: Vec::new(),
             limiter_prune_interval: Dur(Duration::from_secs(60)),
+            access_log: true,
         }
     }
 }
@@ -254,6 +257,7 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub limiter_prune_interval: Duration,
+    pub access_log: bool,
     pub resolve: Vec<SourceKind>,
     pub tenant_header: String,
     pub path_prefix: String,
@@ -612,6 +616,7 @@ impl Validator<'_> {
             audit_log: self.audit_log(path, server.audit_log.as_ref()),
             trusted_proxies,
             limiter_prune_interval: server.limiter_prune_interval.0,
+            access_log: server.access_log,
             resolve: t.resolve.get_ref().clone(),
             tenant_header: t.header.get_ref().to_ascii_lowercase(),
             path_prefix: t.path_prefix.get_ref().clone(),

@@ -75,6 +75,36 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Every `error` code, in the order of [`ProxyError::reason_index`].
+    pub const REASONS: [&'static str; 10] = [
+        "unknown_tenant",
+        "tenant_mismatch",
+        "tenant_suspended",
+        "rate_limited",
+        "too_many_in_flight",
+        "body_too_large",
+        "bad_request_body",
+        "headers_too_large",
+        "upstream_error",
+        "upstream_timeout",
+    ];
+
+    /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
+    pub fn reason_index(&self) -> usize {
+        match self {
+            ProxyError::UnknownTenant { .. } => 0,
+            ProxyError::TenantMismatch { .. } => 1,
+            ProxyError::TenantSuspended => 2,
+            ProxyError::RateLimited { .. } => 3,
+            ProxyError::TooManyInFlight { .. } => 4,
+            ProxyError::BodyTooLarge { .. } => 5,
+            ProxyError::BadRequestBody => 6,
+            ProxyError::HeadersTooLarge { .. } => 7,
+            ProxyError::UpstreamError { .. } => 8,
+            ProxyError::UpstreamTimeout { .. } => 9,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownTenant { .. } => StatusCode::NOT_FOUND,
@@ -215,6 +245,40 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_match_codes() {
+        let all = [
+            ProxyError::UnknownTenant { named: None },
+            ProxyError::TenantMismatch {
+                first: "a".into(),
+                first_source: "host",
+                other: "b".into(),
+                other_source: "path",
+            },
+            ProxyError::TenantSuspended,
+            ProxyError::RateLimited {
+                retry_after: 1,
+                policy: "tenant",
+                limit: 1.0,
+            },
+            ProxyError::TooManyInFlight { limit: 1 },
+            ProxyError::BodyTooLarge { limit: 1 },
+            ProxyError::BadRequestBody,
+            ProxyError::HeadersTooLarge { size: 2, limit: 1 },
+            ProxyError::UpstreamError {
+                upstream: "u".into(),
+                failure: UpstreamFailure::Reset,
+            },
+            ProxyError::UpstreamTimeout {
+                upstream: "u".into(),
+                after: Duration::from_secs(1),
+            },
+        ];
+        for e in &all {
+            assert_eq!(ProxyError::REASONS[e.reason_index()], e.code());
+        }
+    }
 
     #[test]
     fn body_is_the_spec_json() {

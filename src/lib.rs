@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;

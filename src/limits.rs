@@ -30,6 +30,7 @@ use ipnet::IpNet;
 use crate::config::Limits;
 use crate::error::ProxyError;
 use crate::headers::X_FORWARDED_FOR;
+use crate::metrics::TenantStats;
 
 type TenantBucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 type ClientBuckets =
@@ -351,19 +352,29 @@ impl StdError for RequestBodyError {
     }
 }
 
-/// The client's request body on its way upstream, stopped at `max_body`.
+/// The client's request body on its way upstream, stopped at `max_body`, counted
+/// into the tenant's metrics (and the access-log record, when there is one).
 pub struct RequestBody {
     inner: Incoming,
     limit: u64,
     seen: u64,
+    stats: Arc<TenantStats>,
+    bytes_in: Option<Arc<AtomicU64>>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: Option<u64>) -> RequestBody {
+    pub fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        stats: Arc<TenantStats>,
+        bytes_in: Option<Arc<AtomicU64>>,
+    ) -> RequestBody {
         RequestBody {
             inner,
             limit: limit.unwrap_or(u64::MAX),
             seen: 0,
+            stats,
+            bytes_in,
         }
     }
 }
@@ -380,7 +391,12 @@ impl Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
+                    let n = data.len() as u64;
+                    this.seen += n;
+                    this.stats.add_request_bytes(n);
+                    if let Some(b) = &this.bytes_in {
+                        b.fetch_add(n, Ordering::Relaxed);
+                    }
                     if this.seen > this.limit {
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
                             limit: this.limit,

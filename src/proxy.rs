@@ -4,13 +4,15 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{AccessRecord, Finish, ProxyBody};
 use crate::config::TenantStatus;
 use crate::error::ProxyError;
 use crate::headers::{self, Forward, X_REQUEST_ID};
@@ -37,6 +39,11 @@ struct Exchange<'s> {
     tenant: Option<&'s Tenant>,
     /// `RateLimit`, for tenants with a rate limit.
     rate_limit: Option<HeaderValue>,
+    /// The in-flight slot, held until the response body is done.
+    permit: Option<Permit>,
+    upstream: Option<Arc<str>>,
+    /// Request body bytes, for the access log (present only when it is on).
+    bytes_in: Option<Arc<AtomicU64>>,
 }
 
 static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
@@ -47,14 +54,30 @@ pub async fn handle(
     req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
     let snap = ctx.shared.snapshot.load_full();
     let request_id = headers::request_id(req.headers());
-    let mut ex = Exchange::default();
+    let (method, path) = (
+        req.method().clone(),
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let mut ex = Exchange {
+        bytes_in: snap.access_log.then(Default::default),
+        ..Exchange::default()
+    };
+    let mut reason = None;
     let mut resp = match proxy(req, &snap, &ctx, &request_id, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
             let id = ex.tenant.map(|t| &*t.id);
             tracing::debug!(error = e.code(), tenant = id, request_id = ?request_id, "rejected");
+            ex.tenant
+                .map_or(&snap.unknown_stats, |t| &t.stats)
+                .record_error(&e);
+            reason = Some(e.code());
             if let ProxyError::RateLimited {
                 retry_after,
                 policy,
@@ -66,14 +89,36 @@ pub async fn handle(
             e.to_response(id, &request_id)
         }
     };
+    let status = resp.status().as_u16();
     let h = resp.headers_mut();
-    h.insert(X_REQUEST_ID.clone(), request_id);
     if let Some(policy) = ex.tenant.and_then(|t| t.limits.policy.as_ref()) {
         h.insert(RATELIMIT_POLICY.clone(), policy.clone());
         if let Some(v) = ex.rate_limit {
             h.insert(RATELIMIT.clone(), v);
         }
     }
+    let stats = ex.tenant.map_or(&snap.unknown_stats, |t| &t.stats).clone();
+    stats.record(status, started.elapsed());
+    let log = ex.bytes_in.map(|bytes_in| {
+        Box::new(AccessRecord {
+            started,
+            method,
+            path,
+            status,
+            tenant: ex.tenant.map(|t| t.id.clone()),
+            upstream: ex.upstream,
+            request_id: request_id.clone(),
+            reason,
+            bytes_in,
+        })
+    });
+    h.insert(X_REQUEST_ID.clone(), request_id);
+    resp.body_mut().set_finish(Finish {
+        permit: ex.permit,
+        stats,
+        bytes_out: 0,
+        log,
+    });
     Ok(resp)
 }
 
@@ -88,12 +133,18 @@ async fn proxy<'s>(
     let resolved = tenant::resolve(snap, req.uri(), req.headers())?;
     let tenant = snap.tenant(resolved.tenant);
     ex.tenant = Some(tenant);
-    let permit = admit(snap, tenant, ctx, &req, ex)?;
+    ex.permit = Some(admit(snap, tenant, ctx, &req, ex)?);
 
     let (mut parts, body) = req.into_parts();
-    let body = RequestBody::new(body, tenant.limits.max_body);
+    let body = RequestBody::new(
+        body,
+        tenant.limits.max_body,
+        tenant.stats.clone(),
+        ex.bytes_in.clone(),
+    );
     let path_and_query = forwarded_path(&parts.uri, resolved.strip_path);
     let upstream = tenant.route(path_and_query.path());
+    ex.upstream = Some(upstream.name.clone());
     let target = upstream.pick().clone();
 
     headers::rewrite_request(
@@ -122,10 +173,7 @@ async fn proxy<'s>(
     .await?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::rewrite_response(&mut rparts.headers, request_id);
-    Ok(Response::from_parts(
-        rparts,
-        ProxyBody::Upstream(rbody, Some(permit)),
-    ))
+    Ok(Response::from_parts(rparts, ProxyBody::upstream(rbody)))
 }
 
 /// Status → rate → in-flight → declared body size, before anything is routed. Only

@@ -13,6 +13,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::config::{Config, HostPattern, Limits, SourceKind, TenantStatus};
 use crate::limits::TenantLimits;
+use crate::metrics::TenantStats;
 
 /// Index of a tenant in [`Snapshot::tenants`].
 pub type TenantIdx = u32;
@@ -55,6 +56,8 @@ pub struct Tenant {
     pub configured_limits: Limits,
     /// The limiter state; carried over across reloads where the limit is unchanged.
     pub limits: TenantLimits,
+    /// Metric counters; carried over across reloads for as long as the tenant exists.
+    pub stats: Arc<TenantStats>,
 }
 
 impl Tenant {
@@ -88,9 +91,13 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub tenancy: Tenancy,
     pub max_header_bytes: u64,
+    /// `server.access_log`: one line per request.
+    pub access_log: bool,
     /// Peers whose `x-forwarded-for` names the client for per-client limits.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tenants: Vec<Tenant>,
+    /// Counters of requests that resolved to no tenant (`tenant="_unknown"`).
+    pub unknown_stats: Arc<TenantStats>,
     pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
     by_id: HashMap<Box<str>, TenantIdx>,
     exact_hosts: HashMap<Box<str>, TenantIdx>,
@@ -181,6 +188,7 @@ impl Snapshot {
                 };
             }
             by_id.insert(t.id.clone().into_boxed_str(), idx);
+            let before = previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| p.tenant(i)));
             tenants.push(Tenant {
                 id: Arc::from(t.id.as_str()),
                 id_value: HeaderValue::from_str(&t.id)
@@ -191,10 +199,8 @@ impl Snapshot {
                 routes,
                 request_timeout: t.request_timeout,
                 configured_limits: t.limits,
-                limits: TenantLimits::build(
-                    &t.limits,
-                    previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| &p.tenant(i).limits)),
-                ),
+                limits: TenantLimits::build(&t.limits, before.map(|b| &b.limits)),
+                stats: before.map(|b| b.stats.clone()).unwrap_or_default(),
             });
         }
 
@@ -208,8 +214,12 @@ impl Snapshot {
                 forward_header: header(&config.forward_header)?,
             },
             max_header_bytes: config.max_header_bytes,
+            access_log: config.access_log,
             trusted_proxies: config.trusted_proxies.clone(),
             tenants,
+            unknown_stats: previous
+                .map(|p| p.unknown_stats.clone())
+                .unwrap_or_default(),
             upstreams,
             by_id,
             exact_hosts,

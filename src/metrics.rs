@@ -1,0 +1,409 @@
+//! Per-tenant metrics. The hot path only touches atomics in a [`TenantStats`] it
+//! already holds (resolved once per snapshot, never by formatting labels); the
+//! Prometheus families of SPEC.md are built from the current snapshot when `/metrics`
+//! is scraped, with the `prometheus` crate's data model and text encoder. So a tenant
+//! removed by a reload stops being exported at once, and unknown tenants share one
+//! `tenant="_unknown"` entry whatever they send.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+
+use crate::config::TenantStatus;
+use crate::error::{ProxyError, UpstreamFailure};
+use crate::snapshot::Snapshot;
+
+/// The `tenant` label of requests that resolved to no tenant.
+pub const UNKNOWN_TENANT: &str = "_unknown";
+
+/// Status codes with a counter of their own; others share a small locked list.
+const COMMON_STATUS: [u16; 29] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413, 415,
+    421, 422, 429, 431, 499, 500, 501, 502, 503, 504,
+];
+
+/// Upper bounds of the latency histogram, in seconds.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The `kind` label of `upstream_errors_total`.
+const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "reset", "protocol"];
+
+/// Everything counted for one tenant. Survives reloads for as long as the tenant does.
+#[derive(Debug)]
+pub struct TenantStats {
+    status: [AtomicU64; COMMON_STATUS.len()],
+    other_status: Mutex<Vec<(u16, u64)>>,
+    rejected: [AtomicU64; ProxyError::REASONS.len()],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_nanos: AtomicU64,
+    request_bytes: AtomicU64,
+    response_bytes: AtomicU64,
+    /// (upstream, counts by kind). Errors are rare: a lock is fine here.
+    upstream_errors: Mutex<Vec<(Arc<str>, [u64; UPSTREAM_KINDS.len()])>>,
+}
+
+impl Default for TenantStats {
+    fn default() -> Self {
+        TenantStats {
+            status: std::array::from_fn(|_| AtomicU64::new(0)),
+            other_status: Mutex::new(Vec::new()),
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_nanos: AtomicU64::new(0),
+            request_bytes: AtomicU64::new(0),
+            response_bytes: AtomicU64::new(0),
+            upstream_errors: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl TenantStats {
+    /// One response sent: its status and the time from request head to response head.
+    pub fn record(&self, status: u16, head_latency: Duration) {
+        match COMMON_STATUS.iter().position(|s| *s == status) {
+            Some(i) => {
+                self.status[i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                let mut other = self.other_status.lock().unwrap_or_else(|e| e.into_inner());
+                match other.iter_mut().find(|(s, _)| *s == status) {
+                    Some((_, n)) => *n += 1,
+                    None => other.push((status, 1)),
+                }
+            }
+        }
+        let secs = head_latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_nanos.fetch_add(
+            u64::try_from(head_latency.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A request the gateway answered itself, and upstream failures by upstream and kind.
+    pub fn record_error(&self, e: &ProxyError) {
+        self.rejected[e.reason_index()].fetch_add(1, Ordering::Relaxed);
+        let (upstream, kind) = match e {
+            ProxyError::UpstreamError { upstream, failure } => (
+                upstream,
+                match failure {
+                    UpstreamFailure::Connect => 0,
+                    UpstreamFailure::Reset => 2,
+                    UpstreamFailure::Protocol => 3,
+                },
+            ),
+            ProxyError::UpstreamTimeout { upstream, .. } => (upstream, 1),
+            _ => return,
+        };
+        let mut errs = self
+            .upstream_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match errs.iter_mut().find(|(u, _)| u == upstream) {
+            Some((_, counts)) => counts[kind] += 1,
+            None => {
+                let mut counts = [0; UPSTREAM_KINDS.len()];
+                counts[kind] = 1;
+                errs.push((upstream.clone(), counts));
+            }
+        }
+    }
+
+    pub fn add_request_bytes(&self, n: u64) {
+        if n > 0 {
+            self.request_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn add_response_bytes(&self, n: u64) {
+        if n > 0 {
+            self.response_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn requests(&self) -> Vec<(u16, u64)> {
+        let mut out: Vec<(u16, u64)> = COMMON_STATUS
+            .iter()
+            .zip(&self.status)
+            .map(|(s, n)| (*s, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        out.extend(
+            self.other_status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied(),
+        );
+        out.sort_unstable();
+        out
+    }
+
+    fn latency_count(&self) -> u64 {
+        self.latency_buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Reload counters the exposition reads (owned by the reload module).
+pub struct ReloadCounters {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub last_success: SystemTime,
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_owned());
+    l.set_value(value.to_owned());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(format!("bulkhead_{name}"));
+    f.set_help(help.to_owned());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(labels: Vec<LabelPair>, v: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v as f64);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+fn histogram(labels: Vec<LabelPair>, s: &TenantStats) -> Metric {
+    let mut h = Histogram::default();
+    let mut cumulative = 0;
+    let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
+    for (bound, n) in LATENCY_BUCKETS.iter().zip(&s.latency_buckets) {
+        cumulative += n.load(Ordering::Relaxed);
+        let mut b = Bucket::default();
+        b.set_upper_bound(*bound);
+        b.set_cumulative_count(cumulative);
+        buckets.push(b);
+    }
+    cumulative += s.latency_buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+    h.set_bucket(buckets);
+    h.set_sample_count(cumulative);
+    h.set_sample_sum(s.latency_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+/// Every family of SPEC.md's metric table, from the snapshot in force.
+pub fn families(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<MetricFamily> {
+    let mut requests = Vec::new();
+    let mut durations = Vec::new();
+    let mut rejected = Vec::new();
+    let mut in_flight = Vec::new();
+    let mut req_bytes = Vec::new();
+    let mut resp_bytes = Vec::new();
+    let mut upstream_errors = Vec::new();
+    let mut limits = Vec::new();
+    let mut info = Vec::new();
+
+    let unknown = std::iter::once((UNKNOWN_TENANT, &snap.unknown_stats, None));
+    let tenants = snap.tenants.iter().map(|t| (&*t.id, &t.stats, Some(t)));
+    for (id, s, tenant) in unknown.chain(tenants) {
+        for (status, n) in s.requests() {
+            requests.push(counter(
+                vec![label("tenant", id), label("status", &status.to_string())],
+                n,
+            ));
+        }
+        if s.latency_count() > 0 {
+            durations.push(histogram(vec![label("tenant", id)], s));
+        }
+        for (reason, n) in ProxyError::REASONS.iter().zip(&s.rejected) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                rejected.push(counter(
+                    vec![label("tenant", id), label("reason", reason)],
+                    n,
+                ));
+            }
+        }
+        let (rq, rs) = (
+            s.request_bytes.load(Ordering::Relaxed),
+            s.response_bytes.load(Ordering::Relaxed),
+        );
+        if rq > 0 || tenant.is_some() {
+            req_bytes.push(counter(vec![label("tenant", id)], rq));
+        }
+        if rs > 0 || tenant.is_some() {
+            resp_bytes.push(counter(vec![label("tenant", id)], rs));
+        }
+        for (upstream, counts) in s
+            .upstream_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            for (kind, n) in UPSTREAM_KINDS.iter().zip(counts) {
+                if *n > 0 {
+                    upstream_errors.push(counter(
+                        vec![
+                            label("tenant", id),
+                            label("upstream", upstream),
+                            label("kind", kind),
+                        ],
+                        *n,
+                    ));
+                }
+            }
+        }
+        let Some(t) = tenant else { continue };
+        in_flight.push(gauge(
+            vec![label("tenant", id)],
+            t.limits.in_flight.current() as f64,
+        ));
+        let l = &t.configured_limits;
+        for (name, v) in [
+            ("requests_per_second", l.requests_per_second),
+            ("burst", l.burst.map(|b| b as f64)),
+            ("max_body_bytes", l.max_body.map(|b| b as f64)),
+            ("max_in_flight", l.max_in_flight.map(|b| b as f64)),
+            (
+                "per_client_requests_per_second",
+                l.per_client_requests_per_second,
+            ),
+            ("per_client_burst", l.per_client_burst.map(|b| b as f64)),
+        ] {
+            if let Some(v) = v {
+                limits.push(gauge(vec![label("tenant", id), label("limit", name)], v));
+            }
+        }
+        let status = match t.status {
+            TenantStatus::Active => "active",
+            TenantStatus::Suspended => "suspended",
+        };
+        info.push(gauge(
+            vec![label("tenant", id), label("status", status)],
+            1.0,
+        ));
+    }
+
+    let last_success = reloads
+        .last_success
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    vec![
+        family(
+            "requests_total",
+            "Responses sent, the gateway's own rejections included.",
+            MetricType::COUNTER,
+            requests,
+        ),
+        family(
+            "request_duration_seconds",
+            "Request head received to response head sent.",
+            MetricType::HISTOGRAM,
+            durations,
+        ),
+        family(
+            "rejected_total",
+            "Requests the gateway answered itself, by error code.",
+            MetricType::COUNTER,
+            rejected,
+        ),
+        family(
+            "in_flight",
+            "Requests being served now.",
+            MetricType::GAUGE,
+            in_flight,
+        ),
+        family(
+            "request_body_bytes_total",
+            "Bytes received in request bodies.",
+            MetricType::COUNTER,
+            req_bytes,
+        ),
+        family(
+            "response_body_bytes_total",
+            "Bytes sent in response bodies.",
+            MetricType::COUNTER,
+            resp_bytes,
+        ),
+        family(
+            "upstream_errors_total",
+            "Failed upstream exchanges by kind.",
+            MetricType::COUNTER,
+            upstream_errors,
+        ),
+        family(
+            "tenant_limit",
+            "Configured limits, for utilisation alerts.",
+            MetricType::GAUGE,
+            limits,
+        ),
+        family(
+            "tenant_info",
+            "1 per configured tenant.",
+            MetricType::GAUGE,
+            info,
+        ),
+        family(
+            "config_reloads_total",
+            "Configuration reload attempts by result.",
+            MetricType::COUNTER,
+            vec![
+                counter(vec![label("result", "success")], reloads.succeeded),
+                counter(vec![label("result", "failure")], reloads.failed),
+            ],
+        ),
+        family(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded.",
+            MetricType::GAUGE,
+            vec![gauge(vec![], last_success)],
+        ),
+        family(
+            "config_info",
+            "1 for the configuration version in force.",
+            MetricType::GAUGE,
+            vec![gauge(vec![label("version", &snap.version)], 1.0)],
+        ),
+    ]
+    .into_iter()
+    .filter(|f| !f.get_metric().is_empty())
+    .collect()
+}
+
+/// The text exposition of [`families`].
+pub fn render(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    if let Err(e) = TextEncoder::new().encode(&families(snap, reloads), &mut out) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
+}
