@@ -4,7 +4,7 @@
     report.py text|md RAW_TSV IDLE_TSV
 
 RAW_TSV columns (one row per measured run, scenarios a-c):
-    scenario proto proxy rep rps p50_ms p99_ms cpu_pct errors
+    scenario proto proxy rep rps p50_ms p99_ms cpu_pct errors other_cpu_pct
 IDLE_TSV columns (one row per measured run, scenario d):
     proxy rep rss_before_kib rss_after_kib opened failed alive
 
@@ -12,12 +12,22 @@ Every figure printed is the median over the repeats of that cell, each
 column taken independently. Standard library only.
 """
 
+import os
 import statistics
 import sys
 
+
+def count(name, default):
+    """10000 -> "10k", as the scenario labels use them."""
+    n = int(os.environ.get(name, default))
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+TENANTS_B, HOT_TENANTS = count("TENANTS_B", 10000), count("HOT_TENANTS", 1000)
+IDLE_CONNS = count("IDLE_CONNS", 10000)
 SCENARIOS = {
     "a": "a: 1 tenant",
-    "b": "b: 10k tenants, 1k hot",
+    "b": f"b: {TENANTS_B} tenants, {HOT_TENANTS} hot",
     "c": "c: 1 KiB POST",
 }
 PROXY_ORDER = ["bulkhead", "nginx", "haproxy", "direct"]
@@ -50,10 +60,13 @@ def fmt(v, spec):
 
 def aggregate(rows):
     cells = {}
-    for scen, proto, proxy, _rep, rps, p50, p99, cpu, errors in rows:
+    for row in rows:
+        scen, proto, proxy, _rep, rps, p50, p99, cpu, errors = row[:9]
+        other = fnum(row[9]) if len(row) > 9 else None
         c = cells.setdefault((scen, proto, proxy),
                              {"rps": [], "p50": [], "p99": [], "cpu": [], "eff": [],
-                              "errors": 0, "runs": 0})
+                              "other": [], "errors": 0, "runs": 0})
+        c["other"].append(other)
         rps, cpu = fnum(rps), fnum(cpu)
         c["rps"].append(rps)
         c["p50"].append(fnum(p50))
@@ -64,6 +77,7 @@ def aggregate(rows):
         c["runs"] += 1
     return {k: {"rps": median(v["rps"]), "p50": median(v["p50"]), "p99": median(v["p99"]),
                 "cpu": median(v["cpu"]), "eff": median(v["eff"]),
+                "other": max((x for x in v["other"] if x is not None), default=None),
                 "errors": v["errors"], "runs": v["runs"]}
             for k, v in cells.items()}
 
@@ -74,7 +88,8 @@ def ratio(a, b):
 
 def load_table(cells):
     header = ["scenario", "proto", "proxy", "req/s", "p50 ms", "p99 ms", "proxy CPU%",
-              "req/CPU-s", "B/peer req/s", "B/peer p99", "B/peer req/CPU-s", "errors"]
+              "req/CPU-s", "B/peer req/s", "B/peer p99", "B/peer req/CPU-s", "errors",
+              "other CPU%"]
     out = []
     keys = sorted({(s, p) for s, p, _ in cells},
                   key=lambda k: (k[0], ["h1", "h2"].index(k[1])))
@@ -82,12 +97,17 @@ def load_table(cells):
         b = cells.get((scen, proto, "bulkhead"))
         label = SCENARIOS.get(scen, scen)
         if scen == "b" and proto == "h2":
-            label = "b: 10k tenants, 1 hot (h2)"
+            label = f"b: {TENANTS_B} tenants, 1 hot (h2)"
         for proxy in PROXY_ORDER:
             c = cells.get((scen, proto, proxy))
             if c is None:
                 continue
-            name = "direct (ceiling)" if proxy == "direct" else proxy
+            # Proxies send the backend HTTP/1.1 whatever the client spoke; only the direct
+            # h2c run makes the backend (on the load generator's core) do h2 framing itself,
+            # so for h2c that row is a reference, not a ceiling.
+            name = proxy
+            if proxy == "direct":
+                name = "direct (ceiling)" if proto == "h1" else "direct (h2c ref.)"
             if b is None or proxy == "bulkhead":
                 r_rps = r_p99 = r_eff = None
             else:
@@ -98,7 +118,8 @@ def load_table(cells):
                         fmt(c["rps"], ",.0f"), fmt(c["p50"], ".3f"), fmt(c["p99"], ".3f"),
                         fmt(c["cpu"], ".0f"), fmt(c["eff"], ",.0f"),
                         fmt(r_rps, ".2f"), fmt(r_p99, ".2f"), fmt(r_eff, ".2f"),
-                        str(c["errors"]) if c["errors"] else ""])
+                        str(c["errors"]) if c["errors"] else "",
+                        fmt(c["other"], ".0f")])
     return header, out
 
 
@@ -145,13 +166,13 @@ def goals(cells, idle_per):
         low_p99 = min(c["p99"] for c in peers if c["p99"] is not None)
         r = ratio(b["rps"], best)
         ok = r is not None and r >= 1.10 and b["p99"] is not None and b["p99"] <= low_p99
-        lines.append(f"1. (a) HTTP/1.1: Bulkhead = {fmt(r, '.2f')} x the faster peer "
+        lines.append(f"- goal 1, (a) HTTP/1.1: Bulkhead = {fmt(r, '.2f')} x the faster peer "
                      f"(goal >= 1.10); p99 {fmt(b['p99'], '.3f')} ms vs lowest peer "
                      f"{low_p99:.3f} ms (goal <=): {'MET' if ok else 'NOT MET'}")
     b2, h2 = get("a", "h2", "bulkhead"), get("a", "h2", "haproxy")
     if b2 and h2:
         r = ratio(b2["rps"], h2["rps"])
-        lines.append(f"1. (a) h2c: Bulkhead = {fmt(r, '.2f')} x HAProxy (goal >= 1.0): "
+        lines.append(f"- goal 1, (a) h2c: Bulkhead = {fmt(r, '.2f')} x HAProxy (goal >= 1.0): "
                      f"{'MET' if r is not None and r >= 1.0 else 'NOT MET'}")
     for proto in ("h1", "h2"):
         ba, bb = get("a", proto, "bulkhead"), get("b", proto, "bulkhead")
@@ -159,7 +180,7 @@ def goals(cells, idle_per):
             r = ratio(bb["rps"], ba["rps"])
             da, db = get("a", proto, "direct"), get("b", proto, "direct")
             dr = ratio(db["rps"], da["rps"]) if da and db else None
-            lines.append(f"2. {PROTO_LABEL[proto]}: Bulkhead (b)/(a) = {fmt(r, '.3f')} "
+            lines.append(f"- goal 2, {PROTO_LABEL[proto]}: Bulkhead (b)/(a) = {fmt(r, '.3f')} "
                          f"(goal >= 0.95; the same client against the backend directly gives "
                          f"{fmt(dr, '.3f')}, i.e. the load generator's own cost): "
                          f"{'MET' if r is not None and r >= 0.95 else 'NOT MET'}")
@@ -167,8 +188,16 @@ def goals(cells, idle_per):
         bk = median(idle_per["bulkhead"]["kib"])
         hk = median(idle_per["haproxy"]["kib"])
         ok = bk is not None and hk is not None and bk <= hk
-        lines.append(f"3. (d) idle memory: Bulkhead {fmt(bk, '.2f')} KiB/conn vs HAProxy "
+        lines.append(f"- goal 3, (d) idle memory: Bulkhead {fmt(bk, '.2f')} KiB/conn vs HAProxy "
                      f"{fmt(hk, '.2f')} KiB/conn (goal <=): {'MET' if ok else 'NOT MET'}")
+    noisy = [c["other"] for c in cells.values() if c["other"] is not None]
+    if noisy and max(noisy) >= 5:
+        lines.append(f"- other processes used up to {max(noisy):.0f}% of the proxy's core "
+                     "during some runs (column \"other CPU%\"): those figures are skewed")
+    if any(c["errors"] for c in cells.values()) or any(
+            d["failed"] or d["closed"] for d in idle_per.values()):
+        lines.append("- some rows above had errors or lost connections: "
+                     "the verdicts that use them are not valid")
     return lines
 
 
@@ -195,8 +224,8 @@ def main():
     out += render(kind, h, rows)
     ih, irows, per = idle_table(read_tsv(idle))
     if irows:
-        out += ["", "d: 10k idle keep-alive connections (HTTP/1.1), proxy RSS" if kind == "text"
-                else "**d: idle keep-alive connections (HTTP/1.1), proxy RSS**", ""]
+        title = f"d: {IDLE_CONNS} idle keep-alive connections (HTTP/1.1), proxy RSS"
+        out += ["", title if kind == "text" else f"**{title}**", ""]
         out += render(kind, ih, irows)
     g = goals(cells, per)
     if g:

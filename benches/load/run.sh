@@ -1,0 +1,783 @@
+#!/usr/bin/env bash
+# Bulkhead load benchmark against nginx and HAProxy (issue 7).
+#
+# One backend (nginx `return 200`) and the load generator share one core; each
+# proxy runs in turn on the other core with one worker. Every measurement is
+# repeated REPEAT times, repeats interleaved across proxies, and the medians
+# are printed as one table of req/s, p50, p99 and Bulkhead/peer ratios, plus
+# the direct-to-backend ceiling. See benches/load/README.md.
+#
+#   benches/load/run.sh                                   # everything, ~15 min
+#   DURATION=2s REPEAT=1 SCENARIOS=a PROXIES="nginx haproxy" benches/load/run.sh
+#
+# Installs nothing. Listens on and connects to 127.0.0.1 only.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+PATH=$PATH:/usr/sbin:/sbin
+
+# ---- knobs (environment) -----------------------------------------------------
+BULKHEAD_BIN=${BULKHEAD_BIN:-$REPO/target/release/bulkhead}
+DURATION=${DURATION:-10s}        # per measured run (wrk -d, h2load -D)
+WARMUP=${WARMUP:-1s}             # unmeasured run before each measured one
+CONNS=${CONNS:-64}               # client connections
+H2_STREAMS=${H2_STREAMS:-10}     # h2load -m: concurrent streams per connection
+REPEAT=${REPEAT:-3}
+SCENARIOS=${SCENARIOS:-a b c d}
+PROXIES=${PROXIES:-bulkhead nginx haproxy}
+PROTOCOLS=${PROTOCOLS:-h1 h2}
+TENANTS_B=${TENANTS_B:-10000}    # tenants configured in scenario b
+HOT_TENANTS=${HOT_TENANTS:-1000} # tenants the scenario-b HTTP/1.1 load rotates over
+IDLE_CONNS=${IDLE_CONNS:-10000}  # scenario d
+LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
+PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
+KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
+OUT=${OUT:-$HERE/results-$(date +%Y-%m-%d-%H%M%S).md}
+
+readonly ADDR=127.0.0.1          # the only address this script listens on or connects to
+readonly PROXY_PORT=18080        # every proxy: HTTP/1.1 (Bulkhead: h2c too, same listener)
+readonly ADMIN_PORT=18081        # Bulkhead admin listener
+readonly PROXY_H2_PORT=18082     # nginx and HAProxy: h2c (prior knowledge) listener
+readonly BACKEND_PORT=19000      # backend HTTP/1.1 (what every proxy forwards to)
+readonly BACKEND_H2_PORT=19001   # backend h2c, for the direct h2 ceiling only
+
+say() { printf '%s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ---- tools -------------------------------------------------------------------
+check_tools() {
+  local missing=() t
+  for t in nginx wrk taskset python3; do command -v "$t" >/dev/null || missing+=("$t"); done
+  [[ " $PROXIES " == *" haproxy "* ]] && ! command -v haproxy >/dev/null && missing+=(haproxy)
+  [[ " $PROTOCOLS " == *" h2 "* ]] && ! command -v h2load >/dev/null && missing+=(h2load)
+  if ((${#missing[@]})); then
+    say "missing tools: ${missing[*]}"
+    say "install them with (Debian/Ubuntu):"
+    say "  apt-get install -y nginx haproxy wrk nghttp2-client   # taskset: util-linux, python3: python3"
+    say "(this script installs nothing itself)"
+    exit 1
+  fi
+  if [[ " $PROXIES " == *" bulkhead "* && ! -x $BULKHEAD_BIN ]]; then
+    say "Bulkhead binary not found at $BULKHEAD_BIN"
+    say "build it first:  cargo build --release"
+    say "(or set BULKHEAD_BIN, or leave bulkhead out: PROXIES=\"nginx haproxy\")"
+    exit 1
+  fi
+}
+
+check_knobs() {
+  local s p
+  for s in $SCENARIOS; do [[ $s == [abcd] ]] || die "unknown scenario '$s' (a b c d)"; done
+  for p in $PROXIES; do
+    [[ $p == bulkhead || $p == nginx || $p == haproxy ]] || die "unknown proxy '$p'"
+  done
+  for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "unknown protocol '$p' (h1 h2)"; done
+  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU; do
+    [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
+  done
+  ((REPEAT >= 1 && CONNS >= 1)) || die "REPEAT and CONNS must be at least 1"
+  ((HOT_TENANTS >= 1 && HOT_TENANTS <= TENANTS_B)) || die "need 1 <= HOT_TENANTS <= TENANTS_B"
+  secs "$DURATION" >/dev/null && secs "$WARMUP" >/dev/null
+  local cpus; cpus=$(nproc)
+  ((LOADGEN_CPU < cpus && PROXY_CPU < cpus)) || die "LOADGEN_CPU/PROXY_CPU must be < $cpus"
+  ((LOADGEN_CPU != PROXY_CPU)) || warn "load generator and proxy share CPU $PROXY_CPU"
+}
+
+# "10s" / "2m" / "10" -> whole seconds (h2load -D takes the same forms; wrk too).
+secs() {
+  case $1 in
+    *[0-9]s) echo "${1%s}" ;;
+    *[0-9]m) echo $((${1%m} * 60)) ;;
+    *[0-9]) echo "$1" ;;
+    *) die "cannot parse duration '$1' (use e.g. 10s, 2m)" ;;
+  esac
+}
+
+# ---- processes ---------------------------------------------------------------
+PIDS=()
+TMP=""
+
+forget() { # pid: drop from the kill list
+  local keep=() p
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do [[ $p == "$1" ]] || keep+=("$p"); done
+  PIDS=(${keep[@]+"${keep[@]}"})
+}
+
+stop_pid() { # pid: SIGTERM, up to 10 s, then SIGKILL
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    # A zombie child counts as gone; `wait` below reaps it.
+    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+}
+
+cleanup() {
+  local rc=$? p
+  trap - EXIT INT TERM
+  set +e
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$p" 2>/dev/null; done
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do stop_pid "$p"; done
+  if [[ -n $TMP && -d $TMP ]]; then
+    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+      say "configs, logs and raw tool output kept in $TMP" >&2
+    else
+      rm -rf "$TMP"
+    fi
+  fi
+  exit "$rc"
+}
+
+# Run a command in the background, remembered for cleanup; sets BG_PID.
+spawn() { # log cmd...
+  local log=$1; shift
+  "$@" >"$log" 2>&1 &
+  BG_PID=$!
+  PIDS+=("$BG_PID")
+}
+
+# Run a command to completion, interruptibly (a trapped signal ends `wait`).
+run_fg() { # log cmd...
+  local rc=0
+  spawn "$@"
+  wait "$BG_PID" || rc=$?
+  forget "$BG_PID"
+  return "$rc"
+}
+
+port_open() { (exec 3<>"/dev/tcp/$ADDR/$1") 2>/dev/null; }
+
+wait_port() { # port pid name log
+  local i
+  for ((i = 0; i < 600; i++)); do
+    port_open "$1" && return 0
+    if ! kill -0 "$2" 2>/dev/null; then
+      warn "$3 exited before listening on $ADDR:$1; last lines of $4:"
+      tail -n 20 "$4" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  warn "$3 did not listen on $ADDR:$1 within 60 s; last lines of $4:"
+  tail -n 20 "$4" >&2
+  return 1
+}
+
+wait_port_closed() { # port
+  local i
+  for ((i = 0; i < 100; i++)); do port_open "$1" || return 0; sleep 0.1; done
+  die "$ADDR:$1 still accepts connections after the proxy stopped"
+}
+
+children() { pgrep -P "$1" || true; }
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
+
+# Busy (not idle, not iowait) clock ticks of one CPU since boot, from /proc/stat.
+core_busy_ticks() { awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+
+# utime + stime of every thread of the process, in clock ticks.
+cpu_ticks() { { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null || true; } | awk '{print $12 + $13}'; }
+
+# ---- configs -----------------------------------------------------------------
+tenant_list() { # n: "i" per line
+  awk -v n="$1" 'BEGIN { for (i = 1; i <= n; i++) print i }'
+}
+
+write_backend_conf() { # dir
+  local d=$1
+  mkdir -p "$d"
+  cat >"$d/nginx.conf" <<EOF
+# Backend: answers every request (GET or POST) with 200 "hello, world\n" (13 bytes).
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    default_type text/plain;
+    client_body_temp_path $d/client_body;
+    proxy_temp_path $d/proxy;
+    fastcgi_temp_path $d/fastcgi;
+    uwsgi_temp_path $d/uwsgi;
+    scgi_temp_path $d/scgi;
+    keepalive_requests 1000000000;   # also caps requests per h2 connection
+    keepalive_timeout 60s;
+    server {
+        listen $ADDR:$BACKEND_PORT;
+        listen $ADDR:$BACKEND_H2_PORT http2;   # h2c prior knowledge, direct ceiling only
+        location / { return 200 "hello, world\n"; }
+    }
+}
+EOF
+}
+
+write_bulkhead_conf() { # file ntenants
+  {
+    cat <<EOF
+# Bulkhead under test: one worker, limits far above the load.
+[server]
+listen = "$ADDR:$PROXY_PORT"
+admin_listen = "$ADDR:$ADMIN_PORT"
+workers = 1
+shutdown_grace = "2s"
+header_read_timeout = "60s"   # as nginx client_header_timeout / HAProxy timeout http-request
+
+[tenancy]
+resolve = ["host"]
+
+[defaults]
+upstream = "backend"
+
+[defaults.limits]
+requests_per_second = 10000000
+burst = 10000000
+
+[upstreams.backend]
+targets = ["$ADDR:$BACKEND_PORT"]
+EOF
+    tenant_list "$2" | awk '{ printf "\n[tenants.t%s]\nhosts = [\"t%s.example.com\"]\n", $1, $1 }'
+  } >"$1"
+}
+
+write_nginx_conf() { # dir ntenants
+  local d=$1
+  mkdir -p "$d"
+  {
+    cat <<EOF
+# nginx as the proxy under test: 1 worker, Host -> tenant map, per-tenant
+# limit_req far above the load, tenant header injected, upstream keep-alive.
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections $((IDLE_CONNS + 2000)); }
+http {
+    access_log off;
+    default_type text/plain;
+    client_body_temp_path $d/client_body;
+    proxy_temp_path $d/proxy;
+    fastcgi_temp_path $d/fastcgi;
+    uwsgi_temp_path $d/uwsgi;
+    scgi_temp_path $d/scgi;
+    keepalive_requests 1000000000;   # nginx < 1.19.7 defaults to 100, later to 1000 (h2 too)
+    keepalive_timeout 60s;
+    client_header_timeout 60s;
+
+    map_hash_max_size 65536;
+    map_hash_bucket_size 128;
+    map \$host \$tenant {
+        hostnames;
+        default "";
+EOF
+    tenant_list "$2" | awk '{ printf "        t%s.example.com t%s;\n", $1, $1 }'
+    cat <<EOF
+    }
+    limit_req_zone \$tenant zone=t:10m rate=10000000r/s;
+    limit_req_status 429;
+
+    upstream backend {
+        server $ADDR:$BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 1000000000;
+        keepalive_timeout 60s;
+    }
+
+    server {
+        listen $ADDR:$PROXY_PORT;
+        # nginx 1.22 speaks h2c (prior knowledge) only on a listener marked
+        # http2, and then only h2c: so HTTP/2 gets its own port.
+        listen $ADDR:$PROXY_H2_PORT http2;
+        if (\$tenant = "") { return 404; }   # unknown tenant, as Bulkhead
+        location / {
+            limit_req zone=t burst=10000000 nodelay;
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header x-tenant-id \$tenant;
+        }
+    }
+}
+EOF
+  } >"$d/nginx.conf"
+}
+
+write_haproxy_conf() { # dir ntenants
+  local d=$1
+  mkdir -p "$d"
+  tenant_list "$2" | awk '{ printf "t%s.example.com t%s\n", $1, $1 }' >"$d/hosts.map"
+  cat >"$d/haproxy.cfg" <<EOF
+# HAProxy as the proxy under test: 1 thread, Host -> tenant map, per-tenant
+# request-rate check far above the load, tenant header injected, reused
+# server connections.
+global
+    nbthread 1
+    maxconn $((IDLE_CONNS + 2000))
+    # HAProxy sizes its descriptor needs as if every client connection had a
+    # server one too (2 x maxconn); scenario d's idle clients do not, so run
+    # within the shell's limit instead of refusing to start.
+    ulimit-n $NOFILE
+    no strict-limits
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+
+frontend fe
+    bind $ADDR:$PROXY_PORT
+    bind $ADDR:$PROXY_H2_PORT proto h2
+    maxconn $((IDLE_CONNS + 2000))
+    http-request set-var(txn.tenant) req.hdr(host),field(1,:),lower,map_str($d/hosts.map)
+    http-request deny deny_status 404 unless { var(txn.tenant) -m found }
+    http-request track-sc0 var(txn.tenant) table per_tenant
+    http-request deny deny_status 429 if { sc_http_req_rate(0) gt 10000000 }
+    http-request set-header x-tenant-id %[var(txn.tenant)]
+    default_backend backend
+
+backend per_tenant
+    stick-table type string len 64 size $((TENANTS_B * 2)) expire 10s store http_req_rate(1s)
+
+backend backend
+    http-reuse always
+    server b1 $ADDR:$BACKEND_PORT
+EOF
+}
+
+write_configs() {
+  local n
+  for n in 1 "$TENANTS_B"; do
+    [[ " $PROXIES " == *" bulkhead "* ]] && write_bulkhead_conf "$TMP/bulkhead-$n.toml" "$n"
+    [[ " $PROXIES " == *" nginx "* ]] && write_nginx_conf "$TMP/nginx-$n" "$n"
+    [[ " $PROXIES " == *" haproxy "* ]] && write_haproxy_conf "$TMP/haproxy-$n" "$n"
+  done
+  write_backend_conf "$TMP/backend"
+  head -c 1024 /dev/zero | tr '\0' x >"$TMP/body-1k"
+  return 0
+}
+
+# NGINX=(...) runs the nginx whose prefix, config and error log live in dir.
+nginx_args() { NGINX=(nginx -p "$1" -c "$1/nginx.conf" -e "$1/error.log"); }
+
+validate_configs() {
+  local n out
+  nginx_args "$TMP/backend"
+  out=$("${NGINX[@]}" -t -q 2>&1) || die "backend nginx config: $out"
+  for n in 1 "$TENANTS_B"; do
+    if [[ " $PROXIES " == *" nginx "* ]]; then
+      nginx_args "$TMP/nginx-$n"
+      out=$("${NGINX[@]}" -t -q 2>&1) || die "nginx config ($n tenants): $out"
+    fi
+    if [[ " $PROXIES " == *" haproxy "* ]]; then
+      out=$(haproxy -c -q -f "$TMP/haproxy-$n/haproxy.cfg" 2>&1) ||
+        die "haproxy config ($n tenants): $out"
+    fi
+    if [[ " $PROXIES " == *" bulkhead "* ]]; then
+      out=$(RUST_LOG=warn "$BULKHEAD_BIN" check --config "$TMP/bulkhead-$n.toml" 2>&1) ||
+        die "bulkhead check ($n tenants): $out"
+    fi
+  done
+}
+
+# ---- starting and stopping the proxies --------------------------------------
+BACKEND_PID=""
+start_backend() {
+  nginx_args "$TMP/backend"
+  spawn "$TMP/backend/stdout.log" taskset -c "$LOADGEN_CPU" "${NGINX[@]}"
+  BACKEND_PID=$BG_PID
+  wait_port "$BACKEND_PORT" "$BACKEND_PID" backend "$TMP/backend/error.log" || exit 1
+  wait_port "$BACKEND_H2_PORT" "$BACKEND_PID" backend "$TMP/backend/error.log" || exit 1
+}
+
+# start_proxy NAME NTENANTS: sets PROXY_PID (what we stop), MEASURE_PID (whose
+# CPU and RSS we read), H1_PORT and H2_PORT. "direct" starts nothing.
+PROXY_PID="" MEASURE_PID="" H1_PORT="" H2_PORT=""
+start_proxy() {
+  local name=$1 n=$2 log i
+  PROXY_PID="" MEASURE_PID=""
+  H1_PORT=$PROXY_PORT H2_PORT=$PROXY_H2_PORT
+  case $name in
+    direct)
+      H1_PORT=$BACKEND_PORT H2_PORT=$BACKEND_H2_PORT
+      return 0 ;;
+    bulkhead)
+      H2_PORT=$PROXY_PORT   # one listener serves HTTP/1.1 and h2c
+      log=$TMP/bulkhead-$n.log
+      spawn "$log" env RUST_LOG=warn taskset -c "$PROXY_CPU" \
+        "$BULKHEAD_BIN" run --config "$TMP/bulkhead-$n.toml"
+      PROXY_PID=$BG_PID MEASURE_PID=$BG_PID ;;
+    nginx)
+      log=$TMP/nginx-$n/error.log
+      nginx_args "$TMP/nginx-$n"
+      spawn "$TMP/nginx-$n/stdout.log" taskset -c "$PROXY_CPU" "${NGINX[@]}"
+      PROXY_PID=$BG_PID ;;
+    haproxy)
+      log=$TMP/haproxy-$n/haproxy.log
+      spawn "$log" taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/haproxy-$n/haproxy.cfg"
+      PROXY_PID=$BG_PID MEASURE_PID=$BG_PID ;;
+  esac
+  wait_port "$H1_PORT" "$PROXY_PID" "$name" "$log" || return 1
+  wait_port "$H2_PORT" "$PROXY_PID" "$name" "$log" || return 1
+  if [[ $name == nginx ]]; then
+    # The master only supervises; the one worker does the work.
+    for ((i = 0; i < 50; i++)); do
+      MEASURE_PID=$(children "$PROXY_PID" | head -n 1)
+      [[ -n $MEASURE_PID ]] && break
+      sleep 0.1
+    done
+    [[ -n $MEASURE_PID ]] || { warn "nginx worker not found"; return 1; }
+    PIDS+=("$MEASURE_PID")   # killed on exit should the master die first
+  fi
+}
+
+stop_proxy() {
+  [[ -n $PROXY_PID ]] || return 0
+  local worker=$MEASURE_PID
+  stop_pid "$PROXY_PID"
+  [[ -n $worker && $worker != "$PROXY_PID" ]] && stop_pid "$worker"
+  wait_port_closed "$PROXY_PORT"
+  wait_port_closed "$PROXY_H2_PORT"
+  PROXY_PID="" MEASURE_PID=""
+}
+
+proxy_alive() { [[ -z $PROXY_PID ]] || kill -0 "$PROXY_PID" 2>/dev/null; }
+
+# ---- load runs -----------------------------------------------------------------
+# Prints "rps p50_ms p99_ms errors" from wrk --latency output.
+parse_wrk() {
+  awk '
+    function ms(v) {
+      if (v ~ /us$/) { sub(/us$/, "", v); return v / 1000 }
+      if (v ~ /ms$/) { sub(/ms$/, "", v); return v + 0 }
+      if (v ~ /m$/)  { sub(/m$/, "", v);  return v * 60000 }
+      if (v ~ /s$/)  { sub(/s$/, "", v);  return v * 1000 }
+      return v + 0
+    }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    $1 == "Requests/sec:" { rps = $2 }
+    /Non-2xx or 3xx responses:/ { err += $NF }
+    /Socket errors:/ { gsub(/,/, ""); err += $4 + $6 + $8 + $10 }
+    END {
+      if (rps == "") print "- - - 1"
+      else printf "%s %.4f %.4f %d\n", rps, p50, p99, err
+    }' "$1"
+}
+
+# Prints "rps p50_ms p99_ms errors" from h2load output and its --log-file
+# (start_us, status, duration_us per request): h2load's summary has no
+# percentiles, the per-request log gives true ones.
+parse_h2load() { # output logfile
+  local rps err pct
+  rps=$(awk '/^finished in/ { print $4 }' "$1")
+  err=$(awk '
+    /^requests:/ { e += $10 + $12 + $14 }
+    /^status codes:/ { gsub(/,/, ""); e += $5 + $7 + $9 }
+    END { print e + 0 }' "$1")
+  pct=$(awk -F'\t' '$2 != -1 { print $3 }' "$2" | sort -n | awk '
+    { v[NR] = $1 }
+    END {
+      if (NR == 0) { print "- -"; exit }
+      i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++
+      i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
+      printf "%.4f %.4f\n", v[i50] / 1000, v[i99] / 1000
+    }')
+  [[ -n $rps ]] || { echo "- - - 1"; return; }
+  echo "$rps $pct $err"
+}
+
+now() { date +%s.%N; }
+
+# load_cmd SCEN PROTO PORT DURATION LOG: fills the array CMD.
+CMD=()
+load_cmd() {
+  local scen=$1 proto=$2 port=$3 dur=$4 log=$5
+  local url="http://$ADDR:$port/"
+  if [[ $proto == h1 ]]; then
+    CMD=(taskset -c "$LOADGEN_CPU" wrk -t1 -c"$CONNS" -d"$dur" --latency
+         -H "Host: t1.example.com")
+    case $scen in
+      b) CMD+=(-s "$HERE/rotate_host.lua" "$url" -- "$HOT_TENANTS") ;;
+      c) CMD+=(-s "$HERE/post_1k.lua" "$url") ;;
+      *) CMD+=("$url") ;;
+    esac
+  else
+    # h2load speaks h2c with prior knowledge to http:// URLs. It cannot rotate
+    # :authority (-i ignores the host part of later URIs), so scenario b over
+    # h2 sends every request to one tenant out of TENANTS_B.
+    local host=t1.example.com
+    [[ $scen == b ]] && host=t$HOT_TENANTS.example.com
+    CMD=(taskset -c "$LOADGEN_CPU" h2load -t1 -c"$CONNS" -m"$H2_STREAMS" -D "$(secs "$dur")"
+         -H ":authority: $host" --log-file="$log")
+    [[ $scen == c ]] && CMD+=(-d "$TMP/body-1k")
+    CMD+=("$url")
+  fi
+}
+
+measure() { # scen proto proxy rep
+  local scen=$1 proto=$2 proxy=$3 rep=$4 port out h2log t0 t1 c0 c1 b0 b1 cpu=- other res
+  port=$H1_PORT; [[ $proto == h2 ]] && port=$H2_PORT
+  out=$TMP/runs/$scen-$proto-$proxy-$rep.txt
+  h2log=$TMP/runs/$scen-$proto-$proxy-$rep.h2log
+
+  load_cmd "$scen" "$proto" "$port" "$WARMUP" "$h2log"
+  run_fg "$out.warmup" "${CMD[@]}" || true
+
+  load_cmd "$scen" "$proto" "$port" "$DURATION" "$h2log"
+  c0="" c1=""
+  [[ -n $MEASURE_PID ]] && c0=$(cpu_ticks "$MEASURE_PID")
+  b0=$(core_busy_ticks "$PROXY_CPU"); t0=$(now)
+  run_fg "$out" "${CMD[@]}" || warn "$scen/$proto/$proxy: load generator failed (see $out)"
+  b1=$(core_busy_ticks "$PROXY_CPU"); t1=$(now)
+  if [[ -n $c0 ]] && proxy_alive; then c1=$(cpu_ticks "$MEASURE_PID"); fi
+  if [[ -n $c1 ]]; then
+    cpu=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" \
+      'BEGIN { printf "%.1f", 100 * c / hz / (t1 - t0) }')
+  fi
+  # Whatever else ran on the proxy's core meanwhile (a build, say) skews this run.
+  other=$(awk -v b="$((b1 - b0))" -v c="$((${c1:-0} - ${c0:-0}))" -v hz="$CLK_TCK" \
+    -v t0="$t0" -v t1="$t1" 'BEGIN { x = 100 * (b - c) / hz / (t1 - t0); printf "%.1f", x < 0 ? 0 : x }')
+  if [[ $proto == h1 ]]; then res=$(parse_wrk "$out"); else res=$(parse_h2load "$out" "$h2log"); fi
+  rm -f "$h2log"
+  proxy_alive || { warn "$proxy died during $scen/$proto; see $TMP"; res="- - - 1"; }
+
+  local rps p50 p99 err flag=""
+  read -r rps p50 p99 err <<<"$res"
+  if ((err)); then flag="  ERRORS: $err"; fi
+  if awk -v o="$other" 'BEGIN { exit !(o >= 5) }'; then
+    flag="$flag  NOISY: ${other}% of CPU $PROXY_CPU used by other processes"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$scen" "$proto" "$proxy" "$rep" "$rps" "$p50" "$p99" "$cpu" "$err" "$other" >>"$RAW"
+  printf '  %-2s %-2s %-8s rep %d/%d  %10s req/s  p50 %8s ms  p99 %8s ms  cpu %5s%%%s\n' \
+    "$scen" "$proto" "$proxy" "$rep" "$REPEAT" "$rps" "$p50" "$p99" "$cpu" \
+    "$flag"
+}
+
+run_load_scenario() { # scen
+  local scen=$1 n=1 rep proxy proto
+  [[ $scen == b ]] && n=$TENANTS_B
+  for ((rep = 1; rep <= REPEAT; rep++)); do
+    for proxy in $PROXIES direct; do
+      if ! start_proxy "$proxy" "$n"; then
+        stop_proxy || true
+        warn "skipping $proxy for $scen rep $rep"
+        continue
+      fi
+      for proto in $PROTOCOLS; do measure "$scen" "$proto" "$proxy" "$rep"; done
+      stop_proxy
+    done
+  done
+}
+
+run_idle_scenario() {
+  local rep proxy before after out py line opened failed alive i
+  for ((rep = 1; rep <= REPEAT; rep++)); do
+    for proxy in $PROXIES; do
+      if ! start_proxy "$proxy" 1; then
+        stop_proxy || true
+        warn "skipping $proxy for d rep $rep"
+        continue
+      fi
+      # A little traffic first so one-time allocations are not counted per connection.
+      run_fg "$TMP/runs/d-$proxy-$rep.warmup" taskset -c "$LOADGEN_CPU" \
+        wrk -t1 -c4 -d1s -H "Host: t1.example.com" "http://$ADDR:$H1_PORT/" || true
+      sleep 1
+      before=$(rss_kib "$MEASURE_PID")
+      out=$TMP/runs/d-$proxy-$rep.txt
+      spawn "$out" taskset -c "$LOADGEN_CPU" python3 "$HERE/idle_conns.py" \
+        --addr "$ADDR" --port "$H1_PORT" --authority t1.example.com -n "$IDLE_CONNS"
+      py=$BG_PID
+      line=""
+      for ((i = 0; i < 1800; i++)); do
+        line=$(grep -m1 '^ready ' "$out" || true)
+        [[ -n $line ]] && break
+        kill -0 "$py" 2>/dev/null || break
+        sleep 0.1
+      done
+      if [[ -z $line ]]; then
+        warn "idle_conns.py did not get ready against $proxy:"; cat "$out" >&2
+        stop_pid "$py"; stop_proxy; continue
+      fi
+      sleep 1
+      after=$(rss_kib "$MEASURE_PID")
+      kill -USR1 "$py" 2>/dev/null || true
+      wait "$py" || true
+      forget "$py"
+      if [[ -z $before || -z $after ]]; then
+        warn "$proxy died during scenario d rep $rep; see $TMP"
+        stop_proxy; continue
+      fi
+      read -r _ opened failed <<<"$line"
+      alive=$(awk '/^alive / { print $2 }' "$out"); alive=${alive:--}
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$proxy" "$rep" "$before" "$after" "$opened" "$failed" "$alive" >>"$IDLE"
+      printf '  d  h1 %-8s rep %d/%d  RSS %s -> %s KiB  %s conns held (%s failed, %s still idle)  %s KiB/conn\n' \
+        "$proxy" "$rep" "$REPEAT" "$before" "$after" "$opened" "$failed" "$alive" \
+        "$(awk -v a="$after" -v b="$before" -v n="$opened" \
+          'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "-" }')"
+      stop_proxy
+    done
+  done
+}
+
+# Other work on the machine (a compiler, say) skews every figure: say so up front.
+BUSY_NOTE=""
+busy_check() {
+  local a b pct
+  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+  sleep 1
+  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+  pct=$(awk -v a="$a" -v b="$b" 'BEGIN {
+    split(a, x, " "); split(b, y, " ")
+    printf "%.0f", (y[2] > x[2]) ? 100 * (y[1] - x[1]) / (y[2] - x[2]) : 0 }')
+  if ((pct >= 10)); then
+    BUSY_NOTE="the machine was ${pct}% busy with other work when the run started: figures are noisy"
+    warn "$BUSY_NOTE (see top); consider waiting for it to finish"
+  fi
+}
+
+# ---- report --------------------------------------------------------------------
+the_command() {
+  printf 'DURATION=%s WARMUP=%s CONNS=%s H2_STREAMS=%s REPEAT=%s SCENARIOS="%s" PROXIES="%s" ' \
+    "$DURATION" "$WARMUP" "$CONNS" "$H2_STREAMS" "$REPEAT" "$SCENARIOS" "$PROXIES"
+  printf 'PROTOCOLS="%s" TENANTS_B=%s HOT_TENANTS=%s IDLE_CONNS=%s benches/load/run.sh' \
+    "$PROTOCOLS" "$TENANTS_B" "$HOT_TENANTS" "$IDLE_CONNS"
+}
+
+versions() {
+  local commit dirty
+  commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "no commit yet")
+  dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
+  echo "- repository: $commit ($dirty uncommitted paths)"
+  [[ " $PROXIES " == *" bulkhead "* ]] &&
+    echo "- bulkhead: $("$BULKHEAD_BIN" --version 2>&1 | head -n 1) ($BULKHEAD_BIN)"
+  echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
+  [[ " $PROXIES " == *" haproxy "* ]] && echo "- haproxy: $(haproxy -v 2>&1 | head -n 1)"
+  echo "- wrk: $(wrk -v 2>&1 | head -n 1 | awk '{print $1, $2}')"
+  [[ " $PROTOCOLS " == *" h2 "* ]] && echo "- h2load: $(h2load --version 2>&1 | head -n 1)"
+  echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)," \
+    "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
+  return 0
+}
+
+write_markdown() {
+  {
+    echo "# Bulkhead load benchmark — $(date -u +'%Y-%m-%d %H:%M UTC')"
+    echo
+    echo '```'
+    the_command; echo
+    echo '```'
+    echo
+    versions
+    echo "- pinning: backend nginx and the load generator on CPU $LOADGEN_CPU;" \
+      "the proxy under test on CPU $PROXY_CPU, one worker"
+    [[ -n $BUSY_NOTE ]] && echo "- **warning: $BUSY_NOTE**"
+    echo "- load: wrk -t1 -c$CONNS (HTTP/1.1); h2load -t1 -c$CONNS -m$H2_STREAMS (h2c, prior" \
+      "knowledge); $DURATION per run after a $WARMUP warm-up; medians of $REPEAT interleaved repeats"
+    echo
+    python3 "$HERE/report.py" md "$RAW" "$IDLE"
+    echo
+    cat <<'EOF'
+Columns: req/s, p50 and p99 are medians over the repeats (each column on its own).
+HTTP/1.1 latencies are wrk's `--latency` percentiles; h2c latencies are computed from
+h2load's per-request `--log-file` (time from request start to end of response).
+"proxy CPU%" is the proxy process's CPU time over the run; below ~95 % the proxy was not
+the bottleneck (the shared backend/load-generator core was), and req/CPU-s — requests per
+second of proxy CPU — is then the fairer efficiency comparison. B/peer = Bulkhead ÷ that
+row (req/s: higher is better for Bulkhead; p99: lower is better). For the direct row the
+req/s ratio is the fraction of the ceiling Bulkhead reaches. The direct h2c row is only a
+reference: there the backend, on the load generator's core, does the h2 framing that the
+proxies do on their own core (they speak HTTP/1.1 to it), so a proxy can beat it.
+Scenario b over h2c sends all requests to one of the configured tenants: h2load cannot
+rotate `:authority`. "errors" counts
+non-2xx responses and socket errors; a row with errors is not a valid figure. "other CPU%"
+is the most CPU time any repeat of that row saw other processes take on the proxy's core;
+above a few per cent the figure is skewed.
+EOF
+    echo
+    echo "<details><summary>raw runs</summary>"
+    echo
+    echo '```'
+    printf 'scenario\tproto\tproxy\trep\treq/s\tp50_ms\tp99_ms\tcpu%%\terrors\tother_cpu%%\n'
+    cat "$RAW"
+    [[ -s $IDLE ]] && printf '\nproxy\trep\trss_before_kib\trss_after_kib\topened\tfailed\tstill_idle\n' &&
+      cat "$IDLE"
+    echo '```'
+    echo
+    echo "</details>"
+  } >"$OUT"
+}
+
+# ---- main ----------------------------------------------------------------------
+main() {
+  check_knobs
+  check_tools
+  if [[ $BULKHEAD_BIN != /* ]]; then BULKHEAD_BIN=$PWD/$BULKHEAD_BIN; fi
+
+  # 10,000 idle connections need 10,000+ descriptors in the proxy and the client.
+  local hard
+  hard=$(ulimit -Hn)
+  [[ $hard == unlimited ]] && hard=1048576
+  NOFILE=$((hard < 65536 ? hard : 65536))
+  ulimit -Sn "$NOFILE"
+  if [[ " $SCENARIOS " == *" d "* ]] && ((NOFILE < IDLE_CONNS + 1000)); then
+    die "open-file limit $NOFILE is too low for IDLE_CONNS=$IDLE_CONNS; raise the hard limit" \
+      "(ulimit -Hn, or docker --ulimit nofile=65536) or lower IDLE_CONNS"
+  fi
+  CLK_TCK=$(getconf CLK_TCK)
+  export TENANTS_B HOT_TENANTS IDLE_CONNS   # report.py labels the scenarios with them
+  busy_check
+
+  local p
+  for p in $PROXY_PORT $ADMIN_PORT $PROXY_H2_PORT $BACKEND_PORT $BACKEND_H2_PORT; do
+    port_open "$p" && die "$ADDR:$p is already in use; stop whatever listens there first"
+  done
+
+  TMP=$(mktemp -d /tmp/bulkhead-load.XXXXXX)
+  chmod 755 "$TMP"   # nginx workers run as an unprivileged user when started as root
+  mkdir -p "$TMP/runs"
+  RAW=$TMP/raw.tsv IDLE=$TMP/idle.tsv
+  : >"$RAW"; : >"$IDLE"
+
+  write_configs
+  validate_configs
+  say "configs in $TMP; backend on $ADDR:$BACKEND_PORT (h2c $BACKEND_H2_PORT), CPU $LOADGEN_CPU;" \
+    "proxies on $ADDR:$PROXY_PORT (nginx/HAProxy h2c $PROXY_H2_PORT), CPU $PROXY_CPU"
+  start_backend
+
+  local scen
+  for scen in $SCENARIOS; do
+    say "scenario $scen"
+    if [[ $scen == d ]]; then run_idle_scenario; else run_load_scenario "$scen"; fi
+  done
+
+  say ""
+  python3 "$HERE/report.py" text "$RAW" "$IDLE"
+  write_markdown
+  say ""
+  say "command: $(the_command)"
+  say "markdown report: $OUT"
+}
+
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+main "$@"
