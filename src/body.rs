@@ -37,7 +37,8 @@ pub struct ProxyBody {
 pub struct Finish {
     /// Held until the body is done: the request counts against `max_in_flight`.
     pub permit: Option<Permit>,
-    pub stats: Arc<TenantStats>,
+    /// `None` when `server.metrics = false`.
+    pub stats: Option<Arc<TenantStats>>,
     pub bytes_out: u64,
     /// `None` when `server.access_log = false`.
     pub log: Option<Box<AccessRecord>>,
@@ -61,7 +62,9 @@ pub struct AccessRecord {
 impl Drop for Finish {
     fn drop(&mut self) {
         self.permit.take();
-        self.stats.add_response_bytes(self.bytes_out);
+        if let Some(stats) = &self.stats {
+            stats.add_response_bytes(self.bytes_out);
+        }
         if let Some(r) = self.log.take() {
             tracing::info!(
                 target: "access",

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub limiter_prune_interval: Dur,
     /// One access-log line per request.
     pub access_log: bool,
+    /// Per-tenant request metrics (counters, latency histogram, body bytes).
+    pub metrics: bool,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             limiter_prune_interval: Dur(Duration::from_secs(60)),
             access_log: true,
+            metrics: true,
         }
     }
 }
@@ -258,6 +261,7 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub limiter_prune_interval: Duration,
     pub access_log: bool,
+    pub metrics: bool,
     pub resolve: Vec<SourceKind>,
     pub tenant_header: String,
     pub path_prefix: String,
@@ -617,6 +621,7 @@ impl Validator<'_> {
             trusted_proxies,
             limiter_prune_interval: server.limiter_prune_interval.0,
             access_log: server.access_log,
+            metrics: server.metrics,
             resolve: t.resolve.get_ref().clone(),
             tenant_header: t.header.get_ref().to_ascii_lowercase(),
             path_prefix: t.path_prefix.get_ref().clone(),

@@ -358,7 +358,7 @@ pub struct RequestBody {
     inner: Incoming,
     limit: u64,
     seen: u64,
-    stats: Arc<TenantStats>,
+    stats: Option<Arc<TenantStats>>,
     bytes_in: Option<Arc<AtomicU64>>,
 }
 
@@ -366,7 +366,7 @@ impl RequestBody {
     pub fn new(
         inner: Incoming,
         limit: Option<u64>,
-        stats: Arc<TenantStats>,
+        stats: Option<Arc<TenantStats>>,
         bytes_in: Option<Arc<AtomicU64>>,
     ) -> RequestBody {
         RequestBody {
@@ -393,7 +393,9 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     this.seen += n;
-                    this.stats.add_request_bytes(n);
+                    if let Some(stats) = &this.stats {
+                        stats.add_request_bytes(n);
+                    }
                     if let Some(b) = &this.bytes_in {
                         b.fetch_add(n, Ordering::Relaxed);
                     }

@@ -13,6 +13,12 @@ use bulkhead::{Config, RunningGateway};
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
+// mimalloc: the request path allocates many small, short-lived objects (headers,
+// futures, body frames); measured +3 % req/s over glibc malloc, one proxy core, wrk
+// 64 connections, three alternating runs each (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "bulkhead",

@@ -74,9 +74,11 @@ pub async fn handle(
         Err(e) => {
             let id = ex.tenant.map(|t| &*t.id);
             tracing::debug!(error = e.code(), tenant = id, request_id = ?request_id, "rejected");
-            ex.tenant
-                .map_or(&snap.unknown_stats, |t| &t.stats)
-                .record_error(&e);
+            if snap.metrics {
+                ex.tenant
+                    .map_or(&snap.unknown_stats, |t| &t.stats)
+                    .record_error(&e);
+            }
             reason = Some(e.code());
             if let ProxyError::RateLimited {
                 retry_after,
@@ -97,8 +99,11 @@ pub async fn handle(
             h.insert(RATELIMIT.clone(), v);
         }
     }
-    let stats = ex.tenant.map_or(&snap.unknown_stats, |t| &t.stats).clone();
-    stats.record(status, started.elapsed());
+    let stats = snap.metrics.then(|| {
+        let stats = ex.tenant.map_or(&snap.unknown_stats, |t| &t.stats);
+        stats.record(status, started.elapsed());
+        stats.clone()
+    });
     let log = ex.bytes_in.map(|bytes_in| {
         Box::new(AccessRecord {
             started,
@@ -139,7 +144,7 @@ async fn proxy<'s>(
     let body = RequestBody::new(
         body,
         tenant.limits.max_body,
-        tenant.stats.clone(),
+        snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
     let path_and_query = forwarded_path(&parts.uri, resolved.strip_path);

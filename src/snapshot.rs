@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub max_header_bytes: u64,
     /// `server.access_log`: one line per request.
     pub access_log: bool,
+    /// `server.metrics`: per-tenant request metrics are recorded.
+    pub metrics: bool,
     /// Peers whose `x-forwarded-for` names the client for per-client limits.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tenants: Vec<Tenant>,
@@ -215,6 +217,7 @@ impl Snapshot {
             },
             max_header_bytes: config.max_header_bytes,
             access_log: config.access_log,
+            metrics: config.metrics,
             trusted_proxies: config.trusted_proxies.clone(),
             tenants,
             unknown_stats: previous

@@ -446,3 +446,29 @@ async fn unknown_hosts_create_no_series_and_no_memory() {
         "RSS grew by {grown_mib:.1} MiB ({rss_before} → {rss_after} KiB)"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let up = Upstream::echo("u").await;
+    let gw = Gateway::start(&format!(
+        "[server]\nmetrics = false\n[upstreams.u]\ntargets = [\"{}\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n",
+        up.addr
+    ));
+    assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
+    assert_error(
+        &get(gw.addr, "/", &[("host", "x.com")]).await,
+        404,
+        "unknown_tenant",
+    );
+    let text = metrics_text(gw.admin).await;
+    assert!(!text.contains("bulkhead_requests_total"), "{text}");
+    assert!(!text.contains("bulkhead_rejected_total"), "{text}");
+    assert!(
+        text.contains("bulkhead_request_body_bytes_total{tenant=\"t\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bulkhead_tenant_info{tenant=\"t\",status=\"active\"} 1"),
+        "{text}"
+    );
+}
