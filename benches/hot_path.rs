@@ -91,5 +91,40 @@ fn rewrite(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, resolution, admission, rewrite);
+/// `/metrics` with 10,000 tenants that have all served traffic (a 200 and a 429 each).
+fn exposition(c: &mut Criterion) {
+    use std::time::{Duration, SystemTime};
+    let snap = snapshot(10_000);
+    for t in &snap.tenants {
+        t.stats.record(200, Duration::from_micros(700));
+        t.stats.record(429, Duration::from_micros(50));
+        t.stats
+            .record_error(&bulkhead::error::ProxyError::RateLimited {
+                retry_after: 1,
+                policy: "tenant",
+                limit: 1.0,
+            });
+        t.stats.add_response_bytes(100);
+    }
+    let reloads = bulkhead::metrics::ReloadCounters {
+        succeeded: 1,
+        failed: 0,
+        last_success: SystemTime::now(),
+    };
+    let body = bulkhead::metrics::render(&snap, &reloads);
+    eprintln!(
+        "metrics/render_10000_tenants: {} bytes, {} lines, {} bytes per tenant",
+        body.len(),
+        body.iter().filter(|b| **b == b'\n').count(),
+        body.len() / 10_000
+    );
+    let mut g = c.benchmark_group("metrics");
+    g.sample_size(10);
+    g.bench_function("render_10000_tenants", |b| {
+        b.iter(|| bulkhead::metrics::render(black_box(&snap), &reloads))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, resolution, admission, rewrite, exposition);
 criterion_main!(benches);

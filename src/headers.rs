@@ -18,9 +18,26 @@ pub static X_TENANT_FEATURES: HeaderName = HeaderName::from_static("x-tenant-fea
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Whether `name` is on the fixed hop-by-hop list (or is `Connection` itself).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
 /// `Host` is never removed through `Connection`: it is end to end and routing needs it.
+/// One pass over the names first, so the common message with none of them costs no
+/// hashed lookups.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -102,13 +119,26 @@ pub struct Forward<'a> {
 pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
     remove_hop_by_hop(headers);
 
-    // Tenant identity comes from the gateway only.
-    headers.remove(&f.tenancy.header);
+    // Tenant identity comes from the gateway only: `insert` replaces every client copy
+    // of the forwarded header; the tenant header and features are removed if present.
+    let (mut tenant_header, mut features) = (false, false);
+    for name in headers.keys() {
+        tenant_header |= name == f.tenancy.header;
+        features |= name == X_TENANT_FEATURES;
+    }
+    if tenant_header {
+        headers.remove(&f.tenancy.header);
+    }
     headers.insert(f.tenancy.forward_header.clone(), f.tenant.id_value.clone());
     match &f.tenant.features {
-        Some(v) => headers.insert(X_TENANT_FEATURES.clone(), v.clone()),
-        None => headers.remove(&X_TENANT_FEATURES),
-    };
+        Some(v) => {
+            headers.insert(X_TENANT_FEATURES.clone(), v.clone());
+        }
+        None if features => {
+            headers.remove(&X_TENANT_FEATURES);
+        }
+        None => {}
+    }
 
     headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
 

@@ -15,6 +15,11 @@ use crate::config::{Config, HostPattern, Limits, SourceKind, TenantStatus};
 use crate::limits::TenantLimits;
 use crate::metrics::TenantStats;
 
+/// The maps probed on every request. Keys come from the config (requests only look
+/// up, never insert), so a fast seeded hash is safe here: resolution went from 92 to
+/// 80 ns (`cargo bench --bench hot_path -- resolve`).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Index of a tenant in [`Snapshot::tenants`].
 pub type TenantIdx = u32;
 
@@ -101,10 +106,10 @@ pub struct Snapshot {
     /// Counters of requests that resolved to no tenant (`tenant="_unknown"`).
     pub unknown_stats: Arc<TenantStats>,
     pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
-    by_id: HashMap<Box<str>, TenantIdx>,
-    exact_hosts: HashMap<Box<str>, TenantIdx>,
+    by_id: FastMap<Box<str>, TenantIdx>,
+    exact_hosts: FastMap<Box<str>, TenantIdx>,
     /// `*.acme.com` is stored under `acme.com`.
-    wildcard_hosts: HashMap<Box<str>, TenantIdx>,
+    wildcard_hosts: FastMap<Box<str>, TenantIdx>,
 }
 
 /// Why a validated config could still not be turned into a snapshot.
@@ -156,9 +161,10 @@ impl Snapshot {
         };
 
         let mut tenants = Vec::with_capacity(config.tenants.len());
-        let mut by_id = HashMap::with_capacity(config.tenants.len());
-        let mut exact_hosts = HashMap::new();
-        let mut wildcard_hosts = HashMap::new();
+        let mut by_id = FastMap::default();
+        let mut exact_hosts = FastMap::default();
+        let mut wildcard_hosts = FastMap::default();
+        by_id.reserve(config.tenants.len());
         for (i, t) in config.tenants.iter().enumerate() {
             let idx = TenantIdx::try_from(i).map_err(|_| BuildError("too many tenants".into()))?;
             let mut routes = t
