@@ -5,7 +5,7 @@
 //! module also owns the reload bookkeeping: the config in force (for diffs), the last
 //! [`HISTORY_LEN`] attempts, the success / failure counters and the audit log.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
@@ -384,28 +384,46 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
 /// The tenants, upstreams and settings that differ between `old` and `new`.
 pub fn diff(old: &Config, new: &Config) -> Changes {
     let mut c = Changes::default();
-    let old_t: HashMap<&str, &ResolvedTenant> =
-        old.tenants.iter().map(|t| (t.id.as_str(), t)).collect();
-    let new_t: HashMap<&str, &ResolvedTenant> =
-        new.tenants.iter().map(|t| (t.id.as_str(), t)).collect();
-    for t in &new.tenants {
-        match old_t.get(t.id.as_str()) {
-            None => c.added.push(t.id.clone()),
-            Some(o) if *o != t => c.changed.push(TenantChange {
-                tenant: t.id.clone(),
-                fields: tenant_fields(o, t),
-            }),
-            Some(_) => {}
+    // A merge of the two id-sorted lists: no hashing, and the lists come out sorted.
+    // (The file's tables are already in id order, so the sorts are a linear check.)
+    let mut old_t: Vec<&ResolvedTenant> = old.tenants.iter().collect();
+    let mut new_t: Vec<&ResolvedTenant> = new.tenants.iter().collect();
+    old_t.sort_by(|a, b| a.id.cmp(&b.id));
+    new_t.sort_by(|a, b| a.id.cmp(&b.id));
+    let (mut o, mut n) = (old_t.iter().peekable(), new_t.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some(a), None) => {
+                c.removed.push(a.id.clone());
+                o.next();
+            }
+            (None, Some(b)) => {
+                c.added.push(b.id.clone());
+                n.next();
+            }
+            (Some(a), Some(b)) => match a.id.cmp(&b.id) {
+                std::cmp::Ordering::Less => {
+                    c.removed.push(a.id.clone());
+                    o.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    c.added.push(b.id.clone());
+                    n.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if a != b {
+                        c.changed.push(TenantChange {
+                            tenant: b.id.clone(),
+                            fields: tenant_fields(a, b),
+                        });
+                    }
+                    o.next();
+                    n.next();
+                }
+            },
         }
     }
-    for t in &old.tenants {
-        if !new_t.contains_key(t.id.as_str()) {
-            c.removed.push(t.id.clone());
-        }
-    }
-    c.added.sort();
-    c.removed.sort();
-    c.changed.sort_by(|a, b| a.tenant.cmp(&b.tenant));
 
     let old_u: BTreeMap<&str, &Vec<String>> = old
         .upstreams

@@ -1,0 +1,976 @@
+//! Hot reload through every trigger (file watcher, SIGHUP, POST /reload), rejected
+//! configs, reloads under load, and the history and audit trail, through real sockets.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead::server::Shared;
+use bulkhead::{Config, RunningGateway};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use support::*;
+
+/// Two upstreams `blue` and `green`; tenant acme uses `acme_up`, globex the default.
+fn config(acme_up: &str, blue: &Upstream, green: &Upstream) -> String {
+    format!(
+        r#"
+[upstreams.blue]
+targets = ["{}"]
+[upstreams.green]
+targets = ["{}"]
+
+[defaults]
+upstream = "blue"
+
+[tenants.acme]
+hosts = ["acme.example.com"]
+upstream = "{acme_up}"
+
+[tenants.globex]
+hosts = ["globex.example.com"]
+"#,
+        blue.addr, green.addr
+    )
+}
+
+/// Writes `toml` (with test listeners) to `path` in place, as `echo > file` does.
+fn write(path: &Path, toml: &str) {
+    std::fs::write(path, with_test_listeners(toml)).unwrap();
+}
+
+/// Starts an in-process gateway on a real file, so that reloads have one to read.
+fn start_file(dir: &Path, toml: &str) -> (Gateway, PathBuf) {
+    let path = dir.join("gateway.toml");
+    write(&path, toml);
+    (start_at(&path), path)
+}
+
+fn start_at(path: &Path) -> Gateway {
+    let config = Config::load(path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let running = RunningGateway::start(config).expect("gateway starts");
+    Gateway {
+        addr: running.listen_addr,
+        admin: running.admin_addr,
+        running: Some(running),
+    }
+}
+
+fn shared(gw: &Gateway) -> Arc<Shared> {
+    gw.running.as_ref().unwrap().shared.clone()
+}
+
+/// Which upstream answered a request for `host`.
+async fn upstream_for(gw: SocketAddr, host: &str) -> String {
+    let r = get(gw, "/", &[("host", host)]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    r.json()["upstream"].as_str().unwrap().to_owned()
+}
+
+/// Polls until `host` is served by `want`; panics after `deadline`.
+async fn until_served_by(gw: SocketAddr, host: &str, want: &str, deadline: Duration) {
+    let start = Instant::now();
+    loop {
+        let got = upstream_for(gw, host).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{host} still served by {got:?}, not {want:?}, after {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
+    let r = get(admin, path, &[]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+async fn post_reload(admin: SocketAddr) -> Reply {
+    send(admin, "POST", "/reload", &[], Bytes::new()).await
+}
+
+/// Polls `/config/history` until its newest entry satisfies `pred`.
+async fn until_history(
+    admin: SocketAddr,
+    deadline: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let h = admin_get(admin, "/config/history").await;
+        let entries = h.as_array().unwrap().clone();
+        if pred(&entries[0]) {
+            return entries;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "history never matched: {}",
+            serde_json::to_string_pretty(&entries[0]).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- acceptance 1: every trigger applies a new upstream within 2 s ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_file_takes_effect_within_two_seconds() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+    let before = admin_get(gw.admin, "/config").await;
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    // Written in place (truncate, then write), as many tools do.
+    write(&path, &config("green", &blue, &green));
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(2)).await;
+    assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
+
+    let after = admin_get(gw.admin, "/config").await;
+    assert_ne!(after["version"], before["version"]);
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(h[0]["trigger"], "file");
+    assert_eq!(h[0]["result"], "success");
+    assert_eq!(h[0]["previous_version"], before["version"]);
+    assert_eq!(h[0]["version"], after["version"]);
+
+    // Saved the way editors do: a new file renamed over the old one.
+    let tmp = dir.path().join(".gateway.toml.swp");
+    std::fs::write(&tmp, with_test_listeners(&config("blue", &blue, &green))).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(2)).await;
+
+    // Touching the file or writing the same bytes applies nothing new.
+    let entries = h.as_array().unwrap().len();
+    write(&path, &config("blue", &blue, &green));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(h.as_array().unwrap().len(), entries + 1, "{h:#}");
+    assert_eq!(shared(&gw).reload.succeeded(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_is_picked_up() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The layout kubelet makes for a ConfigMap volume.
+    std::fs::create_dir(d.join("..2024_01_01_00_00_00.1")).unwrap();
+    write(
+        &d.join("..2024_01_01_00_00_00.1/gateway.toml"),
+        &config("blue", &blue, &green),
+    );
+    std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/gateway.toml", d.join("gateway.toml")).unwrap();
+    let gw = start_at(&d.join("gateway.toml"));
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    for (n, up) in [(2, "green"), (3, "blue")] {
+        let new_dir = format!("..2024_01_01_00_00_00.{n}");
+        let old_dir = format!("..2024_01_01_00_00_00.{}", n - 1);
+        std::fs::create_dir(d.join(&new_dir)).unwrap();
+        write(
+            &d.join(&new_dir).join("gateway.toml"),
+            &config(up, &blue, &green),
+        );
+        std::os::unix::fs::symlink(&new_dir, d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        std::fs::remove_dir_all(d.join(&old_dir)).unwrap();
+        until_served_by(gw.addr, "acme.example.com", up, Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_applies_the_file_now() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let first = admin_get(gw.admin, "/config").await;
+    assert_eq!(first["tenants"], 2);
+    let loaded = first["loaded_at"].as_str().unwrap();
+    humantime::parse_rfc3339(loaded).unwrap_or_else(|e| panic!("{loaded}: {e}"));
+    let v = first["version"].as_str().unwrap();
+    assert_eq!(v.len(), 12, "{v}");
+
+    // No watcher here: nothing changes until asked.
+    write(&path, &config("green", &blue, &green));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let version = r.json()["version"].clone();
+    assert_eq!(admin_get(gw.admin, "/config").await["version"], version);
+    assert_ne!(version, first["version"]);
+    // The swap happened before the answer: no polling needed.
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "green");
+
+    // Reloading the same bytes again succeeds and changes nothing.
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], version);
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(h[0]["trigger"], "admin");
+    assert_eq!(h[0]["version"], h[0]["previous_version"]);
+    assert_eq!(
+        h[1]["changed"][0]["fields"],
+        serde_json::json!(["upstream"])
+    );
+    assert_eq!(h[2]["trigger"], "startup");
+    assert_eq!(shared(&gw).reload.succeeded(), 2);
+
+    assert_eq!(get(gw.admin, "/reload", &[]).await.status, 405);
+    assert_eq!(
+        send(gw.admin, "POST", "/config", &[], Bytes::new())
+            .await
+            .status,
+        405
+    );
+}
+
+/// The real binary started on a file, with extra arguments.
+struct Bin {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Bin {
+    fn start(toml: &str, args: &[&str]) -> Bin {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        write(&path, toml);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bulkhead binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("bulkhead is serving") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the gateway logs its listen address");
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        Bin {
+            addr: field("listen"),
+            admin: field("admin"),
+            child,
+            log,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn hup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
+    /// Waits until a log line contains every one of `parts`; returns it.
+    async fn log_line(&self, parts: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no log line with {parts:?} in:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_logs_rejections_with_position() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    // Without the watcher, only the signal can have applied the change.
+    let bin = Bin::start(&config("blue", &blue, &green), &["--no-watch"]);
+    assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
+
+    write(&bin.path, &config("green", &blue, &green));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
+    bin.hup();
+    until_served_by(
+        bin.addr,
+        "acme.example.com",
+        "green",
+        Duration::from_secs(2),
+    )
+    .await;
+    bin.log_line(&["configuration reloaded", "trigger=signal"])
+        .await;
+
+    // An invalid file: a warning with PATH:LINE:COL, and the old config keeps serving.
+    write(
+        &bin.path,
+        &format!(
+            "{}\n[tenants.acme.limits]\nburst = \"lots\"\n",
+            config("blue", &blue, &green)
+        ),
+    );
+    bin.hup();
+    let line = bin
+        .log_line(&["WARN", "configuration rejected", "trigger=signal"])
+        .await;
+    let path = bin.path.display().to_string();
+    assert!(line.contains(&format!("{path}:")), "{line}");
+    let pos = line.split(&format!("{path}:")).nth(1).unwrap();
+    let mut nums = pos.split(':').take(2).map(|n| n.parse::<u32>());
+    assert!(
+        matches!((nums.next(), nums.next()), (Some(Ok(_)), Some(Ok(_)))),
+        "no LINE:COL after the path: {line}"
+    );
+    assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "green");
+    let h = admin_get(bin.admin, "/config/history").await;
+    assert_eq!(h[0]["trigger"], "signal");
+    assert_eq!(h[0]["result"], "failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_watches_its_config_file() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let bin = Bin::start(&config("blue", &blue, &green), &[]);
+    assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
+    let tmp = bin.path.with_file_name("gateway.toml.new");
+    std::fs::write(&tmp, with_test_listeners(&config("green", &blue, &green))).unwrap();
+    std::fs::rename(&tmp, &bin.path).unwrap();
+    until_served_by(
+        bin.addr,
+        "acme.example.com",
+        "green",
+        Duration::from_secs(2),
+    )
+    .await;
+    bin.log_line(&["configuration reloaded", "trigger=file"])
+        .await;
+}
+
+// ---- acceptance 2: invalid configs are rejected and the old one keeps serving ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let state = shared(&gw);
+    let version = admin_get(gw.admin, "/config").await["version"].clone();
+
+    // 1. Not TOML at all (and the good change in it must not leak through).
+    write(
+        &path,
+        &format!("{}\n[tenants.broken\n", config("green", &blue, &green)),
+    );
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["error"], "invalid_config");
+    let msg = j["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(&format!("{}:", path.display())),
+        "the message starts with PATH:LINE:COL: {msg}"
+    );
+    assert_eq!(state.reload.failed(), 1);
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    // 2. Valid TOML, but a host that belongs to two tenants.
+    write(
+        &path,
+        &format!(
+            "{}\n[tenants.copycat]\nhosts = [\"ACME.example.com\"]\n",
+            config("green", &blue, &green)
+        ),
+    );
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422);
+    let j = r.json();
+    assert_eq!(j["error"], "invalid_config");
+    let msg = j["message"].as_str().unwrap();
+    assert!(msg.contains("already belongs to tenant \"acme\""), "{msg}");
+    assert!(msg.contains(&format!("{}:", path.display())), "{msg}");
+    assert_eq!(state.reload.failed(), 2);
+    assert_eq!(state.reload.succeeded(), 0);
+
+    // Traffic still flows on the old config, which /config still reports.
+    for host in ["acme.example.com", "globex.example.com"] {
+        assert_eq!(upstream_for(gw.addr, host).await, "blue");
+    }
+    assert_error(
+        &get(gw.addr, "/", &[("host", "copycat.example.com")]).await,
+        404,
+        "unknown_tenant",
+    );
+    assert_eq!(admin_get(gw.admin, "/config").await["version"], version);
+
+    let h = admin_get(gw.admin, "/config/history").await;
+    let h = h.as_array().unwrap();
+    assert_eq!(h.len(), 3, "{h:#?}");
+    assert_eq!(h[0]["result"], "failure");
+    assert!(h[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("already belongs to tenant"));
+    assert_eq!(h[1]["result"], "failure");
+    assert!(h[1]["error"].as_str().unwrap().contains(":"));
+    assert_ne!(h[0]["error"], h[1]["error"]);
+    for e in &h[..2] {
+        assert_eq!(
+            e["previous_version"], version,
+            "the old version stays in force"
+        );
+        assert_eq!(e["trigger"], "admin");
+    }
+    assert_eq!(h[2]["trigger"], "startup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_rejects_a_broken_file_and_recovers_when_it_is_fixed() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+
+    write(&path, "[upstreams.blue]\ntargets = \"oops\n");
+    let h = until_history(gw.admin, Duration::from_secs(5), |e| {
+        e["result"] == "failure"
+    })
+    .await;
+    assert_eq!(h[0]["trigger"], "file");
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+    assert_eq!(shared(&gw).reload.failed(), 1);
+
+    write(&path, &config("green", &blue, &green));
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(2)).await;
+    assert_eq!(
+        shared(&gw).reload.failed(),
+        1,
+        "a bad file is reported once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_changes_are_rejected_as_needing_a_restart() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 3\n{}",
+            config("green", &blue, &green)
+        ),
+    )
+    .unwrap();
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422);
+    let msg = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("server.workers changed; this needs a restart"),
+        "{msg}"
+    );
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+}
+
+// ---- acceptance 3: no failed request while reloading under load ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_under_load_fails_no_request_and_closes_no_connection() {
+    const CLIENTS: usize = 4;
+    const RELOADS: u64 = 60;
+    const MIN_REQUESTS: u64 = 5_000;
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+
+    let done = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (done, total, addr) = (done.clone(), total.clone(), gw.addr);
+        clients.push(tokio::spawn(async move {
+            // One connection per client for the whole test: any reset or close fails it.
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            let conn = tokio::spawn(conn);
+            let (mut blue_n, mut green_n) = (0u64, 0u64);
+            while !done.load(Ordering::Relaxed) {
+                let req = http::Request::get("/")
+                    .header("host", "acme.example.com")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .expect("no connection error while reloading");
+                assert_eq!(resp.status(), 200);
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                match j["upstream"].as_str() {
+                    Some("blue") => blue_n += 1,
+                    Some("green") => green_n += 1,
+                    other => panic!("answered by {other:?}"),
+                }
+                total.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(sender);
+            conn.await.unwrap().expect("the connection ends cleanly");
+            (blue_n, green_n)
+        }));
+    }
+
+    for i in 0..RELOADS {
+        // Let traffic run between reloads so that every reload lands mid-stream.
+        let mark = total.load(Ordering::Relaxed);
+        let want = (MIN_REQUESTS / RELOADS + 1).max(50);
+        let start = Instant::now();
+        while total.load(Ordering::Relaxed) < mark + want {
+            assert!(start.elapsed() < Duration::from_secs(30), "traffic stalled");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let up = if i % 2 == 0 { "green" } else { "blue" };
+        write(&path, &config(up, &blue, &green));
+        let r = post_reload(gw.admin).await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    let start = Instant::now();
+    while total.load(Ordering::Relaxed) < MIN_REQUESTS {
+        assert!(start.elapsed() < Duration::from_secs(30), "traffic stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let (mut blue_n, mut green_n) = (0, 0);
+    for c in clients {
+        let (b, g) = c.await.unwrap();
+        blue_n += b;
+        green_n += g;
+    }
+    assert!(blue_n + green_n >= MIN_REQUESTS);
+    assert!(blue_n > 0 && green_n > 0, "blue {blue_n}, green {green_n}");
+    let state = shared(&gw);
+    assert_eq!(state.reload.succeeded(), RELOADS);
+    assert_eq!(state.reload.failed(), 0);
+}
+
+// ---- acceptance 4: a reload that changes tenant B leaves tenant A's limits alone ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_for_one_tenant_keeps_anothers_rate_bucket_and_in_flight_count() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let slow = Upstream::start("slow", Behavior::Slow(Duration::from_secs(6))).await;
+    let toml = |b_up: &str| {
+        format!(
+            r#"
+[upstreams.blue]
+targets = ["{}"]
+[upstreams.green]
+targets = ["{}"]
+[upstreams.slow]
+targets = ["{}"]
+
+[tenants.a]
+hosts = ["a.example.com"]
+upstream = "blue"
+[tenants.a.limits]
+requests_per_second = 0.01
+burst = 2
+
+[tenants.held]
+hosts = ["held.example.com"]
+upstream = "slow"
+[tenants.held.limits]
+max_in_flight = 1
+[[tenants.held.routes]]
+prefix = "/fast"
+upstream = "blue"
+
+[tenants.b]
+hosts = ["b.example.com"]
+upstream = "{b_up}"
+"#,
+            blue.addr, green.addr, slow.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &toml("blue"));
+
+    // Tenant a spends its burst; tenant held has one request in flight.
+    for _ in 0..2 {
+        assert_eq!(
+            get(gw.addr, "/", &[("host", "a.example.com")]).await.status,
+            200
+        );
+    }
+    assert_error(
+        &get(gw.addr, "/", &[("host", "a.example.com")]).await,
+        429,
+        "rate_limited",
+    );
+    let addr = gw.addr;
+    let held = tokio::spawn(async move { get(addr, "/", &[("host", "held.example.com")]).await });
+    let start = Instant::now();
+    loop {
+        let r = get(gw.addr, "/fast", &[("host", "held.example.com")]).await;
+        if r.status == 503 {
+            assert_error(&r, 503, "too_many_in_flight");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the held request never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    write(&path, &toml("green"));
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(upstream_for(gw.addr, "b.example.com").await, "green");
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(
+        h[0]["changed"],
+        serde_json::json!([{"tenant": "b", "fields": ["upstream"]}])
+    );
+
+    // The drained bucket and the running request are still counted.
+    assert_error(
+        &get(gw.addr, "/", &[("host", "a.example.com")]).await,
+        429,
+        "rate_limited",
+    );
+    assert_error(
+        &get(gw.addr, "/fast", &[("host", "held.example.com")]).await,
+        503,
+        "too_many_in_flight",
+    );
+    // And the request that started on the old snapshot finishes normally.
+    let r = held.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["upstream"], "slow");
+    // Its slot is free again once the response is done (polled: the gateway drops
+    // the body a moment after the client has read it).
+    let start = Instant::now();
+    while get(gw.addr, "/fast", &[("host", "held.example.com")])
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the in-flight slot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- acceptance 6: history and audit log name what changed ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let with_audit = |body: &str| format!("[server]\naudit_log = \"audit.jsonl\"\n{body}");
+    let (gw, path) = start_file(dir.path(), &with_audit(&config("blue", &blue, &green)));
+    let audit_path = dir.path().join("audit.jsonl");
+    let audit = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit_path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let v0 = admin_get(gw.admin, "/config").await["version"].clone();
+    let lines = audit();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["trigger"], "startup");
+    assert_eq!(lines[0]["version"], v0);
+
+    // acme: new upstream and burst; globex removed; initech added.
+    let changed = config("green", &blue, &green)
+        .replace(
+            "[tenants.globex]\nhosts = [\"globex.example.com\"]\n",
+            "[tenants.initech]\nhosts = [\"initech.example.com\"]\n",
+        )
+        .replace(
+            "upstream = \"green\"\n",
+            "upstream = \"green\"\nlimits = { burst = 5 }\n",
+        );
+    write(&path, &with_audit(&changed));
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let v1 = r.json()["version"].clone();
+
+    let h = admin_get(gw.admin, "/config/history").await;
+    let e = &h[0];
+    assert_eq!(e["result"], "success");
+    assert_eq!(e["version"], v1);
+    assert_eq!(e["previous_version"], v0);
+    assert_eq!(e["error"], serde_json::Value::Null);
+    assert_eq!(e["added"], serde_json::json!(["initech"]));
+    assert_eq!(e["removed"], serde_json::json!(["globex"]));
+    assert_eq!(
+        e["changed"],
+        serde_json::json!([{"tenant": "acme", "fields": ["upstream", "limits.burst"]}])
+    );
+    humantime::parse_rfc3339(e["time"].as_str().unwrap()).unwrap();
+
+    // A rejected file and an unchanged one add history, not audit lines.
+    write(&path, "[tenants.x\n");
+    assert_eq!(post_reload(gw.admin).await.status, 422);
+    write(&path, &with_audit(&changed));
+    assert_eq!(post_reload(gw.admin).await.status, 200);
+    let lines = audit();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let a = &lines[1];
+    assert_eq!(a["version"], v1);
+    assert_eq!(a["previous_version"], v0);
+    assert_eq!(a["trigger"], "admin");
+    assert_eq!(a["added"], e["added"]);
+    assert_eq!(a["removed"], e["removed"]);
+    assert_eq!(a["changed"], e["changed"]);
+    assert_eq!(a["time"], e["time"]);
+    assert_eq!(
+        admin_get(gw.admin, "/config/history")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(admin_get(gw.admin, "/config").await["tenants"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_keeps_the_last_fifty_attempts() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    for i in 0..55 {
+        let up = if i % 2 == 0 { "green" } else { "blue" };
+        write(&path, &config(up, &blue, &green));
+        assert_eq!(post_reload(gw.admin).await.status, 200);
+    }
+    let h = admin_get(gw.admin, "/config/history").await;
+    let h = h.as_array().unwrap();
+    assert_eq!(h.len(), 50);
+    assert!(
+        h.iter().all(|e| e["trigger"] == "admin"),
+        "startup fell off the end"
+    );
+    assert_eq!(
+        h[0]["version"],
+        admin_get(gw.admin, "/config").await["version"]
+    );
+}
+
+// ---- acceptance 5: how long a reload takes (run by hand, in release) ----
+
+/// A config with `n` tenants, each with its own host and limits; tenant t0 uses `up`.
+fn many_tenants(n: usize, up: &str, blue: &Upstream, green: &Upstream) -> String {
+    let mut s = format!(
+        "[upstreams.blue]\ntargets = [\"{}\"]\n[upstreams.green]\ntargets = [\"{}\"]\n\
+         [defaults]\nupstream = \"blue\"\n[defaults.limits]\nrequests_per_second = 1000000\n\
+         burst = 100000\nmax_in_flight = 100\nmax_body = \"1MiB\"\n",
+        blue.addr, green.addr
+    );
+    for i in 0..n {
+        let upstream = if i == 0 { up } else { "blue" };
+        s.push_str(&format!(
+            "[tenants.t{i}]\nhosts = [\"t{i}.example.com\", \"*.t{i}.example.com\"]\n\
+             upstream = \"{upstream}\"\nfeatures = [\"f{}\"]\n",
+            i % 7
+        ));
+    }
+    s
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `cargo test --release --test reload -- --ignored --nocapture reload_benchmark`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run by hand in release mode"]
+async fn reload_benchmark() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    println!(
+        "tenants | parse+validate ms | build ms | diff ms | whole reload (read, parse, build, diff, swap) ms"
+    );
+    for n in [10, 1_000, 10_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = [
+            with_test_listeners(&many_tenants(n, "blue", &blue, &green)),
+            with_test_listeners(&many_tenants(n, "green", &blue, &green)),
+        ];
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, &texts[0]).unwrap();
+        let gw = start_at(&path);
+        let state = shared(&gw);
+        let (mut parse, mut build, mut diff, mut whole) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut old = Config::parse(&path, &texts[0]).unwrap();
+        for i in 0..9 {
+            let text = &texts[(i + 1) % 2];
+            let t = Instant::now();
+            let config = Config::parse(&path, text).unwrap();
+            parse.push(t.elapsed());
+            let t = Instant::now();
+            let prev = state.snapshot.load_full();
+            let snap = bulkhead::snapshot::Snapshot::build(&config, Some(&prev)).unwrap();
+            build.push(t.elapsed());
+            drop(snap);
+            let t = Instant::now();
+            let changes = bulkhead::reload::diff(&old, &config);
+            diff.push(t.elapsed());
+            assert_eq!(changes.changed.len(), 1);
+            old = config;
+
+            std::fs::write(&path, text).unwrap();
+            let t = Instant::now();
+            bulkhead::reload::reload(&state, bulkhead::reload::Trigger::Admin).unwrap();
+            whole.push(t.elapsed());
+        }
+        println!(
+            "{n:>7} | {:>17.2} | {:>8.2} | {:>7.2} | {:>8.2}",
+            ms(median(parse)),
+            ms(median(build)),
+            ms(median(diff)),
+            ms(median(whole))
+        );
+    }
+
+    // Throughput with and without a reload every second (10,000 tenants).
+    let dir = tempfile::tempdir().unwrap();
+    let texts = [
+        with_test_listeners(&many_tenants(10_000, "blue", &blue, &green)),
+        with_test_listeners(&many_tenants(10_000, "green", &blue, &green)),
+    ];
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &texts[0]).unwrap();
+    let gw = start_at(&path);
+    let state = shared(&gw);
+    for reloading in [false, true, false, true] {
+        let done = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(AtomicU64::new(0));
+        let mut clients = Vec::new();
+        for c in 0..8 {
+            let (done, total, addr) = (done.clone(), total.clone(), gw.addr);
+            clients.push(tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let host = format!("t{}.example.com", c * 1000);
+                while !done.load(Ordering::Relaxed) {
+                    let req = http::Request::get("/")
+                        .header("host", &host)
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let resp = sender.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                    total.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        let secs = 5;
+        let start = Instant::now();
+        let mut reloads = 0;
+        for s in 0..secs {
+            tokio::time::sleep_until((start + Duration::from_secs(s + 1)).into()).await;
+            if reloading {
+                std::fs::write(&path, &texts[(s as usize + 1) % 2]).unwrap();
+                let state = state.clone();
+                tokio::task::spawn_blocking(move || {
+                    bulkhead::reload::reload(&state, bulkhead::reload::Trigger::Admin).unwrap()
+                })
+                .await
+                .unwrap();
+                reloads += 1;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let elapsed = start.elapsed();
+        for c in clients {
+            c.await.unwrap();
+        }
+        println!(
+            "10,000 tenants, {} reloads in {:.1} s: {:.0} requests/s",
+            reloads,
+            elapsed.as_secs_f64(),
+            total.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
