@@ -454,6 +454,16 @@ async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
     assert!(msg.contains(&format!("{}:", path.display())), "{msg}");
     assert_eq!(state.reload.failed(), 2);
     assert_eq!(state.reload.succeeded(), 0);
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("bulkhead_config_reloads_total{result=\"failure\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("bulkhead_config_info{{version={}}} 1", version)),
+        "the old version is still the one in force: {text}"
+    );
 
     // Traffic still flows on the old config, which /config still reports.
     for host in ["acme.example.com", "globex.example.com"] {
