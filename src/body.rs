@@ -17,11 +17,13 @@ use hyper::body::Incoming;
 
 use crate::limits::Permit;
 use crate::metrics::TenantStats;
+use crate::upstream::Lease;
 
 #[derive(Debug)]
 enum Kind {
-    /// Streamed from the upstream as it arrives.
-    Upstream(Incoming),
+    /// Streamed from the upstream as it arrives; the connection goes back to its pool
+    /// when the body has been read to the end.
+    Upstream(Incoming, Option<Lease>),
     /// A body the gateway made itself; `None` once sent.
     Full(Option<Bytes>),
 }
@@ -99,9 +101,16 @@ impl ProxyBody {
         }
     }
 
-    pub fn upstream(body: Incoming) -> ProxyBody {
+    pub fn upstream(body: Incoming, lease: Lease) -> ProxyBody {
+        // A body that is over before it starts (204, 304, HEAD) is never polled.
+        let lease = if body.is_end_stream() {
+            lease.release();
+            None
+        } else {
+            Some(lease)
+        };
         ProxyBody {
-            kind: Kind::Upstream(body),
+            kind: Kind::Upstream(body, lease),
             finish: None,
         }
     }
@@ -128,7 +137,22 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
-            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            Kind::Upstream(inner, lease) => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                // hyper stops polling once `is_end_stream` says so, so the last data
+                // frame, not only `None`, ends the exchange.
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+                    _ => false,
+                };
+                if ended {
+                    if let Some(l) = lease.take() {
+                        l.release();
+                    }
+                }
+                polled
+            }
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {
@@ -145,14 +169,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream(inner) => inner.is_end_stream(),
+            Kind::Upstream(inner, _) => inner.is_end_stream(),
             Kind::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream(inner) => inner.size_hint(),
+            Kind::Upstream(inner, _) => inner.size_hint(),
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
         }

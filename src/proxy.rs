@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
@@ -26,7 +26,7 @@ use crate::upstream::{self, UpstreamClient};
 /// client and the client address, formatted once.
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
-    pub client: UpstreamClient,
+    pub client: Arc<UpstreamClient>,
     pub peer: IpAddr,
     /// `peer`, formatted once for `x-forwarded-for`.
     pub peer_ip: HeaderValue,
@@ -162,23 +162,31 @@ async fn proxy<'s>(
             authority: parts.uri.authority(),
         },
     );
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(target);
-    uri.path_and_query = Some(path_and_query);
-    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are all set");
+    if !parts.headers.contains_key(http::header::HOST) {
+        // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
+        // upstreams need one.
+        if let Ok(v) = HeaderValue::from_str(target.as_str()) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+    }
+    // Origin form on the wire; the target is chosen by the connection.
+    parts.uri = Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
 
-    let resp = upstream::send(
+    let (resp, lease) = upstream::send(
         &ctx.client,
         Request::from_parts(parts, body),
+        &target,
         &upstream.name,
         tenant.request_timeout,
     )
     .await?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::rewrite_response(&mut rparts.headers, request_id);
-    Ok(Response::from_parts(rparts, ProxyBody::upstream(rbody)))
+    Ok(Response::from_parts(
+        rparts,
+        ProxyBody::upstream(rbody, lease),
+    ))
 }
 
 /// Status → rate → in-flight → declared body size, before anything is routed. Only

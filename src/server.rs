@@ -202,7 +202,7 @@ impl Drop for ConnGuard {
 /// Per-worker connection settings, built once.
 struct WorkerCtx {
     shared: Arc<Shared>,
-    client: upstream::UpstreamClient,
+    client: Arc<upstream::UpstreamClient>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
@@ -233,7 +233,7 @@ async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch:
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let ctx = Arc::new(WorkerCtx {
-        client: upstream::client(),
+        client: upstream::UpstreamClient::new(),
         h1,
         h2,
         header_read_timeout: cfg.header_read_timeout,

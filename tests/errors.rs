@@ -161,3 +161,80 @@ async fn oversized_header_block_is_431() {
     // Normal requests still pass.
     assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
 }
+
+/// A raw keep-alive upstream that counts connections and closes each one `close_after`
+/// its first response, without saying so (no `Connection: close`).
+async fn counting_upstream(
+    close_after: Option<Duration>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            c2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut pending = Vec::new();
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if let Some(d) = close_after {
+                            tokio::time::sleep(d).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (addr, conns) = counting_upstream(None).await;
+    let gw = one_tenant(&addr.to_string(), "");
+    for _ in 0..20 {
+        assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one keep-alive connection served all"
+    );
+}
+
+#[tokio::test]
+async fn upstream_closing_idle_connections_causes_no_errors() {
+    let (addr, conns) = counting_upstream(Some(Duration::from_millis(20))).await;
+    let gw = one_tenant(&addr.to_string(), "");
+    for i in 0..10 {
+        let r = get(gw.addr, "/", &[("host", "t.com")]).await;
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 10);
+}
