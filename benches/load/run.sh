@@ -232,7 +232,7 @@ admin_listen = "$ADDR:$ADMIN_PORT"
 workers = 1
 shutdown_grace = "2s"
 header_read_timeout = "60s"   # as nginx client_header_timeout / HAProxy timeout http-request
-access_log = false            # as `access_log off` in the nginx and HAProxy configs
+access_log = false            # as "access_log off" in the nginx and HAProxy configs
 
 [tenancy]
 resolve = ["host"]
