@@ -760,6 +760,16 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     assert_eq!(lines[0]["trigger"], "startup");
     assert_eq!(lines[0]["version"], v0);
 
+    // globex serves traffic, so it has series to lose.
+    assert_eq!(
+        get(gw.addr, "/", &[("host", "globex.example.com")])
+            .await
+            .status,
+        200
+    );
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("tenant=\"globex\""));
+
     // acme: new upstream and burst; globex removed; initech added.
     let changed = config("green", &blue, &green)
         .replace(
@@ -774,6 +784,14 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     let r = post_reload(gw.admin).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     let v1 = r.json()["version"].clone();
+    // The removed tenant's series are gone from /metrics.
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(!text.contains("tenant=\"globex\""), "{text}");
+    assert!(
+        text.contains("bulkhead_tenant_info{tenant=\"initech\",status=\"active\"} 1"),
+        "{text}"
+    );
 
     let h = admin_get(gw.admin, "/config/history").await;
     let e = &h[0];
