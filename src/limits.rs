@@ -36,6 +36,13 @@ type TenantBucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInfo
 type ClientBuckets =
     RateLimiter<IpAddr, DashMapStateStore<IpAddr>, DefaultClock, StateInformationMiddleware>;
 
+/// One clock for every limiter: creating a clock probes the CPU (CPUID, which traps in a
+/// VM), and a snapshot with 10,000 rate-limited tenants would create 10,000 of them.
+fn clock() -> DefaultClock {
+    static CLOCK: std::sync::OnceLock<DefaultClock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(DefaultClock::default).clone()
+}
+
 /// A configured rate: requests per second and burst.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -136,7 +143,7 @@ impl TenantLimits {
                 .map(|(_, b)| b.clone())
                 .unwrap_or_else(|| {
                     Arc::new(
-                        RateLimiter::direct(r.quota())
+                        RateLimiter::direct_with_clock(r.quota(), clock())
                             .with_middleware::<StateInformationMiddleware>(),
                     )
                 });
@@ -153,7 +160,7 @@ impl TenantLimits {
                 .map(|(_, b)| b.clone())
                 .unwrap_or_else(|| {
                     Arc::new(
-                        RateLimiter::dashmap(r.quota())
+                        RateLimiter::dashmap_with_clock(r.quota(), clock())
                             .with_middleware::<StateInformationMiddleware>(),
                     )
                 });
