@@ -5,9 +5,8 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead::server::Shared;
@@ -241,120 +240,17 @@ async fn post_reload_applies_the_file_now() {
     );
 }
 
-/// The real binary started on a file, with extra arguments.
-struct Bin {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Bin {
-    fn start(toml: &str, args: &[&str]) -> Bin {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.toml");
-        write(&path, toml);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bulkhead binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("bulkhead is serving") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(line.clone());
-                    }
-                }
-                log2.lock().unwrap().push(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway logs its listen address");
-        let field = |name: &str| -> SocketAddr {
-            let start = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        Bin {
-            addr: field("listen"),
-            admin: field("admin"),
-            child,
-            log,
-            path,
-            _dir: dir,
-        }
-    }
-
-    fn hup(&self) {
-        let ok = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -HUP failed");
-    }
-
-    /// Waits until a log line contains every one of `parts`; returns it.
-    async fn log_line(&self, parts: &[&str]) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return l.clone();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "no log line with {parts:?} in:\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Bin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_logs_rejections_with_position() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     // Without the watcher, only the signal can have applied the change.
-    let bin = Bin::start(&config("blue", &blue, &green), &["--no-watch"]);
+    let bin = Process::start_with_args(&config("blue", &blue, &green), &["--no-watch"]);
     assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
 
     write(&bin.path, &config("green", &blue, &green));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
-    bin.hup();
+    bin.signal("HUP");
     until_served_by(
         bin.addr,
         "acme.example.com",
@@ -373,7 +269,7 @@ async fn sighup_reloads_and_logs_rejections_with_position() {
             config("blue", &blue, &green)
         ),
     );
-    bin.hup();
+    bin.signal("HUP");
     let line = bin
         .log_line(&["WARN", "configuration rejected", "trigger=signal"])
         .await;
@@ -394,7 +290,7 @@ async fn sighup_reloads_and_logs_rejections_with_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_watches_its_config_file() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
-    let bin = Bin::start(&config("blue", &blue, &green), &[]);
+    let bin = Process::start(&config("blue", &blue, &green));
     assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
     let tmp = bin.path.with_file_name("gateway.toml.new");
     std::fs::write(&tmp, with_test_listeners(&config("green", &blue, &green))).unwrap();

@@ -346,17 +346,25 @@ pub struct Process {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The config file it was started on (in a temporary directory).
+    pub path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Process {
     pub fn start(toml: &str) -> Process {
+        Process::start_with_args(toml, &[])
+    }
+
+    /// Starts the binary on `toml` with extra command-line arguments.
+    pub fn start_with_args(toml: &str, args: &[&str]) -> Process {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, with_test_listeners(toml)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
             .args(["run", "--config"])
             .arg(&path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -395,7 +403,30 @@ impl Process {
             admin: field("admin"),
             child,
             log,
+            path,
             _dir: dir,
+        }
+    }
+
+    /// Waits (up to 5 s) until a log line contains every one of `parts`; returns it.
+    pub async fn log_line(&self, parts: &[&str]) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(l) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no log line with {parts:?} in:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
