@@ -390,6 +390,11 @@ impl Process {
             .recv_timeout(Duration::from_secs(20))
             .expect("the gateway logs its listen address");
         let field = |name: &str| -> SocketAddr {
+            if line.starts_with('{') {
+                // log_format = "json"
+                let j: serde_json::Value = serde_json::from_str(&line).unwrap();
+                return j["fields"][name].as_str().unwrap().parse().unwrap();
+            }
             let start = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
             line[start..]
                 .split_whitespace()
