@@ -366,6 +366,13 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     if new.limiter_prune_interval != running.limiter_prune_interval {
         keys.push("server.limiter_prune_interval");
     }
+    // hyper's backstop limit is fixed at start; a larger `max_header_bytes` than it
+    // leaves room for would be cut off by hyper with an empty 431.
+    if crate::server::hyper_header_limit(new.max_header_bytes)
+        > crate::server::hyper_header_limit(running.max_header_bytes)
+    {
+        keys.push("server.max_header_bytes (raised above what the running listener allows)");
+    }
     if keys.is_empty() {
         return None;
     }

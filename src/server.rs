@@ -199,6 +199,12 @@ impl Drop for ConnGuard {
     }
 }
 
+/// hyper's own limit on a request head, fixed when the listeners start: a backstop
+/// above `max_header_bytes`, so that an oversized head normally gets the JSON 431.
+pub fn hyper_header_limit(max_header_bytes: u64) -> usize {
+    usize::try_from(max_header_bytes.saturating_mul(2).max(64 * 1024)).unwrap_or(usize::MAX)
+}
+
 /// Per-worker connection settings, built once.
 struct WorkerCtx {
     shared: Arc<Shared>,
@@ -219,7 +225,7 @@ async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch:
     let cfg = &shared.config;
     // hyper's own limit is a backstop above ours, so that an oversized head normally
     // gets the JSON 431 from the proxy rather than hyper's empty one.
-    let hyper_limit = (cfg.max_header_bytes.saturating_mul(2)).max(64 * 1024) as usize;
+    let hyper_limit = hyper_header_limit(cfg.max_header_bytes);
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)

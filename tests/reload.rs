@@ -441,6 +441,41 @@ async fn listener_changes_are_rejected_as_needing_a_restart() {
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_header_bytes_may_grow_only_within_the_running_listener() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let with_limit = |limit: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 2\nmax_header_bytes = \"{limit}\"\n{}",
+            config("green", &blue, &green)
+        )
+    };
+    // 64 KiB would need hyper's limit (fixed at start: 64 KiB) to grow.
+    std::fs::write(&path, with_limit("64KiB")).unwrap();
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422);
+    let msg = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("server.max_header_bytes") && msg.contains("restart"),
+        "{msg}"
+    );
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+    // 32 KiB fits in what the listener was started with.
+    std::fs::write(&path, with_limit("32KiB")).unwrap();
+    assert_eq!(post_reload(gw.admin).await.status, 200);
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "green");
+    let big = "v".repeat(24 * 1024);
+    let r = get(
+        gw.addr,
+        "/",
+        &[("host", "acme.example.com"), ("x-big", &big)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "a 24 KiB head passes the raised limit");
+}
+
 // ---- acceptance 3: no failed request while reloading under load ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
