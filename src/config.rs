@@ -81,11 +81,23 @@ impl Default for ServerConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Host,
     Header,
     Path,
+    /// A key in `tenancy.api_key.header`, matched against the tenants' `api_keys`.
+    ApiKey,
+    /// Named by SPEC.md; not implemented yet (validation says so).
+    Jwt,
+}
+
+/// The credential kinds a tenant may `require`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    ApiKey,
+    Jwt,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +107,22 @@ pub struct TenancyConfig {
     pub header: Spanned<String>,
     pub path_prefix: Spanned<String>,
     pub forward_header: Spanned<String>,
+    pub api_key: ApiKeyConfig,
+}
+
+/// `[tenancy.api_key]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiKeyConfig {
+    pub header: Spanned<String>,
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        ApiKeyConfig {
+            header: Spanned::new(0..0, "x-api-key".to_owned()),
+        }
+    }
 }
 
 impl Default for TenancyConfig {
@@ -104,6 +132,7 @@ impl Default for TenancyConfig {
             header: Spanned::new(0..0, "x-tenant-id".to_owned()),
             path_prefix: Spanned::new(0..0, "/t/".to_owned()),
             forward_header: Spanned::new(0..0, "x-tenant-id".to_owned()),
+            api_key: ApiKeyConfig::default(),
         }
     }
 }
@@ -185,6 +214,11 @@ pub struct TenantConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// SHA-256 digests of the tenant's API keys, `"sha256:<64 hex>"`.
+    #[serde(default)]
+    pub api_keys: Vec<Spanned<String>>,
+    /// Credential kinds a request for this tenant must carry.
+    pub require: Option<Spanned<Vec<CredentialKind>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +268,8 @@ pub struct ResolvedTenant {
     pub limits: Limits,
     /// `(prefix, upstream)`, in file order.
     pub routes: Vec<(String, String)>,
+    pub api_keys: Vec<crate::credentials::KeyDigest>,
+    pub require: Vec<CredentialKind>,
 }
 
 /// An upstream whose targets have been parsed to `host:port` authorities.
@@ -263,6 +299,8 @@ pub struct Config {
     pub access_log: bool,
     pub metrics: bool,
     pub resolve: Vec<SourceKind>,
+    /// `tenancy.api_key.header`, lower case.
+    pub api_key_header: String,
     pub tenant_header: String,
     pub path_prefix: String,
     pub forward_header: String,
@@ -457,7 +495,14 @@ impl Validator<'_> {
             }
             seen.push(*s);
         }
+        if t.resolve.get_ref().contains(&SourceKind::Jwt) {
+            self.error(
+                t.resolve.span(),
+                "the \"jwt\" source is not implemented yet; use \"api_key\", \"host\", \"header\" or \"path\"".to_owned(),
+            );
+        }
         self.header_name(&t.header, "tenancy.header");
+        self.header_name(&t.api_key.header, "tenancy.api_key.header");
         self.header_name(&t.forward_header, "tenancy.forward_header");
         let prefix = t.path_prefix.get_ref();
         if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
@@ -515,6 +560,8 @@ impl Validator<'_> {
         // Tenants.
         let mut tenants = Vec::new();
         let mut host_owner: HashMap<HostPattern, &str> = HashMap::new();
+        let mut key_owner: HashMap<crate::credentials::KeyDigest, &str> = HashMap::new();
+        let api_key_source = t.resolve.get_ref().contains(&SourceKind::ApiKey);
         for (id, tc) in &f.tenants {
             let id_str = id.get_ref().as_str();
             if !valid_id(id_str) {
@@ -592,6 +639,48 @@ impl Validator<'_> {
                 routes.push((p.clone(), r.upstream.get_ref().clone()));
             }
             self.limits(&tc.limits);
+            let mut api_keys = Vec::new();
+            for k in &tc.api_keys {
+                match crate::credentials::parse_digest(k.get_ref()) {
+                    Ok(d) => {
+                        match key_owner.get(&d) {
+                            Some(owner) if *owner != id_str => self.error(
+                                k.span(),
+                                format!("an api key of tenant {id_str:?} is also a key of tenant {owner:?}: a key names one tenant"),
+                            ),
+                            Some(_) => {}
+                            None => {
+                                key_owner.insert(d, id_str);
+                            }
+                        }
+                        api_keys.push(d);
+                    }
+                    Err(msg) => self.error(k.span(), format!("tenant {id_str:?}: {msg}")),
+                }
+            }
+            if !tc.api_keys.is_empty() && !api_key_source {
+                self.error(
+                    tc.api_keys[0].span(),
+                    format!("tenant {id_str:?} has `api_keys` but `tenancy.resolve` has no \"api_key\" source to read them"),
+                );
+            }
+            let require = tc.require.as_ref().map_or(&[][..], |r| r.get_ref());
+            let require_span = tc.require.as_ref().map_or(id.span(), |r| r.span());
+            for kind in require {
+                match kind {
+                    CredentialKind::Jwt => self.error(
+                        require_span.clone(),
+                        format!("tenant {id_str:?}: requiring \"jwt\" is not implemented yet"),
+                    ),
+                    CredentialKind::ApiKey if !api_key_source || tc.api_keys.is_empty() => {
+                        self.error(
+                            require_span.clone(),
+                            format!("tenant {id_str:?} requires \"api_key\" but has no `api_keys` or `tenancy.resolve` has no \"api_key\" source: no request could ever pass"),
+                        )
+                    }
+                    CredentialKind::ApiKey => {}
+                }
+            }
             tenants.push(ResolvedTenant {
                 id: id_str.to_owned(),
                 hosts,
@@ -604,6 +693,8 @@ impl Validator<'_> {
                 status: tc.status,
                 limits: merge_limits(&tc.limits, &d.limits),
                 routes,
+                api_keys,
+                require: require.to_vec(),
             });
         }
 
@@ -623,6 +714,7 @@ impl Validator<'_> {
             access_log: server.access_log,
             metrics: server.metrics,
             resolve: t.resolve.get_ref().clone(),
+            api_key_header: t.api_key.header.get_ref().to_ascii_lowercase(),
             tenant_header: t.header.get_ref().to_ascii_lowercase(),
             path_prefix: t.path_prefix.get_ref().clone(),
             forward_header: t.forward_header.get_ref().to_ascii_lowercase(),

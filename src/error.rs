@@ -46,6 +46,10 @@ pub enum ProxyError {
         other_source: &'static str,
     },
     TenantSuspended,
+    /// An API key that matches no tenant (or several different keys at once).
+    InvalidApiKey,
+    /// The tenant has `require` and the request carries no valid credential of those kinds.
+    CredentialsRequired,
     /// Over the tenant's (or, with `policy = "client"`, the client's) rate.
     RateLimited {
         retry_after: u64,
@@ -76,7 +80,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 12] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -87,6 +91,8 @@ impl ProxyError {
         "headers_too_large",
         "upstream_error",
         "upstream_timeout",
+        "invalid_api_key",
+        "credentials_required",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -102,6 +108,8 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => 7,
             ProxyError::UpstreamError { .. } => 8,
             ProxyError::UpstreamTimeout { .. } => 9,
+            ProxyError::InvalidApiKey => 10,
+            ProxyError::CredentialsRequired => 11,
         }
     }
 
@@ -110,6 +118,7 @@ impl ProxyError {
             ProxyError::UnknownTenant { .. } => StatusCode::NOT_FOUND,
             ProxyError::TenantMismatch { .. } => StatusCode::FORBIDDEN,
             ProxyError::TenantSuspended => StatusCode::FORBIDDEN,
+            ProxyError::InvalidApiKey | ProxyError::CredentialsRequired => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -126,6 +135,8 @@ impl ProxyError {
             ProxyError::UnknownTenant { .. } => "unknown_tenant",
             ProxyError::TenantMismatch { .. } => "tenant_mismatch",
             ProxyError::TenantSuspended => "tenant_suspended",
+            ProxyError::InvalidApiKey => "invalid_api_key",
+            ProxyError::CredentialsRequired => "credentials_required",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::TooManyInFlight { .. } => "too_many_in_flight",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
@@ -153,6 +164,10 @@ impl ProxyError {
                 "the {first_source} names tenant {first:?} but the {other_source} names {other:?}"
             ),
             ProxyError::TenantSuspended => "this tenant is suspended".to_owned(),
+            ProxyError::InvalidApiKey => "the API key matches no tenant".to_owned(),
+            ProxyError::CredentialsRequired => {
+                "this tenant requires a valid credential (API key)".to_owned()
+            }
             ProxyError::RateLimited {
                 retry_after,
                 policy,
@@ -202,6 +217,8 @@ impl ProxyError {
             ProxyError::UnknownTenant { .. }
             | ProxyError::TenantMismatch { .. }
             | ProxyError::TenantSuspended
+            | ProxyError::InvalidApiKey
+            | ProxyError::CredentialsRequired
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
@@ -238,6 +255,12 @@ impl ProxyError {
         if let Some(secs) = self.retry_after() {
             h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if *self == ProxyError::CredentialsRequired {
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
         resp
     }
 }
@@ -257,6 +280,8 @@ mod tests {
                 other_source: "path",
             },
             ProxyError::TenantSuspended,
+            ProxyError::InvalidApiKey,
+            ProxyError::CredentialsRequired,
             ProxyError::RateLimited {
                 retry_after: 1,
                 policy: "tenant",

@@ -121,13 +121,18 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
 
     // Tenant identity comes from the gateway only: `insert` replaces every client copy
     // of the forwarded header; the tenant header and features are removed if present.
-    let (mut tenant_header, mut features) = (false, false);
+    let (mut tenant_header, mut features, mut api_key) = (false, false, false);
     for name in headers.keys() {
         tenant_header |= name == f.tenancy.header;
         features |= name == X_TENANT_FEATURES;
+        api_key |= name == f.tenancy.api_key_header;
     }
     if tenant_header {
         headers.remove(&f.tenancy.header);
+    }
+    // The upstream learns the tenant from the gateway, never the key itself.
+    if api_key && f.tenancy.api_key_source {
+        headers.remove(&f.tenancy.api_key_header);
     }
     headers.insert(f.tenancy.forward_header.clone(), f.tenant.id_value.clone());
     match &f.tenant.features {

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod headers;

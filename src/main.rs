@@ -36,6 +36,9 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Run(RunArgs),
+    /// Print the `sha256:<hex>` digest of the API key read from standard input, for
+    /// `api_keys` in gateway.toml (a trailing newline is not part of the key).
+    HashKey,
     /// Validate the configuration without serving.
     Check {
         /// Path to gateway.toml.
@@ -61,9 +64,28 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { config }) => check(config),
+        Some(Command::HashKey) => hash_key(),
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
     }
+}
+
+fn hash_key() -> ExitCode {
+    use std::io::Read;
+    let mut key = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut key) {
+        eprintln!("cannot read the key from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    while matches!(key.last(), Some(b'\n' | b'\r')) {
+        key.pop();
+    }
+    if key.is_empty() {
+        eprintln!("no key on standard input (usage: printf %s \"$KEY\" | bulkhead hash-key)");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", bulkhead::credentials::hash_key(&key));
+    ExitCode::SUCCESS
 }
 
 fn check(path: PathBuf) -> ExitCode {

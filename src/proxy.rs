@@ -138,6 +138,9 @@ async fn proxy<'s>(
     let resolved = tenant::resolve(snap, req.uri(), req.headers())?;
     let tenant = snap.tenant(resolved.tenant);
     ex.tenant = Some(tenant);
+    if tenant.require_api_key && !resolved.api_key {
+        return Err(ProxyError::CredentialsRequired);
+    }
     ex.permit = Some(admit(snap, tenant, ctx, &req, ex)?);
 
     let (mut parts, body) = req.into_parts();

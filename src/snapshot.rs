@@ -63,6 +63,8 @@ pub struct Tenant {
     pub limits: TenantLimits,
     /// Metric counters; carried over across reloads for as long as the tenant exists.
     pub stats: Arc<TenantStats>,
+    /// `require = ["api_key"]`: a request must present a valid key of this tenant.
+    pub require_api_key: bool,
 }
 
 impl Tenant {
@@ -84,6 +86,9 @@ impl Tenant {
 #[derive(Debug)]
 pub struct Tenancy {
     pub sources: Vec<SourceKind>,
+    /// `tenancy.api_key.header`; removed before forwarding when the "api_key" source is on.
+    pub api_key_header: HeaderName,
+    pub api_key_source: bool,
     pub header: HeaderName,
     pub path_prefix: Box<str>,
     pub forward_header: HeaderName,
@@ -106,6 +111,8 @@ pub struct Snapshot {
     /// Counters of requests that resolved to no tenant (`tenant="_unknown"`).
     pub unknown_stats: Arc<TenantStats>,
     pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
+    /// Every tenant's API-key digests.
+    pub api_keys: crate::credentials::ApiKeys,
     by_id: FastMap<Box<str>, TenantIdx>,
     exact_hosts: FastMap<Box<str>, TenantIdx>,
     /// `*.acme.com` is stored under `acme.com`.
@@ -164,6 +171,7 @@ impl Snapshot {
         let mut by_id = FastMap::default();
         let mut exact_hosts = FastMap::default();
         let mut wildcard_hosts = FastMap::default();
+        let mut api_keys = crate::credentials::ApiKeys::default();
         by_id.reserve(config.tenants.len());
         for (i, t) in config.tenants.iter().enumerate() {
             let idx = TenantIdx::try_from(i).map_err(|_| BuildError("too many tenants".into()))?;
@@ -196,6 +204,9 @@ impl Snapshot {
                 };
             }
             by_id.insert(t.id.clone().into_boxed_str(), idx);
+            for d in &t.api_keys {
+                api_keys.insert(*d, idx);
+            }
             let before = previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| p.tenant(i)));
             tenants.push(Tenant {
                 id: Arc::from(t.id.as_str()),
@@ -209,6 +220,7 @@ impl Snapshot {
                 configured_limits: t.limits,
                 limits: TenantLimits::build(&t.limits, before.map(|b| &b.limits)),
                 stats: before.map(|b| b.stats.clone()).unwrap_or_default(),
+                require_api_key: t.require.contains(&crate::config::CredentialKind::ApiKey),
             });
         }
 
@@ -217,6 +229,8 @@ impl Snapshot {
             loaded_at: SystemTime::now(),
             tenancy: Tenancy {
                 sources: config.resolve.clone(),
+                api_key_header: header(&config.api_key_header)?,
+                api_key_source: config.resolve.contains(&SourceKind::ApiKey),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
                 forward_header: header(&config.forward_header)?,
@@ -230,6 +244,7 @@ impl Snapshot {
                 .map(|p| p.unknown_stats.clone())
                 .unwrap_or_default(),
             upstreams,
+            api_keys,
             by_id,
             exact_hosts,
             wildcard_hosts,

@@ -16,6 +16,8 @@ pub struct Resolved {
     /// When the path source is configured and the path starts with `path_prefix`,
     /// the number of leading bytes (`/t/{tenant}`) to strip before forwarding.
     pub strip_path: Option<usize>,
+    /// The request presented a valid API key (of the resolved tenant).
+    pub api_key: bool,
 }
 
 /// What one source said.
@@ -30,6 +32,8 @@ fn source_name(s: SourceKind) -> &'static str {
         SourceKind::Host => "host",
         SourceKind::Header => "tenant header",
         SourceKind::Path => "path",
+        SourceKind::ApiKey => "API key",
+        SourceKind::Jwt => "token",
     }
 }
 
@@ -37,6 +41,7 @@ fn source_name(s: SourceKind) -> &'static str {
 pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolved, ProxyError> {
     let mut first: Option<(TenantIdx, SourceKind)> = None;
     let mut strip_path = None;
+    let mut api_key = false;
     let mut host_buf = [0u8; 256];
     for &source in &snap.tenancy.sources {
         let y = match source {
@@ -47,6 +52,13 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
                 strip_path = strip;
                 y
             }
+            SourceKind::ApiKey => {
+                let y = api_key_source(snap, headers)?;
+                api_key = y.is_some();
+                y
+            }
+            // Refused by validation until it is implemented; yields nothing.
+            SourceKind::Jwt => None,
         };
         let Some(y) = y else { continue };
         match (first, y) {
@@ -73,7 +85,11 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
         }
     }
     match first {
-        Some((tenant, _)) => Ok(Resolved { tenant, strip_path }),
+        Some((tenant, _)) => Ok(Resolved {
+            tenant,
+            strip_path,
+            api_key,
+        }),
         None => Err(ProxyError::UnknownTenant { named: None }),
     }
 }
@@ -171,6 +187,25 @@ fn header_source<'h>(
         Some(i) => Yield::Known(i),
         None => Yield::Unknown(id),
     }))
+}
+
+/// The "api_key" source: a key that matches no tenant is refused at once, whatever
+/// the other sources say. Repeated copies must be the same key.
+fn api_key_source(
+    snap: &Snapshot,
+    headers: &HeaderMap,
+) -> Result<Option<Yield<'static>>, ProxyError> {
+    let mut values = headers.get_all(&snap.tenancy.api_key_header).iter();
+    let Some(key) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other != key) {
+        return Err(ProxyError::InvalidApiKey);
+    }
+    match snap.api_keys.find(key.as_bytes()) {
+        Some(t) => Ok(Some(Yield::Known(t))),
+        None => Err(ProxyError::InvalidApiKey),
+    }
 }
 
 /// The "path" source: `/t/{tenant}/rest`. Returns the yield and the length to strip.

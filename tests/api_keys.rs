@@ -1,0 +1,318 @@
+//! The "api_key" source and `require = ["api_key"]`, through real sockets: keys name
+//! their tenant, unknown keys and missing credentials are refused, a key of one tenant
+//! never reaches another tenant's upstream, keys never reach upstreams or logs.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use bulkhead::credentials::hash_key;
+use support::*;
+
+const ACME_KEY: &str = "ak_live_acme_0123456789";
+const ACME_KEY_NEW: &str = "ak_live_acme_rotated_42";
+const GLOBEX_KEY: &str = "ak_live_globex_9876543210";
+
+fn config(acme: &Upstream, globex: &Upstream, initech: &Upstream, server: &str) -> String {
+    format!(
+        r#"
+[server]
+workers = 1
+{server}
+[tenancy]
+resolve = ["api_key", "host"]
+
+[upstreams.acme]
+targets = ["{}"]
+[upstreams.globex]
+targets = ["{}"]
+[upstreams.initech]
+targets = ["{}"]
+
+[tenants.acme]
+hosts = ["acme.example.com"]
+upstream = "acme"
+api_keys = ["{}", "{}"]
+require = ["api_key"]
+
+[tenants.globex]
+hosts = ["globex.example.com"]
+upstream = "globex"
+api_keys = ["{}"]
+
+[tenants.initech]
+hosts = ["initech.example.com"]
+upstream = "initech"
+"#,
+        acme.addr,
+        globex.addr,
+        initech.addr,
+        hash_key(ACME_KEY.as_bytes()),
+        hash_key(ACME_KEY_NEW.as_bytes()),
+        hash_key(GLOBEX_KEY.as_bytes()),
+    )
+}
+
+async fn three() -> (Gateway, Upstream, Upstream, Upstream) {
+    let (a, g, i) = (
+        Upstream::echo("acme").await,
+        Upstream::echo("globex").await,
+        Upstream::echo("initech").await,
+    );
+    let gw = Gateway::start(&config(&a, &g, &i, ""));
+    (gw, a, g, i)
+}
+
+#[tokio::test]
+async fn keys_name_their_tenant_and_never_reach_the_upstream() {
+    let (gw, a, g, _i) = three().await;
+    // By key alone (no known host), both of acme's keys (rotation), and globex's.
+    for key in [ACME_KEY, ACME_KEY_NEW] {
+        let r = get(
+            gw.addr,
+            "/k",
+            &[("host", "api.example.net"), ("x-api-key", key)],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["upstream"], "acme");
+    }
+    let r = get(
+        gw.addr,
+        "/k",
+        &[("host", "api.example.net"), ("x-api-key", GLOBEX_KEY)],
+    )
+    .await;
+    assert_eq!(r.json()["upstream"], "globex");
+    // Key and host agree.
+    let r = get(
+        gw.addr,
+        "/k",
+        &[("host", "globex.example.com"), ("x-api-key", GLOBEX_KEY)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    for s in a.seen().iter().chain(g.seen().iter()) {
+        assert!(
+            !s.headers.contains_key("x-api-key"),
+            "the key reached the upstream"
+        );
+    }
+    assert_eq!(a.seen()[0].headers["x-tenant-id"], "acme");
+    assert_eq!(g.seen()[0].headers["x-tenant-id"], "globex");
+}
+
+#[tokio::test]
+async fn unknown_key_is_401_even_on_a_known_host() {
+    let (gw, _a, g, _i) = three().await;
+    for host in ["api.example.net", "globex.example.com"] {
+        let r = get(
+            gw.addr,
+            "/",
+            &[("host", host), ("x-api-key", "ak_live_guess")],
+        )
+        .await;
+        assert_error(&r, 401, "invalid_api_key");
+    }
+    // Two different keys at once.
+    let r = get(
+        gw.addr,
+        "/",
+        &[
+            ("host", "globex.example.com"),
+            ("x-api-key", GLOBEX_KEY),
+            ("x-api-key", ACME_KEY),
+        ],
+    )
+    .await;
+    assert_error(&r, 401, "invalid_api_key");
+    assert!(g.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_key_of_one_tenant_on_another_tenants_host_is_a_mismatch() {
+    let (gw, a, g, i) = three().await;
+    let r = get(
+        gw.addr,
+        "/",
+        &[("host", "globex.example.com"), ("x-api-key", ACME_KEY)],
+    )
+    .await;
+    assert_error(&r, 403, "tenant_mismatch");
+    let r = get(
+        gw.addr,
+        "/",
+        &[("host", "initech.example.com"), ("x-api-key", GLOBEX_KEY)],
+    )
+    .await;
+    assert_error(&r, 403, "tenant_mismatch");
+    assert!(a.seen().is_empty() && g.seen().is_empty() && i.seen().is_empty());
+}
+
+#[tokio::test]
+async fn required_credentials() {
+    let (gw, a, g, i) = three().await;
+    // acme requires a key: its host alone is not enough.
+    let r = get(gw.addr, "/", &[("host", "acme.example.com")]).await;
+    assert_error(&r, 401, "credentials_required");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(r.json()["tenant"], "acme");
+    assert!(a.seen().is_empty());
+    // A spoofed tenant header does not help either.
+    let r = get(
+        gw.addr,
+        "/",
+        &[("host", "acme.example.com"), ("x-tenant-id", "acme")],
+    )
+    .await;
+    assert_error(&r, 401, "credentials_required");
+    // With the key it passes.
+    let r = get(
+        gw.addr,
+        "/",
+        &[("host", "acme.example.com"), ("x-api-key", ACME_KEY)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Tenants without `require` still resolve by host.
+    assert_eq!(
+        get(gw.addr, "/", &[("host", "globex.example.com")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(gw.addr, "/", &[("host", "initech.example.com")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!((a.seen().len(), g.seen().len(), i.seen().len()), (1, 1, 1));
+}
+
+#[test]
+fn hash_key_command_prints_the_config_form() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ak_live_acme_0123456789\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        hash_key(ACME_KEY.as_bytes())
+    );
+}
+
+#[tokio::test]
+async fn keys_never_appear_in_logs_or_metrics() {
+    let (a, g, i) = (
+        Upstream::echo("acme").await,
+        Upstream::echo("globex").await,
+        Upstream::echo("initech").await,
+    );
+    let gw = Process::start(&config(&a, &g, &i, "log_format = \"json\""));
+    let r = get(
+        gw.addr,
+        "/x",
+        &[
+            ("host", "acme.example.com"),
+            ("x-api-key", ACME_KEY),
+            ("x-request-id", "last-one"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_error(
+        &get(gw.addr, "/", &[("x-api-key", "ak_live_guess_secret")]).await,
+        401,
+        "invalid_api_key",
+    );
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        metrics
+            .contains(r#"bulkhead_rejected_total{tenant="_unknown",reason="invalid_api_key"} 1"#),
+        "{metrics}"
+    );
+    gw.log_line(&["\"access\"", "last-one"]).await;
+    let log = gw.log.lock().unwrap().join("\n");
+    for secret in [ACME_KEY, "ak_live_guess_secret"] {
+        assert!(!log.contains(secret), "a key is in the log");
+        assert!(!metrics.contains(secret), "a key is in the metrics");
+    }
+}
+
+#[test]
+fn check_rejects_bad_key_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let run = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let base = "[tenancy]\nresolve = [\"api_key\", \"host\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:1\"]\n[defaults]\nupstream = \"u\"\n";
+    let k = hash_key(b"k");
+    let (code, err) = run(&format!(
+        "{base}[tenants.a]\napi_keys = [\"plaintext-key\"]\n"
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(
+            ":8:13: tenant \"a\": api key \"plaintext-key\" must be \"sha256:<64 hex digits>\""
+        ),
+        "{err}"
+    );
+    let (code, err) = run(&format!(
+        "{base}[tenants.a]\napi_keys = [\"{k}\"]\n[tenants.b]\napi_keys = [\"{k}\"]\n"
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("an api key of tenant \"b\" is also a key of tenant \"a\""),
+        "{err}"
+    );
+    let (code, err) = run(&format!(
+        "{base}[tenants.a]\nhosts = [\"a.com\"]\nrequire = [\"api_key\"]\n"
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("requires \"api_key\" but has no `api_keys`"),
+        "{err}"
+    );
+    let (code, err) = run(&base.replace("[\"api_key\", \"host\"]", "[\"jwt\", \"host\"]"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("the \"jwt\" source is not implemented yet"),
+        "{err}"
+    );
+    let (code, err) = run(&format!(
+        "{}[tenants.a]\napi_keys = [\"{k}\"]\n",
+        base.replace("\"api_key\", ", "")
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("has `api_keys` but `tenancy.resolve` has no \"api_key\" source"),
+        "{err}"
+    );
+    let (code, err) = run(&format!(
+        "{base}[tenants.a]\napi_keys = [\"{k}\"]\nrequire = [\"api_key\"]\n"
+    ));
+    assert_eq!(code, Some(0), "{err}");
+}
