@@ -503,7 +503,10 @@ impl Validator<'_> {
         }
         self.header_name(&t.header, "tenancy.header");
         self.header_name(&t.api_key.header, "tenancy.api_key.header");
-        self.header_name(&t.forward_header, "tenancy.forward_header");
+        // `forward_header = ""` turns tenant header injection off.
+        if !t.forward_header.get_ref().is_empty() {
+            self.header_name(&t.forward_header, "tenancy.forward_header");
+        }
         let prefix = t.path_prefix.get_ref();
         if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
             self.error(

@@ -134,7 +134,9 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
     if api_key && f.tenancy.api_key_source {
         headers.remove(&f.tenancy.api_key_header);
     }
-    headers.insert(f.tenancy.forward_header.clone(), f.tenant.id_value.clone());
+    if let Some(name) = &f.tenancy.forward_header {
+        headers.insert(name.clone(), f.tenant.id_value.clone());
+    }
     match &f.tenant.features {
         Some(v) => {
             headers.insert(X_TENANT_FEATURES.clone(), v.clone());

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod limits;
+pub mod lint;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

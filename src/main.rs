@@ -44,6 +44,9 @@ enum Command {
         /// Path to gateway.toml.
         #[arg(long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Exit 1 on isolation warnings too.
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -63,7 +66,7 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { config }) => check(config),
+        Some(Command::Check { config, strict }) => check(config, strict),
         Some(Command::HashKey) => hash_key(),
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
@@ -88,7 +91,7 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn check(path: PathBuf) -> ExitCode {
+fn check(path: PathBuf, strict: bool) -> ExitCode {
     match Config::load(&path) {
         Ok(c) => {
             let upstreams = c.upstreams.len();
@@ -105,6 +108,18 @@ fn check(path: PathBuf) -> ExitCode {
                 suspended,
                 upstreams
             );
+            let warnings = bulkhead::lint::isolation_warnings(&c);
+            for w in &warnings {
+                eprintln!("{}: warning: {w}", path.display());
+            }
+            if strict && !warnings.is_empty() {
+                eprintln!(
+                    "{}: {} isolation warning(s); failing because of --strict",
+                    path.display(),
+                    warnings.len()
+                );
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

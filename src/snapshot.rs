@@ -91,7 +91,8 @@ pub struct Tenancy {
     pub api_key_source: bool,
     pub header: HeaderName,
     pub path_prefix: Box<str>,
-    pub forward_header: HeaderName,
+    /// `None` when `forward_header = ""` (injection off).
+    pub forward_header: Option<HeaderName>,
 }
 
 /// Everything one request needs to decide where it goes.
@@ -233,7 +234,11 @@ impl Snapshot {
                 api_key_source: config.resolve.contains(&SourceKind::ApiKey),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
-                forward_header: header(&config.forward_header)?,
+                forward_header: if config.forward_header.is_empty() {
+                    None
+                } else {
+                    Some(header(&config.forward_header)?)
+                },
             },
             max_header_bytes: config.max_header_bytes,
             access_log: config.access_log,

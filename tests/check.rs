@@ -127,3 +127,62 @@ fn run_with_invalid_file_fails_fast_with_the_same_message() {
         "{err}"
     );
 }
+
+fn check_args(text: &str, strict: bool) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    cmd.args(["check", "--config"]).arg(&path);
+    if strict {
+        cmd.arg("--strict");
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "PATH");
+    (out.status.code().unwrap(), stderr)
+}
+
+/// Each isolation lint: a warning naming the tenants, exit 0; exit 1 with --strict.
+#[test]
+fn isolation_lints_name_the_tenants() {
+    let key = |k: &str| bulkhead::credentials::hash_key(k.as_bytes());
+    let cases = [
+        (
+            format!("[tenancy]\nforward_header = \"\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.globex]\nhosts = [\"g.com\"]\n"),
+            "tenants \"acme\", \"globex\" share upstream \"shared\" while `tenancy.forward_header` is disabled",
+        ),
+        (
+            format!("[tenancy]\nresolve = [\"header\", \"host\"]\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"),
+            "the \"header\" source comes first in `tenancy.resolve` and there is no credential source",
+        ),
+        (
+            format!("{BASE}[tenants.acme]\nhosts = [\"*.example.com\"]\n[tenants.globex]\nhosts = [\"globex.example.com\"]\n"),
+            "the wildcard \"*.example.com\" of tenant \"acme\" also covers host \"globex.example.com\" of tenant \"globex\"",
+        ),
+        (
+            format!(
+                "[tenancy]\nresolve = [\"api_key\", \"host\"]\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\napi_keys = [\"{}\"]\nrequire = [\"api_key\"]\n[tenants.globex]\nhosts = [\"g.com\"]\n",
+                key("k")
+            ),
+            "tenants \"globex\" have no `require` while \"acme\" do",
+        ),
+    ];
+    for (text, expected) in &cases {
+        let (code, err) = check_args(text, false);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains(&format!("PATH: warning: {expected}")),
+            "{expected}\n---\n{err}"
+        );
+        let (code, err) = check_args(text, true);
+        assert_eq!(code, 1, "--strict fails on: {err}");
+        assert!(err.contains("failing because of --strict"), "{err}");
+    }
+    // A config with none of these risks passes --strict.
+    let (code, err) = check_args(
+        &format!("{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"),
+        true,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+}

@@ -333,3 +333,24 @@ async fn http2_prior_knowledge_uses_authority() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn forward_header_can_be_turned_off() {
+    let up = Upstream::echo("u").await;
+    let gw = Gateway::start(&format!(
+        "[tenancy]\nforward_header = \"\"\n[upstreams.u]\ntargets = [\"{}\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n",
+        up.addr
+    ));
+    let r = get(
+        gw.addr,
+        "/",
+        &[("host", "t.com"), ("x-tenant-id", "spoofed")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let h = &up.seen()[0].headers;
+    assert!(
+        !h.contains_key("x-tenant-id"),
+        "no tenant header, and the client's copy removed: {h:?}"
+    );
+}

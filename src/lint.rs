@@ -1,0 +1,95 @@
+//! `bulkhead check` warnings for configurations that are valid but risk one tenant's
+//! traffic reaching another's backend (exit 0, or 1 with `--strict`).
+
+use std::collections::BTreeMap;
+
+use crate::config::{Config, HostPattern, SourceKind};
+
+/// Every isolation risk in `config`, one human sentence each, naming the tenants.
+pub fn isolation_warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+
+    // Tenants sharing an upstream cannot be told apart by the backend without the
+    // forwarded tenant header.
+    if config.forward_header.is_empty() {
+        let mut by_upstream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for t in &config.tenants {
+            let mut ups = vec![t.upstream.as_str()];
+            ups.extend(t.routes.iter().map(|(_, u)| u.as_str()));
+            ups.sort_unstable();
+            ups.dedup();
+            for u in ups {
+                by_upstream.entry(u).or_default().push(&t.id);
+            }
+        }
+        for (u, tenants) in by_upstream.iter().filter(|(_, t)| t.len() > 1) {
+            out.push(format!(
+                "tenants {} share upstream {u:?} while `tenancy.forward_header` is disabled: the backend cannot tell their requests apart",
+                list(tenants)
+            ));
+        }
+    }
+
+    // A client-chosen header decides the tenant before anything it must prove.
+    let credential = |s: &SourceKind| matches!(s, SourceKind::ApiKey | SourceKind::Jwt);
+    if config.resolve.first() == Some(&SourceKind::Header) && !config.resolve.iter().any(credential)
+    {
+        out.push(
+            "the \"header\" source comes first in `tenancy.resolve` and there is no credential source (\"api_key\"): any client can name any tenant by sending the header".to_owned(),
+        );
+    }
+
+    // A wildcard that also covers another tenant's exact host: one typo in that host and
+    // its traffic goes to the wildcard's owner.
+    for owner in &config.tenants {
+        for w in &owner.hosts {
+            let HostPattern::Wildcard(domain) = w else {
+                continue;
+            };
+            for other in config.tenants.iter().filter(|o| o.id != owner.id) {
+                for h in &other.hosts {
+                    let HostPattern::Exact(h) = h else { continue };
+                    let covered = h
+                        .split_once('.')
+                        .is_some_and(|(label, rest)| !label.is_empty() && rest == domain);
+                    if covered {
+                        out.push(format!(
+                            "the wildcard \"{w}\" of tenant {:?} also covers host {h:?} of tenant {:?}",
+                            owner.id, other.id
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    // Some tenants demand credentials, others can be reached by host alone.
+    let (with, without): (Vec<&str>, Vec<&str>) = {
+        let mut with = Vec::new();
+        let mut without = Vec::new();
+        for t in &config.tenants {
+            if t.require.is_empty() {
+                without.push(t.id.as_str());
+            } else {
+                with.push(t.id.as_str());
+            }
+        }
+        (with, without)
+    };
+    if !with.is_empty() && !without.is_empty() {
+        out.push(format!(
+            "tenants {} have no `require` while {} do: their traffic is accepted without a credential",
+            list(&without),
+            list(&with)
+        ));
+    }
+    out
+}
+
+fn list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
