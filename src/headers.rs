@@ -185,10 +185,10 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
     };
 }
 
-/// Rewrites the headers of an upstream response about to be sent to the client.
-pub fn rewrite_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
+/// Rewrites the headers of an upstream response about to be sent to the client
+/// (`x-request-id` is set on every response, proxied or not, by the caller).
+pub fn rewrite_response(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
 #[cfg(test)]

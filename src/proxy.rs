@@ -185,7 +185,7 @@ async fn proxy<'s>(
     )
     .await?;
     let (mut rparts, rbody) = resp.into_parts();
-    headers::rewrite_response(&mut rparts.headers, request_id);
+    headers::rewrite_response(&mut rparts.headers);
     Ok(Response::from_parts(
         rparts,
         ProxyBody::upstream(rbody, lease),
