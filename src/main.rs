@@ -157,6 +157,31 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // Signal handlers first: a SIGTERM that arrives while the listeners come up (after
+    // "bulkhead is serving" is logged, a supervisor may send one at once) must drain,
+    // not kill the process outright.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the signal runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signals = {
+        let _runtime = rt.enter();
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        )
+    };
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
+        tracing::error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
     let gateway = match RunningGateway::start(config) {
         Ok(g) => g,
         Err(e) => {
@@ -177,25 +202,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the signal runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     rt.block_on(async move {
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return ExitCode::FAILURE;
-        };
         loop {
             tokio::select! {
                 _ = term.recv() => break,
