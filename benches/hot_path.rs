@@ -126,5 +126,77 @@ fn exposition(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, resolution, admission, rewrite, exposition);
+/// Credential checks per request: an API-key lookup among 10,000 tenants' keys, and
+/// verifying an HS256 and an RS256 token.
+fn credentials(c: &mut Criterion) {
+    use bulkhead::credentials::{hash_key, parse_digest, ApiKeys};
+    use bulkhead::jwt::{KeyMaterial, KeySet, ResolvedJwt};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    let mut keys = ApiKeys::default();
+    for i in 0..10_000u32 {
+        let d = parse_digest(&hash_key(format!("key-{i}").as_bytes())).expect("valid digest");
+        keys.insert(d, i);
+    }
+    c.bench_function("credentials/api_key_lookup_10000_tenants", |b| {
+        b.iter(|| keys.find(black_box(b"key-5000")))
+    });
+
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let claims = serde_json::json!({"tenant": "t0", "sub": "u1", "exp": exp});
+    let hs = KeySet::build(
+        &ResolvedJwt {
+            keys: vec![KeyMaterial::Hs256Secret(b"bench-secret".to_vec())],
+            ..ResolvedJwt::default()
+        },
+        30,
+    );
+    let hs_token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(b"bench-secret"),
+    )
+    .expect("token encodes");
+    c.bench_function("credentials/jwt_hs256_verify", |b| {
+        b.iter(|| {
+            hs.verify(black_box(&hs_token), Algorithm::HS256)
+                .expect("verifies")
+        })
+    });
+
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+    let private = std::fs::read(format!("{dir}/globex-rs256-private.pem")).expect("fixture");
+    let public = std::fs::read(format!("{dir}/globex-rs256-public.pem")).expect("fixture");
+    let rs = KeySet::build(
+        &ResolvedJwt {
+            keys: vec![KeyMaterial::Pem(public)],
+            ..ResolvedJwt::default()
+        },
+        30,
+    );
+    let rs_token = encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(&private).expect("fixture key"),
+    )
+    .expect("token encodes");
+    c.bench_function("credentials/jwt_rs256_verify", |b| {
+        b.iter(|| {
+            rs.verify(black_box(&rs_token), Algorithm::RS256)
+                .expect("verifies")
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    resolution,
+    admission,
+    rewrite,
+    exposition,
+    credentials
+);
 criterion_main!(benches);

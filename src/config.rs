@@ -108,6 +108,7 @@ pub struct TenancyConfig {
     pub path_prefix: Spanned<String>,
     pub forward_header: Spanned<String>,
     pub api_key: ApiKeyConfig,
+    pub jwt: crate::jwt::JwtConfig,
 }
 
 /// `[tenancy.api_key]`
@@ -133,6 +134,7 @@ impl Default for TenancyConfig {
             path_prefix: Spanned::new(0..0, "/t/".to_owned()),
             forward_header: Spanned::new(0..0, "x-tenant-id".to_owned()),
             api_key: ApiKeyConfig::default(),
+            jwt: crate::jwt::JwtConfig::default(),
         }
     }
 }
@@ -219,6 +221,8 @@ pub struct TenantConfig {
     pub api_keys: Vec<Spanned<String>>,
     /// Credential kinds a request for this tenant must carry.
     pub require: Option<Spanned<Vec<CredentialKind>>>,
+    /// `[tenants.X.jwt]`: keys that verify this tenant's tokens.
+    pub jwt: Option<crate::jwt::TenantJwtConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +274,7 @@ pub struct ResolvedTenant {
     pub routes: Vec<(String, String)>,
     pub api_keys: Vec<crate::credentials::KeyDigest>,
     pub require: Vec<CredentialKind>,
+    pub jwt: Option<crate::jwt::ResolvedJwt>,
 }
 
 /// An upstream whose targets have been parsed to `host:port` authorities.
@@ -301,6 +306,12 @@ pub struct Config {
     pub resolve: Vec<SourceKind>,
     /// `tenancy.api_key.header`, lower case.
     pub api_key_header: String,
+    /// `tenancy.jwt.header`, lower case.
+    pub jwt_header: String,
+    pub tenant_claim: String,
+    pub jwt_leeway: Duration,
+    /// `[tenancy.jwt]` issuer-wide keys (`jwks_file`), with `issuer` / `audience`.
+    pub jwt_global: Option<crate::jwt::ResolvedJwt>,
     pub tenant_header: String,
     pub path_prefix: String,
     pub forward_header: String,
@@ -495,13 +506,25 @@ impl Validator<'_> {
             }
             seen.push(*s);
         }
-        if t.resolve.get_ref().contains(&SourceKind::Jwt) {
-            self.error(
-                t.resolve.span(),
-                "the \"jwt\" source is not implemented yet; use \"api_key\", \"host\", \"header\" or \"path\"".to_owned(),
-            );
-        }
         self.header_name(&t.header, "tenancy.header");
+        self.header_name(&t.jwt.header, "tenancy.jwt.header");
+        let base = path.parent().unwrap_or(Path::new("."));
+        let jwt_source = t.resolve.get_ref().contains(&SourceKind::Jwt);
+        let jwt_global = match &t.jwt.jwks_file {
+            Some(f) => match crate::jwt::load_jwks(f, base) {
+                Ok(k) => Some(crate::jwt::ResolvedJwt {
+                    keys: vec![k],
+                    issuer: t.jwt.issuer.clone(),
+                    audience: t.jwt.audience.clone(),
+                    forward_claims: Vec::new(),
+                }),
+                Err((span, msg)) => {
+                    self.error(span, format!("tenancy.jwt: {msg}"));
+                    None
+                }
+            },
+            None => None,
+        };
         self.header_name(&t.api_key.header, "tenancy.api_key.header");
         // `forward_header = ""` turns tenant header injection off.
         if !t.forward_header.get_ref().is_empty() {
@@ -667,14 +690,41 @@ impl Validator<'_> {
                     format!("tenant {id_str:?} has `api_keys` but `tenancy.resolve` has no \"api_key\" source to read them"),
                 );
             }
+            let jwt = tc.jwt.as_ref().map(|j| {
+                let keys = match crate::jwt::load_tenant_keys(j, base) {
+                    Ok(k) => k,
+                    Err((span, msg)) => {
+                        self.error(span, format!("tenant {id_str:?}: {msg}"));
+                        Vec::new()
+                    }
+                };
+                let mut forward_claims = Vec::new();
+                for (claim, header) in &j.forward_claims {
+                    self.header_name(header, "forward_claims");
+                    forward_claims.push((claim.clone(), header.get_ref().to_ascii_lowercase()));
+                }
+                crate::jwt::ResolvedJwt {
+                    keys,
+                    issuer: j.issuer.clone(),
+                    audience: j.audience.clone(),
+                    forward_claims,
+                }
+            });
             let require = tc.require.as_ref().map_or(&[][..], |r| r.get_ref());
             let require_span = tc.require.as_ref().map_or(id.span(), |r| r.span());
             for kind in require {
                 match kind {
-                    CredentialKind::Jwt => self.error(
-                        require_span.clone(),
-                        format!("tenant {id_str:?}: requiring \"jwt\" is not implemented yet"),
-                    ),
+                    CredentialKind::Jwt
+                        if !jwt_source
+                            || (jwt.as_ref().is_none_or(|j| j.keys.is_empty())
+                                && jwt_global.is_none()) =>
+                    {
+                        self.error(
+                            require_span.clone(),
+                            format!("tenant {id_str:?} requires \"jwt\" but has no `[tenants.{id_str}.jwt]` keys and no `[tenancy.jwt] jwks_file`, or `tenancy.resolve` has no \"jwt\" source: no request could ever pass"),
+                        )
+                    }
+                    CredentialKind::Jwt => {}
                     CredentialKind::ApiKey if !api_key_source || tc.api_keys.is_empty() => {
                         self.error(
                             require_span.clone(),
@@ -698,6 +748,7 @@ impl Validator<'_> {
                 routes,
                 api_keys,
                 require: require.to_vec(),
+                jwt,
             });
         }
 
@@ -718,6 +769,10 @@ impl Validator<'_> {
             metrics: server.metrics,
             resolve: t.resolve.get_ref().clone(),
             api_key_header: t.api_key.header.get_ref().to_ascii_lowercase(),
+            jwt_header: t.jwt.header.get_ref().to_ascii_lowercase(),
+            tenant_claim: t.jwt.tenant_claim.clone(),
+            jwt_leeway: t.jwt.leeway.0,
+            jwt_global,
             tenant_header: t.header.get_ref().to_ascii_lowercase(),
             path_prefix: t.path_prefix.get_ref().clone(),
             forward_header: t.forward_header.get_ref().to_ascii_lowercase(),

@@ -48,6 +48,10 @@ pub enum ProxyError {
     TenantSuspended,
     /// An API key that matches no tenant (or several different keys at once).
     InvalidApiKey,
+    /// A bearer token that does not verify (malformed, bad signature, `alg: none`, an
+    /// algorithm not configured for the key, expired, not yet valid, wrong `iss`/`aud`,
+    /// no tenant claim).
+    InvalidToken,
     /// The tenant has `require` and the request carries no valid credential of those kinds.
     CredentialsRequired,
     /// Over the tenant's (or, with `policy = "client"`, the client's) rate.
@@ -80,7 +84,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 12] = [
+    pub const REASONS: [&'static str; 13] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -93,6 +97,7 @@ impl ProxyError {
         "upstream_timeout",
         "invalid_api_key",
         "credentials_required",
+        "invalid_token",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -110,6 +115,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => 9,
             ProxyError::InvalidApiKey => 10,
             ProxyError::CredentialsRequired => 11,
+            ProxyError::InvalidToken => 12,
         }
     }
 
@@ -118,7 +124,9 @@ impl ProxyError {
             ProxyError::UnknownTenant { .. } => StatusCode::NOT_FOUND,
             ProxyError::TenantMismatch { .. } => StatusCode::FORBIDDEN,
             ProxyError::TenantSuspended => StatusCode::FORBIDDEN,
-            ProxyError::InvalidApiKey | ProxyError::CredentialsRequired => StatusCode::UNAUTHORIZED,
+            ProxyError::InvalidApiKey
+            | ProxyError::CredentialsRequired
+            | ProxyError::InvalidToken => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -137,6 +145,7 @@ impl ProxyError {
             ProxyError::TenantSuspended => "tenant_suspended",
             ProxyError::InvalidApiKey => "invalid_api_key",
             ProxyError::CredentialsRequired => "credentials_required",
+            ProxyError::InvalidToken => "invalid_token",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::TooManyInFlight { .. } => "too_many_in_flight",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
@@ -166,8 +175,9 @@ impl ProxyError {
             ProxyError::TenantSuspended => "this tenant is suspended".to_owned(),
             ProxyError::InvalidApiKey => "the API key matches no tenant".to_owned(),
             ProxyError::CredentialsRequired => {
-                "this tenant requires a valid credential (API key)".to_owned()
+                "this tenant requires a valid credential (API key or bearer token)".to_owned()
             }
+            ProxyError::InvalidToken => "the bearer token is not valid".to_owned(),
             ProxyError::RateLimited {
                 retry_after,
                 policy,
@@ -219,6 +229,7 @@ impl ProxyError {
             | ProxyError::TenantSuspended
             | ProxyError::InvalidApiKey
             | ProxyError::CredentialsRequired
+            | ProxyError::InvalidToken
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
@@ -255,11 +266,20 @@ impl ProxyError {
         if let Some(secs) = self.retry_after() {
             h.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
-        if *self == ProxyError::CredentialsRequired {
-            h.insert(
-                http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+        match self {
+            ProxyError::CredentialsRequired => {
+                h.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer"),
+                );
+            }
+            ProxyError::InvalidToken => {
+                h.insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            _ => {}
         }
         resp
     }
@@ -282,6 +302,7 @@ mod tests {
             ProxyError::TenantSuspended,
             ProxyError::InvalidApiKey,
             ProxyError::CredentialsRequired,
+            ProxyError::InvalidToken,
             ProxyError::RateLimited {
                 retry_after: 1,
                 policy: "tenant",

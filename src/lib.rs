@@ -16,6 +16,7 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod jwt;
 pub mod limits;
 pub mod lint;
 pub mod metrics;

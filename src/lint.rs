@@ -35,7 +35,7 @@ pub fn isolation_warnings(config: &Config) -> Vec<String> {
     if config.resolve.first() == Some(&SourceKind::Header) && !config.resolve.iter().any(credential)
     {
         out.push(
-            "the \"header\" source comes first in `tenancy.resolve` and there is no credential source (\"api_key\"): any client can name any tenant by sending the header".to_owned(),
+            "the \"header\" source comes first in `tenancy.resolve` and there is no credential source (\"api_key\" or \"jwt\"): any client can name any tenant by sending the header".to_owned(),
         );
     }
 

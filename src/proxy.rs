@@ -138,7 +138,9 @@ async fn proxy<'s>(
     let resolved = tenant::resolve(snap, req.uri(), req.headers())?;
     let tenant = snap.tenant(resolved.tenant);
     ex.tenant = Some(tenant);
-    if tenant.require_api_key && !resolved.api_key {
+    let credential = (tenant.require_api_key && resolved.api_key)
+        || (tenant.require_jwt && resolved.claims.is_some());
+    if (tenant.require_api_key || tenant.require_jwt) && !credential {
         return Err(ProxyError::CredentialsRequired);
     }
     ex.permit = Some(admit(snap, tenant, ctx, &req, ex)?);
@@ -165,6 +167,7 @@ async fn proxy<'s>(
             authority: parts.uri.authority(),
         },
     );
+    forward_claims(&mut parts.headers, tenant, resolved.claims.as_deref());
     if !parts.headers.contains_key(http::header::HOST) {
         // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
         // upstreams need one.
@@ -190,6 +193,29 @@ async fn proxy<'s>(
         rparts,
         ProxyBody::upstream(rbody, lease),
     ))
+}
+
+/// Copies the verified claims the tenant names into request headers; client copies of
+/// those headers are removed whether or not the token carries the claim.
+fn forward_claims(
+    headers: &mut http::HeaderMap,
+    tenant: &Tenant,
+    claims: Option<&crate::jwt::Claims>,
+) {
+    for (claim, header) in &tenant.forward_claims {
+        headers.remove(header);
+        let value = claims.and_then(|c| c.get(&**claim)).and_then(|v| match v {
+            serde_json::Value::String(s) => HeaderValue::from_str(s).ok(),
+            serde_json::Value::Number(n) => HeaderValue::from_str(&n.to_string()).ok(),
+            serde_json::Value::Bool(b) => {
+                Some(HeaderValue::from_static(if *b { "true" } else { "false" }))
+            }
+            _ => None,
+        });
+        if let Some(v) = value {
+            headers.insert(header.clone(), v);
+        }
+    }
 }
 
 /// Status → rate → in-flight → declared body size, before anything is routed. Only

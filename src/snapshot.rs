@@ -65,6 +65,12 @@ pub struct Tenant {
     pub stats: Arc<TenantStats>,
     /// `require = ["api_key"]`: a request must present a valid key of this tenant.
     pub require_api_key: bool,
+    /// `require = ["jwt"]`: … or a valid bearer token naming it.
+    pub require_jwt: bool,
+    /// Keys that verify this tenant's tokens.
+    pub jwt: Option<crate::jwt::KeySet>,
+    /// Verified claims copied into request headers: (claim, header).
+    pub forward_claims: Vec<(Box<str>, HeaderName)>,
 }
 
 impl Tenant {
@@ -89,6 +95,9 @@ pub struct Tenancy {
     /// `tenancy.api_key.header`; removed before forwarding when the "api_key" source is on.
     pub api_key_header: HeaderName,
     pub api_key_source: bool,
+    /// `tenancy.jwt.header` and `tenant_claim`.
+    pub jwt_header: HeaderName,
+    pub tenant_claim: Box<str>,
     pub header: HeaderName,
     pub path_prefix: Box<str>,
     /// `None` when `forward_header = ""` (injection off).
@@ -114,6 +123,8 @@ pub struct Snapshot {
     pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
     /// Every tenant's API-key digests.
     pub api_keys: crate::credentials::ApiKeys,
+    /// Issuer-wide token keys (`[tenancy.jwt] jwks_file`).
+    pub jwt_global: Option<crate::jwt::KeySet>,
     by_id: FastMap<Box<str>, TenantIdx>,
     exact_hosts: FastMap<Box<str>, TenantIdx>,
     /// `*.acme.com` is stored under `acme.com`.
@@ -222,6 +233,23 @@ impl Snapshot {
                 limits: TenantLimits::build(&t.limits, before.map(|b| &b.limits)),
                 stats: before.map(|b| b.stats.clone()).unwrap_or_default(),
                 require_api_key: t.require.contains(&crate::config::CredentialKind::ApiKey),
+                require_jwt: t.require.contains(&crate::config::CredentialKind::Jwt),
+                jwt: t
+                    .jwt
+                    .as_ref()
+                    .map(|j| crate::jwt::KeySet::build(j, config.jwt_leeway.as_secs()))
+                    .filter(|k| !k.is_empty()),
+                forward_claims: t
+                    .jwt
+                    .as_ref()
+                    .map(|j| {
+                        j.forward_claims
+                            .iter()
+                            .map(|(c, h)| Ok((c.clone().into_boxed_str(), header(h)?)))
+                            .collect::<Result<Vec<_>, BuildError>>()
+                    })
+                    .transpose()?
+                    .unwrap_or_default(),
             });
         }
 
@@ -232,6 +260,8 @@ impl Snapshot {
                 sources: config.resolve.clone(),
                 api_key_header: header(&config.api_key_header)?,
                 api_key_source: config.resolve.contains(&SourceKind::ApiKey),
+                jwt_header: header(&config.jwt_header)?,
+                tenant_claim: config.tenant_claim.clone().into_boxed_str(),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
                 forward_header: if config.forward_header.is_empty() {
@@ -250,6 +280,10 @@ impl Snapshot {
                 .unwrap_or_default(),
             upstreams,
             api_keys,
+            jwt_global: config
+                .jwt_global
+                .as_ref()
+                .map(|j| crate::jwt::KeySet::build(j, config.jwt_leeway.as_secs())),
             by_id,
             exact_hosts,
             wildcard_hosts,

@@ -10,7 +10,7 @@ use crate::error::ProxyError;
 use crate::snapshot::{Snapshot, TenantIdx};
 
 /// The outcome of resolution for a request that names a known tenant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     pub tenant: TenantIdx,
     /// When the path source is configured and the path starts with `path_prefix`,
@@ -18,6 +18,8 @@ pub struct Resolved {
     pub strip_path: Option<usize>,
     /// The request presented a valid API key (of the resolved tenant).
     pub api_key: bool,
+    /// The claims of a verified bearer token (of the resolved tenant).
+    pub claims: Option<Box<crate::jwt::Claims>>,
 }
 
 /// What one source said.
@@ -42,6 +44,7 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
     let mut first: Option<(TenantIdx, SourceKind)> = None;
     let mut strip_path = None;
     let mut api_key = false;
+    let mut claims = None;
     let mut host_buf = [0u8; 256];
     for &source in &snap.tenancy.sources {
         let y = match source {
@@ -57,8 +60,13 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
                 api_key = y.is_some();
                 y
             }
-            // Refused by validation until it is implemented; yields nothing.
-            SourceKind::Jwt => None,
+            SourceKind::Jwt => match jwt_source(snap, headers)? {
+                Some((y, c)) => {
+                    claims = Some(Box::new(c));
+                    Some(y)
+                }
+                None => None,
+            },
         };
         let Some(y) = y else { continue };
         match (first, y) {
@@ -89,6 +97,7 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
             tenant,
             strip_path,
             api_key,
+            claims,
         }),
         None => Err(ProxyError::UnknownTenant { named: None }),
     }
@@ -206,6 +215,35 @@ fn api_key_source(
         Some(t) => Ok(Some(Yield::Known(t))),
         None => Err(ProxyError::InvalidApiKey),
     }
+}
+
+/// The "jwt" source: a token that is presented must verify, with the keys of the
+/// tenant it claims or the issuer-wide keys; otherwise 401 whatever else the request
+/// says.
+fn jwt_source(
+    snap: &Snapshot,
+    headers: &HeaderMap,
+) -> Result<Option<(Yield<'static>, crate::jwt::Claims)>, ProxyError> {
+    let Some(token) = crate::jwt::presented(headers, &snap.tenancy.jwt_header)? else {
+        return Ok(None);
+    };
+    let (alg, claimed) = crate::jwt::peek(token, &snap.tenancy.tenant_claim)?;
+    let claimed = claimed.ok_or(ProxyError::InvalidToken)?;
+    let tenant = snap.tenant_by_id(&claimed);
+    if let Some(keys) = tenant.and_then(|t| snap.tenant(t).jwt.as_ref()) {
+        if let (Some(t), Some(c)) = (tenant, keys.verify(token, alg)) {
+            return Ok(Some((Yield::Known(t), c)));
+        }
+    }
+    if let Some(c) = snap.jwt_global.as_ref().and_then(|g| g.verify(token, alg)) {
+        return match tenant {
+            Some(t) => Ok(Some((Yield::Known(t), c))),
+            None => Err(ProxyError::UnknownTenant {
+                named: Some(claimed.into()),
+            }),
+        };
+    }
+    Err(ProxyError::InvalidToken)
 }
 
 /// The "path" source: `/t/{tenant}/rest`. Returns the yield and the length to strip.

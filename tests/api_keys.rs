@@ -296,10 +296,18 @@ fn check_rejects_bad_key_configs() {
         err.contains("requires \"api_key\" but has no `api_keys`"),
         "{err}"
     );
-    let (code, err) = run(&base.replace("[\"api_key\", \"host\"]", "[\"jwt\", \"host\"]"));
+    let (code, err) = run(&format!(
+        "{base}[tenants.a]\nhosts = [\"a.com\"]\nrequire = [\"jwt\"]\n"
+    ));
     assert_eq!(code, Some(1));
     assert!(
-        err.contains("the \"jwt\" source is not implemented yet"),
+        err.contains("tenant \"a\" requires \"jwt\" but has no `[tenants.a.jwt]` keys"),
+        "{err}"
+    );
+    let (code, err) = run(&format!("{base}[tenants.a]\nhosts = [\"a.com\"]\n[tenants.a.jwt]\npublic_keys = [\"/nonexistent.pem\"]\n"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("tenant \"a\": cannot read /nonexistent.pem"),
         "{err}"
     );
     let (code, err) = run(&format!(

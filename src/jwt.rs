@@ -1,0 +1,318 @@
+//! The "jwt" source: a bearer token verified with the keys of the tenant its
+//! `tenant_claim` names (HS256 secrets, RS/ES/EdDSA public keys in PEM), or with one
+//! issuer's JWKS for all tenants. The algorithm comes from the key, never from the
+//! token alone: `alg: none`, or a token signed with an algorithm its key was not
+//! configured for, never verifies.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use http::{HeaderMap, HeaderName};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::ProxyError;
+use crate::units::Dur;
+
+/// `[tenancy.jwt]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    pub header: Spanned<String>,
+    pub tenant_claim: String,
+    pub leeway: Dur,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub jwks_file: Option<Spanned<String>>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            header: Spanned::new(0..0, "authorization".to_owned()),
+            tenant_claim: "tenant".to_owned(),
+            leeway: Dur(std::time::Duration::from_secs(30)),
+            issuer: None,
+            audience: None,
+            jwks_file: None,
+        }
+    }
+}
+
+/// `[tenants.X.jwt]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TenantJwtConfig {
+    pub hs256_secret_env: Option<Spanned<String>>,
+    pub hs256_secret_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub public_keys: Vec<Spanned<String>>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub forward_claims: std::collections::BTreeMap<String, Spanned<String>>,
+}
+
+/// Key material read while validating, so a reload re-reads every file.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeyMaterial {
+    Hs256Secret(Vec<u8>),
+    /// A PEM public key (RSA, EC or Ed25519).
+    Pem(Vec<u8>),
+    /// A JWKS document.
+    Jwks(String),
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret.
+        match self {
+            KeyMaterial::Hs256Secret(_) => f.write_str("Hs256Secret(..)"),
+            KeyMaterial::Pem(_) => f.write_str("Pem(..)"),
+            KeyMaterial::Jwks(_) => f.write_str("Jwks(..)"),
+        }
+    }
+}
+
+/// Verified-token settings of one tenant (or of the issuer shared by all), as
+/// validated from the file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResolvedJwt {
+    pub keys: Vec<KeyMaterial>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// (claim, header)
+    pub forward_claims: Vec<(String, String)>,
+}
+
+/// Reads the key material a `[tenants.X.jwt]` names; paths are relative to `base`.
+pub fn load_tenant_keys(
+    c: &TenantJwtConfig,
+    base: &Path,
+) -> Result<Vec<KeyMaterial>, (std::ops::Range<usize>, String)> {
+    let mut keys = Vec::new();
+    if let Some(env) = &c.hs256_secret_env {
+        match std::env::var(env.get_ref()) {
+            Ok(v) if !v.is_empty() => keys.push(KeyMaterial::Hs256Secret(v.into_bytes())),
+            _ => {
+                return Err((
+                    env.span(),
+                    format!(
+                        "environment variable {:?} (hs256_secret_env) is not set or empty",
+                        env.get_ref()
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(file) = &c.hs256_secret_file {
+        let bytes = read(base, file)?;
+        let trimmed = bytes.strip_suffix(b"\n").unwrap_or(&bytes).to_vec();
+        if trimmed.is_empty() {
+            return Err((
+                file.span(),
+                format!("hs256_secret_file {:?} is empty", file.get_ref()),
+            ));
+        }
+        keys.push(KeyMaterial::Hs256Secret(trimmed));
+    }
+    for pem in &c.public_keys {
+        let bytes = read(base, pem)?;
+        if pem_key(&bytes).is_none() {
+            return Err((
+                pem.span(),
+                format!(
+                    "{:?} is not an RSA, EC or Ed25519 public key in PEM",
+                    pem.get_ref()
+                ),
+            ));
+        }
+        keys.push(KeyMaterial::Pem(bytes));
+    }
+    Ok(keys)
+}
+
+/// Reads and checks a JWKS file.
+pub fn load_jwks(
+    file: &Spanned<String>,
+    base: &Path,
+) -> Result<KeyMaterial, (std::ops::Range<usize>, String)> {
+    let bytes = read(base, file)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| (file.span(), format!("{:?} is not UTF-8", file.get_ref())))?;
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text).map_err(|e| {
+        (
+            file.span(),
+            format!("{:?} is not a JWKS document: {e}", file.get_ref()),
+        )
+    })?;
+    if set.keys.iter().filter_map(jwk_key).next().is_none() {
+        return Err((
+            file.span(),
+            format!(
+                "{:?} holds no usable key (each needs `alg`)",
+                file.get_ref()
+            ),
+        ));
+    }
+    Ok(KeyMaterial::Jwks(text))
+}
+
+fn read(base: &Path, file: &Spanned<String>) -> Result<Vec<u8>, (std::ops::Range<usize>, String)> {
+    let path = base.join(file.get_ref());
+    std::fs::read(&path).map_err(|e| (file.span(), format!("cannot read {}: {e}", path.display())))
+}
+
+fn pem_key(pem: &[u8]) -> Option<(DecodingKey, &'static [Algorithm])> {
+    const RSA: &[Algorithm] = &[
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::PS384,
+        Algorithm::PS512,
+    ];
+    const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
+    const ED: &[Algorithm] = &[Algorithm::EdDSA];
+    if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        return Some((k, RSA));
+    }
+    if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        return Some((k, EC));
+    }
+    DecodingKey::from_ed_pem(pem).ok().map(|k| (k, ED))
+}
+
+fn jwk_key(jwk: &jsonwebtoken::jwk::Jwk) -> Option<(DecodingKey, Vec<Algorithm>)> {
+    let alg = jwk.common.key_algorithm?;
+    let alg: Algorithm = alg.to_string().parse().ok()?;
+    Some((DecodingKey::from_jwk(jwk).ok()?, vec![alg]))
+}
+
+/// The claims of a verified token.
+pub type Claims = serde_json::Map<String, serde_json::Value>;
+
+/// Keys ready for verification, each with the algorithms it may verify.
+pub struct KeySet {
+    keys: Vec<(DecodingKey, Vec<Algorithm>)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: u64,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("keys", &self.keys.len())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+impl KeySet {
+    pub fn build(r: &ResolvedJwt, leeway: u64) -> KeySet {
+        let mut keys = Vec::new();
+        for k in &r.keys {
+            match k {
+                KeyMaterial::Hs256Secret(s) => {
+                    keys.push((DecodingKey::from_secret(s), vec![Algorithm::HS256]))
+                }
+                KeyMaterial::Pem(p) => {
+                    if let Some((k, algs)) = pem_key(p) {
+                        keys.push((k, algs.to_vec()));
+                    }
+                }
+                KeyMaterial::Jwks(text) => {
+                    if let Ok(set) = serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(text) {
+                        keys.extend(set.keys.iter().filter_map(jwk_key));
+                    }
+                }
+            }
+        }
+        KeySet {
+            keys,
+            issuer: r.issuer.clone(),
+            audience: r.audience.clone(),
+            leeway,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The verified claims, or `None` when no key of this set verifies the token.
+    pub fn verify(
+        &self,
+        token: &str,
+        alg: Algorithm,
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
+        for (key, algs) in &self.keys {
+            if !algs.contains(&alg) {
+                continue;
+            }
+            let mut v = Validation::new(alg);
+            v.leeway = self.leeway;
+            v.validate_nbf = true;
+            v.set_required_spec_claims(&["exp"]);
+            match &self.issuer {
+                Some(i) => v.set_issuer(&[i]),
+                None => v.iss = None,
+            }
+            match &self.audience {
+                Some(a) => v.set_audience(&[a]),
+                None => v.validate_aud = false,
+            }
+            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &v) {
+                return Some(data.claims);
+            }
+        }
+        None
+    }
+}
+
+/// The token the request presents: `Bearer <token>` in `Authorization` (or the raw
+/// value of another configured header). `None` when it presents none.
+pub fn presented<'h>(
+    headers: &'h HeaderMap,
+    header: &HeaderName,
+) -> Result<Option<&'h str>, ProxyError> {
+    let mut values = headers.get_all(header).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::InvalidToken);
+    }
+    let s = v.to_str().map_err(|_| ProxyError::InvalidToken)?;
+    if header == http::header::AUTHORIZATION {
+        let Some((scheme, token)) = s.split_once(' ') else {
+            return Ok(None);
+        };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            // Basic and other schemes are not our credential.
+            return Ok(None);
+        }
+        return Ok(Some(token.trim()));
+    }
+    Ok(Some(s.trim()))
+}
+
+/// The token's algorithm and the tenant id it claims, read before verification only
+/// to choose the keys.
+pub fn peek(token: &str, tenant_claim: &str) -> Result<(Algorithm, Option<String>), ProxyError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| ProxyError::InvalidToken)?;
+    let payload = token.split('.').nth(1).ok_or(ProxyError::InvalidToken)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| ProxyError::InvalidToken)?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| ProxyError::InvalidToken)?;
+    let tenant = claims
+        .get(tenant_claim)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    Ok((header.alg, tenant))
+}
