@@ -1,5 +1,6 @@
 //! Cross-tenant isolation: for every ordered pair of tenants (caller, victim) and every
-//! way a client can name a tenant — API key, host (case, trailing dot, port, absolute
+//! way a client can name a tenant — bearer token (also one signed by the wrong tenant),
+//! API key, host (case, trailing dot, port, absolute
 //! form, HTTP/2 authority), tenant header (also repeated), path, `x-forwarded-host` —
 //! the caller tries to reach the victim's upstream. No request may land on an upstream
 //! other than the one of the tenant its credential names, and every request an upstream
@@ -18,6 +19,29 @@ const TENANTS: [&str; 5] = ["t0", "t1", "t2", "t3", "t4"];
 
 fn key(t: &str) -> String {
     format!("key-of-{t}-s3cr3t")
+}
+
+fn secret(t: &str) -> String {
+    format!("jwt-secret-of-{t}-0123456789")
+}
+
+/// A valid HS256 token of tenant `t`, signed with `t`'s secret.
+fn token(t: &str) -> String {
+    token_signed(t, &secret(t))
+}
+
+fn token_signed(claims_tenant: &str, secret: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"tenant": claims_tenant, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }
 
 fn host(t: &str) -> String {
@@ -160,21 +184,71 @@ fn attempts(caller: &'static str, victim: &'static str) -> Vec<Attempt> {
         "/",
         None,
     );
+    let bearer = |t: String| format!("Bearer {t}");
+    let tk = bearer(token(caller));
+    add(
+        "token + victim host",
+        vec![("authorization", tk.clone()), ("host", host(v))],
+        "/",
+        Some(caller),
+    );
+    add(
+        "token + victim header",
+        vec![("authorization", tk.clone()), ("x-tenant-id", v.to_owned())],
+        "/",
+        Some(caller),
+    );
+    add(
+        "token + victim path",
+        vec![("authorization", tk.clone())],
+        &format!("/t/{v}/"),
+        Some(caller),
+    );
+    add(
+        "token + victim key",
+        vec![("authorization", tk.clone()), ("x-api-key", key(v))],
+        "/",
+        None,
+    );
+    add(
+        "victim claim signed with own secret",
+        vec![
+            ("authorization", bearer(token_signed(v, &secret(caller)))),
+            ("host", host(caller)),
+        ],
+        "/",
+        None,
+    );
+    add(
+        "two tokens",
+        vec![
+            ("authorization", tk.clone()),
+            ("authorization", bearer(token(v))),
+        ],
+        "/",
+        None,
+    );
     out
 }
 
 async fn setup() -> (Gateway, Vec<Upstream>) {
     let mut ups = Vec::new();
-    let mut toml =
-        String::from("[tenancy]\nresolve = [\"api_key\", \"host\", \"header\", \"path\"]\n");
+    let mut toml = String::from(
+        "[tenancy]\nresolve = [\"jwt\", \"api_key\", \"host\", \"header\", \"path\"]\n",
+    );
+    // The secrets are read while the config is validated; the directory may go after.
+    let dir = tempfile::tempdir().unwrap();
     for t in TENANTS {
         let u = Upstream::echo(t).await;
+        let secret_file = dir.path().join(format!("{t}.key"));
+        std::fs::write(&secret_file, secret(t)).unwrap();
         toml.push_str(&format!(
-            "[upstreams.{t}]\ntargets = [\"{}\"]\n[tenants.{t}]\nhosts = [\"{}\"]\nupstream = \"{t}\"\napi_keys = [\"{}\"]\n{}",
+            "[upstreams.{t}]\ntargets = [\"{}\"]\n[tenants.{t}]\nhosts = [\"{}\"]\nupstream = \"{t}\"\napi_keys = [\"{}\"]\n{}[tenants.{t}.jwt]\nhs256_secret_file = \"{}\"\n",
             u.addr,
             host(t),
             hash_key(key(t).as_bytes()),
-            if t == "t0" { "require = [\"api_key\"]\n" } else { "" }
+            if t == "t0" { "require = [\"api_key\", \"jwt\"]\n" } else { "" },
+            secret_file.display()
         ));
         ups.push(u);
     }
