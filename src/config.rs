@@ -309,6 +309,8 @@ pub struct Config {
     /// `tenancy.jwt.header`, lower case.
     pub jwt_header: String,
     pub tenant_claim: String,
+    /// `tenancy.jwt.cookie`: a cookie carrying the token.
+    pub jwt_cookie: Option<String>,
     pub jwt_leeway: Duration,
     /// `[tenancy.jwt]` issuer-wide keys (`jwks_file`), with `issuer` / `audience`.
     pub jwt_global: Option<crate::jwt::ResolvedJwt>,
@@ -771,6 +773,7 @@ impl Validator<'_> {
             api_key_header: t.api_key.header.get_ref().to_ascii_lowercase(),
             jwt_header: t.jwt.header.get_ref().to_ascii_lowercase(),
             tenant_claim: t.jwt.tenant_claim.clone(),
+            jwt_cookie: t.jwt.cookie.clone(),
             jwt_leeway: t.jwt.leeway.0,
             jwt_global,
             tenant_header: t.header.get_ref().to_ascii_lowercase(),

@@ -20,6 +20,8 @@ use crate::units::Dur;
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     pub header: Spanned<String>,
+    /// A cookie that carries the bare token, read when the header has none.
+    pub cookie: Option<String>,
     pub tenant_claim: String,
     pub leeway: Dur,
     pub issuer: Option<String>,
@@ -31,6 +33,7 @@ impl Default for JwtConfig {
     fn default() -> Self {
         JwtConfig {
             header: Spanned::new(0..0, "authorization".to_owned()),
+            cookie: None,
             tenant_claim: "tenant".to_owned(),
             leeway: Dur(std::time::Duration::from_secs(30)),
             issuer: None,
@@ -48,6 +51,8 @@ pub struct TenantJwtConfig {
     pub hs256_secret_file: Option<Spanned<String>>,
     #[serde(default)]
     pub public_keys: Vec<Spanned<String>>,
+    /// A JWKS document with the tenant's keys (each with `alg`), re-read on reload.
+    pub jwks_file: Option<Spanned<String>>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     #[serde(default)]
@@ -129,6 +134,9 @@ pub fn load_tenant_keys(
             ));
         }
         keys.push(KeyMaterial::Pem(bytes));
+    }
+    if let Some(f) = &c.jwks_file {
+        keys.push(load_jwks(f, base)?);
     }
     Ok(keys)
 }
@@ -274,14 +282,16 @@ impl KeySet {
 }
 
 /// The token the request presents: `Bearer <token>` in `Authorization` (or the raw
-/// value of another configured header). `None` when it presents none.
+/// value of another configured header), else the configured cookie. `None` when it
+/// presents none.
 pub fn presented<'h>(
     headers: &'h HeaderMap,
     header: &HeaderName,
+    cookie: Option<&str>,
 ) -> Result<Option<&'h str>, ProxyError> {
     let mut values = headers.get_all(header).iter();
     let Some(v) = values.next() else {
-        return Ok(None);
+        return Ok(cookie.and_then(|name| cookie_value(headers, name)));
     };
     if values.next().is_some() {
         return Err(ProxyError::InvalidToken);
@@ -298,6 +308,19 @@ pub fn presented<'h>(
         return Ok(Some(token.trim()));
     }
     Ok(Some(s.trim()))
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
 }
 
 /// The token's algorithm and the tenant id it claims, read before verification only

@@ -98,6 +98,7 @@ pub struct Tenancy {
     /// `tenancy.jwt.header` and `tenant_claim`.
     pub jwt_header: HeaderName,
     pub tenant_claim: Box<str>,
+    pub jwt_cookie: Option<Box<str>>,
     pub header: HeaderName,
     pub path_prefix: Box<str>,
     /// `None` when `forward_header = ""` (injection off).
@@ -262,6 +263,7 @@ impl Snapshot {
                 api_key_source: config.resolve.contains(&SourceKind::ApiKey),
                 jwt_header: header(&config.jwt_header)?,
                 tenant_claim: config.tenant_claim.clone().into_boxed_str(),
+                jwt_cookie: config.jwt_cookie.clone().map(String::into_boxed_str),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
                 forward_header: if config.forward_header.is_empty() {

@@ -224,7 +224,12 @@ fn jwt_source(
     snap: &Snapshot,
     headers: &HeaderMap,
 ) -> Result<Option<(Yield<'static>, crate::jwt::Claims)>, ProxyError> {
-    let Some(token) = crate::jwt::presented(headers, &snap.tenancy.jwt_header)? else {
+    let Some(token) = crate::jwt::presented(
+        headers,
+        &snap.tenancy.jwt_header,
+        snap.tenancy.jwt_cookie.as_deref(),
+    )?
+    else {
         return Ok(None);
     };
     let (alg, claimed) = crate::jwt::peek(token, &snap.tenancy.tenant_claim)?;

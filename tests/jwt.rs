@@ -325,3 +325,29 @@ async fn tokens_never_appear_in_logs() {
     }
     assert!(!log.contains(ACME_SECRET));
 }
+
+#[tokio::test]
+async fn jwks_per_tenant_and_token_in_a_cookie() {
+    let up = Upstream::echo("globex").await;
+    let gw = Gateway::start(&format!(
+        "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[tenancy.jwt]\ncookie = \"session\"\n[upstreams.globex]\ntargets = [\"{}\"]\n[tenants.globex]\nhosts = [\"globex.example.com\"]\nupstream = \"globex\"\nrequire = [\"jwt\"]\n[tenants.globex.jwt]\njwks_file = \"{FIXTURES}/globex-jwks.json\"\n",
+        up.addr
+    ));
+    let token = rs256(globex_claims());
+    // In the Authorization header, verified with the tenant's JWKS.
+    let r = get(gw.addr, "/", &[("authorization", &bearer(&token))]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    // In the configured cookie, among others.
+    let cookie = format!("theme=dark; session={token}; lang=en");
+    let r = get(gw.addr, "/", &[("cookie", &cookie)]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    // A bad token in the cookie is refused like one in the header.
+    let mut c = globex_claims();
+    c["exp"] = json!(now() - 600);
+    let cookie = format!("session={}", rs256(c));
+    assert_invalid_token(
+        &get(gw.addr, "/", &[("cookie", &cookie)]).await,
+        "expired, in a cookie",
+    );
+    assert_eq!(up.seen().len(), 2);
+}
