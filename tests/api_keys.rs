@@ -254,19 +254,9 @@ async fn keys_never_appear_in_logs_or_metrics() {
 
 #[test]
 fn check_rejects_bad_key_configs() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
     let run = |text: &str| {
-        std::fs::write(&path, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, _, stderr) = run_check(text, &[]);
+        (Some(code), stderr)
     };
     let base = "[tenancy]\nresolve = [\"api_key\", \"host\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:1\"]\n[defaults]\nupstream = \"u\"\n";
     let k = hash_key(b"k");

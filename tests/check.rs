@@ -1,22 +1,11 @@
 //! `bulkhead check`: exit codes and `PATH:LINE:COL: message` lines.
 
+mod support;
+
 use std::process::Command;
 
 fn check(text: &str) -> (i32, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "PATH");
-    (
-        out.status.code().unwrap(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
+    support::run_check(text, &[])
 }
 
 const BASE: &str =
@@ -129,17 +118,8 @@ fn run_with_invalid_file_fails_fast_with_the_same_message() {
 }
 
 fn check_args(text: &str, strict: bool) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
-    cmd.args(["check", "--config"]).arg(&path);
-    if strict {
-        cmd.arg("--strict");
-    }
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "PATH");
-    (out.status.code().unwrap(), stderr)
+    let (code, _, stderr) = support::run_check(text, if strict { &["--strict"] } else { &[] });
+    (code, stderr)
 }
 
 /// Each isolation lint: a warning naming the tenants, exit 0; exit 1 with --strict.

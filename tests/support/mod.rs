@@ -548,3 +548,22 @@ pub fn assert_error(r: &Reply, status: u16, code: &str) {
     );
     assert!(j.get("tenant").is_some(), "{j}");
 }
+
+/// Runs `bulkhead check` (plus `args`) on `text` written to a temporary gateway.toml.
+/// Returns the exit code, stdout, and stderr with the file's path replaced by `PATH`.
+pub fn run_check(text: &str, args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "PATH"),
+    )
+}
