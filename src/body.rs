@@ -94,13 +94,6 @@ impl ProxyBody {
         }
     }
 
-    pub fn empty() -> ProxyBody {
-        ProxyBody {
-            kind: Kind::Full(None),
-            finish: None,
-        }
-    }
-
     pub fn upstream(body: Incoming, lease: Lease) -> ProxyBody {
         // A body that is over before it starts (204, 304, HEAD) is never polled.
         let lease = if body.is_end_stream() {

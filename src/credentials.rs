@@ -57,10 +57,6 @@ impl ApiKeys {
             .push((digest, tenant));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_prefix.is_empty()
-    }
-
     /// The tenant owning `key`, if any.
     pub fn find(&self, key: &[u8]) -> Option<TenantIdx> {
         let digest: KeyDigest = Sha256::digest(key).into();

@@ -90,12 +90,6 @@ impl UpstreamClient {
         let pos = list.iter().rposition(|i| i.sender.is_ready())?;
         Some(list.swap_remove(pos).sender)
     }
-
-    /// Number of idle connections held (for tests).
-    pub fn idle_count(&self) -> usize {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.values().map(Vec::len).sum()
-    }
 }
 
 async fn connect(target: &Authority) -> Result<SendRequest<RequestBody>, UpstreamFailure> {
