@@ -14,23 +14,12 @@ for t in nginx wrk taskset; do
   command -v "$t" >/dev/null || { echo "missing $t: apt-get install -y nginx wrk util-linux" >&2; exit 1; }
 done
 TMP=$(mktemp -d); chmod 755 "$TMP"
-cat >"$TMP/backend.conf" <<CONF
-daemon off;
-worker_processes 1;
-pid $TMP/nginx.pid;
-error_log $TMP/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:19000; location / { return 200 "hello, world\n"; } }
-}
-CONF
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
-taskset -c 0 nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
-sleep 0.5
+# shellcheck source=benches/load/backend.sh
+. "$(dirname "$0")/backend.sh"
+start_backend
 run() { # label bin conf
   RUST_LOG=warn taskset -c 1 "$2" run --no-watch --config "$3" & local pid=$!
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break; sleep 0.1; done

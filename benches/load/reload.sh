@@ -26,19 +26,9 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
-cat >"$TMP/backend.conf" <<CONF
-daemon off;
-worker_processes 1;
-pid $TMP/nginx.pid;
-error_log $TMP/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    server { listen 127.0.0.1:19000; location / { return 200 "hello, world\n"; } }
-}
-CONF
-taskset -c 0 nginx -c "$TMP/backend.conf" -p "$TMP" & PIDS+=($!)
+# shellcheck source=benches/load/backend.sh
+. benches/load/backend.sh
+start_backend
 
 gen() { # n upstream-of-t0 file
   python3 - "$1" "$2" "$3" <<'PY'
