@@ -563,7 +563,7 @@ async fn reloading_under_load_fails_no_request_and_closes_no_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_for_one_tenant_keeps_anothers_rate_bucket_and_in_flight_count() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
-    let slow = Upstream::start("slow", Behavior::Slow(Duration::from_secs(6))).await;
+    let slow = Upstream::start("slow", Behavior::Slow(Duration::from_secs(8))).await;
     let toml = |b_up: &str| {
         format!(
             r#"
@@ -614,19 +614,24 @@ upstream = "{b_up}"
     );
     let addr = gw.addr;
     let held = tokio::spawn(async move { get(addr, "/", &[("host", "held.example.com")]).await });
+    // Once the slow upstream has the request, the gateway has admitted it: its permit is held.
     let start = Instant::now();
-    loop {
-        let r = get(gw.addr, "/fast", &[("host", "held.example.com")]).await;
-        if r.status == 503 {
-            assert_error(&r, 503, "too_many_in_flight");
-            break;
-        }
+    while slow.seen().is_empty() {
         assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "the held request never counted"
+            !held.is_finished(),
+            "the held request ended before reaching its upstream"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the held request never reached its upstream"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_error(
+        &get(gw.addr, "/fast", &[("host", "held.example.com")]).await,
+        503,
+        "too_many_in_flight",
+    );
 
     write(&path, &toml("green"));
     let r = post_reload(gw.admin).await;
