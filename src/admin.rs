@@ -55,6 +55,9 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
 }
 
 async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBody> {
+    if let Some(rest) = req.uri().path().strip_prefix("/tenants/") {
+        return tenant_usage(req.method(), rest, &shared).await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/reload") => reload(shared).await,
         (&Method::GET, "/config") => {
@@ -90,6 +93,26 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
         ),
         _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
     }
+}
+
+/// `GET /tenants/{id}/usage` and `POST /tenants/{id}/usage/reset` (quota.rs).
+async fn tenant_usage(method: &Method, rest: &str, shared: &Shared) -> Response<ProxyBody> {
+    let snap = shared.snapshot.load_full();
+    let (status, body) = match (method, rest.split_once('/')) {
+        (&Method::GET, Some((id, "usage"))) => crate::quota::usage(&snap, id).await,
+        (&Method::POST, Some((id, "usage/reset"))) => crate::quota::reset(&snap, id).await,
+        (_, Some((_, "usage" | "usage/reset"))) => {
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                r#"{"error":"method_not_allowed"}"#,
+            )
+        }
+        _ => return json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
+    };
+    json_value(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &body,
+    )
 }
 
 /// `POST /reload`: 200 `{"version": V}`, or 422 `invalid_config` with the message

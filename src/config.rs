@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<Spanned<String>, UpstreamConfig>,
     #[serde(default)]
     pub tenants: BTreeMap<Spanned<String>, TenantConfig>,
+    /// `[cluster]`: the shared store of `limits.scope = "cluster"` (issue #9).
+    pub cluster: Option<Spanned<ClusterConfig>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -59,6 +61,8 @@ pub struct ServerConfig {
     pub access_log: bool,
     /// Per-tenant request metrics (counters, latency histogram, body bytes).
     pub metrics: bool,
+    /// Where local-scope quota counters are kept across restarts; in memory when unset.
+    pub state_dir: Option<Spanned<String>>,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             limiter_prune_interval: Dur(Duration::from_secs(60)),
             access_log: true,
             metrics: true,
+            state_dir: None,
         }
     }
 }
@@ -159,7 +164,73 @@ pub struct LimitsConfig {
     pub max_in_flight: Option<Spanned<u64>>,
     pub per_client_requests_per_second: Option<Spanned<PositiveNumber>>,
     pub per_client_burst: Option<Spanned<u64>>,
+    pub scope: Option<Spanned<Scope>>,
+    pub on_store_failure: Option<Spanned<OnStoreFailure>>,
+    pub requests_per_day: Option<Spanned<u64>>,
+    pub requests_per_month: Option<Spanned<u64>>,
 }
+
+// ---- cluster scope and quotas (issue #9) ----
+
+/// `limits.scope`: whether a tenant's rate and quotas hold per instance or for the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Local,
+    Cluster,
+}
+
+/// `limits.on_store_failure`: what a cluster-scope tenant gets while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreFailure {
+    /// Served on this instance's own limits (the tenant's configured rate, per instance).
+    #[default]
+    Open,
+    /// 503 `store_unavailable`.
+    Closed,
+}
+
+/// `[cluster]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// One `redis://` / `rediss://` URL, or a list of nodes for Redis Cluster.
+    pub redis: Option<Spanned<RedisNodes>>,
+    pub instance_id: Option<Spanned<String>>,
+    pub sync_interval: Option<Spanned<Dur>>,
+    pub store_timeout: Option<Spanned<Dur>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RedisNodes {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// One URL: a single Redis server; several: the seed nodes of a Redis Cluster.
+    pub nodes: Vec<String>,
+    pub instance_id: String,
+    pub sync_interval: Duration,
+    pub store_timeout: Duration,
+}
+
+/// The host name, for the default `instance_id`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("bulkhead-{}", std::process::id()))
+}
+
+// ---- end cluster scope ----
 
 /// An integer or float; `validate` checks that it is positive.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -241,6 +312,10 @@ pub struct Limits {
     pub max_in_flight: Option<u64>,
     pub per_client_requests_per_second: Option<f64>,
     pub per_client_burst: Option<u64>,
+    pub scope: Scope,
+    pub on_store_failure: OnStoreFailure,
+    pub requests_per_day: Option<u64>,
+    pub requests_per_month: Option<u64>,
 }
 
 /// A host pattern from a tenant's `hosts`, normalised (lower case, no trailing dot).
@@ -319,6 +394,10 @@ pub struct Config {
     pub forward_header: String,
     pub upstreams: Vec<ResolvedUpstream>,
     pub tenants: Vec<ResolvedTenant>,
+    /// `[cluster]`; `None` when the file has none (every tenant is local).
+    pub cluster: Option<ClusterSettings>,
+    /// `server.state_dir`, relative paths taken from the config file's directory.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// One problem found in the file, with its position.
@@ -754,6 +833,17 @@ impl Validator<'_> {
             });
         }
 
+        let cluster = self.cluster(f);
+        if cluster.is_none() {
+            self.cluster_scope_needs_redis(f);
+        }
+        let state_dir = server.state_dir.as_ref().map(|d| {
+            if d.get_ref().is_empty() {
+                self.error(d.span(), "`server.state_dir` must be a directory path (leave it out to keep quota counters in memory)".to_owned());
+            }
+            path.parent().unwrap_or(Path::new("")).join(d.get_ref())
+        });
+
         Some(Config {
             path: path.to_owned(),
             version: version_of(text),
@@ -781,7 +871,92 @@ impl Validator<'_> {
             forward_header: t.forward_header.get_ref().to_ascii_lowercase(),
             upstreams,
             tenants,
+            cluster,
+            state_dir,
         })
+    }
+
+    /// `[cluster]`, validated; `None` without one or without `redis`.
+    fn cluster(&mut self, f: &FileConfig) -> Option<ClusterSettings> {
+        let c = f.cluster.as_ref()?;
+        let span = c.span();
+        let c = c.get_ref();
+        let Some(redis) = &c.redis else {
+            self.error(
+                span,
+                "[cluster] needs `redis`, e.g. redis = \"redis://127.0.0.1:6379/0\"".to_owned(),
+            );
+            return None;
+        };
+        let nodes = match redis.get_ref() {
+            RedisNodes::One(u) => vec![u.clone()],
+            RedisNodes::Many(v) => v.clone(),
+        };
+        if nodes.is_empty() {
+            self.error(redis.span(), "`cluster.redis` names no node".to_owned());
+        }
+        for n in &nodes {
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(n.as_str()) {
+                self.error(
+                    redis.span(),
+                    format!("`cluster.redis`: {n:?} is not a redis:// or rediss:// URL ({e})"),
+                );
+            }
+        }
+        let dur = |d: &Option<Spanned<Dur>>, default_ms: u64| {
+            d.as_ref()
+                .map_or((0..0, Duration::from_millis(default_ms)), |d| {
+                    (d.span(), d.get_ref().0)
+                })
+        };
+        let (sync_span, sync_interval) = dur(&c.sync_interval, 50);
+        let (timeout_span, store_timeout) = dur(&c.store_timeout, 20);
+        if sync_interval < Duration::from_millis(1) || sync_interval > Duration::from_secs(60) {
+            self.error(
+                sync_span,
+                "`cluster.sync_interval` must be between 1ms and 60s".to_owned(),
+            );
+        }
+        if store_timeout < Duration::from_millis(1) || store_timeout > Duration::from_secs(10) {
+            self.error(
+                timeout_span,
+                "`cluster.store_timeout` must be between 1ms and 10s".to_owned(),
+            );
+        }
+        let instance_id = match &c.instance_id {
+            Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 128 => {
+                self.error(
+                    id.span(),
+                    "`cluster.instance_id` must be 1 to 128 characters".to_owned(),
+                );
+                String::new()
+            }
+            Some(id) => id.get_ref().clone(),
+            None => hostname(),
+        };
+        Some(ClusterSettings {
+            nodes,
+            instance_id,
+            sync_interval,
+            store_timeout,
+        })
+    }
+
+    /// Without a usable `[cluster] redis`, no `scope = "cluster"` can work.
+    fn cluster_scope_needs_redis(&mut self, f: &FileConfig) {
+        let tables = std::iter::once(("[defaults.limits]".to_owned(), &f.defaults.limits)).chain(
+            f.tenants
+                .iter()
+                .map(|(id, t)| (format!("[tenants.{}.limits]", id.get_ref()), &t.limits)),
+        );
+        for (table, l) in tables {
+            if let Some(s) = l.scope.as_ref().filter(|s| *s.get_ref() == Scope::Cluster) {
+                self.error(
+                    s.span(),
+                    format!("{table} scope = \"cluster\" needs `redis` in a [cluster] table (a redis:// URL shared by every instance)"),
+                );
+            }
+        }
     }
 
     fn audit_log(&mut self, config: &Path, raw: Option<&Spanned<String>>) -> Option<PathBuf> {
@@ -849,6 +1024,19 @@ impl Validator<'_> {
                 self.error(m.span(), "`max_in_flight` must be positive".to_owned());
             }
         }
+        for (key, q) in [
+            ("requests_per_day", &l.requests_per_day),
+            ("requests_per_month", &l.requests_per_month),
+        ] {
+            if let Some(q) = q {
+                if *q.get_ref() < 1 || *q.get_ref() > 1 << 50 {
+                    self.error(
+                        q.span(),
+                        format!("`{key}` must be at least 1 (and at most 2^50)"),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -875,6 +1063,18 @@ fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
             .or(d.per_client_requests_per_second.as_ref())
             .map(|s| s.get_ref().0),
         per_client_burst: pick(&t.per_client_burst, &d.per_client_burst),
+        scope: t
+            .scope
+            .as_ref()
+            .or(d.scope.as_ref())
+            .map_or(Scope::Local, |s| *s.get_ref()),
+        on_store_failure: t
+            .on_store_failure
+            .as_ref()
+            .or(d.on_store_failure.as_ref())
+            .map_or(OnStoreFailure::Open, |s| *s.get_ref()),
+        requests_per_day: pick(&t.requests_per_day, &d.requests_per_day),
+        requests_per_month: pick(&t.requests_per_month, &d.requests_per_month),
     }
 }
 
@@ -1049,6 +1249,32 @@ upstream = "shared"
         let text = format!("{BASE}\n[defaults.limits]\nrequests_per_second = 0\nburst = 0\n");
         let e = parse(&text).unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn cluster_scope_needs_redis_with_position() {
+        let text = format!("{BASE}\n[defaults.limits]\nscope = \"cluster\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("gateway.toml:9:9: [defaults.limits] scope = \"cluster\" needs `redis`"),
+            "{e}"
+        );
+        let text = format!(
+            "{BASE}\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\ninstance_id = \"edge-1\"\n[defaults.limits]\nscope = \"cluster\"\non_store_failure = \"closed\"\nrequests_per_day = 1_000\n[tenants.a]\nhosts = [\"a.com\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.instance_id, "edge-1");
+        assert_eq!(cl.sync_interval, Duration::from_millis(50));
+        assert_eq!(cl.store_timeout, Duration::from_millis(20));
+        let l = c.tenants[0].limits;
+        assert_eq!(l.scope, Scope::Cluster);
+        assert_eq!(l.on_store_failure, OnStoreFailure::Closed);
+        assert_eq!(l.requests_per_day, Some(1000));
+        let e = parse(&format!("{BASE}\n[cluster]\nredis = \"http://x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.toml:9:9: `cluster.redis`"), "{e}");
     }
 
     #[test]

@@ -80,11 +80,20 @@ pub enum ProxyError {
         upstream: std::sync::Arc<str>,
         after: Duration,
     },
+    /// The tenant's `requests_per_day` / `requests_per_month` is used up; `retry_after`
+    /// is the number of seconds to the start of the next UTC period.
+    QuotaExhausted {
+        period: &'static str,
+        limit: u64,
+        retry_after: u64,
+    },
+    /// A cluster-scope tenant with `on_store_failure = "closed"` while Redis is unreachable.
+    StoreUnavailable,
 }
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 15] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -98,6 +107,8 @@ impl ProxyError {
         "invalid_api_key",
         "credentials_required",
         "invalid_token",
+        "quota_exhausted",
+        "store_unavailable",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -116,6 +127,8 @@ impl ProxyError {
             ProxyError::InvalidApiKey => 10,
             ProxyError::CredentialsRequired => 11,
             ProxyError::InvalidToken => 12,
+            ProxyError::QuotaExhausted { .. } => 13,
+            ProxyError::StoreUnavailable => 14,
         }
     }
 
@@ -134,6 +147,8 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::QuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -153,6 +168,8 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::QuotaExhausted { .. } => "quota_exhausted",
+            ProxyError::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -215,6 +232,16 @@ impl ProxyError {
                 "upstream {upstream:?} sent no response head within {}ms",
                 after.as_millis()
             ),
+            ProxyError::QuotaExhausted {
+                period,
+                limit,
+                retry_after,
+            } => format!(
+                "the tenant's quota of {limit} requests per {period} is used up; it renews in {retry_after}s (UTC)"
+            ),
+            ProxyError::StoreUnavailable => {
+                "the shared limit store is unavailable; retry shortly".to_owned()
+            }
         }
     }
 
@@ -224,6 +251,8 @@ impl ProxyError {
             ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
             // In-flight slots free up as requests finish: typically within a second.
             ProxyError::TooManyInFlight { .. } => Some(1),
+            ProxyError::QuotaExhausted { retry_after, .. } => Some(*retry_after),
+            ProxyError::StoreUnavailable => Some(1),
             ProxyError::UnknownTenant { .. }
             | ProxyError::TenantMismatch { .. }
             | ProxyError::TenantSuspended
@@ -320,6 +349,12 @@ mod tests {
                 upstream: "u".into(),
                 after: Duration::from_secs(1),
             },
+            ProxyError::QuotaExhausted {
+                period: "day",
+                limit: 1,
+                retry_after: 5,
+            },
+            ProxyError::StoreUnavailable,
         ];
         for e in &all {
             assert_eq!(ProxyError::REASONS[e.reason_index()], e.code());

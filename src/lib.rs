@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod demo;
@@ -21,9 +22,11 @@ pub mod limits;
 pub mod lint;
 pub mod metrics;
 pub mod proxy;
+pub mod quota;
 pub mod reload;
 pub mod server;
 pub mod snapshot;
+pub mod store;
 pub mod tenant;
 pub mod units;
 pub mod upstream;

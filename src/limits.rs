@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use crate::config::Limits;
+use crate::config::{Limits, OnStoreFailure, Scope};
 use crate::error::ProxyError;
 use crate::headers::X_FORWARDED_FOR;
 use crate::metrics::TenantStats;
@@ -110,6 +110,11 @@ pub struct TenantLimits {
     pub max_body: Option<u64>,
     /// `RateLimit-Policy`, built once; `None` when the tenant has no rate limit.
     pub policy: Option<HeaderValue>,
+    /// `limits.scope` and `limits.on_store_failure` (issue #9).
+    pub scope: Scope,
+    pub on_store_failure: OnStoreFailure,
+    /// Quota counters and cluster leases; always carried over (see `quota.rs`).
+    pub usage: Arc<crate::quota::Usage>,
 }
 
 impl fmt::Debug for TenantLimits {
@@ -186,6 +191,9 @@ impl TenantLimits {
             max_body: limits.max_body,
             policy: (!policy.is_empty())
                 .then(|| HeaderValue::from_bytes(&policy).expect("ASCII digits and names")),
+            scope: limits.scope,
+            on_store_failure: limits.on_store_failure,
+            usage: previous.map(|p| p.usage.clone()).unwrap_or_default(),
         }
     }
 
@@ -210,6 +218,26 @@ impl TenantLimits {
             }
         }
         if let Some((rate, bucket)) = &self.rate {
+            // Cluster scope: a token of the fleet's bucket, leased to this instance;
+            // this instance's own bucket only while the store is unavailable ("open").
+            if self.scope == Scope::Cluster {
+                match self.usage.take_rate_token() {
+                    crate::quota::Lease::Taken(left) => {
+                        state.tenant = Some((*rate, left));
+                        return Ok(state);
+                    }
+                    crate::quota::Lease::Empty => {
+                        let wait = Duration::from_secs_f64(1.0 / rate.per_second);
+                        return Err(self.rate_limited(wait, "tenant", rate));
+                    }
+                    crate::quota::Lease::Stale
+                        if self.on_store_failure == OnStoreFailure::Closed =>
+                    {
+                        return Err(ProxyError::StoreUnavailable);
+                    }
+                    crate::quota::Lease::Stale => {}
+                }
+            }
             match bucket.check() {
                 Ok(s) => state.tenant = Some((*rate, remaining(&s))),
                 Err(not_until) => {

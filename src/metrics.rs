@@ -395,8 +395,42 @@ pub fn families(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<MetricFamily> 
         ),
     ]
     .into_iter()
+    .chain(quota_families(snap))
     .filter(|f| !f.get_metric().is_empty())
     .collect()
+}
+
+/// `quota_used`, `quota_limit` and `store_errors_total` (issue #9).
+fn quota_families(snap: &Snapshot) -> Vec<MetricFamily> {
+    let (mut used, mut limit) = (Vec::new(), Vec::new());
+    for (tenant, period, u, l) in crate::quota::samples(snap) {
+        let labels = || vec![label("tenant", tenant), label("period", period)];
+        used.push(gauge(labels(), u));
+        limit.push(gauge(labels(), l));
+    }
+    let mut out = vec![
+        family(
+            "quota_used",
+            "Requests counted against the tenant's quota in the current UTC period.",
+            MetricType::GAUGE,
+            used,
+        ),
+        family(
+            "quota_limit",
+            "The tenant's requests_per_day / requests_per_month.",
+            MetricType::GAUGE,
+            limit,
+        ),
+    ];
+    if let Some(store) = &snap.store {
+        out.push(family(
+            "store_errors_total",
+            "Calls to the shared store (Redis) that failed or timed out.",
+            MetricType::COUNTER,
+            vec![counter(vec![], store.errors())],
+        ));
+    }
+    out
 }
 
 /// The text exposition of [`families`].

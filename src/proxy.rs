@@ -144,6 +144,8 @@ async fn proxy<'s>(
         return Err(ProxyError::CredentialsRequired);
     }
     ex.permit = Some(admit(snap, tenant, ctx, &req, ex)?);
+    // Quotas are charged last, so only requests that pass every other check count.
+    crate::quota::charge(snap, tenant).await?;
 
     let (mut parts, body) = req.into_parts();
     let body = RequestBody::new(

@@ -366,6 +366,13 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     if new.limiter_prune_interval != running.limiter_prune_interval {
         keys.push("server.limiter_prune_interval");
     }
+    // The Redis connection and the state file are set up once, at start.
+    if new.cluster != running.cluster {
+        keys.push("[cluster]");
+    }
+    if new.state_dir != running.state_dir {
+        keys.push("server.state_dir");
+    }
     // hyper's backstop limit is fixed at start; a larger `max_header_bytes` than it
     // leaves room for would be cut off by hyper with an empty 431.
     if crate::server::hyper_header_limit(new.max_header_bytes)
@@ -508,6 +515,19 @@ fn tenant_fields(a: &ResolvedTenant, b: &ResolvedTenant) -> Vec<&'static str> {
     field(
         la.per_client_burst != lb.per_client_burst,
         "limits.per_client_burst",
+    );
+    field(la.scope != lb.scope, "limits.scope");
+    field(
+        la.on_store_failure != lb.on_store_failure,
+        "limits.on_store_failure",
+    );
+    field(
+        la.requests_per_day != lb.requests_per_day,
+        "limits.requests_per_day",
+    );
+    field(
+        la.requests_per_month != lb.requests_per_month,
+        "limits.requests_per_month",
     );
     if f.is_empty() {
         // A field this list does not name yet: say that something changed rather

@@ -100,6 +100,7 @@ impl RunningGateway {
                     .expect("a tokio runtime can be built");
                 rt.block_on(async move {
                     tokio::spawn(prune_limiters(admin_shared.clone()));
+                    tokio::spawn(crate::cluster::run(admin_shared.clone()));
                     crate::admin::serve(admin_listener, admin_shared, admin_rx).await;
                 });
             })?;
@@ -127,6 +128,10 @@ impl RunningGateway {
     pub fn wait(self) {
         for w in self.workers {
             let _ = w.join();
+        }
+        let snap = self.shared.snapshot.load_full();
+        if let Err(e) = snap.quotas.flush(&snap, true) {
+            tracing::warn!(error = %e, "cannot save quota counters to server.state_dir");
         }
         let _ = self.admin_stop.send(true);
         let _ = self.admin.join();

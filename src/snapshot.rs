@@ -126,6 +126,11 @@ pub struct Snapshot {
     pub api_keys: crate::credentials::ApiKeys,
     /// Issuer-wide token keys (`[tenancy.jwt] jwks_file`).
     pub jwt_global: Option<crate::jwt::KeySet>,
+    /// `[cluster]`: the Redis connection of cluster scope; kept across reloads (a
+    /// change of `[cluster]` needs a restart).
+    pub store: Option<Arc<crate::store::Store>>,
+    /// `server.state_dir`: local quota counters saved across restarts.
+    pub quotas: Arc<crate::quota::Quotas>,
     by_id: FastMap<Box<str>, TenantIdx>,
     exact_hosts: FastMap<Box<str>, TenantIdx>,
     /// `*.acme.com` is stored under `acme.com`.
@@ -180,6 +185,10 @@ impl Snapshot {
                 .ok_or_else(|| BuildError(format!("unknown upstream {name:?}")))
         };
 
+        let quotas = previous.map_or_else(
+            || Arc::new(crate::quota::Quotas::open(config.state_dir.clone())),
+            |p| p.quotas.clone(),
+        );
         let mut tenants = Vec::with_capacity(config.tenants.len());
         let mut by_id = FastMap::default();
         let mut exact_hosts = FastMap::default();
@@ -221,6 +230,10 @@ impl Snapshot {
                 api_keys.insert(*d, idx);
             }
             let before = previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| p.tenant(i)));
+            let limits = TenantLimits::build(&t.limits, before.map(|b| &b.limits));
+            if before.is_none() {
+                quotas.restore(&t.id, &limits.usage);
+            }
             tenants.push(Tenant {
                 id: Arc::from(t.id.as_str()),
                 id_value: HeaderValue::from_str(&t.id)
@@ -231,7 +244,7 @@ impl Snapshot {
                 routes,
                 request_timeout: t.request_timeout,
                 configured_limits: t.limits,
-                limits: TenantLimits::build(&t.limits, before.map(|b| &b.limits)),
+                limits,
                 stats: before.map(|b| b.stats.clone()).unwrap_or_default(),
                 require_api_key: t.require.contains(&crate::config::CredentialKind::ApiKey),
                 require_jwt: t.require.contains(&crate::config::CredentialKind::Jwt),
@@ -286,6 +299,13 @@ impl Snapshot {
                 .jwt_global
                 .as_ref()
                 .map(|j| crate::jwt::KeySet::build(j, config.jwt_leeway.as_secs())),
+            store: previous.and_then(|p| p.store.clone()).or_else(|| {
+                config
+                    .cluster
+                    .clone()
+                    .map(|c| Arc::new(crate::store::Store::new(c)))
+            }),
+            quotas,
             by_id,
             exact_hosts,
             wildcard_hosts,

@@ -1,0 +1,188 @@
+//! The background side of cluster scope and quotas, run on the admin thread: every
+//! `sync_interval` each cluster-scope tenant is reconciled with Redis (one atomic Lua
+//! script per tenant: give back unused leases, push what was admitted while Redis was
+//! away, take new leases), and every second local-scope quota counters are saved to
+//! `server.state_dir`. The request path only reads the leases this task leaves in each
+//! tenant's [`Usage`]; it never waits on this task.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::config::Scope;
+use crate::quota::{self, mono_ms, Periods, Usage};
+use crate::server::Shared;
+use crate::snapshot::Tenant;
+use crate::store::{Store, SyncRequest};
+
+/// How often local quota counters are saved when they changed.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until the admin runtime stops.
+pub async fn run(shared: Arc<Shared>) {
+    let store = shared.snapshot.load().store.clone();
+    let flush = tokio::spawn(flush_loop(shared.clone()));
+    if let Some(store) = store {
+        sync_loop(shared, store).await;
+    }
+    let _ = flush.await;
+}
+
+async fn flush_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = shared.snapshot.load_full();
+        let quotas = snap.quotas.clone();
+        let result = tokio::task::spawn_blocking(move || quotas.flush(&snap, false)).await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(error = %e, "cannot save quota counters to server.state_dir");
+        }
+    }
+}
+
+async fn sync_loop(shared: Arc<Shared>, store: Arc<Store>) {
+    let every = store.settings.sync_interval;
+    let mut backoff = Duration::from_millis(50);
+    while let Err(e) = store.connect().await {
+        tracing::warn!(error = %e, "cannot set up the Redis connection; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = shared.snapshot.load_full();
+        let mut tasks = JoinSet::new();
+        for (i, t) in snap.tenants.iter().enumerate() {
+            if t.configured_limits.scope != Scope::Cluster {
+                continue;
+            }
+            let (snap, store) = (snap.clone(), store.clone());
+            tasks.spawn(async move { sync_tenant(&store, &snap.tenants[i]).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// One tenant's reconciliation with Redis.
+async fn sync_tenant(store: &Store, t: &Tenant) {
+    let u = &t.limits.usage;
+    let l = &t.configured_limits;
+    let p = Periods::current();
+    let (mut day, mut month) =
+        quota::period_syncs(&t.id, l.requests_per_day, l.requests_per_month, &p);
+    let rate = l
+        .requests_per_second
+        .map(|r| (r, l.burst.unwrap_or(r.ceil() as u64).max(1)));
+    let instances = u.instances.load(Ordering::Acquire).max(1);
+
+    // Rate: keep about twice last interval's demand here (at least a fair part of
+    // half the burst, so a burst arriving at an idle instance is not refused at once);
+    // give back the excess.
+    let rate_demand = u.rate_demand.swap(0, Ordering::AcqRel) as i64;
+    let rate_target = rate.map_or(0, |(_, b)| {
+        let b = b as i64;
+        (2 * rate_demand)
+            .max(ceil_div(b, 2 * instances))
+            .clamp(1, b)
+    });
+    let quota_demand = u.quota_demand.swap(0, Ordering::AcqRel) as i64;
+
+    let mut req = {
+        let mut outbox = quota_lock(u);
+        match outbox.as_ref() {
+            // Not acknowledged yet: the same returns and pushes again (Redis applies
+            // them once per seq).
+            Some(r) if r.day.key == day.key && r.month.key == month.key => r.clone(),
+            _ => {
+                let mut r = SyncRequest {
+                    seq: u.seq.fetch_add(1, Ordering::AcqRel) + 1,
+                    generation: u.generation.load(Ordering::Acquire),
+                    ..SyncRequest::default()
+                };
+                let have = u.rate_tokens.load(Ordering::Acquire);
+                if have > rate_target {
+                    r.rate_return = take_up_to(&u.rate_tokens, have - rate_target);
+                }
+                // Quota leases go back whole at every sync and are granted afresh, so
+                // units never sit unused on an idle instance for long.
+                let same_period = u.lease_period.load(Ordering::Acquire) == p.day;
+                let back_day = u.lease_day.swap(0, Ordering::AcqRel);
+                let back_month = u.lease_month.swap(0, Ordering::AcqRel);
+                if same_period {
+                    day.give_back = back_day;
+                    month.give_back = back_month;
+                }
+                day.push = u.pending_day.swap(0, Ordering::AcqRel);
+                month.push = u.pending_month.swap(0, Ordering::AcqRel);
+                r.day = day.clone();
+                r.month = month.clone();
+                *outbox = Some(r.clone());
+                r
+            }
+        }
+    };
+    if let Some((per_second, burst)) = rate {
+        req.rate_per_second = per_second;
+        req.burst = burst;
+        req.rate_want = (rate_target - u.rate_tokens.load(Ordering::Acquire)).max(0);
+    }
+    req.day.want = if l.requests_per_day.is_some() {
+        2 * quota_demand
+    } else {
+        0
+    };
+    req.month.want = if l.requests_per_month.is_some() {
+        2 * quota_demand
+    } else {
+        0
+    };
+
+    match store.sync(&t.id, &req).await {
+        Ok(reply) => {
+            *quota_lock(u) = None;
+            if reply.generation != u.generation.load(Ordering::Acquire) {
+                // A reset elsewhere: what this instance held belongs to the old counts.
+                u.generation.store(reply.generation, Ordering::Release);
+            }
+            u.rate_tokens.fetch_add(reply.rate_grant, Ordering::AcqRel);
+            u.lease_period.store(p.day, Ordering::Release);
+            u.lease_day.fetch_add(reply.day_grant, Ordering::AcqRel);
+            u.lease_month.fetch_add(reply.month_grant, Ordering::AcqRel);
+            u.known_day.store(reply.day_used, Ordering::Release);
+            u.known_month.store(reply.month_used, Ordering::Release);
+            u.instances.store(reply.instances, Ordering::Release);
+            let valid = store.settings.sync_interval * 2 + store.settings.store_timeout;
+            u.valid_until.store(
+                mono_ms() + u64::try_from(valid.as_millis()).unwrap_or(u64::MAX),
+                Ordering::Release,
+            );
+        }
+        Err(e) => {
+            tracing::debug!(tenant = %t.id, error = %e, "sync with Redis failed");
+        }
+    }
+}
+
+fn quota_lock(u: &Usage) -> std::sync::MutexGuard<'_, Option<SyncRequest>> {
+    u.outbox.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b.max(1)
+}
+
+/// Takes up to `n` from `lease` (never below zero); returns how many were taken.
+fn take_up_to(lease: &std::sync::atomic::AtomicI64, n: i64) -> i64 {
+    match lease.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+        Some(cur - n.min(cur.max(0)))
+    }) {
+        Ok(before) => n.min(before.max(0)),
+        Err(_) => 0,
+    }
+}

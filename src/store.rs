@@ -1,0 +1,440 @@
+//! The shared store of cluster scope: a Redis server (or a Redis Cluster) reached
+//! through the `redis` crate's reconnecting connections, and the atomic Lua scripts
+//! that every instance runs against it. Nothing here runs on the request path except
+//! [`Store::reserve`], which a request calls only when its instance holds no quota lease
+//! (and then for at most `store_timeout`).
+//!
+//! Keys carry the tenant in a hash tag, `bulkhead:{TENANT}:…`, so one script only ever
+//! touches one slot: the scripts run unchanged on a Redis Cluster.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+
+use crate::config::ClusterSettings;
+
+/// Why a store call failed. Either way the caller applies `on_store_failure`.
+#[derive(Debug)]
+pub enum StoreError {
+    /// No answer within `store_timeout`.
+    Timeout,
+    /// Not connected yet, connection refused or reset, or an error reply.
+    Redis(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Timeout => f.write_str("no answer within store_timeout"),
+            StoreError::Redis(e) => f.write_str(e),
+        }
+    }
+}
+
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// The connection to Redis and the settings of `[cluster]`. One per process; a change
+/// of `[cluster]` needs a restart.
+pub struct Store {
+    pub settings: ClusterSettings,
+    /// Tells this process's leases apart from those of an earlier run of the same
+    /// `instance_id` (a restart must not look like a replay).
+    pub boot_id: String,
+    conn: ArcSwapOption<Conn>,
+    /// `bulkhead_store_errors_total`.
+    errors: AtomicU64,
+    /// Whether the last call succeeded: a `warn` is logged on each change to down.
+    up: AtomicBool,
+    sync: Script,
+    reserve: Script,
+    reset: Script,
+    usage: Script,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("settings", &self.settings)
+            .field("errors", &self.errors())
+            .finish()
+    }
+}
+
+/// What one instance tells Redis about one tenant at a sync, and asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncRequest {
+    /// Idempotency: the returns and pushes below are applied once per `seq`.
+    pub seq: u64,
+    pub rate_per_second: f64,
+    pub burst: u64,
+    /// Unused rate tokens given back, and how many more are wanted now.
+    pub rate_return: i64,
+    pub rate_want: i64,
+    pub day: PeriodSync,
+    pub month: PeriodSync,
+    /// The quota generation the returns and pushes belong to (a reset starts a new one).
+    pub generation: i64,
+}
+
+/// One quota period of a [`SyncRequest`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeriodSync {
+    /// `requests_per_day` / `_month`; 0 = no quota of this period.
+    pub limit: u64,
+    pub key: String,
+    /// Unix time at which the key may go (the end of the period plus a day).
+    pub expire_at: u64,
+    /// Unused leased units given back.
+    pub give_back: i64,
+    /// Requests admitted while the store was unreachable (`on_store_failure = "open"`).
+    pub push: i64,
+    pub want: i64,
+}
+
+/// Redis' answer to a [`SyncRequest`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncReply {
+    pub rate_grant: i64,
+    pub day_grant: i64,
+    pub month_grant: i64,
+    /// Units counted in the period (admitted plus leased and not yet given back).
+    pub day_used: i64,
+    pub month_used: i64,
+    pub generation: i64,
+    /// Instances that synced this tenant within the last few seconds.
+    pub instances: i64,
+}
+
+/// The answer of [`Store::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    Ok,
+    DayExhausted,
+    MonthExhausted,
+}
+
+/// The keys of one tenant.
+pub fn key(tenant: &str, what: &str) -> String {
+    format!("bulkhead:{{{tenant}}}:{what}")
+}
+
+/// How long an instance counts as a member after its last sync.
+const MEMBER_TTL_MS: u64 = 3_000;
+
+/// KEYS: rate, members, day, month, generation, applied.
+/// ARGV: instance, boot, seq, rate, burst, rate_return, rate_want,
+///       day_limit, day_return, day_push, day_want, day_expire_at,
+///       month_limit, month_return, month_push, month_want, month_expire_at,
+///       generation, member_ttl_ms.
+const SYNC_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member = ARGV[1]
+local ttl = tonumber(ARGV[19])
+redis.call('ZADD', KEYS[2], now, member)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+local n = redis.call('ZCARD', KEYS[2])
+local gen = tonumber(redis.call('GET', KEYS[5]) or '0')
+
+-- Returns and pushes are applied once per (instance, boot, seq): a reply lost to a
+-- timeout is followed by the same request again, never by double counting.
+local field = member .. '/' .. ARGV[2]
+local seq = tonumber(ARGV[3])
+local last = tonumber(redis.call('HGET', KEYS[6], field) or '0')
+local fresh = seq > last
+if fresh then
+  redis.call('HSET', KEYS[6], field, seq)
+end
+redis.call('EXPIRE', KEYS[6], 86400 * 32)
+
+local rate = tonumber(ARGV[4])
+local rate_grant = 0
+if rate > 0 then
+  local burst = tonumber(ARGV[5])
+  local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local ts = tonumber(b[2]) or now
+  if now > ts then
+    tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+    ts = now
+  end
+  if fresh then
+    tokens = math.min(burst, tokens + tonumber(ARGV[6]))
+  end
+  local want = tonumber(ARGV[7])
+  rate_grant = math.max(0, math.min(want, math.floor(tokens)))
+  tokens = tokens - rate_grant
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', ts)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+end
+
+local function period(key, limit, give_back, push, want, expire_at)
+  limit = tonumber(limit)
+  local used = tonumber(redis.call('GET', key) or '0')
+  if limit <= 0 then return 0, used end
+  if fresh and tonumber(ARGV[18]) == gen then
+    used = math.max(0, used - tonumber(give_back) + tonumber(push))
+  end
+  -- Lease at most a fair share of half of what is left: the rest stays for the
+  -- other instances and for requests reserved one by one.
+  local share = math.floor((limit - used) / (2 * math.max(n, 1)))
+  local grant = math.max(0, math.min(tonumber(want), share))
+  used = used + grant
+  redis.call('SET', key, used)
+  redis.call('EXPIREAT', key, expire_at)
+  return grant, used
+end
+local dg, du = period(KEYS[3], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
+local mg, mu = period(KEYS[4], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17])
+return {rate_grant, dg, mg, du, mu, gen, n}
+"#;
+
+/// KEYS: day, month. ARGV: day_limit, day_expire_at, month_limit, month_expire_at.
+/// One unit of every configured period, or none: 0 ok, 1 day used up, 2 month used up.
+const RESERVE_LUA: &str = r#"
+local dl, ml = tonumber(ARGV[1]), tonumber(ARGV[3])
+if dl > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= dl then return 1 end
+if ml > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= ml then return 2 end
+if dl > 0 then
+  redis.call('INCR', KEYS[1])
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+end
+if ml > 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIREAT', KEYS[2], ARGV[4])
+end
+return 0
+"#;
+
+/// KEYS: day, month, generation. A new generation: leases and pushes of the old one
+/// are not applied any more.
+const RESET_LUA: &str = r#"
+redis.call('DEL', KEYS[1], KEYS[2])
+local g = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], 86400 * 400)
+return g
+"#;
+
+/// KEYS: day, month.
+const USAGE_LUA: &str = r#"
+return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0')}
+"#;
+
+impl Store {
+    pub fn new(settings: ClusterSettings) -> Store {
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Store {
+            settings,
+            boot_id: format!("{boot:x}-{}", std::process::id()),
+            conn: ArcSwapOption::empty(),
+            errors: AtomicU64::new(0),
+            up: AtomicBool::new(true),
+            sync: Script::new(SYNC_LUA),
+            reserve: Script::new(RESERVE_LUA),
+            reset: Script::new(RESET_LUA),
+            usage: Script::new(USAGE_LUA),
+        }
+    }
+
+    /// `bulkhead_store_errors_total`.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.load().is_some()
+    }
+
+    /// Sets up the connection (on the runtime that will drive it). The connection is
+    /// made lazily and re-made after every failure, with backoff capped at 200 ms so
+    /// that limiting resumes quickly once Redis is back.
+    pub async fn connect(&self) -> Result<(), StoreError> {
+        let conn = if self.settings.nodes.len() > 1 {
+            let client = redis::cluster::ClusterClient::builder(self.settings.nodes.clone())
+                .connection_timeout(self.settings.store_timeout.max(Duration::from_millis(100)))
+                .response_timeout(self.settings.store_timeout)
+                .build()
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            let c = tokio::time::timeout(Duration::from_secs(2), client.get_async_connection())
+                .await
+                .map_err(|_| StoreError::Timeout)?
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            Conn::Cluster(c)
+        } else {
+            let url = self.settings.nodes.first().map_or("", |s| s.as_str());
+            let client = redis::Client::open(url).map_err(|e| StoreError::Redis(e.to_string()))?;
+            let config = ConnectionManagerConfig::new()
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(200))
+                .set_number_of_retries(2)
+                .set_connection_timeout(Some(
+                    self.settings.store_timeout.max(Duration::from_millis(100)),
+                ))
+                .set_response_timeout(None);
+            let m = ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            Conn::Single(m)
+        };
+        self.conn.store(Some(Arc::new(conn)));
+        Ok(())
+    }
+
+    /// Runs `script` with a deadline of `store_timeout`, counting and logging failures.
+    async fn run<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[String],
+    ) -> Result<T, StoreError> {
+        let result = match self.conn.load_full() {
+            None => Err(StoreError::Redis("not connected to Redis yet".to_owned())),
+            Some(conn) => {
+                let mut inv = script.prepare_invoke();
+                for k in keys {
+                    inv.key(*k);
+                }
+                for a in args {
+                    inv.arg(a.as_str());
+                }
+                let call = async {
+                    match &*conn {
+                        Conn::Single(c) => invoke(&inv, &mut c.clone()).await,
+                        Conn::Cluster(c) => invoke(&inv, &mut c.clone()).await,
+                    }
+                };
+                match tokio::time::timeout(self.settings.store_timeout, call).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
+                    Err(_) => Err(StoreError::Timeout),
+                }
+            }
+        };
+        match &result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("the shared store (Redis) answers again");
+                }
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "the shared store (Redis) is unavailable; applying on_store_failure");
+                }
+            }
+        }
+        result
+    }
+
+    /// One tenant's reconciliation: returns, pushes and new leases, in one atomic script.
+    pub async fn sync(&self, tenant: &str, r: &SyncRequest) -> Result<SyncReply, StoreError> {
+        let keys = [
+            key(tenant, "rate"),
+            key(tenant, "members"),
+            r.day.key.clone(),
+            r.month.key.clone(),
+            key(tenant, "generation"),
+            key(tenant, "applied"),
+        ];
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let args = [
+            self.settings.instance_id.clone(),
+            self.boot_id.clone(),
+            r.seq.to_string(),
+            format!("{}", r.rate_per_second),
+            r.burst.to_string(),
+            r.rate_return.to_string(),
+            r.rate_want.to_string(),
+            r.day.limit.to_string(),
+            r.day.give_back.to_string(),
+            r.day.push.to_string(),
+            r.day.want.to_string(),
+            r.day.expire_at.to_string(),
+            r.month.limit.to_string(),
+            r.month.give_back.to_string(),
+            r.month.push.to_string(),
+            r.month.want.to_string(),
+            r.month.expire_at.to_string(),
+            r.generation.to_string(),
+            MEMBER_TTL_MS.to_string(),
+        ];
+        let v: Vec<i64> = self.run(&self.sync, &keys, &args).await?;
+        match v[..] {
+            [rate_grant, day_grant, month_grant, day_used, month_used, generation, instances] => {
+                Ok(SyncReply {
+                    rate_grant,
+                    day_grant,
+                    month_grant,
+                    day_used,
+                    month_used,
+                    generation,
+                    instances,
+                })
+            }
+            _ => Err(StoreError::Redis(
+                "unexpected reply to the sync script".into(),
+            )),
+        }
+    }
+
+    /// One unit of each configured period, decided by Redis atomically.
+    pub async fn reserve(
+        &self,
+        day: &PeriodSync,
+        month: &PeriodSync,
+    ) -> Result<Reserved, StoreError> {
+        let args = [
+            day.limit.to_string(),
+            day.expire_at.to_string(),
+            month.limit.to_string(),
+            month.expire_at.to_string(),
+        ];
+        let v: i64 = self
+            .run(&self.reserve, &[&day.key, &month.key], &args)
+            .await?;
+        Ok(match v {
+            1 => Reserved::DayExhausted,
+            2 => Reserved::MonthExhausted,
+            _ => Reserved::Ok,
+        })
+    }
+
+    /// Zeroes the current periods' counters and starts a new quota generation.
+    pub async fn reset(
+        &self,
+        tenant: &str,
+        day_key: &str,
+        month_key: &str,
+    ) -> Result<i64, StoreError> {
+        let gen = key(tenant, "generation");
+        self.run(&self.reset, &[day_key, month_key, &gen], &[])
+            .await
+    }
+
+    /// The current periods' counters.
+    pub async fn usage(&self, day_key: &str, month_key: &str) -> Result<(i64, i64), StoreError> {
+        let v: Vec<i64> = self.run(&self.usage, &[day_key, month_key], &[]).await?;
+        match v[..] {
+            [d, m] => Ok((d, m)),
+            _ => Err(StoreError::Redis(
+                "unexpected reply to the usage script".into(),
+            )),
+        }
+    }
+}
+
+async fn invoke<C: ConnectionLike + Send, T: FromRedisValue>(
+    inv: &redis::ScriptInvocation<'_>,
+    conn: &mut C,
+) -> redis::RedisResult<T> {
+    inv.invoke_async(conn).await
+}
