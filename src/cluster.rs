@@ -79,6 +79,9 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
     let rate = l
         .requests_per_second
         .map(|r| (r, l.burst.unwrap_or(r.ceil() as u64).max(1)));
+    // The first sync only joins: leasing before knowing how many instances share the
+    // tenant would take a share meant for N instances as if this one were alone.
+    let joined = u.instances.load(Ordering::Acquire) > 0;
     let instances = u.instances.load(Ordering::Acquire).max(1);
 
     // Rate: keep about twice last interval's demand here (at least a fair part of
@@ -105,10 +108,17 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
                     generation: u.generation.load(Ordering::Acquire),
                     ..SyncRequest::default()
                 };
-                let have = u.rate_tokens.load(Ordering::Acquire);
-                if have > rate_target {
-                    r.rate_return = take_up_to(&u.rate_tokens, have - rate_target);
+                if u.is_valid() {
+                    let have = u.rate_tokens.load(Ordering::Acquire);
+                    if have > rate_target {
+                        r.rate_return = take_up_to(&u.rate_tokens, have - rate_target);
+                    }
+                } else {
+                    // A lapsed lease is dropped, never given back: Redis may have freed
+                    // this instance's holding meanwhile.
+                    r.rate_used = u.rate_tokens.swap(0, Ordering::AcqRel);
                 }
+                r.rate_used += u.rate_used.swap(0, Ordering::AcqRel);
                 // Quota leases go back whole at every sync and are granted afresh, so
                 // units never sit unused on an idle instance for long.
                 let same_period = u.lease_period.load(Ordering::Acquire) == p.day;
@@ -131,6 +141,9 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
         req.rate_per_second = per_second;
         req.burst = burst;
         req.rate_want = (rate_target - u.rate_tokens.load(Ordering::Acquire)).max(0);
+    }
+    if !joined {
+        req.rate_want = 0;
     }
     req.day.want = if l.requests_per_day.is_some() {
         2 * quota_demand
@@ -157,7 +170,10 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
             u.known_day.store(reply.day_used, Ordering::Release);
             u.known_month.store(reply.month_used, Ordering::Release);
             u.instances.store(reply.instances, Ordering::Release);
-            let valid = store.settings.sync_interval * 2 + store.settings.store_timeout;
+            // Leases are reservations, so using them is safe for as long as Redis keeps
+            // this instance's holding; they lapse much sooner so that a store outage is
+            // noticed within a few intervals.
+            let valid = store.settings.sync_interval * 4 + store.settings.store_timeout;
             u.valid_until.store(
                 mono_ms() + u64::try_from(valid.as_millis()).unwrap_or(u64::MAX),
                 Ordering::Release,

@@ -152,6 +152,7 @@ pub struct Usage {
     /// asked for one since the last sync.
     pub(crate) rate_tokens: AtomicI64,
     pub(crate) rate_demand: AtomicU64,
+    pub(crate) rate_used: AtomicI64,
     /// Cluster scope: quota units leased for the period `lease_day` / `lease_month`.
     pub(crate) lease_day: AtomicI64,
     pub(crate) lease_month: AtomicI64,
@@ -201,7 +202,10 @@ impl Usage {
             return Lease::Stale;
         }
         match take(&self.rate_tokens) {
-            Some(left) => Lease::Taken(u32::try_from(left).unwrap_or(u32::MAX)),
+            Some(left) => {
+                self.rate_used.fetch_add(1, Ordering::Relaxed);
+                Lease::Taken(u32::try_from(left).unwrap_or(u32::MAX))
+            }
             None => Lease::Empty,
         }
     }
@@ -515,6 +519,8 @@ pub async fn usage(snap: &Snapshot, id: &str) -> (u16, serde_json::Value) {
             "tenant": id,
             "scope": scope,
             "store": store,
+            // Whether this instance holds current leases (synced within 4 × sync_interval + store_timeout).
+            "synced": store.map(|_| u.is_valid()),
             "day": period_json(p.day_label(), day, l.requests_per_day, p.day_end, p.now),
             "month": period_json(p.month_label(), month, l.requests_per_month, p.month_end, p.now),
         }),

@@ -74,8 +74,10 @@ pub struct SyncRequest {
     pub seq: u64,
     pub rate_per_second: f64,
     pub burst: u64,
-    /// Unused rate tokens given back, and how many more are wanted now.
+    /// Unused rate tokens given back, tokens used (or dropped) since the last
+    /// request, and how many more are wanted now.
     pub rate_return: i64,
+    pub rate_used: i64,
     pub rate_want: i64,
     pub day: PeriodSync,
     pub month: PeriodSync,
@@ -128,32 +130,45 @@ pub fn key(tenant: &str, what: &str) -> String {
 /// How long an instance counts as a member after its last sync.
 const MEMBER_TTL_MS: u64 = 3_000;
 
-/// KEYS: rate, members, day, month, generation, applied.
+/// KEYS: rate, members, day, month, generation, applied, held.
 /// ARGV: instance, boot, seq, rate, burst, rate_return, rate_want,
 ///       day_limit, day_return, day_push, day_want, day_expire_at,
 ///       month_limit, month_return, month_push, month_want, month_expire_at,
-///       generation, member_ttl_ms.
+///       generation, member_ttl_ms, rate_used.
+///
+/// The rate part is a token bucket (`rate`: tokens, ts) whose tokens are leased out;
+/// `held` counts, per instance, tokens leased and not yet reported used or given back.
+/// The invariant `tokens + Σ held ≤ burst` bounds what the fleet can admit in any
+/// window of length T by `burst + rate · (T + sync_interval)`, whatever the number of
+/// instances. An instance that stops syncing for `member_ttl_ms` loses its holding
+/// (its leases are no longer valid locally long before that).
 const SYNC_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member = ARGV[1]
+local member = ARGV[1] .. '/' .. ARGV[2]
 local ttl = tonumber(ARGV[19])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+  redis.call('HDEL', KEYS[7], unpack(gone))
+end
 redis.call('ZADD', KEYS[2], now, member)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[2], ttl * 2)
 local n = redis.call('ZCARD', KEYS[2])
 local gen = tonumber(redis.call('GET', KEYS[5]) or '0')
 
--- Returns and pushes are applied once per (instance, boot, seq): a reply lost to a
--- timeout is followed by the same request again, never by double counting.
-local field = member .. '/' .. ARGV[2]
+-- Each request is applied once per (instance, boot, seq): a reply lost to a timeout
+-- is followed by the same request again, which gets the first answer back (grants
+-- included) and changes nothing, so nothing is counted twice or leased into the void.
 local seq = tonumber(ARGV[3])
-local last = tonumber(redis.call('HGET', KEYS[6], field) or '0')
-local fresh = seq > last
-if fresh then
-  redis.call('HSET', KEYS[6], field, seq)
-end
+local last = tonumber(redis.call('HGET', KEYS[6], member) or '0')
 redis.call('EXPIRE', KEYS[6], 86400 * 32)
+if seq <= last then
+  local cached = redis.call('HGET', KEYS[6], member .. ':reply')
+  if seq == last and cached then return cjson.decode(cached) end
+  return {0, 0, 0, tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(redis.call('GET', KEYS[4]) or '0'), gen, n}
+end
+redis.call('HSET', KEYS[6], member, seq)
 
 local rate = tonumber(ARGV[4])
 local rate_grant = 0
@@ -166,21 +181,29 @@ if rate > 0 then
     tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
     ts = now
   end
-  if fresh then
-    tokens = math.min(burst, tokens + tonumber(ARGV[6]))
-  end
+  local mine = tonumber(redis.call('HGET', KEYS[7], member) or '0')
+  local held = 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[7])) do held = held + tonumber(v) end
+  held = held - mine
+  local back = math.min(mine, tonumber(ARGV[6]))
+  mine = math.max(0, mine - back - tonumber(ARGV[20]))
+  tokens = tokens + back
+  tokens = math.max(0, math.min(tokens, burst - held - mine))
   local want = tonumber(ARGV[7])
   rate_grant = math.max(0, math.min(want, math.floor(tokens)))
   tokens = tokens - rate_grant
+  mine = mine + rate_grant
   redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', ts)
   redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 60000)
+  redis.call('HSET', KEYS[7], member, mine)
+  redis.call('PEXPIRE', KEYS[7], ttl * 2)
 end
 
 local function period(key, limit, give_back, push, want, expire_at)
   limit = tonumber(limit)
   local used = tonumber(redis.call('GET', key) or '0')
   if limit <= 0 then return 0, used end
-  if fresh and tonumber(ARGV[18]) == gen then
+  if tonumber(ARGV[18]) == gen then
     used = math.max(0, used - tonumber(give_back) + tonumber(push))
   end
   -- Lease at most a fair share of half of what is left: the rest stays for the
@@ -194,7 +217,9 @@ local function period(key, limit, give_back, push, want, expire_at)
 end
 local dg, du = period(KEYS[3], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
 local mg, mu = period(KEYS[4], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17])
-return {rate_grant, dg, mg, du, mu, gen, n}
+local reply = {rate_grant, dg, mg, du, mu, gen, n}
+redis.call('HSET', KEYS[6], member .. ':reply', cjson.encode(reply))
+return reply
 "#;
 
 /// KEYS: day, month. ARGV: day_limit, day_expire_at, month_limit, month_expire_at.
@@ -344,6 +369,7 @@ impl Store {
             r.month.key.clone(),
             key(tenant, "generation"),
             key(tenant, "applied"),
+            key(tenant, "held"),
         ];
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let args = [
@@ -366,6 +392,7 @@ impl Store {
             r.month.expire_at.to_string(),
             r.generation.to_string(),
             MEMBER_TTL_MS.to_string(),
+            r.rate_used.to_string(),
         ];
         let v: Vec<i64> = self.run(&self.sync, &keys, &args).await?;
         match v[..] {

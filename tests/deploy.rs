@@ -54,8 +54,9 @@ fn live_metric_names() -> BTreeSet<String> {
         .unwrap();
     let gw = support::Process::start(&format!(
         "[server]\nworkers = 1\n[upstreams.up]\ntargets = [\"{up_addr}\"]\n[upstreams.dead]\ntargets = [\"{dead}\"]\n\
-         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"up\"\n[tenants.t.limits]\nrequests_per_second = 1\nburst = 2\nmax_in_flight = 10\nmax_body = 1000\n\
-         [[tenants.t.routes]]\nprefix = \"/dead\"\nupstream = \"dead\"\n"
+         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"up\"\n[tenants.t.limits]\nrequests_per_second = 1\nburst = 2\nmax_in_flight = 10\nmax_body = 1000\nrequests_per_day = 1000\n\
+         [[tenants.t.routes]]\nprefix = \"/dead\"\nupstream = \"dead\"\n\
+         [cluster]\nredis = \"redis://127.0.0.1:1/0\"\n"
     ));
     assert!(http_get(gw.addr, "t.com", "/").starts_with("HTTP/1.1 200"));
     assert!(http_get(gw.addr, "t.com", "/dead").starts_with("HTTP/1.1 502"));
@@ -82,6 +83,9 @@ fn live_metric_names() -> BTreeSet<String> {
         "bulkhead_config_reloads_total",
         "bulkhead_config_last_reload_success_timestamp_seconds",
         "bulkhead_config_info",
+        "bulkhead_quota_used",
+        "bulkhead_quota_limit",
+        "bulkhead_store_errors_total",
     ] {
         assert!(names.contains(family), "/metrics lacks {family}:\n{body}");
     }
@@ -646,14 +650,65 @@ fn prometheus_scrapes_the_gateway_admin_listener() {
         .unwrap()
         .1
         .to_owned();
-    let targets: Vec<&str> = job["static_configs"]
+    // Every replica of the `bulkhead` service, through Docker's DNS.
+    let sd = job["dns_sd_configs"]
         .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["targets"].as_array().unwrap())
-        .map(|t| str_of(t, "target"))
-        .collect();
-    assert_eq!(targets, [format!("bulkhead:{admin_port}")]);
+        .expect("the bulkhead job discovers the replicas with dns_sd_configs");
+    assert_eq!(sd.len(), 1, "{sd:?}");
+    assert_eq!(sd[0]["names"], serde_json::json!(["bulkhead"]));
+    assert_eq!(sd[0]["type"], "A");
+    assert_eq!(sd[0]["port"].to_string(), admin_port);
+}
+
+#[test]
+fn haproxy_balances_tcp_over_the_gateway_replicas() {
+    let c = compose();
+    let replicas = c.service("bulkhead")["deploy"]["replicas"].as_u64();
+    assert_eq!(replicas, Some(3), "three gateway replicas");
+    assert!(c.has_service("redis"), "the replicas share a Redis");
+    let cfg = c.host_path("haproxy", "/usr/local/etc/haproxy/haproxy.cfg");
+    assert!(same_file(&cfg, &root().join("deploy/haproxy/haproxy.cfg")));
+    let text = read("deploy/haproxy/haproxy.cfg");
+    assert!(text.contains("mode tcp"), "an L4 balancer");
+    assert!(
+        text.contains("bulkhead:8080"),
+        "it balances over the bulkhead service"
+    );
+    // The published data port is HAProxy's; the replicas publish only admin ports.
+    let ports = |svc: &str| -> Vec<String> {
+        c.service(svc)["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| str_of(p, "port").to_owned())
+            .collect()
+    };
+    assert!(ports("haproxy").iter().any(|p| p.ends_with(":8080:8080")));
+    assert!(ports("bulkhead").iter().all(|p| !p.ends_with(":8080")));
+    // The stack's gateway config points at the compose service `redis`.
+    let gw: toml::Value = toml::from_str(&read("deploy/bulkhead/gateway.toml")).unwrap();
+    assert_eq!(
+        gw["cluster"]["redis"].as_str(),
+        Some("redis://redis:6379/0")
+    );
+    let out = Command::new("haproxy")
+        .args(["-c", "-f"])
+        .arg(root().join("deploy/haproxy/haproxy.cfg"))
+        .output();
+    match out {
+        Ok(out) => assert!(
+            out.status.success(),
+            "haproxy -c:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "cannot run haproxy ({e}): scripts/test.sh installs Debian's haproxy package"
+            );
+            eprintln!("\n*** haproxy -c SKIPPED: haproxy is not installed ***\n");
+        }
+    }
 }
 
 // ---------------------------------------------------------------- Grafana
@@ -1069,6 +1124,10 @@ fn alerts_name_only_exported_metrics() {
         "BulkheadTenantNearRateLimit",
         "BulkheadTenantHighErrorRatio",
         "BulkheadConfigReloadFailed",
+        "BulkheadTenantQuota80",
+        "BulkheadTenantQuota90",
+        "BulkheadTenantQuotaExhausted",
+        "BulkheadStoreErrors",
     ] {
         assert!(alerts.contains(required), "no alert {required}: {alerts:?}");
     }

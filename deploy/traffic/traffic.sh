@@ -1,7 +1,7 @@
 #!/bin/sh
 # Demo traffic for the compose stack (see docker-compose.yml). Runs until stopped.
 set -u
-gw="${GATEWAY:-http://bulkhead:8080}"
+gw="${GATEWAY:-http://haproxy:8080}"
 req() { curl -s -o /dev/null --max-time 5 "$@" || true; }
 
 echo "traffic: sending demo requests to $gw"

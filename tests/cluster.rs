@@ -1,0 +1,599 @@
+//! Cluster scope through real sockets and a real `redis-server` (issue #9): the rate
+//! limit and the quotas of a tenant hold for a fleet of gateways sharing one Redis;
+//! Redis going away and coming back; local quotas surviving a restart.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::redis::Redis;
+use support::*;
+
+const SYNC_INTERVAL: f64 = 0.05;
+
+/// Three instances sharing `redis`. Their `store_timeout` is generous unless a test
+/// measures it: on a loaded 2-core CI machine a 20 ms deadline would be missed now and
+/// then, and the tenants would fall back to `on_store_failure`.
+fn fleet_toml(
+    redis: &Redis,
+    instance: &str,
+    upstream: SocketAddr,
+    timeout: &str,
+    tenants: &str,
+) -> String {
+    format!(
+        r#"
+[cluster]
+redis = "{}"
+instance_id = "{instance}"
+sync_interval = "50ms"
+store_timeout = "{timeout}"
+
+[upstreams.u]
+targets = ["{upstream}"]
+
+[defaults]
+upstream = "u"
+{tenants}
+"#,
+        redis.url()
+    )
+}
+
+fn fleet(redis: &Redis, upstream: SocketAddr, tenants: &str) -> Vec<Gateway> {
+    (1..=3)
+        .map(|i| {
+            Gateway::start(&fleet_toml(
+                redis,
+                &format!("edge-{i}"),
+                upstream,
+                "250ms",
+                tenants,
+            ))
+        })
+        .collect()
+}
+
+/// One request on a kept-alive client, bounded by a generous timeout: `None` when the
+/// gateway did not answer within it.
+async fn hit(c: &TestClient, addr: SocketAddr, host: &str) -> Option<Reply> {
+    let req = Request::get(format!("http://{addr}/"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let exchange = async { Some(read(c.request(req).await.ok()?).await) };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn usage(gw: &Gateway, tenant: &str) -> serde_json::Value {
+    get(gw.admin, &format!("/tenants/{tenant}/usage"), &[])
+        .await
+        .json()
+}
+
+/// Waits until every gateway holds current leases for every one of `tenants`, then
+/// lets a few syncs go by: shares follow membership, and an instance's first sync only
+/// joins (it leases from its second one).
+async fn wait_synced(gws: &[Gateway], tenants: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for gw in gws {
+        for tenant in tenants {
+            loop {
+                let u = usage(gw, tenant).await;
+                if u["synced"] == true {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{tenant} never synced: {u}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+fn seconds_to_next_utc_midnight() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (now / 86_400 + 1) * 86_400 - now
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    ok: u64,
+    limited: u64,
+    /// 503 `store_unavailable`: a sync that missed its deadline on a loaded machine.
+    unavailable: u64,
+    other_ok: u64,
+    other_sent: u64,
+}
+
+/// Acceptance 2: three instances, one tenant at 50 rps / burst 50, load spread round
+/// robin for 10 s: the fleet admits no more than the documented bound
+/// `burst + rate · (T + sync_interval)`, far below the 3 × that per-instance limits
+/// would give; a second tenant is unaffected. The limited tenant is "closed", so the
+/// bound is checked without any local fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_rate_limit_holds_for_the_fleet() {
+    let Some(redis) = Redis::start() else { return };
+    let up = Upstream::echo("u").await;
+    let gws = fleet(
+        &redis,
+        up.addr,
+        r#"
+[tenants.limited]
+hosts = ["limited.com"]
+[tenants.limited.limits]
+scope = "cluster"
+on_store_failure = "closed"
+requests_per_second = 50
+burst = 50
+
+[tenants.other]
+hosts = ["other.com"]
+[tenants.other.limits]
+scope = "cluster"
+requests_per_second = 5000
+burst = 5000
+"#,
+    );
+    wait_synced(&gws, &["limited", "other"]).await;
+    let addrs: Arc<Vec<SocketAddr>> = Arc::new(gws.iter().map(|g| g.addr).collect());
+    let load = Duration::from_secs(10);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..6usize {
+        let addrs = addrs.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut t = Tally::default();
+            let mut i = w;
+            while start.elapsed() < load {
+                let addr = addrs[i % addrs.len()];
+                i += 1;
+                let r = hit(&c, addr, "limited.com").await.expect("answered");
+                match r.status {
+                    200 => t.ok += 1,
+                    503 => {
+                        assert_error(&r, 503, "store_unavailable");
+                        t.unavailable += 1;
+                    }
+                    _ => {
+                        assert_error(&r, 429, "rate_limited");
+                        t.limited += 1;
+                    }
+                }
+                if i % 3 == 0 {
+                    t.other_sent += 1;
+                    let r = hit(&c, addr, "other.com").await.expect("answered");
+                    assert_eq!(r.status, 200, "{:?}", r.body);
+                    t.other_ok += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+            t
+        }));
+    }
+    let mut total = Tally::default();
+    for task in tasks {
+        let t = task.await.unwrap();
+        total.ok += t.ok;
+        total.limited += t.limited;
+        total.unavailable += t.unavailable;
+        total.other_ok += t.other_ok;
+        total.other_sent += t.other_sent;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (rate, burst) = (50.0, 50.0);
+    let bound = burst + rate * (elapsed + SYNC_INTERVAL);
+    let per_instance = 3.0 * (burst + rate * elapsed);
+    println!(
+        "fleet rate: admitted {} of {} in {elapsed:.2}s ({} store_unavailable); documented bound {bound:.0}; per-instance limits would allow {per_instance:.0}; other tenant {}/{}",
+        total.ok,
+        total.ok + total.limited + total.unavailable,
+        total.unavailable,
+        total.other_ok,
+        total.other_sent
+    );
+    assert!(
+        total.ok as f64 <= bound,
+        "admitted {} > bound {bound}",
+        total.ok
+    );
+    assert!(
+        total.limited > total.ok,
+        "the offered load was over the limit"
+    );
+    // Not starved either: at least 60 % of the steady rate got through.
+    assert!(
+        total.ok as f64 >= 0.6 * rate * elapsed,
+        "admitted only {}",
+        total.ok
+    );
+    assert_eq!(
+        total.other_ok, total.other_sent,
+        "the other tenant was never refused"
+    );
+    let seen = up
+        .seen()
+        .iter()
+        .filter(|s| s.headers["x-tenant-id"] == "limited")
+        .count() as u64;
+    assert_eq!(
+        seen, total.ok,
+        "every admitted request reached the upstream"
+    );
+}
+
+/// Acceptance 3: `requests_per_day = 100` across three instances: exactly 100
+/// admitted, then 429 `quota_exhausted` with Retry-After at the next UTC midnight; the
+/// usage endpoint agrees on every instance; the count survives restarting all three;
+/// the reset endpoint restores admission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daily_quota_is_exact_across_three_instances() {
+    let Some(redis) = Redis::start() else { return };
+    let up = Upstream::echo("u").await;
+    let tenants = r#"
+[tenants.q]
+hosts = ["q.com"]
+[tenants.q.limits]
+scope = "cluster"
+requests_per_day = 100
+"#;
+    let gws = fleet(&redis, up.addr, tenants);
+    wait_synced(&gws, &["q"]).await;
+    let c = client();
+    let mut admitted = 0;
+    let mut statuses = Vec::new();
+    for i in 0..160 {
+        let r = hit(&c, gws[i % 3].addr, "q.com").await.expect("answered");
+        statuses.push(r.status);
+        if r.status == 200 {
+            admitted += 1;
+            continue;
+        }
+        assert_error(&r, 429, "quota_exhausted");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        let midnight = seconds_to_next_utc_midnight();
+        assert!(
+            retry.abs_diff(midnight) <= 2,
+            "Retry-After {retry}, next UTC midnight in {midnight}s"
+        );
+    }
+    println!("quota: {admitted} admitted of 160 over three instances");
+    assert_eq!(admitted, 100, "statuses: {statuses:?}");
+    assert!(
+        statuses[130..].iter().all(|s| *s == 429),
+        "refused for good once used up: {statuses:?}"
+    );
+    assert_eq!(
+        up.seen().len(),
+        100,
+        "exactly 100 requests reached the upstream"
+    );
+    for gw in &gws {
+        let u = usage(gw, "q").await;
+        assert_eq!(u["scope"], "cluster", "{u}");
+        assert_eq!(u["day"]["used"], 100, "{u}");
+        assert_eq!(u["day"]["limit"], 100, "{u}");
+        assert_eq!(u["day"]["remaining"], 0, "{u}");
+        assert!(
+            u["day"]["resets_at"]
+                .as_str()
+                .unwrap()
+                .ends_with("T00:00:00Z"),
+            "{u}"
+        );
+        assert_eq!(u["month"]["limit"], serde_json::Value::Null, "{u}");
+    }
+    // The metric is as of the instance's last sync: poll for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = get(gws[0].admin, "/metrics", &[]).await;
+        let text = String::from_utf8_lossy(&text.body).into_owned();
+        assert!(
+            text.contains(r#"bulkhead_quota_limit{tenant="q",period="day"} 100"#),
+            "{text}"
+        );
+        if text.contains(r#"bulkhead_quota_used{tenant="q",period="day"} 100"#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Restart all three: the count lives in Redis.
+    drop(gws);
+    let gws = fleet(&redis, up.addr, tenants);
+    wait_synced(&gws, &["q"]).await;
+    for gw in &gws {
+        let r = hit(&c, gw.addr, "q.com").await.expect("answered");
+        assert_error(&r, 429, "quota_exhausted");
+        assert_eq!(usage(gw, "q").await["day"]["used"], 100);
+    }
+
+    // Reset on one instance: every instance admits again.
+    let r = send(
+        gws[1].admin,
+        "POST",
+        "/tenants/q/usage/reset",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["day"]["used"], 0, "{}", r.json());
+    for gw in &gws {
+        let r = hit(&c, gw.addr, "q.com").await.expect("answered");
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let u = usage(&gws[0], "q").await;
+    assert!(u["day"]["used"].as_u64().unwrap() >= 3, "{u}");
+
+    let r = get(gws[0].admin, "/tenants/nobody/usage", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "unknown_tenant");
+    let r = send(
+        gws[0].admin,
+        "POST",
+        "/tenants/nobody/usage/reset",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+/// Acceptance 4: local scope, no Redis: quota counts survive a restart through
+/// `server.state_dir`.
+#[tokio::test]
+async fn local_quota_survives_restart_through_state_dir() {
+    let up = Upstream::echo("u").await;
+    let state = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"[server]
+state_dir = "{}"
+
+[upstreams.u]
+targets = ["{}"]
+
+[tenants.q]
+hosts = ["q.com"]
+upstream = "u"
+[tenants.q.limits]
+requests_per_day = 5
+requests_per_month = 1000
+"#,
+        state.path().display(),
+        up.addr
+    );
+    let mut gw = Process::start(&toml);
+    for _ in 0..3 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    // A graceful stop saves the counters.
+    gw.signal("TERM");
+    assert!(gw.child.wait().unwrap().success());
+    let saved = std::fs::read_to_string(state.path().join("quotas.json")).unwrap();
+    assert!(saved.contains("\"day_used\": 3"), "{saved}");
+
+    let gw = Process::start(&toml);
+    let u = get(gw.admin, "/tenants/q/usage", &[]).await.json();
+    assert_eq!(u["scope"], "local", "{u}");
+    assert_eq!(u["day"]["used"], 3, "{u}");
+    assert_eq!(u["month"]["used"], 3, "{u}");
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    let r = get(gw.addr, "/", &[("host", "q.com")]).await;
+    assert_error(&r, 429, "quota_exhausted");
+    assert_eq!(up.seen().len(), 5);
+
+    // Reset, then admitted again; the reset is saved too.
+    let r = send(
+        gw.admin,
+        "POST",
+        "/tenants/q/usage/reset",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.json()["day"]["used"], 0);
+    assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+}
+
+#[derive(Default, Debug)]
+struct Outcomes {
+    open_ok: u64,
+    open_other: u64,
+    closed_ok: u64,
+    closed_503: u64,
+    closed_other: u64,
+    timeouts: u64,
+    /// Answers that were neither: (phase, status, body).
+    unexpected: Vec<(u8, u16, String)>,
+    /// The slowest answer while Redis was down.
+    worst_down: Duration,
+}
+
+/// Acceptance 5: Redis killed mid-load: "open" tenants are served on local limits,
+/// "closed" ones get 503 `store_unavailable`; every request is answered; after Redis
+/// restarts on the same port, cluster limiting resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_open_serves_closed_refuses_and_resumes() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let gws: Vec<Gateway> = (1..=2)
+        .map(|i| {
+            Gateway::start(&fleet_toml(
+                &redis,
+                &format!("edge-{i}"),
+                up.addr,
+                "20ms",
+                r#"
+[tenants.open]
+hosts = ["open.com"]
+[tenants.open.limits]
+scope = "cluster"
+on_store_failure = "open"
+requests_per_second = 2000
+burst = 2000
+requests_per_day = 1_000_000
+
+[tenants.closed]
+hosts = ["closed.com"]
+[tenants.closed.limits]
+scope = "cluster"
+on_store_failure = "closed"
+requests_per_second = 2000
+burst = 2000
+"#,
+            ))
+        })
+        .collect();
+    wait_synced(&gws, &["open", "closed"]).await;
+    let addrs: Arc<Vec<SocketAddr>> = Arc::new(gws.iter().map(|g| g.addr).collect());
+    // 0 = before the kill, 1 = Redis down, 2 = after the restart.
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..4usize {
+        let (addrs, phase, stop) = (addrs.clone(), phase.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut o = Outcomes::default();
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let addr = addrs[i % addrs.len()];
+                let host = if i % 2 == 0 { "open.com" } else { "closed.com" };
+                i += 1;
+                let before = phase.load(std::sync::atomic::Ordering::SeqCst);
+                let sent = Instant::now();
+                let r = hit(&c, addr, host).await;
+                let took = sent.elapsed();
+                let down = before == 1 && phase.load(std::sync::atomic::Ordering::SeqCst) == 1;
+                let Some(r) = r else {
+                    o.timeouts += 1;
+                    continue;
+                };
+                if down {
+                    o.worst_down = o.worst_down.max(took);
+                }
+                match (host, r.status) {
+                    ("open.com", 200) => o.open_ok += 1,
+                    ("open.com", _) => {
+                        o.open_other += 1;
+                        o.unexpected.push((
+                            before,
+                            r.status,
+                            String::from_utf8_lossy(&r.body).into_owned(),
+                        ));
+                    }
+                    (_, 200) => o.closed_ok += 1,
+                    (_, 503) if down => {
+                        assert_error(&r, 503, "store_unavailable");
+                        o.closed_503 += 1;
+                    }
+                    (_, 503) => o.closed_503 += 1,
+                    _ => {
+                        o.closed_other += 1;
+                        o.unexpected.push((
+                            before,
+                            r.status,
+                            String::from_utf8_lossy(&r.body).into_owned(),
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            o
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    phase.store(1, std::sync::atomic::Ordering::SeqCst);
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // While Redis is down: the closed tenant is refused, the open one served.
+    let c = client();
+    for gw in &gws {
+        let r = hit(&c, gw.addr, "closed.com").await.expect("answered");
+        assert_error(&r, 503, "store_unavailable");
+        let r = hit(&c, gw.addr, "open.com").await.expect("answered");
+        assert_eq!(r.status, 200);
+    }
+    let u = usage(&gws[0], "open").await;
+    assert_eq!(u["store"], "unavailable", "{u}");
+    assert_eq!(u["synced"], false, "{u}");
+
+    redis.restart();
+    let restarted = Instant::now();
+    phase.store(2, std::sync::atomic::Ordering::SeqCst);
+    // Cluster limiting resumes: both instances hold fresh leases again and the closed
+    // tenant is admitted.
+    let deadline = Duration::from_secs(10);
+    let mut resumed = Vec::new();
+    for gw in &gws {
+        loop {
+            let r = hit(&c, gw.addr, "closed.com").await.expect("answered");
+            if r.status == 200 && usage(gw, "closed").await["synced"] == true {
+                break;
+            }
+            assert!(
+                restarted.elapsed() < deadline,
+                "no resume after {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        resumed.push(restarted.elapsed());
+    }
+    let resume = resumed.into_iter().max().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Outcomes::default();
+    for t in tasks {
+        let o = t.await.unwrap();
+        all.open_ok += o.open_ok;
+        all.open_other += o.open_other;
+        all.closed_ok += o.closed_ok;
+        all.closed_503 += o.closed_503;
+        all.closed_other += o.closed_other;
+        all.timeouts += o.timeouts;
+        all.unexpected.extend(o.unexpected);
+        all.worst_down = all.worst_down.max(o.worst_down);
+    }
+    println!(
+        "redis outage: worst latency while Redis was down {:?}; cluster limiting resumed {:?} after the restart; {all:?}",
+        all.worst_down, resume
+    );
+    assert_eq!(all.timeouts, 0, "every request was answered");
+    assert_eq!(
+        all.open_other, 0,
+        "the open tenant was always served: {all:?}"
+    );
+    assert_eq!(all.closed_other, 0, "{all:?}");
+    assert!(all.closed_503 > 0 && all.closed_ok > 0, "{all:?}");
+
+    // The pushes of what "open" admitted during the outage reached Redis once.
+    let day = usage(&gws[0], "open").await;
+    assert_eq!(day["store"], "up", "{day}");
+    let text = get(gws[0].admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&text.body).into_owned();
+    let errors: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("bulkhead_store_errors_total "))
+        .expect("bulkhead_store_errors_total")
+        .parse()
+        .unwrap();
+    assert!(errors > 0.0, "{text}");
+}
