@@ -59,6 +59,13 @@ fn fleet(redis: &Redis, upstream: SocketAddr, tenants: &str) -> Vec<Gateway> {
         .collect()
 }
 
+/// A cluster-scope tenant `id` reached as host `id.com`, with these extra limits.
+fn cluster_tenant(id: &str, limits: &str) -> String {
+    format!(
+        "\n[tenants.{id}]\nhosts = [\"{id}.com\"]\n[tenants.{id}.limits]\nscope = \"cluster\"\n{limits}\n"
+    )
+}
+
 /// One request on a kept-alive client, bounded by a generous timeout: `None` when the
 /// gateway did not answer within it.
 async fn hit(c: &TestClient, addr: SocketAddr, host: &str) -> Option<Reply> {
@@ -126,26 +133,11 @@ struct Tally {
 async fn cluster_rate_limit_holds_for_the_fleet() {
     let Some(redis) = Redis::start() else { return };
     let up = Upstream::echo("u").await;
-    let gws = fleet(
-        &redis,
-        up.addr,
-        r#"
-[tenants.limited]
-hosts = ["limited.com"]
-[tenants.limited.limits]
-scope = "cluster"
-on_store_failure = "closed"
-requests_per_second = 50
-burst = 50
-
-[tenants.other]
-hosts = ["other.com"]
-[tenants.other.limits]
-scope = "cluster"
-requests_per_second = 5000
-burst = 5000
-"#,
-    );
+    let tenants = cluster_tenant(
+        "limited",
+        "on_store_failure = \"closed\"\nrequests_per_second = 50\nburst = 50",
+    ) + &cluster_tenant("other", "requests_per_second = 5000\nburst = 5000");
+    let gws = fleet(&redis, up.addr, &tenants);
     wait_synced(&gws, &["limited", "other"]).await;
     let addrs: Arc<Vec<SocketAddr>> = Arc::new(gws.iter().map(|g| g.addr).collect());
     let load = Duration::from_secs(10);
@@ -242,14 +234,8 @@ burst = 5000
 async fn daily_quota_is_exact_across_three_instances() {
     let Some(redis) = Redis::start() else { return };
     let up = Upstream::echo("u").await;
-    let tenants = r#"
-[tenants.q]
-hosts = ["q.com"]
-[tenants.q.limits]
-scope = "cluster"
-requests_per_day = 100
-"#;
-    let gws = fleet(&redis, up.addr, tenants);
+    let tenants = cluster_tenant("q", "requests_per_day = 100");
+    let gws = fleet(&redis, up.addr, &tenants);
     wait_synced(&gws, &["q"]).await;
     let c = client();
     let mut admitted = 0;
@@ -313,7 +299,7 @@ requests_per_day = 100
 
     // Restart all three: the count lives in Redis.
     drop(gws);
-    let gws = fleet(&redis, up.addr, tenants);
+    let gws = fleet(&redis, up.addr, &tenants);
     wait_synced(&gws, &["q"]).await;
     for gw in &gws {
         let r = hit(&c, gw.addr, "q.com").await.expect("answered");
@@ -434,6 +420,11 @@ async fn redis_outage_open_serves_closed_refuses_and_resumes() {
         return;
     };
     let up = Upstream::echo("u").await;
+    let rate = "requests_per_second = 2000\nburst = 2000";
+    let tenants = cluster_tenant(
+        "open",
+        &format!("on_store_failure = \"open\"\n{rate}\nrequests_per_day = 1_000_000"),
+    ) + &cluster_tenant("closed", &format!("on_store_failure = \"closed\"\n{rate}"));
     let gws: Vec<Gateway> = (1..=2)
         .map(|i| {
             Gateway::start(&fleet_toml(
@@ -441,24 +432,7 @@ async fn redis_outage_open_serves_closed_refuses_and_resumes() {
                 &format!("edge-{i}"),
                 up.addr,
                 "20ms",
-                r#"
-[tenants.open]
-hosts = ["open.com"]
-[tenants.open.limits]
-scope = "cluster"
-on_store_failure = "open"
-requests_per_second = 2000
-burst = 2000
-requests_per_day = 1_000_000
-
-[tenants.closed]
-hosts = ["closed.com"]
-[tenants.closed.limits]
-scope = "cluster"
-on_store_failure = "closed"
-requests_per_second = 2000
-burst = 2000
-"#,
+                &tenants,
             ))
         })
         .collect();
@@ -596,4 +570,55 @@ burst = 2000
         .parse()
         .unwrap();
     assert!(errors > 0.0, "{text}");
+}
+
+/// `[cluster]` is read once: a reload that adds or changes it is refused whole; a
+/// quota change applies at once to the count so far.
+#[tokio::test]
+async fn cluster_changes_need_a_restart_and_quota_changes_reload() {
+    let up = Upstream::echo("u").await;
+    let base = format!(
+        "[upstreams.u]\ntargets = [\"{}\"]\n[tenants.q]\nhosts = [\"q.com\"]\nupstream = \"u\"\n[tenants.q.limits]\n",
+        up.addr
+    );
+    let gw = Process::start(&format!("{base}requests_per_day = 2\n"));
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    assert_error(
+        &get(gw.addr, "/", &[("host", "q.com")]).await,
+        429,
+        "quota_exhausted",
+    );
+    let text = std::fs::read_to_string(&gw.path).unwrap();
+
+    // Raised by a reload: two more, on top of the two counted.
+    std::fs::write(
+        &gw.path,
+        text.replace("requests_per_day = 2", "requests_per_day = 4"),
+    )
+    .unwrap();
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    assert_error(
+        &get(gw.addr, "/", &[("host", "q.com")]).await,
+        429,
+        "quota_exhausted",
+    );
+
+    std::fs::write(
+        &gw.path,
+        format!("{text}[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n"),
+    )
+    .unwrap();
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 422);
+    let msg = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("[cluster] changed; this needs a restart"),
+        "{msg}"
+    );
 }
