@@ -54,8 +54,14 @@ async fn sync_loop(shared: Arc<Shared>, store: Arc<Store>) {
     }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first round only joins (see `sync_tenant`); the second, right after it,
+    // takes the first leases.
+    let mut rounds = 0u64;
     loop {
-        tick.tick().await;
+        if rounds != 1 {
+            tick.tick().await;
+        }
+        rounds = rounds.saturating_add(1);
         let snap = shared.snapshot.load_full();
         let mut tasks = JoinSet::new();
         for (i, t) in snap.tenants.iter().enumerate() {
@@ -99,10 +105,10 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
     let mut req = {
         let mut outbox = quota_lock(u);
         match outbox.as_ref() {
-            // Not acknowledged yet: the same returns and pushes again (Redis applies
-            // them once per seq).
-            Some(r) if r.day.key == day.key && r.month.key == month.key => r.clone(),
-            _ => {
+            // Not acknowledged yet: the same request again, even across a period
+            // boundary (Redis applies it once per seq and answers it again).
+            Some(r) => r.clone(),
+            None => {
                 let mut r = SyncRequest {
                     seq: u.seq.fetch_add(1, Ordering::AcqRel) + 1,
                     generation: u.generation.load(Ordering::Acquire),
@@ -121,11 +127,14 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
                 r.rate_used += u.rate_used.swap(0, Ordering::AcqRel);
                 // Quota leases go back whole at every sync and are granted afresh, so
                 // units never sit unused on an idle instance for long.
-                let same_period = u.lease_period.load(Ordering::Acquire) == p.day;
+                // Units of a period that has ended are not given back to the new one.
+                let leased = Periods::at(u.lease_period.load(Ordering::Acquire) * 86_400);
                 let back_day = u.lease_day.swap(0, Ordering::AcqRel);
                 let back_month = u.lease_month.swap(0, Ordering::AcqRel);
-                if same_period {
+                if leased.day == p.day {
                     day.give_back = back_day;
+                }
+                if leased.month == p.month {
                     month.give_back = back_month;
                 }
                 day.push = u.pending_day.swap(0, Ordering::AcqRel);
@@ -145,16 +154,17 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
     if !joined {
         req.rate_want = 0;
     }
-    req.day.want = if l.requests_per_day.is_some() {
-        2 * quota_demand
-    } else {
-        0
+    // A request resent from an earlier period leases nothing for it.
+    let current = req.day.key == day.key && req.month.key == month.key;
+    let want = |configured: Option<u64>| {
+        if configured.is_some() && current {
+            2 * quota_demand
+        } else {
+            0
+        }
     };
-    req.month.want = if l.requests_per_month.is_some() {
-        2 * quota_demand
-    } else {
-        0
-    };
+    req.day.want = want(l.requests_per_day);
+    req.month.want = want(l.requests_per_month);
 
     match store.sync(&t.id, &req).await {
         Ok(reply) => {
@@ -165,10 +175,12 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
             }
             u.rate_tokens.fetch_add(reply.rate_grant, Ordering::AcqRel);
             u.lease_period.store(p.day, Ordering::Release);
-            u.lease_day.fetch_add(reply.day_grant, Ordering::AcqRel);
-            u.lease_month.fetch_add(reply.month_grant, Ordering::AcqRel);
-            u.known_day.store(reply.day_used, Ordering::Release);
-            u.known_month.store(reply.month_used, Ordering::Release);
+            if current {
+                u.lease_day.fetch_add(reply.day_grant, Ordering::AcqRel);
+                u.lease_month.fetch_add(reply.month_grant, Ordering::AcqRel);
+                u.known_day.store(reply.day_used, Ordering::Release);
+                u.known_month.store(reply.month_used, Ordering::Release);
+            }
             u.instances.store(reply.instances, Ordering::Release);
             // Leases are reservations, so using them is safe for as long as Redis keeps
             // this instance's holding; they lapse much sooner so that a store outage is

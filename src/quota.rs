@@ -224,7 +224,8 @@ impl Usage {
         self.pending_month.store(0, Ordering::Release);
         self.known_day.store(0, Ordering::Release);
         self.known_month.store(0, Ordering::Release);
-        *lock(&self.outbox) = None;
+        // A pending sync request stays: its quota part belongs to the old generation
+        // and is ignored by Redis, its rate part still counts.
     }
 }
 
