@@ -69,14 +69,46 @@ async fn sync_loop(shared: Arc<Shared>, store: Arc<Store>) {
                 continue;
             }
             let (snap, store) = (snap.clone(), store.clone());
-            tasks.spawn(async move { sync_tenant(&store, &snap.tenants[i]).await });
+            tasks.spawn(async move {
+                let t = &snap.tenants[i];
+                let _turn = t.limits.usage.sync_turn.lock().await;
+                if !t.limits.usage.released.load(Ordering::Acquire) {
+                    sync_tenant(&store, t, false).await;
+                }
+            });
         }
         while tasks.join_next().await.is_some() {}
     }
 }
 
-/// One tenant's reconciliation with Redis.
-async fn sync_tenant(store: &Store, t: &Tenant) {
+/// At shutdown, once the workers have drained: every lease goes back to Redis, so a
+/// restart does not find units counted that this instance leased and never used.
+pub async fn release(shared: &Shared) {
+    let snap = shared.snapshot.load_full();
+    let Some(store) = snap.store.clone() else {
+        return;
+    };
+    if !store.is_connected() {
+        return;
+    }
+    let cluster = snap
+        .tenants
+        .iter()
+        .filter(|t| t.configured_limits.scope == Scope::Cluster);
+    for t in cluster {
+        let u = &t.limits.usage;
+        let _turn = u.sync_turn.lock().await;
+        u.released.store(true, Ordering::Release);
+        // A request still unacknowledged goes first, then the one that gives back.
+        for _ in 0..2 {
+            sync_tenant(&store, t, true).await;
+        }
+    }
+}
+
+/// One tenant's reconciliation with Redis; `last` gives everything back and takes
+/// nothing.
+async fn sync_tenant(store: &Store, t: &Tenant, last: bool) {
     let u = &t.limits.usage;
     let l = &t.configured_limits;
     let p = Periods::current();
@@ -94,7 +126,7 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
     // half the burst, so a burst arriving at an idle instance is not refused at once);
     // give back the excess.
     let rate_demand = u.rate_demand.swap(0, Ordering::AcqRel) as i64;
-    let rate_target = rate.map_or(0, |(_, b)| {
+    let rate_target = rate.filter(|_| !last).map_or(0, |(_, b)| {
         let b = b as i64;
         (2 * rate_demand)
             .max(ceil_div(b, 2 * instances))
@@ -151,13 +183,13 @@ async fn sync_tenant(store: &Store, t: &Tenant) {
         req.burst = burst;
         req.rate_want = (rate_target - u.rate_tokens.load(Ordering::Acquire)).max(0);
     }
-    if !joined {
+    if !joined || last {
         req.rate_want = 0;
     }
     // A request resent from an earlier period leases nothing for it.
     let current = req.day.key == day.key && req.month.key == month.key;
     let want = |configured: Option<u64>| {
-        if configured.is_some() && current {
+        if configured.is_some() && current && !last {
             2 * quota_demand
         } else {
             0

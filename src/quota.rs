@@ -173,6 +173,10 @@ pub struct Usage {
     /// Returns and pushes sent but not acknowledged: sent again as they are.
     pub(crate) outbox: Mutex<Option<SyncRequest>>,
     pub(crate) seq: AtomicU64,
+    /// One sync of this tenant at a time (the timer's, or the last one at shutdown).
+    pub(crate) sync_turn: tokio::sync::Mutex<()>,
+    /// Set at shutdown once the leases have been given back.
+    pub(crate) released: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

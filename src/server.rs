@@ -101,7 +101,9 @@ impl RunningGateway {
                 rt.block_on(async move {
                     tokio::spawn(prune_limiters(admin_shared.clone()));
                     tokio::spawn(crate::cluster::run(admin_shared.clone()));
-                    crate::admin::serve(admin_listener, admin_shared, admin_rx).await;
+                    crate::admin::serve(admin_listener, admin_shared.clone(), admin_rx).await;
+                    // The workers have drained: give back what this instance leased.
+                    crate::cluster::release(&admin_shared).await;
                 });
             })?;
         tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving");

@@ -622,3 +622,119 @@ async fn cluster_changes_need_a_restart_and_quota_changes_reload() {
         "{msg}"
     );
 }
+
+/// A sync request whose reply was lost is sent again as it was: Redis answers it the
+/// same way and counts nothing twice (pushes, give-backs, grants).
+#[tokio::test]
+async fn a_resent_sync_counts_nothing_twice() {
+    use bulkhead::config::ClusterSettings;
+    use bulkhead::quota::{period_syncs, Periods};
+    use bulkhead::store::{Store, SyncRequest};
+    let Some(redis) = Redis::start() else { return };
+    let store = Store::new(ClusterSettings {
+        nodes: vec![redis.url()],
+        instance_id: "edge-1".into(),
+        sync_interval: Duration::from_millis(50),
+        store_timeout: Duration::from_secs(2),
+    });
+    store.connect().await.unwrap();
+    let p = Periods::current();
+    let (mut day, month) = period_syncs("t", Some(1000), None, &p);
+    day.push = 7;
+    day.want = 10;
+    let req = SyncRequest {
+        seq: 1,
+        rate_per_second: 100.0,
+        burst: 100,
+        rate_want: 40,
+        day,
+        month,
+        ..SyncRequest::default()
+    };
+    let first = store.sync("t", &req).await.unwrap();
+    assert_eq!(first.rate_grant, 40);
+    assert_eq!(first.day_grant, 10);
+    assert_eq!(first.day_used, 17, "7 pushed + 10 leased");
+    let again = store.sync("t", &req).await.unwrap();
+    assert_eq!(again, first, "the same answer");
+    let (used, _) = store.usage(&req.day.key, &req.month.key).await.unwrap();
+    assert_eq!(used, 17, "nothing counted twice");
+    assert_eq!(
+        redis.cli(&[
+            "HGET",
+            "bulkhead:{t}:held",
+            &format!("edge-1/{}", store.boot_id)
+        ]),
+        "40"
+    );
+
+    // The next request gives the lease back and reports 15 tokens used.
+    let mut next = req.clone();
+    next.seq = 2;
+    next.rate_return = 25;
+    next.rate_used = 15;
+    next.rate_want = 0;
+    next.day.push = 0;
+    next.day.give_back = 10;
+    next.day.want = 0;
+    let r = store.sync("t", &next).await.unwrap();
+    assert_eq!((r.rate_grant, r.day_grant, r.day_used), (0, 0, 7));
+    assert_eq!(
+        redis.cli(&[
+            "HGET",
+            "bulkhead:{t}:held",
+            &format!("edge-1/{}", store.boot_id)
+        ]),
+        "0"
+    );
+    // Tokens in the bucket plus those held never exceed the burst.
+    let tokens: f64 = redis
+        .cli(&["HGET", "bulkhead:{t}:rate", "tokens"])
+        .parse()
+        .unwrap();
+    assert!(tokens <= 100.0, "{tokens}");
+}
+
+/// A graceful stop gives every lease back: after all three instances stop, Redis counts
+/// exactly the requests they admitted, not the units they had leased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_stop_gives_leases_back() {
+    let Some(redis) = Redis::start() else { return };
+    let up = Upstream::echo("u").await;
+    let tenants = cluster_tenant(
+        "q",
+        "requests_per_second = 1000\nburst = 1000\nrequests_per_day = 100000",
+    );
+    let mut gws = fleet(&redis, up.addr, &tenants);
+    wait_synced(&gws, &["q"]).await;
+    let c = client();
+    for i in 0..90 {
+        let r = hit(&c, gws[i % 3].addr, "q.com").await.expect("answered");
+        assert_eq!(r.status, 200);
+    }
+    // Leases are out now (each instance keeps about twice what it used per interval).
+    let held: i64 = redis
+        .cli(&["HVALS", "bulkhead:{q}:held"])
+        .lines()
+        .map(|v| v.parse::<i64>().unwrap())
+        .sum();
+    assert!(held > 0, "rate tokens are leased while serving");
+    for gw in &mut gws {
+        let running = gw.running.take().unwrap();
+        running.shutdown();
+        tokio::task::spawn_blocking(move || running.wait())
+            .await
+            .unwrap();
+    }
+    let day = format!(
+        "bulkhead:{{q}}:day:{}",
+        bulkhead::quota::Periods::current().day_label()
+    );
+    assert_eq!(redis.cli(&["GET", &day]), "90", "only what was admitted");
+    let held: i64 = redis
+        .cli(&["HVALS", "bulkhead:{q}:held"])
+        .lines()
+        .map(|v| v.parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(held, 0, "no rate tokens held after the stop");
+}
