@@ -81,10 +81,14 @@ async fn sync_loop(shared: Arc<Shared>, store: Arc<Store>) {
     }
 }
 
-/// At shutdown, once the workers have drained: every lease goes back to Redis, so a
-/// restart does not find units counted that this instance leased and never used.
-pub async fn release(shared: &Shared) {
+/// At shutdown, once the workers have drained: local quota counters are saved, and
+/// every lease goes back to Redis, so a restart does not find units counted that this
+/// instance leased and never used.
+pub async fn shutdown(shared: &Shared) {
     let snap = shared.snapshot.load_full();
+    if let Err(e) = snap.quotas.flush(&snap, true) {
+        tracing::warn!(error = %e, "cannot save quota counters to server.state_dir");
+    }
     let Some(store) = snap.store.clone() else {
         return;
     };

@@ -102,8 +102,8 @@ impl RunningGateway {
                     tokio::spawn(prune_limiters(admin_shared.clone()));
                     tokio::spawn(crate::cluster::run(admin_shared.clone()));
                     crate::admin::serve(admin_listener, admin_shared.clone(), admin_rx).await;
-                    // The workers have drained: give back what this instance leased.
-                    crate::cluster::release(&admin_shared).await;
+                    // The workers have drained: give leases back, save quota counters.
+                    crate::cluster::shutdown(&admin_shared).await;
                 });
             })?;
         tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving");
@@ -130,10 +130,6 @@ impl RunningGateway {
     pub fn wait(self) {
         for w in self.workers {
             let _ = w.join();
-        }
-        let snap = self.shared.snapshot.load_full();
-        if let Err(e) = snap.quotas.flush(&snap, true) {
-            tracing::warn!(error = %e, "cannot save quota counters to server.state_dir");
         }
         let _ = self.admin_stop.send(true);
         let _ = self.admin.join();
