@@ -99,8 +99,8 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
 async fn tenant_usage(method: &Method, rest: &str, shared: &Shared) -> Response<ProxyBody> {
     let snap = shared.snapshot.load_full();
     let (status, body) = match (method, rest.split_once('/')) {
-        (&Method::GET, Some((id, "usage"))) => crate::quota::usage(&snap, id).await,
-        (&Method::POST, Some((id, "usage/reset"))) => crate::quota::reset(&snap, id).await,
+        (&Method::GET, Some((id, "usage"))) => crate::usage::usage(&snap, id).await,
+        (&Method::POST, Some((id, "usage/reset"))) => crate::usage::reset(&snap, id).await,
         (_, Some((_, "usage" | "usage/reset"))) => {
             return json(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -21,6 +21,7 @@ pub mod jwt;
 pub mod limits;
 pub mod lint;
 pub mod metrics;
+pub mod periods;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
@@ -30,6 +31,7 @@ pub mod store;
 pub mod tenant;
 pub mod units;
 pub mod upstream;
+pub mod usage;
 pub mod watch;
 
 pub use config::{Config, ConfigError};

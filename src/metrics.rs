@@ -403,7 +403,7 @@ pub fn families(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<MetricFamily> 
 /// `quota_used`, `quota_limit` and `store_errors_total` (issue #9).
 fn quota_families(snap: &Snapshot) -> Vec<MetricFamily> {
     let (mut used, mut limit) = (Vec::new(), Vec::new());
-    for (tenant, period, u, l) in crate::quota::samples(snap) {
+    for (tenant, period, u, l) in crate::usage::samples(snap) {
         let labels = || vec![label("tenant", tenant), label("period", period)];
         used.push(gauge(labels(), u));
         limit.push(gauge(labels(), l));

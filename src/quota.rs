@@ -15,92 +15,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{OnStoreFailure, Scope};
 use crate::error::ProxyError;
+pub use crate::periods::Periods;
 use crate::snapshot::{Snapshot, Tenant};
-use crate::store::{self, PeriodSync, Reserved, Store, SyncRequest};
-
-/// The UTC day and month a moment falls in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Periods {
-    pub now: u64,
-    /// Days since 1970-01-01.
-    pub day: u64,
-    /// `year * 12 + month - 1`.
-    pub month: u64,
-    pub day_end: u64,
-    pub month_end: u64,
-}
-
-/// Howard Hinnant's `civil_from_days`: (year, month 1-12, day 1-31).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// Days since 1970-01-01 of a civil date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-impl Periods {
-    pub fn at(now: u64) -> Periods {
-        let day = now / 86_400;
-        let (y, m, _) = civil(day as i64);
-        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-        Periods {
-            now,
-            day,
-            month: (y * 12 + i64::from(m) - 1) as u64,
-            day_end: (day + 1) * 86_400,
-            month_end: (days_from_civil(ny, nm, 1) * 86_400) as u64,
-        }
-    }
-
-    pub fn current() -> Periods {
-        Periods::at(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        )
-    }
-
-    /// `2026-11-27`
-    pub fn day_label(&self) -> String {
-        let (y, m, d) = civil(self.day as i64);
-        format!("{y:04}-{m:02}-{d:02}")
-    }
-
-    /// `2026-11`
-    pub fn month_label(&self) -> String {
-        format!("{:04}-{:02}", self.month / 12, self.month % 12 + 1)
-    }
-
-    fn day_key(&self, tenant: &str) -> String {
-        store::key(tenant, &format!("day:{}", self.day_label()))
-    }
-
-    fn month_key(&self, tenant: &str) -> String {
-        store::key(tenant, &format!("month:{}", self.month_label()))
-    }
-}
+use crate::store::{PeriodSync, Reserved, Store, SyncRequest};
 
 /// Milliseconds on a process-wide monotonic clock, for lease validity.
 pub fn mono_ms() -> u64 {
@@ -220,8 +143,14 @@ impl Usage {
         c
     }
 
+    /// Zeroes the local counts (a reset); they are saved at the next flush.
+    pub(crate) fn reset_local(&self) {
+        *lock(&self.local) = Counts::default();
+        self.dirty.store(true, Ordering::Release);
+    }
+
     /// Drops every lease (after a reset).
-    fn drop_leases(&self) {
+    pub(crate) fn drop_leases(&self) {
         self.lease_day.store(0, Ordering::Release);
         self.lease_month.store(0, Ordering::Release);
         self.pending_day.store(0, Ordering::Release);
@@ -464,163 +393,9 @@ impl Quotas {
     }
 }
 
-// ---------------------------------------------------------------- admin and metrics
-
-fn period_json(
-    label: String,
-    used: i64,
-    limit: Option<u64>,
-    end: u64,
-    now: u64,
-) -> serde_json::Value {
-    let used = used.max(0) as u64;
-    serde_json::json!({
-        "period": label,
-        "used": used,
-        "limit": limit,
-        "remaining": limit.map(|l| l.saturating_sub(used)),
-        "resets_at": humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(end)).to_string(),
-        "resets_in_seconds": end.saturating_sub(now),
-    })
-}
-
-/// `GET /tenants/{id}/usage`: the status and JSON body.
-pub async fn usage(snap: &Snapshot, id: &str) -> (u16, serde_json::Value) {
-    let Some(idx) = snap.tenant_by_id(id) else {
-        return not_found(id);
-    };
-    let t = snap.tenant(idx);
-    let l = &t.configured_limits;
-    let u = &t.limits.usage;
-    let p = Periods::current();
-    let (day, month, store) = match (l.scope, snap.store.as_deref()) {
-        (Scope::Cluster, Some(store)) => {
-            let (d, m) = period_syncs(&t.id, l.requests_per_day, l.requests_per_month, &p);
-            let pending = (
-                u.pending_day.load(Ordering::Acquire),
-                u.pending_month.load(Ordering::Acquire),
-            );
-            match store.usage(&d.key, &m.key).await {
-                Ok((d, m)) => (d + pending.0, m + pending.1, Some("up")),
-                Err(_) => (
-                    u.known_day.load(Ordering::Acquire) + pending.0,
-                    u.known_month.load(Ordering::Acquire) + pending.1,
-                    Some("unavailable"),
-                ),
-            }
-        }
-        _ => {
-            let c = u.local_counts();
-            (c.day_used as i64, c.month_used as i64, None)
-        }
-    };
-    let scope = match l.scope {
-        Scope::Local => "local",
-        Scope::Cluster => "cluster",
-    };
-    (
-        200,
-        serde_json::json!({
-            "tenant": id,
-            "scope": scope,
-            "store": store,
-            // Whether this instance holds current leases (synced within 4 × sync_interval + store_timeout).
-            "synced": store.map(|_| u.is_valid()),
-            "day": period_json(p.day_label(), day, l.requests_per_day, p.day_end, p.now),
-            "month": period_json(p.month_label(), month, l.requests_per_month, p.month_end, p.now),
-        }),
-    )
-}
-
-/// `POST /tenants/{id}/usage/reset`: both periods start again from zero.
-pub async fn reset(snap: &Snapshot, id: &str) -> (u16, serde_json::Value) {
-    let Some(idx) = snap.tenant_by_id(id) else {
-        return not_found(id);
-    };
-    let t = snap.tenant(idx);
-    let u = &t.limits.usage;
-    let p = Periods::current();
-    if let (Scope::Cluster, Some(store)) = (t.configured_limits.scope, snap.store.as_deref()) {
-        let (d, m) = period_syncs(&t.id, None, None, &p);
-        match store.reset(&t.id, &d.key, &m.key).await {
-            Ok(generation) => {
-                u.drop_leases();
-                u.generation.store(generation, Ordering::Release);
-            }
-            Err(e) => {
-                return (
-                    503,
-                    serde_json::json!({"error": "store_unavailable", "message": format!("the shared store did not answer: {e}")}),
-                )
-            }
-        }
-    }
-    *lock(&u.local) = Counts::default();
-    u.dirty.store(true, Ordering::Release);
-    tracing::info!(tenant = id, "quota usage reset");
-    usage(snap, id).await
-}
-
-fn not_found(id: &str) -> (u16, serde_json::Value) {
-    (
-        404,
-        serde_json::json!({"error": "unknown_tenant", "message": format!("no tenant {id:?} is configured")}),
-    )
-}
-
-/// `bulkhead_quota_used` / `bulkhead_quota_limit` samples: (tenant, period, used, limit).
-pub fn samples(snap: &Snapshot) -> Vec<(&str, &'static str, f64, f64)> {
-    let mut out = Vec::new();
-    for t in &snap.tenants {
-        let l = &t.configured_limits;
-        let u = &t.limits.usage;
-        let (day, month) = match (l.scope, &snap.store) {
-            (Scope::Cluster, Some(_)) => {
-                let same = u.lease_period.load(Ordering::Acquire) == Periods::current().day;
-                let known = |k: &AtomicI64| if same { k.load(Ordering::Acquire) } else { 0 };
-                (
-                    known(&u.known_day) + u.pending_day.load(Ordering::Acquire),
-                    known(&u.known_month) + u.pending_month.load(Ordering::Acquire),
-                )
-            }
-            _ => {
-                let c = u.local_counts();
-                (c.day_used as i64, c.month_used as i64)
-            }
-        };
-        for (period, used, limit) in [
-            ("day", day, l.requests_per_day),
-            ("month", month, l.requests_per_month),
-        ] {
-            if let Some(limit) = limit {
-                out.push((&*t.id, period, used.max(0) as f64, limit as f64));
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn periods_in_utc() {
-        // 2026-11-27T07:00:00Z
-        let p = Periods::at(1_795_762_800);
-        assert_eq!(p.day_label(), "2026-11-27");
-        assert_eq!(p.month_label(), "2026-11");
-        assert_eq!(p.day_end, 1_795_824_000); // 2026-11-28T00:00:00Z
-        assert_eq!(p.month_end, 1_796_083_200); // 2026-12-01T00:00:00Z
-                                                // December rolls into January of the next year; 2028 is a leap year.
-        let p = Periods::at(1_798_761_600 - 1); // 2026-12-31T23:59:59Z
-        assert_eq!(p.month_label(), "2026-12");
-        assert_eq!(p.month_end, 1_798_761_600);
-        assert_eq!(Periods::at(p.month_end).month_label(), "2027-01");
-        let p = Periods::at(days_from_civil(2028, 2, 29) as u64 * 86_400);
-        assert_eq!(p.day_label(), "2028-02-29");
-        assert_eq!(p.month_end, days_from_civil(2028, 3, 1) as u64 * 86_400);
-    }
 
     #[test]
     fn local_counts_roll_over() {
