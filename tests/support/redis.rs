@@ -10,6 +10,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 /// Whether `redis-server` can be run. In CI (`CI=true`) a missing server fails the
@@ -33,6 +35,14 @@ pub fn available() -> bool {
     ok
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Redis {
     /// Starts a server on a free port; `None` (skip) when there is no redis-server
     /// outside CI.
@@ -40,18 +50,62 @@ impl Redis {
         if !available() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut r = Redis {
-            port,
+            port: free_port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            extra: Vec::new(),
         };
         r.restart();
         Some(r)
+    }
+
+    /// A Redis Cluster of `n` masters (no replicas), each on a free port; the slots
+    /// are spread over them by `redis-cli --cluster create`.
+    pub fn cluster(n: usize) -> Option<Vec<Redis>> {
+        if !available() {
+            return None;
+        }
+        let nodes: Vec<Redis> = (0..n)
+            .map(|_| {
+                let mut r = Redis {
+                    port: free_port(),
+                    child: None,
+                    dir: tempfile::tempdir().unwrap(),
+                    extra: vec!["--cluster-enabled".into(), "yes".into()],
+                };
+                r.restart();
+                r
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let start = Instant::now();
+        while !nodes
+            .iter()
+            .all(|r| r.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the cluster never formed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(nodes)
     }
 
     pub fn url(&self) -> String {
@@ -74,6 +128,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
