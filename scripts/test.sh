@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)          # HTTP/2 prior-knowledge tests
 command -v promtool >/dev/null 2>&1 || need+=(prometheus) # promtool: deploy/ files, metrics exposition
+command -v openssl >/dev/null 2>&1 || need+=(openssl)       # TLS version tests (s_client)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client) # HTTP/2 over TLS load (h2load)
 if [ ${#need[@]} -gt 0 ]; then
     echo "scripts/test.sh: installing ${need[*]} for the tests" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -80,11 +80,18 @@ pub enum ProxyError {
         upstream: std::sync::Arc<str>,
         after: Duration,
     },
+    /// The TLS connection was made for another tenant (SNI names one tenant, the
+    /// request another), or the tenant requires a client certificate this connection
+    /// did not present.
+    Misdirected {
+        tenant: Box<str>,
+        why: &'static str,
+    },
 }
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 14] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -98,6 +105,7 @@ impl ProxyError {
         "invalid_api_key",
         "credentials_required",
         "invalid_token",
+        "misdirected_request",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -116,6 +124,7 @@ impl ProxyError {
             ProxyError::InvalidApiKey => 10,
             ProxyError::CredentialsRequired => 11,
             ProxyError::InvalidToken => 12,
+            ProxyError::Misdirected { .. } => 13,
         }
     }
 
@@ -134,6 +143,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -153,6 +163,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::Misdirected { .. } => "misdirected_request",
         }
     }
 
@@ -215,6 +226,9 @@ impl ProxyError {
                 "upstream {upstream:?} sent no response head within {}ms",
                 after.as_millis()
             ),
+            ProxyError::Misdirected { tenant, why } => {
+                format!("this connection cannot serve tenant {tenant:?}: {why}")
+            }
         }
     }
 
@@ -234,7 +248,8 @@ impl ProxyError {
             | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::UpstreamError { .. }
-            | ProxyError::UpstreamTimeout { .. } => None,
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::Misdirected { .. } => None,
         }
     }
 

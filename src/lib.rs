@@ -25,6 +25,7 @@ pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod tenant;
+pub mod tls;
 pub mod units;
 pub mod upstream;
 pub mod watch;

@@ -26,6 +26,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+pub mod pki;
+
 /// A deterministic byte pattern, so bodies can be checked byte for byte.
 pub fn pattern_byte(i: u64) -> u8 {
     ((i.wrapping_mul(31).wrapping_add(7)) % 251) as u8
