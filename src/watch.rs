@@ -1,4 +1,5 @@
-//! Watches `gateway.toml` and reloads when its bytes change.
+//! Watches `gateway.toml`, and the certificate, key and CA files it names, and reloads
+//! when their bytes change.
 //!
 //! The watch is on the file's directory, not the file: editors save by writing a new
 //! file and renaming it over the old one, and a Kubernetes ConfigMap volume swaps a
