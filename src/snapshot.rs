@@ -149,6 +149,17 @@ impl std::fmt::Display for BuildError {
     }
 }
 
+/// See [`crate::upstream::Transport::pool_id`].
+fn pool_id(u: &crate::config::ResolvedUpstream) -> u64 {
+    let mut id = u64::from(u.https)
+        | (u64::from(u.protocol == crate::config::UpstreamProtocol::H2) << 1)
+        | (u64::from(u.insecure) << 2);
+    if let Some(ca) = &u.ca {
+        id ^= (ca.fingerprint << 3) | 0b1000;
+    }
+    id
+}
+
 impl Snapshot {
     /// Builds the runtime view of `config`. Limiter state (rate buckets, in-flight
     /// counts) of tenants also present in `previous` carries over where their limits
@@ -191,7 +202,11 @@ impl Snapshot {
                 Arc::new(Upstream {
                     name: Arc::from(u.name.as_str()),
                     targets,
-                    transport: crate::upstream::Transport { tls, h2 },
+                    transport: crate::upstream::Transport {
+                        pool_id: pool_id(u),
+                        tls,
+                        h2,
+                    },
                     next: AtomicUsize::new(0),
                 }),
             );

@@ -40,12 +40,11 @@ pub struct Transport {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// `protocol = "h2"`.
     pub h2: bool,
-}
-
-impl Transport {
-    fn kind(&self) -> u8 {
-        u8::from(self.tls.is_some()) | (u8::from(self.h2) << 1)
-    }
+    /// Tells pools apart: TLS or not, HTTP/2 or not, and which CA (or none) verifies
+    /// the targets. Two upstreams naming the same address with different CAs must not
+    /// share a connection one of them verified; the same settings after a reload keep
+    /// their pool.
+    pub pool_id: u64,
 }
 
 /// A connection, HTTP/1.1 or HTTP/2.
@@ -86,8 +85,8 @@ struct Idle {
 }
 
 /// A pool: the target and how it is reached (the same address may be reached over
-/// TCP and TLS, HTTP/1.1 and HTTP/2, by different upstreams).
-type PoolKey = (Authority, u8);
+/// TCP and TLS, HTTP/1.1 and HTTP/2, with different CAs, by different upstreams).
+type PoolKey = (Authority, u64);
 
 /// One worker's connections to every upstream target.
 #[derive(Default)]
@@ -239,7 +238,7 @@ pub async fn send(
     upstream: &Arc<str>,
     timeout: Duration,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
-    let key = (target.clone(), transport.kind());
+    let key = (target.clone(), transport.pool_id);
     let exchange = async {
         let mut req = req;
         let mut fresh_tried = false;

@@ -402,6 +402,8 @@ async fn https_upstreams_are_verified_against_their_ca_with_sni() {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+# One worker, one pool: "wrongca" must not reuse the connection "good" verified.
+workers = 1
 [upstreams.good]
 targets = ["https://localhost:{p1}"]
 ca = "{ca}"
