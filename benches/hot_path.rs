@@ -42,11 +42,11 @@ fn resolution(c: &mut Criterion) {
         let host = format!("t{}.example.com:8080", n / 2);
         let (uri, headers) = request(&host);
         g.bench_function(format!("exact_host_{n}_tenants"), |b| {
-            b.iter(|| tenant::resolve(black_box(&snap), black_box(&uri), black_box(&headers)))
+            b.iter(|| tenant::resolve(black_box(&snap), black_box(&uri), black_box(&headers), None))
         });
         let (uri, headers) = request(&format!("eu.t{}.example.com", n / 2));
         g.bench_function(format!("wildcard_host_{n}_tenants"), |b| {
-            b.iter(|| tenant::resolve(black_box(&snap), black_box(&uri), black_box(&headers)))
+            b.iter(|| tenant::resolve(black_box(&snap), black_box(&uri), black_box(&headers), None))
         });
     }
     g.finish();
@@ -81,6 +81,7 @@ fn rewrite(c: &mut Criterion) {
                     peer_ip: &peer,
                     request_id: &rid,
                     authority: None,
+                    https: false,
                 },
             );
             black_box(h)

@@ -61,6 +61,12 @@ pub struct ServerConfig {
     pub access_log: bool,
     /// Per-tenant request metrics (counters, latency histogram, body bytes).
     pub metrics: bool,
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN).
+    pub tls_listen: Option<Spanned<String>>,
+    /// The plain listener answers 308 to https instead of proxying.
+    pub redirect_http: bool,
+    /// `[server.tls]`: the default certificate and the minimum version.
+    pub tls: Option<crate::tls::ServerTlsConfig>,
     /// Where local-scope quota counters are kept across restarts; in memory when unset.
     pub state_dir: Option<Spanned<String>>,
 }
@@ -80,6 +86,9 @@ impl Default for ServerConfig {
             limiter_prune_interval: Dur(Duration::from_secs(60)),
             access_log: true,
             metrics: true,
+            tls_listen: None,
+            redirect_http: false,
+            tls: None,
             state_dir: None,
         }
     }
@@ -93,8 +102,10 @@ pub enum SourceKind {
     Path,
     /// A key in `tenancy.api_key.header`, matched against the tenants' `api_keys`.
     ApiKey,
-    /// Named by SPEC.md; not implemented yet (validation says so).
+    /// A bearer token's tenant claim, verified with the tenant's keys.
     Jwt,
+    /// The TLS SNI name, matched against the tenants' `hosts`.
+    Sni,
 }
 
 /// The credential kinds a tenant may `require`.
@@ -262,6 +273,23 @@ impl<'de> Deserialize<'de> for PositiveNumber {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub targets: Spanned<Vec<Spanned<String>>>,
+    /// `"http1"` (default) or `"h2"`: HTTP/2 to the upstream (prior knowledge on
+    /// `http://` targets, ALPN on `https://`), for gRPC.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// PEM CA bundle that verifies `https://` targets (instead of the system roots).
+    pub ca: Option<Spanned<String>>,
+    /// Accept any certificate from `https://` targets. Logged loudly.
+    pub tls_insecure_skip_verify: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    #[serde(rename = "http1")]
+    Http1,
+    #[serde(rename = "h2")]
+    H2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
@@ -294,6 +322,8 @@ pub struct TenantConfig {
     pub require: Option<Spanned<Vec<CredentialKind>>>,
     /// `[tenants.X.jwt]`: keys that verify this tenant's tokens.
     pub jwt: Option<crate::jwt::TenantJwtConfig>,
+    /// `[tenants.X.tls]`: the tenant's own certificate and client CA.
+    pub tls: Option<crate::tls::TenantTlsConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -350,6 +380,7 @@ pub struct ResolvedTenant {
     pub api_keys: Vec<crate::credentials::KeyDigest>,
     pub require: Vec<CredentialKind>,
     pub jwt: Option<crate::jwt::ResolvedJwt>,
+    pub tls: Option<crate::tls::ResolvedTenantTls>,
 }
 
 /// An upstream whose targets have been parsed to `host:port` authorities.
@@ -357,6 +388,22 @@ pub struct ResolvedTenant {
 pub struct ResolvedUpstream {
     pub name: String,
     pub targets: Vec<String>,
+    /// The targets are `https://`.
+    pub https: bool,
+    pub protocol: UpstreamProtocol,
+    pub ca: Option<crate::tls::ClientCa>,
+    pub insecure: bool,
+}
+
+impl PartialEq for ResolvedUpstream {
+    fn eq(&self, o: &Self) -> bool {
+        self.name == o.name
+            && self.targets == o.targets
+            && self.https == o.https
+            && self.protocol == o.protocol
+            && self.ca.as_ref().map(|c| c.fingerprint) == o.ca.as_ref().map(|c| c.fingerprint)
+            && self.insecure == o.insecure
+    }
 }
 
 /// A validated configuration: what a snapshot is built from.
@@ -378,6 +425,12 @@ pub struct Config {
     pub limiter_prune_interval: Duration,
     pub access_log: bool,
     pub metrics: bool,
+    pub tls_listen: Option<SocketAddr>,
+    pub redirect_http: bool,
+    pub tls: Option<crate::tls::ResolvedServerTls>,
+    /// Certificate, key and CA files the config reads: the watcher watches them too,
+    /// and their bytes are part of `version`.
+    pub tls_files: Vec<PathBuf>,
     pub resolve: Vec<SourceKind>,
     /// `tenancy.api_key.header`, lower case.
     pub api_key_header: String,
@@ -476,6 +529,28 @@ impl Config {
     }
 }
 
+fn tls_fingerprints(
+    server: Option<&crate::tls::ResolvedServerTls>,
+    tenants: &[ResolvedTenant],
+    upstreams: &[ResolvedUpstream],
+) -> Vec<u64> {
+    let upstream_files = upstreams
+        .iter()
+        .filter_map(|u| u.ca.as_ref().map(|c| c.fingerprint));
+    let tenant_files = tenants.iter().filter_map(|t| t.tls.as_ref()).flat_map(|t| {
+        [
+            t.cert.as_ref().map(|c| c.fingerprint),
+            t.client_ca.as_ref().map(|c| c.fingerprint),
+        ]
+    });
+    server
+        .map(|s| s.default.fingerprint)
+        .into_iter()
+        .chain(tenant_files.flatten())
+        .chain(upstream_files)
+        .collect()
+}
+
 /// A short, stable hash of the file's bytes (FNV-1a, 64 bit, first 12 hex digits).
 pub fn version_of(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -484,6 +559,19 @@ pub fn version_of(text: &str) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{:012x}", h >> 16)
+}
+
+/// The version of a config that reads certificate files: the text's hash mixed with
+/// the hashes of the files' bytes, so that rotating a certificate is a change to apply.
+fn version_with_files(text: &str, fingerprints: &[u64]) -> String {
+    if fingerprints.is_empty() {
+        return version_of(text);
+    }
+    let mut all = text.to_owned();
+    for f in fingerprints {
+        all.push_str(&format!("\n{f:016x}"));
+    }
+    version_of(&all)
 }
 
 struct Validator<'a> {
@@ -542,6 +630,34 @@ impl Validator<'_> {
                 );
             }
         }
+        let tls_listen = server
+            .tls_listen
+            .as_ref()
+            .and_then(|l| self.addr(l, "server.tls_listen"));
+        if let (Some(t), Some(spanned)) = (tls_listen, &server.tls_listen) {
+            if t.port() != 0 && (Some(t) == listen || Some(t) == admin_listen) {
+                self.error(
+                    spanned.span(),
+                    "`server.tls_listen` must differ from `server.listen` and `server.admin_listen`".to_owned(),
+                );
+            }
+        }
+        let mut tls_files = Vec::new();
+        let tls = {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let mut problems = Vec::new();
+            let tls = crate::tls::validate_server(
+                server,
+                tls_listen,
+                base,
+                &mut tls_files,
+                &mut |span, msg| problems.push((span, msg)),
+            );
+            for (span, msg) in problems {
+                self.error(span, msg);
+            }
+            tls
+        };
         if server.max_header_bytes.0 < 1024 {
             self.error(
                 0..0,
@@ -607,6 +723,12 @@ impl Validator<'_> {
             None => None,
         };
         self.header_name(&t.api_key.header, "tenancy.api_key.header");
+        if t.resolve.get_ref().contains(&SourceKind::Sni) && tls_listen.is_none() {
+            self.error(
+                t.resolve.span(),
+                "`tenancy.resolve` names \"sni\" but `server.tls_listen` is not set: without TLS there is no SNI".to_owned(),
+            );
+        }
         // `forward_header = ""` turns tenant header injection off.
         if !t.forward_header.get_ref().is_empty() {
             self.header_name(&t.forward_header, "tenancy.forward_header");
@@ -638,15 +760,58 @@ impl Validator<'_> {
                 );
             }
             let mut targets = Vec::new();
+            let mut schemes = Vec::new();
             for target in u.targets.get_ref() {
                 match parse_target(target.get_ref()) {
-                    Ok(t) => targets.push(t),
+                    Ok((t, https)) => {
+                        targets.push(t);
+                        schemes.push(https);
+                    }
                     Err(msg) => self.error(target.span(), msg),
                 }
             }
+            let https = schemes.first().copied().unwrap_or(false);
+            if schemes.iter().any(|s| *s != https) {
+                self.error(
+                    u.targets.span(),
+                    format!(
+                        "upstream {:?} mixes http and https targets; use one scheme per upstream",
+                        name.get_ref()
+                    ),
+                );
+            }
+            let insecure = u
+                .tls_insecure_skip_verify
+                .as_ref()
+                .is_some_and(|b| *b.get_ref());
+            if (u.ca.is_some() || insecure) && !https {
+                let span = match (&u.ca, &u.tls_insecure_skip_verify) {
+                    (Some(c), _) => c.span(),
+                    (None, Some(b)) => b.span(),
+                    (None, None) => 0..0,
+                };
+                self.error(
+                    span,
+                    format!("upstream {:?}: `ca` and `tls_insecure_skip_verify` apply to https:// targets only", name.get_ref()),
+                );
+            }
+            let ca = u.ca.as_ref().and_then(|raw| {
+                let base = path.parent().unwrap_or(Path::new("."));
+                match crate::tls::load_ca(raw, base, &mut tls_files) {
+                    Ok(ca) => Some(ca),
+                    Err((span, msg)) => {
+                        self.error(span, format!("upstream {:?}: {msg}", name.get_ref()));
+                        None
+                    }
+                }
+            });
             upstreams.push(ResolvedUpstream {
                 name: name.get_ref().clone(),
                 targets,
+                https,
+                protocol: u.protocol,
+                ca,
+                insecure,
             });
         }
         let upstream_ok = |name: &str| {
@@ -791,6 +956,22 @@ impl Validator<'_> {
                     forward_claims,
                 }
             });
+            let tenant_tls = tc.tls.as_ref().and_then(|tt| {
+                let mut problems = Vec::new();
+                let r = crate::tls::validate_tenant(
+                    id_str,
+                    tt,
+                    &hosts,
+                    tls_listen.is_some() && tls.is_some(),
+                    base,
+                    &mut tls_files,
+                    &mut |span, msg| problems.push((span, msg)),
+                );
+                for (span, msg) in problems {
+                    self.error(span, msg);
+                }
+                r
+            });
             let require = tc.require.as_ref().map_or(&[][..], |r| r.get_ref());
             let require_span = tc.require.as_ref().map_or(id.span(), |r| r.span());
             for kind in require {
@@ -830,6 +1011,7 @@ impl Validator<'_> {
                 api_keys,
                 require: require.to_vec(),
                 jwt,
+                tls: tenant_tls,
             });
         }
 
@@ -846,7 +1028,10 @@ impl Validator<'_> {
 
         Some(Config {
             path: path.to_owned(),
-            version: version_of(text),
+            version: version_with_files(
+                text,
+                &tls_fingerprints(tls.as_ref(), &tenants, &upstreams),
+            ),
             listen: listen?,
             admin_listen: admin_listen?,
             workers: server.workers,
@@ -859,6 +1044,10 @@ impl Validator<'_> {
             limiter_prune_interval: server.limiter_prune_interval.0,
             access_log: server.access_log,
             metrics: server.metrics,
+            tls_listen,
+            redirect_http: server.redirect_http,
+            tls,
+            tls_files,
             resolve: t.resolve.get_ref().clone(),
             api_key_header: t.api_key.header.get_ref().to_ascii_lowercase(),
             jwt_header: t.jwt.header.get_ref().to_ascii_lowercase(),
@@ -1123,30 +1312,35 @@ pub fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
 }
 
 /// Parses an upstream target (`host:port` or `http://host:port`) to `host:port`.
-pub fn parse_target(raw: &str) -> Result<String, String> {
-    let rest = if let Some(r) = raw.strip_prefix("http://") {
-        r
-    } else if raw.starts_with("https://") {
-        return Err(format!(
-            "target {raw:?}: https upstreams are not supported yet; use host:port or http://host:port"
-        ));
+/// A target as `host:port`, and whether it is `https://` (whose port defaults to 443).
+pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
+    let (rest, https) = if let Some(r) = raw.strip_prefix("http://") {
+        (r, false)
+    } else if let Some(r) = raw.strip_prefix("https://") {
+        (r, true)
     } else if raw.contains("://") {
         return Err(format!(
-            "target {raw:?}: only http:// targets are supported"
+            "target {raw:?}: only http:// and https:// targets are supported"
         ));
     } else {
-        raw
+        (raw, false)
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let auth: http::uri::Authority = rest
-        .parse()
-        .map_err(|_| format!("target {raw:?} must be \"host:port\" or \"http://host:port\""))?;
-    if auth.port_u16().is_none() || rest.contains('@') || auth.host().is_empty() {
-        return Err(format!(
-            "target {raw:?} must name a port, e.g. \"127.0.0.1:9001\""
-        ));
+    let auth: http::uri::Authority = rest.parse().map_err(|_| {
+        format!(
+            "target {raw:?} must be \"host:port\", \"http://host:port\" or \"https://host[:port]\""
+        )
+    })?;
+    if rest.contains('@') || auth.host().is_empty() {
+        return Err(format!("target {raw:?} must be a host and a port"));
     }
-    Ok(auth.as_str().to_owned())
+    match auth.port_u16() {
+        Some(_) => Ok((auth.as_str().to_owned(), https)),
+        None if https => Ok((format!("{}:443", auth.as_str()), true)),
+        None => Err(format!(
+            "target {raw:?} must name a port, e.g. \"127.0.0.1:9001\""
+        )),
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -1296,10 +1490,18 @@ upstream = "shared"
     fn targets() {
         assert_eq!(
             parse_target("http://localhost:80/").unwrap(),
-            "localhost:80"
+            ("localhost:80".to_owned(), false)
+        );
+        assert_eq!(
+            parse_target("https://api.example.com").unwrap(),
+            ("api.example.com:443".to_owned(), true)
+        );
+        assert_eq!(
+            parse_target("https://a:8443").unwrap(),
+            ("a:8443".to_owned(), true)
         );
         assert!(parse_target("localhost").is_err());
-        assert!(parse_target("https://a:1").is_err());
+        assert!(parse_target("https://u@a:1").is_err());
         assert!(parse_target("ftp://a:1").is_err());
     }
 

@@ -80,6 +80,13 @@ pub enum ProxyError {
         upstream: std::sync::Arc<str>,
         after: Duration,
     },
+    /// The TLS connection was made for another tenant (SNI names one tenant, the
+    /// request another), or the tenant requires a client certificate this connection
+    /// did not present.
+    Misdirected {
+        tenant: Box<str>,
+        why: &'static str,
+    },
     /// The tenant's `requests_per_day` / `requests_per_month` is used up; `retry_after`
     /// is the number of seconds to the start of the next UTC period.
     QuotaExhausted {
@@ -93,7 +100,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 15] = [
+    pub const REASONS: [&'static str; 16] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -107,6 +114,7 @@ impl ProxyError {
         "invalid_api_key",
         "credentials_required",
         "invalid_token",
+        "misdirected_request",
         "quota_exhausted",
         "store_unavailable",
     ];
@@ -127,8 +135,9 @@ impl ProxyError {
             ProxyError::InvalidApiKey => 10,
             ProxyError::CredentialsRequired => 11,
             ProxyError::InvalidToken => 12,
-            ProxyError::QuotaExhausted { .. } => 13,
-            ProxyError::StoreUnavailable => 14,
+            ProxyError::Misdirected { .. } => 13,
+            ProxyError::QuotaExhausted { .. } => 14,
+            ProxyError::StoreUnavailable => 15,
         }
     }
 
@@ -147,6 +156,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::QuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -168,6 +178,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::Misdirected { .. } => "misdirected_request",
             ProxyError::QuotaExhausted { .. } => "quota_exhausted",
             ProxyError::StoreUnavailable => "store_unavailable",
         }
@@ -232,6 +243,9 @@ impl ProxyError {
                 "upstream {upstream:?} sent no response head within {}ms",
                 after.as_millis()
             ),
+            ProxyError::Misdirected { tenant, why } => {
+                format!("this connection cannot serve tenant {tenant:?}: {why}")
+            }
             ProxyError::QuotaExhausted {
                 period,
                 limit,
@@ -263,7 +277,8 @@ impl ProxyError {
             | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::UpstreamError { .. }
-            | ProxyError::UpstreamTimeout { .. } => None,
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::Misdirected { .. } => None,
         }
     }
 

@@ -113,6 +113,8 @@ pub struct Forward<'a> {
     pub request_id: &'a HeaderValue,
     /// The request's authority when it came in the URI (HTTP/2, absolute form).
     pub authority: Option<&'a http::uri::Authority>,
+    /// The request came over TLS (`x-forwarded-proto: https`).
+    pub https: bool,
 }
 
 /// Rewrites the headers of a request about to be forwarded.
@@ -161,7 +163,8 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         None => headers.remove(&X_FORWARDED_HOST),
     };
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if f.https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     append_forwarded_for(headers, f.peer_ip);
 }
 

@@ -29,6 +29,7 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod tenant;
+pub mod tls;
 pub mod units;
 pub mod upstream;
 pub mod usage;

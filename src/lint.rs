@@ -83,6 +83,14 @@ pub fn isolation_warnings(config: &Config) -> Vec<String> {
             list(&with)
         ));
     }
+
+    // An upstream whose certificate is not checked can be impersonated.
+    for u in config.upstreams.iter().filter(|u| u.insecure) {
+        out.push(format!(
+            "upstream {:?} has `tls_insecure_skip_verify = true`: its certificate is not verified, so anyone on the network path can impersonate it",
+            u.name
+        ));
+    }
     out
 }
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use crate::body::{AccessRecord, Finish, ProxyBody};
 use crate::config::TenantStatus;
@@ -30,6 +31,10 @@ pub struct ConnCtx {
     pub peer: IpAddr,
     /// `peer`, formatted once for `x-forwarded-for`.
     pub peer_ip: HeaderValue,
+    /// What the TLS handshake established; `None` on the plain listener.
+    pub tls: Option<Box<crate::tls::ConnTls>>,
+    /// `server.redirect_http`: the plain listener answers 308 to this https port.
+    pub redirect_to: Option<u16>,
 }
 
 /// What the stages learned about a request, for the response and the records made
@@ -128,16 +133,33 @@ pub async fn handle(
 }
 
 async fn proxy<'s>(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     snap: &'s Snapshot,
     ctx: &ConnCtx,
     request_id: &HeaderValue,
     ex: &mut Exchange<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     check_header_size(&req, snap.max_header_bytes)?;
-    let resolved = tenant::resolve(snap, req.uri(), req.headers())?;
+    if let Some(port) = ctx.redirect_to {
+        if let Some(resp) = redirect_to_https(&req, port) {
+            return Ok(resp);
+        }
+    }
+    let tls = ctx.tls.as_deref();
+    let sni = tls.and_then(|t| t.sni.as_deref());
+    let resolved = tenant::resolve(snap, req.uri(), req.headers(), sni)?;
     let tenant = snap.tenant(resolved.tenant);
     ex.tenant = Some(tenant);
+    if tenant.tls.as_ref().is_some_and(|s| s.mtls) {
+        // Client certificates are verified per tenant at the handshake: a connection
+        // made for another name (or over plain HTTP) never proved one for this tenant.
+        if tls.and_then(|t| t.mtls_tenant.as_deref()) != Some(&*tenant.id) {
+            return Err(ProxyError::Misdirected {
+                tenant: (*tenant.id).into(),
+                why: "the tenant requires a client certificate; connect over TLS with one of its host names",
+            });
+        }
+    }
     let credential = (tenant.require_api_key && resolved.api_key)
         || (tenant.require_jwt && resolved.claims.is_some());
     if (tenant.require_api_key || tenant.require_jwt) && !credential {
@@ -147,6 +169,14 @@ async fn proxy<'s>(
     // Quotas are charged last, so only requests that pass every other check count.
     crate::quota::charge(snap, tenant).await?;
 
+    // A WebSocket handshake keeps `Upgrade` / `Connection`; the client's side of the
+    // tunnel is taken before the request is consumed.
+    let websocket = websocket_upgrade(&req).map(|token| (token, hyper::upgrade::on(&mut req)));
+    let te_trailers = req.headers().get_all(http::header::TE).iter().any(|v| {
+        v.as_bytes()
+            .windows(8)
+            .any(|w| w.eq_ignore_ascii_case(b"trailers"))
+    });
     let (mut parts, body) = req.into_parts();
     let body = RequestBody::new(
         body,
@@ -167,8 +197,19 @@ async fn proxy<'s>(
             peer_ip: &ctx.peer_ip,
             request_id,
             authority: parts.uri.authority(),
+            https: tls.is_some(),
         },
     );
+    if let Some(header) = tenant
+        .tls
+        .as_ref()
+        .and_then(|s| s.forward_client_cert.as_ref())
+    {
+        parts.headers.remove(header);
+        if let Some(subject) = tls.and_then(|t| t.client_subject.clone()) {
+            parts.headers.insert(header.clone(), subject);
+        }
+    }
     forward_claims(&mut parts.headers, tenant, resolved.claims.as_deref());
     if !parts.headers.contains_key(http::header::HOST) {
         // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
@@ -177,24 +218,146 @@ async fn proxy<'s>(
             parts.headers.insert(http::header::HOST, v);
         }
     }
-    // Origin form on the wire; the target is chosen by the connection.
-    parts.uri = Uri::from(path_and_query);
-    parts.version = Version::HTTP_11;
+    if let Some((token, _)) = &websocket {
+        parts.headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        parts.headers.insert(http::header::UPGRADE, token.clone());
+    }
+    if upstream.transport.h2 {
+        // HTTP/2 names the target in `:scheme` / `:authority`, not `Host`; gRPC needs
+        // `te: trailers`, the one TE value HTTP/2 allows.
+        let host = parts.headers.remove(http::header::HOST);
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .unwrap_or_else(|| target.clone());
+        let scheme = if upstream.transport.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequestBody)?;
+        parts.version = Version::HTTP_2;
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+    } else {
+        // Origin form on the wire; the target is chosen by the connection.
+        parts.uri = Uri::from(path_and_query);
+        parts.version = Version::HTTP_11;
+    }
 
-    let (resp, lease) = upstream::send(
+    let (mut resp, lease) = upstream::send(
         &ctx.client,
         Request::from_parts(parts, body),
         &target,
+        &upstream.transport,
         &upstream.name,
         tenant.request_timeout,
     )
     .await?;
+    if let Some((_, client)) =
+        websocket.filter(|_| resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+    {
+        // The upstream accepted: splice the two upgraded connections. The tunnel holds
+        // the in-flight slot for as long as it is open; its connection is never pooled.
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let permit = ex.permit.take();
+        let tenant_id = tenant.id.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::try_join!(client, upstream_side) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(tenant = %tenant_id, error = %e, "websocket tunnel ended with an error");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(tenant = %tenant_id, error = %e, "websocket upgrade failed");
+                }
+            }
+        });
+        drop(lease);
+        let (mut rparts, _) = resp.into_parts();
+        let (connection, upgrade) = (
+            rparts.headers.remove(http::header::CONNECTION),
+            rparts.headers.remove(http::header::UPGRADE),
+        );
+        headers::rewrite_response(&mut rparts.headers);
+        if let (Some(c), Some(u)) = (connection, upgrade) {
+            rparts.headers.insert(http::header::CONNECTION, c);
+            rparts.headers.insert(http::header::UPGRADE, u);
+        }
+        return Ok(Response::from_parts(
+            rparts,
+            ProxyBody::full(bytes::Bytes::new()),
+        ));
+    }
     let (mut rparts, rbody) = resp.into_parts();
     headers::rewrite_response(&mut rparts.headers);
     Ok(Response::from_parts(
         rparts,
         ProxyBody::upstream(rbody, lease),
     ))
+}
+
+/// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and
+/// `Upgrade: websocket`); `None` for every other request.
+fn websocket_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 || req.method() != http::Method::GET {
+        return None;
+    }
+    let h = req.headers();
+    let connection_upgrade = h.get_all(http::header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    let upgrade = h.get(http::header::UPGRADE)?;
+    let websocket = upgrade.to_str().is_ok_and(|s| {
+        s.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+    });
+    (connection_upgrade && websocket).then(|| upgrade.clone())
+}
+
+/// `server.redirect_http`: 308 to the same host and path on the https listener.
+/// `None` (the request is served as usual) when it names no host.
+fn redirect_to_https<B>(req: &Request<B>, port: u16) -> Option<Response<ProxyBody>> {
+    let authority: http::uri::Authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => req
+            .headers()
+            .get(http::header::HOST)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?,
+    };
+    let host = authority.host();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let location = HeaderValue::from_str(&location).ok()?;
+    let mut resp = Response::new(ProxyBody::full(bytes::Bytes::new()));
+    *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    resp.headers_mut().insert(http::header::LOCATION, location);
+    Some(resp)
 }
 
 /// Copies the verified claims the tenant names into request headers; client copies of

@@ -183,6 +183,11 @@ impl ReloadState {
         self.lock().config.clone()
     }
 
+    /// The certificate, key and CA files of the config in force.
+    pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
+        self.lock().config.tls_files.clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent data behind: every field is
         // replaced whole, so the poison flag can be ignored.
@@ -222,7 +227,10 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
         }
     };
     let version = version_of(&text);
+    // With certificate files in force the text alone does not tell whether anything
+    // changed: parse and compare the full version below.
     if only_if_new
+        && inner.config.tls_files.is_empty()
         && (version == previous || inner.last_rejected.as_deref() == Some(version.as_str()))
     {
         return None;
@@ -239,6 +247,13 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
             )));
         }
     };
+    // A config that reads certificate files has a version that covers their bytes too.
+    let version = new.version.clone();
+    if only_if_new
+        && (version == previous || inner.last_rejected.as_deref() == Some(version.as_str()))
+    {
+        return None;
+    }
     if let Some(msg) = needs_restart(&shared.config, &new) {
         return Some(Err(reject(state, &mut inner, trigger, Some(version), msg)));
     }
@@ -351,6 +366,12 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     if new.admin_listen != running.admin_listen {
         keys.push("server.admin_listen");
     }
+    if new.tls_listen != running.tls_listen {
+        keys.push("server.tls_listen");
+    }
+    if new.redirect_http != running.redirect_http {
+        keys.push("server.redirect_http");
+    }
     if new.workers != running.workers {
         keys.push("server.workers");
     }
@@ -439,16 +460,10 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         }
     }
 
-    let old_u: BTreeMap<&str, &Vec<String>> = old
-        .upstreams
-        .iter()
-        .map(|u| (u.name.as_str(), &u.targets))
-        .collect();
-    let new_u: BTreeMap<&str, &Vec<String>> = new
-        .upstreams
-        .iter()
-        .map(|u| (u.name.as_str(), &u.targets))
-        .collect();
+    let old_u: BTreeMap<&str, &crate::config::ResolvedUpstream> =
+        old.upstreams.iter().map(|u| (u.name.as_str(), u)).collect();
+    let new_u: BTreeMap<&str, &crate::config::ResolvedUpstream> =
+        new.upstreams.iter().map(|u| (u.name.as_str(), u)).collect();
     for (name, targets) in &new_u {
         match old_u.get(name) {
             None => c.upstreams.added.push((*name).to_owned()),

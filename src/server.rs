@@ -17,7 +17,6 @@ use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -42,6 +41,8 @@ pub struct Shared {
 /// [`RunningGateway::shutdown`] then [`RunningGateway::wait`].
 pub struct RunningGateway {
     pub listen_addr: SocketAddr,
+    /// `server.tls_listen`, bound.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub shared: Arc<Shared>,
     shutdown_tx: watch::Sender<bool>,
@@ -56,8 +57,14 @@ impl RunningGateway {
         let snapshot = Snapshot::build(&config, None)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let listener = bind(config.listen)?;
+        let tls_listener = config.tls_listen.map(bind).transpose()?;
         let admin_listener = bind(config.admin_listen)?;
         let listen_addr = listener.local_addr()?;
+        let tls_addr = tls_listener
+            .as_ref()
+            .map(StdListener::local_addr)
+            .transpose()?;
+        let redirect_to = tls_addr.filter(|_| config.redirect_http).map(|a| a.port());
         let admin_addr = admin_listener.local_addr()?;
         let workers_n = match config.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -73,6 +80,10 @@ impl RunningGateway {
         let mut workers = Vec::with_capacity(workers_n);
         for i in 0..workers_n {
             let l = listener.try_clone()?;
+            let tl = tls_listener
+                .as_ref()
+                .map(StdListener::try_clone)
+                .transpose()?;
             let shared = shared.clone();
             let rx = shutdown_rx.clone();
             workers.push(
@@ -83,11 +94,12 @@ impl RunningGateway {
                             .enable_all()
                             .build()
                             .expect("a tokio runtime can be built");
-                        rt.block_on(worker(l, shared, rx));
+                        rt.block_on(worker(l, tl, redirect_to, shared, rx));
                     })?,
             );
         }
         drop(listener);
+        drop(tls_listener);
 
         let (admin_stop, admin_rx) = watch::channel(false);
         let admin_shared = shared.clone();
@@ -106,9 +118,17 @@ impl RunningGateway {
                     crate::cluster::shutdown(&admin_shared).await;
                 });
             })?;
-        tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving");
+        match tls_addr {
+            Some(tls) => {
+                tracing::info!(listen = %listen_addr, tls_listen = %tls, admin = %admin_addr, workers = workers_n, "bulkhead is serving")
+            }
+            None => {
+                tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving")
+            }
+        }
         Ok(RunningGateway {
             listen_addr,
+            tls_addr,
             admin_addr,
             shared,
             shutdown_tx,
@@ -215,12 +235,23 @@ struct WorkerCtx {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
+    /// `server.redirect_http`: the https port plain requests are sent to.
+    redirect_to: Option<u16>,
 }
 
-async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
+async fn worker(
+    listener: StdListener,
+    tls_listener: Option<StdListener>,
+    redirect_to: Option<u16>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (listener, tls_listener) = match (
+        TcpListener::from_std(listener),
+        tls_listener.map(TcpListener::from_std).transpose(),
+    ) {
+        (Ok(l), Ok(t)) => (l, t),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "worker cannot use the listener");
             return;
         }
@@ -246,32 +277,40 @@ async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch:
         h1,
         h2,
         header_read_timeout: cfg.header_read_timeout,
+        redirect_to,
         shared: shared.clone(),
     });
     let tracker = Arc::new(Tracker::default());
 
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let guard = tracker.enter();
-                    let ctx = ctx.clone();
-                    let rx = shutdown.clone();
-                    tokio::spawn(async move {
-                        serve_connection(stream, peer, ctx, rx).await;
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+        let (accepted, tls) = tokio::select! {
+            a = listener.accept() => (a, false),
+            a = accept_tls(tls_listener.as_ref()) => (a, true),
             _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let guard = tracker.enter();
+                let ctx = ctx.clone();
+                let rx = shutdown.clone();
+                tokio::spawn(async move {
+                    if tls {
+                        serve_tls(stream, peer, ctx, rx).await;
+                    } else {
+                        serve_plain(stream, peer, ctx, rx).await;
+                    }
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
     drop(listener);
+    drop(tls_listener);
     let grace = shared.config.shutdown_grace;
     if tokio::time::timeout(grace, tracker.all_closed())
         .await
@@ -286,11 +325,38 @@ async fn worker(listener: StdListener, shared: Arc<Shared>, mut shutdown: watch:
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-async fn serve_connection(
+/// The TLS listener's next connection; never ready when there is none.
+async fn accept_tls(l: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection on the TLS listener: handshake (the certificate chosen by SNI), then
+/// HTTP/2 or HTTP/1.1 as ALPN agreed.
+async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<WorkerCtx>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some((tls, conn)) =
+        crate::tls::accept(stream, peer, &ctx.shared.snapshot, ctx.header_read_timeout).await
+    else {
+        return;
+    };
+    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    serve(tls, is_h2, peer, Some(Box::new(conn)), ctx, shutdown).await;
+}
+
+/// A connection on the plain listener: HTTP/1.1, or HTTP/2 with prior knowledge.
+async fn serve_plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<WorkerCtx>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     // Choose HTTP/1.1 or HTTP/2 (prior knowledge) from the first bytes, under the
@@ -324,19 +390,44 @@ async fn serve_connection(
             return;
         }
     };
+    serve(prefix, is_h2, peer, None, ctx, shutdown).await;
+}
+
+async fn serve<I>(
+    io: I,
+    is_h2: bool,
+    peer: SocketAddr,
+    tls: Option<Box<crate::tls::ConnTls>>,
+    ctx: Arc<WorkerCtx>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn_ctx = Arc::new(ConnCtx {
         shared: ctx.shared.clone(),
         client: ctx.client.clone(),
         peer: peer.ip(),
         peer_ip: HeaderValue::from_str(&peer.ip().to_string())
             .expect("an IP address is a valid header value"),
+        redirect_to: if tls.is_none() { ctx.redirect_to } else { None },
+        tls,
     });
     let service = service_fn(move |req| proxy::handle(req, conn_ctx.clone()));
-    let io = TokioIo::new(prefix);
+    let io = TokioIo::new(io);
     let result = if is_h2 {
-        drive(ctx.h2.serve_connection(io, service), &mut shutdown).await
+        drive(
+            ctx.h2.serve_connection(io, service),
+            |c| c.graceful_shutdown(),
+            &mut shutdown,
+        )
+        .await
     } else {
-        drive(ctx.h1.serve_connection(io, service), &mut shutdown).await
+        drive(
+            ctx.h1.serve_connection(io, service).with_upgrades(),
+            |c| c.graceful_shutdown(),
+            &mut shutdown,
+        )
+        .await
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -345,9 +436,13 @@ async fn serve_connection(
 
 /// Runs a connection to its end; on shutdown, asks it to finish gracefully (in-flight
 /// requests complete, no new ones are read) and keeps driving it.
-async fn drive<C>(conn: C, shutdown: &mut watch::Receiver<bool>) -> Result<(), C::Error>
+async fn drive<C, E>(
+    conn: C,
+    graceful: fn(Pin<&mut C>),
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), E>
 where
-    C: GracefulConnection,
+    C: std::future::Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
     if !*shutdown.borrow() {
@@ -356,7 +451,7 @@ where
             _ = shutdown.changed() => {}
         }
     }
-    conn.as_mut().graceful_shutdown();
+    graceful(conn.as_mut());
     conn.await
 }
 

@@ -28,6 +28,8 @@ pub type TenantIdx = u32;
 pub struct Upstream {
     pub name: Arc<str>,
     pub targets: Vec<Authority>,
+    /// TCP or TLS, HTTP/1.1 or HTTP/2.
+    pub transport: crate::upstream::Transport,
     next: AtomicUsize,
 }
 
@@ -71,6 +73,9 @@ pub struct Tenant {
     pub jwt: Option<crate::jwt::KeySet>,
     /// Verified claims copied into request headers: (claim, header).
     pub forward_claims: Vec<(Box<str>, HeaderName)>,
+    /// The tenant's own certificate and/or client verification, for handshakes whose
+    /// SNI names one of its hosts.
+    pub tls: Option<crate::tls::ServerSide>,
 }
 
 impl Tenant {
@@ -126,6 +131,8 @@ pub struct Snapshot {
     pub api_keys: crate::credentials::ApiKeys,
     /// Issuer-wide token keys (`[tenancy.jwt] jwks_file`).
     pub jwt_global: Option<crate::jwt::KeySet>,
+    /// The default certificate (`[server.tls]`), for SNI names of no tenant with its own.
+    pub tls: Option<crate::tls::ServerSide>,
     /// `[cluster]`: the Redis connection of cluster scope; kept across reloads (a
     /// change of `[cluster]` needs a restart).
     pub store: Option<Arc<crate::store::Store>>,
@@ -145,6 +152,17 @@ impl std::fmt::Display for BuildError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// See [`crate::upstream::Transport::pool_id`].
+fn pool_id(u: &crate::config::ResolvedUpstream) -> u64 {
+    let mut id = u64::from(u.https)
+        | (u64::from(u.protocol == crate::config::UpstreamProtocol::H2) << 1)
+        | (u64::from(u.insecure) << 2);
+    if let Some(ca) = &u.ca {
+        id ^= (ca.fingerprint << 3) | 0b1000;
+    }
+    id
 }
 
 impl Snapshot {
@@ -169,11 +187,31 @@ impl Snapshot {
             if targets.is_empty() {
                 continue;
             }
+            let h2 = u.protocol == crate::config::UpstreamProtocol::H2;
+            let tls = if u.https {
+                if u.insecure {
+                    tracing::warn!(
+                        upstream = %u.name,
+                        "tls_insecure_skip_verify: certificates of this upstream are NOT verified; anyone on the path can impersonate it"
+                    );
+                }
+                Some(
+                    crate::tls::upstream_client_config(u.ca.as_ref(), u.insecure, h2)
+                        .map_err(|e| BuildError(format!("upstream {:?}: {e}", u.name)))?,
+                )
+            } else {
+                None
+            };
             upstreams.insert(
                 u.name.clone().into_boxed_str(),
                 Arc::new(Upstream {
                     name: Arc::from(u.name.as_str()),
                     targets,
+                    transport: crate::upstream::Transport {
+                        pool_id: pool_id(u),
+                        tls,
+                        h2,
+                    },
                     next: AtomicUsize::new(0),
                 }),
             );
@@ -185,6 +223,36 @@ impl Snapshot {
                 .ok_or_else(|| BuildError(format!("unknown upstream {name:?}")))
         };
 
+        let server_tls = config
+            .tls
+            .as_ref()
+            .map(|t| {
+                crate::tls::server_config(&t.default, t.tls13_only, None).map(|config| {
+                    crate::tls::ServerSide {
+                        config,
+                        mtls: false,
+                        forward_client_cert: None,
+                    }
+                })
+            })
+            .transpose()
+            .map_err(BuildError)?;
+        let tenant_tls = |t: &crate::config::ResolvedTenant| {
+            let (Some(own), Some(server)) = (&t.tls, &config.tls) else {
+                return Ok(None);
+            };
+            if own.cert.is_none() && own.client_ca.is_none() {
+                return Ok(None);
+            }
+            let cert = own.cert.as_ref().unwrap_or(&server.default);
+            let config = crate::tls::server_config(cert, server.tls13_only, own.client_ca.as_ref())
+                .map_err(|e| BuildError(format!("tenant {:?}: {e}", t.id)))?;
+            Ok(Some(crate::tls::ServerSide {
+                config,
+                mtls: own.client_ca.is_some(),
+                forward_client_cert: own.forward_client_cert.as_deref().map(header).transpose()?,
+            }))
+        };
         let quotas = previous.map_or_else(
             || Arc::new(crate::quota::Quotas::open(config.state_dir.clone())),
             |p| p.quotas.clone(),
@@ -264,6 +332,7 @@ impl Snapshot {
                     })
                     .transpose()?
                     .unwrap_or_default(),
+                tls: tenant_tls(t)?,
             });
         }
 
@@ -299,6 +368,7 @@ impl Snapshot {
                 .jwt_global
                 .as_ref()
                 .map(|j| crate::jwt::KeySet::build(j, config.jwt_leeway.as_secs())),
+            tls: server_tls,
             store: previous.and_then(|p| p.store.clone()).or_else(|| {
                 config
                     .cluster

@@ -36,11 +36,18 @@ fn source_name(s: SourceKind) -> &'static str {
         SourceKind::Path => "path",
         SourceKind::ApiKey => "API key",
         SourceKind::Jwt => "token",
+        SourceKind::Sni => "TLS server name",
     }
 }
 
-/// Resolves the tenant of a request from its URI and headers.
-pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolved, ProxyError> {
+/// Resolves the tenant of a request from its URI and headers, and the SNI name of its
+/// TLS connection (lower case) when it came over one.
+pub fn resolve(
+    snap: &Snapshot,
+    uri: &Uri,
+    headers: &HeaderMap,
+    sni: Option<&str>,
+) -> Result<Resolved, ProxyError> {
     let mut first: Option<(TenantIdx, SourceKind)> = None;
     let mut strip_path = None;
     let mut api_key = false;
@@ -67,6 +74,9 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
                 }
                 None => None,
             },
+            // A name of no tenant (or none at all: a client connecting by address) yields
+            // nothing; the default certificate served that handshake.
+            SourceKind::Sni => sni.and_then(|h| snap.tenant_by_host(h)).map(Yield::Known),
         };
         let Some(y) = y else { continue };
         match (first, y) {
@@ -83,6 +93,20 @@ pub fn resolve(snap: &Snapshot, uri: &Uri, headers: &HeaderMap) -> Result<Resolv
                     Yield::Known(b) => &*snap.tenant(b).id,
                     Yield::Unknown(id) => id,
                 };
+                // The connection was made for one tenant and the request is for another
+                // (say, HTTP/2 connection reuse across hosts one certificate covers): the
+                // client must open a connection for the right name.
+                if first_source == SourceKind::Sni || source == SourceKind::Sni {
+                    let request = if first_source == SourceKind::Sni {
+                        other
+                    } else {
+                        &*snap.tenant(a).id
+                    };
+                    return Err(ProxyError::Misdirected {
+                        tenant: request.into(),
+                        why: "its TLS server name (SNI) names another tenant",
+                    });
+                }
                 return Err(ProxyError::TenantMismatch {
                     first: (*snap.tenant(a).id).into(),
                     first_source: source_name(first_source),
@@ -304,7 +328,7 @@ hosts = ["x.acme.example.com"]
 
     fn who(s: &Snapshot, uri: &str, headers: &[(&str, &str)]) -> Result<String, &'static str> {
         let (u, h) = req(uri, headers);
-        resolve(s, &u, &h)
+        resolve(s, &u, &h, None)
             .map(|r| s.tenant(r.tenant).id.to_string())
             .map_err(|e| e.code())
     }
@@ -420,7 +444,7 @@ hosts = ["x.acme.example.com"]
     fn path_strip_length() {
         let s = snap(r#"["path"]"#);
         let (u, h) = req("/t/acme/reports?q=1", &[]);
-        let r = resolve(&s, &u, &h).unwrap();
+        let r = resolve(&s, &u, &h, None).unwrap();
         assert_eq!(r.strip_path, Some("/t/acme".len()));
     }
 

@@ -1,11 +1,13 @@
-//! The upstream side: one pool of keep-alive HTTP/1.1 connections per worker thread
-//! (no cross-thread lock on the request path), the request timeout, and the
+//! The upstream side: one pool of keep-alive connections per worker thread (no
+//! cross-thread lock on the request path), the request timeout, and the
 //! classification of upstream failures into the `kind`s of SPEC.md.
 //!
-//! A connection is lent for one exchange and comes back to its pool only when the
-//! response body has been read to the end ([`Lease`]); a request that a pooled
-//! connection could not even start sending (the upstream had closed it) is retried
-//! once on a fresh connection, so a keep-alive race never reaches the client.
+//! Targets speak HTTP/1.1 or HTTP/2 (`protocol = "h2"`), over TCP or TLS (`https://`).
+//! An HTTP/1.1 connection is lent for one exchange and comes back to its pool only
+//! when the response body has been read to the end ([`Lease`]); an HTTP/2 connection
+//! stays in the pool and carries every concurrent exchange of its worker. A request
+//! that a pooled connection could not even start sending (the upstream had closed it)
+//! is retried once on a fresh connection, so a keep-alive race never reaches the client.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::error::{ProxyError, UpstreamFailure};
@@ -31,15 +33,65 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per target and worker.
 const MAX_IDLE_PER_TARGET: usize = 1024;
 
+/// How an upstream's targets are reached.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// `https://` targets: the TLS client config (roots, ALPN).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `protocol = "h2"`.
+    pub h2: bool,
+    /// Tells pools apart: TLS or not, HTTP/2 or not, and which CA (or none) verifies
+    /// the targets. Two upstreams naming the same address with different CAs must not
+    /// share a connection one of them verified; the same settings after a reload keep
+    /// their pool.
+    pub pool_id: u64,
+}
+
+/// A connection, HTTP/1.1 or HTTP/2.
+enum Sender {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+
+    async fn try_send(
+        &mut self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
+
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    sender: Sender,
     since: Instant,
 }
+
+/// A pool: the target and how it is reached (the same address may be reached over
+/// TCP and TLS, HTTP/1.1 and HTTP/2, with different CAs, by different upstreams).
+type PoolKey = (Authority, u64);
 
 /// One worker's connections to every upstream target.
 #[derive(Default)]
 pub struct UpstreamClient {
-    idle: Mutex<HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>, foldhash::fast::RandomState>>,
 }
 
 /// A connection lent to one exchange. [`Lease::release`] gives it back once the
@@ -47,25 +99,27 @@ pub struct UpstreamClient {
 /// done with it.
 pub struct Lease {
     pool: Arc<UpstreamClient>,
-    target: Authority,
-    sender: SendRequest<RequestBody>,
+    key: PoolKey,
+    sender: Sender,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("target", &self.target)
+            .field("target", &self.key.0)
             .finish()
     }
 }
 
 impl Lease {
     pub fn release(self) {
+        // An HTTP/2 connection never left its pool.
+        let Sender::H1(_) = &self.sender else { return };
         if self.sender.is_closed() {
             return;
         }
         let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(self.target).or_default();
+        let list = idle.entry(self.key).or_default();
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push(Idle {
                 sender: self.sender,
@@ -82,17 +136,33 @@ impl UpstreamClient {
 
     /// The most recently used idle connection that is ready for a request. Closed and
     /// expired ones are dropped; busy ones (still finishing a previous exchange) stay.
-    fn checkout(&self, target: &Authority) -> Option<SendRequest<RequestBody>> {
+    /// An HTTP/2 connection is shared: a handle to it is returned and it stays.
+    fn checkout(&self, key: &PoolKey) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(target)?;
+        let list = idle.get_mut(key)?;
         let now = Instant::now();
-        list.retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < POOL_IDLE_TIMEOUT);
+        list.retain(|i| match &i.sender {
+            Sender::H1(s) => !s.is_closed() && now.duration_since(i.since) < POOL_IDLE_TIMEOUT,
+            Sender::H2(s) => !s.is_closed(),
+        });
         let pos = list.iter().rposition(|i| i.sender.is_ready())?;
-        Some(list.swap_remove(pos).sender)
+        match &list[pos].sender {
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+            Sender::H1(_) => Some(list.swap_remove(pos).sender),
+        }
+    }
+
+    /// Keeps a new HTTP/2 connection for the exchanges that follow.
+    fn share(&self, key: &PoolKey, sender: &http2::SendRequest<RequestBody>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.entry(key.clone()).or_default().push(Idle {
+            sender: Sender::H2(sender.clone()),
+            since: Instant::now(),
+        });
     }
 }
 
-async fn connect(target: &Authority) -> Result<SendRequest<RequestBody>, UpstreamFailure> {
+async fn connect(target: &Authority, transport: &Transport) -> Result<Sender, UpstreamFailure> {
     let stream = match target.as_str().parse::<SocketAddr>() {
         Ok(addr) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await,
         Err(_) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await,
@@ -106,16 +176,57 @@ async fn connect(target: &Authority) -> Result<SendRequest<RequestBody>, Upstrea
         Err(_) => return Err(UpstreamFailure::Connect),
     };
     let _ = stream.set_nodelay(true);
+    match &transport.tls {
+        None => handshake(stream, transport.h2).await,
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(target.host().to_owned())
+                .map_err(|_| UpstreamFailure::Connect)?;
+            let tls = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream),
+            )
+            .await;
+            match tls {
+                Ok(Ok(tls)) => handshake(tls, transport.h2).await,
+                Ok(Err(e)) => {
+                    tracing::warn!(%target, error = %e, "upstream TLS handshake failed");
+                    Err(UpstreamFailure::Connect)
+                }
+                Err(_) => Err(UpstreamFailure::Connect),
+            }
+        }
+    }
+}
+
+/// HTTP/1.1 (with upgrades, for WebSocket) or HTTP/2 over a connected stream.
+async fn handshake<T>(io: T, h2: bool) -> Result<Sender, UpstreamFailure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    if h2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|_| UpstreamFailure::Connect)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        return Ok(Sender::H2(sender));
+    }
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(|_| UpstreamFailure::Connect)?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(Sender::H1(sender))
 }
 
 /// Sends `req` to `target` and waits for the response head for at most `timeout`.
@@ -123,28 +234,33 @@ pub async fn send(
     pool: &Arc<UpstreamClient>,
     req: Request<RequestBody>,
     target: &Authority,
+    transport: &Transport,
     upstream: &Arc<str>,
     timeout: Duration,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    let key = (target.clone(), transport.pool_id);
     let exchange = async {
         let mut req = req;
         let mut fresh_tried = false;
         loop {
-            let (mut sender, pooled) = match pool.checkout(target) {
+            let (mut sender, pooled) = match pool.checkout(&key) {
                 Some(s) if !fresh_tried => (s, true),
                 _ => {
-                    let s = connect(target).await.map_err(|f| (f, None))?;
+                    let s = connect(target, transport).await.map_err(|f| (f, None))?;
+                    if let Sender::H2(h2) = &s {
+                        pool.share(&key, h2);
+                    }
                     fresh_tried = true;
                     (s, false)
                 }
             };
-            match sender.try_send_request(req).await {
+            match sender.try_send(req).await {
                 Ok(resp) => {
                     return Ok((
                         resp,
                         Lease {
                             pool: pool.clone(),
-                            target: target.clone(),
+                            key,
                             sender,
                         },
                     ))

@@ -1,4 +1,5 @@
-//! Watches `gateway.toml` and reloads when its bytes change.
+//! Watches `gateway.toml`, and the certificate, key and CA files it names, and reloads
+//! when their bytes change.
 //!
 //! The watch is on the file's directory, not the file: editors save by writing a new
 //! file and renaming it over the old one, and a Kubernetes ConfigMap volume swaps a
@@ -63,7 +64,12 @@ pub fn spawn(shared: Arc<Shared>) -> io::Result<ConfigWatcher> {
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| io::Error::other(format!("cannot watch {}: {e}", dir.display())))?;
     watched.insert(dir);
-    follow_symlink(&mut watcher, &mut watched, &path);
+    follow_symlink(
+        &mut watcher,
+        &mut watched,
+        &path,
+        &shared.reload.tls_files(),
+    );
     tracing::info!(path = %path.display(), "watching the configuration file for changes");
     let thread = std::thread::Builder::new()
         .name("bulkhead-watch".into())
@@ -95,9 +101,14 @@ fn run(
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        follow_symlink(&mut watcher, &mut watched, &path);
         // The outcome is logged, counted and recorded by `reload` itself.
         let _ = reload::reload_if_changed(&shared);
+        follow_symlink(
+            &mut watcher,
+            &mut watched,
+            &path,
+            &shared.reload.tls_files(),
+        );
     }
 }
 
@@ -125,14 +136,24 @@ fn parent(path: &Path) -> PathBuf {
 }
 
 /// Keeps a watch on the directory of the symlink's current target (besides the
-/// link's own directory), moving it when the link is repointed.
-fn follow_symlink(watcher: &mut RecommendedWatcher, watched: &mut BTreeSet<PathBuf>, path: &Path) {
-    let own = parent(path);
-    let target = std::fs::canonicalize(path).ok().map(|p| parent(&p));
-    let own_canonical = std::fs::canonicalize(&own).ok();
-    let wanted: BTreeSet<PathBuf> = std::iter::once(own)
-        .chain(target.filter(|t| Some(t) != own_canonical.as_ref()))
-        .collect();
+/// link's own directory), moving it when the link is repointed; and on the
+/// directories of the certificate files the config reads (and of their targets).
+fn follow_symlink(
+    watcher: &mut RecommendedWatcher,
+    watched: &mut BTreeSet<PathBuf>,
+    path: &Path,
+    tls_files: &[PathBuf],
+) {
+    let mut wanted = BTreeSet::new();
+    for file in std::iter::once(path).chain(tls_files.iter().map(PathBuf::as_path)) {
+        let own = parent(file);
+        let target = std::fs::canonicalize(file).ok().map(|p| parent(&p));
+        let own_canonical = std::fs::canonicalize(&own).ok();
+        if let Some(t) = target.filter(|t| Some(t) != own_canonical.as_ref()) {
+            wanted.insert(t);
+        }
+        wanted.insert(own);
+    }
     for stale in watched.difference(&wanted).cloned().collect::<Vec<_>>() {
         let _ = watcher.unwatch(&stale);
         watched.remove(&stale);

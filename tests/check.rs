@@ -39,7 +39,12 @@ fn unknown_key() {
         "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nupstreem = \"x\"\n"
     ));
     assert_eq!(code, 1);
-    assert_eq!(err.trim(), "PATH:7:1: unknown field `upstreem`, expected one of `hosts`, `upstream`, `request_timeout`, `features`, `status`, `limits`, `routes`, `api_keys`, `require`, `jwt`");
+    assert!(
+        err.trim().starts_with(
+            "PATH:7:1: unknown field `upstreem`, expected one of `hosts`, `upstream`, `request_timeout`,"
+        ),
+        "{err}"
+    );
 }
 
 #[test]

@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+pub mod pki;
 pub mod redis;
 
 /// A deterministic byte pattern, so bodies can be checked byte for byte.

@@ -1,0 +1,492 @@
+//! WebSocket tunnels, HTTP/2 (gRPC-style) upstreams with trailers, and https://
+//! upstreams, through real sockets: tokio-tungstenite on both ends of the tunnel,
+//! hyper HTTP/2 servers and clients, rustls on both sides of TLS.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead::{Config, RunningGateway};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::pki::{self, Ca};
+use support::{assert_error, get, Gateway};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Request as WsRequest, Response as WsResponse,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket echo server; records the handshake request headers it saw.
+#[allow(clippy::result_large_err)] // the callback type is tungstenite's
+async fn ws_echo() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let record = |req: &WsRequest, resp: WsResponse| {
+                    seen.lock().unwrap().push(req.headers().clone());
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, record).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Sends `n` messages through `ws` and checks each echo.
+async fn round_trips<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, n: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    for i in 0..n {
+        let text = format!("message {i} {}", "x".repeat(i % 200));
+        ws.send(Message::text(text.clone())).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), text),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+}
+
+fn ws_request(url: &str, host: &str) -> http::Request<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("host", HeaderValue::from_str(host).unwrap());
+    req.headers_mut()
+        .insert("x-tenant-id", HeaderValue::from_static("forged"));
+    req
+}
+
+// ---- acceptance 6: WebSocket over the plain and the TLS listener ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_round_trips_a_thousand_messages_and_holds_an_in_flight_slot() {
+    let (ws_addr, seen) = ws_echo().await;
+    let gw = Gateway::start(&format!(
+        r#"
+[upstreams.ws]
+targets = ["{ws_addr}"]
+[tenants.chat]
+hosts = ["chat.test"]
+upstream = "ws"
+[tenants.chat.limits]
+max_in_flight = 1
+"#
+    ));
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(
+        ws_request(&format!("ws://{}/socket", gw.addr), "chat.test"),
+        tcp,
+    )
+    .await
+    .expect("the gateway upgrades the connection");
+    assert_eq!(resp.status(), 101);
+    assert!(resp.headers().contains_key("x-request-id"));
+    round_trips(&mut ws, 1000).await;
+
+    // The upstream saw the upgrade, and the tenant id from the gateway only.
+    let h = seen.lock().unwrap()[0].clone();
+    assert_eq!(h["upgrade"], "websocket");
+    assert_eq!(
+        h.get_all("x-tenant-id").iter().collect::<Vec<_>>(),
+        ["chat"]
+    );
+
+    // The open tunnel holds the tenant's only in-flight slot.
+    assert_error(
+        &get(gw.addr, "/", &[("host", "chat.test")]).await,
+        503,
+        "too_many_in_flight",
+    );
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let start = Instant::now();
+    loop {
+        let r = get(gw.addr, "/", &[("host", "chat.test")]).await;
+        // The slot is free again: the request reaches the (WebSocket-only) upstream,
+        // which refuses a plain GET.
+        if r.status != 503 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the tunnel's slot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The tunnel is counted in the tenant's metrics.
+    let m = get(gw.admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains(r#"bulkhead_requests_total{tenant="chat",status="101"} 1"#)
+            || text.contains(r#"bulkhead_requests_total{status="101",tenant="chat"} 1"#),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_the_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    ca.server("default", &["chat.test"], 7);
+    let (ws_addr, _) = ws_echo().await;
+    let gw = start_in(
+        dir.path(),
+        &format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+tls_listen = "127.0.0.1:0"
+[server.tls]
+default_cert = "default.pem"
+default_key = "default.key"
+[upstreams.ws]
+targets = ["{ws_addr}"]
+[tenants.chat]
+hosts = ["chat.test"]
+upstream = "ws"
+"#
+        ),
+    );
+    let cfg = pki::client_config(&ca.pem, None, &[b"http/1.1"]);
+    let (tls, _) = pki::connect(gw.1, "chat.test", cfg).await.unwrap();
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(ws_request("wss://chat.test/socket", "chat.test"), tls)
+            .await
+            .expect("the gateway upgrades the TLS connection");
+    assert_eq!(resp.status(), 101);
+    round_trips(&mut ws, 1000).await;
+    ws.close(None).await.unwrap();
+}
+
+/// Starts a gateway from a config file in `dir`; (running, tls address).
+fn start_in(dir: &Path, toml: &str) -> (GatewayGuard, SocketAddr) {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let running = RunningGateway::start(config).expect("gateway starts");
+    let tls = running.tls_addr.expect("TLS listener");
+    (GatewayGuard(Some(running)), tls)
+}
+
+struct GatewayGuard(Option<RunningGateway>);
+
+impl GatewayGuard {
+    fn addr(&self) -> SocketAddr {
+        self.0.as_ref().unwrap().listen_addr
+    }
+}
+
+impl Drop for GatewayGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.shutdown();
+            std::thread::spawn(move || r.wait());
+        }
+    }
+}
+
+// ---- acceptance 7: gRPC-style HTTP/2 with trailers ----
+
+type GrpcBody =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+/// An HTTP/2 server (prior knowledge, or TLS with ALPN h2 when `tls` is given) that
+/// answers like a gRPC service: the request body echoed back, then trailers.
+async fn grpc_upstream(
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = seen2.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(req.headers().clone());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        trailers.insert("grpc-message", HeaderValue::from_static("all%20good"));
+                        let frames = vec![Ok(Frame::data(body)), Ok(Frame::trailers(trailers))];
+                        let mut resp: Response<GrpcBody> =
+                            Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                        resp.headers_mut()
+                            .insert("content-type", HeaderValue::from_static("application/grpc"));
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(cfg) => {
+                        let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A gRPC-style call over HTTP/2 prior knowledge to the gateway: (status, data,
+/// trailers).
+async fn grpc_call(gw: SocketAddr, host: &str, payload: &[u8]) -> (u16, Bytes, Option<HeaderMap>) {
+    let tcp = TcpStream::connect(gw).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{host}/echo.Echo/Say"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::copy_from_slice(payload)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (status, collected.to_bytes(), trailers)
+}
+
+/// A length-prefixed gRPC message.
+fn grpc_frame(msg: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8];
+    v.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    v.extend_from_slice(msg);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_http2_passes_trailers_through() {
+    let (h2c, seen) = grpc_upstream(None).await;
+    let gw = Gateway::start(&format!(
+        r#"
+[upstreams.grpc]
+targets = ["{h2c}"]
+protocol = "h2"
+[tenants.acme]
+hosts = ["acme.test"]
+upstream = "grpc"
+"#
+    ));
+    let payload = grpc_frame(b"hello over h2");
+    for _ in 0..3 {
+        let (status, data, trailers) = grpc_call(gw.addr, "acme.test", &payload).await;
+        assert_eq!(status, 200);
+        assert_eq!(&data[..], &payload[..]);
+        let trailers = trailers.expect("the upstream's trailers reach the client");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["grpc-message"], "all%20good");
+    }
+    let h = seen.lock().unwrap()[0].clone();
+    assert_eq!(h["te"], "trailers", "gRPC needs te: trailers upstream");
+    assert_eq!(h["x-tenant-id"], "acme");
+    assert_eq!(h["content-type"], "application/grpc");
+}
+
+// ---- upstream TLS ----
+
+fn tls_server_config(
+    cert: &(std::path::PathBuf, std::path::PathBuf),
+    alpn: &[&[u8]],
+) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(&cert.0)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.1).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// An HTTP/1.1 echo upstream over TLS.
+async fn https_echo(cfg: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let body = serde_json::json!({"upstream": "tls-echo", "sni": sni}).to_string();
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_verified_against_their_ca_with_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "upstream-ca");
+    let cert = ca.server("backend", &["localhost"], 5);
+    let other_ca = Ca::new(dir.path(), "other-ca");
+    let h1 = https_echo(tls_server_config(&cert, &[b"http/1.1"])).await;
+    let (h2, seen) = grpc_upstream(Some(tls_server_config(&cert, &[b"h2"]))).await;
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+# One worker, one pool: "wrongca" must not reuse the connection "good" verified.
+workers = 1
+[upstreams.good]
+targets = ["https://localhost:{p1}"]
+ca = "{ca}"
+[upstreams.wrongca]
+targets = ["https://localhost:{p1}"]
+ca = "{other}"
+[upstreams.insecure]
+targets = ["https://localhost:{p1}"]
+tls_insecure_skip_verify = true
+[upstreams.grpctls]
+targets = ["https://localhost:{p2}"]
+protocol = "h2"
+ca = "{ca}"
+[tenants.good]
+hosts = ["good.test"]
+upstream = "good"
+[tenants.wrongca]
+hosts = ["wrongca.test"]
+upstream = "wrongca"
+[tenants.insecure]
+hosts = ["insecure.test"]
+upstream = "insecure"
+[tenants.grpc]
+hosts = ["grpc.test"]
+upstream = "grpctls"
+"#,
+        p1 = h1.port(),
+        p2 = h2.port(),
+        ca = ca.path.display(),
+        other = other_ca.path.display(),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let config = Config::load(&path).unwrap();
+    let gw = GatewayGuard(Some(RunningGateway::start(config).unwrap()));
+
+    let r = get(gw.addr(), "/", &[("host", "good.test")]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["sni"], "localhost", "SNI is the target's host");
+    assert_error(
+        &get(gw.addr(), "/", &[("host", "wrongca.test")]).await,
+        502,
+        "upstream_error",
+    );
+    assert_eq!(
+        get(gw.addr(), "/", &[("host", "insecure.test")])
+            .await
+            .status,
+        200
+    );
+
+    let payload = grpc_frame(b"over TLS");
+    let (status, data, trailers) = grpc_call(gw.addr(), "grpc.test", &payload).await;
+    assert_eq!(status, 200);
+    assert_eq!(&data[..], &payload[..]);
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn check_warns_about_insecure_upstreams_and_rejects_ca_on_plain_targets() {
+    let (code, _, err) = support::run_check(
+        "[upstreams.u]\ntargets = [\"http://127.0.0.1:9\"]\ntls_insecure_skip_verify = true\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:3:28:") && err.contains("https:// targets only"),
+        "{err}"
+    );
+    let (code, out, err) = support::run_check(
+        "[upstreams.u]\ntargets = [\"https://127.0.0.1:9\"]\ntls_insecure_skip_verify = true\n",
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        format!("{out}{err}").contains("tls_insecure_skip_verify"),
+        "check warns: {out}{err}"
+    );
+    let (code, _, err) = support::run_check(
+        "[upstreams.u]\ntargets = [\"https://a:1\", \"http://b:2\"]\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("mixes http and https"), "{err}");
+}

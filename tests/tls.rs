@@ -1,0 +1,594 @@
+//! TLS at the edge through real sockets: certificates made in the test (rcgen), real
+//! clients (rustls, curl, openssl s_client, h2load).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bulkhead::{Config, RunningGateway};
+use bytes::Bytes;
+use support::pki::{self, Ca};
+use support::{assert_error, get, run_check, send, Upstream};
+
+struct Tls {
+    addr: SocketAddr,
+    tls: SocketAddr,
+    admin: SocketAddr,
+    running: Option<RunningGateway>,
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+            std::thread::spawn(move || r.wait());
+        }
+    }
+}
+
+fn start(dir: &Path, toml: &str) -> Tls {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let running = RunningGateway::start(config).expect("gateway starts");
+    Tls {
+        addr: running.listen_addr,
+        tls: running.tls_addr.expect("the TLS listener is bound"),
+        admin: running.admin_addr,
+        running: Some(running),
+    }
+}
+
+/// A CA, a default certificate and acme's and globex's own, in `dir`.
+struct Pki {
+    ca: Ca,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca = Ca::new(dir, "test-ca");
+    ca.server("default", &["gateway.test"], 1);
+    ca.server("acme", &["acme.test", "*.acme.test"], 100);
+    ca.server("globex", &["globex.test"], 200);
+    Pki { ca }
+}
+
+fn config(acme: &Upstream, globex: &Upstream, extra_server: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+tls_listen = "127.0.0.1:0"
+{extra_server}
+[server.tls]
+default_cert = "default.pem"
+default_key = "default.key"
+
+[tenancy]
+resolve = ["sni", "host"]
+
+[upstreams.acme]
+targets = ["{}"]
+[upstreams.globex]
+targets = ["{}"]
+
+[tenants.acme]
+hosts = ["acme.test", "*.acme.test"]
+upstream = "acme"
+[tenants.acme.tls]
+cert = "acme.pem"
+key = "acme.key"
+
+[tenants.globex]
+hosts = ["globex.test"]
+upstream = "globex"
+[tenants.globex.tls]
+cert = "globex.pem"
+key = "globex.key"
+{extra}
+"#,
+        acme.addr, globex.addr
+    )
+}
+
+fn hex(serial: u64) -> String {
+    // x509-parser prints the serial's DER bytes as colon-separated hex.
+    let bytes = serial.to_be_bytes();
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(7);
+    let mut v = bytes[first..].to_vec();
+    if v[0] & 0x80 != 0 {
+        v.insert(0, 0);
+    }
+    v.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl runs (scripts/test.sh installs it)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `openssl s_client` with these protocol options; stdout and stderr together.
+fn s_client(addr: SocketAddr, sni: &str, opts: &[&str]) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .args(opts)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl runs (scripts/test.sh installs it)");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+// ---- acceptance 1: SNI picks the tenant's certificate ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_each_tenants_certificate_and_an_unknown_name_gets_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+
+    for (sni, serial, upstream) in [
+        ("acme.test", 100, "acme-up"),
+        ("api.acme.test", 100, "acme-up"),
+        ("globex.test", 200, "globex-up"),
+    ] {
+        let (r, seen) = pki::tls_get(gw.tls, sni, cfg.clone(), "/x", sni)
+            .await
+            .unwrap();
+        assert_eq!(seen.serial, hex(serial), "{sni}");
+        assert_eq!(r.status, 200, "{sni}");
+        assert_eq!(r.json()["upstream"], upstream, "{sni}");
+    }
+    // An unknown name gets the default certificate (which does not cover it: a client
+    // that checks names refuses it, one that does not sees serial 1).
+    let err = pki::tls_get(gw.tls, "unknown.test", cfg.clone(), "/", "unknown.test").await;
+    assert!(
+        err.is_err(),
+        "the default certificate does not cover unknown.test"
+    );
+    let (r, seen) = pki::tls_get(gw.tls, "gateway.test", cfg.clone(), "/", "gateway.test")
+        .await
+        .unwrap();
+    assert_eq!(seen.serial, hex(1));
+    assert_error(&r, 404, "unknown_tenant");
+    let (_, text) = s_client(gw.tls, "unknown.test", &[]);
+    assert!(
+        text.contains("CN = gateway.test") || text.contains("CN=gateway.test"),
+        "{text}"
+    );
+
+    // The upstream sees x-forwarded-proto: https.
+    let seen = acme.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.headers["x-forwarded-proto"], "https");
+
+    // curl with the test CA, names resolved to the listener.
+    let port = gw.tls.port();
+    let ca = p.ca.path.to_str().unwrap();
+    for (host, upstream) in [("acme.test", "acme-up"), ("globex.test", "globex-up")] {
+        let resolve = format!("{host}:{port}:127.0.0.1");
+        let url = format!("https://{host}:{port}/curl");
+        let (ok, out, err) = curl(&["--resolve", &resolve, "--cacert", ca, &url]);
+        assert!(ok, "curl {host}: {err}");
+        assert!(out.contains(upstream), "{host}: {out}");
+    }
+}
+
+// ---- acceptance 2: misdirected requests and old protocol versions ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_for_one_tenant_and_host_for_another_is_421() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+    let (r, _) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "globex.test")
+        .await
+        .unwrap();
+    assert_error(&r, 421, "misdirected_request");
+    assert!(r.json()["message"].as_str().unwrap().contains("globex"));
+    // The same connection may still serve its own tenant.
+    let (tls, _) = pki::connect(gw.tls, "acme.test", cfg.clone())
+        .await
+        .unwrap();
+    let mut h1 = pki::H1::over(tls).await;
+    assert_error(
+        &h1.get("/", &[("host", "globex.test")]).await.unwrap(),
+        421,
+        "misdirected_request",
+    );
+    assert_eq!(
+        h1.get("/", &[("host", "acme.test")]).await.unwrap().status,
+        200
+    );
+    assert!(globex.seen().is_empty(), "nothing reached globex");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_0_and_1_1_are_refused_and_min_version_1_3_refuses_1_2() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
+    // The client offers the old version (security level 0 lets OpenSSL send it); the
+    // server answers with an alert ("SSL alert number N" is one received from the peer).
+    for v in ["-tls1", "-tls1_1"] {
+        let (ok, text) = s_client(gw.tls, "acme.test", &[v, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(!ok, "{v} must be refused: {text}");
+        assert!(text.contains("SSL alert number"), "{v}: {text}");
+        assert!(
+            text.contains("no peer certificate available"),
+            "{v}: {text}"
+        );
+    }
+    let (ok, text) = s_client(gw.tls, "acme.test", &["-tls1_2"]);
+    assert!(
+        ok && text.contains("TLSv1.2"),
+        "1.2 is accepted by default: {text}"
+    );
+    drop(gw);
+
+    let dir13 = tempfile::tempdir().unwrap();
+    pki(dir13.path());
+    let toml = config(&acme, &globex, "", "").replace(
+        "default_key = \"default.key\"",
+        "default_key = \"default.key\"\nmin_version = \"1.3\"",
+    );
+    let gw = start(dir13.path(), &toml);
+    let (ok, text) = s_client(gw.tls, "acme.test", &["-tls1_2"]);
+    assert!(!ok, "1.2 must be refused with min_version 1.3: {text}");
+    assert!(text.contains("SSL alert number"), "{text}");
+    let (ok, text) = s_client(gw.tls, "acme.test", &["-tls1_3"]);
+    assert!(ok && text.contains("TLSv1.3"), "{text}");
+}
+
+// ---- acceptance 3: HTTP/2 by ALPN ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_is_chosen_by_alpn_and_h2load_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"h2", b"http/1.1"]);
+    let (_, seen) = pki::connect(gw.tls, "acme.test", cfg).await.unwrap();
+    assert_eq!(seen.alpn.as_deref(), Some(&b"h2"[..]));
+
+    let port = gw.tls.port();
+    let resolve = format!("acme.test:{port}:127.0.0.1");
+    let url = format!("https://acme.test:{port}/h2");
+    let ca = p.ca.path.to_str().unwrap();
+    let (ok, out, err) = curl(&[
+        "--http2",
+        "--resolve",
+        &resolve,
+        "--cacert",
+        ca,
+        "-w",
+        "\n%{http_version}",
+        &url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.ends_with("\n2"), "curl spoke HTTP/2: {out}");
+    assert!(out.contains("acme-up"), "{out}");
+
+    let out = Command::new("h2load")
+        .args(["-n", "2000", "-c", "8", "-m", "10"])
+        .arg(format!("--connect-to=127.0.0.1:{port}"))
+        .arg(&url)
+        .output()
+        .expect("h2load runs (scripts/test.sh installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "h2load over TLS: {text}"
+    );
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(text.contains("2000 2xx"), "{text}");
+}
+
+// ---- acceptance 4: rotation ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+
+    let (tls, before) = pki::connect(gw.tls, "acme.test", cfg.clone())
+        .await
+        .unwrap();
+    assert_eq!(before.serial, hex(100));
+    let mut old = pki::H1::over(tls).await;
+    assert_eq!(
+        old.get("/", &[("host", "acme.test")]).await.unwrap().status,
+        200
+    );
+
+    // A new certificate (serial 101) over the same files, then a reload.
+    p.ca.server("acme", &["acme.test", "*.acme.test"], 101);
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (_, after) = pki::connect(gw.tls, "acme.test", cfg.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        after.serial,
+        hex(101),
+        "new handshakes see the new certificate"
+    );
+    assert_eq!(
+        old.get("/", &[("host", "acme.test")]).await.unwrap().status,
+        200,
+        "a connection opened before the rotation keeps working"
+    );
+
+    // A broken certificate file: the reload is refused and 101 keeps serving.
+    pki::write_atomic(&dir.path().join("acme.pem"), b"not a certificate");
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("acme.pem"), "{body}");
+    let (_, still) = pki::connect(gw.tls, "acme.test", cfg.clone())
+        .await
+        .unwrap();
+    assert_eq!(still.serial, hex(101));
+
+    // The file watcher sees certificate files too: a good certificate is picked up
+    // without any trigger.
+    let shared = gw.running.as_ref().unwrap().shared.clone();
+    let _watcher = bulkhead::watch::spawn(shared).unwrap();
+    p.ca.server("acme", &["acme.test", "*.acme.test"], 102);
+    let start = Instant::now();
+    loop {
+        let (_, now) = pki::connect(gw.tls, "acme.test", cfg.clone())
+            .await
+            .unwrap();
+        if now.serial == hex(102) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the watcher never applied the new certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- acceptance 5: mTLS ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let clients = Ca::new(dir.path(), "acme-clients");
+    let alice = clients.client("alice", "alice");
+    let stranger = Ca::new(dir.path(), "other-ca").client("mallory", "mallory");
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let toml = config(&acme, &globex, "", "").replace(
+        "key = \"acme.key\"",
+        "key = \"acme.key\"\nclient_ca = \"acme-clients.pem\"\nforward_client_cert = \"x-client-cert-subject\"",
+    );
+    let toml = toml.replace("resolve = [\"sni\", \"host\"]", "resolve = [\"host\"]");
+    let gw = start(dir.path(), &toml);
+
+    // No client certificate, or one from another CA: refused. (In TLS 1.3 the server
+    // checks the client's certificate after the client thinks it is done, so the
+    // failure shows on the first exchange.)
+    for cert in [None, Some(&stranger)] {
+        let cfg = pki::client_config(&p.ca.pem, cert, &[b"http/1.1"]);
+        let r = pki::tls_get(gw.tls, "acme.test", cfg, "/", "acme.test").await;
+        assert!(r.is_err(), "refused without a valid client certificate");
+    }
+    assert!(acme.seen().is_empty());
+
+    let cfg = pki::client_config(&p.ca.pem, Some(&alice), &[b"http/1.1"]);
+    let (tls, _) = pki::connect(gw.tls, "acme.test", cfg).await.unwrap();
+    let mut h1 = pki::H1::over(tls).await;
+    let r = h1
+        .get(
+            "/",
+            &[("host", "acme.test"), ("x-client-cert-subject", "CN=admin")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let seen = acme.seen();
+    let subjects: Vec<_> = seen[0]
+        .headers
+        .get_all("x-client-cert-subject")
+        .iter()
+        .collect();
+    assert_eq!(subjects.len(), 1, "the client's copy is removed");
+    let subject = subjects[0].to_str().unwrap();
+    assert!(
+        subject.contains("CN=alice") && subject.contains("O=Acme Corp"),
+        "{subject}"
+    );
+
+    // The client CA cannot be sidestepped: globex's SNI (no client certificate asked)
+    // with acme's Host, or plain HTTP for acme, is misdirected.
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+    let (r, _) = pki::tls_get(gw.tls, "globex.test", cfg, "/", "acme.test")
+        .await
+        .unwrap();
+    assert_error(&r, 421, "misdirected_request");
+    assert_error(
+        &get(gw.addr, "/", &[("host", "acme.test")]).await,
+        421,
+        "misdirected_request",
+    );
+    assert_eq!(acme.seen().len(), 1);
+    // globex itself needs no client certificate.
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+    let (r, _) = pki::tls_get(gw.tls, "globex.test", cfg, "/", "globex.test")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+// ---- redirect_http ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_http_answers_308_to_the_https_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let gw = start(
+        dir.path(),
+        &config(&acme, &globex, "redirect_http = true", ""),
+    );
+    let r = get(gw.addr, "/a/b?c=1", &[("host", "acme.test:8080")]).await;
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://acme.test:{}/a/b?c=1", gw.tls.port()).as_str())
+    );
+    assert!(acme.seen().is_empty(), "nothing is proxied in plain text");
+}
+
+// ---- configuration errors ----
+
+#[test]
+fn check_rejects_missing_mismatched_and_uncovering_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    ca.server("default", &["gateway.test"], 1);
+    ca.server("acme", &["acme.test"], 2);
+    ca.server("other", &["other.test"], 3);
+    let base = |tenant_tls: &str| {
+        format!(
+            r#"[server]
+tls_listen = "127.0.0.1:0"
+[server.tls]
+default_cert = "{d}/default.pem"
+default_key = "{d}/default.key"
+[upstreams.u]
+targets = ["127.0.0.1:9"]
+[tenants.acme]
+hosts = ["acme.test"]
+upstream = "u"
+[tenants.acme.tls]
+{tenant_tls}
+"#,
+            d = dir.path().display()
+        )
+    };
+    let d = dir.path().display();
+    let (code, _, err) = run_check(
+        &base(&format!("cert = \"{d}/acme.pem\"\nkey = \"{d}/acme.key\"")),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let (code, _, err) = run_check(
+        &base(&format!(
+            "cert = \"{d}/missing.pem\"\nkey = \"{d}/acme.key\""
+        )),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:12:8: tenant \"acme\": cannot read the certificate"),
+        "{err}"
+    );
+
+    let (code, _, err) = run_check(
+        &base(&format!("cert = \"{d}/acme.pem\"\nkey = \"{d}/other.key\"")),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:13:7:") && err.contains("does not fit the certificate"),
+        "{err}"
+    );
+
+    let (code, _, err) = run_check(
+        &base(&format!(
+            "cert = \"{d}/other.pem\"\nkey = \"{d}/other.key\""
+        )),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "PATH:12:8: the certificate of tenant \"acme\" does not cover its host \"acme.test\""
+        ),
+        "{err}"
+    );
+
+    let (code, _, err) = run_check(&base(&format!("cert = \"{d}/acme.pem\"")), &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`tls.cert` needs `tls.key`"), "{err}");
+
+    let (code, _, err) = run_check(
+        "[tenancy]\nresolve = [\"sni\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[tenants.a]\nhosts = [\"a.test\"]\nupstream = \"u\"\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:2:11:") && err.contains("without TLS there is no SNI"),
+        "{err}"
+    );
+
+    let (code, _, err) = run_check("[server]\ntls_listen = \"127.0.0.1:8443\"\n", &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:2:14:") && err.contains("needs `[server.tls]`"),
+        "{err}"
+    );
+}
