@@ -806,3 +806,29 @@ async fn works_on_a_redis_cluster() {
         "admitted {ok} of 20 at 5 rps / burst 5 (bound {bound})"
     );
 }
+
+/// Losing Redis is logged once at `warn` (and its return at `info`), through the real
+/// binary's log.
+#[tokio::test]
+async fn store_outage_is_logged() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let gw = Process::start(&fleet_toml(
+        &redis,
+        "edge-1",
+        up.addr,
+        "20ms",
+        &cluster_tenant("t", "requests_per_second = 100"),
+    ));
+    gw.log_line(&["bulkhead is serving"]).await;
+    redis.kill();
+    let line = gw
+        .log_line(&["WARN", "the shared store (Redis) is unavailable"])
+        .await;
+    assert!(line.contains("on_store_failure"), "{line}");
+    redis.restart();
+    gw.log_line(&["INFO", "the shared store (Redis) answers again"])
+        .await;
+}
