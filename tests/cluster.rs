@@ -827,3 +827,52 @@ async fn store_outage_is_logged() {
     gw.log_line(&["INFO", "the shared store (Redis) answers again"])
         .await;
 }
+
+/// `rediss://`: the store connection is TLS, verified against the system's roots (here
+/// `SSL_CERT_FILE` names the test CA); an instance that does not trust the server's
+/// certificate never syncs and counts store errors.
+#[tokio::test]
+async fn rediss_verifies_the_server_certificate() {
+    let Some(redis) = Redis::start_tls() else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let toml = fleet_toml(
+        &redis,
+        "edge-1",
+        up.addr,
+        "250ms",
+        &cluster_tenant("q", "on_store_failure = \"closed\"\nrequests_per_day = 3"),
+    );
+    assert!(toml.contains("rediss://127.0.0.1:"), "{toml}");
+    let ca = redis.ca.as_ref().unwrap().to_str().unwrap();
+    let gw = Process::start_with_env(&toml, &[], &[("SSL_CERT_FILE", ca)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(gw.admin, "/tenants/q/usage", &[]).await.json()["synced"] != true {
+        assert!(Instant::now() < deadline, "never synced over TLS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admits_then_exhausts(gw.addr, "q.com", 3).await;
+    let day = format!(
+        "bulkhead:{{q}}:day:{}",
+        bulkhead::quota::Periods::current().day_label()
+    );
+    assert_eq!(redis.cli(&["GET", &day]), "3");
+
+    // Without the CA: no sync, 503 for the closed tenant, store errors counted.
+    let untrusting = Process::start_with_env(&toml, &[], &[("SSL_CERT_FILE", "/dev/null")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = get(untrusting.admin, "/metrics", &[]).await;
+        let text = String::from_utf8_lossy(&text.body).into_owned();
+        if !text.contains("bulkhead_store_errors_total 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no store error: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let u = get(untrusting.admin, "/tenants/q/usage", &[]).await.json();
+    assert_eq!(u["synced"], false, "{u}");
+    let r = get(untrusting.addr, "/", &[("host", "q.com")]).await;
+    assert_error(&r, 503, "store_unavailable");
+}

@@ -361,6 +361,11 @@ impl Process {
 
     /// Starts the binary on `toml` with extra command-line arguments.
     pub fn start_with_args(toml: &str, args: &[&str]) -> Process {
+        Process::start_with_env(toml, args, &[])
+    }
+
+    /// Starts the binary with extra command-line arguments and environment variables.
+    pub fn start_with_env(toml: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, with_test_listeners(toml)).unwrap();
@@ -369,6 +374,7 @@ impl Process {
             .arg(&path)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

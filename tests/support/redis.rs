@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,8 @@ pub struct Redis {
     dir: tempfile::TempDir,
     /// More `redis-server` arguments (cluster mode).
     extra: Vec<String>,
+    /// TLS only (`rediss://`): the CA that signed the server's certificate.
+    pub ca: Option<PathBuf>,
 }
 
 /// Whether `redis-server` can be run. In CI (`CI=true`) a missing server fails the
@@ -55,6 +58,112 @@ impl Redis {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             extra: Vec::new(),
+            ca: None,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    /// A server that speaks TLS only, with a certificate for 127.0.0.1 signed by a CA
+    /// made here (`openssl`); `ca` names the CA's PEM file.
+    pub fn start_tls() -> Option<Redis> {
+        if !available() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=bulkhead test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let file = |name: &str| d.join(name).to_str().unwrap().to_owned();
+        let port = free_port();
+        let mut r = Redis {
+            port,
+            child: None,
+            extra: vec![
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                file("server.pem"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            ca: Some(d.join("ca.pem")),
+            dir,
         };
         r.restart();
         Some(r)
@@ -73,6 +182,7 @@ impl Redis {
                     child: None,
                     dir: tempfile::tempdir().unwrap(),
                     extra: vec!["--cluster-enabled".into(), "yes".into()],
+                    ca: None,
                 };
                 r.restart();
                 r
@@ -109,7 +219,8 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Kills the server at once (SIGKILL), as a crash would.
@@ -123,8 +234,10 @@ impl Redis {
     /// Starts the server (again) on the same port and waits until it answers PING.
     pub fn restart(&mut self) {
         self.kill();
+        // With TLS the plain port is off and `extra` names the TLS one.
+        let plain = if self.ca.is_some() { 0 } else { self.port };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(["--port", &plain.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -146,6 +259,9 @@ impl Redis {
     }
 
     fn ping(&self) -> Option<()> {
+        if self.ca.is_some() {
+            return (self.cli(&["PING"]) == "PONG").then_some(());
+        }
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         s.write_all(b"PING\r\n").ok()?;
@@ -156,7 +272,11 @@ impl Redis {
 
     /// Runs `redis-cli` against this server; returns its standard output, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd
             .args(["-p", &self.port.to_string()])
             .args(args)
             .output()
