@@ -133,6 +133,8 @@ pub struct Snapshot {
     pub jwt_global: Option<crate::jwt::KeySet>,
     /// The default certificate (`[server.tls]`), for SNI names of no tenant with its own.
     pub tls: Option<crate::tls::ServerSide>,
+    /// TLS session ticket keys by the settings they serve; see `tls::server_config`.
+    pub ticket_keys: crate::tls::TicketMap,
     /// `[cluster]`: the Redis connection of cluster scope; kept across reloads (a
     /// change of `[cluster]` needs a restart).
     pub store: Option<Arc<crate::store::Store>>,
@@ -223,11 +225,15 @@ impl Snapshot {
                 .ok_or_else(|| BuildError(format!("unknown upstream {name:?}")))
         };
 
+        let mut keys = crate::tls::TicketKeys {
+            previous: previous.map(|p| &p.ticket_keys),
+            current: Default::default(),
+        };
         let server_tls = config
             .tls
             .as_ref()
             .map(|t| {
-                crate::tls::server_config(&t.default, t.tls13_only, None).map(|config| {
+                crate::tls::server_config(&t.default, t.tls13_only, None, &mut keys).map(|config| {
                     crate::tls::ServerSide {
                         config,
                         mtls: false,
@@ -237,7 +243,7 @@ impl Snapshot {
             })
             .transpose()
             .map_err(BuildError)?;
-        let tenant_tls = |t: &crate::config::ResolvedTenant| {
+        let mut tenant_tls = |t: &crate::config::ResolvedTenant| {
             let (Some(own), Some(server)) = (&t.tls, &config.tls) else {
                 return Ok(None);
             };
@@ -245,8 +251,13 @@ impl Snapshot {
                 return Ok(None);
             }
             let cert = own.cert.as_ref().unwrap_or(&server.default);
-            let config = crate::tls::server_config(cert, server.tls13_only, own.client_ca.as_ref())
-                .map_err(|e| BuildError(format!("tenant {:?}: {e}", t.id)))?;
+            let config = crate::tls::server_config(
+                cert,
+                server.tls13_only,
+                own.client_ca.as_ref(),
+                &mut keys,
+            )
+            .map_err(|e| BuildError(format!("tenant {:?}: {e}", t.id)))?;
             Ok(Some(crate::tls::ServerSide {
                 config,
                 mtls: own.client_ca.is_some(),
@@ -369,6 +380,7 @@ impl Snapshot {
                 .as_ref()
                 .map(|j| crate::jwt::KeySet::build(j, config.jwt_leeway.as_secs())),
             tls: server_tls,
+            ticket_keys: keys.current,
             store: previous.and_then(|p| p.store.clone()).or_else(|| {
                 config
                     .cluster

@@ -262,6 +262,7 @@ pub fn server_config(
     cert: &CertPair,
     tls13_only: bool,
     client_ca: Option<&ClientCa>,
+    keys: &mut TicketKeys<'_>,
 ) -> Result<Arc<ServerConfig>, String> {
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
@@ -283,7 +284,54 @@ pub fn server_config(
     };
     let mut config = builder.with_cert_resolver(Arc::new(OneCert(cert.key.clone())));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless resumption: sessions do not depend on a per-config cache of 256
+    // entries (which more than ~128 clients thrash) and survive reloads (every snapshot
+    // builds new configs). The ticket key belongs to the TLS settings it was issued
+    // under: a new certificate, client CA or minimum version gets a new key, so no
+    // session made before the change resumes after it. rustls also checks the SNI of a
+    // resumed session against the one it was issued for.
+    let mut settings = cert.fingerprint ^ u64::from(tls13_only);
+    if let Some(ca) = client_ca {
+        settings = settings.rotate_left(1) ^ ca.fingerprint;
+    }
+    if let Some(t) = keys.get(settings) {
+        config.ticketer = t;
+        config.send_tls13_tickets = 1;
+    }
     Ok(Arc::new(config))
+}
+
+/// Ticket keys by the TLS settings they serve (see [`server_config`]), kept in the
+/// snapshot and carried over to the next one for the settings it still has.
+pub type TicketMap = std::collections::HashMap<u64, Arc<dyn rustls::server::ProducesTickets>>;
+
+/// The ticket keys of the snapshot being built, and of the one before it.
+pub struct TicketKeys<'a> {
+    pub previous: Option<&'a TicketMap>,
+    pub current: TicketMap,
+}
+
+impl TicketKeys<'_> {
+    /// The key for `settings`, made on first use (rustls rotates it every 6 hours);
+    /// `None` if the system could not produce random bytes, and then the per-config
+    /// session cache is used.
+    fn get(&mut self, settings: u64) -> Option<Arc<dyn rustls::server::ProducesTickets>> {
+        if let Some(t) = self.current.get(&settings) {
+            return Some(t.clone());
+        }
+        let t = match self.previous.and_then(|p| p.get(&settings)) {
+            Some(t) => t.clone(),
+            None => match rustls::crypto::ring::Ticketer::new() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no TLS ticket key; session resumption uses a per-config cache");
+                    return None;
+                }
+            },
+        };
+        self.current.insert(settings, t.clone());
+        Some(t)
+    }
 }
 
 /// What a TLS connection established, for its requests.

@@ -403,6 +403,55 @@ async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejecte
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_and_survive_a_reload_that_changes_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pki(dir.path());
+    let (acme, globex) = (
+        Upstream::echo("acme-up").await,
+        Upstream::echo("globex-up").await,
+    );
+    let toml = config(&acme, &globex, "", "");
+    let gw = start(dir.path(), &toml);
+    // One client config: its session store keeps the tickets the gateway sends.
+    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+    let (_, first) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "acme.test")
+        .await
+        .unwrap();
+    assert!(!first.resumed);
+    let (_, second) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "acme.test")
+        .await
+        .unwrap();
+    assert!(
+        second.resumed,
+        "the second connection resumes the first one's session"
+    );
+
+    // A reload that changes something builds new TLS configs; the ticket key stays.
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        toml.replace("upstream = \"globex\"\n", "upstream = \"acme\"\n"),
+    )
+    .unwrap();
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (r, third) = pki::tls_get(gw.tls, "globex.test", cfg.clone(), "/", "globex.test")
+        .await
+        .unwrap();
+    assert_eq!(r.json()["upstream"], "acme-up", "the reload took effect");
+    assert!(
+        !third.resumed,
+        "a session of acme.test is not offered for globex.test"
+    );
+    let (_, fourth) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "acme.test")
+        .await
+        .unwrap();
+    assert!(
+        fourth.resumed,
+        "a session from before the reload resumes after it"
+    );
+}
+
 // ---- acceptance 5: mTLS ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

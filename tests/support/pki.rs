@@ -101,6 +101,8 @@ pub struct Seen {
     pub serial: String,
     pub subject: String,
     pub alpn: Option<Vec<u8>>,
+    /// The handshake resumed an earlier session.
+    pub resumed: bool,
 }
 
 /// A TLS client trusting `ca`, optionally presenting a client certificate.
@@ -152,6 +154,7 @@ pub async fn connect(
         serial: cert.raw_serial_as_string(),
         subject: cert.subject().to_string(),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
     };
     Ok((tls, seen))
 }
