@@ -239,12 +239,13 @@ async fn proxy<'s>(
         } else {
             http::uri::Scheme::HTTP
         };
-        parts.uri = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ProxyError::BadRequestBody)?;
+        // Scheme, authority and path are each valid already, so the parts always join;
+        // the origin form is a harmless fallback.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(path_and_query.clone());
+        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from(path_and_query));
         parts.version = Version::HTTP_2;
         if te_trailers {
             parts
