@@ -6,11 +6,9 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bulkhead::{Config, RunningGateway};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -19,8 +17,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::pki::{self, Ca};
-use support::{assert_error, get, Gateway};
-use tokio::net::{TcpListener, TcpStream};
+use support::{assert_error, get, serve_tcp, Gateway};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Request as WsRequest, Response as WsResponse,
 };
@@ -29,35 +27,26 @@ use tokio_tungstenite::tungstenite::Message;
 /// A WebSocket echo server; records the handshake request headers it saw.
 #[allow(clippy::result_large_err)] // the callback type is tungstenite's
 async fn ws_echo() -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
+    let addr = serve_tcp(move |tcp| {
+        let seen = seen2.clone();
+        async move {
+            let record = |req: &WsRequest, resp: WsResponse| {
+                seen.lock().unwrap().push(req.headers().clone());
+                Ok(resp)
             };
-            let seen = seen2.clone();
-            tokio::spawn(async move {
-                let record = |req: &WsRequest, resp: WsResponse| {
-                    seen.lock().unwrap().push(req.headers().clone());
-                    Ok(resp)
-                };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, record).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_close() {
-                        break;
-                    }
-                    if ws.send(msg).await.is_err() {
-                        break;
-                    }
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, record).await else {
+                return;
+            };
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_close() || ws.send(msg).await.is_err() {
+                    break;
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
@@ -164,7 +153,7 @@ async fn websocket_over_the_tls_listener() {
     let ca = Ca::new(dir.path(), "ca");
     ca.server("default", &["chat.test"], 7);
     let (ws_addr, _) = ws_echo().await;
-    let gw = start_in(
+    let (gw, _) = Gateway::start_file(
         dir.path(),
         &format!(
             r#"
@@ -184,7 +173,7 @@ upstream = "ws"
         ),
     );
     let cfg = pki::client_config(&ca.pem, None, &[b"http/1.1"]);
-    let (tls, _) = pki::connect(gw.1, "chat.test", cfg).await.unwrap();
+    let (tls, _) = pki::connect(gw.tls(), "chat.test", cfg).await.unwrap();
     let (mut ws, resp) =
         tokio_tungstenite::client_async(ws_request("wss://chat.test/socket", "chat.test"), tls)
             .await
@@ -192,33 +181,6 @@ upstream = "ws"
     assert_eq!(resp.status(), 101);
     round_trips(&mut ws, 1000).await;
     ws.close(None).await.unwrap();
-}
-
-/// Starts a gateway from a config file in `dir`; (running, tls address).
-fn start_in(dir: &Path, toml: &str) -> (GatewayGuard, SocketAddr) {
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
-    let running = RunningGateway::start(config).expect("gateway starts");
-    let tls = running.tls_addr.expect("TLS listener");
-    (GatewayGuard(Some(running)), tls)
-}
-
-struct GatewayGuard(Option<RunningGateway>);
-
-impl GatewayGuard {
-    fn addr(&self) -> SocketAddr {
-        self.0.as_ref().unwrap().listen_addr
-    }
-}
-
-impl Drop for GatewayGuard {
-    fn drop(&mut self) {
-        if let Some(r) = self.0.take() {
-            r.shutdown();
-            std::thread::spawn(move || r.wait());
-        }
-    }
 }
 
 // ---- acceptance 7: gRPC-style HTTP/2 with trailers ----
@@ -231,49 +193,43 @@ type GrpcBody =
 async fn grpc_upstream(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> (SocketAddr, Arc<Mutex<Vec<HeaderMap>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let seen = seen2.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.lock().unwrap().push(req.headers().clone());
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let mut trailers = HeaderMap::new();
-                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                        trailers.insert("grpc-message", HeaderValue::from_static("all%20good"));
-                        let frames = vec![Ok(Frame::data(body)), Ok(Frame::trailers(trailers))];
-                        let mut resp: Response<GrpcBody> =
-                            Response::new(StreamBody::new(futures_util::stream::iter(frames)));
-                        resp.headers_mut()
-                            .insert("content-type", HeaderValue::from_static("application/grpc"));
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                match tls {
-                    Some(cfg) => {
-                        let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
-                            return;
-                        };
-                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
-                    }
-                    None => {
-                        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-                    }
+    let addr = serve_tcp(move |tcp| {
+        let seen = seen2.clone();
+        let tls = tls.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(req.headers().clone());
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                    trailers.insert("grpc-message", HeaderValue::from_static("all%20good"));
+                    let frames = vec![Ok(Frame::data(body)), Ok(Frame::trailers(trailers))];
+                    let mut resp: Response<GrpcBody> =
+                        Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                    resp.headers_mut()
+                        .insert("content-type", HeaderValue::from_static("application/grpc"));
+                    Ok::<_, Infallible>(resp)
                 }
             });
+            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            match tls {
+                Some(cfg) => {
+                    let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                        return;
+                    };
+                    let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                }
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                }
+            }
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
@@ -363,30 +319,23 @@ fn tls_server_config(
 
 /// An HTTP/1.1 echo upstream over TLS.
 async fn https_echo(cfg: Arc<rustls::ServerConfig>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
+    serve_tcp(move |tcp| {
+        let cfg = cfg.clone();
+        async move {
+            let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                return;
             };
-            let cfg = cfg.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
-                    return;
-                };
-                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    let body = serde_json::json!({"upstream": "tls-echo", "sni": sni}).to_string();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+            let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
+            let svc = service_fn(move |_req: Request<Incoming>| {
+                let body = serde_json::json!({"upstream": "tls-echo", "sni": sni}).to_string();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,28 +384,23 @@ upstream = "grpctls"
         ca = ca.path.display(),
         other = other_ca.path.display(),
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, &toml).unwrap();
-    let config = Config::load(&path).unwrap();
-    let gw = GatewayGuard(Some(RunningGateway::start(config).unwrap()));
+    let (gw, _) = Gateway::start_file(dir.path(), &toml);
 
-    let r = get(gw.addr(), "/", &[("host", "good.test")]).await;
+    let r = get(gw.addr, "/", &[("host", "good.test")]).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["sni"], "localhost", "SNI is the target's host");
     assert_error(
-        &get(gw.addr(), "/", &[("host", "wrongca.test")]).await,
+        &get(gw.addr, "/", &[("host", "wrongca.test")]).await,
         502,
         "upstream_error",
     );
     assert_eq!(
-        get(gw.addr(), "/", &[("host", "insecure.test")])
-            .await
-            .status,
+        get(gw.addr, "/", &[("host", "insecure.test")]).await.status,
         200
     );
 
     let payload = grpc_frame(b"over TLS");
-    let (status, data, trailers) = grpc_call(gw.addr(), "grpc.test", &payload).await;
+    let (status, data, trailers) = grpc_call(gw.addr, "grpc.test", &payload).await;
     assert_eq!(status, 200);
     assert_eq!(&data[..], &payload[..]);
     assert_eq!(trailers.unwrap()["grpc-status"], "0");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead::server::Shared;
-use bulkhead::{Config, RunningGateway};
+use bulkhead::Config;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -48,17 +48,7 @@ fn write(path: &Path, toml: &str) {
 fn start_file(dir: &Path, toml: &str) -> (Gateway, PathBuf) {
     let path = dir.join("gateway.toml");
     write(&path, toml);
-    (start_at(&path), path)
-}
-
-fn start_at(path: &Path) -> Gateway {
-    let config = Config::load(path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
-    let running = RunningGateway::start(config).expect("gateway starts");
-    Gateway {
-        addr: running.listen_addr,
-        admin: running.admin_addr,
-        running: Some(running),
-    }
+    (Gateway::start_at(&path), path)
 }
 
 fn shared(gw: &Gateway) -> Arc<Shared> {
@@ -172,7 +162,7 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     );
     std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", d.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/gateway.toml", d.join("gateway.toml")).unwrap();
-    let gw = start_at(&d.join("gateway.toml"));
+    let gw = Gateway::start_at(&d.join("gateway.toml"));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 
@@ -838,7 +828,7 @@ async fn reload_benchmark() {
         ];
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, &texts[0]).unwrap();
-        let gw = start_at(&path);
+        let gw = Gateway::start_at(&path);
         let state = shared(&gw);
         let (mut parse, mut build, mut diff, mut whole) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -881,7 +871,7 @@ async fn reload_benchmark() {
     ];
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &texts[0]).unwrap();
-    let gw = start_at(&path);
+    let gw = Gateway::start_at(&path);
     let state = shared(&gw);
     for reloading in [false, true, false, true] {
         let done = Arc::new(AtomicBool::new(false));

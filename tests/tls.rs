@@ -6,53 +6,50 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead::{Config, RunningGateway};
 use bytes::Bytes;
 use support::pki::{self, Ca};
-use support::{assert_error, get, run_check, send, Upstream};
+use support::{assert_error, get, run_check, send, Gateway, Upstream};
 
-struct Tls {
-    addr: SocketAddr,
-    tls: SocketAddr,
-    admin: SocketAddr,
-    running: Option<RunningGateway>,
+/// One test's world: a temporary directory with a CA and the default, acme's and
+/// globex's certificates (serials 1, 100, 200), and the two tenants' echo upstreams.
+struct Setup {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    acme: Upstream,
+    globex: Upstream,
 }
 
-impl Drop for Tls {
-    fn drop(&mut self) {
-        if let Some(r) = self.running.take() {
-            r.shutdown();
-            std::thread::spawn(move || r.wait());
+impl Setup {
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path(), "test-ca");
+        ca.server("default", &["gateway.test"], 1);
+        ca.server("acme", &["acme.test", "*.acme.test"], 100);
+        ca.server("globex", &["globex.test"], 200);
+        Setup {
+            dir,
+            ca,
+            acme: Upstream::echo("acme-up").await,
+            globex: Upstream::echo("globex-up").await,
         }
     }
-}
 
-fn start(dir: &Path, toml: &str) -> Tls {
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
-    let running = RunningGateway::start(config).expect("gateway starts");
-    Tls {
-        addr: running.listen_addr,
-        tls: running.tls_addr.expect("the TLS listener is bound"),
-        admin: running.admin_addr,
-        running: Some(running),
+    fn dir(&self) -> &Path {
+        self.dir.path()
     }
-}
 
-/// A CA, a default certificate and acme's and globex's own, in `dir`.
-struct Pki {
-    ca: Ca,
-}
+    /// Starts a gateway on `toml`, written into the directory.
+    fn start(&self, toml: &str) -> Gateway {
+        Gateway::start_file(self.dir(), toml).0
+    }
 
-fn pki(dir: &Path) -> Pki {
-    let ca = Ca::new(dir, "test-ca");
-    ca.server("default", &["gateway.test"], 1);
-    ca.server("acme", &["acme.test", "*.acme.test"], 100);
-    ca.server("globex", &["globex.test"], 200);
-    Pki { ca }
+    /// A client trusting the test CA, without a client certificate.
+    fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        pki::client_config(&self.ca.pem, None, alpn)
+    }
 }
 
 fn config(acme: &Upstream, globex: &Upstream, extra_server: &str, extra: &str) -> String {
@@ -151,21 +148,17 @@ fn s_client(addr: SocketAddr, sni: &str, opts: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_each_tenants_certificate_and_an_unknown_name_gets_the_default() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let gw = s.start(&config(acme, globex, "", ""));
+    let cfg = s.client(&[b"http/1.1"]);
 
     for (sni, serial, upstream) in [
         ("acme.test", 100, "acme-up"),
         ("api.acme.test", 100, "acme-up"),
         ("globex.test", 200, "globex-up"),
     ] {
-        let (r, seen) = pki::tls_get(gw.tls, sni, cfg.clone(), "/x", sni)
+        let (r, seen) = pki::tls_get(gw.tls(), sni, cfg.clone(), "/x", sni)
             .await
             .unwrap();
         assert_eq!(seen.serial, hex(serial), "{sni}");
@@ -174,17 +167,17 @@ async fn sni_picks_each_tenants_certificate_and_an_unknown_name_gets_the_default
     }
     // An unknown name gets the default certificate (which does not cover it: a client
     // that checks names refuses it, one that does not sees serial 1).
-    let err = pki::tls_get(gw.tls, "unknown.test", cfg.clone(), "/", "unknown.test").await;
+    let err = pki::tls_get(gw.tls(), "unknown.test", cfg.clone(), "/", "unknown.test").await;
     assert!(
         err.is_err(),
         "the default certificate does not cover unknown.test"
     );
-    let (r, seen) = pki::tls_get(gw.tls, "gateway.test", cfg.clone(), "/", "gateway.test")
+    let (r, seen) = pki::tls_get(gw.tls(), "gateway.test", cfg.clone(), "/", "gateway.test")
         .await
         .unwrap();
     assert_eq!(seen.serial, hex(1));
     assert_error(&r, 404, "unknown_tenant");
-    let (_, text) = s_client(gw.tls, "unknown.test", &[]);
+    let (_, text) = s_client(gw.tls(), "unknown.test", &[]);
     assert!(
         text.contains("CN = gateway.test") || text.contains("CN=gateway.test"),
         "{text}"
@@ -196,8 +189,8 @@ async fn sni_picks_each_tenants_certificate_and_an_unknown_name_gets_the_default
     assert_eq!(last.headers["x-forwarded-proto"], "https");
 
     // curl with the test CA, names resolved to the listener.
-    let port = gw.tls.port();
-    let ca = p.ca.path.to_str().unwrap();
+    let port = gw.tls().port();
+    let ca = s.ca.path.to_str().unwrap();
     for (host, upstream) in [("acme.test", "acme-up"), ("globex.test", "globex-up")] {
         let resolve = format!("{host}:{port}:127.0.0.1");
         let url = format!("https://{host}:{port}/curl");
@@ -211,21 +204,17 @@ async fn sni_picks_each_tenants_certificate_and_an_unknown_name_gets_the_default
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_for_one_tenant_and_host_for_another_is_421() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
-    let (r, _) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "globex.test")
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let gw = s.start(&config(acme, globex, "", ""));
+    let cfg = s.client(&[b"http/1.1"]);
+    let (r, _) = pki::tls_get(gw.tls(), "acme.test", cfg.clone(), "/", "globex.test")
         .await
         .unwrap();
     assert_error(&r, 421, "misdirected_request");
     assert!(r.json()["message"].as_str().unwrap().contains("globex"));
     // The same connection may still serve its own tenant.
-    let (tls, _) = pki::connect(gw.tls, "acme.test", cfg.clone())
+    let (tls, _) = pki::connect(gw.tls(), "acme.test", cfg.clone())
         .await
         .unwrap();
     let mut h1 = pki::H1::over(tls).await;
@@ -243,17 +232,13 @@ async fn sni_for_one_tenant_and_host_for_another_is_421() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_1_0_and_1_1_are_refused_and_min_version_1_3_refuses_1_2() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let gw = s.start(&config(acme, globex, "", ""));
     // The client offers the old version (security level 0 lets OpenSSL send it); the
     // server answers with an alert ("SSL alert number N" is one received from the peer).
     for v in ["-tls1", "-tls1_1"] {
-        let (ok, text) = s_client(gw.tls, "acme.test", &[v, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        let (ok, text) = s_client(gw.tls(), "acme.test", &[v, "-cipher", "DEFAULT@SECLEVEL=0"]);
         assert!(!ok, "{v} must be refused: {text}");
         assert!(text.contains("SSL alert number"), "{v}: {text}");
         assert!(
@@ -261,24 +246,22 @@ async fn tls_1_0_and_1_1_are_refused_and_min_version_1_3_refuses_1_2() {
             "{v}: {text}"
         );
     }
-    let (ok, text) = s_client(gw.tls, "acme.test", &["-tls1_2"]);
+    let (ok, text) = s_client(gw.tls(), "acme.test", &["-tls1_2"]);
     assert!(
         ok && text.contains("TLSv1.2"),
         "1.2 is accepted by default: {text}"
     );
     drop(gw);
 
-    let dir13 = tempfile::tempdir().unwrap();
-    pki(dir13.path());
-    let toml = config(&acme, &globex, "", "").replace(
+    let toml = config(acme, globex, "", "").replace(
         "default_key = \"default.key\"",
         "default_key = \"default.key\"\nmin_version = \"1.3\"",
     );
-    let gw = start(dir13.path(), &toml);
-    let (ok, text) = s_client(gw.tls, "acme.test", &["-tls1_2"]);
+    let gw = s.start(&toml);
+    let (ok, text) = s_client(gw.tls(), "acme.test", &["-tls1_2"]);
     assert!(!ok, "1.2 must be refused with min_version 1.3: {text}");
     assert!(text.contains("SSL alert number"), "{text}");
-    let (ok, text) = s_client(gw.tls, "acme.test", &["-tls1_3"]);
+    let (ok, text) = s_client(gw.tls(), "acme.test", &["-tls1_3"]);
     assert!(ok && text.contains("TLSv1.3"), "{text}");
 }
 
@@ -286,21 +269,17 @@ async fn tls_1_0_and_1_1_are_refused_and_min_version_1_3_refuses_1_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_is_chosen_by_alpn_and_h2load_completes() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"h2", b"http/1.1"]);
-    let (_, seen) = pki::connect(gw.tls, "acme.test", cfg).await.unwrap();
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let gw = s.start(&config(acme, globex, "", ""));
+    let cfg = s.client(&[b"h2", b"http/1.1"]);
+    let (_, seen) = pki::connect(gw.tls(), "acme.test", cfg).await.unwrap();
     assert_eq!(seen.alpn.as_deref(), Some(&b"h2"[..]));
 
-    let port = gw.tls.port();
+    let port = gw.tls().port();
     let resolve = format!("acme.test:{port}:127.0.0.1");
     let url = format!("https://acme.test:{port}/h2");
-    let ca = p.ca.path.to_str().unwrap();
+    let ca = s.ca.path.to_str().unwrap();
     let (ok, out, err) = curl(&[
         "--http2",
         "--resolve",
@@ -334,16 +313,12 @@ async fn http2_is_chosen_by_alpn_and_h2load_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let gw = start(dir.path(), &config(&acme, &globex, "", ""));
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let gw = s.start(&config(acme, globex, "", ""));
+    let cfg = s.client(&[b"http/1.1"]);
 
-    let (tls, before) = pki::connect(gw.tls, "acme.test", cfg.clone())
+    let (tls, before) = pki::connect(gw.tls(), "acme.test", cfg.clone())
         .await
         .unwrap();
     assert_eq!(before.serial, hex(100));
@@ -354,10 +329,10 @@ async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejecte
     );
 
     // A new certificate (serial 101) over the same files, then a reload.
-    p.ca.server("acme", &["acme.test", "*.acme.test"], 101);
+    s.ca.server("acme", &["acme.test", "*.acme.test"], 101);
     let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let (_, after) = pki::connect(gw.tls, "acme.test", cfg.clone())
+    let (_, after) = pki::connect(gw.tls(), "acme.test", cfg.clone())
         .await
         .unwrap();
     assert_eq!(
@@ -372,12 +347,12 @@ async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejecte
     );
 
     // A broken certificate file: the reload is refused and 101 keeps serving.
-    pki::write_atomic(&dir.path().join("acme.pem"), b"not a certificate");
+    pki::write_atomic(&s.dir().join("acme.pem"), b"not a certificate");
     let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
     assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
     let body = String::from_utf8_lossy(&r.body);
     assert!(body.contains("acme.pem"), "{body}");
-    let (_, still) = pki::connect(gw.tls, "acme.test", cfg.clone())
+    let (_, still) = pki::connect(gw.tls(), "acme.test", cfg.clone())
         .await
         .unwrap();
     assert_eq!(still.serial, hex(101));
@@ -386,10 +361,10 @@ async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejecte
     // without any trigger.
     let shared = gw.running.as_ref().unwrap().shared.clone();
     let _watcher = bulkhead::watch::spawn(shared).unwrap();
-    p.ca.server("acme", &["acme.test", "*.acme.test"], 102);
+    s.ca.server("acme", &["acme.test", "*.acme.test"], 102);
     let start = Instant::now();
     loop {
-        let (_, now) = pki::connect(gw.tls, "acme.test", cfg.clone())
+        let (_, now) = pki::connect(gw.tls(), "acme.test", cfg.clone())
             .await
             .unwrap();
         if now.serial == hex(102) {
@@ -405,21 +380,17 @@ async fn a_rotated_certificate_serves_new_handshakes_and_a_broken_one_is_rejecte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_resume_and_survive_a_reload_that_changes_the_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let toml = config(&acme, &globex, "", "");
-    let gw = start(dir.path(), &toml);
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let toml = config(acme, globex, "", "");
+    let gw = s.start(&toml);
     // One client config: its session store keeps the tickets the gateway sends.
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
-    let (_, first) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "acme.test")
+    let cfg = s.client(&[b"http/1.1"]);
+    let (_, first) = pki::tls_get(gw.tls(), "acme.test", cfg.clone(), "/", "acme.test")
         .await
         .unwrap();
     assert!(!first.resumed);
-    let (_, second) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "acme.test")
+    let (_, second) = pki::tls_get(gw.tls(), "acme.test", cfg.clone(), "/", "acme.test")
         .await
         .unwrap();
     assert!(
@@ -429,13 +400,13 @@ async fn sessions_resume_and_survive_a_reload_that_changes_the_config() {
 
     // A reload that changes something builds new TLS configs; the ticket key stays.
     std::fs::write(
-        dir.path().join("gateway.toml"),
+        s.dir().join("gateway.toml"),
         toml.replace("upstream = \"globex\"\n", "upstream = \"acme\"\n"),
     )
     .unwrap();
     let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let (r, third) = pki::tls_get(gw.tls, "globex.test", cfg.clone(), "/", "globex.test")
+    let (r, third) = pki::tls_get(gw.tls(), "globex.test", cfg.clone(), "/", "globex.test")
         .await
         .unwrap();
     assert_eq!(r.json()["upstream"], "acme-up", "the reload took effect");
@@ -443,7 +414,7 @@ async fn sessions_resume_and_survive_a_reload_that_changes_the_config() {
         !third.resumed,
         "a session of acme.test is not offered for globex.test"
     );
-    let (_, fourth) = pki::tls_get(gw.tls, "acme.test", cfg.clone(), "/", "acme.test")
+    let (_, fourth) = pki::tls_get(gw.tls(), "acme.test", cfg.clone(), "/", "acme.test")
         .await
         .unwrap();
     assert!(
@@ -456,34 +427,30 @@ async fn sessions_resume_and_survive_a_reload_that_changes_the_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki(dir.path());
-    let clients = Ca::new(dir.path(), "acme-clients");
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let clients = Ca::new(s.dir(), "acme-clients");
     let alice = clients.client("alice", "alice");
-    let stranger = Ca::new(dir.path(), "other-ca").client("mallory", "mallory");
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let toml = config(&acme, &globex, "", "").replace(
+    let stranger = Ca::new(s.dir(), "other-ca").client("mallory", "mallory");
+    let toml = config(acme, globex, "", "").replace(
         "key = \"acme.key\"",
         "key = \"acme.key\"\nclient_ca = \"acme-clients.pem\"\nforward_client_cert = \"x-client-cert-subject\"",
     );
     let toml = toml.replace("resolve = [\"sni\", \"host\"]", "resolve = [\"host\"]");
-    let gw = start(dir.path(), &toml);
+    let gw = s.start(&toml);
 
     // No client certificate, or one from another CA: refused. (In TLS 1.3 the server
     // checks the client's certificate after the client thinks it is done, so the
     // failure shows on the first exchange.)
     for cert in [None, Some(&stranger)] {
-        let cfg = pki::client_config(&p.ca.pem, cert, &[b"http/1.1"]);
-        let r = pki::tls_get(gw.tls, "acme.test", cfg, "/", "acme.test").await;
+        let cfg = pki::client_config(&s.ca.pem, cert, &[b"http/1.1"]);
+        let r = pki::tls_get(gw.tls(), "acme.test", cfg, "/", "acme.test").await;
         assert!(r.is_err(), "refused without a valid client certificate");
     }
     assert!(acme.seen().is_empty());
 
-    let cfg = pki::client_config(&p.ca.pem, Some(&alice), &[b"http/1.1"]);
-    let (tls, _) = pki::connect(gw.tls, "acme.test", cfg).await.unwrap();
+    let cfg = pki::client_config(&s.ca.pem, Some(&alice), &[b"http/1.1"]);
+    let (tls, _) = pki::connect(gw.tls(), "acme.test", cfg).await.unwrap();
     let mut h1 = pki::H1::over(tls).await;
     let r = h1
         .get(
@@ -508,8 +475,8 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
 
     // The client CA cannot be sidestepped: globex's SNI (no client certificate asked)
     // with acme's Host, or plain HTTP for acme, is misdirected.
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
-    let (r, _) = pki::tls_get(gw.tls, "globex.test", cfg, "/", "acme.test")
+    let cfg = s.client(&[b"http/1.1"]);
+    let (r, _) = pki::tls_get(gw.tls(), "globex.test", cfg, "/", "acme.test")
         .await
         .unwrap();
     assert_error(&r, 421, "misdirected_request");
@@ -520,8 +487,8 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
     );
     assert_eq!(acme.seen().len(), 1);
     // globex itself needs no client certificate.
-    let cfg = pki::client_config(&p.ca.pem, None, &[b"http/1.1"]);
-    let (r, _) = pki::tls_get(gw.tls, "globex.test", cfg, "/", "globex.test")
+    let cfg = s.client(&[b"http/1.1"]);
+    let (r, _) = pki::tls_get(gw.tls(), "globex.test", cfg, "/", "globex.test")
         .await
         .unwrap();
     assert_eq!(r.status, 200);
@@ -531,21 +498,14 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_http_answers_308_to_the_https_listener() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path());
-    let (acme, globex) = (
-        Upstream::echo("acme-up").await,
-        Upstream::echo("globex-up").await,
-    );
-    let gw = start(
-        dir.path(),
-        &config(&acme, &globex, "redirect_http = true", ""),
-    );
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let gw = s.start(&config(acme, globex, "redirect_http = true", ""));
     let r = get(gw.addr, "/a/b?c=1", &[("host", "acme.test:8080")]).await;
     assert_eq!(r.status, 308);
     assert_eq!(
         r.header("location"),
-        Some(format!("https://acme.test:{}/a/b?c=1", gw.tls.port()).as_str())
+        Some(format!("https://acme.test:{}/a/b?c=1", gw.tls().port()).as_str())
     );
     assert!(acme.seen().is_empty(), "nothing is proxied in plain text");
 }

@@ -95,6 +95,25 @@ pub enum Behavior {
     Garbage,
 }
 
+/// A server on `127.0.0.1:0` that hands every connection it accepts to `conn`, each in
+/// a task of its own; returns its address.
+pub async fn serve_tcp<F, Fut>(conn: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            if let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(conn(stream));
+            }
+        }
+    });
+    addr
+}
+
 /// A real HTTP/1.1 upstream on `127.0.0.1:0`.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -104,45 +123,36 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(name: &str, behavior: Behavior) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (name2, seen2) = (name.to_owned(), seen.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (name, seen, behavior) = (name2.clone(), seen2.clone(), behavior.clone());
-                tokio::spawn(async move {
-                    match behavior {
-                        Behavior::Garbage => {
-                            let mut buf = [0u8; 1024];
-                            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
-                            let _ = stream.write_all(b"SMTP READY\r\n\r\n").await;
-                            return;
-                        }
-                        Behavior::CloseMidBody => {
-                            let mut buf = [0u8; 4096];
-                            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
-                            let _ = stream
-                                .write_all(
-                                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789",
-                                )
-                                .await;
-                            return;
-                        }
-                        _ => {}
+        let addr = serve_tcp(move |mut stream| {
+            let (name, seen, behavior) = (name2.clone(), seen2.clone(), behavior.clone());
+            async move {
+                match behavior {
+                    Behavior::Garbage => {
+                        let mut buf = [0u8; 1024];
+                        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                        let _ = stream.write_all(b"SMTP READY\r\n\r\n").await;
+                        return;
                     }
-                    let svc = service_fn(move |req| {
-                        serve(req, name.clone(), seen.clone(), behavior.clone())
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                    Behavior::CloseMidBody => {
+                        let mut buf = [0u8; 4096];
+                        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                            .await;
+                        return;
+                    }
+                    _ => {}
+                }
+                let svc =
+                    service_fn(move |req| serve(req, name.clone(), seen.clone(), behavior.clone()));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             }
-        });
+        })
+        .await;
         Upstream {
             addr,
             name: name.to_owned(),
@@ -295,6 +305,8 @@ pub struct Gateway {
     pub running: Option<RunningGateway>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// `server.tls_listen`, when the config has one.
+    pub tls: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -303,12 +315,36 @@ impl Gateway {
         let text = with_test_listeners(toml);
         let config = Config::parse(Path::new("test.toml"), &text)
             .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{text}"));
+        Gateway::run(config)
+    }
+
+    /// Starts a gateway from the config file at `path` (relative paths in it, such as
+    /// certificate files, are taken from its directory).
+    pub fn start_at(path: &Path) -> Gateway {
+        let config = Config::load(path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+        Gateway::run(config)
+    }
+
+    /// Writes `toml` to `dir/gateway.toml` and starts a gateway from it.
+    pub fn start_file(dir: &Path, toml: &str) -> (Gateway, std::path::PathBuf) {
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        (Gateway::start_at(&path), path)
+    }
+
+    fn run(config: Config) -> Gateway {
         let running = RunningGateway::start(config).expect("gateway starts");
         Gateway {
             addr: running.listen_addr,
             admin: running.admin_addr,
+            tls: running.tls_addr,
             running: Some(running),
         }
+    }
+
+    /// The TLS listener's address; panics when the config has none.
+    pub fn tls(&self) -> SocketAddr {
+        self.tls.expect("the config has server.tls_listen")
     }
 
     pub fn url(&self, path: &str) -> String {
