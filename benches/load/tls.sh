@@ -49,18 +49,8 @@ readonly LOADGEN_CPU=0           # backend.sh pins the backend to CPU 0
 readonly PROXY_CPU=1
 readonly SUITE=TLS_AES_128_GCM_SHA256   # the one TLS 1.3 suite the clients offer
 
-say() { printf '%s\n' "$*"; }
-warn() { printf 'warning: %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
-secs() {
-  case $1 in
-    *[0-9]s) echo "${1%s}" ;;
-    *[0-9]m) echo $((${1%m} * 60)) ;;
-    *[0-9]) echo "$1" ;;
-    *) die "cannot parse duration '$1' (use e.g. 10s, 2m)" ;;
-  esac
-}
+# shellcheck source=benches/load/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 check() {
   local missing=() t s p
@@ -90,86 +80,6 @@ check() {
     die "Bulkhead binary not found at $BULKHEAD_BIN: cargo build --release (or PROXIES=\"nginx haproxy\")"
   fi
 }
-
-# ---- processes ---------------------------------------------------------------
-PIDS=()
-TMP=""
-
-forget() {
-  local keep=() p
-  for p in ${PIDS[@]+"${PIDS[@]}"}; do [[ $p == "$1" ]] || keep+=("$p"); done
-  PIDS=(${keep[@]+"${keep[@]}"})
-}
-
-stop_pid() { # SIGTERM, up to 10 s, then SIGKILL
-  local pid=$1 i
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  forget "$pid"
-}
-
-cleanup() {
-  local rc=$? p
-  trap - EXIT INT TERM
-  set +e
-  for p in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$p" 2>/dev/null; done
-  for p in ${PIDS[@]+"${PIDS[@]}"}; do stop_pid "$p"; done
-  if [[ -n $TMP && -d $TMP ]]; then
-    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
-      say "configs, logs and raw tool output kept in $TMP" >&2
-    else
-      rm -rf "$TMP"
-    fi
-  fi
-  exit "$rc"
-}
-
-spawn() { # log cmd...: background, remembered for cleanup; sets BG_PID
-  local log=$1; shift
-  "$@" >"$log" 2>&1 &
-  BG_PID=$!
-  PIDS+=("$BG_PID")
-}
-
-run_fg() { # log cmd...
-  local rc=0
-  spawn "$@"
-  wait "$BG_PID" || rc=$?
-  forget "$BG_PID"
-  return "$rc"
-}
-
-port_open() { (exec 3<>"/dev/tcp/$ADDR/$1") 2>/dev/null; }
-
-wait_port() { # port pid name log
-  local i
-  for ((i = 0; i < 300; i++)); do
-    port_open "$1" && return 0
-    if ! kill -0 "$2" 2>/dev/null; then
-      warn "$3 exited before listening on $ADDR:$1; last lines of $4:"
-      tail -n 20 "$4" >&2
-      return 1
-    fi
-    sleep 0.1
-  done
-  warn "$3 did not listen on $ADDR:$1 within 30 s"; tail -n 20 "$4" >&2
-  return 1
-}
-
-wait_port_closed() {
-  local i
-  for ((i = 0; i < 100; i++)); do port_open "$1" || return 0; sleep 0.1; done
-  die "$ADDR:$1 still accepts connections after the proxy stopped"
-}
-
-core_busy_ticks() { awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
-cpu_ticks() { { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null || true; } | awk '{print $12 + $13}'; }
 
 # ---- certificate, client setup, configs ----------------------------------------
 # One CA-signed certificate for t1.example.com (and *.example.com), served by all
@@ -409,8 +319,6 @@ stop_proxy() {
   wait_port_closed "$TLS_PORT"
   PROXY_PID="" MEASURE_PID=""
 }
-
-proxy_alive() { [[ -z $PROXY_PID ]] || kill -0 "$PROXY_PID" 2>/dev/null; }
 
 # What the handshake settles on, once per proxy: protocol, suite, key exchange,
 # signature, certificate, ALPN; and whether a saved session is resumed.
