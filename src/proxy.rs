@@ -172,11 +172,6 @@ async fn proxy<'s>(
     // A WebSocket handshake keeps `Upgrade` / `Connection`; the client's side of the
     // tunnel is taken before the request is consumed.
     let websocket = websocket_upgrade(&req).map(|token| (token, hyper::upgrade::on(&mut req)));
-    let te_trailers = req.headers().get_all(http::header::TE).iter().any(|v| {
-        v.as_bytes()
-            .windows(8)
-            .any(|w| w.eq_ignore_ascii_case(b"trailers"))
-    });
     let (mut parts, body) = req.into_parts();
     let body = RequestBody::new(
         body,
@@ -188,6 +183,13 @@ async fn proxy<'s>(
     let upstream = tenant.route(path_and_query.path());
     ex.upstream = Some(upstream.name.clone());
     let target = upstream.pick().clone();
+    // Read before the hop-by-hop `TE` is removed; only HTTP/2 upstreams get it back.
+    let te_trailers = upstream.transport.h2
+        && parts.headers.get_all(http::header::TE).iter().any(|v| {
+            v.as_bytes()
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"trailers"))
+        });
 
     headers::rewrite_request(
         &mut parts.headers,
