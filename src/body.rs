@@ -108,6 +108,14 @@ impl ProxyBody {
         }
     }
 
+    /// The bytes of a body the gateway made itself; `None` for an upstream's body.
+    pub fn into_full(mut self) -> Option<Bytes> {
+        match &mut self.kind {
+            Kind::Full(b) => b.take(),
+            Kind::Upstream(..) => None,
+        }
+    }
+
     /// Attaches the end-of-response work.
     pub fn set_finish(&mut self, finish: Finish) {
         self.finish = Some(finish);

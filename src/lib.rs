@@ -16,6 +16,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod jwt;
 pub mod limits;

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -40,15 +40,15 @@ pub struct ConnCtx {
 /// What the stages learned about a request, for the response and the records made
 /// when it finishes, whether it was proxied or refused.
 #[derive(Default)]
-struct Exchange<'s> {
-    tenant: Option<&'s Tenant>,
+pub(crate) struct Exchange<'s> {
+    pub tenant: Option<&'s Tenant>,
     /// `RateLimit`, for tenants with a rate limit.
-    rate_limit: Option<HeaderValue>,
+    pub rate_limit: Option<HeaderValue>,
     /// The in-flight slot, held until the response body is done.
-    permit: Option<Permit>,
-    upstream: Option<Arc<str>>,
+    pub permit: Option<Permit>,
+    pub upstream: Option<Arc<str>>,
     /// Request body bytes, for the access log (present only when it is on).
-    bytes_in: Option<Arc<AtomicU64>>,
+    pub bytes_in: Option<Arc<AtomicU64>>,
 }
 
 static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
@@ -69,67 +69,105 @@ pub async fn handle(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
-    let mut ex = Exchange {
-        bytes_in: snap.access_log.then(Default::default),
-        ..Exchange::default()
-    };
+    let mut ex = Exchange::new(&snap);
     let mut reason = None;
     let mut resp = match proxy(req, &snap, &ctx, &request_id, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
-            let id = ex.tenant.map(|t| &*t.id);
-            tracing::debug!(error = e.code(), tenant = id, request_id = ?request_id, "rejected");
-            if snap.metrics {
-                ex.tenant
-                    .map_or(&snap.unknown_stats, |t| &t.stats)
-                    .record_error(&e);
-            }
             reason = Some(e.code());
-            if let ProxyError::RateLimited {
-                retry_after,
-                policy,
-                ..
-            } = &e
-            {
-                ex.rate_limit = Some(limits::exhausted_header(policy, *retry_after));
-            }
-            e.to_response(id, &request_id)
+            refuse(&e, &snap, &mut ex, &request_id)
         }
     };
     let status = resp.status().as_u16();
     let h = resp.headers_mut();
-    if let Some(policy) = ex.tenant.and_then(|t| t.limits.policy.as_ref()) {
+    if let Some(policy) = ex.policy() {
         h.insert(RATELIMIT_POLICY.clone(), policy.clone());
-        if let Some(v) = ex.rate_limit {
-            h.insert(RATELIMIT.clone(), v);
+        if let Some(v) = &ex.rate_limit {
+            h.insert(RATELIMIT.clone(), v.clone());
         }
     }
-    let stats = snap.metrics.then(|| {
-        let stats = ex.tenant.map_or(&snap.unknown_stats, |t| &t.stats);
-        stats.record(status, started.elapsed());
-        stats.clone()
-    });
-    let log = ex.bytes_in.map(|bytes_in| {
-        Box::new(AccessRecord {
-            started,
-            method,
-            path,
-            status,
-            tenant: ex.tenant.map(|t| t.id.clone()),
-            upstream: ex.upstream,
-            request_id: request_id.clone(),
-            reason,
-            bytes_in,
-        })
-    });
-    h.insert(X_REQUEST_ID.clone(), request_id);
-    resp.body_mut().set_finish(Finish {
-        permit: ex.permit,
-        stats,
-        bytes_out: 0,
-        log,
-    });
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    let finish = ex.finish(&snap, started, status, reason, request_id, method, path);
+    resp.body_mut().set_finish(finish);
     Ok(resp)
+}
+
+impl<'s> Exchange<'s> {
+    pub(crate) fn new(snap: &Snapshot) -> Exchange<'s> {
+        Exchange {
+            bytes_in: snap.access_log.then(Default::default),
+            ..Exchange::default()
+        }
+    }
+
+    /// `RateLimit-Policy`, for tenants with a rate limit.
+    pub(crate) fn policy(&self) -> Option<&'s HeaderValue> {
+        self.tenant.and_then(|t| t.limits.policy.as_ref())
+    }
+
+    /// Records the response in the tenant's metrics and gathers what must happen when
+    /// its body is over (the in-flight slot, the bytes sent, the access-log line).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn finish(
+        self,
+        snap: &Snapshot,
+        started: Instant,
+        status: u16,
+        reason: Option<&'static str>,
+        request_id: HeaderValue,
+        method: http::Method,
+        path: PathAndQuery,
+    ) -> Finish {
+        let stats = snap.metrics.then(|| {
+            let stats = self.tenant.map_or(&snap.unknown_stats, |t| &t.stats);
+            stats.record(status, started.elapsed());
+            stats.clone()
+        });
+        let log = self.bytes_in.map(|bytes_in| {
+            Box::new(AccessRecord {
+                started,
+                method,
+                path,
+                status,
+                tenant: self.tenant.map(|t| t.id.clone()),
+                upstream: self.upstream,
+                request_id,
+                reason,
+                bytes_in,
+            })
+        });
+        Finish {
+            permit: self.permit,
+            stats,
+            bytes_out: 0,
+            log,
+        }
+    }
+}
+
+/// The response for a refused request; counts the refusal.
+pub(crate) fn refuse(
+    e: &ProxyError,
+    snap: &Snapshot,
+    ex: &mut Exchange<'_>,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let id = ex.tenant.map(|t| &*t.id);
+    tracing::debug!(error = e.code(), tenant = id, request_id = ?request_id, "rejected");
+    if snap.metrics {
+        ex.tenant
+            .map_or(&snap.unknown_stats, |t| &t.stats)
+            .record_error(e);
+    }
+    if let ProxyError::RateLimited {
+        retry_after,
+        policy,
+        ..
+    } = e
+    {
+        ex.rate_limit = Some(limits::exhausted_header(policy, *retry_after));
+    }
+    e.to_response(id, request_id)
 }
 
 async fn proxy<'s>(
@@ -139,127 +177,40 @@ async fn proxy<'s>(
     request_id: &HeaderValue,
     ex: &mut Exchange<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    check_header_size(&req, snap.max_header_bytes)?;
     if let Some(port) = ctx.redirect_to {
         if let Some(resp) = redirect_to_https(&req, port) {
+            check_header_size(
+                req.method(),
+                req.uri(),
+                req.headers(),
+                snap.max_header_bytes,
+            )?;
             return Ok(resp);
         }
     }
-    let tls = ctx.tls.as_deref();
-    let sni = tls.and_then(|t| t.sni.as_deref());
-    let resolved = tenant::resolve(snap, req.uri(), req.headers(), sni)?;
-    let tenant = snap.tenant(resolved.tenant);
-    ex.tenant = Some(tenant);
-    if tenant.tls.as_ref().is_some_and(|s| s.mtls) {
-        // Client certificates are verified per tenant at the handshake: a connection
-        // made for another name (or over plain HTTP) never proved one for this tenant.
-        if tls.and_then(|t| t.mtls_tenant.as_deref()) != Some(&*tenant.id) {
-            return Err(ProxyError::Misdirected {
-                tenant: (*tenant.id).into(),
-                why: "the tenant requires a client certificate; connect over TLS with one of its host names",
-            });
-        }
-    }
-    let credential = (tenant.require_api_key && resolved.api_key)
-        || (tenant.require_jwt && resolved.claims.is_some());
-    if (tenant.require_api_key || tenant.require_jwt) && !credential {
-        return Err(ProxyError::CredentialsRequired);
-    }
-    ex.permit = Some(admit(snap, tenant, ctx, &req, ex)?);
-    // Quotas are charged last, so only requests that pass every other check count.
-    crate::quota::charge(snap, tenant).await?;
-
     // A WebSocket handshake keeps `Upgrade` / `Connection`; the client's side of the
     // tunnel is taken before the request is consumed.
     let websocket = websocket_upgrade(&req).map(|token| (token, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
+    let routed = route(&parts, snap, ctx, ex)?;
+    let tenant = routed.tenant;
+    let upstream = routed.upstream;
+    let target = commit(
+        routed,
+        &mut parts,
+        snap,
+        ctx,
+        request_id,
+        ex,
+        websocket.as_ref().map(|w| &w.0),
+    )
+    .await?;
     let body = RequestBody::new(
         body,
         tenant.limits.max_body,
         snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
-    let path_and_query = forwarded_path(&parts.uri, resolved.strip_path);
-    let upstream = tenant.route(path_and_query.path());
-    ex.upstream = Some(upstream.name.clone());
-    let target = upstream.pick().clone();
-    // Read before the hop-by-hop `TE` is removed; only HTTP/2 upstreams get it back.
-    let te_trailers = upstream.transport.h2
-        && parts.headers.get_all(http::header::TE).iter().any(|v| {
-            v.as_bytes()
-                .windows(8)
-                .any(|w| w.eq_ignore_ascii_case(b"trailers"))
-        });
-
-    headers::rewrite_request(
-        &mut parts.headers,
-        &Forward {
-            tenancy: &snap.tenancy,
-            tenant,
-            peer_ip: &ctx.peer_ip,
-            request_id,
-            authority: parts.uri.authority(),
-            https: tls.is_some(),
-        },
-    );
-    if let Some(header) = tenant
-        .tls
-        .as_ref()
-        .and_then(|s| s.forward_client_cert.as_ref())
-    {
-        parts.headers.remove(header);
-        if let Some(subject) = tls.and_then(|t| t.client_subject.clone()) {
-            parts.headers.insert(header.clone(), subject);
-        }
-    }
-    forward_claims(&mut parts.headers, tenant, resolved.claims.as_deref());
-    if !parts.headers.contains_key(http::header::HOST) {
-        // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
-        // upstreams need one.
-        if let Ok(v) = HeaderValue::from_str(target.as_str()) {
-            parts.headers.insert(http::header::HOST, v);
-        }
-    }
-    if let Some((token, _)) = &websocket {
-        parts.headers.insert(
-            http::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-        parts.headers.insert(http::header::UPGRADE, token.clone());
-    }
-    if upstream.transport.h2 {
-        // HTTP/2 names the target in `:scheme` / `:authority`, not `Host`; gRPC needs
-        // `te: trailers`, the one TE value HTTP/2 allows.
-        let host = parts.headers.remove(http::header::HOST);
-        let authority = host
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .unwrap_or_else(|| target.clone());
-        let scheme = if upstream.transport.tls.is_some() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        };
-        // Scheme, authority and path are each valid already, so the parts always join;
-        // the origin form is a harmless fallback.
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(scheme);
-        uri.authority = Some(authority);
-        uri.path_and_query = Some(path_and_query.clone());
-        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from(path_and_query));
-        parts.version = Version::HTTP_2;
-        if te_trailers {
-            parts
-                .headers
-                .insert(http::header::TE, HeaderValue::from_static("trailers"));
-        }
-    } else {
-        // Origin form on the wire; the target is chosen by the connection.
-        parts.uri = Uri::from(path_and_query);
-        parts.version = Version::HTTP_11;
-    }
-
     let (mut resp, lease) = upstream::send(
         &ctx.client,
         Request::from_parts(parts, body),
@@ -313,6 +264,163 @@ async fn proxy<'s>(
         rparts,
         ProxyBody::upstream(rbody, lease),
     ))
+}
+
+/// A request that passed the checks that have no side effects: its tenant, the
+/// upstream its path routes to.
+pub(crate) struct Routed<'s> {
+    pub tenant: &'s Tenant,
+    pub upstream: &'s Arc<crate::snapshot::Upstream>,
+    claims: Option<Box<crate::jwt::Claims>>,
+    path_and_query: PathAndQuery,
+}
+
+/// The first stage, without side effects (nothing is counted or charged): head
+/// size, tenant resolution, credentials, the route. A caller may still decide not
+/// to serve the request itself after this.
+pub(crate) fn route<'s>(
+    parts: &http::request::Parts,
+    snap: &'s Snapshot,
+    ctx: &ConnCtx,
+    ex: &mut Exchange<'s>,
+) -> Result<Routed<'s>, ProxyError> {
+    check_header_size(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        snap.max_header_bytes,
+    )?;
+    let tls = ctx.tls.as_deref();
+    let sni = tls.and_then(|t| t.sni.as_deref());
+    let resolved = tenant::resolve(snap, &parts.uri, &parts.headers, sni)?;
+    let tenant = snap.tenant(resolved.tenant);
+    ex.tenant = Some(tenant);
+    if tenant.tls.as_ref().is_some_and(|s| s.mtls) {
+        // Client certificates are verified per tenant at the handshake: a connection
+        // made for another name (or over plain HTTP) never proved one for this tenant.
+        if tls.and_then(|t| t.mtls_tenant.as_deref()) != Some(&*tenant.id) {
+            return Err(ProxyError::Misdirected {
+                tenant: (*tenant.id).into(),
+                why: "the tenant requires a client certificate; connect over TLS with one of its host names",
+            });
+        }
+    }
+    let credential = (tenant.require_api_key && resolved.api_key)
+        || (tenant.require_jwt && resolved.claims.is_some());
+    if (tenant.require_api_key || tenant.require_jwt) && !credential {
+        return Err(ProxyError::CredentialsRequired);
+    }
+    let path_and_query = forwarded_path(&parts.uri, resolved.strip_path);
+    let upstream = tenant.route(path_and_query.path());
+    Ok(Routed {
+        tenant,
+        upstream,
+        claims: resolved.claims,
+        path_and_query,
+    })
+}
+
+/// The second stage: admission (rate, in-flight, declared body size), the quota,
+/// then the head rewritten for the upstream. Returns the target chosen.
+pub(crate) async fn commit<'s>(
+    routed: Routed<'s>,
+    parts: &mut http::request::Parts,
+    snap: &'s Snapshot,
+    ctx: &ConnCtx,
+    request_id: &HeaderValue,
+    ex: &mut Exchange<'s>,
+    websocket: Option<&HeaderValue>,
+) -> Result<Authority, ProxyError> {
+    let Routed {
+        tenant,
+        upstream,
+        claims,
+        path_and_query,
+    } = routed;
+    ex.permit = Some(admit(snap, tenant, ctx, &parts.headers, ex)?);
+    // Quotas are charged last, so only requests that pass every other check count.
+    crate::quota::charge(snap, tenant).await?;
+
+    ex.upstream = Some(upstream.name.clone());
+    let target = upstream.pick().clone();
+    let tls = ctx.tls.as_deref();
+    // Read before the hop-by-hop `TE` is removed; only HTTP/2 upstreams get it back.
+    let te_trailers = upstream.transport.h2
+        && parts.headers.get_all(http::header::TE).iter().any(|v| {
+            v.as_bytes()
+                .windows(8)
+                .any(|w| w.eq_ignore_ascii_case(b"trailers"))
+        });
+
+    headers::rewrite_request(
+        &mut parts.headers,
+        &Forward {
+            tenancy: &snap.tenancy,
+            tenant,
+            peer_ip: &ctx.peer_ip,
+            request_id,
+            authority: parts.uri.authority(),
+            https: tls.is_some(),
+        },
+    );
+    if let Some(header) = tenant
+        .tls
+        .as_ref()
+        .and_then(|s| s.forward_client_cert.as_ref())
+    {
+        parts.headers.remove(header);
+        if let Some(subject) = tls.and_then(|t| t.client_subject.clone()) {
+            parts.headers.insert(header.clone(), subject);
+        }
+    }
+    forward_claims(&mut parts.headers, tenant, claims.as_deref());
+    if !parts.headers.contains_key(http::header::HOST) {
+        // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
+        // upstreams need one.
+        if let Ok(v) = HeaderValue::from_str(target.as_str()) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+    }
+    if let Some(token) = websocket {
+        parts.headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        parts.headers.insert(http::header::UPGRADE, token.clone());
+    }
+    if upstream.transport.h2 {
+        // HTTP/2 names the target in `:scheme` / `:authority`, not `Host`; gRPC needs
+        // `te: trailers`, the one TE value HTTP/2 allows.
+        let host = parts.headers.remove(http::header::HOST);
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<Authority>().ok())
+            .unwrap_or_else(|| target.clone());
+        let scheme = if upstream.transport.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
+        // Scheme, authority and path are each valid already, so the parts always join;
+        // the origin form is a harmless fallback.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(path_and_query.clone());
+        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from(path_and_query));
+        parts.version = Version::HTTP_2;
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+    } else {
+        // Origin form on the wire; the target is chosen by the connection.
+        parts.uri = Uri::from(path_and_query);
+        parts.version = Version::HTTP_11;
+    }
+    Ok(target)
 }
 
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and
@@ -388,11 +496,11 @@ fn forward_claims(
 
 /// Status → rate → in-flight → declared body size, before anything is routed. Only
 /// known tenants get here, so nothing here creates state for unknown ones.
-fn admit<B>(
+fn admit(
     snap: &Snapshot,
     tenant: &Tenant,
     ctx: &ConnCtx,
-    req: &Request<B>,
+    headers: &http::HeaderMap,
     ex: &mut Exchange<'_>,
 ) -> Result<Permit, ProxyError> {
     if tenant.status == TenantStatus::Suspended {
@@ -401,19 +509,24 @@ fn admit<B>(
     let limits = &tenant.limits;
     let client = limits
         .has_client_rate()
-        .then(|| limits::client_ip(ctx.peer, req.headers(), &snap.trusted_proxies));
+        .then(|| limits::client_ip(ctx.peer, headers, &snap.trusted_proxies));
     let rate = limits.check_rate(client)?;
     ex.rate_limit = rate.header();
     let permit = limits.acquire()?;
-    limits.check_content_length(req.headers())?;
+    limits.check_content_length(headers)?;
     Ok(permit)
 }
 
 /// The request head's size as the client sent it (request line and header lines), so
 /// the same limit holds for HTTP/1.1 and HTTP/2.
-fn check_header_size<B>(req: &Request<B>, limit: u64) -> Result<(), ProxyError> {
-    let mut size = (req.method().as_str().len() + req.uri().to_string_len() + 12) as u64;
-    for (name, value) in req.headers() {
+fn check_header_size(
+    method: &http::Method,
+    uri: &Uri,
+    headers: &http::HeaderMap,
+    limit: u64,
+) -> Result<(), ProxyError> {
+    let mut size = (method.as_str().len() + uri.to_string_len() + 12) as u64;
+    for (name, value) in headers {
         size += (name.as_str().len() + value.len() + 4) as u64;
     }
     if size > limit {

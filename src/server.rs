@@ -237,6 +237,10 @@ struct WorkerCtx {
     header_read_timeout: Duration,
     /// `server.redirect_http`: the https port plain requests are sent to.
     redirect_to: Option<u16>,
+    /// hyper's limit on a request head; the fast path hands longer heads to hyper.
+    hyper_limit: usize,
+    /// The HTTP/1.1 fast path serves plain connections (see `crate::h1`).
+    fast_h1: bool,
 }
 
 async fn worker(
@@ -278,6 +282,8 @@ async fn worker(
         h2,
         header_read_timeout: cfg.header_read_timeout,
         redirect_to,
+        hyper_limit,
+        fast_h1: crate::h1::enabled(),
         shared: shared.clone(),
     });
     let tracker = Arc::new(Tracker::default());
@@ -295,7 +301,8 @@ async fn worker(
                 let rx = shutdown.clone();
                 tokio::spawn(async move {
                     if tls {
-                        serve_tls(stream, peer, ctx, rx).await;
+                        // Boxed: the task of an idle plain connection stays small.
+                        Box::pin(serve_tls(stream, peer, ctx, rx)).await;
                     } else {
                         serve_plain(stream, peer, ctx, rx).await;
                     }
@@ -348,36 +355,80 @@ async fn serve_tls(
         return;
     };
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    serve(tls, is_h2, peer, Some(Box::new(conn)), ctx, shutdown).await;
+    let conn_ctx = conn_ctx(&ctx, peer, Some(Box::new(conn)));
+    serve(tls, is_h2, peer, conn_ctx, ctx, shutdown).await;
+}
+
+/// What a connection's requests share.
+fn conn_ctx(
+    ctx: &WorkerCtx,
+    peer: SocketAddr,
+    tls: Option<Box<crate::tls::ConnTls>>,
+) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
+        shared: ctx.shared.clone(),
+        client: ctx.client.clone(),
+        peer: peer.ip(),
+        peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value"),
+        redirect_to: if tls.is_none() { ctx.redirect_to } else { None },
+        tls,
+    })
 }
 
 /// A connection on the plain listener: HTTP/1.1, or HTTP/2 with prior knowledge.
+/// The HTTP/1.1 fast path serves it until it meets something it leaves to hyper.
 async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<WorkerCtx>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    // Choose HTTP/1.1 or HTTP/2 (prior knowledge) from the first bytes, under the
-    // header read timeout so a client that sends nothing is cut off too.
-    let mut prefix = Prefixed {
-        buf: [0; 24],
-        pos: 0,
-        len: 0,
-        inner: stream,
-    };
+    let conn_ctx = conn_ctx(&ctx, peer, None);
+    if ctx.fast_h1 && conn_ctx.redirect_to.is_none() {
+        let handoff = crate::h1::serve(
+            stream,
+            conn_ctx.clone(),
+            ctx.header_read_timeout,
+            ctx.hyper_limit,
+            &mut shutdown,
+        )
+        .await;
+        if let Some(h) = handoff {
+            let io = Prefixed {
+                prefix: h.prefix,
+                inner: h.stream,
+            };
+            Box::pin(serve(io, h.h2, peer, conn_ctx, ctx, shutdown)).await;
+        }
+        return;
+    }
+    Box::pin(sniff_and_serve(stream, peer, conn_ctx, ctx, shutdown)).await;
+}
+
+/// Chooses HTTP/1.1 or HTTP/2 (prior knowledge) from the first bytes, under the
+/// header read timeout so a client that sends nothing is cut off too; hyper serves.
+async fn sniff_and_serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn_ctx: Arc<ConnCtx>,
+    ctx: Arc<WorkerCtx>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut buf = [0u8; 24];
+    let mut len = 0;
     let sniff = async {
         loop {
-            let n = prefix.inner.read(&mut prefix.buf[prefix.len..]).await?;
+            let n = stream.read(&mut buf[len..]).await?;
             if n == 0 {
                 return Ok::<_, io::Error>(None);
             }
-            prefix.len += n;
-            if prefix.buf[..prefix.len] != H2_PREFACE[..prefix.len] {
+            len += n;
+            if buf[..len] != H2_PREFACE[..len] {
                 return Ok(Some(false));
             }
-            if prefix.len == H2_PREFACE.len() {
+            if len == H2_PREFACE.len() {
                 return Ok(Some(true));
             }
         }
@@ -390,28 +441,23 @@ async fn serve_plain(
             return;
         }
     };
-    serve(prefix, is_h2, peer, None, ctx, shutdown).await;
+    let io = Prefixed {
+        prefix: bytes::Bytes::copy_from_slice(&buf[..len]),
+        inner: stream,
+    };
+    serve(io, is_h2, peer, conn_ctx, ctx, shutdown).await;
 }
 
 async fn serve<I>(
     io: I,
     is_h2: bool,
     peer: SocketAddr,
-    tls: Option<Box<crate::tls::ConnTls>>,
+    conn_ctx: Arc<ConnCtx>,
     ctx: Arc<WorkerCtx>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn_ctx = Arc::new(ConnCtx {
-        shared: ctx.shared.clone(),
-        client: ctx.client.clone(),
-        peer: peer.ip(),
-        peer_ip: HeaderValue::from_str(&peer.ip().to_string())
-            .expect("an IP address is a valid header value"),
-        redirect_to: if tls.is_none() { ctx.redirect_to } else { None },
-        tls,
-    });
     let service = service_fn(move |req| proxy::handle(req, conn_ctx.clone()));
     let io = TokioIo::new(io);
     let result = if is_h2 {
@@ -455,11 +501,10 @@ where
     conn.await
 }
 
-/// A TCP stream with the bytes already read for protocol detection put back in front.
+/// A TCP stream with the bytes already read (for protocol detection, or by the fast
+/// path) put back in front.
 struct Prefixed {
-    buf: [u8; 24],
-    pos: usize,
-    len: usize,
+    prefix: bytes::Bytes,
     inner: TcpStream,
 }
 
@@ -470,10 +515,9 @@ impl AsyncRead for Prefixed {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos < this.len {
-            let n = (this.len - this.pos).min(out.remaining());
-            out.put_slice(&this.buf[this.pos..this.pos + n]);
-            this.pos += n;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(out.remaining());
+            out.put_slice(&this.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, out)

@@ -92,6 +92,8 @@ type PoolKey = (Authority, u64);
 #[derive(Default)]
 pub struct UpstreamClient {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>, foldhash::fast::RandomState>>,
+    /// The HTTP/1.1 fast path's idle sockets to plain HTTP/1.1 targets.
+    pub h1: crate::h1::Pool,
 }
 
 /// A connection lent to one exchange. [`Lease::release`] gives it back once the

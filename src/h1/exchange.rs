@@ -1,0 +1,472 @@
+//! The fast path's upstream side: plain-TCP HTTP/1.1 exchanges run on the client
+//! connection's own task (no connection task, no channel), over a per-worker pool of
+//! idle upstream sockets that hold no buffers while they wait.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::wire::{self, Chunked, Extra, Framing, Response};
+use crate::body::Finish;
+use crate::error::{ProxyError, UpstreamFailure};
+use crate::metrics::TenantStats;
+
+/// Idle upstream sockets are closed after this long: below the upstreams' own
+/// keep-alive timeout (nginx: 75 s), so a pooled socket is not one being closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_IDLE_PER_TARGET: usize = 1024;
+/// An upstream response head larger than this is refused as malformed.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// First read of a response; bodies stream through reads of `STREAM_READ`.
+const HEAD_READ: usize = 8 * 1024;
+const STREAM_READ: usize = 32 * 1024;
+
+/// Idle sockets to one target, each with the time it came back; most recent last.
+type IdleList = VecDeque<(TcpStream, Instant)>;
+
+/// One worker's idle upstream sockets, by target.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<Authority, IdleList, foldhash::fast::RandomState>>,
+}
+
+impl Pool {
+    /// The most recently used idle socket that is still open. A socket that turned
+    /// readable while idle has been closed by the upstream (or sent something
+    /// unasked): it is dropped. Readiness is what the event loop last saw, so the
+    /// check costs no system call unless the socket looks readable.
+    fn checkout(&self, target: &Authority, now: Instant) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(target)?;
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Some((s, since)) = list.pop_back() {
+            if now.saturating_duration_since(since) >= POOL_IDLE_TIMEOUT {
+                // Everything before it is older still.
+                list.clear();
+                return None;
+            }
+            match s.poll_read_ready(&mut cx) {
+                Poll::Pending => return Some(s),
+                Poll::Ready(_) => {
+                    let mut probe = [0u8; 1];
+                    if let Err(e) = s.try_read(&mut probe) {
+                        if e.kind() == std::io::ErrorKind::WouldBlock {
+                            return Some(s);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, target: &Authority, s: TcpStream, now: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = match idle.get_mut(target) {
+            Some(l) => l,
+            None => idle.entry(target.clone()).or_default(),
+        };
+        // The oldest are at the front: drop the expired ones as new ones come back.
+        while list
+            .front()
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= POOL_IDLE_TIMEOUT)
+        {
+            list.pop_front();
+        }
+        if list.len() < MAX_IDLE_PER_TARGET {
+            list.push_back((s, now));
+        }
+    }
+}
+
+async fn connect(target: &Authority) -> Result<TcpStream, UpstreamFailure> {
+    let stream = match target.as_str().parse::<std::net::SocketAddr>() {
+        Ok(addr) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await,
+        Err(_) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await,
+    };
+    match stream {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%target, error = %e, "upstream connect failed");
+            Err(UpstreamFailure::Connect)
+        }
+        Err(_) => Err(UpstreamFailure::Connect),
+    }
+}
+
+/// One request to forward.
+pub struct Outgoing<'a> {
+    pub parts: &'a http::request::Parts,
+    pub target: &'a Authority,
+    pub upstream: &'a Arc<str>,
+    pub timeout: Duration,
+    pub started: Instant,
+    /// `Content-Length` of the request body.
+    pub body_len: u64,
+    pub counters: RequestCounters,
+    pub extra: Extra<'a>,
+}
+
+/// How an exchange ended.
+pub enum Done {
+    /// The response went out whole; `false` when the client connection must close
+    /// anyway (a request body left unread).
+    Served { client_reusable: bool },
+    /// Failed before anything was written to the client; `client_reusable` says
+    /// whether the request was read to its end.
+    Refused {
+        error: ProxyError,
+        client_reusable: bool,
+    },
+    /// Failed after the response head went out, or the client went away: close.
+    Broken,
+}
+
+/// Why reading the response failed.
+enum Failure {
+    /// Before any response byte, with whether a retry on a new connection is safe.
+    Early(UpstreamFailure, bool),
+    Upstream(UpstreamFailure),
+    Timeout,
+    /// After the head was written to the client.
+    Late,
+}
+
+/// Forwards one request and writes the response to the client. `on_head` is called
+/// with the status once the upstream's head has arrived and returns the work to do
+/// when the response is over.
+pub async fn forward(
+    pool: &Pool,
+    client: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    req: Outgoing<'_>,
+    on_head: impl FnOnce(u16) -> Finish,
+) -> Done {
+    let mut wbuf = Vec::with_capacity(1024);
+    wire::write_request_head(&mut wbuf, req.parts);
+    // The part of the body that came with the head goes out in the same write.
+    let in_buf = usize::try_from(req.body_len)
+        .unwrap_or(usize::MAX)
+        .min(cbuf.len());
+    wbuf.extend_from_slice(&cbuf[..in_buf]);
+    cbuf.advance(in_buf);
+    req.counters.add(in_buf as u64);
+    let body_rest = req.body_len - in_buf as u64;
+    let deadline = tokio::time::Instant::from_std(req.started + req.timeout);
+    let idempotent = matches!(
+        req.parts.method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    ) || body_rest == 0
+        && matches!(req.parts.method, http::Method::PUT | http::Method::DELETE);
+    let is_head = req.parts.method == http::Method::HEAD;
+    let mut on_head = Some(on_head);
+    let mut force_fresh = false;
+    let timeout_err = || ProxyError::UpstreamTimeout {
+        upstream: req.upstream.clone(),
+        after: req.timeout,
+    };
+    let up_err = |failure| ProxyError::UpstreamError {
+        upstream: req.upstream.clone(),
+        failure,
+    };
+    loop {
+        let now = Instant::now();
+        let pooled = if force_fresh {
+            None
+        } else {
+            pool.checkout(req.target, now)
+        };
+        let (mut up, reused) = match pooled {
+            Some(s) => (s, true),
+            None => match tokio::time::timeout_at(deadline, connect(req.target)).await {
+                Ok(Ok(s)) => (s, false),
+                Ok(Err(f)) => return refused(up_err(f), body_rest),
+                Err(_) => return refused(timeout_err(), body_rest),
+            },
+        };
+        match tokio::time::timeout_at(deadline, up.write_all(&wbuf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) if reused => {
+                // Closed under us before it read anything: once more, on a new one.
+                force_fresh = true;
+                continue;
+            }
+            Ok(Err(_)) => return refused(up_err(UpstreamFailure::Reset), body_rest),
+            Err(_) => return refused(timeout_err(), body_rest),
+        }
+        let mut rbuf = BytesMut::with_capacity(HEAD_READ);
+        // `body_read`: the request body was read to its end, so the client connection
+        // can carry the next request.
+        let (result, body_read) = {
+            let (mut cr, mut cw) = client.split();
+            let (mut ur, mut uw) = up.split();
+            let copy = copy_body(&mut cr, &mut uw, cbuf, body_rest, &req.counters);
+            let respond = respond(
+                &mut ur,
+                &mut cw,
+                &mut rbuf,
+                deadline,
+                is_head,
+                &req.extra,
+                &mut on_head,
+            );
+            tokio::pin!(copy, respond);
+            let (mut copying, mut body_read) = (body_rest > 0, body_rest == 0);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut respond => break (Some(r), body_read),
+                    r = &mut copy, if copying => {
+                        copying = false;
+                        match r {
+                            Ok(()) => body_read = true,
+                            // The client went away (or broke its body) mid-upload.
+                            Err(CopyError::Client) => break (None, false),
+                            // The upstream stopped reading; it may still answer.
+                            Err(CopyError::Upstream) => {}
+                        }
+                    }
+                }
+            }
+        };
+        let Some(result) = result else {
+            return if on_head.is_some() {
+                Done::Refused {
+                    error: ProxyError::BadRequestBody,
+                    client_reusable: false,
+                }
+            } else {
+                Done::Broken
+            };
+        };
+        return match result {
+            Ok(reusable) => {
+                if reusable && body_read {
+                    pool.checkin(req.target, up, Instant::now());
+                }
+                Done::Served {
+                    client_reusable: body_read,
+                }
+            }
+            Err(Failure::Early(_, true)) if reused && idempotent && body_rest == 0 => {
+                force_fresh = true;
+                continue;
+            }
+            Err(Failure::Early(f, _) | Failure::Upstream(f)) => Done::Refused {
+                error: up_err(f),
+                client_reusable: body_read,
+            },
+            Err(Failure::Timeout) => Done::Refused {
+                error: timeout_err(),
+                client_reusable: body_read,
+            },
+            Err(Failure::Late) => Done::Broken,
+        };
+    }
+}
+
+fn refused(error: ProxyError, body_rest: u64) -> Done {
+    Done::Refused {
+        error,
+        client_reusable: body_rest == 0,
+    }
+}
+
+enum CopyError {
+    Client,
+    Upstream,
+}
+
+/// The rest of a `Content-Length` request body, client to upstream. Bytes past the
+/// body (a pipelined request) stay in `cbuf`.
+async fn copy_body<R, W>(
+    client: &mut R,
+    up: &mut W,
+    cbuf: &mut BytesMut,
+    mut rest: u64,
+    counters: &RequestCounters,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while rest > 0 {
+        if cbuf.is_empty() {
+            cbuf.reserve(STREAM_READ);
+            match client.read_buf(cbuf).await {
+                Ok(0) | Err(_) => return Err(CopyError::Client),
+                Ok(_) => {}
+            }
+        }
+        let n = usize::try_from(rest).unwrap_or(usize::MAX).min(cbuf.len());
+        up.write_all(&cbuf[..n])
+            .await
+            .map_err(|_| CopyError::Upstream)?;
+        cbuf.advance(n);
+        counters.add(n as u64);
+        rest -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads the response head (skipping 1xx), writes the client's head, streams the
+/// body. `Ok(true)` when the upstream connection can carry another exchange.
+async fn respond<R, W>(
+    up: &mut R,
+    client: &mut W,
+    rbuf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+    is_head: bool,
+    extra: &Extra<'_>,
+    on_head: &mut Option<impl FnOnce(u16) -> Finish>,
+) -> Result<bool, Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(1024);
+    let mut any = false;
+    let head = loop {
+        if !rbuf.is_empty() {
+            out.clear();
+            match wire::parse_response(rbuf, is_head, extra, &mut out) {
+                Ok(Response::Head(h)) => break h,
+                Ok(Response::Interim(n)) => {
+                    rbuf.advance(n);
+                    continue;
+                }
+                Ok(Response::Partial) if rbuf.len() < MAX_RESPONSE_HEAD => {}
+                Ok(Response::Partial) | Err(_) => {
+                    return Err(Failure::Upstream(UpstreamFailure::Protocol))
+                }
+            }
+        }
+        rbuf.reserve(HEAD_READ);
+        match tokio::time::timeout_at(deadline, up.read_buf(rbuf)).await {
+            Ok(Ok(0)) => {
+                return Err(if any {
+                    Failure::Upstream(UpstreamFailure::Reset)
+                } else {
+                    Failure::Early(UpstreamFailure::Reset, true)
+                })
+            }
+            Ok(Ok(_)) => any = true,
+            Ok(Err(_)) => {
+                return Err(if any {
+                    Failure::Upstream(UpstreamFailure::Reset)
+                } else {
+                    Failure::Early(UpstreamFailure::Reset, true)
+                })
+            }
+            Err(_) => return Err(Failure::Timeout),
+        }
+    };
+    rbuf.advance(head.head_len);
+    let Some(on_head) = on_head.take() else {
+        return Err(Failure::Late);
+    };
+    let mut finish = on_head(head.status);
+    let mut body_ok = true;
+    match head.framing {
+        Framing::Empty => {
+            client.write_all(&out).await.map_err(|_| Failure::Late)?;
+        }
+        Framing::Length(len) => {
+            let mut rest = len;
+            let n = usize::try_from(rest).unwrap_or(usize::MAX).min(rbuf.len());
+            out.extend_from_slice(&rbuf[..n]);
+            rbuf.advance(n);
+            rest -= n as u64;
+            finish.bytes_out += n as u64;
+            client.write_all(&out).await.map_err(|_| Failure::Late)?;
+            while rest > 0 {
+                rbuf.reserve(STREAM_READ);
+                match up.read_buf(rbuf).await {
+                    Ok(0) | Err(_) => return Err(Failure::Late),
+                    Ok(_) => {}
+                }
+                let n = usize::try_from(rest).unwrap_or(usize::MAX).min(rbuf.len());
+                client
+                    .write_all(&rbuf[..n])
+                    .await
+                    .map_err(|_| Failure::Late)?;
+                rbuf.advance(n);
+                rest -= n as u64;
+                finish.bytes_out += n as u64;
+            }
+        }
+        Framing::Chunked => {
+            let mut chunked = Chunked::default();
+            loop {
+                let (used, payload) = chunked.decode(rbuf, &mut out).map_err(|_| Failure::Late)?;
+                rbuf.advance(used);
+                finish.bytes_out += payload;
+                if !out.is_empty() {
+                    client.write_all(&out).await.map_err(|_| Failure::Late)?;
+                    out.clear();
+                }
+                if chunked.is_done() {
+                    break;
+                }
+                rbuf.reserve(STREAM_READ);
+                match up.read_buf(rbuf).await {
+                    Ok(0) | Err(_) => return Err(Failure::Late),
+                    Ok(_) => {}
+                }
+            }
+        }
+        Framing::Close => {
+            body_ok = false;
+            loop {
+                wire::write_chunk(&mut out, rbuf);
+                finish.bytes_out += rbuf.len() as u64;
+                rbuf.clear();
+                client.write_all(&out).await.map_err(|_| Failure::Late)?;
+                out.clear();
+                rbuf.reserve(STREAM_READ);
+                match up.read_buf(rbuf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return Err(Failure::Late),
+                }
+            }
+            client
+                .write_all(wire::LAST_CHUNK)
+                .await
+                .map_err(|_| Failure::Late)?;
+        }
+    }
+    drop(finish);
+    Ok(body_ok && head.reusable && rbuf.is_empty())
+}
+
+/// Where request body bytes are counted: the tenant's metrics, the access-log record.
+pub struct RequestCounters {
+    pub stats: Option<Arc<TenantStats>>,
+    pub bytes_in: Option<Arc<AtomicU64>>,
+}
+
+impl RequestCounters {
+    fn add(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(stats) = &self.stats {
+            stats.add_request_bytes(n);
+        }
+        if let Some(b) = &self.bytes_in {
+            b.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}

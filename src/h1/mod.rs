@@ -1,0 +1,377 @@
+//! The HTTP/1.1 fast path for plain-TCP client connections whose requests go to
+//! plain-TCP HTTP/1.1 upstreams — the common case, and the one the load benchmark
+//! measures. One task per client connection does everything: it reads and parses the
+//! request head, runs the same stages as every other request ([`proxy::route`],
+//! [`proxy::commit`]), writes the request to a pooled upstream socket, reads the
+//! response and writes it to the client, without hyper's connection tasks, channels
+//! or per-message `HeaderMap` for the response.
+//!
+//! While a connection waits for its next request it holds no buffer at all: the read
+//! buffer is allocated when the socket turns readable and freed when the exchange is
+//! over, so an idle keep-alive connection costs its task and its socket.
+//!
+//! Anything else — HTTP/2 prior knowledge, HTTP/1.0, `Transfer-Encoding` or `Expect`
+//! on a request, upgrades (WebSocket), malformed input, a tenant routed to a TLS or
+//! HTTP/2 upstream — is handed to hyper together with the bytes already read, and
+//! hyper serves the rest of that connection exactly as it serves every TLS connection.
+
+mod exchange;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::uri::PathAndQuery;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub use exchange::Pool;
+use exchange::{Done, Outgoing, RequestCounters};
+use wire::{Extra, Head, Parsed};
+
+use crate::error::ProxyError;
+use crate::headers;
+use crate::proxy::{self, ConnCtx, Exchange};
+use crate::snapshot::{Snapshot, Upstream};
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Buffer allocated when an idle connection turns readable.
+const READ_BUF: usize = 4 * 1024;
+
+/// The rest of a connection, for hyper: the bytes already read, then the socket.
+pub struct Handoff {
+    pub prefix: Bytes,
+    pub stream: TcpStream,
+    /// The bytes are the HTTP/2 connection preface.
+    pub h2: bool,
+}
+
+/// Whether `BULKHEAD_H1=hyper` turned the fast path off (for A/B benchmarks and as a
+/// way around it should it ever misbehave).
+pub fn enabled() -> bool {
+    std::env::var("BULKHEAD_H1").map_or(true, |v| v != "hyper")
+}
+
+/// Whether the fast path can forward to `upstream`.
+fn plain_h1(upstream: &Upstream) -> bool {
+    upstream.transport.tls.is_none() && !upstream.transport.h2
+}
+
+/// Serves a plain-TCP connection until it closes (`None`) or needs hyper.
+pub async fn serve(
+    mut stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    header_read_timeout: Duration,
+    max_head: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Handoff> {
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    // One timer for the life of the connection, moved forward for each request (a
+    // later deadline does not touch the timer wheel).
+    let timer = tokio::time::sleep(header_read_timeout);
+    tokio::pin!(timer);
+    loop {
+        // A whole request head, or the reason there is none.
+        let head = loop {
+            if !buf.is_empty() {
+                if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+                    if buf.len() >= H2_PREFACE.len() {
+                        return Some(Handoff {
+                            prefix: buf.freeze(),
+                            stream,
+                            h2: true,
+                        });
+                    }
+                } else {
+                    match wire::parse_request(&mut buf) {
+                        Parsed::Request(h) => break h,
+                        Parsed::Partial if buf.len() < max_head => {}
+                        Parsed::Partial | Parsed::Fallback => {
+                            return Some(Handoff {
+                                prefix: buf.freeze(),
+                                stream,
+                                h2: false,
+                            })
+                        }
+                    }
+                }
+            } else if *shutdown.borrow() {
+                return close(stream).await;
+            }
+            tokio::select! {
+                biased;
+                r = stream.readable() => if r.is_err() { return None },
+                _ = &mut timer => {
+                    tracing::debug!("closing a connection that sent no request in time");
+                    return None;
+                }
+                _ = shutdown.changed(), if buf.is_empty() => continue,
+            }
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(READ_BUF.max(buf.len()));
+            }
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+        };
+        first = false;
+        let closing = *shutdown.borrow();
+        let next = Box::pin(request(&mut stream, &mut buf, &ctx, head, closing)).await;
+        match next {
+            Next::KeepAlive => {}
+            Next::Close => return close(stream).await,
+            Next::Hyper => {
+                return Some(Handoff {
+                    prefix: buf.freeze(),
+                    stream,
+                    h2: false,
+                })
+            }
+        }
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + header_read_timeout);
+        if buf.is_empty() {
+            // Idle: give the buffer back.
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Closes after a response: FIN first, so the response is not cut by a reset.
+async fn close(mut stream: TcpStream) -> Option<Handoff> {
+    let _ = stream.shutdown().await;
+    None
+}
+
+enum Next {
+    KeepAlive,
+    Close,
+    /// Not for the fast path after all; the head is back at the front of the buffer.
+    Hyper,
+}
+
+/// One request, start to end.
+async fn request(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    ctx: &ConnCtx,
+    head: Head,
+    closing: bool,
+) -> Next {
+    let started = Instant::now();
+    let snap = ctx.shared.snapshot.load_full();
+    let Head {
+        mut parts,
+        body_len,
+        close,
+        raw,
+    } = head;
+    let close = close || closing;
+    let request_id = headers::request_id(&parts.headers);
+    let mut ex = Exchange::new(&snap);
+    let log = snap.access_log.then(|| {
+        (
+            parts.method.clone(),
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        )
+    });
+    let routed = match proxy::route(&parts, &snap, ctx, &mut ex) {
+        Ok(r) if !plain_h1(r.upstream) => {
+            let mut whole = BytesMut::with_capacity(raw.len() + buf.len());
+            whole.extend_from_slice(&raw);
+            whole.extend_from_slice(buf);
+            *buf = whole;
+            return Next::Hyper;
+        }
+        Ok(r) => r,
+        Err(e) => {
+            let refusal = Refusal {
+                snap: &snap,
+                started,
+                request_id,
+                log,
+                head_request: parts.method == http::Method::HEAD,
+            };
+            return refuse(stream, buf, body_len, close, e, ex, refusal).await;
+        }
+    };
+    drop(raw);
+    let (tenant, upstream) = (routed.tenant, routed.upstream);
+    let target =
+        match proxy::commit(routed, &mut parts, &snap, ctx, &request_id, &mut ex, None).await {
+            Ok(t) => t,
+            Err(e) => {
+                let refusal = Refusal {
+                    snap: &snap,
+                    started,
+                    request_id,
+                    log,
+                    head_request: parts.method == http::Method::HEAD,
+                };
+                return refuse(stream, buf, body_len, close, e, ex, refusal).await;
+            }
+        };
+    let counters = RequestCounters {
+        stats: snap.metrics.then(|| tenant.stats.clone()),
+        bytes_in: ex.bytes_in.clone(),
+    };
+    let rate_limit = ex.rate_limit.clone();
+    let policy = ex.policy();
+    let mut pending = Some((ex, log));
+    let done = exchange::forward(
+        &ctx.client.h1,
+        stream,
+        buf,
+        Outgoing {
+            parts: &parts,
+            target: &target,
+            upstream: &upstream.name,
+            timeout: tenant.request_timeout,
+            started,
+            body_len,
+            counters,
+            extra: Extra {
+                request_id: &request_id,
+                policy,
+                rate_limit: rate_limit.as_ref(),
+                close,
+            },
+        },
+        |status| match pending.take() {
+            Some((ex, log)) => finish(ex, &snap, started, status, None, &request_id, log),
+            None => crate::body::Finish {
+                permit: None,
+                stats: None,
+                bytes_out: 0,
+                log: None,
+            },
+        },
+    )
+    .await;
+    match done {
+        Done::Served { client_reusable } if client_reusable && !close => Next::KeepAlive,
+        Done::Served { .. } | Done::Broken => Next::Close,
+        Done::Refused {
+            error,
+            client_reusable,
+        } => {
+            let Some((ex, log)) = pending else {
+                return Next::Close;
+            };
+            let refusal = Refusal {
+                snap: &snap,
+                started,
+                request_id,
+                log,
+                head_request: parts.method == http::Method::HEAD,
+            };
+            let rest = if client_reusable { 0 } else { u64::MAX };
+            refuse(stream, buf, rest, close, error, ex, refusal).await
+        }
+    }
+}
+
+fn finish(
+    ex: Exchange<'_>,
+    snap: &Snapshot,
+    started: Instant,
+    status: u16,
+    reason: Option<&'static str>,
+    request_id: &http::HeaderValue,
+    log: Option<(http::Method, PathAndQuery)>,
+) -> crate::body::Finish {
+    let (method, path) = log.unwrap_or_else(|| (http::Method::GET, PathAndQuery::from_static("/")));
+    ex.finish(
+        snap,
+        started,
+        status,
+        reason,
+        request_id.clone(),
+        method,
+        path,
+    )
+}
+
+/// What a refusal needs besides the error.
+struct Refusal<'a> {
+    snap: &'a Snapshot,
+    started: Instant,
+    request_id: http::HeaderValue,
+    log: Option<(http::Method, PathAndQuery)>,
+    head_request: bool,
+}
+
+/// Writes the gateway's own error response. The connection stays open only when the
+/// request's body (if any) is already in the buffer, so it can be skipped.
+async fn refuse(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    body_len: u64,
+    close: bool,
+    e: ProxyError,
+    mut ex: Exchange<'_>,
+    r: Refusal<'_>,
+) -> Next {
+    let skippable = body_len <= buf.len() as u64;
+    let close = close || !skippable;
+    if skippable {
+        bytes::Buf::advance(buf, body_len as usize);
+    }
+    let resp = proxy::refuse(&e, r.snap, &mut ex, &r.request_id);
+    let status = resp.status();
+    let (parts, body) = resp.into_parts();
+    let body = body.into_full().unwrap_or_default();
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    wire::write_headers(&mut out, &parts.headers);
+    wire::write_header(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
+    wire::write_extra(
+        &mut out,
+        &Extra {
+            request_id: &r.request_id,
+            policy: ex.policy(),
+            rate_limit: ex.rate_limit.as_ref(),
+            close,
+        },
+        false,
+    );
+    if !r.head_request {
+        out.extend_from_slice(&body);
+    }
+    let written = stream.write_all(&out).await.is_ok();
+    let mut f = finish(
+        ex,
+        r.snap,
+        r.started,
+        status.as_u16(),
+        Some(e.code()),
+        &r.request_id,
+        r.log,
+    );
+    f.bytes_out = if r.head_request { 0 } else { body.len() as u64 };
+    drop(f);
+    if written && !close {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
+}

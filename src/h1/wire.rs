@@ -1,0 +1,782 @@
+//! HTTP/1.1 on the wire, for the fast path: the request head parsed into
+//! `http::request::Parts` without copying header values, the forwarded request head
+//! written out, the upstream's response head rewritten straight into the bytes the
+//! client gets (hop-by-hop headers out, the gateway's headers in), and the chunked
+//! decoder. Pure functions over byte slices; the connection loop is in `mod.rs`.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri, Version};
+
+/// Header lines the fast path reads in one head; a request with more goes to hyper
+/// (which allows 256), a response with more is refused as malformed.
+const MAX_HEADERS: usize = 128;
+
+/// What the client's buffered bytes hold. Returned and matched at once, never
+/// stored, so the large variant is not boxed (that would be an allocation per request).
+#[allow(clippy::large_enum_variant)]
+pub enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// Something the fast path leaves to hyper: HTTP/1.0, a body without a length
+    /// (`Transfer-Encoding`), `Expect`, `Upgrade`, `CONNECT`, malformed input (hyper
+    /// answers it with its 400).
+    Fallback,
+    Request(Head),
+}
+
+/// A request head, taken out of the buffer.
+pub struct Head {
+    pub parts: http::request::Parts,
+    /// `Content-Length`, 0 when absent.
+    pub body_len: u64,
+    /// The client asked to close the connection after this exchange.
+    pub close: bool,
+    /// The head as read, for handing the request to hyper after all.
+    pub raw: Bytes,
+}
+
+/// Parses one request head at the front of `buf`; on success the head's bytes are
+/// split off `buf` (which keeps whatever follows: body bytes, pipelined requests),
+/// and the header values point into them.
+pub fn parse_request(buf: &mut BytesMut) -> Parsed {
+    // Offsets into `buf`: (name start, name len, value start, value len).
+    let mut spans = [(0u32, 0u16, 0u32, 0u32); MAX_HEADERS];
+    let (head_len, n_headers, method, path, body_len, close) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Parsed::Partial,
+            Err(_) => return Parsed::Fallback,
+        };
+        if req.version != Some(1) {
+            return Parsed::Fallback;
+        }
+        let Some(method) = req
+            .method
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        else {
+            return Parsed::Fallback;
+        };
+        if method == Method::CONNECT {
+            return Parsed::Fallback;
+        }
+        let Some(path) = req.path.map(|p| span(buf, p.as_bytes())) else {
+            return Parsed::Fallback;
+        };
+        let mut body_len: Option<u64> = None;
+        let mut close = false;
+        let mut kept = 0;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let Some(n) = parse_length(h.value) else {
+                    return Parsed::Fallback;
+                };
+                match body_len {
+                    Some(b) if b != n => return Parsed::Fallback,
+                    // The same length twice is forwarded once.
+                    Some(_) => continue,
+                    None => body_len = Some(n),
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"upgrade")
+                || name.eq_ignore_ascii_case(b"expect")
+            {
+                return Parsed::Fallback;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                close |= has_token(h.value, b"close");
+            }
+            let (ns, nl) = span(buf, name);
+            let (vs, vl) = span(buf, h.value);
+            spans[kept] = (ns, nl as u16, vs, vl);
+            kept += 1;
+        }
+        (head_len, kept, method, path, body_len.unwrap_or(0), close)
+    };
+    let head = buf.split_to(head_len).freeze();
+    let mut map = HeaderMap::with_capacity(n_headers);
+    for &(ns, nl, vs, vl) in &spans[..n_headers] {
+        let name = &head[ns as usize..ns as usize + nl as usize];
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            return fallback_after_split(buf, head);
+        };
+        let value = head.slice(vs as usize..(vs + vl) as usize);
+        let Ok(value) = HeaderValue::from_maybe_shared(value) else {
+            return fallback_after_split(buf, head);
+        };
+        map.append(name, value);
+    }
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0 as usize..(path.0 + path.1) as usize))
+    else {
+        return fallback_after_split(buf, head);
+    };
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    parts.headers = map;
+    Parsed::Request(Head {
+        parts,
+        body_len,
+        close,
+        raw: head,
+    })
+}
+
+/// Puts a head that turned out not to be for the fast path back in front of `buf`.
+fn fallback_after_split(buf: &mut BytesMut, head: Bytes) -> Parsed {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
+    Parsed::Fallback
+}
+
+/// Where `part` (a sub-slice of `buf`) starts, and its length.
+fn span(buf: &[u8], part: &[u8]) -> (u32, u32) {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (start as u32, part.len() as u32)
+}
+
+/// A `Content-Length` value: digits only, no sign, no list.
+pub fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+pub fn has_token(v: &[u8], token: &[u8]) -> bool {
+    v.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Writes the forwarded request head (origin form, HTTP/1.1).
+pub fn write_request_head(out: &mut Vec<u8>, parts: &http::request::Parts) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_headers(out, &parts.headers);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: HEAD, 204, 304.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// The upstream's response head, rewritten for the client.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    /// Bytes of the upstream's head (to be consumed from its buffer).
+    pub head_len: usize,
+    pub framing: Framing,
+    /// The upstream connection may carry another exchange after this body.
+    pub reusable: bool,
+}
+
+/// The gateway's own response headers, set on every response (replacing the
+/// upstream's copies).
+pub struct Extra<'a> {
+    pub request_id: &'a HeaderValue,
+    pub policy: Option<&'a HeaderValue>,
+    pub rate_limit: Option<&'a HeaderValue>,
+    /// The client connection closes after this response.
+    pub close: bool,
+}
+
+/// What the upstream's buffered bytes hold.
+pub enum Response {
+    Partial,
+    /// A 1xx interim response of this many bytes, to skip.
+    Interim(usize),
+    Head(ResponseHead),
+}
+
+/// Why an upstream response head was refused.
+#[derive(Debug)]
+pub struct Malformed;
+
+/// Parses the upstream's response head at the front of `buf` and, when it is whole,
+/// writes the client's head into `out`.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    extra: &Extra<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Response, Malformed> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Response::Partial),
+        Err(_) => return Err(Malformed),
+    };
+    let status = resp.code.ok_or(Malformed)?;
+    if (100..200).contains(&status) {
+        // 101 is only ever an answer to an upgrade, which the fast path never sends.
+        return if status == 101 {
+            Err(Malformed)
+        } else {
+            Ok(Response::Interim(head_len))
+        };
+    }
+    let http10 = resp.version == Some(0);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    // Codings other than chunked (`gzip, chunked`): kept for the client, which gets
+    // them in front of its own chunked.
+    let mut codings: Vec<u8> = Vec::new();
+    let mut keep_alive = !http10;
+    let mut has_date = false;
+    // Header names the upstream listed in `Connection`: hop-by-hop too.
+    let mut listed: [&[u8]; 16] = [&[]; 16];
+    let mut n_listed = 0;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(h.value).ok_or(Malformed)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Malformed);
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+            for t in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked") {
+                    if !codings.is_empty() {
+                        codings.extend_from_slice(b", ");
+                    }
+                    codings.extend_from_slice(t);
+                }
+            }
+            // Only the last coding says how the message ends.
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"host") {
+                    if n_listed == listed.len() {
+                        return Err(Malformed);
+                    }
+                    listed[n_listed] = t;
+                    n_listed += 1;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"date") {
+            has_date = true;
+        }
+    }
+    let no_body = head_request || status == 204 || status == 304;
+    let framing = if no_body {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if transfer_encoding {
+        // A coding other than chunked last: the body runs to the end of the connection.
+        Framing::Close
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    let reusable =
+        keep_alive && framing != Framing::Close && !(transfer_encoding && length.is_some());
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let _ = write!(Fmt(out), "{status}");
+    out.push(b' ');
+    match resp.reason.filter(|r| !r.is_empty()) {
+        Some(r) => out.extend_from_slice(r.as_bytes()),
+        None => out.extend_from_slice(
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut wrote_length = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if is_hop_by_hop(name)
+            || listed[..n_listed]
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(name))
+            || name.eq_ignore_ascii_case(b"x-request-id")
+            || (extra.policy.is_some() && name.eq_ignore_ascii_case(b"ratelimit-policy"))
+            || (extra.rate_limit.is_some() && name.eq_ignore_ascii_case(b"ratelimit"))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // Once, and never beside chunked.
+            if wrote_length || framing == Framing::Chunked || framing == Framing::Close {
+                continue;
+            }
+            wrote_length = true;
+        }
+        write_lower(out, name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if matches!(framing, Framing::Chunked | Framing::Close) {
+        out.extend_from_slice(b"transfer-encoding: ");
+        if !codings.is_empty() {
+            out.extend_from_slice(&codings);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(b"chunked\r\n");
+    }
+    write_extra(out, extra, has_date);
+    Ok(Response::Head(ResponseHead {
+        status,
+        head_len,
+        framing,
+        reusable,
+    }))
+}
+
+/// The gateway's headers and the end of the head.
+pub fn write_extra(out: &mut Vec<u8>, extra: &Extra<'_>, has_date: bool) {
+    if let Some(p) = extra.policy {
+        write_header(out, b"ratelimit-policy", p.as_bytes());
+    }
+    if let Some(r) = extra.rate_limit {
+        write_header(out, b"ratelimit", r.as_bytes());
+    }
+    write_header(out, b"x-request-id", extra.request_id.as_bytes());
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if extra.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_lower(out: &mut Vec<u8>, name: &[u8]) {
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+}
+
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// `std::fmt::Write` into a byte vector.
+struct Fmt<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Fmt<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Appends one chunk of the client's chunked body.
+pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let _ = write!(Fmt(out), "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The current time as an HTTP date, formatted at most once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [b' '; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() == 29 {
+                c.1.copy_from_slice(s.as_bytes());
+                c.0 = secs;
+            }
+        }
+        out.extend_from_slice(&c.1);
+    });
+}
+
+/// An error in a chunked body.
+#[derive(Debug)]
+pub struct BadChunk;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading the size line (hex digits, then extensions, then CRLF).
+    Size,
+    Data,
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailer,
+    Done,
+}
+
+/// Decodes a chunked body incrementally and re-encodes its data for the client
+/// (extensions and trailers are dropped, as hyper does).
+#[derive(Debug)]
+pub struct Chunked {
+    state: ChunkState,
+    /// Bytes left in the current chunk (`Data`) or digits seen (`Size`).
+    size: u64,
+    digits: u8,
+    /// The size line is past its digits (extensions) .
+    in_ext: bool,
+    /// Length of the current line (size line or trailer line), for the limits.
+    line: usize,
+    /// The current trailer line is empty so far.
+    blank: bool,
+}
+
+const MAX_LINE: usize = 4096;
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Chunked {
+            state: ChunkState::Size,
+            size: 0,
+            digits: 0,
+            in_ext: false,
+            line: 0,
+            blank: true,
+        }
+    }
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Consumes bytes from `input`, appending re-encoded data to `out`. Returns how
+    /// many bytes were consumed (all of them unless the body ended earlier) and the
+    /// number of payload bytes.
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, u64), BadChunk> {
+        let mut i = 0;
+        let mut payload = 0u64;
+        while i < input.len() {
+            match self.state {
+                ChunkState::Size => {
+                    let b = input[i];
+                    i += 1;
+                    self.line += 1;
+                    if self.line > MAX_LINE {
+                        return Err(BadChunk);
+                    }
+                    match b {
+                        b'\n' => {
+                            if self.digits == 0 {
+                                return Err(BadChunk);
+                            }
+                            self.line = 0;
+                            self.in_ext = false;
+                            self.digits = 0;
+                            if self.size == 0 {
+                                self.state = ChunkState::Trailer;
+                                self.blank = true;
+                            } else {
+                                self.state = ChunkState::Data;
+                            }
+                        }
+                        b'\r' => {}
+                        _ if self.in_ext => {}
+                        b';' | b' ' | b'\t' => self.in_ext = true,
+                        _ => {
+                            let d = (b as char).to_digit(16).ok_or(BadChunk)?;
+                            if self.digits >= 15 {
+                                return Err(BadChunk);
+                            }
+                            self.size = self.size * 16 + u64::from(d);
+                            self.digits += 1;
+                        }
+                    }
+                }
+                ChunkState::Data => {
+                    let n = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    write_chunk(out, &input[i..i + n]);
+                    i += n;
+                    payload += n as u64;
+                    self.size -= n as u64;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataEnd;
+                        self.line = 0;
+                    }
+                }
+                ChunkState::DataEnd => {
+                    let b = input[i];
+                    i += 1;
+                    match (b, self.line) {
+                        (b'\r', 0) => self.line = 1,
+                        (b'\n', _) => {
+                            self.state = ChunkState::Size;
+                            self.line = 0;
+                        }
+                        _ => return Err(BadChunk),
+                    }
+                }
+                ChunkState::Trailer => {
+                    let b = input[i];
+                    i += 1;
+                    self.line += 1;
+                    if self.line > MAX_LINE * 4 {
+                        return Err(BadChunk);
+                    }
+                    match b {
+                        b'\n' if self.blank => {
+                            self.state = ChunkState::Done;
+                            out.extend_from_slice(LAST_CHUNK);
+                            return Ok((i, payload));
+                        }
+                        b'\n' => self.blank = true,
+                        b'\r' => {}
+                        _ => self.blank = false,
+                    }
+                }
+                ChunkState::Done => return Ok((i, payload)),
+            }
+        }
+        Ok((i, payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extra(rid: &HeaderValue) -> Extra<'_> {
+        Extra {
+            request_id: rid,
+            policy: None,
+            rate_limit: None,
+            close: false,
+        }
+    }
+
+    #[test]
+    fn request_head_is_parsed_without_copies_and_leaves_the_rest() {
+        let mut buf = BytesMut::from(
+            &b"POST /a?b=1 HTTP/1.1\r\nHost: t1.example.com\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabcGET"[..],
+        );
+        let Parsed::Request(h) = parse_request(&mut buf) else {
+            panic!("not parsed")
+        };
+        assert_eq!(h.parts.method, Method::POST);
+        assert_eq!(h.parts.uri, "/a?b=1");
+        assert_eq!(h.body_len, 3);
+        assert!(!h.close);
+        assert_eq!(h.parts.headers["host"], "t1.example.com");
+        let all: Vec<_> = h.parts.headers.get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"]);
+        assert_eq!(&buf[..], b"abcGET");
+    }
+
+    #[test]
+    fn what_the_fast_path_leaves_to_hyper() {
+        for raw in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"CONNECT a:1 HTTP/1.1\r\n\r\n",
+            b"garbage\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            assert!(
+                matches!(parse_request(&mut buf), Parsed::Fallback),
+                "{raw:?}"
+            );
+            assert_eq!(&buf[..], raw, "the bytes stay for hyper");
+        }
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a"[..]);
+        assert!(matches!(parse_request(&mut buf), Parsed::Partial));
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"[..]);
+        let Parsed::Request(h) = parse_request(&mut buf) else {
+            panic!()
+        };
+        assert!(h.close);
+    }
+
+    #[test]
+    fn response_head_loses_hop_by_hop_and_gains_the_gateways_headers() {
+        let rid = HeaderValue::from_static("rid1");
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\nContent-Length: 5\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\nSet-Cookie: a\r\nSet-Cookie: b\r\n\r\nhello";
+        let mut out = Vec::new();
+        let Ok(Response::Head(h)) = parse_response(raw, false, &extra(&rid), &mut out) else {
+            panic!()
+        };
+        assert_eq!(h.status, 200);
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.reusable);
+        assert_eq!(&raw[h.head_len..], b"hello");
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\nset-cookie: a\r\nset-cookie: b\r\nx-request-id: rid1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_framings() {
+        let rid = HeaderValue::from_static("r");
+        let cases: [(&[u8], bool, Framing, bool); 7] = [
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                Framing::Chunked,
+                true,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\n", false, Framing::Close, false),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+                true,
+                Framing::Empty,
+                true,
+            ),
+            (
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                Framing::Empty,
+                true,
+            ),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                Framing::Empty,
+                true,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                false,
+                Framing::Length(1),
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+                false,
+                Framing::Length(1),
+                false,
+            ),
+        ];
+        for (raw, head, framing, reusable) in cases {
+            let mut out = Vec::new();
+            let Ok(Response::Head(h)) = parse_response(raw, head, &extra(&rid), &mut out) else {
+                panic!("{raw:?}")
+            };
+            assert_eq!((h.framing, h.reusable), (framing, reusable), "{raw:?}");
+        }
+        let mut out = Vec::new();
+        assert!(matches!(
+            parse_response(
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                false,
+                &extra(&rid),
+                &mut out
+            ),
+            Ok(Response::Interim(25))
+        ));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, false, &extra(&rid), &mut out).is_err());
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let body = b"5;ext=1\r\nhello\r\n1\r\n,\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for split in 0..=body.len() - 4 {
+            let mut c = Chunked::default();
+            let mut out = Vec::new();
+            let (a, pa) = c.decode(&body[..split], &mut out).unwrap();
+            assert_eq!(a, split);
+            let (b, pb) = c.decode(&body[split..], &mut out).unwrap();
+            assert!(c.is_done());
+            assert_eq!(&body[split + b..], b"NEXT", "split {split}");
+            assert_eq!(pa + pb, 16);
+            // Re-encoded: decode again and compare payloads.
+            let mut again = Chunked::default();
+            let mut payload = Vec::new();
+            again.decode(&out, &mut payload).unwrap();
+            assert!(again.is_done());
+        }
+        let mut c = Chunked::default();
+        assert!(c.decode(b"zz\r\n", &mut Vec::new()).is_err());
+        let mut c = Chunked::default();
+        assert!(c.decode(b"1\r\nab\r\n", &mut Vec::new()).is_err());
+    }
+}

@@ -1,0 +1,1964 @@
+//! HTTP/1.1 on the wire, byte for byte: requests written by hand on plain TCP, upstreams
+//! that answer with exactly the bytes each test chooses, and responses parsed by hand.
+//! These pin what the plain-TCP HTTP/1.1 path does today (framing, keep-alive,
+//! pipelining, header rewriting, malformed input, upstream failures), so that a rewrite
+//! of that path can be checked against them.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{pattern, serve_tcp, Gateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every client read is bounded by this, so a hang fails the test instead of blocking it.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HOST: &str = "t1.example.com";
+
+// ---------------------------------------------------------------------------------------
+// Bytes on a socket
+// ---------------------------------------------------------------------------------------
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Header fields in wire order: (lowercase name, value).
+#[derive(Clone, Debug, Default)]
+struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    /// Every value of `name`, in order.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The value of `name`; panics when it appears more than once.
+    fn get(&self, name: &str) -> Option<&str> {
+        let all = self.all(name);
+        assert!(
+            all.len() <= 1,
+            "{name} appears {} times: {self:?}",
+            all.len()
+        );
+        all.first().copied()
+    }
+
+    /// The one value of `name`; panics unless it appears exactly once.
+    fn one(&self, name: &str) -> &str {
+        self.get(name)
+            .unwrap_or_else(|| panic!("no {name} in {self:?}"))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| n == name)
+    }
+
+    /// Every field, sorted by name then value: for comparing sets of fields.
+    fn sorted(&self) -> Vec<(String, String)> {
+        let mut v = self.0.clone();
+        v.sort();
+        v
+    }
+
+    /// The names present, sorted (a name sent twice appears twice).
+    fn sorted_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.0.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// `pairs` as [`Fields::sorted`] returns them.
+fn sorted_pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn parse_field(line: &[u8]) -> (String, String) {
+    let line = String::from_utf8_lossy(line);
+    let (name, value) = line
+        .split_once(':')
+        .unwrap_or_else(|| panic!("not a header line: {line:?}"));
+    (name.to_ascii_lowercase(), value.trim().to_owned())
+}
+
+/// A head (through its blank line) as its start line and fields.
+fn parse_head(head: &[u8]) -> (String, Fields) {
+    let text = &head[..head.len() - 4];
+    let mut lines = text
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let start = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
+    (start, Fields(lines.map(parse_field).collect()))
+}
+
+/// A chunked body as read off the wire.
+#[derive(Default)]
+struct Chunked {
+    body: Vec<u8>,
+    trailers: Fields,
+    /// The terminating chunk and the trailer section arrived.
+    complete: bool,
+}
+
+/// A socket with a read buffer: heads, lines and bodies are taken from the front.
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    fn new(stream: TcpStream) -> Wire {
+        Wire {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads more into the buffer; false once the stream has ended (or was reset).
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next head through its blank line; `None` when the stream ends first (a
+    /// partial head stays in `buf`).
+    async fn read_head(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                return Some(self.buf.drain(..end + 4).collect());
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next line, without its CRLF.
+    async fn read_line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n") {
+                let mut line: Vec<u8> = self.buf.drain(..end + 2).collect();
+                line.truncate(end);
+                return Some(line);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// `n` bytes, or fewer when the stream ends first.
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            if !self.fill().await {
+                break;
+            }
+        }
+        let n = n.min(self.buf.len());
+        self.buf.drain(..n).collect()
+    }
+
+    /// Everything until the peer closes.
+    async fn read_to_end(&mut self) -> Vec<u8> {
+        while self.fill().await {}
+        std::mem::take(&mut self.buf)
+    }
+
+    async fn read_chunked(&mut self) -> Chunked {
+        let mut out = Chunked::default();
+        loop {
+            let Some(line) = self.read_line().await else {
+                return out;
+            };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            let size = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size, 16)
+                .unwrap_or_else(|_| panic!("not a chunk-size line: {line:?}"));
+            if size == 0 {
+                loop {
+                    let Some(line) = self.read_line().await else {
+                        return out;
+                    };
+                    if line.is_empty() {
+                        out.complete = true;
+                        return out;
+                    }
+                    out.trailers.0.push(parse_field(&line));
+                }
+            }
+            let data = self.take(size + 2).await;
+            out.body.extend_from_slice(&data[..data.len().min(size)]);
+            if data.len() < size + 2 {
+                return out;
+            }
+            assert_eq!(&data[size..], b"\r\n", "chunk data not followed by CRLF");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client side
+// ---------------------------------------------------------------------------------------
+
+/// A response as the client read it.
+#[derive(Debug)]
+struct Response {
+    /// The head exactly as sent, through its blank line.
+    head: String,
+    version: String,
+    status: u16,
+    reason: String,
+    headers: Fields,
+    body: Vec<u8>,
+    /// Framed with `Transfer-Encoding: chunked`.
+    chunked: bool,
+    trailers: Fields,
+    /// The body arrived whole (by its length, its last chunk, or the close).
+    complete: bool,
+}
+
+impl Response {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    /// The gateway's own JSON error: status, code, content type, and the request id
+    /// that is also in the header.
+    fn assert_error(&self, status: u16, code: &str, tenant: Option<&str>) {
+        assert_eq!(self.status, status, "{}{}", self.head, self.text());
+        assert_eq!(self.headers.get("content-type"), Some("application/json"));
+        let j = self.json();
+        assert_eq!(j["error"], code, "{j}");
+        assert!(j["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+        assert_eq!(j["tenant"].as_str(), tenant, "{j}");
+        assert_eq!(j["request_id"].as_str(), self.headers.get("x-request-id"));
+    }
+}
+
+/// A client connection to the gateway.
+struct Client {
+    wire: Wire,
+}
+
+impl Client {
+    async fn connect(gw: &Gateway) -> Client {
+        Client {
+            wire: Wire::new(TcpStream::connect(gw.addr).await.unwrap()),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.wire.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next response (1xx included); `None` when the gateway closes before a whole
+    /// head. `head_request`: the request was HEAD, so no body follows.
+    async fn try_response(&mut self, head_request: bool) -> Option<Response> {
+        let read = async {
+            let head = self.wire.read_head().await?;
+            let (start, headers) = parse_head(&head);
+            let mut parts = start.splitn(3, ' ');
+            let version = parts.next().unwrap_or_default().to_owned();
+            let status: u16 = parts
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("not a status line: {start:?}"));
+            let reason = parts.next().unwrap_or_default().to_owned();
+            let bodyless = head_request || status < 200 || status == 204 || status == 304;
+            // Chunked when it is the last transfer coding.
+            let chunked = !bodyless
+                && headers.get("transfer-encoding").is_some_and(|v| {
+                    v.rsplit(',')
+                        .next()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+                });
+            let (body, trailers, complete) = if bodyless {
+                (Vec::new(), Fields::default(), true)
+            } else if chunked {
+                let c = self.wire.read_chunked().await;
+                (c.body, c.trailers, c.complete)
+            } else if let Some(len) = headers.get("content-length") {
+                let len: usize = len.parse().expect("a numeric content-length");
+                let body = self.wire.take(len).await;
+                let complete = body.len() == len;
+                (body, Fields::default(), complete)
+            } else {
+                (self.wire.read_to_end().await, Fields::default(), true)
+            };
+            Some(Response {
+                head: String::from_utf8_lossy(&head).into_owned(),
+                version,
+                status,
+                reason,
+                headers,
+                body,
+                chunked,
+                trailers,
+                complete,
+            })
+        };
+        tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .expect("the gateway answered within the read timeout")
+    }
+
+    /// The next response, which must arrive whole.
+    async fn response(&mut self) -> Response {
+        let r = self
+            .try_response(false)
+            .await
+            .expect("a response before the connection closed");
+        assert!(r.complete, "truncated response: {r:?}");
+        r
+    }
+
+    /// Sends a GET for `path` to the test tenant and reads the response.
+    async fn get(&mut self, path: &str) -> Response {
+        self.send(&get(path)).await;
+        self.response().await
+    }
+
+    /// Waits until the gateway closes the connection; returns what it sent before.
+    async fn closed(&mut self) -> Vec<u8> {
+        tokio::time::timeout(READ_TIMEOUT, self.wire.read_to_end())
+            .await
+            .expect("the gateway closed the connection")
+    }
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------
+// The upstream side
+// ---------------------------------------------------------------------------------------
+
+/// One request as an upstream read it.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// Which accepted connection (0, 1, …) carried it.
+    conn: usize,
+    /// The head exactly as received, through its blank line.
+    head: String,
+    method: String,
+    target: String,
+    version: String,
+    headers: Fields,
+    /// Decoded (de-chunked) body.
+    body: Vec<u8>,
+    /// Framed with `Transfer-Encoding: chunked`.
+    chunked: bool,
+    /// The trailer section of a chunked body.
+    trailers: Fields,
+}
+
+/// What an upstream does after reading a request.
+enum Step {
+    Write(Vec<u8>),
+    Sleep(Duration),
+    /// Closes the connection (without a `Connection: close`).
+    Close,
+}
+
+type Script = dyn Fn(&Seen) -> Vec<Step> + Send + Sync;
+
+/// A raw HTTP/1.1 upstream: reads requests one after another on each connection,
+/// records them, and runs the test's script for each.
+struct RawUpstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    conns: Arc<AtomicUsize>,
+}
+
+impl RawUpstream {
+    async fn start(script: impl Fn(&Seen) -> Vec<Step> + Send + Sync + 'static) -> RawUpstream {
+        let script: Arc<Script> = Arc::new(script);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (seen2, conns2) = (seen.clone(), conns.clone());
+        let addr = serve_tcp(move |stream| {
+            let conn = conns2.fetch_add(1, Ordering::SeqCst);
+            serve_upstream_conn(Wire::new(stream), conn, script.clone(), seen2.clone())
+        })
+        .await;
+        RawUpstream { addr, seen, conns }
+    }
+
+    /// Answers every request with 200 and the request target as the body.
+    async fn echo() -> RawUpstream {
+        RawUpstream::start(|r| vec![Step::Write(ok(r.target.as_bytes()))]).await
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_upstream_conn(
+    mut wire: Wire,
+    conn: usize,
+    script: Arc<Script>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) {
+    loop {
+        let Some(head) = wire.read_head().await else {
+            return;
+        };
+        let (start, headers) = parse_head(&head);
+        let mut parts = start.split(' ');
+        let (method, target, version) = (
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+        );
+        let chunked = headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let mut trailers = Fields::default();
+        let body = if chunked {
+            let c = wire.read_chunked().await;
+            if !c.complete {
+                return;
+            }
+            trailers = c.trailers;
+            c.body
+        } else if let Some(len) = headers.get("content-length") {
+            let len: usize = len.parse().expect("a numeric content-length");
+            let body = wire.take(len).await;
+            if body.len() < len {
+                return;
+            }
+            body
+        } else {
+            Vec::new()
+        };
+        let req = Seen {
+            conn,
+            head: String::from_utf8_lossy(&head).into_owned(),
+            method,
+            target,
+            version,
+            headers,
+            body,
+            chunked,
+            trailers,
+        };
+        let steps = script(&req);
+        seen.lock().unwrap().push(req);
+        for step in steps {
+            match step {
+                Step::Write(bytes) => {
+                    if wire.stream.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Sleep(d) => tokio::time::sleep(d).await,
+                Step::Close => return,
+            }
+        }
+    }
+}
+
+/// `200 OK` with a Content-Length body.
+fn ok(body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A gateway with one worker (so one upstream pool) and tenant `t1` on [`HOST`];
+/// `tenant_extra` is appended to `[tenants.t1]`.
+fn gateway(up: &RawUpstream, tenant_extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "[server]\nworkers = 1\n\n[upstreams.u]\ntargets = [\"{}\"]\n\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n{tenant_extra}",
+        up.addr
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Keep-alive and pipelining
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn keep_alive_requests_share_one_upstream_connection() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/one", "/two", "/three"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.text(), path);
+        assert_eq!(r.version, "HTTP/1.1");
+        assert_eq!(
+            r.headers.get("content-length"),
+            Some(&*path.len().to_string())
+        );
+        assert!(!r.headers.has("connection"), "{}", r.head);
+    }
+    let seen = up.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.target.as_str()).collect::<Vec<_>>(),
+        ["/one", "/two", "/three"]
+    );
+    assert!(seen.iter().all(|s| s.conn == 0 && s.version == "HTTP/1.1"));
+    assert_eq!(
+        up.conns(),
+        1,
+        "one pooled upstream connection served all three"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    let mut burst = get("/p1");
+    burst.extend(get("/p2?x=1"));
+    burst.extend(get("/p3"));
+    c.send(&burst).await;
+    for path in ["/p1", "/p2?x=1", "/p3"] {
+        let r = c.response().await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.text(), path);
+    }
+    assert_eq!(up.seen().len(), 3);
+    assert_eq!(up.conns(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Response framing
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn content_length_response_passes_through() {
+    let up = RawUpstream::start(|r| {
+        vec![Step::Write(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\
+                 X-Path: {}\r\n\r\nhello world",
+                r.target
+            )
+            .into_bytes(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/a", "/b"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.reason, "OK");
+        assert_eq!(r.body, b"hello world");
+        assert!(!r.chunked);
+        assert_eq!(r.headers.get("content-length"), Some("11"));
+        assert_eq!(r.headers.get("content-type"), Some("text/plain"));
+        assert_eq!(r.headers.get("x-path"), Some(path));
+        // The gateway adds the date when the upstream sent none.
+        assert!(r.headers.has("date"), "{}", r.head);
+    }
+    assert_eq!(up.conns(), 1);
+}
+
+#[tokio::test]
+async fn chunked_response_with_extension_and_trailers() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n\
+              5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nx-checksum: abc\r\n\r\n"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for _ in 0..2 {
+        let r = c.get("/chunks").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"hello world");
+        assert!(r.chunked, "re-sent chunked: {}", r.head);
+        assert!(!r.headers.has("content-length"));
+        // `Trailer` is hop-by-hop and removed; the trailer section is not forwarded.
+        assert!(!r.headers.has("trailer"), "{}", r.head);
+        assert!(r.trailers.0.is_empty(), "{:?}", r.trailers);
+    }
+    // The chunked body ends with its trailer section, so the upstream connection is
+    // reused (hyper, before the fast path, closed it after a trailer section).
+    assert_eq!(up.conns(), 1);
+}
+
+#[tokio::test]
+async fn close_delimited_response_reaches_the_client_whole_and_chunked() {
+    let up = RawUpstream::start(|r| {
+        let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n".to_vec();
+        out.extend_from_slice(format!("until close {}", r.target).as_bytes());
+        vec![Step::Write(out), Step::Close]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/first", "/second"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), format!("until close {path}"));
+        // The client connection survives: the gateway re-frames the body as chunked.
+        assert!(r.chunked, "{}", r.head);
+        assert!(!r.headers.has("connection"), "{}", r.head);
+    }
+    assert_eq!(up.conns(), 2);
+}
+
+#[tokio::test]
+async fn large_body_written_in_small_pieces_arrives_whole() {
+    const LEN: usize = 64 * 1024 + 7;
+    let up = RawUpstream::start(|r| {
+        let body = pattern(LEN);
+        let mut steps = Vec::new();
+        if r.target == "/chunked" {
+            steps.push(Step::Write(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+            ));
+            for piece in body.chunks(3000) {
+                let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+                chunk.extend_from_slice(piece);
+                chunk.extend_from_slice(b"\r\n");
+                steps.push(Step::Write(chunk));
+                steps.push(Step::Sleep(Duration::from_millis(2)));
+            }
+            steps.push(Step::Write(b"0\r\n\r\n".to_vec()));
+        } else {
+            steps.push(Step::Write(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n").into_bytes(),
+            ));
+            for piece in body.chunks(4000) {
+                steps.push(Step::Write(piece.to_vec()));
+                steps.push(Step::Sleep(Duration::from_millis(2)));
+            }
+        }
+        steps
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/length").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("content-length"), Some(&*LEN.to_string()));
+    assert!(
+        r.body == pattern(LEN),
+        "body differs ({} bytes)",
+        r.body.len()
+    );
+    let r = c.get("/chunked").await;
+    assert_eq!(r.status, 200);
+    assert!(r.chunked);
+    assert!(
+        r.body == pattern(LEN),
+        "body differs ({} bytes)",
+        r.body.len()
+    );
+    assert_eq!(c.get("/after").await.status, 200);
+    assert_eq!(up.conns(), 1);
+}
+
+#[tokio::test]
+async fn head_response_keeps_content_length_and_has_no_body() {
+    let up = RawUpstream::start(|r| {
+        if r.method == "HEAD" {
+            vec![Step::Write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\ncontent-type: text/plain\r\n\r\n"
+                    .to_vec(),
+            )]
+        } else {
+            vec![Step::Write(ok(b"after head"))]
+        }
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("HEAD /h HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.try_response(true).await.expect("a HEAD response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("content-length"), Some("1234"), "{}", r.head);
+    assert_eq!(
+        r.headers.sorted_names(),
+        ["content-length", "content-type", "date", "x-request-id"],
+        "{}",
+        r.head
+    );
+    // A GET right after: any stray body byte would corrupt its status line.
+    let r = c.get("/g").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.text(), "after head");
+    let seen = up.seen();
+    assert_eq!(seen[0].method, "HEAD");
+    assert_eq!(seen[1].method, "GET");
+    assert_eq!(up.conns(), 1);
+}
+
+#[tokio::test]
+async fn no_content_and_not_modified_have_no_body() {
+    let up = RawUpstream::start(|r| {
+        let out: &[u8] = match r.target.as_str() {
+            "/204" => b"HTTP/1.1 204 No Content\r\nx-kind: none\r\n\r\n",
+            "/304" => b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext",
+        };
+        vec![Step::Write(out.to_vec())]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/204").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.reason, "No Content");
+    assert_eq!(r.headers.get("x-kind"), Some("none"));
+    assert_eq!(
+        r.headers.sorted_names(),
+        ["date", "x-kind", "x-request-id"],
+        "{}",
+        r.head
+    );
+    assert!(
+        !r.headers.has("content-length") && !r.headers.has("transfer-encoding"),
+        "{}",
+        r.head
+    );
+    assert_eq!(c.get("/ok").await.text(), "next");
+    let r = c.get("/304").await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.reason, "Not Modified");
+    assert_eq!(r.headers.get("etag"), Some("\"v1\""));
+    assert_eq!(
+        r.headers.sorted_names(),
+        ["date", "etag", "x-request-id"],
+        "{}",
+        r.head
+    );
+    assert!(!r.headers.has("transfer-encoding"), "{}", r.head);
+    assert_eq!(c.get("/ok").await.text(), "next");
+    assert_eq!(up.conns(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstream connection lifetime
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_connection_close_does_not_close_the_client() {
+    let up = RawUpstream::start(|r| {
+        let mut out = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\n".to_vec();
+        out.extend_from_slice(&r.target.as_bytes()[..5]);
+        vec![Step::Write(out), Step::Close]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/aaaa", "/bbbb", "/cccc"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), path);
+        assert!(!r.headers.has("connection"), "{}", r.head);
+    }
+    assert_eq!(up.conns(), 3, "a new upstream connection for each");
+}
+
+#[tokio::test]
+async fn idle_pooled_connection_closed_by_upstream_is_not_an_error() {
+    let up = RawUpstream::start(|r| {
+        vec![
+            Step::Write(ok(r.target.as_bytes())),
+            Step::Sleep(Duration::from_millis(50)),
+            Step::Close,
+        ]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/1", "/2", "/3"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+        assert_eq!(r.text(), path);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(up.conns(), 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn content_length_request_body_sent_in_pieces() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let body = pattern(10_000);
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!("POST /upload HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 10000\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    for piece in [&body[..3000], &body[3000..7000], &body[7000..]] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.send(piece).await;
+    }
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = up.seen();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].headers.get("content-length"), Some("10000"));
+    assert!(!seen[0].chunked);
+    assert!(seen[0].body == body, "the upstream got other bytes");
+    assert_eq!(c.get("/next").await.text(), "/next");
+}
+
+#[tokio::test]
+async fn chunked_request_body_is_forwarded_chunked() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let body = pattern(5000);
+    let mut c = Client::connect(&gw).await;
+    let mut req =
+        format!("POST /chunked HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for piece in body.chunks(1500) {
+        req.extend(format!("{:x};ext=1\r\n", piece.len()).into_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\nx-client-trailer: t\r\n\r\n");
+    c.send(&req).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = &up.seen()[0];
+    assert!(seen.body == body, "the upstream got other bytes");
+    assert!(seen.chunked, "{}", seen.head);
+    assert!(!seen.headers.has("content-length"), "{}", seen.head);
+    // Chunk extensions and the client's trailer section are not forwarded.
+    assert!(!seen.head.contains("ext="), "{}", seen.head);
+    assert!(seen.trailers.0.is_empty(), "{:?}", seen.trailers);
+    assert_eq!(c.get("/next").await.text(), "/next");
+}
+
+#[tokio::test]
+async fn content_length_over_max_body_is_413_before_the_upstream() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "[tenants.t1.limits]\nmax_body = 1024\n");
+    let mut c = Client::connect(&gw).await;
+    let mut req =
+        format!("POST /big HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 2000\r\n\r\n").into_bytes();
+    req.extend(pattern(2000));
+    c.send(&req).await;
+    let r = c.response().await;
+    r.assert_error(413, "body_too_large", Some("t1"));
+    // The unread body is drained: the connection carries the next request.
+    assert_eq!(c.get("/next").await.text(), "/next");
+    assert_eq!(up.seen().len(), 1);
+    assert_eq!(
+        up.seen()[0].target,
+        "/next",
+        "nothing of /big reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn chunked_body_over_max_body_is_413() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "[tenants.t1.limits]\nmax_body = 1024\n");
+    let mut c = Client::connect(&gw).await;
+    let mut req =
+        format!("POST /big HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for piece in pattern(2000).chunks(500) {
+        req.extend(format!("{:x}\r\n", piece.len()).into_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    c.send(&req).await;
+    let r = c.response().await;
+    r.assert_error(413, "body_too_large", Some("t1"));
+    // The rest of the body is left unread, so the connection closes after the answer.
+    assert_eq!(r.headers.get("connection"), Some("close"), "{}", r.head);
+    assert_eq!(c.closed().await, b"");
+    assert!(
+        up.seen().is_empty(),
+        "the upstream never got a whole request"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Header rewriting
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nx-secret: 1\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\nx-kept: yes\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "GET /hop HTTP/1.1\r\nHost: {HOST}\r\nConnection: keep-alive, x-drop-me\r\nx-drop-me: 1\r\n\
+             Keep-Alive: timeout=5\r\nProxy-Authorization: x\r\nProxy-Connection: keep-alive\r\n\
+             TE: gzip\r\nx-kept: yes\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    for name in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+    ] {
+        assert!(
+            !r.headers.has(name),
+            "{name} reached the client:\n{}",
+            r.head
+        );
+    }
+    assert_eq!(r.headers.get("x-kept"), Some("yes"));
+    let seen = &up.seen()[0];
+    for name in [
+        "connection",
+        "x-drop-me",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+    ] {
+        assert!(
+            !seen.headers.has(name),
+            "{name} reached the upstream:\n{}",
+            seen.head
+        );
+    }
+    assert_eq!(seen.headers.get("x-kept"), Some("yes"));
+    // The client's `Connection: keep-alive` went with the rest; the connection stays.
+    assert_eq!(c.get("/again").await.status, 200);
+}
+
+#[tokio::test]
+async fn forwarded_headers_and_tenant_identity() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "features = [\"beta\", \"sso\"]\n");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "GET /id?q=1 HTTP/1.1\r\nHost: {HOST}\r\nx-tenant-id: evil\r\nX-Tenant-Id: evil2\r\n\
+             x-tenant-features: all\r\nx-forwarded-for: 203.0.113.9\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: evil.example\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    let seen = &up.seen()[0];
+    assert_eq!(seen.target, "/id?q=1");
+    assert_eq!(seen.headers.all("x-tenant-id"), ["t1"]);
+    assert_eq!(seen.headers.all("x-tenant-features"), ["beta,sso"]);
+    assert_eq!(seen.headers.all("host"), [HOST]);
+    assert_eq!(
+        seen.headers.all("x-forwarded-for"),
+        ["203.0.113.9, 127.0.0.1"]
+    );
+    assert_eq!(seen.headers.all("x-forwarded-proto"), ["http"]);
+    assert_eq!(seen.headers.all("x-forwarded-host"), [HOST]);
+    // A generated request id: 16 hex digits, the same on the response.
+    let id = seen.headers.one("x-request-id");
+    assert_eq!(id.len(), 16, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    assert_eq!(r.headers.all("x-request-id"), [id]);
+
+    // Without client copies: the plain values; a sane client request id is kept.
+    c.send(
+        format!("GET /id2 HTTP/1.1\r\nHost: {HOST}\r\nX-Request-Id: abc-123\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    let seen = &up.seen()[1];
+    assert_eq!(seen.headers.all("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(seen.headers.all("x-request-id"), ["abc-123"]);
+    assert_eq!(r.headers.all("x-request-id"), ["abc-123"]);
+}
+
+#[tokio::test]
+async fn gateway_headers_replace_the_upstreams_own() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nx-request-id: from-upstream\r\nratelimit-policy: upstream\r\n\
+              ratelimit: upstream\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(
+        &up,
+        "[tenants.t1.limits]\nrequests_per_second = 100\nburst = 50\n",
+    );
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/rl").await;
+    assert_eq!(r.status, 200);
+    let sent = up.seen()[0].headers.one("x-request-id").to_owned();
+    assert_eq!(r.headers.all("x-request-id"), [sent.as_str()]);
+    assert_eq!(r.headers.all("ratelimit-policy"), ["\"tenant\";q=50;w=1"]);
+    let rl = r.headers.all("ratelimit");
+    assert_eq!(rl.len(), 1, "{}", r.head);
+    assert!(rl[0].starts_with("\"tenant\";r="), "{}", r.head);
+}
+
+#[tokio::test]
+async fn exact_fields_of_a_plain_exchange() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nServer: raw\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "GET /plain?a=b HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: raw/1\r\nAccept: */*\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    let seen = &up.seen()[0];
+    assert!(
+        seen.head.starts_with("GET /plain?a=b HTTP/1.1\r\n"),
+        "{}",
+        seen.head
+    );
+    let id = seen.headers.one("x-request-id");
+    // Nothing more and nothing less: no Content-Length on a GET without a body, no
+    // `Connection` of the gateway's own.
+    assert_eq!(
+        seen.headers.sorted(),
+        sorted_pairs(&[
+            ("host", HOST),
+            ("user-agent", "raw/1"),
+            ("accept", "*/*"),
+            ("x-tenant-id", "t1"),
+            ("x-request-id", id),
+            ("x-forwarded-host", HOST),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-for", "127.0.0.1"),
+        ]),
+        "{}",
+        seen.head
+    );
+    assert!(r.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", r.head);
+    let names = r.headers.sorted_names();
+    assert_eq!(
+        names,
+        ["content-length", "date", "server", "x-request-id"],
+        "{}",
+        r.head
+    );
+    assert_eq!(r.headers.get("server"), Some("raw"));
+    assert_eq!(r.headers.get("x-request-id"), Some(id));
+}
+
+#[tokio::test]
+async fn repeated_headers_keep_their_order_and_values() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; Path=/\r\nX-Other: o\r\nset-cookie: b=2\r\n\
+              X-Mixed-Case: MiXeD\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "GET /multi HTTP/1.1\r\nHost: {HOST}\r\nX-Multi: a\r\nx-other: between\r\nx-multi: b\r\n\
+             X-Value-Case: KeepThis\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.all("set-cookie"), ["a=1; Path=/", "b=2"]);
+    assert_eq!(r.headers.all("x-mixed-case"), ["MiXeD"]);
+    let seen = &up.seen()[0];
+    assert_eq!(seen.headers.all("x-multi"), ["a", "b"]);
+    assert_eq!(seen.headers.all("x-value-case"), ["KeepThis"]);
+    // Names go out lowercase in both directions (today the copies of one name are
+    // also moved next to each other; that is not asserted).
+    for line in ["x-multi: a", "x-multi: b", "x-value-case: KeepThis"] {
+        assert!(
+            seen.head.contains(&format!("\r\n{line}\r\n")),
+            "{}",
+            seen.head
+        );
+    }
+    for line in [
+        "set-cookie: a=1; Path=/",
+        "set-cookie: b=2",
+        "x-mixed-case: MiXeD",
+    ] {
+        assert!(r.head.contains(&format!("\r\n{line}\r\n")), "{}", r.head);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Status lines
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unusual_status_codes_and_reason_phrases() {
+    let up = RawUpstream::start(|r| {
+        let line: &[u8] = match r.target.as_str() {
+            "/299" => b"HTTP/1.1 299 Whatever\r\n",
+            "/599" => b"HTTP/1.1 599 Network Thing\r\n",
+            "/200" => b"HTTP/1.1 200 Fine Thanks\r\n",
+            _ => b"HTTP/1.1 404 Gone Fishing\r\n",
+        };
+        let mut out = line.to_vec();
+        out.extend_from_slice(b"content-length: 1\r\n\r\nx");
+        vec![Step::Write(out)]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for (path, status, reason) in [
+        ("/299", 299, "Whatever"),
+        ("/599", 599, "Network Thing"),
+        ("/200", 200, "Fine Thanks"),
+        ("/404", 404, "Gone Fishing"),
+    ] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, status, "{}", r.head);
+        assert_eq!(r.reason, reason, "{}", r.head);
+        assert_eq!(r.body, b"x");
+    }
+}
+
+#[tokio::test]
+async fn interim_100_from_the_upstream_is_not_relayed() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/interim").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.text(), "final");
+    assert_eq!(c.get("/again").await.text(), "final");
+}
+
+/// An upstream that answers each path with the bytes in `answers` (and closes after
+/// the paths in `close_after`); `/ok` gets a plain 200.
+async fn scripted(
+    answers: &'static [(&'static str, &'static [u8])],
+    close_after: &'static [&'static str],
+) -> RawUpstream {
+    RawUpstream::start(move |r| {
+        let out = answers.iter().find(|(p, _)| *p == r.target).map_or(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            |(_, b)| *b,
+        );
+        let mut steps = vec![Step::Write(out.to_vec())];
+        if close_after.contains(&r.target.as_str()) {
+            steps.push(Step::Close);
+        }
+        steps
+    })
+    .await
+}
+
+#[tokio::test]
+async fn invalid_upstream_heads_are_502() {
+    let up = scripted(
+        &[
+            (
+                "/two-lengths",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+            (
+                "/obs-fold",
+                b"HTTP/1.1 200 OK\r\nx-f: a\r\n  b\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+            ("/no-status", b"HTTP/1.1 \r\ncontent-length: 3\r\n\r\nabc"),
+            (
+                "/status-1000",
+                b"HTTP/1.1 1000 Big\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+            (
+                "/space-colon",
+                b"HTTP/1.1 200 OK\r\ncontent-length : 3\r\n\r\nabc",
+            ),
+        ],
+        &[],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in [
+        "/two-lengths",
+        "/obs-fold",
+        "/no-status",
+        "/status-1000",
+        "/space-colon",
+    ] {
+        let r = c.get(path).await;
+        r.assert_error(502, "upstream_error", Some("t1"));
+        assert!(
+            r.text().contains("sent an invalid HTTP response"),
+            "{path}: {}",
+            r.text()
+        );
+        // The client connection is not affected.
+        assert_eq!(c.get("/ok").await.text(), "ok", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn lenient_upstream_responses_are_accepted() {
+    let up = scripted(
+        &[
+            (
+                "/same-length-twice",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+            (
+                "/bare-lf",
+                b"HTTP/1.1 200 OK\ncontent-length: 3\nx-lf: 1\n\nabc",
+            ),
+            (
+                "/no-reason",
+                b"HTTP/1.1 200\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+            (
+                "/early-hints",
+                b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+            (
+                "/extra-bytes",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcEXTRA",
+            ),
+        ],
+        &[],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in [
+        "/same-length-twice",
+        "/bare-lf",
+        "/no-reason",
+        "/early-hints",
+        "/extra-bytes",
+    ] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        assert_eq!(r.text(), "abc", "{path}");
+        assert_eq!(r.headers.all("content-length"), ["3"], "{path}: {}", r.head);
+        assert!(!r.headers.has("link"), "{path}: 103 relayed: {}", r.head);
+        match path {
+            // An empty reason phrase is replaced by the standard one.
+            "/no-reason" => assert!(r.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", r.head),
+            "/bare-lf" => assert_eq!(r.headers.get("x-lf"), Some("1")),
+            _ => assert!(
+                r.head.starts_with("HTTP/1.1 200 OK\r\n"),
+                "{path}: {}",
+                r.head
+            ),
+        }
+        assert_eq!(c.get("/ok").await.text(), "ok", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_content_length_with_transfer_encoding() {
+    let up = scripted(
+        &[(
+            "/both",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )],
+        &[],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/both").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    // Transfer-Encoding wins (RFC 9112 6.3): the body is read as chunked and sent on
+    // chunked, without the upstream's Content-Length. (hyper, before the fast path,
+    // forwarded `content-length: 2` beside the chunked body: the client got "ab".)
+    assert_eq!(r.headers.get("content-length"), None, "{}", r.head);
+    assert!(r.chunked);
+    assert_eq!(r.text(), "abc");
+    assert_eq!(c.get("/ok").await.text(), "ok");
+}
+
+#[tokio::test]
+async fn upstream_transfer_codings_other_than_chunked_are_kept() {
+    let up = scripted(
+        &[
+            (
+                "/gzip-chunked",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            ),
+            (
+                "/gzip",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc",
+            ),
+        ],
+        &["/gzip"],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/gzip-chunked", "/gzip"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        // The gzip coding is passed on in front of the client's own chunked (hyper,
+        // before the fast path, dropped it: the client read gzip bytes as plain).
+        assert_eq!(
+            r.headers.all("transfer-encoding"),
+            ["gzip, chunked"],
+            "{path}: {}",
+            r.head
+        );
+        assert!(!r.headers.has("content-encoding"), "{path}: {}", r.head);
+        assert_eq!(r.text(), "abc", "{path}");
+    }
+    assert_eq!(c.get("/ok").await.text(), "ok");
+}
+
+#[tokio::test]
+async fn http10_upstream_responses() {
+    let up = scripted(
+        &[
+            ("/ten-close", b"HTTP/1.0 200 OK\r\n\r\nuntil close"),
+            (
+                "/ten-keep-alive",
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 3\r\n\r\nabc",
+            ),
+        ],
+        &["/ten-close"],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    // The gateway speaks HTTP/1.1 to its client whatever the upstream's version.
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/ten-keep-alive").await;
+    assert!(r.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", r.head);
+    assert_eq!(r.text(), "abc");
+    assert!(!r.headers.has("connection"), "{}", r.head);
+    assert_eq!(c.get("/ok").await.text(), "ok");
+    // A close-delimited HTTP/1.0 body reaches the HTTP/1.1 client chunked, and the
+    // client connection stays usable.
+    let r = c.get("/ten-close").await;
+    assert!(r.head.starts_with("HTTP/1.1 200 OK\r\n"), "{}", r.head);
+    assert!(r.chunked && !r.headers.has("content-length"), "{}", r.head);
+    assert_eq!(r.text(), "until close");
+    assert_eq!(c.get("/ok").await.text(), "ok");
+}
+
+#[tokio::test]
+async fn unsolicited_101_from_the_upstream() {
+    let up = scripted(
+        &[(
+            "/switch",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n",
+        )],
+        &[],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    // A 101 to a request that asked for no upgrade is not HTTP the gateway can
+    // relay: 502 `upstream_error` (hyper, before the fast path, relayed a bare 101 and
+    // closed), and the client connection stays usable.
+    let r = c.get("/switch").await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert_eq!(r.json()["error"], "upstream_error", "{}", r.head);
+    assert_eq!(c.get("/ok").await.text(), "ok");
+}
+
+#[tokio::test]
+async fn bad_chunk_from_the_upstream_closes_the_client_without_a_response() {
+    let up = scripted(
+        &[(
+            "/bad",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        )],
+        &[],
+    )
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/bad")).await;
+    // TODAY: nothing has been written to the client when the body turns out bad: it
+    // sees the close and no response at all (not a 502, not a truncated 200).
+    assert!(c.try_response(false).await.is_none());
+    assert_eq!(c.wire.buf, b"");
+    let mut c = Client::connect(&gw).await;
+    assert_eq!(c.get("/ok").await.text(), "ok");
+}
+
+// ---------------------------------------------------------------------------------------
+// Malformed and unusual client input
+// ---------------------------------------------------------------------------------------
+
+/// hyper's own answer to a request it cannot parse: an empty 400 (no JSON, no request
+/// id), then the close.
+async fn assert_bare_400_and_close(c: &mut Client, what: &str) {
+    let r = c
+        .try_response(false)
+        .await
+        .unwrap_or_else(|| panic!("{what}: closed without an answer"));
+    assert!(
+        r.head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{what}: {}",
+        r.head
+    );
+    let names = r.headers.sorted_names();
+    assert_eq!(
+        names,
+        ["connection", "content-length", "date"],
+        "{what}: {}",
+        r.head
+    );
+    assert_eq!(r.headers.get("connection"), Some("close"), "{what}");
+    assert_eq!(r.headers.get("content-length"), Some("0"), "{what}");
+    assert_eq!(c.closed().await, b"", "{what}: bytes after the 400");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_bare_400_and_close() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let cases = [
+        ("garbage request line", "THIS IS NOT HTTP\r\n\r\n".to_owned()),
+        (
+            "two different content-lengths",
+            format!("POST /cl HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nhello"),
+        ),
+        (
+            "a content-length list",
+            format!("POST /cl HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3, 3\r\n\r\nabc"),
+        ),
+        (
+            "a content-length that is not a number",
+            format!("POST /cl HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: abc\r\n\r\n"),
+        ),
+        (
+            "a transfer-coding other than chunked last",
+            format!("POST /te HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip\r\n\r\nabc"),
+        ),
+        (
+            "transfer-encoding in an HTTP/1.0 request",
+            format!("POST /te HTTP/1.0\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        ),
+        (
+            "a header line without a colon",
+            format!("GET /a HTTP/1.1\r\nHost: {HOST}\r\nbroken header\r\n\r\n"),
+        ),
+        (
+            "whitespace before the colon",
+            format!("GET /a HTTP/1.1\r\nHost : {HOST}\r\n\r\n"),
+        ),
+        (
+            "an obs-fold continuation line",
+            format!("GET /a HTTP/1.1\r\nHost: {HOST}\r\nx-f: a\r\n  b\r\n\r\n"),
+        ),
+        (
+            "a NUL in a header value",
+            format!("GET /a HTTP/1.1\r\nHost: {HOST}\r\nx-n: a\0b\r\n\r\n"),
+        ),
+        (
+            "a method with a delimiter in it",
+            format!("G(T /a HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        ),
+        (
+            "a space in the request target",
+            format!("GET /a b HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        ),
+        (
+            "HTTP/2.0 in a request line",
+            format!("GET /a HTTP/2.0\r\nHost: {HOST}\r\n\r\n"),
+        ),
+        ("an HTTP/0.9 request line", "GET /a\r\n\r\n".to_owned()),
+    ];
+    for (what, bytes) in cases {
+        let mut c = Client::connect(&gw).await;
+        c.send(bytes.as_bytes()).await;
+        assert_bare_400_and_close(&mut c, what).await;
+    }
+    assert_eq!(up.conns(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn lenient_request_forms_are_accepted() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let cases = [
+        (
+            "a lowercase method, forwarded as it came",
+            format!("get /a HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+            "get /a HTTP/1.1",
+        ),
+        (
+            "bare LF line ends",
+            format!("GET /b HTTP/1.1\nHost: {HOST}\nx-lf: 1\n\n"),
+            "GET /b HTTP/1.1",
+        ),
+        (
+            "an empty line before the request line",
+            format!("\r\nGET /c HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+            "GET /c HTTP/1.1",
+        ),
+        (
+            "the same content-length twice",
+            format!("POST /d HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
+            "POST /d HTTP/1.1",
+        ),
+        (
+            "the asterisk form",
+            format!("OPTIONS * HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+            "OPTIONS * HTTP/1.1",
+        ),
+        (
+            "an h2c upgrade offer, ignored",
+            format!(
+                "GET /e HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                 Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            ),
+            "GET /e HTTP/1.1",
+        ),
+    ];
+    // One connection for all of them: each leaves it usable.
+    let mut c = Client::connect(&gw).await;
+    for (i, (what, bytes, line)) in cases.iter().enumerate() {
+        c.send(bytes.as_bytes()).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 200, "{what}: {}", r.head);
+        assert!(
+            r.head.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{what}: {}",
+            r.head
+        );
+        let seen = &up.seen()[i];
+        assert!(
+            seen.head.starts_with(&format!("{line}\r\n")),
+            "{what}: {}",
+            seen.head
+        );
+        assert_eq!(seen.headers.all("host"), [HOST], "{what}");
+    }
+    let seen = up.seen();
+    assert_eq!(seen[1].headers.all("x-lf"), ["1"]);
+    assert_eq!(seen[3].headers.all("content-length"), ["3"]);
+    assert_eq!(seen[3].body, b"abc");
+    for name in ["connection", "upgrade", "http2-settings"] {
+        assert!(!seen[5].headers.has(name), "{name}: {}", seen[5].head);
+    }
+    // The `Upgrade` offer hands the client connection from the fast path to hyper,
+    // whose upstream pool is its own: a second upstream connection.
+    assert_eq!(up.conns(), 2);
+}
+
+#[tokio::test]
+async fn host_edge_cases() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    // HTTP/1.1 without Host: no tenant (404, not 400); the connection stays.
+    c.send(b"GET /no-host HTTP/1.1\r\n\r\n").await;
+    c.response().await.assert_error(404, "unknown_tenant", None);
+    // Two Host fields that disagree: a mismatch (403, not 400). Today the message calls
+    // the first Host field the "request authority".
+    c.send(format!("GET /two HTTP/1.1\r\nHost: {HOST}\r\nHost: other.example\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    r.assert_error(403, "tenant_mismatch", None);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("request authority"),
+        "{}",
+        r.text()
+    );
+    // The absolute form's authority and a different Host: refused, not overridden.
+    c.send(format!("GET http://{HOST}/abs HTTP/1.1\r\nHost: other.example\r\n\r\n").as_bytes())
+        .await;
+    c.response()
+        .await
+        .assert_error(403, "tenant_mismatch", None);
+    // The absolute form without Host: routed by the authority, which becomes the Host.
+    c.send(format!("GET http://{HOST}/abs?q HTTP/1.1\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "only the last one was forwarded");
+    assert!(
+        seen[0].head.starts_with("GET /abs?q HTTP/1.1\r\n"),
+        "{}",
+        seen[0].head
+    );
+    assert_eq!(seen[0].headers.all("host"), [HOST]);
+    assert_eq!(seen[0].headers.all("x-forwarded-host"), [HOST]);
+}
+
+#[tokio::test]
+async fn client_connection_close_is_honoured() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("GET /bye HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.text(), "/bye");
+    assert_eq!(r.headers.get("connection"), Some("close"), "{}", r.head);
+    assert_eq!(c.closed().await, b"");
+    assert!(!up.seen()[0].headers.has("connection"));
+    assert_eq!(up.conns(), 1);
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "POST /both HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    // TODAY: Transfer-Encoding wins (RFC 9112 section 6.3), the request is forwarded
+    // with its chunked body and without the Content-Length, and the connection closes.
+    let r = c.try_response(false).await.expect("an answer");
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    assert_eq!(r.text(), "/both");
+    assert_eq!(r.headers.get("connection"), Some("close"), "{}", r.head);
+    assert_eq!(c.closed().await, b"");
+    let seen = &up.seen()[0];
+    assert_eq!(seen.body, b"hello");
+    assert!(seen.chunked, "{}", seen.head);
+    assert!(!seen.headers.has("content-length"), "{}", seen.head);
+}
+
+#[tokio::test]
+async fn request_transfer_coding_before_chunked_is_dropped() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "POST /gz HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    // TODAY (questionable): only the chunked framing is undone and re-applied; the
+    // gzip coding is not decoded, yet the upstream is told nothing about it.
+    let seen = &up.seen()[0];
+    assert_eq!(
+        seen.headers.all("transfer-encoding"),
+        ["chunked"],
+        "{}",
+        seen.head
+    );
+    assert!(!seen.headers.has("content-encoding"), "{}", seen.head);
+    assert_eq!(seen.body, b"abc");
+}
+
+#[tokio::test]
+async fn bad_chunk_in_request_body_is_400_bad_request_body_and_close() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "POST /bad HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    r.assert_error(400, "bad_request_body", Some("t1"));
+    // TODAY: the connection closes after the answer, which does not say so.
+    assert!(!r.headers.has("connection"), "{}", r.head);
+    assert_eq!(c.closed().await, b"");
+    assert!(
+        up.seen().is_empty(),
+        "the upstream never got a whole request"
+    );
+}
+
+#[tokio::test]
+async fn connect_is_forwarded_as_an_origin_form_request() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes())
+        .await;
+    // TODAY (questionable): CONNECT is not refused; it reaches the upstream with the
+    // authority form turned into "/", and the upstream's 200 never reaches the client,
+    // whose connection is closed without a response.
+    assert!(
+        c.try_response(false).await.is_none(),
+        "an answer to CONNECT"
+    );
+    assert_eq!(c.wire.buf, b"");
+    let seen = &up.seen()[0];
+    assert!(
+        seen.head.starts_with("CONNECT / HTTP/1.1\r\n"),
+        "{}",
+        seen.head
+    );
+    assert_eq!(seen.headers.all("host"), [format!("{HOST}:443")]);
+}
+
+#[tokio::test]
+async fn absolute_form_request_is_routed_in_origin_form() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("GET http://{HOST}/x?y=1 HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = &up.seen()[0];
+    assert_eq!(seen.target, "/x?y=1");
+    assert_eq!(seen.headers.all("host"), [HOST]);
+}
+
+#[tokio::test]
+async fn expect_100_continue() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "POST /expect HTTP/1.1\r\nHost: {HOST}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let interim = c.try_response(false).await.expect("an answer");
+    assert_eq!(interim.status, 100, "{}", interim.head);
+    assert_eq!(interim.head, "HTTP/1.1 100 Continue\r\n\r\n");
+    c.send(b"hello").await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let seen = &up.seen()[0];
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(
+        seen.headers.all("expect"),
+        ["100-continue"],
+        "{}",
+        seen.head
+    );
+    assert_eq!(c.get("/next").await.text(), "/next");
+}
+
+#[tokio::test]
+async fn http10_without_keep_alive_gets_one_response_then_close() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("GET /ten HTTP/1.0\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.version, "HTTP/1.0", "{}", r.head);
+    assert_eq!(r.text(), "/ten");
+    assert_eq!(c.closed().await, b"");
+    let seen = &up.seen()[0];
+    assert_eq!(seen.version, "HTTP/1.1", "the upstream request is HTTP/1.1");
+}
+
+#[tokio::test]
+async fn http10_with_keep_alive_stays_open() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for path in ["/ka1", "/ka2"] {
+        c.send(
+            format!("GET {path} HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        let r = c.response().await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.version, "HTTP/1.0", "{}", r.head);
+        assert_eq!(
+            r.headers.get("connection"),
+            Some("keep-alive"),
+            "{}",
+            r.head
+        );
+        assert_eq!(r.text(), path);
+    }
+    let seen = up.seen();
+    assert!(!seen[0].headers.has("connection"), "{}", seen[0].head);
+}
+
+#[tokio::test]
+async fn http10_client_gets_a_close_delimited_body_for_an_unsized_response() {
+    let up = RawUpstream::start(|_| {
+        vec![Step::Write(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(),
+        )]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(format!("GET /u HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200);
+    assert!(!r.chunked && !r.headers.has("content-length"), "{}", r.head);
+    assert_eq!(r.text(), "abc");
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstream failures and gateway answers
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_dying_mid_body_truncates_and_closes_the_client() {
+    let up = RawUpstream::start(|r| {
+        if r.target == "/die" {
+            vec![
+                Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789".to_vec()),
+                Step::Close,
+            ]
+        } else {
+            vec![Step::Write(ok(b"fine"))]
+        }
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(&get("/die")).await;
+    let r = c
+        .try_response(false)
+        .await
+        .expect("the head was on its way");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("content-length"), Some("1000"));
+    assert!(!r.complete, "a truncated body must not look complete");
+    assert_eq!(r.body, b"0123456789");
+    assert_eq!(c.closed().await, b"");
+    let mut c = Client::connect(&gw).await;
+    assert_eq!(c.get("/ok").await.text(), "fine");
+}
+
+#[tokio::test]
+async fn upstream_garbage_is_502_upstream_error() {
+    let up = RawUpstream::start(|_| vec![Step::Write(b"SMTP READY\r\n\r\n".to_vec()), Step::Close])
+        .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    for _ in 0..2 {
+        let r = c.get("/g").await;
+        r.assert_error(502, "upstream_error", Some("t1"));
+        assert!(!r.chunked);
+        assert_eq!(
+            r.headers.get("content-length"),
+            Some(&*r.body.len().to_string())
+        );
+    }
+}
+
+#[tokio::test]
+async fn silent_upstream_is_504_after_request_timeout() {
+    let up = RawUpstream::start(|_| vec![Step::Sleep(Duration::from_secs(60))]).await;
+    let gw = gateway(&up, "request_timeout = \"300ms\"\n");
+    let mut c = Client::connect(&gw).await;
+    for _ in 0..2 {
+        let r = c.get("/slow").await;
+        r.assert_error(504, "upstream_timeout", Some("t1"));
+    }
+    assert_eq!(up.conns(), 2, "the timed-out connection is not reused");
+}
+
+#[tokio::test]
+async fn unknown_host_is_404_and_the_connection_stays_usable() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /who HTTP/1.1\r\nHost: nobody.example.org\r\n\r\n")
+        .await;
+    let r = c.response().await;
+    r.assert_error(404, "unknown_tenant", None);
+    assert!(
+        r.head.starts_with("HTTP/1.1 404 Not Found\r\n"),
+        "{}",
+        r.head
+    );
+    let names = r.headers.sorted_names();
+    assert_eq!(
+        names,
+        ["content-length", "content-type", "date", "x-request-id"],
+        "{}",
+        r.head
+    );
+    assert_eq!(c.get("/known").await.text(), "/known");
+    assert_eq!(up.seen().len(), 1);
+}
