@@ -301,8 +301,11 @@ async fn worker(
                 let rx = shutdown.clone();
                 tokio::spawn(async move {
                     if tls {
-                        // Boxed: the task of an idle plain connection stays small.
-                        Box::pin(serve_tls(stream, peer, ctx, rx)).await;
+                        // Boxed (in its own statement, or the future's space is
+                        // still reserved in the task): an idle plain connection's task
+                        // stays small.
+                        let tls = Box::pin(serve_tls(stream, peer, ctx, rx));
+                        tls.await;
                     } else {
                         serve_plain(stream, peer, ctx, rx).await;
                     }
@@ -400,11 +403,13 @@ async fn serve_plain(
                 prefix: h.prefix,
                 inner: h.stream,
             };
-            Box::pin(serve(io, h.h2, peer, conn_ctx, ctx, shutdown)).await;
+            let hyper = Box::pin(serve(io, h.h2, peer, conn_ctx, ctx, shutdown));
+            hyper.await;
         }
         return;
     }
-    Box::pin(sniff_and_serve(stream, peer, conn_ctx, ctx, shutdown)).await;
+    let hyper = Box::pin(sniff_and_serve(stream, peer, conn_ctx, ctx, shutdown));
+    hyper.await;
 }
 
 /// Chooses HTTP/1.1 or HTTP/2 (prior knowledge) from the first bytes, under the

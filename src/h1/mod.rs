@@ -110,10 +110,22 @@ pub async fn serve(
                 }
                 _ = shutdown.changed(), if buf.is_empty() => continue,
             }
-            if buf.capacity() - buf.len() < 512 {
-                buf.reserve(READ_BUF.max(buf.len()));
-            }
-            match stream.try_read_buf(&mut buf) {
+            let read = if buf.is_empty() {
+                // Readiness can be stale: read into the stack first, so a connection
+                // that wakes up with nothing to read still holds no buffer.
+                let mut first = [0u8; READ_BUF];
+                let read = stream.try_read(&mut first);
+                if let Ok(n) = read {
+                    buf.extend_from_slice(&first[..n]);
+                }
+                read
+            } else {
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(READ_BUF.max(buf.len()));
+                }
+                stream.try_read_buf(&mut buf)
+            };
+            match read {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -122,7 +134,9 @@ pub async fn serve(
         };
         first = false;
         let closing = *shutdown.borrow();
-        let next = Box::pin(request(&mut stream, &mut buf, &ctx, head, closing)).await;
+        // Boxed, in its own statement: the request's state exists only while it runs.
+        let next = Box::pin(request(&mut stream, &mut buf, &ctx, head, closing));
+        let next = next.await;
         match next {
             Next::KeepAlive => {}
             Next::Close => return close(stream).await,
