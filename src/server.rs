@@ -193,7 +193,8 @@ struct Tracker {
     idle: Notify,
 }
 
-struct ConnGuard(Arc<Tracker>);
+/// Counts one open connection of a worker until dropped.
+pub struct ConnGuard(Arc<Tracker>);
 
 impl Tracker {
     fn enter(self: &Arc<Self>) -> ConnGuard {
@@ -287,6 +288,30 @@ async fn worker(
         shared: shared.clone(),
     });
     let tracker = Arc::new(Tracker::default());
+    let fast = (ctx.fast_h1 && ctx.redirect_to.is_none()).then(|| {
+        let (hyper_ctx, hyper_rx) = (ctx.clone(), shutdown.clone());
+        let to_hyper: crate::h1::ToHyper = Box::new(move |h, conn_ctx, guard| {
+            let (ctx, rx) = (hyper_ctx.clone(), hyper_rx.clone());
+            Box::pin(async move {
+                let peer = h
+                    .stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::new(conn_ctx.peer, 0));
+                let io = Prefixed {
+                    prefix: h.prefix,
+                    inner: h.stream,
+                };
+                serve(io, h.h2, peer, conn_ctx, ctx, rx).await;
+                drop(guard);
+            })
+        });
+        crate::h1::Worker::new(
+            ctx.header_read_timeout,
+            ctx.hyper_limit,
+            shutdown.clone(),
+            to_hyper,
+        )
+    });
 
     loop {
         let (accepted, tls) = tokio::select! {
@@ -295,6 +320,18 @@ async fn worker(
             _ = shutdown.changed() => break,
         };
         match accepted {
+            Ok((stream, peer)) if !tls && fast.is_some() => {
+                // The HTTP/1.1 fast path: parked until the first bytes arrive.
+                let _ = stream.set_nodelay(true);
+                if let Some(fast) = &fast {
+                    fast.accept(crate::h1::Conn {
+                        stream,
+                        ctx: conn_ctx(&ctx, peer, None),
+                        guard: tracker.enter(),
+                        fresh: true,
+                    });
+                }
+            }
             Ok((stream, peer)) => {
                 let guard = tracker.enter();
                 let ctx = ctx.clone();
@@ -379,35 +416,16 @@ fn conn_ctx(
     })
 }
 
-/// A connection on the plain listener: HTTP/1.1, or HTTP/2 with prior knowledge.
-/// The HTTP/1.1 fast path serves it until it meets something it leaves to hyper.
+/// A connection on the plain listener when the fast path is off (`BULKHEAD_H1=hyper`,
+/// `redirect_http`): HTTP/1.1, or HTTP/2 with prior knowledge, both by hyper.
 async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<WorkerCtx>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let conn_ctx = conn_ctx(&ctx, peer, None);
-    if ctx.fast_h1 && conn_ctx.redirect_to.is_none() {
-        let handoff = crate::h1::serve(
-            stream,
-            conn_ctx.clone(),
-            ctx.header_read_timeout,
-            ctx.hyper_limit,
-            &mut shutdown,
-        )
-        .await;
-        if let Some(h) = handoff {
-            let io = Prefixed {
-                prefix: h.prefix,
-                inner: h.stream,
-            };
-            let hyper = Box::pin(serve(io, h.h2, peer, conn_ctx, ctx, shutdown));
-            hyper.await;
-        }
-        return;
-    }
     let hyper = Box::pin(sniff_and_serve(stream, peer, conn_ctx, ctx, shutdown));
     hyper.await;
 }

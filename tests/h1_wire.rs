@@ -1962,3 +1962,41 @@ async fn unknown_host_is_404_and_the_connection_stays_usable() {
     assert_eq!(c.get("/known").await.text(), "/known");
     assert_eq!(up.seen().len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------
+// Idle connections (parked between requests)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn idle_keep_alive_connections_serve_again_and_close_after_the_header_timeout() {
+    let up = RawUpstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "[server]\nworkers = 1\nheader_read_timeout = \"400ms\"\n\n[upstreams.u]\n\
+         targets = [\"{}\"]\n\n[tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n",
+        up.addr
+    ));
+    // Many connections each parked after one request, then woken by a second one.
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        let mut c = Client::connect(&gw).await;
+        assert_eq!(
+            c.get(&format!("/first/{i}")).await.text(),
+            format!("/first/{i}")
+        );
+        clients.push(c);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.get(&format!("/again/{i}")).await.text(),
+            format!("/again/{i}")
+        );
+    }
+    // Left idle past header_read_timeout, each is closed by the gateway without a
+    // response (the close arrives within the client's read timeout).
+    for c in &mut clients {
+        assert_eq!(c.closed().await, b"");
+    }
+    // A connection that never sent a byte is closed the same way.
+    let mut silent = Client::connect(&gw).await;
+    assert_eq!(silent.closed().await, b"");
+}

@@ -376,10 +376,19 @@ where
     let Some(on_head) = on_head.take() else {
         return Err(Failure::Late);
     };
-    let mut finish = on_head(head.status);
+    // Dropped (in-flight slot released, response recorded) just before the last
+    // write, as hyper does at the last body frame: a client that sends its next
+    // request the moment it has this response must find the slot free.
+    let mut finish = Some(on_head(head.status));
+    fn count(finish: &mut Option<Finish>, n: u64) {
+        if let Some(f) = finish {
+            f.bytes_out += n;
+        }
+    }
     let mut body_ok = true;
     match head.framing {
         Framing::Empty => {
+            finish.take();
             client.write_all(&out).await.map_err(|_| Failure::Late)?;
         }
         Framing::Length(len) => {
@@ -388,7 +397,10 @@ where
             out.extend_from_slice(&rbuf[..n]);
             rbuf.advance(n);
             rest -= n as u64;
-            finish.bytes_out += n as u64;
+            count(&mut finish, n as u64);
+            if rest == 0 {
+                finish.take();
+            }
             client.write_all(&out).await.map_err(|_| Failure::Late)?;
             while rest > 0 {
                 rbuf.reserve(STREAM_READ);
@@ -397,13 +409,16 @@ where
                     Ok(_) => {}
                 }
                 let n = usize::try_from(rest).unwrap_or(usize::MAX).min(rbuf.len());
+                rest -= n as u64;
+                count(&mut finish, n as u64);
+                if rest == 0 {
+                    finish.take();
+                }
                 client
                     .write_all(&rbuf[..n])
                     .await
                     .map_err(|_| Failure::Late)?;
                 rbuf.advance(n);
-                rest -= n as u64;
-                finish.bytes_out += n as u64;
             }
         }
         Framing::Chunked => {
@@ -411,7 +426,10 @@ where
             loop {
                 let (used, payload) = chunked.decode(rbuf, &mut out).map_err(|_| Failure::Late)?;
                 rbuf.advance(used);
-                finish.bytes_out += payload;
+                count(&mut finish, payload);
+                if chunked.is_done() {
+                    finish.take();
+                }
                 if !out.is_empty() {
                     client.write_all(&out).await.map_err(|_| Failure::Late)?;
                     out.clear();
@@ -430,7 +448,7 @@ where
             body_ok = false;
             loop {
                 wire::write_chunk(&mut out, rbuf);
-                finish.bytes_out += rbuf.len() as u64;
+                count(&mut finish, rbuf.len() as u64);
                 rbuf.clear();
                 client.write_all(&out).await.map_err(|_| Failure::Late)?;
                 out.clear();
@@ -441,13 +459,13 @@ where
                     Err(_) => return Err(Failure::Late),
                 }
             }
+            finish.take();
             client
                 .write_all(wire::LAST_CHUNK)
                 .await
                 .map_err(|_| Failure::Late)?;
         }
     }
-    drop(finish);
     Ok(body_ok && head.reusable && rbuf.is_empty())
 }
 

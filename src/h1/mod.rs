@@ -6,9 +6,9 @@
 //! response and writes it to the client, without hyper's connection tasks, channels
 //! or per-message `HeaderMap` for the response.
 //!
-//! While a connection waits for its next request it holds no buffer at all: the read
-//! buffer is allocated when the socket turns readable and freed when the exchange is
-//! over, so an idle keep-alive connection costs its task and its socket.
+//! While a connection waits for its next request it holds no buffer and no task: it
+//! is parked (`park.rs`) with the socket's readability waking it, and the read buffer
+//! is allocated when the first bytes arrive and freed when the exchange is over.
 //!
 //! Anything else — HTTP/2 prior knowledge, HTTP/1.0, `Transfer-Encoding` or `Expect`
 //! on a request, upgrades (WebSocket), malformed input, a tenant routed to a TLS or
@@ -16,19 +16,20 @@
 //! hyper serves the rest of that connection exactly as it serves every TLS connection.
 
 mod exchange;
+mod park;
 pub mod wire;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 pub use exchange::Pool;
 use exchange::{Done, Outgoing, RequestCounters};
+pub use park::{Conn, ToHyper, Worker};
 use wire::{Extra, Head, Parsed};
 
 use crate::error::ProxyError;
@@ -59,62 +60,35 @@ fn plain_h1(upstream: &Upstream) -> bool {
     upstream.transport.tls.is_none() && !upstream.transport.h2
 }
 
-/// Serves a plain-TCP connection until it closes (`None`) or needs hyper.
-pub async fn serve(
-    mut stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    header_read_timeout: Duration,
-    max_head: usize,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<Handoff> {
+/// Serves a connection that has something to read, until it closes, goes idle
+/// (parked again) or needs hyper.
+async fn serve(worker: Arc<Worker>, mut conn: Conn) {
     let mut buf = BytesMut::new();
-    let mut first = true;
-    // One timer for the life of the connection, moved forward for each request (a
-    // later deadline does not touch the timer wheel).
-    let timer = tokio::time::sleep(header_read_timeout);
-    tokio::pin!(timer);
+    // The deadline for a head that arrives in pieces, set when the first piece does.
+    let mut deadline = None;
     loop {
         // A whole request head, or the reason there is none.
         let head = loop {
             if !buf.is_empty() {
-                if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+                if conn.fresh && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
                     if buf.len() >= H2_PREFACE.len() {
-                        return Some(Handoff {
-                            prefix: buf.freeze(),
-                            stream,
-                            h2: true,
-                        });
+                        return to_hyper(&worker, conn, buf.freeze(), true).await;
                     }
                 } else {
                     match wire::parse_request(&mut buf) {
                         Parsed::Request(h) => break h,
-                        Parsed::Partial if buf.len() < max_head => {}
+                        Parsed::Partial if buf.len() < worker.max_head => {}
                         Parsed::Partial | Parsed::Fallback => {
-                            return Some(Handoff {
-                                prefix: buf.freeze(),
-                                stream,
-                                h2: false,
-                            })
+                            return to_hyper(&worker, conn, buf.freeze(), false).await;
                         }
                     }
                 }
-            } else if *shutdown.borrow() {
-                return close(stream).await;
-            }
-            tokio::select! {
-                biased;
-                r = stream.readable() => if r.is_err() { return None },
-                _ = &mut timer => {
-                    tracing::debug!("closing a connection that sent no request in time");
-                    return None;
-                }
-                _ = shutdown.changed(), if buf.is_empty() => continue,
             }
             let read = if buf.is_empty() {
                 // Readiness can be stale: read into the stack first, so a connection
-                // that wakes up with nothing to read still holds no buffer.
+                // woken with nothing to read still holds no buffer.
                 let mut first = [0u8; READ_BUF];
-                let read = stream.try_read(&mut first);
+                let read = conn.stream.try_read(&mut first);
                 if let Ok(n) = read {
                     buf.extend_from_slice(&first[..n]);
                 }
@@ -123,45 +97,76 @@ pub async fn serve(
                 if buf.capacity() - buf.len() < 512 {
                     buf.reserve(READ_BUF.max(buf.len()));
                 }
-                stream.try_read_buf(&mut buf)
+                conn.stream.try_read_buf(&mut buf)
             };
             match read {
-                Ok(0) => return None,
+                Ok(0) => return,
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        // Nothing pending: park until the client writes.
+                        match worker.park(conn) {
+                            Some(c) => conn = c,
+                            None => return,
+                        }
+                        continue;
+                    }
+                    let until = *deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + worker.header_read_timeout
+                    });
+                    match tokio::time::timeout_at(until, conn.stream.readable()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            tracing::debug!(
+                                "closing a connection whose request head did not arrive in time"
+                            );
+                            return;
+                        }
+                    }
+                }
+                Err(_) => return,
             }
         };
-        first = false;
-        let closing = *shutdown.borrow();
+        conn.fresh = false;
+        deadline = None;
+        let closing = *worker.shutdown.borrow();
         // Boxed, in its own statement: the request's state exists only while it runs.
-        let next = Box::pin(request(&mut stream, &mut buf, &ctx, head, closing));
-        let next = next.await;
-        match next {
+        let next = Box::pin(request(
+            &mut conn.stream,
+            &mut buf,
+            &conn.ctx,
+            head,
+            closing,
+        ));
+        match next.await {
             Next::KeepAlive => {}
-            Next::Close => return close(stream).await,
-            Next::Hyper => {
-                return Some(Handoff {
-                    prefix: buf.freeze(),
-                    stream,
-                    h2: false,
-                })
+            Next::Close => {
+                close(conn.stream).await;
+                return;
             }
+            Next::Hyper => return to_hyper(&worker, conn, buf.freeze(), false).await,
         }
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + header_read_timeout);
         if buf.is_empty() {
-            // Idle: give the buffer back.
+            // Give the buffer back before waiting.
             buf = BytesMut::new();
         }
     }
 }
 
+/// Hands the rest of the connection to hyper.
+async fn to_hyper(worker: &Worker, conn: Conn, prefix: Bytes, h2: bool) {
+    let Conn {
+        stream, ctx, guard, ..
+    } = conn;
+    let handoff = Handoff { prefix, stream, h2 };
+    let hyper = (worker.to_hyper)(handoff, ctx, guard);
+    hyper.await;
+}
+
 /// Closes after a response: FIN first, so the response is not cut by a reset.
-async fn close(mut stream: TcpStream) -> Option<Handoff> {
+async fn close(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
-    None
 }
 
 enum Next {
@@ -371,7 +376,8 @@ async fn refuse(
     if !r.head_request {
         out.extend_from_slice(&body);
     }
-    let written = stream.write_all(&out).await.is_ok();
+    // Recorded (and any in-flight slot released) before the write, as for proxied
+    // responses.
     let mut f = finish(
         ex,
         r.snap,
@@ -383,6 +389,7 @@ async fn refuse(
     );
     f.bytes_out = if r.head_request { 0 } else { body.len() as u64 };
     drop(f);
+    let written = stream.write_all(&out).await.is_ok();
     if written && !close {
         Next::KeepAlive
     } else {
