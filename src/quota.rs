@@ -184,7 +184,9 @@ pub async fn charge(snap: &Snapshot, tenant: &Tenant) -> Result<(), ProxyError> 
     let usage = &tenant.limits.usage;
     let p = Periods::current();
     match (l.scope, snap.store.as_deref()) {
-        (Scope::Cluster, Some(store)) => charge_cluster(store, tenant, &p).await,
+        // Boxed: the Redis round trip is rare, and its future would otherwise make
+        // every request's future larger (it is moved when a request task is spawned).
+        (Scope::Cluster, Some(store)) => Box::pin(charge_cluster(store, tenant, &p)).await,
         _ => charge_local(usage, l.requests_per_day, l.requests_per_month, &p),
     }
 }

@@ -481,7 +481,9 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| proxy::handle(req, conn_ctx.clone()));
+    // Boxed: hyper moves the service future into each HTTP/2 stream's task (and
+    // around inside hyper); a pointer moves for free, the ~3 KiB future does not.
+    let service = service_fn(move |req| Box::pin(proxy::handle(req, conn_ctx.clone())));
     let io = TokioIo::new(io);
     let result = if is_h2 {
         drive(
