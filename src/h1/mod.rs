@@ -84,27 +84,17 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                     }
                 }
             }
-            let read = if buf.is_empty() {
-                // Readiness can be stale: read into the stack first, so a connection
-                // woken with nothing to read still holds no buffer.
-                let mut first = [0u8; READ_BUF];
-                let read = conn.stream.try_read(&mut first);
-                if let Ok(n) = read {
-                    buf.extend_from_slice(&first[..n]);
-                }
-                read
-            } else {
-                if buf.capacity() - buf.len() < 512 {
-                    buf.reserve(READ_BUF.max(buf.len()));
-                }
-                conn.stream.try_read_buf(&mut buf)
-            };
-            match read {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(READ_BUF.max(buf.len()));
+            }
+            match conn.stream.try_read_buf(&mut buf) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if buf.is_empty() {
-                        // Nothing pending: park until the client writes.
+                        // Nothing pending (readiness can be stale): give the buffer
+                        // back and park until the client writes.
+                        buf = BytesMut::new();
                         match worker.park(conn) {
                             Some(c) => conn = c,
                             None => return,
