@@ -195,42 +195,42 @@ async fn request(
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         )
     });
-    let routed = match proxy::route(&parts, &snap, ctx, &mut ex) {
-        Ok(r) if !plain_h1(r.upstream) => {
+    let head_request = parts.method == http::Method::HEAD;
+    let refusal = |log, request_id| Refusal {
+        snap: &snap,
+        started,
+        request_id,
+        log,
+        head_request,
+    };
+    // The stages without side effects first: a tenant routed to an upstream the fast
+    // path cannot reach goes to hyper before anything is counted or charged.
+    let prepared = async {
+        let routed = proxy::route(&parts, &snap, ctx, &mut ex)?;
+        if !plain_h1(routed.upstream) {
+            return Ok(None);
+        }
+        let (tenant, upstream) = (routed.tenant, routed.upstream);
+        let target =
+            proxy::commit(routed, &mut parts, &snap, ctx, &request_id, &mut ex, None).await?;
+        Ok(Some((tenant, upstream, target)))
+    }
+    .await;
+    let (tenant, upstream, target) = match prepared {
+        Ok(Some(p)) => p,
+        Ok(None) => {
             let mut whole = BytesMut::with_capacity(raw.len() + buf.len());
             whole.extend_from_slice(&raw);
             whole.extend_from_slice(buf);
             *buf = whole;
             return Next::Hyper;
         }
-        Ok(r) => r,
         Err(e) => {
-            let refusal = Refusal {
-                snap: &snap,
-                started,
-                request_id,
-                log,
-                head_request: parts.method == http::Method::HEAD,
-            };
-            return refuse(stream, buf, body_len, close, e, ex, refusal).await;
+            let r = refusal(log, request_id);
+            return refuse(stream, buf, body_len, close, e, ex, r).await;
         }
     };
     drop(raw);
-    let (tenant, upstream) = (routed.tenant, routed.upstream);
-    let target =
-        match proxy::commit(routed, &mut parts, &snap, ctx, &request_id, &mut ex, None).await {
-            Ok(t) => t,
-            Err(e) => {
-                let refusal = Refusal {
-                    snap: &snap,
-                    started,
-                    request_id,
-                    log,
-                    head_request: parts.method == http::Method::HEAD,
-                };
-                return refuse(stream, buf, body_len, close, e, ex, refusal).await;
-            }
-        };
     let counters = RequestCounters {
         stats: snap.metrics.then(|| tenant.stats.clone()),
         bytes_in: ex.bytes_in.clone(),
@@ -278,15 +278,9 @@ async fn request(
             let Some((ex, log)) = pending else {
                 return Next::Close;
             };
-            let refusal = Refusal {
-                snap: &snap,
-                started,
-                request_id,
-                log,
-                head_request: parts.method == http::Method::HEAD,
-            };
             let rest = if client_reusable { 0 } else { u64::MAX };
-            refuse(stream, buf, rest, close, error, ex, refusal).await
+            let r = refusal(log, request_id);
+            refuse(stream, buf, rest, close, error, ex, r).await
         }
     }
 }
