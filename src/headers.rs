@@ -18,7 +18,21 @@ pub static X_TENANT_FEATURES: HeaderName = HeaderName::from_static("x-tenant-fea
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether `name` is on the fixed hop-by-hop list (or is `Connection` itself).
+/// The fixed hop-by-hop list (with `Connection` itself), removed in both directions;
+/// the HTTP/1.1 fast path matches response header names against it as bytes.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Whether `name` is on [`HOP_BY_HOP`], compared as `HeaderName`s (standard names
+/// compare without looking at bytes).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
@@ -228,6 +242,16 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hop_by_hop_list_and_matcher_agree() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["host", "x-secret", "content-length", "trailers"] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

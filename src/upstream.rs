@@ -28,10 +28,10 @@ use crate::limits::{RequestBody, RequestBodyError};
 /// Idle upstream connections are closed after this long; it must stay below the
 /// upstreams' own keep-alive timeout (nginx: 75 s) so we never write to a connection
 /// the upstream is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per target and worker.
-const MAX_IDLE_PER_TARGET: usize = 1024;
+pub(crate) const MAX_IDLE_PER_TARGET: usize = 1024;
 
 /// How an upstream's targets are reached.
 #[derive(Debug, Clone, Default)]
@@ -189,20 +189,28 @@ impl UpstreamClient {
     }
 }
 
-async fn connect(target: &Authority, transport: &Transport) -> Result<Sender, UpstreamFailure> {
+/// A TCP connection to `target` (an address or a resolvable name), with
+/// `TCP_NODELAY`, within `CONNECT_TIMEOUT`. Both pools connect through it.
+pub(crate) async fn connect_tcp(target: &Authority) -> Result<TcpStream, UpstreamFailure> {
     let stream = match target.as_str().parse::<SocketAddr>() {
         Ok(addr) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await,
         Err(_) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await,
     };
-    let stream = match stream {
-        Ok(Ok(s)) => s,
+    match stream {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
         Ok(Err(e)) => {
             tracing::debug!(%target, error = %e, "upstream connect failed");
-            return Err(UpstreamFailure::Connect);
+            Err(UpstreamFailure::Connect)
         }
-        Err(_) => return Err(UpstreamFailure::Connect),
-    };
-    let _ = stream.set_nodelay(true);
+        Err(_) => Err(UpstreamFailure::Connect),
+    }
+}
+
+async fn connect(target: &Authority, transport: &Transport) -> Result<Sender, UpstreamFailure> {
+    let stream = connect_tcp(target).await?;
     match &transport.tls {
         None => handshake(stream, transport.h2).await,
         Some(config) => {

@@ -17,12 +17,8 @@ use super::wire::{self, Chunked, Extra, Framing, Response};
 use crate::body::Finish;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::TenantStats;
+use crate::upstream::{connect_tcp, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT};
 
-/// Idle upstream sockets are closed after this long: below the upstreams' own
-/// keep-alive timeout (nginx: 75 s), so a pooled socket is not one being closed.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_IDLE_PER_TARGET: usize = 1024;
 /// An upstream response head larger than this is refused as malformed.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// First read of a response; bodies stream through reads of `STREAM_READ`.
@@ -87,24 +83,6 @@ impl Pool {
     }
 }
 
-async fn connect(target: &Authority) -> Result<TcpStream, UpstreamFailure> {
-    let stream = match target.as_str().parse::<std::net::SocketAddr>() {
-        Ok(addr) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await,
-        Err(_) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str())).await,
-    };
-    match stream {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(%target, error = %e, "upstream connect failed");
-            Err(UpstreamFailure::Connect)
-        }
-        Err(_) => Err(UpstreamFailure::Connect),
-    }
-}
-
 /// One request to forward.
 pub struct Outgoing<'a> {
     pub parts: &'a http::request::Parts,
@@ -135,8 +113,9 @@ pub enum Done {
 
 /// Why reading the response failed.
 enum Failure {
-    /// Before any response byte, with whether a retry on a new connection is safe.
-    Early(UpstreamFailure, bool),
+    /// Before any response byte: a reused connection the upstream had closed, so an
+    /// idempotent request may be retried on a new one.
+    Early(UpstreamFailure),
     Upstream(UpstreamFailure),
     Timeout,
     /// After the head was written to the client.
@@ -189,7 +168,7 @@ pub async fn forward(
         };
         let (mut up, reused) = match pooled {
             Some(s) => (s, true),
-            None => match tokio::time::timeout_at(deadline, connect(req.target)).await {
+            None => match tokio::time::timeout_at(deadline, connect_tcp(req.target)).await {
                 Ok(Ok(s)) => (s, false),
                 Ok(Err(f)) => return refused(up_err(f), body_rest),
                 Err(_) => return refused(timeout_err(), body_rest),
@@ -259,11 +238,11 @@ pub async fn forward(
                     client_reusable: body_read,
                 }
             }
-            Err(Failure::Early(_, true)) if reused && idempotent && body_rest == 0 => {
+            Err(Failure::Early(_)) if reused && idempotent && body_rest == 0 => {
                 force_fresh = true;
                 continue;
             }
-            Err(Failure::Early(f, _) | Failure::Upstream(f)) => Done::Refused {
+            Err(Failure::Early(f) | Failure::Upstream(f)) => Done::Refused {
                 error: up_err(f),
                 client_reusable: body_read,
             },
@@ -354,21 +333,10 @@ where
         }
         rbuf.reserve(HEAD_READ);
         match tokio::time::timeout_at(deadline, up.read_buf(rbuf)).await {
-            Ok(Ok(0)) => {
-                return Err(if any {
-                    Failure::Upstream(UpstreamFailure::Reset)
-                } else {
-                    Failure::Early(UpstreamFailure::Reset, true)
-                })
-            }
-            Ok(Ok(_)) => any = true,
-            Ok(Err(_)) => {
-                return Err(if any {
-                    Failure::Upstream(UpstreamFailure::Reset)
-                } else {
-                    Failure::Early(UpstreamFailure::Reset, true)
-                })
-            }
+            Ok(Ok(n)) if n > 0 => any = true,
+            // Closed or reset: before any byte of a response, or in the middle of one.
+            Ok(_) if any => return Err(Failure::Upstream(UpstreamFailure::Reset)),
+            Ok(_) => return Err(Failure::Early(UpstreamFailure::Reset)),
             Err(_) => return Err(Failure::Timeout),
         }
     };

@@ -219,10 +219,7 @@ async fn request(
     let (tenant, upstream, target) = match prepared {
         Ok(Some(p)) => p,
         Ok(None) => {
-            let mut whole = BytesMut::with_capacity(raw.len() + buf.len());
-            whole.extend_from_slice(&raw);
-            whole.extend_from_slice(buf);
-            *buf = whole;
+            wire::unsplit(buf, &raw);
             return Next::Hyper;
         }
         Err(e) => {

@@ -129,13 +129,18 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
     })
 }
 
-/// Puts a head that turned out not to be for the fast path back in front of `buf`.
 fn fallback_after_split(buf: &mut BytesMut, head: Bytes) -> Parsed {
+    unsplit(buf, &head);
+    Parsed::Fallback
+}
+
+/// Puts a head that turned out not to be for the fast path back in front of `buf`,
+/// so that hyper reads the request from its first byte.
+pub fn unsplit(buf: &mut BytesMut, head: &[u8]) {
     let mut whole = BytesMut::with_capacity(head.len() + buf.len());
-    whole.extend_from_slice(&head);
+    whole.extend_from_slice(head);
     whole.extend_from_slice(buf);
     *buf = whole;
-    Parsed::Fallback
 }
 
 /// Where `part` (a sub-slice of `buf`) starts, and its length.
@@ -409,17 +414,9 @@ fn write_lower(out: &mut Vec<u8>, name: &[u8]) {
 }
 
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    crate::headers::HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// `std::fmt::Write` into a byte vector.
