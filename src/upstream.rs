@@ -124,12 +124,7 @@ impl Lease {
         let list = idle.entry(self.key).or_default();
         let now = Instant::now();
         // Oldest first: the expired ones go as new ones come back.
-        while list
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) >= POOL_IDLE_TIMEOUT)
-        {
-            list.pop_front();
-        }
+        drop_expired(list, now, |i| i.since);
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push_back(Idle {
                 sender: self.sender,
@@ -186,6 +181,17 @@ impl UpstreamClient {
             sender: Sender::H2(sender.clone()),
             since: Instant::now(),
         });
+    }
+}
+
+/// Drops the idle connections at the front of `list` (the oldest) that have been idle
+/// for `POOL_IDLE_TIMEOUT`; both pools call it as a connection comes back.
+pub(crate) fn drop_expired<T>(list: &mut VecDeque<T>, now: Instant, since: impl Fn(&T) -> Instant) {
+    while list
+        .front()
+        .is_some_and(|i| now.saturating_duration_since(since(i)) >= POOL_IDLE_TIMEOUT)
+    {
+        list.pop_front();
     }
 }
 

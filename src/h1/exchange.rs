@@ -17,7 +17,7 @@ use super::wire::{self, Chunked, Extra, Framing, Response};
 use crate::body::Finish;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::TenantStats;
-use crate::upstream::{connect_tcp, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT};
+use crate::upstream::{connect_tcp, drop_expired, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT};
 
 /// An upstream response head larger than this is refused as malformed.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -71,12 +71,7 @@ impl Pool {
             None => idle.entry(target.clone()).or_default(),
         };
         // The oldest are at the front: drop the expired ones as new ones come back.
-        while list
-            .front()
-            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= POOL_IDLE_TIMEOUT)
-        {
-            list.pop_front();
-        }
+        drop_expired(list, now, |(_, since)| *since);
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push_back((s, now));
         }
