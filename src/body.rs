@@ -15,6 +15,7 @@ use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::h1::UpstreamBody;
 use crate::limits::Permit;
 use crate::metrics::TenantStats;
 use crate::upstream::Lease;
@@ -24,6 +25,9 @@ enum Kind {
     /// Streamed from the upstream as it arrives; the connection goes back to its pool
     /// when the body has been read to the end.
     Upstream(Incoming, Option<Lease>),
+    /// Read by the fast path's exchange straight from an HTTP/1.1 upstream's socket
+    /// (`h1/fetch.rs`); the socket goes back to its pool at the end.
+    Raw(Box<UpstreamBody>),
     /// A body the gateway made itself; `None` once sent.
     Full(Option<Bytes>),
 }
@@ -94,6 +98,21 @@ impl ProxyBody {
         }
     }
 
+    /// A body with no bytes, over before it starts.
+    pub fn empty() -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Full(None),
+            finish: None,
+        }
+    }
+
+    pub fn raw(body: Box<UpstreamBody>) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Raw(body),
+            finish: None,
+        }
+    }
+
     pub fn upstream(body: Incoming, lease: Lease) -> ProxyBody {
         // A body that is over before it starts (204, 304, HEAD) is never polled.
         let lease = if body.is_end_stream() {
@@ -112,7 +131,7 @@ impl ProxyBody {
     pub fn into_full(mut self) -> Option<Bytes> {
         match &mut self.kind {
             Kind::Full(b) => b.take(),
-            Kind::Upstream(..) => None,
+            Kind::Upstream(..) | Kind::Raw(_) => None,
         }
     }
 
@@ -130,7 +149,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -152,8 +171,9 @@ impl Body for ProxyBody {
                         l.release();
                     }
                 }
-                polled
+                polled.map_err(Into::into)
             }
+            Kind::Raw(inner) => Pin::new(&mut **inner).poll_frame(cx).map_err(Into::into),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         match &polled {
@@ -171,6 +191,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Upstream(inner, _) => inner.is_end_stream(),
+            Kind::Raw(inner) => inner.is_end_stream(),
             Kind::Full(b) => b.is_none(),
         }
     }
@@ -178,6 +199,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Upstream(inner, _) => inner.size_hint(),
+            Kind::Raw(inner) => inner.size_hint(),
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
         }

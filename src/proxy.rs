@@ -205,6 +205,23 @@ async fn proxy<'s>(
         websocket.as_ref().map(|w| &w.0),
     )
     .await?;
+    if websocket.is_none()
+        && crate::h1::enabled()
+        && crate::h1::plain_h1(upstream)
+        && crate::h1::fits(&parts, http_body::Body::is_end_stream(&body))
+    {
+        // No body to send: the fast path's exchange, over its pool of raw sockets.
+        drop(body);
+        let resp = crate::h1::fetch(
+            &ctx.client,
+            &parts,
+            &target,
+            &upstream.name,
+            tenant.request_timeout,
+        )
+        .await?;
+        return Ok(resp);
+    }
     let body = RequestBody::new(
         body,
         tenant.limits.max_body,

@@ -20,10 +20,10 @@ use crate::metrics::TenantStats;
 use crate::upstream::{connect_tcp, drop_expired, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT};
 
 /// An upstream response head larger than this is refused as malformed.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(super) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// First read of a response; bodies stream through reads of `STREAM_READ`.
-const HEAD_READ: usize = 8 * 1024;
-const STREAM_READ: usize = 32 * 1024;
+pub(super) const HEAD_READ: usize = 8 * 1024;
+pub(super) const STREAM_READ: usize = 32 * 1024;
 
 /// Idle sockets to one target, each with the time it came back; most recent last.
 type IdleList = VecDeque<(TcpStream, Instant)>;
@@ -39,7 +39,7 @@ impl Pool {
     /// readable while idle has been closed by the upstream (or sent something
     /// unasked): it is dropped. Readiness is what the event loop last saw, so the
     /// check costs no system call unless the socket looks readable.
-    fn checkout(&self, target: &Authority, now: Instant) -> Option<TcpStream> {
+    pub(super) fn checkout(&self, target: &Authority, now: Instant) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(target)?;
         let mut cx = Context::from_waker(Waker::noop());
@@ -64,7 +64,7 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, target: &Authority, s: TcpStream, now: Instant) {
+    pub(super) fn checkin(&self, target: &Authority, s: TcpStream, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = match idle.get_mut(target) {
             Some(l) => l,
@@ -106,8 +106,8 @@ pub enum Done {
     Broken,
 }
 
-/// Why reading the response failed.
-enum Failure {
+/// Why reaching the upstream or reading its response failed.
+pub(super) enum Failure {
     /// Before any response byte: a reused connection the upstream had closed, so an
     /// idempotent request may be retried on a new one.
     Early(UpstreamFailure),
@@ -138,11 +138,7 @@ pub async fn forward(
     req.counters.add(in_buf as u64);
     let body_rest = req.body_len - in_buf as u64;
     let deadline = tokio::time::Instant::from_std(req.started + req.timeout);
-    let idempotent = matches!(
-        req.parts.method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
-    ) || body_rest == 0
-        && matches!(req.parts.method, http::Method::PUT | http::Method::DELETE);
+    let idempotent = idempotent(&req.parts.method, body_rest);
     let is_head = req.parts.method == http::Method::HEAD;
     let mut on_head = Some(on_head);
     let mut force_fresh = false;
@@ -155,19 +151,11 @@ pub async fn forward(
         failure,
     };
     loop {
-        let now = Instant::now();
-        let pooled = if force_fresh {
-            None
-        } else {
-            pool.checkout(req.target, now)
-        };
-        let (mut up, reused) = match pooled {
-            Some(s) => (s, true),
-            None => match tokio::time::timeout_at(deadline, connect_tcp(req.target)).await {
-                Ok(Ok(s)) => (s, false),
-                Ok(Err(f)) => return refused(up_err(f), body_rest),
-                Err(_) => return refused(timeout_err(), body_rest),
-            },
+        let (mut up, reused) = match open(pool, req.target, force_fresh, deadline).await {
+            Ok(s) => s,
+            Err(Failure::Timeout) => return refused(timeout_err(), body_rest),
+            Err(Failure::Early(f) | Failure::Upstream(f)) => return refused(up_err(f), body_rest),
+            Err(Failure::Late) => return Done::Broken,
         };
         match tokio::time::timeout_at(deadline, up.write_all(&wbuf)).await {
             Ok(Ok(())) => {}
@@ -248,6 +236,35 @@ pub async fn forward(
             Err(Failure::Late) => Done::Broken,
         };
     }
+}
+
+/// A socket to `target`: the pool's most recently used idle one (unless `fresh`), or
+/// a new connection made before `deadline`. The flag says whether it was reused.
+pub(super) async fn open(
+    pool: &Pool,
+    target: &Authority,
+    fresh: bool,
+    deadline: tokio::time::Instant,
+) -> Result<(TcpStream, bool), Failure> {
+    if !fresh {
+        if let Some(s) = pool.checkout(target, Instant::now()) {
+            return Ok((s, true));
+        }
+    }
+    match tokio::time::timeout_at(deadline, connect_tcp(target)).await {
+        Ok(Ok(s)) => Ok((s, false)),
+        Ok(Err(f)) => Err(Failure::Upstream(f)),
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+/// Whether a request may be sent again after a reused connection closed without
+/// answering (the upstream may have seen it).
+pub(super) fn idempotent(method: &http::Method, body_left: u64) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    ) || body_left == 0 && matches!(*method, http::Method::PUT | http::Method::DELETE)
 }
 
 fn refused(error: ProxyError, body_rest: u64) -> Done {

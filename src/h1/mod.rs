@@ -16,6 +16,7 @@
 //! hyper serves the rest of that connection exactly as it serves every TLS connection.
 
 mod exchange;
+mod fetch;
 mod park;
 pub mod wire;
 
@@ -29,6 +30,7 @@ use tokio::net::TcpStream;
 
 pub use exchange::Pool;
 use exchange::{Done, Outgoing, RequestCounters};
+pub use fetch::{fetch, fits, UpstreamBody};
 pub use park::{Conn, ToHyper, Worker};
 use wire::{Extra, Head, Parsed};
 
@@ -52,11 +54,13 @@ pub struct Handoff {
 /// Whether `BULKHEAD_H1=hyper` turned the fast path off (for A/B benchmarks and as a
 /// way around it should it ever misbehave).
 pub fn enabled() -> bool {
-    std::env::var("BULKHEAD_H1").map_or(true, |v| v != "hyper")
+    static ON: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("BULKHEAD_H1").map_or(true, |v| v != "hyper"));
+    *ON
 }
 
 /// Whether the fast path can forward to `upstream`.
-fn plain_h1(upstream: &Upstream) -> bool {
+pub fn plain_h1(upstream: &Upstream) -> bool {
     upstream.transport.tls.is_none() && !upstream.transport.h2
 }
 

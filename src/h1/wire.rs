@@ -238,40 +238,45 @@ pub enum Response {
 #[derive(Debug)]
 pub struct Malformed;
 
-/// Parses the upstream's response head at the front of `buf` and, when it is whole,
-/// writes the client's head into `out`.
-pub fn parse_response(
-    buf: &[u8],
+/// What the upstream's response head says about the message, before anything is
+/// written: shared by the two ways a head is passed on (bytes for a fast-path client,
+/// `http::response::Parts` for hyper).
+struct Scan<'b> {
+    status: u16,
+    reason: Option<&'b str>,
+    framing: Framing,
+    reusable: bool,
+    /// Codings other than chunked (`gzip, chunked`).
+    codings: Vec<u8>,
+    /// Header names the upstream listed in `Connection`: hop-by-hop too.
+    listed: [&'b [u8]; 16],
+    n_listed: usize,
+    has_date: bool,
+}
+
+/// Reads the framing and connection headers of a parsed response head; `None` for a
+/// 1xx interim response (to skip).
+fn scan<'b>(
+    resp: &httparse::Response<'_, 'b>,
     head_request: bool,
-    extra: &Extra<'_>,
-    out: &mut Vec<u8>,
-) -> Result<Response, Malformed> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(Response::Partial),
-        Err(_) => return Err(Malformed),
-    };
+) -> Result<Option<Scan<'b>>, Malformed> {
     let status = resp.code.ok_or(Malformed)?;
     if (100..200).contains(&status) {
         // 101 is only ever an answer to an upgrade, which the fast path never sends.
         return if status == 101 {
             Err(Malformed)
         } else {
-            Ok(Response::Interim(head_len))
+            Ok(None)
         };
     }
     let http10 = resp.version == Some(0);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
-    // Codings other than chunked (`gzip, chunked`): kept for the client, which gets
-    // them in front of its own chunked.
+    // Kept for the client, which gets them in front of its own chunked.
     let mut codings: Vec<u8> = Vec::new();
     let mut keep_alive = !http10;
     let mut has_date = false;
-    // Header names the upstream listed in `Connection`: hop-by-hop too.
     let mut listed: [&[u8]; 16] = [&[]; 16];
     let mut n_listed = 0;
     for h in resp.headers.iter() {
@@ -332,11 +337,71 @@ pub fn parse_response(
     };
     let reusable =
         keep_alive && framing != Framing::Close && !(transfer_encoding && length.is_some());
+    Ok(Some(Scan {
+        status,
+        reason: resp.reason,
+        framing,
+        reusable,
+        codings,
+        listed,
+        n_listed,
+        has_date,
+    }))
+}
 
+impl Scan<'_> {
+    /// Whether the header is passed on: not hop-by-hop, not named in `Connection`, and
+    /// `Content-Length` only once and never beside a body that is re-framed.
+    fn passes(&self, name: &[u8], wrote_length: &mut bool) -> bool {
+        if is_hop_by_hop(name)
+            || self.listed[..self.n_listed]
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(name))
+        {
+            return false;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if *wrote_length || matches!(self.framing, Framing::Chunked | Framing::Close) {
+                return false;
+            }
+            *wrote_length = true;
+        }
+        true
+    }
+
+    fn head(&self, head_len: usize) -> ResponseHead {
+        ResponseHead {
+            status: self.status,
+            head_len,
+            framing: self.framing,
+            reusable: self.reusable,
+        }
+    }
+}
+
+/// Parses the upstream's response head at the front of `buf` and, when it is whole,
+/// writes the client's head into `out`.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    extra: &Extra<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Response, Malformed> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Response::Partial),
+        Err(_) => return Err(Malformed),
+    };
+    let Some(scan) = scan(&resp, head_request)? else {
+        return Ok(Response::Interim(head_len));
+    };
+    let status = scan.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     let _ = write!(Fmt(out), "{status}");
     out.push(b' ');
-    match resp.reason.filter(|r| !r.is_empty()) {
+    match scan.reason.filter(|r| !r.is_empty()) {
         Some(r) => out.extend_from_slice(r.as_bytes()),
         None => out.extend_from_slice(
             http::StatusCode::from_u16(status)
@@ -350,43 +415,87 @@ pub fn parse_response(
     let mut wrote_length = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        if is_hop_by_hop(name)
-            || listed[..n_listed]
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name))
+        if !scan.passes(name, &mut wrote_length)
             || name.eq_ignore_ascii_case(b"x-request-id")
             || (extra.policy.is_some() && name.eq_ignore_ascii_case(b"ratelimit-policy"))
             || (extra.rate_limit.is_some() && name.eq_ignore_ascii_case(b"ratelimit"))
         {
             continue;
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            // Once, and never beside chunked.
-            if wrote_length || framing == Framing::Chunked || framing == Framing::Close {
-                continue;
-            }
-            wrote_length = true;
-        }
         write_lower(out, name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    if matches!(framing, Framing::Chunked | Framing::Close) {
+    if matches!(scan.framing, Framing::Chunked | Framing::Close) {
         out.extend_from_slice(b"transfer-encoding: ");
-        if !codings.is_empty() {
-            out.extend_from_slice(&codings);
+        if !scan.codings.is_empty() {
+            out.extend_from_slice(&scan.codings);
             out.extend_from_slice(b", ");
         }
         out.extend_from_slice(b"chunked\r\n");
     }
-    write_extra(out, extra, has_date);
-    Ok(Response::Head(ResponseHead {
-        status,
-        head_len,
-        framing,
-        reusable,
-    }))
+    write_extra(out, extra, scan.has_date);
+    Ok(Response::Head(scan.head(head_len)))
+}
+
+/// What the upstream's buffered bytes hold, for a response passed to hyper.
+pub enum Parted {
+    Partial,
+    /// A 1xx interim response of this many bytes, to skip.
+    Interim(usize),
+    /// The head, split off the buffer; header values point into its bytes.
+    Head(http::response::Parts, ResponseHead),
+}
+
+/// Parses the upstream's response head at the front of `buf` into
+/// `http::response::Parts` without copying header values, for a response hyper
+/// writes (to an HTTP/2 or TLS client): hop-by-hop headers are left out, and so is
+/// `Content-Length` beside a body that is re-framed. Transfer codings other than
+/// chunked cannot be passed on this way (HTTP/2 has none); they are dropped, as
+/// hyper's own client does. The gateway's headers are added by the caller.
+pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Parted, Malformed> {
+    // Offsets into `buf`: (name start, name len, value start, value len).
+    let mut spans = [(0u32, 0u16, 0u32, 0u32); MAX_HEADERS];
+    let (head, n_headers) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let head_len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(Parted::Partial),
+            Err(_) => return Err(Malformed),
+        };
+        let Some(scan) = scan(&resp, head_request)? else {
+            return Ok(Parted::Interim(head_len));
+        };
+        let mut wrote_length = false;
+        let mut kept = 0;
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            if !scan.passes(name, &mut wrote_length) {
+                continue;
+            }
+            let (ns, nl) = span(buf, name);
+            let (vs, vl) = span(buf, h.value);
+            spans[kept] = (ns, nl as u16, vs, vl);
+            kept += 1;
+        }
+        (scan.head(head_len), kept)
+    };
+    let status = http::StatusCode::from_u16(head.status).map_err(|_| Malformed)?;
+    let bytes = buf.split_to(head.head_len).freeze();
+    let mut map = HeaderMap::with_capacity(n_headers);
+    for &(ns, nl, vs, vl) in &spans[..n_headers] {
+        let name = HeaderName::from_bytes(&bytes[ns as usize..ns as usize + nl as usize])
+            .map_err(|_| Malformed)?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..(vs + vl) as usize))
+            .map_err(|_| Malformed)?;
+        map.append(name, value);
+    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = map;
+    Ok(Parted::Head(parts, head))
 }
 
 /// The gateway's headers and the end of the head.
@@ -494,6 +603,8 @@ pub struct Chunked {
     line: usize,
     /// The current trailer line is empty so far.
     blank: bool,
+    /// Data is written re-chunked (for an HTTP/1.1 client) rather than as is.
+    rechunk: bool,
 }
 
 const MAX_LINE: usize = 4096;
@@ -507,18 +618,27 @@ impl Default for Chunked {
             in_ext: false,
             line: 0,
             blank: true,
+            rechunk: true,
         }
     }
 }
 
 impl Chunked {
+    /// A decoder that writes the payload as is (for a body hyper frames).
+    pub fn payload_only() -> Chunked {
+        Chunked {
+            rechunk: false,
+            ..Chunked::default()
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
 
-    /// Consumes bytes from `input`, appending re-encoded data to `out`. Returns how
-    /// many bytes were consumed (all of them unless the body ended earlier) and the
-    /// number of payload bytes.
+    /// Consumes bytes from `input`, appending the data to `out` (re-chunked unless
+    /// [`Chunked::payload_only`]). Returns how many bytes were consumed (all of them
+    /// unless the body ended earlier) and the number of payload bytes.
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, u64), BadChunk> {
         let mut i = 0;
         let mut payload = 0u64;
@@ -561,7 +681,11 @@ impl Chunked {
                 }
                 ChunkState::Data => {
                     let n = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    write_chunk(out, &input[i..i + n]);
+                    if self.rechunk {
+                        write_chunk(out, &input[i..i + n]);
+                    } else {
+                        out.extend_from_slice(&input[i..i + n]);
+                    }
                     i += n;
                     payload += n as u64;
                     self.size -= n as u64;
@@ -592,7 +716,9 @@ impl Chunked {
                     match b {
                         b'\n' if self.blank => {
                             self.state = ChunkState::Done;
-                            out.extend_from_slice(LAST_CHUNK);
+                            if self.rechunk {
+                                out.extend_from_slice(LAST_CHUNK);
+                            }
                             return Ok((i, payload));
                         }
                         b'\n' => self.blank = true,
