@@ -83,13 +83,23 @@ pub async fn handle(
     if let Some(policy) = ex.policy() {
         h.insert(RATELIMIT_POLICY.clone(), policy.clone());
         if let Some(v) = &ex.rate_limit {
-            h.insert(RATELIMIT.clone(), v.clone());
+            h.insert(RATELIMIT.clone(), unique(v));
         }
     }
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    h.insert(X_REQUEST_ID.clone(), unique(&request_id));
     let finish = ex.finish(&snap, started, status, reason, request_id, method, path);
     resp.body_mut().set_finish(finish);
     Ok(resp)
+}
+
+/// A response header value that differs from one response to the next. Marked so
+/// that HTTP/2 sends it as a literal instead of adding it to the connection's HPACK
+/// table, where it could never be used again and would push out the entries that can
+/// (`server`, `content-type`, …). HTTP/1.1 ignores the mark.
+fn unique(v: &HeaderValue) -> HeaderValue {
+    let mut v = v.clone();
+    v.set_sensitive(true);
+    v
 }
 
 impl<'s> Exchange<'s> {
