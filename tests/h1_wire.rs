@@ -557,6 +557,36 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(up.conns(), 1);
 }
 
+#[tokio::test]
+async fn pipelined_bursts_of_every_size_around_the_schedulers_budget_are_answered() {
+    // tokio lets a task do 128 socket operations per turn; once they are used up, a
+    // readiness check answers "not yet" without registering the waker and wakes it
+    // after the turn instead. A connection that goes idle at that moment parks with
+    // only that deferred wake-up to bring it back. Refusals (unknown hosts) cost one
+    // operation each, so bursts of 120..=136 and 250..=260 requests cover the edge.
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    for n in (120..=136).chain(250..=260) {
+        let mut c = Client::connect(&gw).await;
+        let burst: Vec<u8> = (0..n)
+            .flat_map(|i| {
+                format!("GET /{i} HTTP/1.1\r\nHost: unknown{i}.test\r\n\r\n").into_bytes()
+            })
+            .collect();
+        c.send(&burst).await;
+        for i in 0..n {
+            let r = c.response().await;
+            assert_eq!(r.status, 404, "burst {n}, response {i}: {}", r.head);
+        }
+        // The connection went idle after the burst; it must still be served.
+        assert_eq!(
+            c.get("/after").await.text(),
+            "/after",
+            "after a burst of {n}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Response framing
 // ---------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
-use tokio::io::AsyncWriteExt;
+use std::future::Future;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use exchange::Pool;
@@ -70,6 +72,11 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
     let mut buf = BytesMut::new();
     // The deadline for a head that arrives in pieces, set when the first piece does.
     let mut deadline = None;
+    // Whether the socket is known to have turned readable (the task was woken for it,
+    // or parking found it readable). After a response it is not: the client has
+    // usually not sent its next request yet, so the connection parks at once rather
+    // than spend a `recv` that would say EAGAIN.
+    let mut readable = true;
     loop {
         // A whole request head, or the reason there is none.
         let head = loop {
@@ -88,10 +95,17 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                     }
                 }
             }
+            if buf.is_empty() && !readable {
+                match worker.park(conn) {
+                    Some(c) => conn = c,
+                    None => return,
+                }
+                readable = true;
+            }
             if buf.capacity() - buf.len() < 512 {
                 buf.reserve(READ_BUF.max(buf.len()));
             }
-            match conn.stream.try_read_buf(&mut buf) {
+            match read_now(&mut conn.stream, &mut buf).await {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -99,10 +113,7 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                         // Nothing pending (readiness can be stale): give the buffer
                         // back and park until the client writes.
                         buf = BytesMut::new();
-                        match worker.park(conn) {
-                            Some(c) => conn = c,
-                            None => return,
-                        }
+                        readable = false;
                         continue;
                     }
                     let until = *deadline.get_or_insert_with(|| {
@@ -124,6 +135,7 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
         };
         conn.fresh = false;
         deadline = None;
+        readable = false;
         let closing = *worker.shutdown.borrow();
         // Boxed, in its own statement: the request's state exists only while it runs.
         let next = Box::pin(request(
@@ -146,6 +158,27 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
             buf = BytesMut::new();
         }
     }
+}
+
+/// One read of what the socket holds now, `WouldBlock` if nothing. Through
+/// `poll_read` rather than `try_read_buf`: tokio clears its readiness flag after a
+/// short read only on that path, and a flag left set makes the next readiness check
+/// (parking) cost a `recv` that answers EAGAIN, once per request.
+///
+/// Outside the task's cooperative budget: with the budget spent, `poll_read` answers
+/// `Pending` while data is waiting, and the readiness wait that follows a
+/// `WouldBlock` here would then return at once, again and again — a task spinning
+/// without ever yielding (a pipelining client hung the worker this way). The task
+/// still yields: every request it serves writes to a socket, which is budgeted.
+async fn read_now(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let mut read = std::pin::pin!(stream.read_buf(buf));
+    tokio::task::unconstrained(std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+        std::task::Poll::Pending => {
+            std::task::Poll::Ready(Err(std::io::ErrorKind::WouldBlock.into()))
+        }
+        done => done,
+    }))
+    .await
 }
 
 /// Hands the rest of the connection to hyper.
