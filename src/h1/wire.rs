@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
+use std::mem::MaybeUninit;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -47,9 +48,9 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
     // Offsets into `buf`: (name start, name len, value start, value len).
     let mut spans = [(0u32, 0u16, 0u32, 0u32); MAX_HEADERS];
     let (head_len, n_headers, method, path, body_len, close) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(buf) {
+        let mut headers = no_headers();
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Parsed::Partial,
             Err(_) => return Parsed::Fallback,
@@ -141,6 +142,20 @@ pub fn unsplit(buf: &mut BytesMut, head: &[u8]) {
     whole.extend_from_slice(head);
     whole.extend_from_slice(buf);
     *buf = whole;
+}
+
+/// Room for the header lines of one head, left uninitialised: httparse fills in
+/// what it parses, so the 4 KiB are not zeroed for every message.
+fn no_headers<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+fn parse_response_head<'h, 'b>(
+    resp: &mut httparse::Response<'h, 'b>,
+    buf: &'b [u8],
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(resp, buf, headers)
 }
 
 /// Where `part` (a sub-slice of `buf`) starts, and its length.
@@ -387,9 +402,9 @@ pub fn parse_response(
     extra: &Extra<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Response, Malformed> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
+    let mut headers = no_headers();
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match parse_response_head(&mut resp, buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Response::Partial),
         Err(_) => return Err(Malformed),
@@ -458,9 +473,9 @@ pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Pa
     // Offsets into `buf`: (name start, name len, value start, value len).
     let mut spans = [(0u32, 0u16, 0u32, 0u32); MAX_HEADERS];
     let (head, n_headers) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let head_len = match resp.parse(buf) {
+        let mut headers = no_headers();
+        let mut resp = httparse::Response::new(&mut []);
+        let head_len = match parse_response_head(&mut resp, buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(Parted::Partial),
             Err(_) => return Err(Malformed),
