@@ -311,6 +311,53 @@ where
     Ok(())
 }
 
+/// What a response-head parser made of the bytes read so far.
+pub(super) enum Step<T> {
+    Partial,
+    /// A 1xx interim response of this many bytes, to skip.
+    Interim(usize),
+    Head(T),
+    Malformed,
+}
+
+/// Reads from the upstream until `parse` finds a whole response head, skipping 1xx
+/// responses, before `deadline`. A connection closed before any byte is an `Early`
+/// failure (the request may be retried on a new one).
+pub(super) async fn read_head<R, T>(
+    up: &mut R,
+    rbuf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+    mut parse: impl FnMut(&mut BytesMut) -> Step<T>,
+) -> Result<T, Failure>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut any = false;
+    loop {
+        if !rbuf.is_empty() {
+            match parse(rbuf) {
+                Step::Head(h) => return Ok(h),
+                Step::Interim(n) => {
+                    rbuf.advance(n);
+                    continue;
+                }
+                Step::Partial if rbuf.len() < MAX_RESPONSE_HEAD => {}
+                Step::Partial | Step::Malformed => {
+                    return Err(Failure::Upstream(UpstreamFailure::Protocol))
+                }
+            }
+        }
+        rbuf.reserve(HEAD_READ);
+        match tokio::time::timeout_at(deadline, up.read_buf(rbuf)).await {
+            Ok(Ok(n)) if n > 0 => any = true,
+            // Closed or reset: before any byte of a response, or in the middle of one.
+            Ok(_) if any => return Err(Failure::Upstream(UpstreamFailure::Reset)),
+            Ok(_) => return Err(Failure::Early(UpstreamFailure::Reset)),
+            Err(_) => return Err(Failure::Timeout),
+        }
+    }
+}
+
 /// Reads the response head (skipping 1xx), writes the client's head, streams the
 /// body. `Ok(true)` when the upstream connection can carry another exchange.
 async fn respond<R, W>(
@@ -327,31 +374,16 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut out = Vec::with_capacity(1024);
-    let mut any = false;
-    let head = loop {
-        if !rbuf.is_empty() {
-            out.clear();
-            match wire::parse_response(rbuf, is_head, extra, &mut out) {
-                Ok(Response::Head(h)) => break h,
-                Ok(Response::Interim(n)) => {
-                    rbuf.advance(n);
-                    continue;
-                }
-                Ok(Response::Partial) if rbuf.len() < MAX_RESPONSE_HEAD => {}
-                Ok(Response::Partial) | Err(_) => {
-                    return Err(Failure::Upstream(UpstreamFailure::Protocol))
-                }
-            }
+    let head = read_head(up, rbuf, deadline, |rbuf| {
+        out.clear();
+        match wire::parse_response(rbuf, is_head, extra, &mut out) {
+            Ok(Response::Head(h)) => Step::Head(h),
+            Ok(Response::Interim(n)) => Step::Interim(n),
+            Ok(Response::Partial) => Step::Partial,
+            Err(_) => Step::Malformed,
         }
-        rbuf.reserve(HEAD_READ);
-        match tokio::time::timeout_at(deadline, up.read_buf(rbuf)).await {
-            Ok(Ok(n)) if n > 0 => any = true,
-            // Closed or reset: before any byte of a response, or in the middle of one.
-            Ok(_) if any => return Err(Failure::Upstream(UpstreamFailure::Reset)),
-            Ok(_) => return Err(Failure::Early(UpstreamFailure::Reset)),
-            Err(_) => return Err(Failure::Timeout),
-        }
-    };
+    })
+    .await?;
     rbuf.advance(head.head_len);
     let Some(on_head) = on_head.take() else {
         return Err(Failure::Late);

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::exchange::{self, Failure, HEAD_READ, MAX_RESPONSE_HEAD, STREAM_READ};
+use super::exchange::{self, Failure, Step, HEAD_READ, STREAM_READ};
 use super::wire::{self, Chunked, Framing, Parted};
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -78,7 +78,15 @@ pub async fn fetch(
             Err(_) => return Err(fail(Failure::Timeout)),
         }
         let mut rbuf = BytesMut::with_capacity(HEAD_READ);
-        match read_head(&mut up, &mut rbuf, is_head, deadline).await {
+        let head = exchange::read_head(&mut up, &mut rbuf, deadline, |rbuf| {
+            match wire::parse_response_parts(rbuf, is_head) {
+                Ok(Parted::Head(parts, head)) => Step::Head((parts, head)),
+                Ok(Parted::Interim(n)) => Step::Interim(n),
+                Ok(Parted::Partial) => Step::Partial,
+                Err(_) => Step::Malformed,
+            }
+        });
+        match head.await {
             Ok((parts, head)) => {
                 let body = UpstreamBody {
                     up: Some(up),
@@ -96,39 +104,6 @@ pub async fn fetch(
             }
             Err(Failure::Early(_)) if reused && retry => fresh = true,
             Err(f) => return Err(fail(f)),
-        }
-    }
-}
-
-/// Reads the response head, skipping 1xx responses.
-async fn read_head(
-    up: &mut TcpStream,
-    rbuf: &mut BytesMut,
-    is_head: bool,
-    deadline: tokio::time::Instant,
-) -> Result<(http::response::Parts, wire::ResponseHead), Failure> {
-    let mut any = false;
-    loop {
-        if !rbuf.is_empty() {
-            match wire::parse_response_parts(rbuf, is_head) {
-                Ok(Parted::Head(parts, head)) => return Ok((parts, head)),
-                Ok(Parted::Interim(n)) => {
-                    rbuf.advance(n);
-                    continue;
-                }
-                Ok(Parted::Partial) if rbuf.len() < MAX_RESPONSE_HEAD => {}
-                Ok(Parted::Partial) | Err(_) => {
-                    return Err(Failure::Upstream(UpstreamFailure::Protocol))
-                }
-            }
-        }
-        rbuf.reserve(HEAD_READ);
-        match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read_buf(up, rbuf)).await {
-            Ok(Ok(n)) if n > 0 => any = true,
-            // Closed or reset: before any byte of a response, or in the middle of one.
-            Ok(_) if any => return Err(Failure::Upstream(UpstreamFailure::Reset)),
-            Ok(_) => return Err(Failure::Early(UpstreamFailure::Reset)),
-            Err(_) => return Err(Failure::Timeout),
         }
     }
 }
