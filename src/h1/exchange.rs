@@ -117,6 +117,27 @@ pub(super) enum Failure {
     Late,
 }
 
+impl Failure {
+    /// The gateway's error for a failure before anything reached the client (a `Late`
+    /// one, which has no answer of its own, reads as a reset).
+    pub(super) fn into_error(self, upstream: &Arc<str>, timeout: Duration) -> ProxyError {
+        match self {
+            Failure::Timeout => ProxyError::UpstreamTimeout {
+                upstream: upstream.clone(),
+                after: timeout,
+            },
+            Failure::Early(failure) | Failure::Upstream(failure) => ProxyError::UpstreamError {
+                upstream: upstream.clone(),
+                failure,
+            },
+            Failure::Late => ProxyError::UpstreamError {
+                upstream: upstream.clone(),
+                failure: UpstreamFailure::Reset,
+            },
+        }
+    }
+}
+
 /// Forwards one request and writes the response to the client. `on_head` is called
 /// with the status once the upstream's head has arrived and returns the work to do
 /// when the response is over.
@@ -142,20 +163,11 @@ pub async fn forward(
     let is_head = req.parts.method == http::Method::HEAD;
     let mut on_head = Some(on_head);
     let mut force_fresh = false;
-    let timeout_err = || ProxyError::UpstreamTimeout {
-        upstream: req.upstream.clone(),
-        after: req.timeout,
-    };
-    let up_err = |failure| ProxyError::UpstreamError {
-        upstream: req.upstream.clone(),
-        failure,
-    };
+    let err = |f: Failure| f.into_error(req.upstream, req.timeout);
     loop {
         let (mut up, reused) = match open(pool, req.target, force_fresh, deadline).await {
             Ok(s) => s,
-            Err(Failure::Timeout) => return refused(timeout_err(), body_rest),
-            Err(Failure::Early(f) | Failure::Upstream(f)) => return refused(up_err(f), body_rest),
-            Err(Failure::Late) => return Done::Broken,
+            Err(f) => return refused(err(f), body_rest),
         };
         match tokio::time::timeout_at(deadline, up.write_all(&wbuf)).await {
             Ok(Ok(())) => {}
@@ -164,8 +176,10 @@ pub async fn forward(
                 force_fresh = true;
                 continue;
             }
-            Ok(Err(_)) => return refused(up_err(UpstreamFailure::Reset), body_rest),
-            Err(_) => return refused(timeout_err(), body_rest),
+            Ok(Err(_)) => {
+                return refused(err(Failure::Upstream(UpstreamFailure::Reset)), body_rest)
+            }
+            Err(_) => return refused(err(Failure::Timeout), body_rest),
         }
         let mut rbuf = BytesMut::with_capacity(HEAD_READ);
         // `body_read`: the request body was read to its end, so the client connection
@@ -225,15 +239,11 @@ pub async fn forward(
                 force_fresh = true;
                 continue;
             }
-            Err(Failure::Early(f) | Failure::Upstream(f)) => Done::Refused {
-                error: up_err(f),
-                client_reusable: body_read,
-            },
-            Err(Failure::Timeout) => Done::Refused {
-                error: timeout_err(),
-                client_reusable: body_read,
-            },
             Err(Failure::Late) => Done::Broken,
+            Err(f) => Done::Refused {
+                error: err(f),
+                client_reusable: body_read,
+            },
         };
     }
 }

@@ -48,20 +48,7 @@ pub async fn fetch(
     wire::write_request_head(&mut wbuf, parts);
     let is_head = parts.method == http::Method::HEAD;
     let retry = exchange::idempotent(&parts.method, 0);
-    let fail = |f: Failure| match f {
-        Failure::Timeout => ProxyError::UpstreamTimeout {
-            upstream: upstream.clone(),
-            after: timeout,
-        },
-        Failure::Early(f) | Failure::Upstream(f) => ProxyError::UpstreamError {
-            upstream: upstream.clone(),
-            failure: f,
-        },
-        Failure::Late => ProxyError::UpstreamError {
-            upstream: upstream.clone(),
-            failure: UpstreamFailure::Reset,
-        },
-    };
+    let fail = |f: Failure| f.into_error(upstream, timeout);
     let mut fresh = false;
     loop {
         let (mut up, reused) = exchange::open(&client.h1, target, fresh, deadline)
@@ -91,6 +78,7 @@ pub async fn fetch(
                 let body = UpstreamBody {
                     up: Some(up),
                     rbuf,
+                    pending: Bytes::new(),
                     framing: head.framing,
                     chunked: Chunked::payload_only(),
                     reusable: head.reusable,
@@ -116,6 +104,8 @@ pub struct UpstreamBody {
     up: Option<TcpStream>,
     /// Read but not yet passed on.
     rbuf: BytesMut,
+    /// Decoded but not yet passed on (what came with the head of a chunked body).
+    pending: Bytes,
     /// `Length` counts the bytes not yet passed on.
     framing: Framing,
     chunked: Chunked,
@@ -146,15 +136,17 @@ impl UpstreamBody {
             }
             Framing::Chunked => {
                 let mut out = Vec::new();
-                let mut probe = Chunked::payload_only();
-                match probe.decode(&self.rbuf, &mut out) {
-                    Ok((used, _)) if probe.is_done() => {
-                        self.rbuf.advance(used);
-                        Some(Bytes::from(out))
-                    }
-                    // Not all here yet: the streaming body decodes it from the start.
-                    Ok(_) => None,
-                    Err(_) => return Err(Failure::Upstream(UpstreamFailure::Protocol)),
+                let (used, _) = self
+                    .chunked
+                    .decode(&self.rbuf, &mut out)
+                    .map_err(|_| Failure::Upstream(UpstreamFailure::Protocol))?;
+                self.rbuf.advance(used);
+                if self.chunked.is_done() {
+                    Some(Bytes::from(out))
+                } else {
+                    // Not all here yet: what is decoded goes out first, the rest streams.
+                    self.pending = Bytes::from(out);
+                    None
                 }
             }
             _ => None,
@@ -187,6 +179,9 @@ impl UpstreamBody {
 
     /// The next piece of the body from what has been read, if any.
     fn next_frame(&mut self) -> Result<Option<Bytes>, std::io::Error> {
+        if !self.pending.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.pending)));
+        }
         if self.rbuf.is_empty() {
             return Ok(None);
         }
@@ -267,7 +262,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.up.is_none() || self.framing == Framing::Empty
+        self.pending.is_empty() && (self.up.is_none() || self.framing == Framing::Empty)
     }
 
     fn size_hint(&self) -> SizeHint {
