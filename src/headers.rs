@@ -18,6 +18,14 @@ pub static X_TENANT_FEATURES: HeaderName = HeaderName::from_static("x-tenant-fea
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Headers the gateway may add to a forwarded request (tenant id, features,
+/// `x-request-id`, `Host`, `x-forwarded-host`, `-proto`, `-for`, one more for a
+/// forwarded claim or client certificate): maps built for a request reserve this much
+/// room up front.
+pub const ADDED_TO_REQUESTS: usize = 8;
+/// Headers added to a response (`x-request-id`, `RateLimit`, `RateLimit-Policy`).
+pub const ADDED_TO_RESPONSES: usize = 3;
+
 /// The fixed hop-by-hop list (with `Connection` itself), removed in both directions;
 /// the HTTP/1.1 fast path matches response header names against it as bytes.
 pub const HOP_BY_HOP: [&str; 8] = [
@@ -108,7 +116,36 @@ pub fn new_request_id() -> HeaderValue {
     for (i, b) in buf.iter_mut().enumerate() {
         *b = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    small_value(|out| out.extend_from_slice(&buf)).expect("hex digits are a valid header value")
+}
+
+/// Room kept in the shared block for the next value; a value written past it still
+/// works (the block grows), it only costs an allocation.
+const SMALL_VALUE_ROOM: usize = 256;
+/// Size of one shared block of small header values.
+const SMALL_VALUE_BLOCK: usize = 8 * 1024;
+
+/// A short header value made per request (the request id, `RateLimit`), written by
+/// `write` into a block shared with the values made before it on this thread. One
+/// allocation serves a few hundred values, and clones only count references; a value
+/// built from its own buffer costs one allocation to make and another at its first
+/// clone (when `bytes` turns it into a shared one). A block is freed when the last
+/// value cut from it is dropped. `None` when `write` wrote something that is not a
+/// valid header value.
+pub fn small_value(write: impl FnOnce(&mut bytes::BytesMut)) -> Option<HeaderValue> {
+    use std::cell::RefCell;
+    thread_local! {
+        static BLOCK: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
+    }
+    BLOCK.with(|block| {
+        let mut block = block.borrow_mut();
+        if block.capacity() - block.len() < SMALL_VALUE_ROOM {
+            *block = bytes::BytesMut::with_capacity(SMALL_VALUE_BLOCK);
+        }
+        block.clear();
+        write(&mut block);
+        HeaderValue::from_maybe_shared(block.split().freeze()).ok()
+    })
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -133,6 +170,8 @@ pub struct Forward<'a> {
 
 /// Rewrites the headers of a request about to be forwarded.
 pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
+    // Room for what is added below, made once rather than by repeated growth.
+    let _ = headers.try_reserve(ADDED_TO_REQUESTS);
     remove_hop_by_hop(headers);
 
     // Tenant identity comes from the gateway only: `insert` replaces every client copy
@@ -168,7 +207,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
     // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need `Host`.
     if !headers.contains_key(header::HOST) {
         if let Some(a) = f.authority {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            if let Some(v) = small_value(|b| b.extend_from_slice(a.as_str().as_bytes())) {
                 headers.insert(header::HOST, v);
             }
         }

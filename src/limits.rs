@@ -314,16 +314,20 @@ fn remaining(s: &StateSnapshot) -> u32 {
 impl RateState {
     /// `RateLimit: "tenant";r=…;t=…[, "client";r=…;t=…]`, or `None` without rate limits.
     pub fn header(&self) -> Option<HeaderValue> {
-        let mut buf = Vec::with_capacity(48);
-        for (name, s) in [("tenant", self.tenant), ("client", self.client)] {
-            if let Some((rate, left)) = s {
-                if !buf.is_empty() {
-                    buf.extend_from_slice(b", ");
-                }
-                let _ = write!(buf, "\"{name}\";r={left};t={}", rate.reset_secs(left));
-            }
+        if self.tenant.is_none() && self.client.is_none() {
+            return None;
         }
-        (!buf.is_empty()).then(|| HeaderValue::from_bytes(&buf).expect("ASCII digits and names"))
+        crate::headers::small_value(|buf| {
+            use std::fmt::Write as _;
+            for (name, s) in [("tenant", self.tenant), ("client", self.client)] {
+                if let Some((rate, left)) = s {
+                    if !buf.is_empty() {
+                        buf.extend_from_slice(b", ");
+                    }
+                    let _ = write!(buf, "\"{name}\";r={left};t={}", rate.reset_secs(left));
+                }
+            }
+        })
     }
 }
 

@@ -13,6 +13,7 @@ use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::spare;
 use super::wire::{self, Chunked, Extra, Framing, Response};
 use crate::body::Finish;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -148,7 +149,7 @@ pub async fn forward(
     req: Outgoing<'_>,
     on_head: impl FnOnce(u16) -> Finish,
 ) -> Done {
-    let mut wbuf = Vec::with_capacity(1024);
+    let mut wbuf = spare::Scratch::new(1024);
     wire::write_request_head(&mut wbuf, req.parts);
     // The part of the body that came with the head goes out in the same write.
     let in_buf = usize::try_from(req.body_len)
@@ -181,7 +182,7 @@ pub async fn forward(
             }
             Err(_) => return refused(err(Failure::Timeout), body_rest),
         }
-        let mut rbuf = BytesMut::with_capacity(HEAD_READ);
+        let mut rbuf = spare::Buf::new(HEAD_READ);
         // `body_read`: the request body was read to its end, so the client connection
         // can carry the next request.
         let (result, body_read) = {
@@ -383,7 +384,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(1024);
+    let mut out = spare::Scratch::new(1024);
     let head = read_head(up, rbuf, deadline, |rbuf| {
         out.clear();
         match wire::parse_response(rbuf, is_head, extra, &mut out) {

@@ -44,7 +44,7 @@ pub async fn fetch(
     timeout: Duration,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut wbuf = Vec::with_capacity(1024);
+    let mut wbuf = super::spare::Scratch::new(1024);
     wire::write_request_head(&mut wbuf, parts);
     let is_head = parts.method == http::Method::HEAD;
     let retry = exchange::idempotent(&parts.method, 0);

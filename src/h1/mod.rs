@@ -18,6 +18,7 @@
 mod exchange;
 mod fetch;
 mod park;
+mod spare;
 pub mod wire;
 
 use std::sync::Arc;
@@ -69,7 +70,9 @@ pub fn plain_h1(upstream: &Upstream) -> bool {
 /// Serves a connection that has something to read, until it closes, goes idle
 /// (parked again) or needs hyper.
 async fn serve(worker: Arc<Worker>, mut conn: Conn) {
-    let mut buf = BytesMut::new();
+    // Taken from the worker's spare buffers when the first bytes are due, given back
+    // whenever it is empty and the connection waits.
+    let mut buf = spare::Buf::default();
     // The deadline for a head that arrives in pieces, set when the first piece does.
     let mut deadline = None;
     // Whether the socket is known to have turned readable (the task was woken for it,
@@ -83,14 +86,14 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
             if !buf.is_empty() {
                 if conn.fresh && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
                     if buf.len() >= H2_PREFACE.len() {
-                        return to_hyper(&worker, conn, buf.freeze(), true).await;
+                        return to_hyper(&worker, conn, buf.take().freeze(), true).await;
                     }
                 } else {
                     match wire::parse_request(&mut buf) {
                         Parsed::Request(h) => break h,
                         Parsed::Partial if buf.len() < worker.max_head => {}
                         Parsed::Partial | Parsed::Fallback => {
-                            return to_hyper(&worker, conn, buf.freeze(), false).await;
+                            return to_hyper(&worker, conn, buf.take().freeze(), false).await;
                         }
                     }
                 }
@@ -102,8 +105,11 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                 }
                 readable = true;
             }
-            if buf.capacity() - buf.len() < 512 {
-                buf.reserve(READ_BUF.max(buf.len()));
+            if buf.capacity() == 0 {
+                buf = spare::Buf::new(READ_BUF);
+            } else if buf.capacity() - buf.len() < 512 {
+                let more = READ_BUF.max(buf.len());
+                buf.reserve(more);
             }
             match read_now(&mut conn.stream, &mut buf).await {
                 Ok(0) => return,
@@ -112,7 +118,7 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                     if buf.is_empty() {
                         // Nothing pending (readiness can be stale): give the buffer
                         // back and park until the client writes.
-                        buf = BytesMut::new();
+                        buf = spare::Buf::default();
                         readable = false;
                         continue;
                     }
@@ -151,11 +157,11 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                 close(conn.stream).await;
                 return;
             }
-            Next::Hyper => return to_hyper(&worker, conn, buf.freeze(), false).await,
+            Next::Hyper => return to_hyper(&worker, conn, buf.take().freeze(), false).await,
         }
         if buf.is_empty() {
             // Give the buffer back before waiting.
-            buf = BytesMut::new();
+            buf = spare::Buf::default();
         }
     }
 }

@@ -101,7 +101,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         (head_len, kept, method, path, body_len.unwrap_or(0), close)
     };
     let head = buf.split_to(head_len).freeze();
-    let mut map = HeaderMap::with_capacity(n_headers);
+    let mut map = HeaderMap::with_capacity(n_headers + crate::headers::ADDED_TO_REQUESTS);
     for &(ns, nl, vs, vl) in &spans[..n_headers] {
         let name = &head[ns as usize..ns as usize + nl as usize];
         let Ok(name) = HeaderName::from_bytes(name) else {
@@ -499,7 +499,7 @@ pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Pa
     };
     let status = http::StatusCode::from_u16(head.status).map_err(|_| Malformed)?;
     let bytes = buf.split_to(head.head_len).freeze();
-    let mut map = HeaderMap::with_capacity(n_headers);
+    let mut map = HeaderMap::with_capacity(n_headers + crate::headers::ADDED_TO_RESPONSES);
     for &(ns, nl, vs, vl) in &spans[..n_headers] {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ns as usize + nl as usize])
             .map_err(|_| Malformed)?;

@@ -1,0 +1,215 @@
+//! Buffers a worker thread keeps between requests. A connection holds no buffer
+//! while it waits for its next request (that is what keeps idle connections small),
+//! so without these every request would allocate and free its read buffer, the
+//! request head it writes upstream, the upstream read buffer and the head it writes
+//! back. Each worker runs on its own thread, so the lists are thread-local and need
+//! no lock; they are bounded in count and in the size of what they keep.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+use bytes::BytesMut;
+
+/// Bytes of buffers of each kind kept per thread, about one buffer per exchange in
+/// progress at a busy moment (hundreds with HTTP/2 clients).
+const KEEP_BYTES: usize = 2 * 1024 * 1024;
+/// A buffer grown past this (a large body went through it) is freed, not kept.
+const MAX_KEPT: usize = 64 * 1024;
+
+/// Kept buffers of one kind, and their total capacity.
+struct List<T> {
+    items: Vec<T>,
+    bytes: usize,
+}
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        List {
+            items: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T> List<T> {
+    fn pop(&mut self, cap: impl Fn(&T) -> usize) -> Option<T> {
+        let item = self.items.pop()?;
+        self.bytes -= cap(&item);
+        Some(item)
+    }
+
+    fn push(&mut self, item: T, cap: usize) {
+        if self.bytes + cap <= KEEP_BYTES {
+            self.bytes += cap;
+            self.items.push(item);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Lists {
+    bufs: List<BytesMut>,
+    vecs: List<Vec<u8>>,
+}
+
+thread_local! {
+    static LISTS: RefCell<Lists> = RefCell::new(Lists::default());
+}
+
+/// An empty buffer with room for at least `size` bytes.
+fn buf(size: usize) -> BytesMut {
+    let kept = LISTS.with(|l| l.borrow_mut().bufs.pop(BytesMut::capacity));
+    match kept {
+        Some(mut b) => {
+            b.reserve(size);
+            b
+        }
+        None => BytesMut::with_capacity(size),
+    }
+}
+
+/// Keeps `b` for a later request when nothing else still points into it (bytes split
+/// off it and handed on, such as a response body, keep their allocation alive).
+fn give_buf(mut b: BytesMut) {
+    let cap = b.capacity();
+    if cap == 0 || cap > MAX_KEPT {
+        return;
+    }
+    b.clear();
+    // Succeeds only when this handle is the allocation's sole owner; it then has its
+    // whole capacity back in front.
+    if !b.try_reclaim(cap) {
+        return;
+    }
+    let cap = b.capacity();
+    LISTS.with(|l| l.borrow_mut().bufs.push(b, cap));
+}
+
+/// An empty `Vec` with room for at least `size` bytes.
+fn vec(size: usize) -> Vec<u8> {
+    let mut v = LISTS
+        .with(|l| l.borrow_mut().vecs.pop(Vec::capacity))
+        .unwrap_or_default();
+    v.reserve(size);
+    v
+}
+
+/// Keeps `v` for a later request.
+fn give_vec(mut v: Vec<u8>) {
+    let cap = v.capacity();
+    if cap == 0 || cap > MAX_KEPT {
+        return;
+    }
+    v.clear();
+    LISTS.with(|l| l.borrow_mut().vecs.push(v, cap));
+}
+
+/// A buffer from the thread's list that goes back to it when dropped.
+#[derive(Default)]
+pub(super) struct Buf(BytesMut);
+
+impl Buf {
+    pub(super) fn new(size: usize) -> Buf {
+        Buf(buf(size))
+    }
+
+    /// The bytes, for keeps (the buffer is not given back).
+    pub(super) fn take(&mut self) -> BytesMut {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Deref for Buf {
+    type Target = BytesMut;
+    fn deref(&self) -> &BytesMut {
+        &self.0
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.0
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        give_buf(std::mem::take(&mut self.0));
+    }
+}
+
+/// A `Vec` from the thread's list that goes back to it when dropped.
+pub(super) struct Scratch(Vec<u8>);
+
+impl Scratch {
+    pub(super) fn new(size: usize) -> Scratch {
+        Scratch(vec(size))
+    }
+}
+
+impl Deref for Scratch {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        give_vec(std::mem::take(&mut self.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_still_shared_is_not_kept_and_a_free_one_comes_back_whole() {
+        let mut b = buf(4096);
+        let ptr = b.as_ptr();
+        b.extend_from_slice(b"GET / HTTP/1.1\r\n\r\nrest");
+        let head = b.split_to(18).freeze();
+        give_buf(b);
+        // `head` still points into the allocation: it was not kept.
+        let other = buf(4096);
+        assert_ne!(other.as_ptr(), ptr);
+        drop(head);
+        give_buf(other);
+
+        let mut b = buf(4096);
+        let ptr = b.as_ptr();
+        b.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        drop(b.split_to(10).freeze());
+        give_buf(b);
+        let again = buf(4096);
+        assert_eq!(again.as_ptr(), ptr);
+        assert!(again.is_empty() && again.capacity() >= 4096);
+    }
+
+    #[test]
+    fn large_or_surplus_vecs_are_freed() {
+        let v = vec(100 * 1024);
+        let ptr = v.as_ptr();
+        give_vec(v);
+        let small = vec(10);
+        assert_ne!(small.as_ptr(), ptr);
+        for _ in 0..KEEP_BYTES / 1024 + 10 {
+            give_vec(Vec::with_capacity(1024));
+        }
+        let (n, bytes) = LISTS.with(|l| {
+            let l = l.borrow();
+            (l.vecs.items.len(), l.vecs.bytes)
+        });
+        assert!(
+            bytes <= KEEP_BYTES && n >= KEEP_BYTES / 1024 - 1,
+            "{n} kept, {bytes} bytes"
+        );
+    }
+}
