@@ -10,9 +10,11 @@ use std::ops::{Deref, DerefMut};
 
 use bytes::BytesMut;
 
-/// Bytes of buffers of each kind kept per thread, about one buffer per exchange in
-/// progress at a busy moment (hundreds with HTTP/2 clients).
-const KEEP_BYTES: usize = 2 * 1024 * 1024;
+/// Bytes of buffers of each kind kept per thread: enough for the exchanges in
+/// progress at one moment under the load benchmark's 64 connections, and little next to
+/// the connections themselves (kept buffers count against every idle connection's
+/// share of memory). Past it, buffers are freed as before.
+const KEEP_BYTES: usize = 256 * 1024;
 /// A buffer grown past this (a large body went through it) is freed, not kept.
 const MAX_KEPT: usize = 64 * 1024;
 
