@@ -382,6 +382,16 @@ impl fmt::Display for RequestBodyError {
     }
 }
 
+impl RequestBodyError {
+    /// The gateway's answer to the client whose body this was.
+    pub fn to_error(&self) -> ProxyError {
+        match self {
+            RequestBodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
+            RequestBodyError::Client(_) => ProxyError::BadRequestBody,
+        }
+    }
+}
+
 impl StdError for RequestBodyError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {

@@ -69,13 +69,26 @@ pub async fn handle(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
+    let http1 = req.version() < Version::HTTP_2;
     let mut ex = Exchange::new(&snap);
     let mut reason = None;
     let mut resp = match proxy(req, &snap, &ctx, &request_id, &mut ex).await {
         Ok(resp) => resp,
         Err(e) => {
             reason = Some(e.code());
-            refuse(&e, &snap, &mut ex, &request_id)
+            let mut resp = refuse(&e, &snap, &mut ex, &request_id);
+            if http1
+                && matches!(
+                    e,
+                    ProxyError::BodyTooLarge { .. } | ProxyError::BadRequestBody
+                )
+            {
+                // The body was not read to its end, so the connection cannot carry
+                // another request: say so rather than just close it.
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     let status = resp.status().as_u16();
@@ -215,29 +228,28 @@ async fn proxy<'s>(
         websocket.as_ref().map(|w| &w.0),
     )
     .await?;
-    if websocket.is_none()
-        && crate::h1::enabled()
-        && crate::h1::plain_h1(upstream)
-        && crate::h1::fits(&parts, http_body::Body::is_end_stream(&body))
-    {
-        // No body to send: the fast path's exchange, over its pool of raw sockets.
-        drop(body);
-        let resp = crate::h1::fetch(
-            &ctx.client,
-            &parts,
-            &target,
-            &upstream.name,
-            tenant.request_timeout,
-        )
-        .await?;
-        return Ok(resp);
-    }
     let body = RequestBody::new(
         body,
         tenant.limits.max_body,
         snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
+    if websocket.is_none()
+        && crate::h1::enabled()
+        && crate::h1::plain_h1(upstream)
+        && crate::h1::fits(&parts)
+    {
+        // The fast path's exchange, over its pool of raw sockets.
+        return crate::h1::fetch(
+            &ctx.client,
+            &parts,
+            body,
+            &target,
+            &upstream.name,
+            tenant.request_timeout,
+        )
+        .await;
+    }
     let (mut resp, lease) = upstream::send(
         &ctx.client,
         Request::from_parts(parts, body),

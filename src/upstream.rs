@@ -316,13 +316,7 @@ pub async fn send(
                     _ => {
                         let err = e.into_error();
                         return Err(match body_error(&err) {
-                            Some(RequestBodyError::TooLarge { limit }) => (
-                                UpstreamFailure::Reset,
-                                Some(ProxyError::BodyTooLarge { limit: *limit }),
-                            ),
-                            Some(RequestBodyError::Client(_)) => {
-                                (UpstreamFailure::Reset, Some(ProxyError::BadRequestBody))
-                            }
+                            Some(b) => (UpstreamFailure::Reset, Some(b.to_error())),
                             None => {
                                 tracing::debug!(upstream = %upstream, error = %err, source = ?err.source(), "upstream request failed");
                                 (classify(&err), None)

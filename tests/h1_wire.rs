@@ -1771,8 +1771,8 @@ async fn bad_chunk_in_request_body_is_400_bad_request_body_and_close() {
     .await;
     let r = c.response().await;
     r.assert_error(400, "bad_request_body", Some("t1"));
-    // TODAY: the connection closes after the answer, which does not say so.
-    assert!(!r.headers.has("connection"), "{}", r.head);
+    // The rest of the body is unread: the answer says the connection closes, and it does.
+    assert_eq!(r.headers.get("connection"), Some("close"), "{}", r.head);
     assert_eq!(c.closed().await, b"");
     assert!(
         up.seen().is_empty(),
@@ -2043,7 +2043,12 @@ async fn idle_keep_alive_connections_serve_again_and_close_after_the_header_time
 type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
 /// An HTTP/2 prior-knowledge connection to the gateway.
-async fn h2(gw: &Gateway) -> H2 {
+async fn h2<B>(gw: &Gateway) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let (send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -2074,12 +2079,25 @@ impl H2Reply {
 
 /// Sends a bodiless request (END_STREAM on its HEADERS frame).
 async fn h2_send(send: &mut H2, method: &str, path: &str) -> H2Reply {
-    use http_body_util::BodyExt;
     let req = http::Request::builder()
         .method(method)
         .uri(format!("http://{HOST}{path}"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
+    h2_exchange(send, req).await
+}
+
+/// Sends `req` and reads the whole reply, each step bounded by [`READ_TIMEOUT`].
+async fn h2_exchange<B>(
+    send: &mut hyper::client::conn::http2::SendRequest<B>,
+    req: http::Request<B>,
+) -> H2Reply
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
     let resp = tokio::time::timeout(READ_TIMEOUT, send.send_request(req))
         .await
         .expect("a response in time")
@@ -2140,7 +2158,7 @@ async fn http2_client_gets_every_framing_of_a_raw_upstream_response() {
     })
     .await;
     let gw = gateway(&up, "");
-    let mut c = h2(&gw).await;
+    let mut c: H2 = h2(&gw).await;
 
     let r = h2_send(&mut c, "GET", "/len").await;
     assert_eq!((r.status, r.text().as_str()), (200, "hello"));
@@ -2243,7 +2261,7 @@ async fn http2_client_gets_502_504_or_a_reset_stream_from_a_failing_raw_upstream
     })
     .await;
     let gw = gateway(&up, "request_timeout = \"300ms\"\n");
-    let mut c = h2(&gw).await;
+    let mut c: H2 = h2(&gw).await;
     for path in ["/bad-chunk", "/garbage", "/101", "/nothing"] {
         let r = h2_send(&mut c, "GET", path).await;
         assert_eq!(r.status, 502, "{path}");
@@ -2274,4 +2292,233 @@ async fn http2_client_gets_502_504_or_a_reset_stream_from_a_failing_raw_upstream
             "after {path}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies from HTTP/2 clients, over the fast path's upstream exchange
+// ---------------------------------------------------------------------------------------
+
+/// A request body the test feeds piece by piece, of no length known in advance.
+struct Feed(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for Feed {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|piece| piece.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+type AnyBody = http_body_util::Either<http_body_util::Full<bytes::Bytes>, Feed>;
+type H2Any = hyper::client::conn::http2::SendRequest<AnyBody>;
+
+/// Sends `body` (a whole one gets a `content-length` from hyper) and reads the reply.
+async fn h2_post(send: &mut H2Any, path: &str, body: AnyBody) -> H2Reply {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{HOST}{path}"))
+        .body(body)
+        .unwrap();
+    h2_exchange(send, req).await
+}
+
+fn whole(b: &[u8]) -> AnyBody {
+    http_body_util::Either::Left(http_body_util::Full::new(bytes::Bytes::copy_from_slice(b)))
+}
+
+/// A fed body and the sender feeding it.
+fn fed() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, AnyBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    (tx, http_body_util::Either::Right(Feed(rx)))
+}
+
+#[tokio::test]
+async fn http2_request_bodies_reach_a_raw_upstream_with_their_length_or_chunked() {
+    let up = RawUpstream::start(|r| {
+        let reply = match r.target.as_str() {
+            "/cl-te" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(),
+            _ => ok(format!("{} {}", r.target, r.body.len()).as_bytes()),
+        };
+        vec![Step::Write(reply)]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c: H2Any = h2(&gw).await;
+
+    // A whole body: its content-length goes with it.
+    let small = pattern(1024);
+    let r = h2_post(&mut c, "/small", whole(&small)).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "/small 1024"));
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(
+        seen.headers.all("content-length"),
+        ["1024"],
+        "{}",
+        seen.head
+    );
+    assert!(!seen.chunked);
+    assert_eq!(seen.body, small);
+    assert_eq!(seen.headers.all("x-tenant-id"), ["t1"]);
+
+    // Larger than what is sent with the head: the rest streams, byte-exact.
+    let big = pattern(1 << 20);
+    let r = h2_post(&mut c, "/big", whole(&big)).await;
+    assert_eq!(r.text(), "/big 1048576");
+    assert_eq!(up.seen().pop().unwrap().body, big);
+
+    // No length known: chunked upstream, pieces as they come, some after the head.
+    let (tx, body) = fed();
+    let feeder = tokio::spawn(async move {
+        for piece in pattern(200_000).chunks(30_000) {
+            tx.send(bytes::Bytes::copy_from_slice(piece)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let r = h2_post(&mut c, "/fed", body).await;
+    feeder.await.unwrap();
+    assert_eq!(r.text(), "/fed 200000");
+    let seen = up.seen().pop().unwrap();
+    assert!(seen.chunked, "{}", seen.head);
+    assert!(
+        seen.headers.all("content-length").is_empty(),
+        "{}",
+        seen.head
+    );
+    assert_eq!(seen.body, pattern(200_000));
+
+    // An empty fed body: a chunked body of no chunks.
+    let (tx, body) = fed();
+    drop(tx);
+    let r = h2_post(&mut c, "/empty", body).await;
+    assert_eq!(r.text(), "/empty 0");
+
+    // The upstream's length beside chunked is not passed on (the client would stop
+    // after two bytes): with hyper's client it was.
+    let r = h2_post(&mut c, "/cl-te", whole(b"x")).await;
+    assert_eq!(r.text(), "abc");
+    assert_ne!(r.header("content-length"), Some("2"));
+
+    // Every exchange left the upstream connection reusable, but the one that answered
+    // with a length beside chunked.
+    assert_eq!(up.conns(), 1);
+    let r = h2_post(&mut c, "/after", whole(b"yz")).await;
+    assert_eq!(r.text(), "/after 2");
+    assert_eq!(up.conns(), 2);
+}
+
+#[tokio::test]
+async fn http2_request_body_over_max_body_is_413_before_or_after_the_head_went_up() {
+    let up = RawUpstream::start(|r| {
+        vec![Step::Write(ok(
+            format!("{} {}", r.target, r.body.len()).as_bytes()
+        ))]
+    })
+    .await;
+    let gw = gateway(&up, "[tenants.t1.limits]\nmax_body = 1024\n");
+    let mut c: H2Any = h2(&gw).await;
+
+    // Declared too large: refused before anything goes upstream.
+    let r = h2_post(&mut c, "/declared", whole(&pattern(2000))).await;
+    assert_eq!(r.status, 413);
+    assert!(r.text().contains("\"body_too_large\""), "{}", r.text());
+
+    assert_eq!(up.conns(), 0, "nothing reached the upstream");
+
+    // Undeclared, crossing the limit at once (in what came with the head, or just
+    // after it, depending on when the data frame arrives).
+    let (tx, body) = fed();
+    tx.send(bytes::Bytes::from(pattern(2000))).await.unwrap();
+    let r = h2_post(&mut c, "/early", body).await;
+    assert_eq!(r.status, 413);
+    drop(tx);
+
+    // Undeclared, crossing it after the head and a first piece went up: 413, and
+    // that upstream connection (holding half a request) is not used again.
+    let before = up.conns();
+    let (tx, body) = fed();
+    let feeder = tokio::spawn(async move {
+        tx.send(bytes::Bytes::from(pattern(600))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = tx.send(bytes::Bytes::from(pattern(600))).await;
+        // Held open: the gateway answers without waiting for the end.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+    let r = h2_post(&mut c, "/late", body).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert!(r.text().contains("\"body_too_large\""), "{}", r.text());
+    assert_eq!(up.conns(), before + 1);
+    feeder.abort();
+    let r = h2_post(&mut c, "/next", whole(b"ok")).await;
+    assert_eq!(r.text(), "/next 2");
+    assert_eq!(
+        up.conns(),
+        before + 2,
+        "the half-sent connection was dropped"
+    );
+    assert!(up.seen().iter().all(|s| s.target == "/next"));
+}
+
+#[tokio::test]
+async fn upstream_answering_before_the_whole_body_is_relayed_and_not_reused() {
+    // Answers a POST as soon as its head is in, reading nothing of the body (then
+    // keeps reading and ignoring what comes); answers a GET normally.
+    let conns = Arc::new(AtomicUsize::new(0));
+    let conns2 = conns.clone();
+    let addr = serve_tcp(move |mut stream: TcpStream| {
+        conns2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            loop {
+                let Some(end) = find(&buf, b"\r\n\r\n") else {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let post = buf.starts_with(b"POST");
+                buf.drain(..end + 4);
+                if post {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope")
+                        .await;
+                    while let Ok(n) = stream.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                let _ = stream.write_all(&ok(b"fine")).await;
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "[server]\nworkers = 1\n\n[upstreams.u]\ntargets = [\"{addr}\"]\n\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n"
+    ));
+    let mut c: H2Any = h2(&gw).await;
+    let (tx, body) = fed();
+    tx.send(bytes::Bytes::from(pattern(1000))).await.unwrap();
+    // The rest of the body never comes: the answer must not wait for it.
+    let r = h2_post(&mut c, "/upload", body).await;
+    assert_eq!((r.status, r.text().as_str()), (401, "nope"));
+    drop(tx);
+    // Were that connection pooled, this would be sent into the draining upstream
+    // and never answered.
+    let get = http::Request::builder()
+        .uri(format!("http://{HOST}/after"))
+        .body(whole(b""))
+        .unwrap();
+    let r = h2_exchange(&mut c, get).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "fine"));
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
 }

@@ -150,7 +150,7 @@ pub async fn forward(
     on_head: impl FnOnce(u16) -> Finish,
 ) -> Done {
     let mut wbuf = spare::Scratch::new(1024);
-    wire::write_request_head(&mut wbuf, req.parts);
+    wire::write_request_head(&mut wbuf, req.parts, false);
     // The part of the body that came with the head goes out in the same write.
     let in_buf = usize::try_from(req.body_len)
         .unwrap_or(usize::MAX)

@@ -1,12 +1,14 @@
 //! The fast path's upstream exchange for requests hyper serves (HTTP/2 clients, TLS
-//! clients, connections handed over): a request without a body, to a plain HTTP/1.1
-//! upstream, goes over the fast path's pool of raw sockets, and the response comes
-//! back as an `http::Response` for hyper to write. A body that arrived with the head
+//! clients, connections handed over): a request to a plain HTTP/1.1 upstream goes
+//! over the fast path's pool of raw sockets (its body, if any, streamed from hyper's
+//! side as it arrives), and the response comes back as an `http::Response` for hyper
+//! to write. A body that arrived with the head
 //! (the usual small response) is handed over whole and the socket goes back to the
 //! pool at once; a longer one streams from the socket as hyper polls it. No hyper
 //! client connection task, no channel between tasks.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -14,40 +16,81 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::uri::Authority;
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::exchange::{self, Failure, Step, HEAD_READ, STREAM_READ};
 use super::wire::{self, Chunked, Framing, Parted};
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, UpstreamFailure};
+use crate::limits::{RequestBody, RequestBodyError};
 use crate::upstream::UpstreamClient;
 
-/// Whether a request can go this way: no body (nothing to stream upstream while the
-/// response comes back), not `CONNECT`, not an upgrade (the caller checks).
-pub fn fits(parts: &http::request::Parts, body_ended: bool) -> bool {
-    body_ended
-        && parts.method != http::Method::CONNECT
-        && parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_none_or(|v| v.as_bytes() == b"0")
+/// Whether a request can go this way: anything but `CONNECT` (and upgrades, which
+/// the caller checks).
+pub fn fits(parts: &http::request::Parts) -> bool {
+    parts.method != http::Method::CONNECT
 }
 
-/// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) to
-/// `target` and waits at most `timeout` for the response head.
+/// Request body bytes the client has already sent are written with the head, in one
+/// write, up to this much.
+const EARLY_BODY: usize = 64 * 1024;
+
+/// How the request body goes upstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// All of it is in the first write (or there is none).
+    Ended,
+    /// With the client's `Content-Length`, of this many bytes.
+    Length(u64),
+    /// Re-chunked: the client named no length (HTTP/2 without `content-length`, a
+    /// chunked HTTP/1.1 body).
+    Chunked,
+}
+
+/// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) and
+/// `body` to `target` and waits at most `timeout` for the response head. What the
+/// client has already sent of the body goes out with the head; the rest streams
+/// while the response is awaited (an upstream may answer before reading it all, and
+/// then gets no more of it).
 pub async fn fetch(
     client: &Arc<UpstreamClient>,
     parts: &http::request::Parts,
+    mut body: RequestBody,
     target: &Authority,
     upstream: &Arc<str>,
     timeout: Duration,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut sending = if body.is_end_stream() {
+        Sending::Ended
+    } else {
+        match parts.headers.get(http::header::CONTENT_LENGTH) {
+            Some(v) => {
+                Sending::Length(wire::parse_length(v.as_bytes()).ok_or(ProxyError::BadRequestBody)?)
+            }
+            None => Sending::Chunked,
+        }
+    };
     let mut wbuf = super::spare::Scratch::new(1024);
-    wire::write_request_head(&mut wbuf, parts);
+    wire::write_request_head(&mut wbuf, parts, sending == Sending::Chunked);
+    // Body bytes written so far (or about to be, with the head).
+    let written = AtomicU64::new(0);
+    while sending != Sending::Ended && wbuf.len() < EARLY_BODY {
+        let frame = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
+        let Poll::Ready(frame) = frame.await else {
+            break;
+        };
+        let end = frame.is_none();
+        put_frame(&mut wbuf, frame, sending, &written).map_err(|e| e.to_error())?;
+        if end {
+            sending = Sending::Ended;
+        }
+    }
     let is_head = parts.method == http::Method::HEAD;
-    let retry = exchange::idempotent(&parts.method, 0);
+    // Only a request held whole in `wbuf` can be sent again.
+    let retry = exchange::idempotent(&parts.method, 0) && sending == Sending::Ended;
     let fail = |f: Failure| f.into_error(upstream, timeout);
     let mut fresh = false;
     loop {
@@ -57,7 +100,8 @@ pub async fn fetch(
         match tokio::time::timeout_at(deadline, up.write_all(&wbuf)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if reused => {
-                // Closed under us before it read anything: once more, on a new one.
+                // Closed under us before it read anything: once more, on a new one
+                // (nothing of the body has been taken past what `wbuf` holds).
                 fresh = true;
                 continue;
             }
@@ -65,15 +109,46 @@ pub async fn fetch(
             Err(_) => return Err(fail(Failure::Timeout)),
         }
         let mut rbuf = BytesMut::with_capacity(HEAD_READ);
-        let head = exchange::read_head(&mut up, &mut rbuf, deadline, |rbuf| {
-            match wire::parse_response_parts(rbuf, is_head) {
-                Ok(Parted::Head(parts, head)) => Step::Head((parts, head)),
-                Ok(Parted::Interim(n)) => Step::Interim(n),
-                Ok(Parted::Partial) => Step::Partial,
-                Err(_) => Step::Malformed,
-            }
-        });
-        match head.await {
+        let parse = |rbuf: &mut BytesMut| match wire::parse_response_parts(rbuf, is_head) {
+            Ok(Parted::Head(parts, head)) => Step::Head((parts, head)),
+            Ok(Parted::Interim(n)) => Step::Interim(n),
+            Ok(Parted::Partial) => Step::Partial,
+            Err(_) => Step::Malformed,
+        };
+        let (head, body_sent) = if sending == Sending::Ended {
+            (
+                exchange::read_head(&mut up, &mut rbuf, deadline, parse).await,
+                true,
+            )
+        } else {
+            let (mut ur, mut uw) = up.split();
+            let send = send_rest(&mut body, &mut uw, sending, &written);
+            let head = exchange::read_head(&mut ur, &mut rbuf, deadline, parse);
+            tokio::pin!(send, head);
+            let mut sent = false;
+            let mut streaming = true;
+            let head = loop {
+                tokio::select! {
+                    biased;
+                    h = &mut head => break h,
+                    r = &mut send, if streaming => {
+                        streaming = false;
+                        match r {
+                            Ok(()) => sent = true,
+                            Err(SendError::Client(e)) => return Err(e.to_error()),
+                            // The upstream stopped reading; it may still answer.
+                            Err(SendError::Upstream) => {}
+                        }
+                    }
+                }
+            };
+            // A length-delimited body is all there once its last byte is written,
+            // whether or not the client's end of stream has been seen yet.
+            let whole = sent
+                || matches!(sending, Sending::Length(n) if written.load(Ordering::Relaxed) == n);
+            (head, whole)
+        };
+        match head {
             Ok((parts, head)) => {
                 let body = UpstreamBody {
                     up: Some(up),
@@ -81,7 +156,9 @@ pub async fn fetch(
                     pending: Bytes::new(),
                     framing: head.framing,
                     chunked: Chunked::payload_only(),
-                    reusable: head.reusable,
+                    // An upstream that answered before it had the whole request body
+                    // is in no state to read another request.
+                    reusable: head.reusable && body_sent,
                     client: client.clone(),
                     target: target.clone(),
                 };
@@ -92,6 +169,61 @@ pub async fn fetch(
             }
             Err(Failure::Early(_)) if reused && retry => fresh = true,
             Err(f) => return Err(fail(f)),
+        }
+    }
+}
+
+/// Appends one frame of the request body (or its end, `None`) to `out` in the
+/// framing chosen; counts the data into `written`. Trailers are dropped.
+fn put_frame(
+    out: &mut Vec<u8>,
+    frame: Option<Result<Frame<Bytes>, RequestBodyError>>,
+    sending: Sending,
+    written: &AtomicU64,
+) -> Result<(), RequestBodyError> {
+    match frame {
+        None => {
+            if sending == Sending::Chunked {
+                out.extend_from_slice(wire::LAST_CHUNK);
+            }
+        }
+        Some(frame) => {
+            if let Ok(data) = frame?.into_data() {
+                written.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if sending == Sending::Chunked {
+                    wire::write_chunk(out, &data);
+                } else {
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+enum SendError {
+    Client(RequestBodyError),
+    Upstream,
+}
+
+/// The rest of the request body, client to upstream, to its end.
+async fn send_rest<W: AsyncWrite + Unpin>(
+    body: &mut RequestBody,
+    up: &mut W,
+    sending: Sending,
+    written: &AtomicU64,
+) -> Result<(), SendError> {
+    let mut out = super::spare::Scratch::new(1024);
+    loop {
+        let frame = body.frame().await;
+        let end = frame.is_none();
+        out.clear();
+        put_frame(&mut out, frame, sending, written).map_err(SendError::Client)?;
+        if !out.is_empty() {
+            up.write_all(&out).await.map_err(|_| SendError::Upstream)?;
+        }
+        if end {
+            return Ok(());
         }
     }
 }

@@ -180,8 +180,9 @@ pub fn has_token(v: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// Writes the forwarded request head (origin form, HTTP/1.1).
-pub fn write_request_head(out: &mut Vec<u8>, parts: &http::request::Parts) {
+/// Writes the forwarded request head (origin form, HTTP/1.1), announcing a chunked
+/// body when `chunked`.
+pub fn write_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, chunked: bool) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -193,6 +194,9 @@ pub fn write_request_head(out: &mut Vec<u8>, parts: &http::request::Parts) {
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_headers(out, &parts.headers);
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
     out.extend_from_slice(b"\r\n");
 }
 
