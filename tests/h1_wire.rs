@@ -2442,9 +2442,17 @@ async fn http2_request_body_over_max_body_is_413_before_or_after_the_head_went_u
     // that upstream connection (holding half a request) is not used again.
     let before = up.conns();
     let (tx, body) = fed();
+    let conns = up.conns.clone();
     let feeder = tokio::spawn(async move {
         tx.send(bytes::Bytes::from(pattern(600))).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The second piece only once the head (and the first) went up: the upstream
+        // connection is open.
+        for _ in 0..1000 {
+            if conns.load(Ordering::SeqCst) > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = tx.send(bytes::Bytes::from(pattern(600))).await;
         // Held open: the gateway answers without waiting for the end.
         tokio::time::sleep(Duration::from_secs(2)).await;
