@@ -121,13 +121,14 @@ pub fn new_request_id() -> HeaderValue {
 
 /// Room kept in the shared block for the next value; a value written past it still
 /// works (the block grows), it only costs an allocation.
-const SMALL_VALUE_ROOM: usize = 256;
-/// Size of one shared block of small header values.
-const SMALL_VALUE_BLOCK: usize = 8 * 1024;
+const SMALL_VALUE_ROOM: usize = 128;
+/// Size of one shared block of small header values: a few dozen values. Small, because
+/// one value kept for long (the request id of a long download) keeps its whole block.
+const SMALL_VALUE_BLOCK: usize = 1024;
 
 /// A short header value made per request (the request id, `RateLimit`), written by
 /// `write` into a block shared with the values made before it on this thread. One
-/// allocation serves a few hundred values, and clones only count references; a value
+/// allocation serves a few dozen values, and clones only count references; a value
 /// built from its own buffer costs one allocation to make and another at its first
 /// clone (when `bytes` turns it into a shared one). A block is freed when the last
 /// value cut from it is dropped. `None` when `write` wrote something that is not a
@@ -250,6 +251,30 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_values_cut_from_one_block_stay_intact() {
+        let a = small_value(|b| b.extend_from_slice(b"first")).unwrap();
+        let b = small_value(|b| b.extend_from_slice(b"second")).unwrap();
+        // Longer than a block: the block grows for it, the values before are untouched.
+        let long = "x".repeat(3 * SMALL_VALUE_BLOCK);
+        let c = small_value(|b| b.extend_from_slice(long.as_bytes())).unwrap();
+        let d = small_value(|b| b.extend_from_slice(b"after")).unwrap();
+        assert_eq!(
+            (a.as_bytes(), b.as_bytes(), d.as_bytes()),
+            (&b"first"[..], &b"second"[..], &b"after"[..])
+        );
+        assert_eq!(c.as_bytes(), long.as_bytes());
+        assert!(small_value(|b| b.extend_from_slice(b"bad\nvalue")).is_none());
+        // Many more than fit one block.
+        let many: Vec<_> = (0..500)
+            .map(|i| small_value(|b| b.extend_from_slice(format!("v{i}").as_bytes())).unwrap())
+            .collect();
+        for (i, v) in many.iter().enumerate() {
+            assert_eq!(v, format!("v{i}").as_str());
+        }
+        assert_eq!(a.clone(), "first");
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
