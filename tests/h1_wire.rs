@@ -2478,33 +2478,22 @@ async fn upstream_answering_before_the_whole_body_is_relayed_and_not_reused() {
     // keeps reading and ignoring what comes); answers a GET normally.
     let conns = Arc::new(AtomicUsize::new(0));
     let conns2 = conns.clone();
-    let addr = serve_tcp(move |mut stream: TcpStream| {
+    let addr = serve_tcp(move |stream: TcpStream| {
         conns2.fetch_add(1, Ordering::SeqCst);
         async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 8192];
-            loop {
-                let Some(end) = find(&buf, b"\r\n\r\n") else {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    continue;
-                };
-                let post = buf.starts_with(b"POST");
-                buf.drain(..end + 4);
-                if post {
-                    let _ = stream
+            let mut wire = Wire::new(stream);
+            while let Some(head) = wire.read_head().await {
+                if head.starts_with(b"POST") {
+                    let _ = wire
+                        .stream
                         .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope")
                         .await;
-                    while let Ok(n) = stream.read(&mut chunk).await {
-                        if n == 0 {
-                            return;
-                        }
+                    while wire.fill().await {
+                        wire.buf.clear();
                     }
                     return;
                 }
-                let _ = stream.write_all(&ok(b"fine")).await;
+                let _ = wire.stream.write_all(&ok(b"fine")).await;
             }
         }
     })

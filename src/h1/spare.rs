@@ -107,13 +107,35 @@ fn give_vec(mut v: Vec<u8>) {
     LISTS.with(|l| l.borrow_mut().vecs.push(v, cap));
 }
 
-/// A buffer from the thread's list that goes back to it when dropped.
-#[derive(Default)]
-pub(super) struct Buf(BytesMut);
+/// What the thread's lists keep, and how each kind goes back.
+pub(super) trait Kept: Default {
+    fn give_back(self);
+}
 
-impl Buf {
+impl Kept for BytesMut {
+    fn give_back(self) {
+        give_buf(self)
+    }
+}
+
+impl Kept for Vec<u8> {
+    fn give_back(self) {
+        give_vec(self)
+    }
+}
+
+/// A buffer from the thread's lists that goes back to them when dropped.
+#[derive(Default)]
+pub(super) struct Spare<T: Kept>(T);
+
+/// A read buffer.
+pub(super) type Buf = Spare<BytesMut>;
+/// A write buffer.
+pub(super) type Scratch = Spare<Vec<u8>>;
+
+impl Spare<BytesMut> {
     pub(super) fn new(size: usize) -> Buf {
-        Buf(buf(size))
+        Spare(buf(size))
     }
 
     /// The bytes, for keeps (the buffer is not given back).
@@ -122,50 +144,28 @@ impl Buf {
     }
 }
 
-impl Deref for Buf {
-    type Target = BytesMut;
-    fn deref(&self) -> &BytesMut {
-        &self.0
-    }
-}
-
-impl DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut BytesMut {
-        &mut self.0
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        give_buf(std::mem::take(&mut self.0));
-    }
-}
-
-/// A `Vec` from the thread's list that goes back to it when dropped.
-pub(super) struct Scratch(Vec<u8>);
-
-impl Scratch {
+impl Spare<Vec<u8>> {
     pub(super) fn new(size: usize) -> Scratch {
-        Scratch(vec(size))
+        Spare(vec(size))
     }
 }
 
-impl Deref for Scratch {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
+impl<T: Kept> Deref for Spare<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
         &self.0
     }
 }
 
-impl DerefMut for Scratch {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
+impl<T: Kept> DerefMut for Spare<T> {
+    fn deref_mut(&mut self) -> &mut T {
         &mut self.0
     }
 }
 
-impl Drop for Scratch {
+impl<T: Kept> Drop for Spare<T> {
     fn drop(&mut self) {
-        give_vec(std::mem::take(&mut self.0));
+        std::mem::take(&mut self.0).give_back();
     }
 }
 
