@@ -48,8 +48,8 @@ impl Drop for ConfigWatcher {
     }
 }
 
-/// Starts watching the file the gateway was started with. Fails when its directory
-/// cannot be watched.
+/// Starts watching the file the gateway was started with, and applies at once any
+/// change made since it was read. Fails when its directory cannot be watched.
 pub fn spawn(shared: Arc<Shared>) -> io::Result<ConfigWatcher> {
     let path = shared.config.path.clone();
     let (tx, rx) = mpsc::channel();
@@ -87,6 +87,9 @@ fn run(
     rx: mpsc::Receiver<Msg>,
     shared: Arc<Shared>,
 ) {
+    // The file was read before the watch was in place: an edit in between raised no
+    // event, so compare once now (one read when nothing changed).
+    let _ = reload::reload_if_changed(&shared);
     loop {
         match rx.recv() {
             Ok(Msg::Event(e)) if relevant(&e) => {}

@@ -277,6 +277,25 @@ async fn sighup_reloads_and_logs_rejections_with_position() {
     assert_eq!(h[0]["result"], "failure");
 }
 
+/// The gateway reads its file, then starts watching it; an edit in between raises no
+/// event the watcher sees. The binary logs "serving" before its watch is in place, so
+/// an operator (or a test) that edits the file at once hit this gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_before_the_watch_starts_is_applied_when_it_starts() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let before = admin_get(gw.admin, "/config").await["version"].clone();
+    write(&path, &config("green", &blue, &green));
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(2)).await;
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(h[0]["trigger"], "file");
+    assert_eq!(h[0]["result"], "success");
+    assert_eq!(h[0]["previous_version"], before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_watches_its_config_file() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
