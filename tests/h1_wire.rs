@@ -1055,6 +1055,153 @@ async fn forwarded_headers_and_tenant_identity() {
     assert_eq!(r.headers.all("x-request-id"), ["abc-123"]);
 }
 
+/// How an HPACK header block (RFC 7541) represents each field; only the representation
+/// and the name's table index are read, no string is decoded.
+#[derive(Debug, PartialEq)]
+enum Hpack {
+    Indexed(usize),
+    /// A literal that enters the connection's dynamic table.
+    Inserted(usize),
+    NotIndexed(usize),
+    NeverIndexed(usize),
+    SizeUpdate,
+}
+
+fn hpack_fields(block: &[u8]) -> Vec<Hpack> {
+    fn int(b: &[u8], i: &mut usize, prefix: u32) -> usize {
+        let mask = (1usize << prefix) - 1;
+        let mut v = usize::from(b[*i]) & mask;
+        *i += 1;
+        if v == mask {
+            let mut shift = 0;
+            loop {
+                let x = b[*i];
+                *i += 1;
+                v += usize::from(x & 0x7f) << shift;
+                shift += 7;
+                if x & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+    fn literal(b: &[u8], i: &mut usize, prefix: u32) -> usize {
+        let name = int(b, i, prefix);
+        if name == 0 {
+            let len = int(b, i, 7);
+            *i += len;
+        }
+        let len = int(b, i, 7);
+        *i += len;
+        name
+    }
+    let (mut out, mut i) = (Vec::new(), 0);
+    while i < block.len() {
+        let first = block[i];
+        out.push(match first {
+            f if f & 0x80 != 0 => Hpack::Indexed(int(block, &mut i, 7)),
+            f if f & 0xc0 == 0x40 => Hpack::Inserted(literal(block, &mut i, 6)),
+            f if f & 0xe0 == 0x20 => {
+                int(block, &mut i, 5);
+                Hpack::SizeUpdate
+            }
+            f if f & 0xf0 == 0x10 => Hpack::NeverIndexed(literal(block, &mut i, 4)),
+            _ => Hpack::NotIndexed(literal(block, &mut i, 4)),
+        });
+    }
+    out
+}
+
+/// Writes an HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends a GET for `path` on `stream` and returns the HPACK block of its response head,
+/// acknowledging the server's settings on the way.
+async fn h2_raw_get(s: &mut TcpStream, stream: u32, path: &str) -> Vec<u8> {
+    // :method GET, :scheme http (static), :path and :authority as plain literals.
+    let mut block = vec![0x82, 0x86, 0x04, u8::try_from(path.len()).unwrap()];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, u8::try_from(HOST.len()).unwrap()]);
+    block.extend_from_slice(HOST.as_bytes());
+    s.write_all(&h2_frame(1, 0x5, stream, &block))
+        .await
+        .unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(READ_TIMEOUT, s.read_exact(&mut head))
+            .await
+            .expect("a frame in time")
+            .unwrap();
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0; len];
+        s.read_exact(&mut payload).await.unwrap();
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        match (head[3], head[4]) {
+            (4, flags) if flags & 1 == 0 => s.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
+            (1, flags) if id == stream => {
+                assert_ne!(flags & 0x4, 0, "the head fits one frame");
+                return payload;
+            }
+            (3 | 7, _) => panic!("stream reset or connection closed: {head:?} {payload:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A value that changes from one response to the next never enters the connection's
+/// HPACK table (the h2 crate compares a new value with every older one of that name in
+/// the table): after the first response, whose repeating fields (server, content-type,
+/// content-length, RateLimit-Policy) are inserted, nothing more is, though `date`,
+/// `x-request-id` and `RateLimit` differ in each.
+#[tokio::test]
+async fn http2_responses_add_nothing_to_the_hpack_table_after_the_first() {
+    let up = RawUpstream::start(|r| {
+        let second = r.target.trim_start_matches('/');
+        vec![Step::Write(
+            format!(
+                "HTTP/1.1 200 OK\r\nserver: raw\r\ndate: Fri, 27 Nov 2026 16:00:0{second} GMT\r\n\
+                 content-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )]
+    })
+    .await;
+    let gw = gateway(
+        &up,
+        "[tenants.t1.limits]\nrequests_per_second = 100\nburst = 50\n",
+    );
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap();
+    for (n, stream) in [(1, 1), (2, 3), (3, 5)] {
+        let fields = hpack_fields(&h2_raw_get(&mut s, stream, &format!("/{n}")).await);
+        assert_eq!(fields.first(), Some(&Hpack::Indexed(8)), "{n}: :status 200");
+        // `date` is name 33 of the static table.
+        assert!(fields.contains(&Hpack::NeverIndexed(33)), "{n}: {fields:?}");
+        let never = fields
+            .iter()
+            .filter(|f| matches!(f, Hpack::NeverIndexed(_)))
+            .count();
+        assert_eq!(never, 3, "{n}: date, x-request-id, ratelimit: {fields:?}");
+        if n > 1 {
+            assert!(
+                !fields.iter().any(|f| matches!(f, Hpack::Inserted(_))),
+                "{n}: {fields:?}"
+            );
+        }
+    }
+    assert_eq!(up.conns(), 1);
+}
+
 #[tokio::test]
 async fn gateway_headers_replace_the_upstreams_own() {
     let up = RawUpstream::start(|_| {
