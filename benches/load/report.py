@@ -152,7 +152,18 @@ def idle_table(rows):
     return header, out, per
 
 
-def goals(cells, idle_per):
+def paired(rows, proto, proxy):
+    """(b)/(a) of each repeat that has both, in repeat order."""
+    by = {}
+    for row in rows:
+        scen, p, x, rep, rps = row[:5]
+        if p == proto and x == proxy and scen in ("a", "b"):
+            by.setdefault(rep, {})[scen] = fnum(rps)
+    pairs = (ratio(v.get("b"), v.get("a")) for _, v in sorted(by.items(), key=lambda kv: int(kv[0])))
+    return [r for r in pairs if r is not None]
+
+
+def goals(cells, idle_per, rows):
     """The issue's goals, evaluated on this run's medians (figures, not asserts)."""
     lines = []
 
@@ -184,6 +195,15 @@ def goals(cells, idle_per):
                          f"(goal >= 0.95; the same client against the backend directly gives "
                          f"{fmt(dr, '.3f')}, i.e. the load generator's own cost): "
                          f"{'MET' if r is not None and r >= 0.95 else 'NOT MET'}")
+            pairs = paired(rows, proto, "bulkhead")
+            if os.environ.get("PAIRED") == "1" and pairs:
+                # Back to back, each repeat's (a) and (b) share the machine's speed.
+                pr = median(pairs)
+                direct = median(paired(rows, proto, "direct"))
+                lines.append(f"  paired by repeat ((a) and (b) of one repeat back to back): "
+                             f"{', '.join(format(x, '.3f') for x in pairs)}; median "
+                             f"{pr:.3f} (direct {fmt(direct, '.3f')}): "
+                             f"{'MET' if pr >= 0.95 else 'NOT MET'}")
     if "bulkhead" in idle_per and "haproxy" in idle_per:
         bk = median(idle_per["bulkhead"]["kib"])
         hk = median(idle_per["haproxy"]["kib"])
@@ -227,7 +247,7 @@ def main():
         title = f"d: {IDLE_CONNS} idle keep-alive connections (HTTP/1.1), proxy RSS"
         out += ["", title if kind == "text" else f"**{title}**", ""]
         out += render(kind, ih, irows)
-    g = goals(cells, per)
+    g = goals(cells, per, read_tsv(raw))
     if g:
         out += ["", "Goals (issue 7), on this run's medians:" if kind == "text"
                 else "**Goals (issue 7), on this run's medians:**", ""]

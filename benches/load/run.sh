@@ -33,6 +33,7 @@ IDLE_CONNS=${IDLE_CONNS:-10000}  # scenario d
 LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
 PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
 KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
+PAIRED=${PAIRED:-0}              # 1: repeats outermost, so one repeat's (a), (b), (c) run back to back
 OUT=${OUT:-$HERE/results-$(date +%Y-%m-%d-%H%M%S).md}
 
 readonly ADDR=127.0.0.1          # the only address this script listens on or connects to
@@ -73,6 +74,7 @@ check_knobs() {
     [[ $p == bulkhead || $p == nginx || $p == haproxy ]] || die "unknown proxy '$p'"
   done
   for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "unknown protocol '$p' (h1 h2)"; done
+  [[ $PAIRED == 0 || $PAIRED == 1 ]] || die "PAIRED must be 0 or 1, got '$PAIRED'"
   for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU; do
     [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
   done
@@ -473,10 +475,11 @@ measure() { # scen proto proxy rep
     "$flag"
 }
 
-run_load_scenario() { # scen
-  local scen=$1 n=1 rep proxy proto
+run_load_scenario() { # scen [rep]: every repeat, or only that one
+  local scen=$1 n=1 rep proxy proto first=1 last=$REPEAT
   [[ $scen == b ]] && n=$TENANTS_B
-  for ((rep = 1; rep <= REPEAT; rep++)); do
+  if [[ -n ${2:-} ]]; then first=$2 last=$2; fi
+  for ((rep = first; rep <= last; rep++)); do
     for proxy in $PROXIES direct; do
       if ! start_proxy "$proxy" "$n"; then
         stop_proxy || true
@@ -560,8 +563,10 @@ busy_check() {
 the_command() {
   printf 'DURATION=%s WARMUP=%s CONNS=%s H2_STREAMS=%s REPEAT=%s SCENARIOS="%s" PROXIES="%s" ' \
     "$DURATION" "$WARMUP" "$CONNS" "$H2_STREAMS" "$REPEAT" "$SCENARIOS" "$PROXIES"
-  printf 'PROTOCOLS="%s" TENANTS_B=%s HOT_TENANTS=%s IDLE_CONNS=%s benches/load/run.sh' \
+  printf 'PROTOCOLS="%s" TENANTS_B=%s HOT_TENANTS=%s IDLE_CONNS=%s ' \
     "$PROTOCOLS" "$TENANTS_B" "$HOT_TENANTS" "$IDLE_CONNS"
+  if ((PAIRED)); then printf 'PAIRED=1 '; fi
+  printf 'benches/load/run.sh'
 }
 
 versions() {
@@ -645,7 +650,7 @@ main() {
       "(ulimit -Hn, or docker --ulimit nofile=65536) or lower IDLE_CONNS"
   fi
   CLK_TCK=$(getconf CLK_TCK)
-  export TENANTS_B HOT_TENANTS IDLE_CONNS   # report.py labels the scenarios with them
+  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED   # report.py labels the scenarios with them
   busy_check
 
   local p
@@ -665,11 +670,24 @@ main() {
     "proxies on $ADDR:$PROXY_PORT (nginx/HAProxy h2c $PROXY_H2_PORT), CPU $PROXY_CPU"
   start_backend
 
-  local scen
-  for scen in $SCENARIOS; do
-    say "scenario $scen"
-    if [[ $scen == d ]]; then run_idle_scenario; else run_load_scenario "$scen"; fi
-  done
+  local scen rep
+  if ((PAIRED)); then
+    # The machine's speed changes over tens of seconds: measured back to back, the
+    # scenarios of one repeat share it, and their per-repeat ratios cancel it.
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+      for scen in $SCENARIOS; do
+        [[ $scen == d ]] && continue
+        say "scenario $scen, repeat $rep"
+        run_load_scenario "$scen" "$rep"
+      done
+    done
+    if [[ " $SCENARIOS " == *" d "* ]]; then say "scenario d"; run_idle_scenario; fi
+  else
+    for scen in $SCENARIOS; do
+      say "scenario $scen"
+      if [[ $scen == d ]]; then run_idle_scenario; else run_load_scenario "$scen"; fi
+    done
+  fi
 
   say ""
   python3 "$HERE/report.py" text "$RAW" "$IDLE"
