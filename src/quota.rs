@@ -177,10 +177,10 @@ fn exhausted(period: &'static str, limit: u64, p: &Periods) -> ProxyError {
 
 /// Charges one request to the tenant's quotas; the last step of admission.
 pub async fn charge(snap: &Snapshot, tenant: &Tenant) -> Result<(), ProxyError> {
-    let l = &tenant.configured_limits;
-    if l.requests_per_day.is_none() && l.requests_per_month.is_none() {
+    if !tenant.has_quota {
         return Ok(());
     }
+    let l = &tenant.configured_limits;
     let usage = &tenant.limits.usage;
     let p = Periods::current();
     match (l.scope, snap.store.as_deref()) {

@@ -47,35 +47,46 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
 }
 
+/// One tenant of a snapshot.
+///
+/// Laid out by hand, the fields every request reads first: with many tenants in
+/// rotation each request finds its tenant's lines cold in the cache, and the default
+/// layout spread what one request reads over 7 of the struct's 10 lines (`id_value` at
+/// byte 480, `stats` at 584, `limits` from 136). Hot first, aligned to a line: 5.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct Tenant {
-    pub id: Arc<str>,
-    /// The id as a header value, for `forward_header`.
-    pub id_value: HeaderValue,
-    /// `x-tenant-features`, comma-separated; `None` when the tenant has none.
-    pub features: Option<HeaderValue>,
+    // ---- read by every request ----
     pub status: TenantStatus,
-    pub upstream: Arc<Upstream>,
-    /// Longest prefix first.
-    pub routes: Vec<Route>,
-    pub request_timeout: Duration,
-    /// The limits as configured (defaults merged in).
-    pub configured_limits: Limits,
-    /// The limiter state; carried over across reloads where the limit is unchanged.
-    pub limits: TenantLimits,
-    /// Metric counters; carried over across reloads for as long as the tenant exists.
-    pub stats: Arc<TenantStats>,
     /// `require = ["api_key"]`: a request must present a valid key of this tenant.
     pub require_api_key: bool,
     /// `require = ["jwt"]`: … or a valid bearer token naming it.
     pub require_jwt: bool,
-    /// Keys that verify this tenant's tokens.
-    pub jwt: Option<crate::jwt::KeySet>,
+    /// `requests_per_day` or `requests_per_month` is set.
+    pub has_quota: bool,
+    pub upstream: Arc<Upstream>,
+    /// Metric counters; carried over across reloads for as long as the tenant exists.
+    pub stats: Arc<TenantStats>,
+    pub request_timeout: Duration,
+    /// Longest prefix first.
+    pub routes: Vec<Route>,
+    /// The id as a header value, for `forward_header`.
+    pub id_value: HeaderValue,
     /// Verified claims copied into request headers: (claim, header).
     pub forward_claims: Vec<(Box<str>, HeaderName)>,
+    /// `x-tenant-features`, comma-separated; `None` when the tenant has none.
+    pub features: Option<HeaderValue>,
+    /// The limiter state; carried over across reloads where the limit is unchanged.
+    pub limits: TenantLimits,
     /// The tenant's own certificate and/or client verification, for handshakes whose
     /// SNI names one of its hosts.
     pub tls: Option<crate::tls::ServerSide>,
+    // ---- read by some requests ----
+    pub id: Arc<str>,
+    /// The limits as configured (defaults merged in).
+    pub configured_limits: Limits,
+    /// Keys that verify this tenant's tokens.
+    pub jwt: Option<crate::jwt::KeySet>,
 }
 
 impl Tenant {
@@ -322,6 +333,8 @@ impl Snapshot {
                 upstream: lookup(&t.upstream)?,
                 routes,
                 request_timeout: t.request_timeout,
+                has_quota: t.limits.requests_per_day.is_some()
+                    || t.limits.requests_per_month.is_some(),
                 configured_limits: t.limits,
                 limits,
                 stats: before.map(|b| b.stats.clone()).unwrap_or_default(),

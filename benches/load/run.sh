@@ -33,7 +33,7 @@ IDLE_CONNS=${IDLE_CONNS:-10000}  # scenario d
 LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
 PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
 KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
-PAIRED=${PAIRED:-0}              # 1: repeats outermost, so one repeat's (a), (b), (c) run back to back
+PAIRED=${PAIRED:-0}              # 1: repeats outermost; each proxy's (a), (b), (c) back to back
 OUT=${OUT:-$HERE/results-$(date +%Y-%m-%d-%H%M%S).md}
 
 readonly ADDR=127.0.0.1          # the only address this script listens on or connects to
@@ -475,11 +475,10 @@ measure() { # scen proto proxy rep
     "$flag"
 }
 
-run_load_scenario() { # scen [rep]: every repeat, or only that one
-  local scen=$1 n=1 rep proxy proto first=1 last=$REPEAT
+run_load_scenario() { # scen
+  local scen=$1 n=1 rep proxy proto
   [[ $scen == b ]] && n=$TENANTS_B
-  if [[ -n ${2:-} ]]; then first=$2 last=$2; fi
-  for ((rep = first; rep <= last; rep++)); do
+  for ((rep = 1; rep <= REPEAT; rep++)); do
     for proxy in $PROXIES direct; do
       if ! start_proxy "$proxy" "$n"; then
         stop_proxy || true
@@ -488,6 +487,26 @@ run_load_scenario() { # scen [rep]: every repeat, or only that one
       fi
       for proto in $PROTOCOLS; do measure "$scen" "$proto" "$proxy" "$rep"; done
       stop_proxy
+    done
+  done
+}
+
+run_paired_repeat() { # rep: each proxy and protocol in turn, its scenarios back to back
+  local rep=$1 proxy proto scen n
+  for proxy in $PROXIES direct; do
+    for proto in $PROTOCOLS; do
+      for scen in $SCENARIOS; do
+        [[ $scen == d ]] && continue
+        n=1
+        [[ $scen == b ]] && n=$TENANTS_B
+        if ! start_proxy "$proxy" "$n"; then
+          stop_proxy || true
+          warn "skipping $proxy for $scen rep $rep"
+          continue
+        fi
+        measure "$scen" "$proto" "$proxy" "$rep"
+        stop_proxy
+      done
     done
   done
 }
@@ -672,14 +691,11 @@ main() {
 
   local scen rep
   if ((PAIRED)); then
-    # The machine's speed changes over tens of seconds: measured back to back, the
-    # scenarios of one repeat share it, and their per-repeat ratios cancel it.
+    # The machine's speed changes over tens of seconds: measured back to back, one
+    # proxy's scenarios in one repeat share it, and their ratio cancels it.
     for ((rep = 1; rep <= REPEAT; rep++)); do
-      for scen in $SCENARIOS; do
-        [[ $scen == d ]] && continue
-        say "scenario $scen, repeat $rep"
-        run_load_scenario "$scen" "$rep"
-      done
+      say "repeat $rep of scenarios $SCENARIOS"
+      run_paired_repeat "$rep"
     done
     if [[ " $SCENARIOS " == *" d "* ]]; then say "scenario d"; run_idle_scenario; fi
   else
