@@ -58,7 +58,7 @@ fn admission(c: &mut Criterion) {
     c.bench_function("admit/rate_and_in_flight", |b| {
         b.iter(|| {
             let rate = t.limits.check_rate(None).expect("far below the limit");
-            let permit = t.limits.acquire().expect("far below the cap");
+            let permit = t.limits.acquire(&t.stats).expect("far below the cap");
             black_box((rate.header(), permit));
         })
     });

@@ -81,23 +81,15 @@ impl Rate {
     }
 }
 
-/// How many requests of one tenant are being served now.
-#[derive(Debug, Default)]
-pub struct InFlight(AtomicU64);
-
-impl InFlight {
-    pub fn current(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// Held while a request is served, until its response body is finished or dropped.
+/// The count lives beside the tenant's metric counters (`TenantStats::in_flight`), on
+/// the cache line a request touches anyway, and is carried over reloads with them.
 #[derive(Debug)]
-pub struct Permit(Arc<InFlight>);
+pub struct Permit(Arc<TenantStats>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+        self.0.leave();
     }
 }
 
@@ -105,7 +97,6 @@ impl Drop for Permit {
 pub struct TenantLimits {
     rate: Option<(Rate, Arc<TenantBucket>)>,
     client_rate: Option<(Rate, Arc<ClientBuckets>)>,
-    pub in_flight: Arc<InFlight>,
     pub max_in_flight: Option<u64>,
     pub max_body: Option<u64>,
     /// `RateLimit-Policy`, built once; `None` when the tenant has no rate limit.
@@ -122,7 +113,6 @@ impl fmt::Debug for TenantLimits {
         f.debug_struct("TenantLimits")
             .field("rate", &self.rate.as_ref().map(|r| r.0))
             .field("client_rate", &self.client_rate.as_ref().map(|r| r.0))
-            .field("in_flight", &self.in_flight.current())
             .field("max_in_flight", &self.max_in_flight)
             .field("max_body", &self.max_body)
             .finish()
@@ -186,7 +176,6 @@ impl TenantLimits {
         TenantLimits {
             rate,
             client_rate,
-            in_flight: previous.map(|p| p.in_flight.clone()).unwrap_or_default(),
             max_in_flight: limits.max_in_flight,
             max_body: limits.max_body,
             policy: (!policy.is_empty())
@@ -258,10 +247,11 @@ impl TenantLimits {
         }
     }
 
-    /// Counts the request in flight, or refuses it when the tenant is at its cap.
-    pub fn acquire(&self) -> Result<Permit, ProxyError> {
-        let now = self.in_flight.0.fetch_add(1, Ordering::AcqRel) + 1;
-        let permit = Permit(self.in_flight.clone());
+    /// Counts the request in flight in `stats` (the tenant's), or refuses it when the
+    /// tenant is at its cap.
+    pub fn acquire(&self, stats: &Arc<TenantStats>) -> Result<Permit, ProxyError> {
+        let now = stats.enter();
+        let permit = Permit(stats.clone());
         match self.max_in_flight {
             Some(max) if now > max => Err(ProxyError::TooManyInFlight { limit: max }),
             _ => Ok(permit),
@@ -534,19 +524,20 @@ mod tests {
             },
             None,
         );
-        let p1 = l.acquire().unwrap();
-        let p2 = l.acquire().unwrap();
+        let stats = Arc::new(TenantStats::default());
+        let p1 = l.acquire(&stats).unwrap();
+        let p2 = l.acquire(&stats).unwrap();
         assert!(matches!(
-            l.acquire(),
+            l.acquire(&stats),
             Err(ProxyError::TooManyInFlight { limit: 2 })
         ));
         assert_eq!(
-            l.in_flight.current(),
+            stats.in_flight(),
             2,
             "a refused acquire gives its count back"
         );
         drop((p1, p2));
-        assert_eq!(l.in_flight.current(), 0);
+        assert_eq!(stats.in_flight(), 0);
     }
 
     #[test]

@@ -38,11 +38,15 @@ const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "reset", "protocol"];
 /// Everything counted for one tenant. Survives reloads for as long as the tenant does.
 ///
 /// Laid out by hand (see [`crate::snapshot::Tenant`]): what a proxied request counts —
-/// the latency sum, the bytes, a latency bucket under 10 ms, a 200 — in the first three
-/// lines; the counters of refusals and rare statuses after them.
+/// in flight, the latency sum, the bytes, a latency bucket under 10 ms, a 200 — first,
+/// right after the `Arc`'s reference counts (which every request also changes): three
+/// lines; the counters of refusals and rare statuses after them. Not aligned to a line,
+/// which would put the reference counts on a line of their own.
 #[derive(Debug)]
-#[repr(C, align(64))]
+#[repr(C)]
 pub struct TenantStats {
+    /// Requests of the tenant being served now (`limits::Permit`).
+    in_flight: AtomicU64,
     latency_sum_nanos: AtomicU64,
     request_bytes: AtomicU64,
     response_bytes: AtomicU64,
@@ -57,6 +61,7 @@ pub struct TenantStats {
 impl Default for TenantStats {
     fn default() -> Self {
         TenantStats {
+            in_flight: AtomicU64::new(0),
             status: std::array::from_fn(|_| AtomicU64::new(0)),
             other_status: Mutex::new(Vec::new()),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -70,6 +75,20 @@ impl Default for TenantStats {
 }
 
 impl TenantStats {
+    /// Requests of the tenant being served now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// One more request in flight; returns the count with it.
+    pub(crate) fn enter(&self) -> u64 {
+        self.in_flight.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub(crate) fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// One response sent: its status and the time from request head to response head.
     pub fn record(&self, status: u16, head_latency: Duration) {
         match COMMON_STATUS.iter().position(|s| *s == status) {
@@ -288,10 +307,7 @@ pub fn families(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<MetricFamily> 
             }
         }
         let Some(t) = tenant else { continue };
-        in_flight.push(gauge(
-            vec![label("tenant", id)],
-            t.limits.in_flight.current() as f64,
-        ));
+        in_flight.push(gauge(vec![label("tenant", id)], t.stats.in_flight() as f64));
         let l = &t.configured_limits;
         for (name, v) in [
             ("requests_per_second", l.requests_per_second),

@@ -561,7 +561,7 @@ fn admit(
         .then(|| limits::client_ip(ctx.peer, headers, &snap.trusted_proxies));
     let rate = limits.check_rate(client)?;
     ex.rate_limit = rate.header();
-    let permit = limits.acquire()?;
+    let permit = limits.acquire(&tenant.stats)?;
     limits.check_content_length(headers)?;
     Ok(permit)
 }

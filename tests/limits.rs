@@ -226,7 +226,7 @@ fn in_flight_now(gw: &Gateway) -> u64 {
     let shared = &gw.running.as_ref().unwrap().shared;
     let snap = shared.snapshot.load();
     let t = snap.tenant(snap.tenant_by_id("t").unwrap());
-    t.limits.in_flight.current()
+    t.stats.in_flight()
 }
 
 async fn wait_in_flight_zero(gw: &Gateway) {
