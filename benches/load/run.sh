@@ -669,7 +669,7 @@ main() {
       "(ulimit -Hn, or docker --ulimit nofile=65536) or lower IDLE_CONNS"
   fi
   CLK_TCK=$(getconf CLK_TCK)
-  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED   # report.py labels the scenarios with them
+  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED   # report.py labels scenarios with them, reads PAIRED
   busy_check
 
   local p
