@@ -198,23 +198,10 @@ pub async fn forward(
                 &req.extra,
                 &mut on_head,
             );
-            tokio::pin!(copy, respond);
-            let (mut copying, mut body_read) = (body_rest > 0, body_rest == 0);
-            loop {
-                tokio::select! {
-                    biased;
-                    r = &mut respond => break (Some(r), body_read),
-                    r = &mut copy, if copying => {
-                        copying = false;
-                        match r {
-                            Ok(()) => body_read = true,
-                            // The client went away (or broke its body) mid-upload.
-                            Err(CopyError::Client) => break (None, false),
-                            // The upstream stopped reading; it may still answer.
-                            Err(CopyError::Upstream) => {}
-                        }
-                    }
-                }
+            // The client going away (or breaking its body) mid-upload ends it all.
+            match while_uploading(respond, copy, body_rest > 0).await {
+                Ok((r, body_read)) => (Some(r), body_read),
+                Err(()) => (None, false),
             }
         };
         let Some(result) = result else {
@@ -285,9 +272,38 @@ fn refused(error: ProxyError, body_rest: u64) -> Done {
     }
 }
 
-enum CopyError {
-    Client,
+/// How a request body upload, client to upstream, ended early.
+pub(super) enum UploadError<E> {
+    /// The client's side failed (`E` says how, where the caller needs to know).
+    Client(E),
+    /// The upstream stopped reading; it may still answer.
     Upstream,
+}
+
+/// Awaits the response `head` while `upload` (when `uploading`) sends the rest of the
+/// request body beside it. Returns the head and whether the whole body went up; an
+/// upload the client broke ends the wait with its error.
+pub(super) async fn while_uploading<H, E>(
+    head: impl std::future::Future<Output = H>,
+    upload: impl std::future::Future<Output = Result<(), UploadError<E>>>,
+    uploading: bool,
+) -> Result<(H, bool), E> {
+    tokio::pin!(head, upload);
+    let (mut uploading, mut sent) = (uploading, !uploading);
+    loop {
+        tokio::select! {
+            biased;
+            h = &mut head => return Ok((h, sent)),
+            r = &mut upload, if uploading => {
+                uploading = false;
+                match r {
+                    Ok(()) => sent = true,
+                    Err(UploadError::Client(e)) => return Err(e),
+                    Err(UploadError::Upstream) => {}
+                }
+            }
+        }
+    }
 }
 
 /// The rest of a `Content-Length` request body, client to upstream. Bytes past the
@@ -298,7 +314,7 @@ async fn copy_body<R, W>(
     cbuf: &mut BytesMut,
     mut rest: u64,
     counters: &RequestCounters,
-) -> Result<(), CopyError>
+) -> Result<(), UploadError<()>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -307,14 +323,14 @@ where
         if cbuf.is_empty() {
             cbuf.reserve(STREAM_READ);
             match client.read_buf(cbuf).await {
-                Ok(0) | Err(_) => return Err(CopyError::Client),
+                Ok(0) | Err(_) => return Err(UploadError::Client(())),
                 Ok(_) => {}
             }
         }
         let n = usize::try_from(rest).unwrap_or(usize::MAX).min(cbuf.len());
         up.write_all(&cbuf[..n])
             .await
-            .map_err(|_| CopyError::Upstream)?;
+            .map_err(|_| UploadError::Upstream)?;
         cbuf.advance(n);
         counters.add(n as u64);
         rest -= n as u64;

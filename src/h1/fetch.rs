@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::exchange::{self, Failure, Step, HEAD_READ, STREAM_READ};
+use super::exchange::{self, Failure, Step, UploadError, HEAD_READ, STREAM_READ};
 use super::wire::{self, Chunked, Framing, Parted};
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -124,24 +124,9 @@ pub async fn fetch(
             let (mut ur, mut uw) = up.split();
             let send = send_rest(&mut body, &mut uw, sending, &written);
             let head = exchange::read_head(&mut ur, &mut rbuf, deadline, parse);
-            tokio::pin!(send, head);
-            let mut sent = false;
-            let mut streaming = true;
-            let head = loop {
-                tokio::select! {
-                    biased;
-                    h = &mut head => break h,
-                    r = &mut send, if streaming => {
-                        streaming = false;
-                        match r {
-                            Ok(()) => sent = true,
-                            Err(SendError::Client(e)) => return Err(e.to_error()),
-                            // The upstream stopped reading; it may still answer.
-                            Err(SendError::Upstream) => {}
-                        }
-                    }
-                }
-            };
+            let (head, sent) = exchange::while_uploading(head, send, true)
+                .await
+                .map_err(|e| e.to_error())?;
             // A length-delimited body is all there once its last byte is written,
             // whether or not the client's end of stream has been seen yet.
             let whole = sent
@@ -201,26 +186,23 @@ fn put_frame(
     Ok(())
 }
 
-enum SendError {
-    Client(RequestBodyError),
-    Upstream,
-}
-
 /// The rest of the request body, client to upstream, to its end.
 async fn send_rest<W: AsyncWrite + Unpin>(
     body: &mut RequestBody,
     up: &mut W,
     sending: Sending,
     written: &AtomicU64,
-) -> Result<(), SendError> {
+) -> Result<(), UploadError<RequestBodyError>> {
     let mut out = super::spare::Scratch::new(1024);
     loop {
         let frame = body.frame().await;
         let end = frame.is_none();
         out.clear();
-        put_frame(&mut out, frame, sending, written).map_err(SendError::Client)?;
+        put_frame(&mut out, frame, sending, written).map_err(UploadError::Client)?;
         if !out.is_empty() {
-            up.write_all(&out).await.map_err(|_| SendError::Upstream)?;
+            up.write_all(&out)
+                .await
+                .map_err(|_| UploadError::Upstream)?;
         }
         if end {
             return Ok(());
