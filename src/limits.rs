@@ -308,13 +308,20 @@ impl RateState {
             return None;
         }
         crate::headers::small_value(|buf| {
-            use std::fmt::Write as _;
+            // Per request: digits through `itoa`, not `core::fmt` (0.5 % of the proxy's
+            // CPU under the load benchmark went to formatting machinery).
+            let mut digits = itoa::Buffer::new();
             for (name, s) in [("tenant", self.tenant), ("client", self.client)] {
                 if let Some((rate, left)) = s {
                     if !buf.is_empty() {
                         buf.extend_from_slice(b", ");
                     }
-                    let _ = write!(buf, "\"{name}\";r={left};t={}", rate.reset_secs(left));
+                    buf.extend_from_slice(b"\"");
+                    buf.extend_from_slice(name.as_bytes());
+                    buf.extend_from_slice(b"\";r=");
+                    buf.extend_from_slice(digits.format(left).as_bytes());
+                    buf.extend_from_slice(b";t=");
+                    buf.extend_from_slice(digits.format(rate.reset_secs(left)).as_bytes());
                 }
             }
         })

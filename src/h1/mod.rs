@@ -220,11 +220,12 @@ async fn request(
     let started = Instant::now();
     let snap = ctx.shared.snapshot.load_full();
     let Head {
-        mut parts,
+        parts,
         body_len,
         close,
         raw,
     } = head;
+    let mut parts = spare::Request(parts);
     let close = close || closing;
     let request_id = headers::request_id(&parts.headers);
     let mut ex = Exchange::new(&snap);

@@ -101,7 +101,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         (head_len, kept, method, path, body_len.unwrap_or(0), close)
     };
     let head = buf.split_to(head_len).freeze();
-    let mut map = HeaderMap::with_capacity(n_headers + crate::headers::ADDED_TO_REQUESTS);
+    let mut map = super::spare::header_map(n_headers + crate::headers::ADDED_TO_REQUESTS);
     for &(ns, nl, vs, vl) in &spans[..n_headers] {
         let name = &head[ns as usize..ns as usize + nl as usize];
         let Ok(name) = HeaderName::from_bytes(name) else {
@@ -418,7 +418,7 @@ pub fn parse_response(
     };
     let status = scan.status;
     out.extend_from_slice(b"HTTP/1.1 ");
-    let _ = write!(Fmt(out), "{status}");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
     out.push(b' ');
     match scan.reason.filter(|r| !r.is_empty()) {
         Some(r) => out.extend_from_slice(r.as_bytes()),
