@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# User-space instructions per request of one Bulkhead binary, counted by callgrind:
+# a measure of hot-path changes that the machine's speed swings do not blur (the
+# same binary gives the same count within about 0.5 %). It leaves out the kernel,
+# which is most of the proxy's time (BENCHMARKS.md), so it says which way a change
+# moves the code's own cost, not the throughput.
+#
+#   benches/load/instructions.sh BIN [N] [h1|h2] [CONF]
+#
+# Backend: nginx `return 200` on 127.0.0.1:19000 (backend.sh). BIN runs under
+# `valgrind --tool=callgrind` with CONF (default instructions.toml: run.sh's scenario
+# (a)); h2load sends 2,000 requests to warm up, the counters are zeroed, then N
+# (default 20,000) over 64 connections (HTTP/1.1 with --h1, or h2c with 10 streams
+# each), and the counters are dumped. Prints the count per request and the functions
+# with the most instructions of their own; the dump stays in the printed directory.
+# Needs valgrind, nginx, h2load (nghttp2-client), curl and python3.
+set -euo pipefail
+[ $# -ge 1 ] || { sed -n 2,16p "$0"; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=$(realpath "$1") N=${2:-20000} PROTO=${3:-h1} CONF=$(realpath "${4:-$HERE/instructions.toml}")
+for t in valgrind callgrind_control callgrind_annotate nginx h2load curl python3; do
+  command -v "$t" >/dev/null || {
+    echo "missing $t: apt-get install -y valgrind nginx nghttp2-client curl" >&2
+    exit 1
+  }
+done
+case $PROTO in
+  h1) LOAD=(--h1 -c64) ;;
+  h2) LOAD=(-c64 -m10) ;;
+  *) echo "protocol must be h1 or h2" >&2; exit 2 ;;
+esac
+TMP=$(mktemp -d); chmod 755 "$TMP"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+# shellcheck source=benches/load/backend.sh
+. "$HERE/backend.sh"
+start_backend
+OUT=$TMP/callgrind.out
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" \
+  "$BIN" run --no-watch --config "$CONF" >"$TMP/bulkhead.log" 2>&1 & PID=$!
+PIDS+=("$PID")
+for _ in $(seq 150); do
+  curl -s -o /dev/null -H 'Host: t1.example.com' http://127.0.0.1:18080/ && break
+  sleep 0.2
+done
+H2=(h2load -t1 "${LOAD[@]}" -H ':authority: t1.example.com' http://127.0.0.1:18080/)
+"${H2[@]}" -n 2000 >/dev/null
+callgrind_control -z "$PID" >/dev/null
+"${H2[@]}" -n "$N" | grep -E '^requests:'
+callgrind_control -d "$PID" >/dev/null
+kill -INT "$PID"; wait "$PID" 2>/dev/null || true
+DUMP=$OUT.1
+[ -s "$DUMP" ] || { echo "no callgrind dump in $TMP" >&2; exit 1; }
+callgrind_annotate "$DUMP" 2>/dev/null | awk -v n="$N" '/PROGRAM TOTALS/ {
+  gsub(",", "", $1); printf "instructions per request: %.0f\n", $1 / n; exit }'
+echo "functions with the most instructions of their own, per request:"
+callgrind_annotate --inclusive=no --threshold=100 "$DUMP" 2>/dev/null | python3 -c '
+import collections, re, sys
+n = int(sys.argv[1])
+own = collections.Counter()
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\S*?:(.+?)( \[.*\])?$", line)
+    if m:
+        own[m.group(2)] += int(m.group(1).replace(",", ""))
+top = max(own.values(), default=0)
+# The thread entry frames are listed with the whole count; they are not own work.
+for f, c in [(f, c) for f, c in own.most_common(40) if c < 0.9 * top][:25]:
+    print(f"{c / n:8.0f}  {f[:140]}")
+' "$N"
+echo "dump: $DUMP"
