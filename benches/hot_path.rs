@@ -73,17 +73,18 @@ fn rewrite(c: &mut Criterion) {
     c.bench_function("headers/rewrite_request", |b| {
         b.iter(|| {
             let mut h = base.clone();
-            headers::rewrite_request(
+            let mut added = headers::rewrite_request(
                 &mut h,
+                None,
                 &Forward {
                     tenancy: &snap.tenancy,
                     tenant: t,
                     peer_ip: &peer,
                     request_id: &rid,
-                    authority: None,
                     https: false,
                 },
             );
+            added.apply(&mut h);
             black_box(h)
         })
     });

@@ -163,25 +163,170 @@ pub struct Forward<'a> {
     /// The client's IP address, formatted once per connection.
     pub peer_ip: &'a HeaderValue,
     pub request_id: &'a HeaderValue,
-    /// The request's authority when it came in the URI (HTTP/2, absolute form).
-    pub authority: Option<&'a http::uri::Authority>,
     /// The request came over TLS (`x-forwarded-proto: https`).
     pub https: bool,
 }
 
-/// Rewrites the headers of a request about to be forwarded.
-pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
-    // Room for what is added below, made once rather than by repeated growth.
-    let _ = headers.try_reserve(ADDED_TO_REQUESTS);
+/// The headers the gateway sets on a forwarded request (tenant id, features,
+/// `x-request-id`, `Host` from an HTTP/2 authority, `x-forwarded-host`, `-proto`,
+/// `-for`), held beside the request's map until its head is written: the HTTP/1.1
+/// fast path writes them after the map's own lines, so a request costs no hashed
+/// inserts, no growth of the map and no reference counts for them; every other path
+/// inserts them with [`Added::apply`]. The client's copies of these names are already
+/// gone from the map.
+#[must_use = "the gateway's headers are lost unless written or applied"]
+#[derive(Debug, Default)]
+pub struct Added<'a> {
+    tenant: Option<(&'a HeaderName, &'a HeaderValue)>,
+    features: Option<&'a HeaderValue>,
+    request_id: Option<&'a HeaderValue>,
+    /// `Host` from the request's authority, when the map has none.
+    host: Option<HeaderValue>,
+    /// `x-forwarded-host` is sent, with the map's `Host` or else `host`.
+    forwarded_host: bool,
+    /// `x-forwarded-proto` is sent: `https` or `http`.
+    https: Option<bool>,
+    forwarded_for: ForwardedFor<'a>,
+}
+
+#[derive(Debug, Default)]
+enum ForwardedFor<'a> {
+    #[default]
+    None,
+    /// The client's address alone.
+    Peer(&'a HeaderValue),
+    /// The client's own copies folded into one, then its address.
+    Joined(HeaderValue),
+}
+
+impl Added<'_> {
+    /// Inserts the headers into `headers` (which then holds the whole forwarded set),
+    /// leaving `self` empty.
+    pub fn apply(&mut self, headers: &mut HeaderMap) {
+        let Added {
+            tenant,
+            features,
+            request_id,
+            host,
+            forwarded_host,
+            https,
+            forwarded_for,
+        } = std::mem::take(self);
+        if tenant.is_none() && request_id.is_none() && https.is_none() {
+            return;
+        }
+        let _ = headers.try_reserve(ADDED_TO_REQUESTS);
+        if let Some((name, value)) = tenant {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some(v) = features {
+            headers.insert(X_TENANT_FEATURES.clone(), v.clone());
+        }
+        if let Some(v) = request_id {
+            headers.insert(X_REQUEST_ID.clone(), v.clone());
+        }
+        if let Some(v) = host {
+            headers.insert(header::HOST, v);
+        }
+        if forwarded_host {
+            if let Some(v) = headers.get(header::HOST).cloned() {
+                headers.insert(X_FORWARDED_HOST.clone(), v);
+            }
+        }
+        if let Some(https) = https {
+            headers.insert(X_FORWARDED_PROTO.clone(), proto(https));
+        }
+        match forwarded_for {
+            ForwardedFor::None => {}
+            ForwardedFor::Peer(v) => {
+                headers.insert(X_FORWARDED_FOR.clone(), v.clone());
+            }
+            ForwardedFor::Joined(v) => {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+    }
+
+    /// Writes the headers as HTTP/1.1 lines; `map_host` is the `Host` of the map
+    /// they go out with.
+    pub fn write(&self, out: &mut Vec<u8>, map_host: Option<&HeaderValue>) {
+        if let Some((name, value)) = self.tenant {
+            write_line(out, name, value);
+        }
+        if let Some(v) = self.features {
+            write_line(out, &X_TENANT_FEATURES, v);
+        }
+        if let Some(v) = self.request_id {
+            write_line(out, &X_REQUEST_ID, v);
+        }
+        if let Some(v) = &self.host {
+            write_line(out, &header::HOST, v);
+        }
+        if self.forwarded_host {
+            if let Some(v) = map_host.or(self.host.as_ref()) {
+                write_line(out, &X_FORWARDED_HOST, v);
+            }
+        }
+        if let Some(https) = self.https {
+            out.extend_from_slice(if https {
+                b"x-forwarded-proto: https\r\n"
+            } else {
+                b"x-forwarded-proto: http\r\n"
+            });
+        }
+        match &self.forwarded_for {
+            ForwardedFor::None => {}
+            ForwardedFor::Peer(v) => write_line(out, &X_FORWARDED_FOR, v),
+            ForwardedFor::Joined(v) => write_line(out, &X_FORWARDED_FOR, v),
+        }
+    }
+
+    /// The `Host` taken from the request's authority, when the map has none.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+}
+
+fn write_line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn proto(https: bool) -> HeaderValue {
+    HeaderValue::from_static(if https { "https" } else { "http" })
+}
+
+/// Rewrites the headers of a request about to be forwarded: what must not reach the
+/// upstream is removed from `headers` (hop-by-hop, the client's tenant header and
+/// features, an API key used as the credential, and the client's copies of every
+/// header the gateway sets); what the gateway sets is returned, to be written or
+/// applied. `authority` is the request's when it came in the URI (HTTP/2, absolute
+/// form).
+pub fn rewrite_request<'a>(
+    headers: &mut HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    f: &Forward<'a>,
+) -> Added<'a> {
     remove_hop_by_hop(headers);
 
-    // Tenant identity comes from the gateway only: `insert` replaces every client copy
-    // of the forwarded header; the tenant header and features are removed if present.
-    let (mut tenant_header, mut features, mut api_key) = (false, false, false);
+    // One pass over the names says which of the gateway's names the client sent, so
+    // the common request, with none of them, costs no hashed lookups. Tenant identity
+    // comes from the gateway only: every client copy of the forwarded header goes.
+    let forward = f.tenancy.forward_header.as_ref();
+    let (mut tenant_header, mut features, mut api_key, mut forwarded, mut request_id) =
+        (false, false, false, false, false);
+    let (mut fwd_host, mut fwd_proto, mut fwd_for) = (false, false, false);
     for name in headers.keys() {
         tenant_header |= name == f.tenancy.header;
         features |= name == X_TENANT_FEATURES;
         api_key |= name == f.tenancy.api_key_header;
+        forwarded |= forward.is_some_and(|h| name == h);
+        request_id |= name == X_REQUEST_ID;
+        fwd_host |= name == X_FORWARDED_HOST;
+        fwd_proto |= name == X_FORWARDED_PROTO;
+        fwd_for |= name == X_FORWARDED_FOR;
     }
     if tenant_header {
         headers.remove(&f.tenancy.header);
@@ -190,44 +335,69 @@ pub fn rewrite_request(headers: &mut HeaderMap, f: &Forward<'_>) {
     if api_key && f.tenancy.api_key_source {
         headers.remove(&f.tenancy.api_key_header);
     }
-    if let Some(name) = &f.tenancy.forward_header {
-        headers.insert(name.clone(), f.tenant.id_value.clone());
+    if let (true, Some(name)) = (forwarded, forward) {
+        headers.remove(name);
     }
-    match &f.tenant.features {
-        Some(v) => {
-            headers.insert(X_TENANT_FEATURES.clone(), v.clone());
-        }
-        None if features => {
-            headers.remove(&X_TENANT_FEATURES);
-        }
-        None => {}
+    if features {
+        headers.remove(&X_TENANT_FEATURES);
     }
-
-    headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+    if request_id {
+        headers.remove(&X_REQUEST_ID);
+    }
+    if fwd_host {
+        headers.remove(&X_FORWARDED_HOST);
+    }
+    if fwd_proto {
+        headers.remove(&X_FORWARDED_PROTO);
+    }
+    let forwarded_for = if fwd_for {
+        let joined = forwarded_for(headers, f.peer_ip);
+        headers.remove(&X_FORWARDED_FOR);
+        ForwardedFor::Joined(joined)
+    } else {
+        ForwardedFor::Peer(f.peer_ip)
+    };
 
     // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need `Host`.
-    if !headers.contains_key(header::HOST) {
-        if let Some(a) = f.authority {
-            if let Some(v) = small_value(|b| b.extend_from_slice(a.as_str().as_bytes())) {
-                headers.insert(header::HOST, v);
-            }
+    let host = match headers.contains_key(header::HOST) {
+        true => None,
+        false => {
+            authority.and_then(|a| small_value(|b| b.extend_from_slice(a.as_str().as_bytes())))
         }
-    }
-    match headers.get(header::HOST).cloned() {
-        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
-        None => headers.remove(&X_FORWARDED_HOST),
     };
-    let proto = if f.https { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    append_forwarded_for(headers, f.peer_ip);
+    let mut added = Added {
+        tenant: forward.map(|name| (name, &f.tenant.id_value)),
+        features: f.tenant.features.as_ref(),
+        request_id: Some(f.request_id),
+        host,
+        forwarded_host: true,
+        https: Some(f.https),
+        forwarded_for,
+    };
+    if forward.is_some_and(|name| {
+        [
+            &X_TENANT_FEATURES,
+            &X_REQUEST_ID,
+            &header::HOST,
+            &X_FORWARDED_HOST,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_FOR,
+        ]
+        .contains(&name)
+    }) {
+        // The tenant header is named like one the gateway sets itself (a strange
+        // config): the map decides as it always has, the later insert winning.
+        added.apply(headers);
+    }
+    added
 }
 
-/// Appends the client address to `x-forwarded-for`, folding repeated copies into one.
-pub fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
+/// The `x-forwarded-for` to send: the client's copies folded into one, then the
+/// client's address.
+pub fn forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue {
     let mut values = headers.get_all(&X_FORWARDED_FOR).iter();
     let Some(first) = values.next() else {
-        headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
-        return;
+        return peer_ip.clone();
     };
     let mut joined = first.as_bytes().to_vec();
     for v in values {
@@ -236,10 +406,7 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
     }
     joined.extend_from_slice(b", ");
     joined.extend_from_slice(peer_ip.as_bytes());
-    match HeaderValue::from_bytes(&joined) {
-        Ok(v) => headers.insert(X_FORWARDED_FOR.clone(), v),
-        Err(_) => headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone()),
-    };
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer_ip.clone())
 }
 
 /// Rewrites the headers of an upstream response about to be sent to the client
@@ -335,17 +502,161 @@ mod tests {
         assert_ne!(new_request_id(), new_request_id());
     }
 
+    fn snapshot(tenancy: &str) -> crate::snapshot::Snapshot {
+        let text = format!(
+            "[tenancy]\nresolve = [\"host\"]\n{tenancy}\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n\
+             [defaults]\nupstream = \"u\"\n[tenants.t1]\nhosts = [\"a.example\"]\nfeatures = [\"f1\"]\n"
+        );
+        let config = crate::config::Config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        crate::snapshot::Snapshot::build(&config, None).unwrap()
+    }
+
+    type Lines = Vec<(String, String)>;
+
+    /// The forwarded request as (name, value) lines, sorted: once from the map with the
+    /// gateway's headers applied, once as the fast path writes it.
+    fn forwarded(
+        tenancy: &str,
+        client: &[(&str, &str)],
+        authority: Option<&str>,
+    ) -> (Lines, Lines) {
+        let snap = snapshot(tenancy);
+        let (peer, rid) = (
+            HeaderValue::from_static("10.0.0.9"),
+            HeaderValue::from_static("rid-1"),
+        );
+        let f = Forward {
+            tenancy: &snap.tenancy,
+            tenant: snap.tenant(0),
+            peer_ip: &peer,
+            request_id: &rid,
+            https: true,
+        };
+        let authority = authority.map(|a| a.parse::<http::uri::Authority>().unwrap());
+        let lines = |h: &HeaderMap| -> Lines {
+            let mut v: Vec<_> = h
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+                .collect();
+            v.sort();
+            v
+        };
+
+        let mut applied = map(client);
+        let mut added = rewrite_request(&mut applied, authority.as_ref(), &f);
+        added.apply(&mut applied);
+        let mut again = HeaderMap::new();
+        added.apply(&mut again);
+        assert!(again.is_empty(), "apply leaves nothing behind: {again:?}");
+
+        let mut written = map(client);
+        let added = rewrite_request(&mut written, authority.as_ref(), &f);
+        let mut out = Vec::new();
+        added.write(&mut out, written.get(header::HOST));
+        let text = String::from_utf8(out).unwrap();
+        for line in text.split_terminator("\r\n") {
+            let (n, v) = line.split_once(": ").unwrap();
+            written.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        (lines(&applied), lines(&written))
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Lines {
+        let mut v: Vec<_> = p
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn gateway_headers_written_or_applied_are_the_same_set() {
+        // Client copies of every name the gateway sets are replaced, x-forwarded-for
+        // appended to.
+        let (applied, written) = forwarded(
+            "",
+            &[
+                ("host", "a.example"),
+                ("x-tenant-id", "evil"),
+                ("x-tenant-features", "all"),
+                ("x-request-id", "theirs"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2"),
+                ("accept", "*/*"),
+            ],
+            None,
+        );
+        let want = pairs(&[
+            ("accept", "*/*"),
+            ("host", "a.example"),
+            ("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.9"),
+            ("x-forwarded-host", "a.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "rid-1"),
+            ("x-tenant-features", "f1"),
+            ("x-tenant-id", "t1"),
+        ]);
+        assert_eq!(applied, want);
+        assert_eq!(written, want);
+
+        // HTTP/2: Host from the authority.
+        let (applied, written) = forwarded("", &[], Some("a.example:8443"));
+        let want = pairs(&[
+            ("host", "a.example:8443"),
+            ("x-forwarded-for", "10.0.0.9"),
+            ("x-forwarded-host", "a.example:8443"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "rid-1"),
+            ("x-tenant-features", "f1"),
+            ("x-tenant-id", "t1"),
+        ]);
+        assert_eq!(applied, want);
+        assert_eq!(written, want);
+
+        // Neither Host nor authority: no x-forwarded-host; injection turned off.
+        let (applied, written) = forwarded("forward_header = \"\"", &[], None);
+        let want = pairs(&[
+            ("x-forwarded-for", "10.0.0.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "rid-1"),
+            ("x-tenant-features", "f1"),
+        ]);
+        assert_eq!(applied, want);
+        assert_eq!(written, want);
+
+        // The tenant header named like one the gateway sets: one copy either way, the
+        // gateway's own value winning as it did when every header was inserted in turn.
+        let (applied, written) = forwarded(
+            "forward_header = \"x-request-id\"",
+            &[("host", "a.example")],
+            None,
+        );
+        let want = pairs(&[
+            ("host", "a.example"),
+            ("x-forwarded-for", "10.0.0.9"),
+            ("x-forwarded-host", "a.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "rid-1"),
+            ("x-tenant-features", "f1"),
+        ]);
+        assert_eq!(applied, want);
+        assert_eq!(written, want);
+    }
+
     #[test]
     fn forwarded_for_appends() {
         let ip = HeaderValue::from_static("10.0.0.9");
-        let mut h = map(&[
+        let h = map(&[
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
         ]);
-        append_forwarded_for(&mut h, &ip);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, &ip);
-        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(forwarded_for(&h, &ip), "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        assert_eq!(forwarded_for(&HeaderMap::new(), &ip), "10.0.0.9");
     }
 }

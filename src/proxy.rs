@@ -228,7 +228,7 @@ async fn proxy<'s>(
     let routed = route(&parts, snap, ctx, ex)?;
     let tenant = routed.tenant;
     let upstream = routed.upstream;
-    let target = commit(
+    let (target, mut added) = commit(
         routed,
         &mut parts,
         snap,
@@ -253,6 +253,7 @@ async fn proxy<'s>(
         return crate::h1::fetch(
             &ctx.client,
             &parts,
+            &added,
             body,
             &target,
             &upstream.name,
@@ -260,6 +261,7 @@ async fn proxy<'s>(
         )
         .await;
     }
+    added.apply(&mut parts.headers);
     let (mut resp, lease) = upstream::send(
         &ctx.client,
         Request::from_parts(parts, body),
@@ -370,16 +372,22 @@ pub(crate) fn route<'s>(
 }
 
 /// The second stage: admission (rate, in-flight, declared body size), the quota,
-/// then the head rewritten for the upstream. Returns the target chosen.
-pub(crate) async fn commit<'s>(
+/// then the head rewritten for the upstream. Returns the target chosen and the
+/// gateway's headers not yet in the map (none when the request's upstream, protocol
+/// or forwarded claims needed them there): the caller writes them with the head or
+/// applies them.
+pub(crate) async fn commit<'s, 'a>(
     routed: Routed<'s>,
     parts: &mut http::request::Parts,
     snap: &'s Snapshot,
-    ctx: &ConnCtx,
-    request_id: &HeaderValue,
+    ctx: &'a ConnCtx,
+    request_id: &'a HeaderValue,
     ex: &mut Exchange<'s>,
     websocket: Option<&HeaderValue>,
-) -> Result<Authority, ProxyError> {
+) -> Result<(Authority, headers::Added<'a>), ProxyError>
+where
+    's: 'a,
+{
     let Routed {
         tenant,
         upstream,
@@ -401,29 +409,38 @@ pub(crate) async fn commit<'s>(
                 .any(|w| w.eq_ignore_ascii_case(b"trailers"))
         });
 
-    headers::rewrite_request(
+    let mut added = headers::rewrite_request(
         &mut parts.headers,
+        parts.uri.authority(),
         &Forward {
             tenancy: &snap.tenancy,
             tenant,
             peer_ip: &ctx.peer_ip,
             request_id,
-            authority: parts.uri.authority(),
             https: tls.is_some(),
         },
     );
-    if let Some(header) = tenant
+    let cert_header = tenant
         .tls
         .as_ref()
-        .and_then(|s| s.forward_client_cert.as_ref())
+        .and_then(|s| s.forward_client_cert.as_ref());
+    if upstream.transport.h2
+        || websocket.is_some()
+        || cert_header.is_some()
+        || !tenant.forward_claims.is_empty()
     {
+        // What follows reads or replaces headers in the map: the gateway's go in first,
+        // in the order they always had.
+        added.apply(&mut parts.headers);
+    }
+    if let Some(header) = cert_header {
         parts.headers.remove(header);
         if let Some(subject) = tls.and_then(|t| t.client_subject.clone()) {
             parts.headers.insert(header.clone(), subject);
         }
     }
     forward_claims(&mut parts.headers, tenant, claims.as_deref());
-    if !parts.headers.contains_key(http::header::HOST) {
+    if added.host().is_none() && !parts.headers.contains_key(http::header::HOST) {
         // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
         // upstreams need one.
         if let Ok(v) = HeaderValue::from_str(target.as_str()) {
@@ -469,7 +486,7 @@ pub(crate) async fn commit<'s>(
         parts.uri = Uri::from(path_and_query);
         parts.version = Version::HTTP_11;
     }
-    Ok(target)
+    Ok((target, added))
 }
 
 /// The `Upgrade` value of an HTTP/1.1 WebSocket handshake (`Connection: upgrade` and

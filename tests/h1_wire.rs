@@ -2315,7 +2315,28 @@ async fn http2_client_gets_every_framing_of_a_raw_upstream_response() {
     assert_eq!(seen.version, "HTTP/1.1");
     assert_eq!(seen.headers.all("host"), [HOST]);
     assert_eq!(seen.headers.all("x-tenant-id"), ["t1"]);
-    assert!(seen.headers.has("x-request-id"));
+    assert_eq!(
+        seen.headers.all("x-request-id"),
+        [r.header("x-request-id").unwrap()]
+    );
+    // The gateway's headers, each once: `Host` from the request's authority and
+    // `x-forwarded-host` after it.
+    assert_eq!(seen.headers.all("x-forwarded-host"), [HOST]);
+    assert_eq!(seen.headers.all("x-forwarded-proto"), ["http"]);
+    assert_eq!(seen.headers.all("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(
+        seen.headers.sorted_names(),
+        [
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-request-id",
+            "x-tenant-id"
+        ],
+        "{}",
+        seen.head
+    );
 
     // Chunked, extensions and trailers dropped; the length the upstream sent beside
     // its chunked body is not passed on (the client would stop after two bytes).

@@ -87,6 +87,8 @@ impl Pool {
 /// One request to forward.
 pub struct Outgoing<'a> {
     pub parts: &'a http::request::Parts,
+    /// The gateway's headers, written after the map's.
+    pub added: &'a crate::headers::Added<'a>,
     pub target: &'a Authority,
     pub upstream: &'a Arc<str>,
     pub timeout: Duration,
@@ -155,7 +157,7 @@ pub async fn forward(
     on_head: impl FnOnce(u16) -> Finish,
 ) -> Done {
     let mut wbuf = spare::Scratch::new(1024);
-    wire::write_request_head(&mut wbuf, req.parts, false);
+    wire::write_request_head(&mut wbuf, req.parts, req.added, false);
     // The part of the body that came with the head goes out in the same write.
     let in_buf = usize::try_from(req.body_len)
         .unwrap_or(usize::MAX)

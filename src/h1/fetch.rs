@@ -49,14 +49,15 @@ enum Sending {
     Chunked,
 }
 
-/// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) and
-/// `body` to `target` and waits at most `timeout` for the response head. What the
+/// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) with the
+/// gateway's `added` headers and `body` to `target` and waits at most `timeout` for the response head. What the
 /// client has already sent of the body goes out with the head; the rest streams
 /// while the response is awaited (an upstream may answer before reading it all, and
 /// then gets no more of it).
 pub async fn fetch(
     client: &Arc<UpstreamClient>,
     parts: &http::request::Parts,
+    added: &crate::headers::Added<'_>,
     mut body: RequestBody,
     target: &Authority,
     upstream: &Arc<str>,
@@ -74,7 +75,7 @@ pub async fn fetch(
         }
     };
     let mut wbuf = super::spare::Scratch::new(1024);
-    wire::write_request_head(&mut wbuf, parts, sending == Sending::Chunked);
+    wire::write_request_head(&mut wbuf, parts, added, sending == Sending::Chunked);
     // Body bytes written so far (or about to be, with the head).
     let written = AtomicU64::new(0);
     while sending != Sending::Ended && wbuf.len() < EARLY_BODY {

@@ -255,12 +255,12 @@ async fn request(
             return Ok(None);
         }
         let (tenant, upstream) = (routed.tenant, routed.upstream);
-        let target =
+        let (target, added) =
             proxy::commit(routed, &mut parts, &snap, ctx, &request_id, &mut ex, None).await?;
-        Ok(Some((tenant, upstream, target)))
+        Ok(Some((tenant, upstream, target, added)))
     }
     .await;
-    let (tenant, upstream, target) = match prepared {
+    let (tenant, upstream, target, added) = match prepared {
         Ok(Some(p)) => p,
         Ok(None) => {
             wire::unsplit(buf, &raw);
@@ -285,6 +285,7 @@ async fn request(
         buf,
         Outgoing {
             parts: &parts,
+            added: &added,
             target: &target,
             upstream: &upstream.name,
             timeout: tenant.request_timeout,

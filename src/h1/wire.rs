@@ -180,9 +180,14 @@ pub fn has_token(v: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// Writes the forwarded request head (origin form, HTTP/1.1), announcing a chunked
-/// body when `chunked`.
-pub fn write_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, chunked: bool) {
+/// Writes the forwarded request head (origin form, HTTP/1.1): the map's headers, then
+/// the gateway's `added` ones, announcing a chunked body when `chunked`.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    added: &crate::headers::Added<'_>,
+    chunked: bool,
+) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -193,7 +198,14 @@ pub fn write_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, chunk
             .as_bytes(),
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_headers(out, &parts.headers);
+    let mut host = None;
+    for (name, value) in &parts.headers {
+        if host.is_none() && name == http::header::HOST {
+            host = Some(value);
+        }
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    added.write(out, host);
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
