@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +35,9 @@ pub struct ConnCtx {
     pub tls: Option<Box<crate::tls::ConnTls>>,
     /// `server.redirect_http`: the plain listener answers 308 to this https port.
     pub redirect_to: Option<u16>,
+    /// An HTTP/2 response on this connection has sent `x-request-id` and `RateLimit`
+    /// indexable, so their names are in the client's HPACK table (see [`unique`]).
+    pub hpack_names: AtomicBool,
 }
 
 /// What the stages learned about a request, for the response and the records made
@@ -92,14 +95,18 @@ pub async fn handle(
         }
     };
     let status = resp.status().as_u16();
+    // The first HTTP/2 response of a connection sends the unique values indexable,
+    // which puts their names in the client's table: every later one is then a literal
+    // value after an indexed name, not two Huffman-coded strings.
+    let sensitive = http1 || ctx.hpack_names.swap(true, Ordering::Relaxed);
     let h = resp.headers_mut();
     if let Some(policy) = ex.policy() {
         h.insert(RATELIMIT_POLICY.clone(), policy.clone());
         if let Some(v) = &ex.rate_limit {
-            h.insert(RATELIMIT.clone(), unique(v));
+            h.insert(RATELIMIT.clone(), unique(v, sensitive));
         }
     }
-    h.insert(X_REQUEST_ID.clone(), unique(&request_id));
+    h.insert(X_REQUEST_ID.clone(), unique(&request_id, sensitive));
     if !http1 {
         if let Some(date) = h.get_mut(http::header::DATE) {
             // A new value every second: in the HPACK table each one stays until pushed
@@ -115,13 +122,14 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// A response header value that differs from one response to the next. Marked so
-/// that HTTP/2 sends it as a literal instead of adding it to the connection's HPACK
-/// table, where it could never be used again and would push out the entries that can
-/// (`server`, `content-type`, …). HTTP/1.1 ignores the mark.
-fn unique(v: &HeaderValue) -> HeaderValue {
+/// A response header value that differs from one response to the next. Marked
+/// (`sensitive`) so that HTTP/2 sends it as a literal instead of adding it to the
+/// connection's HPACK table, where it could never be used again and would push out the
+/// entries that can (`server`, `content-type`, …); a literal still names its header by
+/// index when the name is in the table. HTTP/1.1 ignores the mark.
+fn unique(v: &HeaderValue, sensitive: bool) -> HeaderValue {
     let mut v = v.clone();
-    v.set_sensitive(true);
+    v.set_sensitive(sensitive);
     v
 }
 

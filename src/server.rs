@@ -413,6 +413,7 @@ fn conn_ctx(
             .expect("an IP address is a valid header value"),
         redirect_to: if tls.is_none() { ctx.redirect_to } else { None },
         tls,
+        hpack_names: Default::default(),
     })
 }
 
