@@ -6,7 +6,9 @@
 #
 # Backend: nginx `return 200` on CPU 0 (127.0.0.1:19000, which the configs must name);
 # the proxy on CPU 1 (127.0.0.1:18080); wrk -t1 -c64 on CPU 0, 1 s warm-up, 8 s measured.
-# Prints one "A|B req/s" line per run; compare within a round.
+# Prints one line per run: "A|B req/s", then the proxy's CPU time per request (user and
+# system µs, from /proc/PID/stat) — the steadier measure when the machine's speed
+# changes between runs; compare within a round.
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,9p "$0"; exit 2; }
 BIN_A=$1 CONF_A=$2 BIN_B=$3 CONF_B=$4 ROUNDS=${5:-3}
@@ -24,9 +26,13 @@ run() { # label bin conf
   RUST_LOG=warn taskset -c 1 "$2" run --no-watch --config "$3" & local pid=$!
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break; sleep 0.1; done
   taskset -c 0 wrk -t1 -c64 -d1s -H 'Host: t1.example.com' http://127.0.0.1:18080/ >/dev/null
-  local r
-  r=$(taskset -c 0 wrk -t1 -c64 -d8s -H 'Host: t1.example.com' http://127.0.0.1:18080/ | awk '/Requests\/sec/ {print $2}')
-  echo "$1 $r"
+  local out n u0 s0 u1 s1
+  read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+  out=$(taskset -c 0 wrk -t1 -c64 -d8s -H 'Host: t1.example.com' http://127.0.0.1:18080/)
+  read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+  n=$(awk '/requests in/ {print $1}' <<<"$out")
+  awk -v l="$1" -v n="$n" -v t="$(getconf CLK_TCK)" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
+    'BEGIN { printf "%s %.0f req/s  user %.2f us  sys %.2f us  per request\n", l, n / 8, du / t * 1e6 / n, ds / t * 1e6 / n }' </dev/null
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 for i in $(seq "$ROUNDS"); do

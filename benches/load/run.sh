@@ -34,6 +34,10 @@ LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
 PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
 KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
 PAIRED=${PAIRED:-0}              # 1: repeats outermost; each proxy's (a), (b), (c) back to back
+PROXY_CPU_QUOTA=${PROXY_CPU_QUOTA:-}  # N: each proxy gets N % of its core (a cgroup's CPU
+                                 # quota, 10 ms period), so that every proxy, not the
+                                 # load generator's core, is the limit: req/s then
+                                 # compares their CPU cost (p50/p99 do not mean much)
 OUT=${OUT:-$HERE/results-$(date +%Y-%m-%d-%H%M%S).md}
 
 readonly ADDR=127.0.0.1          # the only address this script listens on or connects to
@@ -341,6 +345,10 @@ start_proxy() {
   esac
   wait_port "$H1_PORT" "$PROXY_PID" "$name" "$log" || return 1
   wait_port "$H2_PORT" "$PROXY_PID" "$name" "$log" || return 1
+  if [[ -n $CPU_CGROUP ]]; then
+    # The whole process tree (nginx's worker too), threads included.
+    for i in $PROXY_PID $(children "$PROXY_PID"); do echo "$i" >"$CPU_CGROUP/cgroup.procs"; done
+  fi
   if [[ $name == nginx ]]; then
     # The master only supervises; the one worker does the work.
     for ((i = 0; i < 50; i++)); do
@@ -436,7 +444,7 @@ load_cmd() {
 }
 
 measure() { # scen proto proxy rep
-  local scen=$1 proto=$2 proxy=$3 rep=$4 port out h2log t0 t1 c0 c1 b0 b1 cpu=- other res
+  local scen=$1 proto=$2 proxy=$3 rep=$4 port out h2log t0 t1 c0 c1 b0 b1 g0 g1 cpu=- other res
   port=$H1_PORT; [[ $proto == h2 ]] && port=$H2_PORT
   out=$TMP/runs/$scen-$proto-$proxy-$rep.txt
   h2log=$TMP/runs/$scen-$proto-$proxy-$rep.h2log
@@ -447,9 +455,9 @@ measure() { # scen proto proxy rep
   load_cmd "$scen" "$proto" "$port" "$DURATION" "$h2log"
   c0="" c1=""
   [[ -n $MEASURE_PID ]] && c0=$(cpu_ticks "$MEASURE_PID")
-  b0=$(core_busy_ticks "$PROXY_CPU"); t0=$(now)
+  b0=$(core_busy_ticks "$PROXY_CPU"); g0=$(core_busy_ticks "$LOADGEN_CPU"); t0=$(now)
   run_fg "$out" "${CMD[@]}" || warn "$scen/$proto/$proxy: load generator failed (see $out)"
-  b1=$(core_busy_ticks "$PROXY_CPU"); t1=$(now)
+  b1=$(core_busy_ticks "$PROXY_CPU"); g1=$(core_busy_ticks "$LOADGEN_CPU"); t1=$(now)
   if [[ -n $c0 ]] && proxy_alive; then c1=$(cpu_ticks "$MEASURE_PID"); fi
   if [[ -n $c1 ]]; then
     cpu=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" \
@@ -462,17 +470,20 @@ measure() { # scen proto proxy rep
   rm -f "$h2log"
   proxy_alive || { warn "$proxy died during $scen/$proto; see $TMP"; res="- - - 1"; }
 
-  local rps p50 p99 err flag=""
+  local rps p50 p99 err flag="" loadgen
   read -r rps p50 p99 err <<<"$res"
+  # The backend and load generator's core: near 100 %, it (not the proxy) is the limit.
+  loadgen=$(awk -v b="$((g1 - g0))" -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" \
+    'BEGIN { printf "%.0f", 100 * b / hz / (t1 - t0) }')
   if ((err)); then flag="  ERRORS: $err"; fi
   if awk -v o="$other" 'BEGIN { exit !(o >= 5) }'; then
     flag="$flag  NOISY: ${other}% of CPU $PROXY_CPU used by other processes"
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
     "$scen" "$proto" "$proxy" "$rep" "$rps" "$p50" "$p99" "$cpu" "$err" "$other" >>"$RAW"
-  printf '  %-2s %-2s %-8s rep %d/%d  %10s req/s  p50 %8s ms  p99 %8s ms  cpu %5s%%%s\n' \
+  printf '  %-2s %-2s %-8s rep %d/%d  %10s req/s  p50 %8s ms  p99 %8s ms  cpu %5s%%  CPU %s %3s%%%s\n' \
     "$scen" "$proto" "$proxy" "$rep" "$REPEAT" "$rps" "$p50" "$p99" "$cpu" \
-    "$flag"
+    "$LOADGEN_CPU" "$loadgen" "$flag"
 }
 
 run_load_scenario() { # scen
@@ -585,7 +596,42 @@ the_command() {
   printf 'PROTOCOLS="%s" TENANTS_B=%s HOT_TENANTS=%s IDLE_CONNS=%s ' \
     "$PROTOCOLS" "$TENANTS_B" "$HOT_TENANTS" "$IDLE_CONNS"
   if ((PAIRED)); then printf 'PAIRED=1 '; fi
+  if [[ -n $PROXY_CPU_QUOTA ]]; then printf 'PROXY_CPU_QUOTA=%s ' "$PROXY_CPU_QUOTA"; fi
   printf 'benches/load/run.sh'
+}
+
+# PROXY_CPU_QUOTA: a cgroup whose CPU quota is that share of one core (cgroup v2's
+# cpu.max, or v1's cpu controller); sets CPU_CGROUP. Needs root.
+CPU_CGROUP=""
+make_cpu_cgroup() {
+  [[ -n $PROXY_CPU_QUOTA ]] || return 0
+  [[ $PROXY_CPU_QUOTA =~ ^[0-9]+$ ]] && ((PROXY_CPU_QUOTA >= 5 && PROXY_CPU_QUOTA <= 100)) ||
+    die "PROXY_CPU_QUOTA must be a percentage from 5 to 100, not $PROXY_CPU_QUOTA"
+  local quota=$((PROXY_CPU_QUOTA * 100)) name=bulkhead-load-$$
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+    grep -qw cpu /sys/fs/cgroup/cgroup.controllers || die "cgroup v2 without the cpu controller"
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    CPU_CGROUP=/sys/fs/cgroup/$name
+    mkdir "$CPU_CGROUP" || die "cannot create $CPU_CGROUP (PROXY_CPU_QUOTA needs root)"
+    echo "$quota 10000" >"$CPU_CGROUP/cpu.max"
+  elif [[ -d /sys/fs/cgroup/cpu ]]; then
+    CPU_CGROUP=/sys/fs/cgroup/cpu/$name
+    mkdir "$CPU_CGROUP" || die "cannot create $CPU_CGROUP (PROXY_CPU_QUOTA needs root)"
+    echo 10000 >"$CPU_CGROUP/cpu.cfs_period_us"
+    echo "$quota" >"$CPU_CGROUP/cpu.cfs_quota_us"
+  else
+    die "PROXY_CPU_QUOTA needs a cgroup cpu controller under /sys/fs/cgroup"
+  fi
+}
+
+remove_cpu_cgroup() {
+  [[ -n $CPU_CGROUP && -d $CPU_CGROUP ]] || return 0
+  local p
+  # Whatever is still in it (nothing, once the proxies are stopped) goes back to the root.
+  for p in $(cat "$CPU_CGROUP/cgroup.procs" 2>/dev/null); do
+    echo "$p" >"$(dirname "$CPU_CGROUP")/cgroup.procs" 2>/dev/null || true
+  done
+  rmdir "$CPU_CGROUP" 2>/dev/null || true
 }
 
 versions() {
@@ -685,6 +731,7 @@ main() {
 
   write_configs
   validate_configs
+  make_cpu_cgroup
   say "configs in $TMP; backend on $ADDR:$BACKEND_PORT (h2c $BACKEND_H2_PORT), CPU $LOADGEN_CPU;" \
     "proxies on $ADDR:$PROXY_PORT (nginx/HAProxy h2c $PROXY_H2_PORT), CPU $PROXY_CPU"
   start_backend
@@ -713,7 +760,7 @@ main() {
   say "markdown report: $OUT"
 }
 
-trap cleanup EXIT
+trap 'rc=$?; remove_cpu_cgroup; (exit $rc); cleanup' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 main "$@"
