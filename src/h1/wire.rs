@@ -75,7 +75,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         let mut kept = 0;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"content-length") {
+            if is_name(name, b"content-length") {
                 let Some(n) = parse_length(h.value) else {
                     return Parsed::Fallback;
                 };
@@ -85,12 +85,12 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
                     Some(_) => continue,
                     None => body_len = Some(n),
                 }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"upgrade")
-                || name.eq_ignore_ascii_case(b"expect")
+            } else if is_name(name, b"transfer-encoding")
+                || is_name(name, b"upgrade")
+                || is_name(name, b"expect")
             {
                 return Parsed::Fallback;
-            } else if name.eq_ignore_ascii_case(b"connection") {
+            } else if is_name(name, b"connection") {
                 close |= has_token(h.value, b"close");
             }
             let (ns, nl) = span(buf, name);
@@ -312,13 +312,13 @@ fn scan<'b>(
     let mut n_listed = 0;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is_name(name, b"content-length") {
             let n = parse_length(h.value).ok_or(Malformed)?;
             if length.is_some_and(|l| l != n) {
                 return Err(Malformed);
             }
             length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if is_name(name, b"transfer-encoding") {
             transfer_encoding = true;
             for t in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked") {
@@ -334,7 +334,7 @@ fn scan<'b>(
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is_name(name, b"connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
@@ -349,7 +349,7 @@ fn scan<'b>(
                     n_listed += 1;
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"date") {
+        } else if is_name(name, b"date") {
             has_date = true;
         }
     }
@@ -391,7 +391,7 @@ impl Scan<'_> {
         {
             return false;
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is_name(name, b"content-length") {
             if *wrote_length || matches!(self.framing, Framing::Chunked | Framing::Close) {
                 return false;
             }
@@ -447,9 +447,9 @@ pub fn parse_response(
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if !scan.passes(name, &mut wrote_length)
-            || name.eq_ignore_ascii_case(b"x-request-id")
-            || (extra.policy.is_some() && name.eq_ignore_ascii_case(b"ratelimit-policy"))
-            || (extra.rate_limit.is_some() && name.eq_ignore_ascii_case(b"ratelimit"))
+            || is_name(name, b"x-request-id")
+            || (extra.policy.is_some() && is_name(name, b"ratelimit-policy"))
+            || (extra.rate_limit.is_some() && is_name(name, b"ratelimit"))
         {
             continue;
         }
@@ -556,7 +556,38 @@ fn write_lower(out: &mut Vec<u8>, name: &[u8]) {
 fn is_hop_by_hop(name: &[u8]) -> bool {
     crate::headers::HOP_BY_HOP
         .iter()
-        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
+        .any(|h| is_name(name, h.as_bytes()))
+}
+
+/// Whether the header name `name` is `lower` (lower-case letters, digits and `-`) in
+/// any case, for names httparse has parsed (token characters only). Setting bit 5
+/// lower-cases a letter and leaves a digit or `-` as it is, and no token character
+/// becomes a letter, digit or `-` it is not, so eight bytes are compared at a time
+/// (`eq_ignore_ascii_case` maps byte by byte: ~8 instructions a byte, and the fast
+/// path compares every response header name with several of these).
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'));
+    if name.len() != lower.len() {
+        return false;
+    }
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        u64::from_ne_bytes(w)
+    };
+    let (mut n, mut l) = (name.chunks_exact(8), lower.chunks_exact(8));
+    for (a, b) in (&mut n).zip(&mut l) {
+        if word(a) | CASE != word(b) {
+            return false;
+        }
+    }
+    n.remainder()
+        .iter()
+        .zip(l.remainder())
+        .all(|(a, b)| a | 0x20 == *b)
 }
 
 /// `std::fmt::Write` into a byte vector.
@@ -774,6 +805,61 @@ mod tests {
             policy: None,
             rate_limit: None,
             close: false,
+        }
+    }
+
+    /// `is_name` says what `eq_ignore_ascii_case` says for every name httparse
+    /// accepts: each token character in each position of names of 1 to 20 bytes, and
+    /// every case mix of the names the fast path looks for.
+    #[test]
+    fn header_names_compare_like_eq_ignore_ascii_case() {
+        let token: Vec<u8> = (0u8..128)
+            .filter(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+            .collect();
+        let mut targets: Vec<&[u8]> = crate::headers::HOP_BY_HOP
+            .iter()
+            .map(|h| h.as_bytes())
+            .collect();
+        targets.extend([
+            &b"content-length"[..],
+            b"expect",
+            b"date",
+            b"x-request-id",
+            b"ratelimit-policy",
+            b"ratelimit",
+            b"a1-b2-c3-d4-e5-f6-g7",
+        ]);
+        for target in targets {
+            // Each position replaced by each token character.
+            for i in 0..target.len() {
+                for &c in &token {
+                    let mut name = target.to_vec();
+                    name[i] = c;
+                    assert_eq!(
+                        is_name(&name, target),
+                        name.eq_ignore_ascii_case(target),
+                        "{:?} vs {:?}",
+                        String::from_utf8_lossy(&name),
+                        String::from_utf8_lossy(target)
+                    );
+                }
+            }
+            // Upper, lower and alternating case; one byte shorter and longer.
+            let upper = target.to_ascii_uppercase();
+            let mixed: Vec<u8> = target
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    if i % 2 == 0 {
+                        b.to_ascii_uppercase()
+                    } else {
+                        *b
+                    }
+                })
+                .collect();
+            assert!(is_name(&upper, target) && is_name(&mixed, target) && is_name(target, target));
+            assert!(!is_name(&target[1..], target));
+            assert!(!is_name(&[target, b"x"].concat(), target));
         }
     }
 
