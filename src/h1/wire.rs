@@ -554,9 +554,22 @@ fn write_lower(out: &mut Vec<u8>, name: &[u8]) {
 }
 
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    crate::headers::HOP_BY_HOP
-        .iter()
-        .any(|h| is_name(name, h.as_bytes()))
+    // Most names have a length no hop-by-hop name has: one bit test instead of eight
+    // comparisons.
+    const LENGTHS: u64 = {
+        let mut mask = 0u64;
+        let mut i = 0;
+        while i < crate::headers::HOP_BY_HOP.len() {
+            mask |= 1 << crate::headers::HOP_BY_HOP[i].len();
+            i += 1;
+        }
+        mask
+    };
+    name.len() < 64
+        && LENGTHS & (1 << name.len()) != 0
+        && crate::headers::HOP_BY_HOP
+            .iter()
+            .any(|h| is_name(name, h.as_bytes()))
 }
 
 /// Whether the header name `name` is `lower` (lower-case letters, digits and `-`) in
@@ -861,6 +874,19 @@ mod tests {
             assert!(!is_name(&target[1..], target));
             assert!(!is_name(&[target, b"x"].concat(), target));
         }
+        for name in crate::headers::HOP_BY_HOP {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+            assert!(
+                is_hop_by_hop(name.to_ascii_uppercase().as_bytes()),
+                "{name}"
+            );
+            // Same length, another name.
+            assert!(!is_hop_by_hop(&vec![b'x'; name.len()]), "{name}");
+        }
+        for name in ["server", "date", "content-length", "content-type", "", "t"] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        assert!(!is_hop_by_hop(&[b'a'; 100]));
     }
 
     #[test]
