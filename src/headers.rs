@@ -359,7 +359,8 @@ pub fn rewrite_request<'a>(
     };
 
     // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need `Host`.
-    let host = match headers.contains_key(header::HOST) {
+    let map_host = headers.contains_key(header::HOST);
+    let host = match map_host {
         true => None,
         false => {
             authority.and_then(|a| small_value(|b| b.extend_from_slice(a.as_str().as_bytes())))
@@ -369,8 +370,10 @@ pub fn rewrite_request<'a>(
         tenant: forward.map(|name| (name, &f.tenant.id_value)),
         features: f.tenant.features.as_ref(),
         request_id: Some(f.request_id),
+        // Decided now: a `Host` the caller adds later (an HTTP/1.0 request without
+        // one gets the target's) is not the client's and is not forwarded as such.
+        forwarded_host: map_host || host.is_some(),
         host,
-        forwarded_host: true,
         https: Some(f.https),
         forwarded_for,
     };
@@ -647,6 +650,34 @@ mod tests {
         ]);
         assert_eq!(applied, want);
         assert_eq!(written, want);
+    }
+
+    /// An HTTP/1.0 request without `Host` gets the target's from `commit` after the
+    /// rewrite; `x-forwarded-host` still says the client named no host.
+    #[test]
+    fn a_host_added_after_the_rewrite_is_not_forwarded_as_the_clients() {
+        let snap = snapshot("");
+        let (peer, rid) = (
+            HeaderValue::from_static("10.0.0.9"),
+            HeaderValue::from_static("rid-1"),
+        );
+        let f = Forward {
+            tenancy: &snap.tenancy,
+            tenant: snap.tenant(0),
+            peer_ip: &peer,
+            request_id: &rid,
+            https: false,
+        };
+        let mut h = HeaderMap::new();
+        let mut added = rewrite_request(&mut h, None, &f);
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9"));
+        let mut out = Vec::new();
+        added.write(&mut out, h.get(header::HOST));
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("x-forwarded-host"), "{text}");
+        added.apply(&mut h);
+        assert!(!h.contains_key(&X_FORWARDED_HOST), "{h:?}");
+        assert_eq!(h[header::HOST], "127.0.0.1:9");
     }
 
     #[test]

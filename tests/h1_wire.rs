@@ -1222,6 +1222,36 @@ async fn http2_responses_add_nothing_to_the_hpack_table_after_the_first() {
     assert_eq!(up.conns(), 1);
 }
 
+/// An HTTP/1.0 request without `Host`, its tenant named by the path: the upstream gets
+/// the target as `Host`, and no `x-forwarded-host` (the client named no host).
+#[tokio::test]
+async fn http10_request_without_host_gets_the_targets_host_and_no_forwarded_host() {
+    let up = RawUpstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "[server]\nworkers = 1\n\n[tenancy]\nresolve = [\"path\"]\n\n\
+         [upstreams.u]\ntargets = [\"{}\"]\n\n[tenants.t1]\nupstream = \"u\"\n",
+        up.addr
+    ));
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /t/t1/x HTTP/1.0\r\n\r\n").await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}{}", r.head, r.text());
+    let seen = &up.seen()[0];
+    assert!(
+        seen.head.starts_with("GET /x HTTP/1.1\r\n"),
+        "{}",
+        seen.head
+    );
+    assert_eq!(
+        seen.headers.all("host"),
+        [up.addr.to_string()],
+        "{}",
+        seen.head
+    );
+    assert!(!seen.headers.has("x-forwarded-host"), "{}", seen.head);
+    assert_eq!(seen.headers.all("x-tenant-id"), ["t1"]);
+}
+
 #[tokio::test]
 async fn gateway_headers_replace_the_upstreams_own() {
     let up = RawUpstream::start(|_| {
