@@ -523,18 +523,31 @@ mod tests {
         client: &[(&str, &str)],
         authority: Option<&str>,
     ) -> (Lines, Lines) {
+        with_forward(tenancy, true, |f| forwarded_with(f, client, authority))
+    }
+
+    /// Calls `test` with a `Forward` for tenant t1 of a one-tenant config: peer
+    /// 10.0.0.9, request id `rid-1`.
+    fn with_forward<R>(tenancy: &str, https: bool, test: impl FnOnce(&Forward<'_>) -> R) -> R {
         let snap = snapshot(tenancy);
         let (peer, rid) = (
             HeaderValue::from_static("10.0.0.9"),
             HeaderValue::from_static("rid-1"),
         );
-        let f = Forward {
+        test(&Forward {
             tenancy: &snap.tenancy,
             tenant: snap.tenant(0),
             peer_ip: &peer,
             request_id: &rid,
-            https: true,
-        };
+            https,
+        })
+    }
+
+    fn forwarded_with(
+        f: &Forward<'_>,
+        client: &[(&str, &str)],
+        authority: Option<&str>,
+    ) -> (Lines, Lines) {
         let authority = authority.map(|a| a.parse::<http::uri::Authority>().unwrap());
         let lines = |h: &HeaderMap| -> Lines {
             let mut v: Vec<_> = h
@@ -546,14 +559,14 @@ mod tests {
         };
 
         let mut applied = map(client);
-        let mut added = rewrite_request(&mut applied, authority.as_ref(), &f);
+        let mut added = rewrite_request(&mut applied, authority.as_ref(), f);
         added.apply(&mut applied);
         let mut again = HeaderMap::new();
         added.apply(&mut again);
         assert!(again.is_empty(), "apply leaves nothing behind: {again:?}");
 
         let mut written = map(client);
-        let added = rewrite_request(&mut written, authority.as_ref(), &f);
+        let added = rewrite_request(&mut written, authority.as_ref(), f);
         let mut out = Vec::new();
         added.write(&mut out, written.get(header::HOST));
         let text = String::from_utf8(out).unwrap();
@@ -656,28 +669,18 @@ mod tests {
     /// rewrite; `x-forwarded-host` still says the client named no host.
     #[test]
     fn a_host_added_after_the_rewrite_is_not_forwarded_as_the_clients() {
-        let snap = snapshot("");
-        let (peer, rid) = (
-            HeaderValue::from_static("10.0.0.9"),
-            HeaderValue::from_static("rid-1"),
-        );
-        let f = Forward {
-            tenancy: &snap.tenancy,
-            tenant: snap.tenant(0),
-            peer_ip: &peer,
-            request_id: &rid,
-            https: false,
-        };
-        let mut h = HeaderMap::new();
-        let mut added = rewrite_request(&mut h, None, &f);
-        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9"));
-        let mut out = Vec::new();
-        added.write(&mut out, h.get(header::HOST));
-        let text = String::from_utf8(out).unwrap();
-        assert!(!text.contains("x-forwarded-host"), "{text}");
-        added.apply(&mut h);
-        assert!(!h.contains_key(&X_FORWARDED_HOST), "{h:?}");
-        assert_eq!(h[header::HOST], "127.0.0.1:9");
+        with_forward("", false, |f| {
+            let mut h = HeaderMap::new();
+            let mut added = rewrite_request(&mut h, None, f);
+            h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9"));
+            let mut out = Vec::new();
+            added.write(&mut out, h.get(header::HOST));
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("x-forwarded-host"), "{text}");
+            added.apply(&mut h);
+            assert!(!h.contains_key(&X_FORWARDED_HOST), "{h:?}");
+            assert_eq!(h[header::HOST], "127.0.0.1:9");
+        });
     }
 
     #[test]
