@@ -50,10 +50,10 @@ enum Sending {
 }
 
 /// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) with the
-/// gateway's `added` headers and `body` to `target` and waits at most `timeout` for the response head. What the
-/// client has already sent of the body goes out with the head; the rest streams
-/// while the response is awaited (an upstream may answer before reading it all, and
-/// then gets no more of it).
+/// gateway's `added` headers and `body` to `target` and waits at most `timeout` for
+/// the response head. What the client has already sent of the body goes out with the
+/// head; the rest streams while the response is awaited (an upstream may answer
+/// before reading it all, and then gets no more of it).
 pub async fn fetch(
     client: &Arc<UpstreamClient>,
     parts: &http::request::Parts,
