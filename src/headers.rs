@@ -182,7 +182,8 @@ pub struct Added<'a> {
     request_id: Option<&'a HeaderValue>,
     /// `Host` from the request's authority, when the map has none.
     host: Option<HeaderValue>,
-    /// `x-forwarded-host` is sent, with the map's `Host` or else `host`.
+    /// The request came with a `Host` (the map's, or `host`): `x-forwarded-host`
+    /// repeats it.
     forwarded_host: bool,
     /// `x-forwarded-proto` is sent: `https` or `http`.
     https: Option<bool>,
@@ -281,17 +282,15 @@ impl Added<'_> {
         }
     }
 
-    /// The `Host` taken from the request's authority, when the map has none.
-    pub fn host(&self) -> Option<&HeaderValue> {
-        self.host.as_ref()
+    /// The request came with a `Host` (in the map, or `host` from its authority), as
+    /// the rewrite found; false once applied (the map then says).
+    pub fn has_host(&self) -> bool {
+        self.forwarded_host
     }
 }
 
 fn write_line(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    crate::h1::wire::write_header(out, name.as_str().as_bytes(), value.as_bytes());
 }
 
 fn proto(https: bool) -> HeaderValue {
@@ -516,14 +515,19 @@ mod tests {
 
     type Lines = Vec<(String, String)>;
 
-    /// The forwarded request as (name, value) lines, sorted: once from the map with the
-    /// gateway's headers applied, once as the fast path writes it.
-    fn forwarded(
+    /// The forwarded request, as (name, value) lines in any order, is `want` both from
+    /// the map with the gateway's headers applied and as the fast path writes it.
+    fn assert_forwarded(
         tenancy: &str,
         client: &[(&str, &str)],
         authority: Option<&str>,
-    ) -> (Lines, Lines) {
-        with_forward(tenancy, true, |f| forwarded_with(f, client, authority))
+        want: &[(&str, &str)],
+    ) {
+        let (applied, written) =
+            with_forward(tenancy, true, |f| forwarded_with(f, client, authority));
+        let want = pairs(want);
+        assert_eq!(applied, want);
+        assert_eq!(written, want);
     }
 
     /// Calls `test` with a `Forward` for tenant t1 of a one-tenant config: peer
@@ -593,7 +597,7 @@ mod tests {
     fn gateway_headers_written_or_applied_are_the_same_set() {
         // Client copies of every name the gateway sets are replaced, x-forwarded-for
         // appended to.
-        let (applied, written) = forwarded(
+        assert_forwarded(
             "",
             &[
                 ("host", "a.example"),
@@ -607,62 +611,62 @@ mod tests {
                 ("accept", "*/*"),
             ],
             None,
+            &[
+                ("accept", "*/*"),
+                ("host", "a.example"),
+                ("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.9"),
+                ("x-forwarded-host", "a.example"),
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "rid-1"),
+                ("x-tenant-features", "f1"),
+                ("x-tenant-id", "t1"),
+            ],
         );
-        let want = pairs(&[
-            ("accept", "*/*"),
-            ("host", "a.example"),
-            ("x-forwarded-for", "1.1.1.1, 2.2.2.2, 10.0.0.9"),
-            ("x-forwarded-host", "a.example"),
-            ("x-forwarded-proto", "https"),
-            ("x-request-id", "rid-1"),
-            ("x-tenant-features", "f1"),
-            ("x-tenant-id", "t1"),
-        ]);
-        assert_eq!(applied, want);
-        assert_eq!(written, want);
 
         // HTTP/2: Host from the authority.
-        let (applied, written) = forwarded("", &[], Some("a.example:8443"));
-        let want = pairs(&[
-            ("host", "a.example:8443"),
-            ("x-forwarded-for", "10.0.0.9"),
-            ("x-forwarded-host", "a.example:8443"),
-            ("x-forwarded-proto", "https"),
-            ("x-request-id", "rid-1"),
-            ("x-tenant-features", "f1"),
-            ("x-tenant-id", "t1"),
-        ]);
-        assert_eq!(applied, want);
-        assert_eq!(written, want);
+        assert_forwarded(
+            "",
+            &[],
+            Some("a.example:8443"),
+            &[
+                ("host", "a.example:8443"),
+                ("x-forwarded-for", "10.0.0.9"),
+                ("x-forwarded-host", "a.example:8443"),
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "rid-1"),
+                ("x-tenant-features", "f1"),
+                ("x-tenant-id", "t1"),
+            ],
+        );
 
         // Neither Host nor authority: no x-forwarded-host; injection turned off.
-        let (applied, written) = forwarded("forward_header = \"\"", &[], None);
-        let want = pairs(&[
-            ("x-forwarded-for", "10.0.0.9"),
-            ("x-forwarded-proto", "https"),
-            ("x-request-id", "rid-1"),
-            ("x-tenant-features", "f1"),
-        ]);
-        assert_eq!(applied, want);
-        assert_eq!(written, want);
+        assert_forwarded(
+            "forward_header = \"\"",
+            &[],
+            None,
+            &[
+                ("x-forwarded-for", "10.0.0.9"),
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "rid-1"),
+                ("x-tenant-features", "f1"),
+            ],
+        );
 
         // The tenant header named like one the gateway sets: one copy either way, the
         // gateway's own value winning as it did when every header was inserted in turn.
-        let (applied, written) = forwarded(
+        assert_forwarded(
             "forward_header = \"x-request-id\"",
             &[("host", "a.example")],
             None,
+            &[
+                ("host", "a.example"),
+                ("x-forwarded-for", "10.0.0.9"),
+                ("x-forwarded-host", "a.example"),
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "rid-1"),
+                ("x-tenant-features", "f1"),
+            ],
         );
-        let want = pairs(&[
-            ("host", "a.example"),
-            ("x-forwarded-for", "10.0.0.9"),
-            ("x-forwarded-host", "a.example"),
-            ("x-forwarded-proto", "https"),
-            ("x-request-id", "rid-1"),
-            ("x-tenant-features", "f1"),
-        ]);
-        assert_eq!(applied, want);
-        assert_eq!(written, want);
     }
 
     /// An HTTP/1.0 request without `Host` gets the target's from `commit` after the

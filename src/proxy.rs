@@ -448,7 +448,7 @@ where
         }
     }
     forward_claims(&mut parts.headers, tenant, claims.as_deref());
-    if added.host().is_none() && !parts.headers.contains_key(http::header::HOST) {
+    if !added.has_host() && !parts.headers.contains_key(http::header::HOST) {
         // An HTTP/1.0 client without `Host`, resolved by header or path: HTTP/1.1
         // upstreams need one.
         if let Ok(v) = HeaderValue::from_str(target.as_str()) {

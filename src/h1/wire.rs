@@ -198,13 +198,7 @@ pub fn write_request_head(
             .as_bytes(),
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut host = None;
-    for (name, value) in &parts.headers {
-        if host.is_none() && name == http::header::HOST {
-            host = Some(value);
-        }
-        write_header(out, name.as_str().as_bytes(), value.as_bytes());
-    }
+    let host = write_headers(out, &parts.headers);
     added.write(out, host);
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -212,10 +206,17 @@ pub fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-pub fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+/// Writes every header of the map as an HTTP/1.1 line; returns the first `Host`, met
+/// on the way (the gateway's `x-forwarded-host` repeats it).
+pub fn write_headers<'h>(out: &mut Vec<u8>, headers: &'h HeaderMap) -> Option<&'h HeaderValue> {
+    let mut host = None;
     for (name, value) in headers {
+        if host.is_none() && name == http::header::HOST {
+            host = Some(value);
+        }
         write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    host
 }
 
 pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
