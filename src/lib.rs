@@ -17,6 +17,7 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod h1;
+pub mod h2;
 pub mod headers;
 pub mod jwt;
 pub mod limits;

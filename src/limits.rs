@@ -365,7 +365,7 @@ pub enum RequestBodyError {
     /// The body crossed `max_body`; nothing past the cap was forwarded.
     TooLarge { limit: u64 },
     /// The client's side of the body failed (e.g. it went away mid-upload).
-    Client(hyper::Error),
+    Client(Box<dyn StdError + Send + Sync>),
 }
 
 impl fmt::Display for RequestBodyError {
@@ -393,7 +393,7 @@ impl StdError for RequestBodyError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             RequestBodyError::TooLarge { .. } => None,
-            RequestBodyError::Client(e) => Some(e),
+            RequestBodyError::Client(e) => Some(&**e),
         }
     }
 }
@@ -401,7 +401,7 @@ impl StdError for RequestBodyError {
 /// The client's request body on its way upstream, stopped at `max_body`, counted
 /// into the tenant's metrics (and the access-log record, when there is one).
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     limit: u64,
     seen: u64,
     stats: Option<Arc<TenantStats>>,
@@ -410,7 +410,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         limit: Option<u64>,
         stats: Option<Arc<TenantStats>>,
         bytes_in: Option<Arc<AtomicU64>>,
@@ -434,7 +434,12 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match &mut this.inner {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as _),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as _),
+            ClientBody::Empty => Poll::Ready(None),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
@@ -460,12 +465,30 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
     }
+}
+
+/// A client's request body as the server that read the head hands it over.
+pub enum ClientBody {
+    /// hyper's server (HTTP/1.1 connections it serves, `BULKHEAD_H2=hyper`).
+    Hyper(Incoming),
+    /// The gateway's HTTP/2 server (`crate::h2`).
+    H2(crate::h2::RecvBody),
+    /// A request without a body (HTTP/2 HEADERS with END_STREAM).
+    Empty,
 }
 
 #[cfg(test)]

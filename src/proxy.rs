@@ -10,14 +10,13 @@ use std::time::Instant;
 
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{AccessRecord, Finish, ProxyBody};
 use crate::config::TenantStatus;
 use crate::error::ProxyError;
 use crate::headers::{self, Forward, X_REQUEST_ID};
-use crate::limits::{self, Permit, RequestBody};
+use crate::limits::{self, ClientBody, Permit, RequestBody};
 use crate::server::Shared;
 use crate::snapshot::{Snapshot, Tenant};
 use crate::tenant;
@@ -59,7 +58,7 @@ static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratel
 
 /// The service function: never fails, every error becomes a response.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -98,7 +97,10 @@ pub async fn handle(
     // The first HTTP/2 response of a connection sends the unique values indexable,
     // which puts their names in the client's table: every later one is then a literal
     // value after an indexed name, not two Huffman-coded strings.
-    let sensitive = http1 || ctx.hpack_names.swap(true, Ordering::Relaxed);
+    // The gateway's own HTTP/2 server never indexes what it sends: for it the mark
+    // only says "do not index" to whoever relays the response.
+    let own_h2 = crate::h2::enabled();
+    let sensitive = http1 || own_h2 || ctx.hpack_names.swap(true, Ordering::Relaxed);
     let h = resp.headers_mut();
     if let Some(policy) = ex.policy() {
         h.insert(RATELIMIT_POLICY.clone(), policy.clone());
@@ -107,7 +109,7 @@ pub async fn handle(
         }
     }
     h.insert(X_REQUEST_ID.clone(), unique(&request_id, sensitive));
-    if !http1 {
+    if !http1 && !own_h2 {
         if let Some(date) = h.get_mut(http::header::DATE) {
             // A new value every second: in the HPACK table each one stays until pushed
             // out, and h2 compares a new `date` with every older copy in the table, so
@@ -212,7 +214,7 @@ pub(crate) fn refuse(
 }
 
 async fn proxy<'s>(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     snap: &'s Snapshot,
     ctx: &ConnCtx,
     request_id: &HeaderValue,

@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
+use http::{HeaderValue, Request};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -235,6 +236,8 @@ struct WorkerCtx {
     client: Arc<upstream::UpstreamClient>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// The gateway's own HTTP/2 server (`crate::h2`), unless `BULKHEAD_H2=hyper`.
+    h2_own: crate::h2::Config,
     header_read_timeout: Duration,
     /// `server.redirect_http`: the https port plain requests are sent to.
     redirect_to: Option<u16>,
@@ -277,10 +280,17 @@ async fn worker(
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
+    let h2_own = crate::h2::Config {
+        max_concurrent_streams: 256,
+        max_header_list_size: u32::try_from(hyper_limit).unwrap_or(u32::MAX),
+        keep_alive_interval: Duration::from_secs(30),
+        keep_alive_timeout: Duration::from_secs(20),
+    };
     let ctx = Arc::new(WorkerCtx {
         client: upstream::UpstreamClient::new(),
         h1,
         h2,
+        h2_own,
         header_read_timeout: cfg.header_read_timeout,
         redirect_to,
         hyper_limit,
@@ -482,9 +492,30 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if is_h2 && crate::h2::enabled() {
+        // The gateway's own HTTP/2 server; each stream's handler is boxed once.
+        let service = move |req| -> crate::h2::Handler {
+            let ctx = conn_ctx.clone();
+            Box::pin(async move {
+                match proxy::handle(req, ctx).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            })
+        };
+        if let Err(e) = crate::h2::serve(io, &ctx.h2_own, service, shutdown).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        return;
+    }
     // Boxed: hyper moves the service future into each HTTP/2 stream's task (and
     // around inside hyper); a pointer moves for free, the ~3 KiB future does not.
-    let service = service_fn(move |req| Box::pin(proxy::handle(req, conn_ctx.clone())));
+    let service = service_fn(move |req: Request<Incoming>| {
+        Box::pin(proxy::handle(
+            req.map(crate::limits::ClientBody::Hyper),
+            conn_ctx.clone(),
+        ))
+    });
     let io = TokioIo::new(io);
     let result = if is_h2 {
         drive(

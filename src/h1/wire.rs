@@ -627,7 +627,7 @@ pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// The current time as an HTTP date, formatted at most once a second per thread.
-fn date(out: &mut Vec<u8>) {
+pub(crate) fn date(out: &mut Vec<u8>) {
     thread_local! {
         static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [b' '; 29])) };
     }
