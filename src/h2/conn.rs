@@ -121,10 +121,13 @@ enum Phase {
 
 /// The request side of a stream.
 enum Recv {
-    /// END_STREAM received (or the stream never had a body).
+    /// The request has no body (END_STREAM on its HEADERS).
     Closed,
+    /// A body: received through `shared`, counted against the windows until its
+    /// consumer takes it (also after END_STREAM, `ended`).
     Open {
         shared: body::Shared,
+        ended: bool,
         /// What the client may still send on this stream.
         window: i64,
         /// Bytes taken by the consumer, not yet given back in a WINDOW_UPDATE.
@@ -373,7 +376,12 @@ where
                 let _ = poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
                 return r;
             }
-            _ = shutdown.changed(), if !shutting => {}
+            r = shutdown.changed(), if !shutting => {
+                if r.is_err() {
+                    // The server is gone without saying so: finish as on shutdown.
+                    conn.go_away(Reason::NoError);
+                }
+            }
             _ = &mut tick => {
                 let next = if conn.ping_outstanding {
                     conn.cancel_all();
@@ -890,6 +898,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                 ClientBody::H2(RecvBody::new(shared.clone(), content_length)),
                 Recv::Open {
                     shared,
+                    ended: false,
                     window: STREAM_WINDOW,
                     released: 0,
                     content_length,
@@ -920,6 +929,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         let stream = slot.id;
         let Recv::Open {
             shared,
+            ended: false,
             content_length,
             received,
             ..
@@ -978,6 +988,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         let slot = &mut self.slots[idx as usize];
         let Recv::Open {
             shared,
+            ended: false,
             window,
             released,
             content_length,
@@ -1040,20 +1051,12 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         }
     }
 
-    /// END_STREAM received on a stream.
+    /// END_STREAM received on a stream (whose response is still to finish: a finished
+    /// one frees the slot). What the consumer has yet to take stays counted until it
+    /// does, or until the slot is freed.
     fn recv_closed(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        if let Recv::Open { released, .. } = std::mem::replace(&mut slot.recv, Recv::Closed) {
-            // What the consumer has yet to take is released when it does (or when the
-            // slot is freed); what it took already, now.
-            let _ = released;
-        }
-        if matches!(slot.phase, Phase::Done) && slot.pending.is_empty() && !slot.body_over {
-            self.free_slot(idx, None);
-        } else {
-            // The consumer may still hold bytes: keep accounting through the shared
-            // state until the slot is freed.
-            self.local_ready.push(idx);
+        if let Recv::Open { ended, .. } = &mut self.slots[idx as usize].recv {
+            *ended = true;
         }
     }
 
@@ -1105,14 +1108,13 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         slot.body_over = false;
         slot.stream_blocked = false;
         let mut give_back = 0u32;
-        if let Recv::Open {
-            shared, released, ..
-        } = std::mem::replace(&mut slot.recv, Recv::Closed)
-        {
+        if let Recv::Open { shared, .. } = std::mem::replace(&mut slot.recv, Recv::Closed) {
+            // What the consumer took or never will, back to the connection's window
+            // (the stream's own is moot now).
             let mut s = body::lock(&shared);
             s.reset = true;
             s.conn = None;
-            give_back += released + std::mem::take(&mut s.released);
+            give_back += std::mem::take(&mut s.released);
             give_back += s.chunks.iter().map(|c| c.len() as u32).sum::<u32>();
             s.chunks.clear();
             if let Some(w) = s.consumer.take() {
@@ -1295,6 +1297,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         let slot = &mut self.slots[idx as usize];
         let Recv::Open {
             shared,
+            ended,
             window,
             released,
             ..
@@ -1309,7 +1312,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         *released += taken;
         let stream = slot.id;
         let mut update = 0;
-        if *released >= WINDOW_STEP {
+        if !*ended && *released >= WINDOW_STEP {
             update = std::mem::take(released);
             *window += i64::from(update);
         }
@@ -1423,7 +1426,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         let slot = &mut self.slots[idx as usize];
         slot.phase = Phase::Done;
         slot.body_over = false;
-        let open = matches!(slot.recv, Recv::Open { .. });
+        let open = matches!(slot.recv, Recv::Open { ended: false, .. });
         self.free_slot(idx, open.then_some(Reason::NoError));
     }
 

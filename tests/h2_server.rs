@@ -1,0 +1,1478 @@
+//! The gateway's own HTTP/2 server (`src/h2`), on real sockets: a raw HTTP/2 client
+//! written here (frames by hand, HPACK literals out, the library's HPACK decoder in),
+//! hyper's client where a real one is more natural, and `h2load` / `nghttp`, against a
+//! gateway in this process and real upstream servers. Each test is a short story of
+//! what a client sees: the connection preface, flow control both ways, resets, the
+//! connection and stream errors of RFC 9113, CONTINUATION, limits, trailers, graceful
+//! shutdown and load.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead::h2::hpack::Decoder;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame as BodyFrame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{pattern, serve_tcp, Behavior, Digest, Gateway, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+/// Every client read is bounded by this, so a hang fails the test instead of blocking it.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HOST: &str = "t1.example.com";
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types, flags, settings and error codes (RFC 9113 §6, §7).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const INITIAL_WINDOW_SIZE: u16 = 0x4;
+const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
+const NO_ERROR: u32 = 0x0;
+const PROTOCOL_ERROR: u32 = 0x1;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
+const COMPRESSION_ERROR: u32 = 0x9;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+const MAX_FRAME: usize = 16_384;
+
+// ---------------------------------------------------------------------------------------
+// Gateways and upstreams
+// ---------------------------------------------------------------------------------------
+
+/// A gateway with one worker and tenant `t1` on [`HOST`], proxying to `up`;
+/// `upstream_extra` is appended to `[upstreams.u]`.
+fn gateway_with(up: SocketAddr, upstream_extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "[server]\nworkers = 1\n\n[upstreams.u]\ntargets = [\"{up}\"]\n{upstream_extra}\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n"
+    ))
+}
+
+fn gateway(up: SocketAddr) -> Gateway {
+    gateway_with(up, "")
+}
+
+/// An HTTP/1.1 upstream that holds every request whose path starts with `/hold` until
+/// [`Held::release`], and answers the others at once; both with `path=<path>`.
+struct Held {
+    addr: SocketAddr,
+    /// The paths of held requests, as they arrive.
+    arrived: mpsc::UnboundedReceiver<String>,
+    release: watch::Sender<bool>,
+    /// The held requests that are over: (path, answered), `false` when the exchange was
+    /// dropped (the gateway closed the connection) before its answer.
+    finished: mpsc::UnboundedReceiver<(String, bool)>,
+}
+
+/// Reports a held exchange as finished when it is dropped.
+struct Finish {
+    path: String,
+    answered: bool,
+    tx: mpsc::UnboundedSender<(String, bool)>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let _ = self.tx.send((self.path.clone(), self.answered));
+    }
+}
+
+impl Held {
+    async fn start() -> Held {
+        let (arrived_tx, arrived) = mpsc::unbounded_channel();
+        let (finished_tx, finished) = mpsc::unbounded_channel();
+        let (release, release_rx) = watch::channel(false);
+        let addr = serve_tcp(move |tcp| {
+            let (arrived_tx, finished_tx, release_rx) =
+                (arrived_tx.clone(), finished_tx.clone(), release_rx.clone());
+            async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (arrived_tx, finished_tx, mut release_rx) =
+                        (arrived_tx.clone(), finished_tx.clone(), release_rx.clone());
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let _ = req.into_body().collect().await;
+                        if path.starts_with("/hold") {
+                            let mut finish = Finish {
+                                path: path.clone(),
+                                answered: false,
+                                tx: finished_tx,
+                            };
+                            let _ = arrived_tx.send(path.clone());
+                            let _ = release_rx.wait_for(|r| *r).await;
+                            finish.answered = true;
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "path={path}"
+                        )))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            }
+        })
+        .await;
+        Held {
+            addr,
+            arrived,
+            release,
+            finished,
+        }
+    }
+
+    /// Waits for the next held request to reach the upstream; returns its path.
+    async fn next_arrival(&mut self) -> String {
+        tokio::time::timeout(READ_TIMEOUT, self.arrived.recv())
+            .await
+            .expect("a held request reaches the upstream in time")
+            .expect("the upstream is running")
+    }
+
+    /// Waits for the next held exchange to be over: (path, answered).
+    async fn next_finished(&mut self) -> (String, bool) {
+        tokio::time::timeout(READ_TIMEOUT, self.finished.recv())
+            .await
+            .expect("a held exchange ends in time")
+            .expect("the upstream is running")
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+/// What the HTTP/2 trailer upstream saw of one request: body and trailers.
+type TrailerSeen = Arc<Mutex<Vec<(Bytes, Option<HeaderMap>)>>>;
+
+type EchoBody = StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<BodyFrame<Bytes>, Infallible>>>,
+>;
+
+/// An HTTP/2 (prior knowledge) upstream that records each request's body and trailers
+/// and answers with the body, then trailers `x-upstream-trailer: done`.
+async fn h2_trailer_upstream() -> (SocketAddr, TrailerSeen) {
+    let seen: TrailerSeen = Arc::default();
+    let seen2 = seen.clone();
+    let addr = serve_tcp(move |tcp| {
+        let seen = seen2.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let (trailers, body) = match req.into_body().collect().await {
+                        Ok(c) => (c.trailers().cloned(), c.to_bytes()),
+                        Err(_) => (None, Bytes::new()),
+                    };
+                    seen.lock().unwrap().push((body.clone(), trailers));
+                    let mut t = HeaderMap::new();
+                    t.insert("x-upstream-trailer", HeaderValue::from_static("done"));
+                    let frames = vec![Ok(BodyFrame::data(body)), Ok(BodyFrame::trailers(t))];
+                    let resp: Response<EchoBody> =
+                        Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+// ---------------------------------------------------------------------------------------
+// HPACK out: literals without Huffman coding
+// ---------------------------------------------------------------------------------------
+
+/// An HPACK integer with an `n`-bit prefix; `first` holds the representation's flag bits.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+fn hpack_string(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 0, 7, s.len());
+    out.extend_from_slice(s);
+}
+
+/// A literal without indexing whose name is the static table's entry `index`.
+fn hpack_indexed_name(out: &mut Vec<u8>, index: usize, value: &[u8]) {
+    hpack_int(out, 0, 4, index);
+    hpack_string(out, value);
+}
+
+/// A literal without indexing with a literal name.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.push(0);
+    hpack_string(out, name.as_bytes());
+    hpack_string(out, value);
+}
+
+/// A request head: `:method`, `:scheme http`, `:path`, `:authority` [`HOST`], then
+/// `headers` in order.
+fn request_block(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    match method {
+        "GET" => b.push(0x82),
+        "POST" => b.push(0x83),
+        m => hpack_indexed_name(&mut b, 2, m.as_bytes()),
+    }
+    b.push(0x86);
+    hpack_indexed_name(&mut b, 4, path.as_bytes());
+    hpack_indexed_name(&mut b, 1, HOST.as_bytes());
+    for (n, v) in headers {
+        hpack_literal(&mut b, n, v.as_bytes());
+    }
+    b
+}
+
+// ---------------------------------------------------------------------------------------
+// A raw HTTP/2 client
+// ---------------------------------------------------------------------------------------
+
+/// Writes an HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn window_update(stream: u32, inc: u32) -> Vec<u8> {
+    frame(WINDOW_UPDATE, 0, stream, &inc.to_be_bytes())
+}
+
+fn rst_stream(stream: u32, code: u32) -> Vec<u8> {
+    frame(RST_STREAM, 0, stream, &code.to_be_bytes())
+}
+
+fn settings(params: &[(u16, u32)]) -> Vec<u8> {
+    let mut p = Vec::new();
+    for (id, v) in params {
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    frame(SETTINGS, 0, 0, &p)
+}
+
+/// A frame as received.
+#[derive(Debug, Clone)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// One frame in the log of everything received: (type, flags, stream, length).
+type Logged = (u8, u8, u32, usize);
+
+/// What the client saw of one stream.
+#[derive(Debug, Clone, Default)]
+struct Resp {
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+    /// END_STREAM received.
+    end: bool,
+    /// RST_STREAM received, with its code.
+    reset: Option<u32>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn done(&self) -> bool {
+        self.end || self.reset.is_some()
+    }
+}
+
+struct H2 {
+    s: TcpStream,
+    rbuf: Vec<u8>,
+    decoder: Decoder,
+    streams: HashMap<u32, Resp>,
+    /// GOAWAY received: (last stream id, error code).
+    goaway: Option<(u32, u32)>,
+    eof: bool,
+    log: Vec<Logged>,
+    /// Every DATA frame is given back at once (connection and stream WINDOW_UPDATE).
+    auto_window: bool,
+    /// A header block waiting for its CONTINUATIONs: (stream, HEADERS flags, fragment).
+    block: Option<(u32, u8, Vec<u8>)>,
+    /// The server's SETTINGS frames (not the ACKs), in order.
+    server_settings: Vec<Vec<(u16, u32)>>,
+    settings_acks: usize,
+    ping_acks: Vec<Vec<u8>>,
+    /// What the server lets this client send: the connection window, the initial
+    /// stream window and each stream's window.
+    send_conn: i64,
+    send_initial: i64,
+    send_streams: HashMap<u32, i64>,
+}
+
+impl H2 {
+    /// Connects and sends the preface with a SETTINGS frame of `params`.
+    async fn start(addr: SocketAddr, params: &[(u16, u32)]) -> H2 {
+        let mut c = H2::connect(addr).await;
+        let mut hello = PREFACE.to_vec();
+        hello.extend_from_slice(&settings(params));
+        c.send(&hello).await;
+        c
+    }
+
+    /// Connects and sends the preface with an empty SETTINGS frame.
+    async fn open(addr: SocketAddr) -> H2 {
+        H2::start(addr, &[]).await
+    }
+
+    /// Connects, sending nothing yet.
+    async fn connect(addr: SocketAddr) -> H2 {
+        let s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        H2 {
+            s,
+            rbuf: Vec::new(),
+            decoder: Decoder::new(4096),
+            streams: HashMap::new(),
+            goaway: None,
+            eof: false,
+            log: Vec::new(),
+            auto_window: true,
+            block: None,
+            server_settings: Vec::new(),
+            settings_acks: 0,
+            ping_acks: Vec::new(),
+            send_conn: 65_535,
+            send_initial: 65_535,
+            send_streams: HashMap::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s
+            .write_all(bytes)
+            .await
+            .unwrap_or_else(|e| panic!("write to the gateway: {e}; received: {:?}", self.tail()));
+    }
+
+    /// Writes, ignoring a connection the server has already closed.
+    async fn try_send(&mut self, bytes: &[u8]) {
+        let _ = self.s.write_all(bytes).await;
+    }
+
+    /// The last frames received, for failure messages.
+    fn tail(&self) -> &[Logged] {
+        &self.log[self.log.len().saturating_sub(20)..]
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    async fn read_frame(&mut self) -> Option<Frame> {
+        loop {
+            if self.rbuf.len() >= 9 {
+                let b = &self.rbuf;
+                let len = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+                if self.rbuf.len() >= 9 + len {
+                    let f = Frame {
+                        kind: b[3],
+                        flags: b[4],
+                        stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
+                        payload: b[9..9 + len].to_vec(),
+                    };
+                    self.rbuf.drain(..9 + len);
+                    self.log.push((f.kind, f.flags, f.stream, len));
+                    return Some(f);
+                }
+            }
+            if self.eof {
+                return None;
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = match tokio::time::timeout(READ_TIMEOUT, self.s.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                // A reset after the server's last bytes: the same as a close here.
+                Ok(Err(_)) => 0,
+                Err(_) => panic!(
+                    "no frame from the gateway within {READ_TIMEOUT:?}; last frames \
+                     (type, flags, stream, length): {:?}",
+                    self.tail()
+                ),
+            };
+            if n == 0 {
+                self.eof = true;
+                assert!(
+                    self.rbuf.is_empty(),
+                    "the connection closed inside a frame: {:?}",
+                    self.rbuf
+                );
+                return None;
+            }
+            self.rbuf.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Reads and handles one frame (acknowledging SETTINGS and PING, keeping the
+    /// windows, decoding header blocks); `None` once the connection is closed.
+    async fn pump(&mut self) -> Option<Logged> {
+        let f = self.read_frame().await?;
+        let logged = (f.kind, f.flags, f.stream, f.payload.len());
+        match f.kind {
+            DATA => {
+                let data = unpad(f.flags, &f.payload);
+                let r = self.streams.entry(f.stream).or_default();
+                r.body.extend_from_slice(data);
+                let end = f.flags & END_STREAM != 0;
+                r.end |= end;
+                let n = u32::try_from(f.payload.len()).unwrap();
+                if self.auto_window && n > 0 {
+                    let mut wu = window_update(0, n);
+                    if !end {
+                        wu.extend_from_slice(&window_update(f.stream, n));
+                    }
+                    self.try_send(&wu).await;
+                }
+            }
+            HEADERS => {
+                assert!(self.block.is_none(), "HEADERS inside a header block");
+                let mut data = unpad(f.flags, &f.payload);
+                if f.flags & PRIORITY != 0 {
+                    data = &data[5..];
+                }
+                if f.flags & END_HEADERS != 0 {
+                    self.on_block(f.stream, f.flags, &data.to_vec());
+                } else {
+                    self.block = Some((f.stream, f.flags, data.to_vec()));
+                }
+            }
+            CONTINUATION => {
+                let (stream, flags, mut block) =
+                    self.block.take().expect("CONTINUATION after HEADERS");
+                assert_eq!(stream, f.stream, "CONTINUATION on another stream");
+                block.extend_from_slice(&f.payload);
+                if f.flags & END_HEADERS != 0 {
+                    self.on_block(stream, flags, &block);
+                } else {
+                    self.block = Some((stream, flags, block));
+                }
+            }
+            RST_STREAM => {
+                let code = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+                self.streams.entry(f.stream).or_default().reset = Some(code);
+            }
+            SETTINGS if f.flags & ACK != 0 => self.settings_acks += 1,
+            SETTINGS => {
+                let params: Vec<(u16, u32)> = f
+                    .payload
+                    .chunks_exact(6)
+                    .map(|s| {
+                        (
+                            u16::from_be_bytes([s[0], s[1]]),
+                            u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                        )
+                    })
+                    .collect();
+                for &(id, v) in &params {
+                    if id == INITIAL_WINDOW_SIZE {
+                        let delta = i64::from(v) - self.send_initial;
+                        self.send_initial = i64::from(v);
+                        for w in self.send_streams.values_mut() {
+                            *w += delta;
+                        }
+                    }
+                }
+                self.server_settings.push(params);
+                self.try_send(&frame(SETTINGS, ACK, 0, &[])).await;
+            }
+            PING if f.flags & ACK != 0 => self.ping_acks.push(f.payload),
+            PING => self.try_send(&frame(PING, ACK, 0, &f.payload)).await,
+            GOAWAY => {
+                let p = &f.payload;
+                self.goaway = Some((
+                    u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff,
+                    u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                ));
+            }
+            WINDOW_UPDATE => {
+                let inc = i64::from(u32::from_be_bytes(f.payload[..4].try_into().unwrap()));
+                if f.stream == 0 {
+                    self.send_conn += inc;
+                } else if let Some(w) = self.send_streams.get_mut(&f.stream) {
+                    *w += inc;
+                }
+            }
+            _ => {}
+        }
+        Some(logged)
+    }
+
+    fn on_block(&mut self, stream: u32, flags: u8, block: &[u8]) {
+        let mut fields = Vec::new();
+        self.decoder
+            .decode(block, |n, v| {
+                fields.push((
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                ))
+            })
+            .expect("the gateway's header block decodes");
+        let r = self.streams.entry(stream).or_default();
+        if r.status.is_none() {
+            let status = fields
+                .iter()
+                .find(|(n, _)| n == ":status")
+                .unwrap_or_else(|| panic!("a response head with :status: {fields:?}"));
+            r.status = Some(status.1.parse().unwrap());
+            r.headers = fields;
+        } else {
+            r.trailers = fields;
+        }
+        r.end |= flags & END_STREAM != 0;
+    }
+
+    /// Pumps frames until `cond` holds; panics if the connection closes first.
+    async fn until(&mut self, what: &str, cond: impl Fn(&H2) -> bool) {
+        while !cond(self) {
+            if self.pump().await.is_none() {
+                panic!(
+                    "the connection closed before {what}; goaway {:?}, last frames: {:?}",
+                    self.goaway,
+                    self.tail()
+                );
+            }
+        }
+    }
+
+    /// Waits for stream `id` to end (END_STREAM or RST_STREAM).
+    async fn response(&mut self, id: u32) -> Resp {
+        self.until(&format!("stream {id} ended"), |c| {
+            c.streams.get(&id).is_some_and(Resp::done)
+        })
+        .await;
+        self.streams[&id].clone()
+    }
+
+    /// Waits for stream `id`'s complete response, which must not be a reset.
+    async fn ok_response(&mut self, id: u32) -> Resp {
+        let r = self.response(id).await;
+        assert_eq!(r.reset, None, "stream {id} was reset: {r:?}");
+        r
+    }
+
+    /// Sends a request head in one HEADERS frame.
+    async fn headers(&mut self, id: u32, block: &[u8], end_stream: bool) {
+        self.send_streams.insert(id, self.send_initial);
+        let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
+        self.send(&frame(HEADERS, flags, id, block)).await;
+    }
+
+    /// A GET on stream `id`; returns its response.
+    async fn get(&mut self, id: u32, path: &str) -> Resp {
+        self.headers(id, &request_block("GET", path, &[]), true)
+            .await;
+        self.response(id).await
+    }
+
+    /// Sends `data` on stream `id` in DATA frames of at most 16,384 bytes, within the
+    /// windows the server gives (reading its frames while they are shut).
+    async fn send_body(&mut self, id: u32, data: &[u8], end_stream: bool) {
+        let mut rest = data;
+        loop {
+            let stream_w = self.send_streams[&id];
+            let n = (rest.len() as i64)
+                .min(MAX_FRAME as i64)
+                .min(self.send_conn)
+                .min(stream_w);
+            if n <= 0 && !rest.is_empty() {
+                let (conn, sw) = (self.send_conn, stream_w);
+                let what = format!(
+                    "a WINDOW_UPDATE (connection window {conn}, stream {id} window {sw}, \
+                     {} of {} bytes sent)",
+                    data.len() - rest.len(),
+                    data.len()
+                );
+                if self.streams.get(&id).is_some_and(Resp::done) {
+                    panic!(
+                        "stream {id} ended while its body was sent: {:?}",
+                        self.streams[&id]
+                    );
+                }
+                self.until(&what, |c| {
+                    c.send_conn > conn
+                        || c.send_streams[&id] > sw
+                        || c.streams.get(&id).is_some_and(Resp::done)
+                })
+                .await;
+                continue;
+            }
+            let (chunk, tail) = rest.split_at(n as usize);
+            rest = tail;
+            self.send_conn -= n;
+            *self.send_streams.get_mut(&id).unwrap() -= n;
+            let last = rest.is_empty();
+            let flags = if last && end_stream { END_STREAM } else { 0 };
+            self.send(&frame(DATA, flags, id, chunk)).await;
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Sends a PING and waits for its acknowledgement: everything the server wrote
+    /// before handling the PING has been read by then.
+    async fn ping(&mut self, opaque: &[u8; 8]) {
+        self.send(&frame(PING, 0, 0, opaque)).await;
+        self.until("the PING ACK", |c| c.ping_acks.iter().any(|p| p == opaque))
+            .await;
+    }
+
+    /// Waits for a GOAWAY and then for the server to close the connection; returns
+    /// (last stream id, error code).
+    async fn goaway_then_close(&mut self) -> (u32, u32) {
+        while self.goaway.is_none() {
+            if self.pump().await.is_none() {
+                panic!(
+                    "the connection closed without a GOAWAY; last frames: {:?}",
+                    self.tail()
+                );
+            }
+        }
+        while self.pump().await.is_some() {}
+        self.goaway.unwrap()
+    }
+}
+
+fn unpad(flags: u8, payload: &[u8]) -> &[u8] {
+    if flags & PADDED == 0 {
+        return payload;
+    }
+    let pad = usize::from(payload[0]);
+    &payload[1..payload.len() - pad]
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. The connection preface
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_preface_advertises_its_limits_and_acknowledges_settings_and_pings() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+
+    // The server's preface: SETTINGS, then the connection window raised to 1 MiB; then
+    // the acknowledgement of the client's SETTINGS.
+    let first = c.read_frame().await.expect("the server's SETTINGS");
+    assert_eq!((first.kind, first.flags, first.stream), (SETTINGS, 0, 0));
+    let params: HashMap<u16, u32> = first
+        .payload
+        .chunks_exact(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    assert_eq!(
+        params.get(&MAX_CONCURRENT_STREAMS),
+        Some(&256),
+        "{params:?}"
+    );
+    assert_eq!(
+        params.get(&INITIAL_WINDOW_SIZE),
+        Some(&1_048_576),
+        "{params:?}"
+    );
+    // The default max_header_bytes (16 KiB) gives hyper's backstop limit of 64 KiB.
+    assert_eq!(
+        params.get(&MAX_HEADER_LIST_SIZE),
+        Some(&65_536),
+        "{params:?}"
+    );
+
+    let second = c.read_frame().await.expect("the connection WINDOW_UPDATE");
+    assert_eq!((second.kind, second.stream), (WINDOW_UPDATE, 0));
+    let inc = u32::from_be_bytes(second.payload[..4].try_into().unwrap());
+    assert_eq!(
+        65_535 + inc,
+        1_048_576,
+        "the connection window becomes 1 MiB"
+    );
+
+    let third = c.read_frame().await.expect("the SETTINGS ACK");
+    assert_eq!(
+        (third.kind, third.flags, third.stream, third.payload.len()),
+        (SETTINGS, ACK, 0, 0),
+        "the client's SETTINGS are acknowledged"
+    );
+    c.send(&frame(SETTINGS, ACK, 0, &[])).await;
+
+    // PING: acknowledged with the same 8 bytes.
+    c.send(&frame(PING, 0, 0, b"\x01\x02\x03\x04\xf5\xf6\xf7\xf8"))
+        .await;
+    let pong = c.read_frame().await.expect("the PING ACK");
+    assert_eq!((pong.kind, pong.flags, pong.stream), (PING, ACK, 0));
+    assert_eq!(pong.payload, b"\x01\x02\x03\x04\xf5\xf6\xf7\xf8");
+
+    // And the connection serves requests.
+    let r = c.get(1, "/hello").await;
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(r.header("content-type"), None);
+    assert!(r.text().contains("\"path\":\"/hello\""), "{}", r.text());
+    assert_eq!(c.goaway, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Flow control of responses
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_stays_within_the_clients_windows_and_frame_size() {
+    const LEN: usize = 3 * 1024 * 1024;
+    let up = Upstream::start(
+        "big",
+        Behavior::Bytes {
+            len: LEN as u64,
+            chunked: false,
+        },
+    )
+    .await;
+    let gw = gateway(up.addr);
+    // Default windows (65,535) on both levels; given back only as the client reads.
+    let mut c = H2::open(gw.addr).await;
+    c.auto_window = false;
+    c.headers(1, &request_block("GET", "/big", &[]), true).await;
+
+    let (mut conn_w, mut stream_w) = (65_535i64, 65_535i64);
+    let mut unacked = 0u32;
+    let mut frames = 0;
+    loop {
+        let (kind, flags, id, len) = c.pump().await.unwrap_or_else(|| {
+            panic!("the connection closed mid-body: {:?}", c.tail());
+        });
+        assert!(
+            !matches!(kind, RST_STREAM | GOAWAY),
+            "{kind} on {id}: {:?}",
+            c.streams.get(&1)
+        );
+        if kind != DATA {
+            continue;
+        }
+        assert_eq!(id, 1);
+        assert!(len <= MAX_FRAME, "a DATA frame of {len} bytes");
+        frames += 1;
+        conn_w -= len as i64;
+        stream_w -= len as i64;
+        assert!(
+            conn_w >= 0 && stream_w >= 0,
+            "the server overran the windows: connection {conn_w}, stream {stream_w} after \
+             DATA frame {frames} ({len} bytes)"
+        );
+        if flags & END_STREAM != 0 {
+            break;
+        }
+        unacked += len as u32;
+        if unacked >= 32 * 1024 {
+            let mut wu = window_update(0, unacked);
+            wu.extend_from_slice(&window_update(1, unacked));
+            c.send(&wu).await;
+            conn_w += i64::from(unacked);
+            stream_w += i64::from(unacked);
+            unacked = 0;
+        }
+    }
+    let r = &c.streams[&1];
+    assert_eq!(r.status, Some(200));
+    assert_eq!(r.header("content-length"), Some(&*LEN.to_string()));
+    assert_eq!(
+        Digest::of(&r.body),
+        Digest::of(&pattern(LEN)),
+        "the body arrived whole"
+    );
+    assert!(frames >= LEN / MAX_FRAME, "{frames} DATA frames");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_initial_window_raised_later_gets_the_body() {
+    const LEN: usize = 300 * 1024;
+    let up = Upstream::start(
+        "big",
+        Behavior::Bytes {
+            len: LEN as u64,
+            chunked: true,
+        },
+    )
+    .await;
+    let gw = gateway(up.addr);
+    let mut c = H2::start(gw.addr, &[(INITIAL_WINDOW_SIZE, 0)]).await;
+    c.headers(1, &request_block("GET", "/zero", &[]), true)
+        .await;
+    c.until("the response head", |c| {
+        c.streams.get(&1).is_some_and(|r| r.status.is_some())
+    })
+    .await;
+    // Everything the server wrote before this PING is read: no body yet.
+    c.ping(b"zerowind").await;
+    let r = &c.streams[&1];
+    assert_eq!(r.status, Some(200));
+    assert!(
+        r.body.is_empty() && !r.done(),
+        "no DATA in a zero window: {} bytes, {r:?}",
+        r.body.len()
+    );
+    // The window opens with a later SETTINGS (and the connection's, to be sure).
+    let mut open = settings(&[(INITIAL_WINDOW_SIZE, 65_535)]);
+    open.extend_from_slice(&window_update(0, 1 << 20));
+    c.send(&open).await;
+    let r = c.ok_response(1).await;
+    assert_eq!(r.body.len(), LEN);
+    assert_eq!(Digest::of(&r.body), Digest::of(&pattern(LEN)));
+    assert_eq!(c.settings_acks, 2, "both SETTINGS acknowledged");
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Flow control of request bodies
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_larger_than_the_windows_reaches_the_upstream() {
+    const LEN: usize = 5 * 1024 * 1024;
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    let body = pattern(LEN);
+    c.headers(
+        1,
+        &request_block("POST", "/upload", &[("content-length", &LEN.to_string())]),
+        false,
+    )
+    .await;
+    c.send_body(1, &body, true).await;
+    let r = c.ok_response(1).await;
+    assert_eq!(r.status, Some(200), "{}", r.text());
+    assert!(
+        r.text().contains(&format!("\"body_len\":{LEN}")),
+        "{}",
+        r.text()
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, Digest::of(&body), "the body arrived whole");
+
+    // A second one on the same connection: the windows were given back.
+    c.headers(3, &request_block("POST", "/again", &[]), false)
+        .await;
+    c.send_body(3, &body, true).await;
+    let r = c.ok_response(3).await;
+    assert!(
+        r.text().contains(&format!("\"body_len\":{LEN}")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(up.seen()[1].body, Digest::of(&body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_posts_do_not_use_up_the_connection_window() {
+    const N: u32 = 300;
+    const LEN: usize = 4096;
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    let body = pattern(LEN);
+    for i in 0..N {
+        let id = 2 * i + 1;
+        c.headers(
+            id,
+            &request_block(
+                "POST",
+                &format!("/small/{i}"),
+                &[("content-length", "4096")],
+            ),
+            false,
+        )
+        .await;
+        c.send_body(id, &body, true).await;
+        let r = c.ok_response(id).await;
+        assert_eq!(r.status, Some(200), "POST {i}: {}", r.text());
+        assert!(
+            r.text().contains("\"body_len\":4096"),
+            "POST {i}: {}",
+            r.text()
+        );
+    }
+    // 300 × 4 KiB is more than the 1 MiB connection window: it was given back.
+    let seen = up.seen();
+    assert_eq!(seen.len(), N as usize);
+    assert!(seen.iter().all(|s| s.body == Digest::of(&body)));
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. RST_STREAM from the client
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_is_dropped_and_the_connection_goes_on() {
+    let mut up = Held::start().await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    c.headers(1, &request_block("GET", "/hold/1", &[]), true)
+        .await;
+    assert_eq!(up.next_arrival().await, "/hold/1");
+    c.send(&rst_stream(1, CANCEL)).await;
+    // The abandoned exchange is dropped upstream too (its connection closed), unanswered.
+    assert_eq!(up.next_finished().await, ("/hold/1".to_owned(), false));
+
+    // The connection still serves requests.
+    let r = c.get(3, "/quick").await;
+    assert_eq!((r.status, r.text().as_str()), (Some(200), "path=/quick"));
+
+    // Nothing of the reset stream ever reaches the client.
+    up.release();
+    let r = c.get(5, "/after").await;
+    assert_eq!((r.status, r.text().as_str()), (Some(200), "path=/after"));
+    c.ping(b"afterrst").await;
+    let on_1: Vec<_> = c.log.iter().filter(|f| f.2 == 1).collect();
+    assert!(on_1.is_empty(), "frames on the reset stream: {on_1:?}");
+    assert_eq!(c.goaway, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Connection errors
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_end_the_connection_with_goaway_and_the_right_code() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let get = request_block("GET", "/x", &[]);
+    let cases: Vec<(&str, bool, Vec<u8>, u32)> = vec![
+        (
+            "a frame larger than 16,384 bytes",
+            true,
+            frame(DATA, 0, 1, &[0u8; MAX_FRAME + 1]),
+            FRAME_SIZE_ERROR,
+        ),
+        (
+            "DATA on stream 0",
+            true,
+            frame(DATA, 0, 0, b"abc"),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "HEADERS on an even stream",
+            true,
+            frame(HEADERS, END_HEADERS | END_STREAM, 2, &get),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "CONTINUATION without HEADERS",
+            true,
+            frame(CONTINUATION, END_HEADERS, 1, &get),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "a first frame that is not SETTINGS",
+            false,
+            frame(PING, 0, 0, b"12345678"),
+            PROTOCOL_ERROR,
+        ),
+        (
+            "an HPACK block with index 0",
+            true,
+            frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x80]),
+            COMPRESSION_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE of 0 on the connection",
+            true,
+            window_update(0, 0),
+            PROTOCOL_ERROR,
+        ),
+    ];
+    for (what, settings_first, bad, code) in cases {
+        let mut c = H2::connect(gw.addr).await;
+        let mut bytes = PREFACE.to_vec();
+        if settings_first {
+            bytes.extend_from_slice(&settings(&[]));
+        }
+        bytes.extend_from_slice(&bad);
+        c.send(&bytes).await;
+        let (_, got) = c.goaway_then_close().await;
+        assert_eq!(got, code, "{what}: GOAWAY code {got}, frames {:?}", c.log);
+        assert!(
+            c.streams.values().all(|r| r.status.is_none()),
+            "{what}: no response"
+        );
+    }
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Stream errors: malformed requests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_rst_stream_and_the_connection_goes_on() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+
+    let mut no_path = vec![0x82, 0x86];
+    hpack_indexed_name(&mut no_path, 1, HOST.as_bytes());
+    let heads: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "an uppercase header name",
+            request_block("GET", "/bad/upper", &[("X-Upper", "1")]),
+        ),
+        (
+            "a connection header",
+            request_block("GET", "/bad/connection", &[("connection", "close")]),
+        ),
+        ("no :path", no_path),
+    ];
+    let mut id = 1;
+    for (what, block) in heads {
+        c.headers(id, &block, true).await;
+        let r = c.response(id).await;
+        assert_eq!(r.reset, Some(PROTOCOL_ERROR), "{what}: {r:?}");
+        assert_eq!(r.status, None, "{what}: {r:?}");
+        id += 2;
+    }
+
+    // A content-length the DATA disagrees with: fewer bytes, then more.
+    for (what, length, data) in [
+        ("less DATA than content-length", "10", &b"abc"[..]),
+        ("more DATA than content-length", "3", &b"abcde"[..]),
+    ] {
+        let block = request_block("POST", "/bad/length", &[("content-length", length)]);
+        let mut bytes = frame(HEADERS, END_HEADERS, id, &block);
+        bytes.extend_from_slice(&frame(DATA, END_STREAM, id, data));
+        c.send(&bytes).await;
+        let r = c.response(id).await;
+        assert_eq!(r.reset, Some(PROTOCOL_ERROR), "{what}: {r:?}");
+        id += 2;
+    }
+
+    let r = c.get(id, "/good").await;
+    assert_eq!(r.reset, None, "{r:?}");
+    assert_eq!(r.status, Some(200));
+    assert!(r.text().contains("\"path\":\"/good\""), "{}", r.text());
+    assert_eq!(c.goaway, None, "stream errors, not a connection error");
+    let paths: Vec<String> = up.seen().into_iter().map(|s| s.path).collect();
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.starts_with("/bad/upper") || p == "/bad/connection"),
+        "{paths:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 7, 8. CONTINUATION and the header list size
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_split_over_continuations_is_served() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    let block = request_block(
+        "GET",
+        "/split",
+        &[("x-split", "a value cut across three frames")],
+    );
+    // Cut inside the :path literal and inside the x-split value.
+    let (a, rest) = block.split_at(5);
+    let (b, d) = rest.split_at(rest.len() - 10);
+    let mut bytes = frame(HEADERS, END_STREAM, 1, a);
+    bytes.extend_from_slice(&frame(CONTINUATION, 0, 1, b));
+    bytes.extend_from_slice(&frame(CONTINUATION, END_HEADERS, 1, d));
+    c.send(&bytes).await;
+    let r = c.ok_response(1).await;
+    assert_eq!(r.status, Some(200));
+    let seen = up.seen();
+    assert_eq!(seen[0].path, "/split");
+    assert_eq!(
+        seen[0].headers["x-split"],
+        "a value cut across three frames"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_the_header_list_size_gets_431() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    c.until("the server's SETTINGS", |c| !c.server_settings.is_empty())
+        .await;
+    let limit = c.server_settings[0]
+        .iter()
+        .find(|(id, _)| *id == MAX_HEADER_LIST_SIZE)
+        .map(|&(_, v)| v as usize)
+        .expect("SETTINGS_MAX_HEADER_LIST_SIZE");
+    assert_eq!(limit, 64 * 1024);
+
+    let big = "b".repeat(70 * 1024);
+    let block = request_block("GET", "/too-big", &[("x-big", &big)]);
+    let mut chunks = block.chunks(MAX_FRAME).peekable();
+    let mut bytes = frame(HEADERS, END_STREAM, 1, chunks.next().unwrap());
+    while let Some(ch) = chunks.next() {
+        let flags = if chunks.peek().is_none() {
+            END_HEADERS
+        } else {
+            0
+        };
+        bytes.extend_from_slice(&frame(CONTINUATION, flags, 1, ch));
+    }
+    c.send(&bytes).await;
+    let r = c.response(1).await;
+    assert_eq!(r.status, Some(431), "{r:?}");
+
+    // The connection goes on.
+    let r = c.get(3, "/after").await;
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(c.goaway, None);
+    let paths: Vec<String> = up.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/after"]);
+}
+
+/// A header block that never ends, and frames that carry nothing, are cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_continuations_or_empty_frames_end_with_enhance_your_calm() {
+    let up = Held::start().await;
+    let gw = gateway(up.addr);
+
+    // CONTINUATIONs far past the header list size (64 KiB), never END_HEADERS.
+    let mut c = H2::open(gw.addr).await;
+    let mut bytes = frame(HEADERS, END_STREAM, 1, &request_block("GET", "/flood", &[]));
+    for _ in 0..20 {
+        bytes.extend_from_slice(&frame(CONTINUATION, 0, 1, &[0u8; MAX_FRAME]));
+    }
+    c.try_send(&bytes).await;
+    let (_, code) = c.goaway_then_close().await;
+    assert_eq!(
+        code,
+        ENHANCE_YOUR_CALM,
+        "endless header block: {:?}",
+        c.tail()
+    );
+
+    // Empty DATA frames on an open stream.
+    let mut c = H2::open(gw.addr).await;
+    let mut bytes = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &request_block("POST", "/hold/empty", &[]),
+    );
+    for _ in 0..1500 {
+        bytes.extend_from_slice(&frame(DATA, 0, 1, &[]));
+    }
+    c.try_send(&bytes).await;
+    let (_, code) = c.goaway_then_close().await;
+    assert_eq!(code, ENHANCE_YOUR_CALM, "empty DATA frames: {:?}", c.tail());
+    up.release();
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. SETTINGS_MAX_CONCURRENT_STREAMS
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_257th_concurrent_stream_is_refused() {
+    let mut up = Held::start().await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    let mut bytes = Vec::new();
+    for i in 0..257u32 {
+        let block = request_block("GET", &format!("/hold/{i}"), &[]);
+        bytes.extend_from_slice(&frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    c.send(&bytes).await;
+    let last = 2 * 256 + 1;
+    let r = c.response(last).await;
+    assert_eq!(r.reset, Some(REFUSED_STREAM), "{r:?}");
+    for _ in 0..256 {
+        up.next_arrival().await;
+    }
+    up.release();
+    for i in 0..256u32 {
+        let r = c.ok_response(2 * i + 1).await;
+        assert_eq!(r.status, Some(200), "stream {}: {r:?}", 2 * i + 1);
+        assert_eq!(r.text(), format!("path=/hold/{i}"));
+    }
+    assert_eq!(c.goaway, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Trailers (response trailers through the gateway are covered by tests/protocols.rs
+// with hyper's client; here request trailers, and both on the wire)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_reach_an_http2_upstream_and_its_trailers_come_back() {
+    let (addr, seen) = h2_trailer_upstream().await;
+    let gw = gateway_with(addr, "protocol = \"h2\"\n");
+    let mut c = H2::open(gw.addr).await;
+    c.headers(
+        1,
+        &request_block(
+            "POST",
+            "/with-trailers",
+            &[("te", "trailers"), ("content-type", "application/grpc")],
+        ),
+        false,
+    )
+    .await;
+    c.send_body(1, b"hello trailers", false).await;
+    let mut trailers = Vec::new();
+    hpack_literal(&mut trailers, "x-checksum", b"abc123");
+    c.send(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &trailers))
+        .await;
+    let r = c.ok_response(1).await;
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(r.text(), "hello trailers");
+    assert_eq!(r.trailer("x-upstream-trailer"), Some("done"), "{r:?}");
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(&seen[0].0[..], b"hello trailers");
+    let t = seen[0]
+        .1
+        .as_ref()
+        .expect("the client's trailers reach the upstream");
+    assert_eq!(t["x-checksum"], "abc123");
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. Graceful shutdown
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_goaway_and_lets_the_in_flight_stream_finish() {
+    let mut up = Held::start().await;
+    let mut gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    c.headers(1, &request_block("GET", "/hold/inflight", &[]), true)
+        .await;
+    assert_eq!(up.next_arrival().await, "/hold/inflight");
+
+    let running = gw.running.take().unwrap();
+    running.shutdown();
+    let drained = std::thread::spawn(move || running.wait());
+
+    c.until("a GOAWAY", |c| c.goaway.is_some()).await;
+    assert_eq!(c.goaway, Some((1, NO_ERROR)));
+    assert!(
+        !c.streams.get(&1).is_some_and(Resp::done),
+        "still in flight"
+    );
+
+    up.release();
+    let r = c.ok_response(1).await;
+    assert_eq!(r.status, Some(200));
+    assert_eq!(r.text(), "path=/hold/inflight");
+    // Then the connection closes, and the gateway finishes draining.
+    while c.pump().await.is_some() {}
+    let joined = tokio::time::timeout(
+        READ_TIMEOUT,
+        tokio::task::spawn_blocking(move || drained.join()),
+    )
+    .await
+    .expect("the gateway drains once the stream is done");
+    assert!(joined.unwrap().is_ok());
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Real clients: h2load, nghttp, hyper
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_completes_every_request() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let port = gw.addr.port();
+    let out = tokio::process::Command::new("h2load")
+        .args(["-n", "2000", "-c", "4", "-m", "10"])
+        .arg(format!("--connect-to=127.0.0.1:{port}"))
+        .arg(format!("http://{HOST}:{port}/load"))
+        .output()
+        .await
+        .expect("h2load runs (scripts/test.sh installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "h2load: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2000 2xx"), "{text}");
+    assert!(text.contains("Application protocol: h2c"), "{text}");
+    assert_eq!(up.seen().len(), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nghttp_posts_a_file() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upload.bin");
+    let data = pattern(200_000);
+    std::fs::write(&path, &data).unwrap();
+    let out = tokio::process::Command::new("nghttp")
+        .arg("-v")
+        .arg("-d")
+        .arg(&path)
+        .args(["-H", &format!(":authority: {HOST}")])
+        .arg(format!("http://127.0.0.1:{}/upload", gw.addr.port()))
+        .output()
+        .await
+        .expect("nghttp runs (scripts/test.sh installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "nghttp failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(":status: 200"), "{text}");
+    assert!(text.contains("\"body_len\":200000"), "{text}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].body, Digest::of(&data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hyper_client_runs_concurrent_posts_on_one_connection() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut tasks = Vec::new();
+    for i in 0..20usize {
+        let mut send = send.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = Bytes::from(pattern(100_000 + i * 1000));
+            let req = Request::post(format!("http://{HOST}/h/{i}"))
+                .body(Full::new(body.clone()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                String::from_utf8_lossy(&text).into_owned(),
+                body.len(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (status, text, len) = tokio::time::timeout(READ_TIMEOUT, t)
+            .await
+            .expect("the response in time")
+            .unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains(&format!("\"body_len\":{len}")), "{text}");
+    }
+    assert_eq!(up.seen().len(), 20);
+}
+
+// ---------------------------------------------------------------------------------------
+// 13. Rapid reset
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_gets_enhance_your_calm() {
+    let up = Held::start().await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    let mut bytes = Vec::new();
+    for i in 0..1000u32 {
+        let id = 2 * i + 1;
+        let block = request_block("GET", &format!("/hold/{i}"), &[]);
+        bytes.extend_from_slice(&frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+        bytes.extend_from_slice(&rst_stream(id, CANCEL));
+    }
+    // Then a PING: answered only if the server read all of it without stopping.
+    bytes.extend_from_slice(&frame(PING, 0, 0, b"rapidrst"));
+    // The server may close before it has read all of it.
+    c.try_send(&bytes).await;
+    c.until("a GOAWAY or the PING ACK", |c| {
+        c.goaway.is_some() || !c.ping_acks.is_empty()
+    })
+    .await;
+    assert!(
+        c.goaway.is_some(),
+        "1,000 streams opened and reset at once, and the server answered the PING after \
+         them without a GOAWAY (resets: {}, streams answered: {})",
+        c.streams.values().filter(|r| r.reset.is_some()).count(),
+        c.streams.values().filter(|r| r.status.is_some()).count(),
+    );
+    let (last, code) = c.goaway_then_close().await;
+    assert_eq!(
+        code, ENHANCE_YOUR_CALM,
+        "GOAWAY code {code} (last stream {last})"
+    );
+    assert!(last < 1999, "it stopped before the end: last stream {last}");
+    up.release();
+}
