@@ -495,7 +495,7 @@ impl H2 {
                     data = &data[5..];
                 }
                 if f.flags & END_HEADERS != 0 {
-                    self.on_block(f.stream, f.flags, &data.to_vec());
+                    self.on_block(f.stream, f.flags, data);
                 } else {
                     self.block = Some((f.stream, f.flags, data.to_vec()));
                 }

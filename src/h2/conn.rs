@@ -307,6 +307,8 @@ struct Conn<S> {
     rbuf: BytesMut,
     wbuf: Vec<u8>,
     woff: usize,
+    /// Written but not flushed (TLS).
+    unflushed: bool,
     decoder: hpack::Decoder,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -424,6 +426,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             rbuf: BytesMut::new(),
             wbuf,
             woff: 0,
+            unflushed: false,
             decoder: hpack::Decoder::new(DECODER_TABLE),
             slots: Vec::new(),
             free: Vec::new(),
@@ -504,6 +507,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
 
     fn finished(&self) -> bool {
         self.unwritten() == 0
+            && !self.unflushed
             && (self.failed.is_some()
                 || self.eof
                 || ((self.goaway_sent || self.goaway_received) && self.ids.is_empty()))
@@ -793,7 +797,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         };
         if !matches!(self.slots[idx as usize].phase, Phase::Done) {
             self.early_resets += 1;
-            if self.early_resets > MAX_EARLY_RESETS + self.completed {
+            if self.early_resets > MAX_EARLY_RESETS.saturating_add(self.completed) {
                 return Err(Reason::EnhanceYourCalm);
             }
         }
@@ -1122,7 +1126,6 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             }
         }
         self.free.push(idx);
-        self.completed += 1;
         self.release(give_back);
         if let Some(r) = rst {
             frame::write_rst(&mut self.wbuf, stream, r);
@@ -1427,6 +1430,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         slot.phase = Phase::Done;
         slot.body_over = false;
         let open = matches!(slot.recv, Recv::Open { ended: false, .. });
+        self.completed = self.completed.saturating_add(1);
         self.free_slot(idx, open.then_some(Reason::NoError));
     }
 
@@ -1448,15 +1452,15 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         io: &mut I,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.woff == self.wbuf.len() {
-            return Poll::Ready(Ok(()));
-        }
         while self.woff < self.wbuf.len() {
             match Pin::new(&mut *io).poll_write(cx, &self.wbuf[self.woff..]) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
                 }
-                Poll::Ready(Ok(n)) => self.woff += n,
+                Poll::Ready(Ok(n)) => {
+                    self.woff += n;
+                    self.unflushed = true;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => break,
             }
@@ -1471,7 +1475,15 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             self.wbuf.drain(..self.woff);
             self.woff = 0;
         }
-        Pin::new(&mut *io).poll_flush(cx)
+        if self.unflushed {
+            // A no-op on TCP; TLS holds what was written until flushed.
+            match Pin::new(&mut *io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn go_away(&mut self, reason: Reason) {
