@@ -6,6 +6,7 @@
 mod body;
 mod conn;
 mod frame;
+mod head;
 pub mod hpack;
 mod huffman;
 
