@@ -211,10 +211,8 @@ struct Conn<S> {
     settings_seen: bool,
     peer_initial_window: i64,
     peer_max_frame: usize,
-    /// The HPACK table size the client's decoder last allowed, and a size update owed
-    /// at the start of the next header block after it shrank.
-    encoder_table: usize,
-    size_update: Option<usize>,
+    /// What this server has put in the client's HPACK table.
+    encoder: hpack::Encoder,
     send_window: i64,
     recv_window: i64,
     recv_released: u32,
@@ -326,8 +324,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             settings_seen: false,
             peer_initial_window: 65_535,
             peer_max_frame: frame::DEFAULT_MAX_FRAME,
-            encoder_table: 4096,
-            size_update: None,
+            encoder: hpack::Encoder::default(),
             send_window: 65_535,
             recv_window: CONN_WINDOW,
             recv_released: 0,

@@ -511,6 +511,139 @@ pub fn encode_field(name: &str, value: &[u8], never_indexed: bool, dst: &mut Vec
     encode_string(value, dst);
 }
 
+/// This server's use of its peer's dynamic table: a response field that repeats from
+/// one response to the next (`server`, `content-type`, `ratelimit-policy`, …) is
+/// inserted the first time and named by index after that, and the names of the
+/// gateway's own per-response headers (`x-request-id`, `RateLimit`) enter with their
+/// first value so that later never-indexed values can name them by index. Nothing is
+/// ever evicted: when the table is full, fields go as literals. What is inserted is
+/// mirrored here, so finding an entry is a scan over a few of them, with no hashing.
+pub struct Encoder {
+    /// Inserted fields, oldest first.
+    entries: Vec<Inserted>,
+    size: usize,
+    /// The table size in force: 4096 until the peer allows less.
+    max: usize,
+    /// Owed at the start of the next header block: empty the table, then this size.
+    update: Option<usize>,
+}
+
+/// A field this encoder inserted: name, value.
+type Inserted = (Box<[u8]>, Box<[u8]>);
+
+/// HPACK's default table size, the most this encoder uses.
+const DEFAULT_TABLE: usize = 4096;
+/// Longer values are never inserted.
+const MAX_INSERTED_VALUE: usize = 128;
+
+/// Response fields whose values tend to repeat on a connection.
+fn repeats(name: &str) -> bool {
+    matches!(
+        name,
+        "server"
+            | "content-type"
+            | "ratelimit-policy"
+            | "cache-control"
+            | "vary"
+            | "content-encoding"
+            | "access-control-allow-origin"
+            | "x-content-type-options"
+            | "strict-transport-security"
+    )
+}
+
+/// The gateway's own headers whose values differ in every response.
+fn own_unique(name: &str) -> bool {
+    matches!(name, "x-request-id" | "ratelimit")
+}
+
+impl Default for Encoder {
+    fn default() -> Encoder {
+        Encoder {
+            entries: Vec::new(),
+            size: 0,
+            max: DEFAULT_TABLE,
+            update: None,
+        }
+    }
+}
+
+impl Encoder {
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE. Below the size in force, the table is
+    /// emptied and the next header block starts with the two size updates that say so.
+    pub fn set_max(&mut self, size: usize) {
+        if size >= self.max {
+            return;
+        }
+        self.entries.clear();
+        self.size = 0;
+        self.max = size;
+        self.update = Some(size);
+    }
+
+    /// Starts a header block: the size updates owed, if any.
+    pub fn begin(&mut self, dst: &mut Vec<u8>) {
+        if let Some(size) = self.update.take() {
+            encode_size_update(0, dst);
+            encode_size_update(size, dst);
+        }
+    }
+
+    /// The dynamic index of the newest entry named `name` (with `value`, when given).
+    fn find(&self, name: &[u8], value: Option<&[u8]>) -> Option<usize> {
+        let n = self.entries.len();
+        self.entries
+            .iter()
+            .rposition(|(en, ev)| **en == *name && value.is_none_or(|v| **ev == *v))
+            .map(|k| 62 + (n - 1 - k))
+    }
+
+    fn insert(&mut self, name: &str, value: &[u8], dst: &mut Vec<u8>) -> bool {
+        let size = name.len() + value.len() + 32;
+        if value.len() > MAX_INSERTED_VALUE || self.size + size > self.max {
+            return false;
+        }
+        match static_name_index(name) {
+            Some(index) => encode_integer(index, 6, 0x40, dst),
+            None => {
+                dst.push(0x40);
+                encode_string(name.as_bytes(), dst);
+            }
+        }
+        encode_string(value, dst);
+        self.entries.push((name.as_bytes().into(), value.into()));
+        self.size += size;
+        true
+    }
+
+    /// Writes one field (`name` lowercase): by index when the table has it, inserted
+    /// when it is one that repeats and fits, else a literal (never indexed when
+    /// `never_indexed`), its name by index where either table has it.
+    pub fn field(&mut self, name: &str, value: &[u8], never_indexed: bool, dst: &mut Vec<u8>) {
+        let (repeats, unique) = (repeats(name), own_unique(name));
+        if !repeats && !unique {
+            return encode_field(name, value, never_indexed, dst);
+        }
+        if repeats && !never_indexed {
+            if let Some(index) = self.find(name.as_bytes(), Some(value)) {
+                return encode_integer(index, 7, 0x80, dst);
+            }
+            if self.insert(name, value, dst) {
+                return;
+            }
+            return encode_field(name, value, never_indexed, dst);
+        }
+        match self.find(name.as_bytes(), None) {
+            Some(index) => {
+                encode_integer(index, 4, if never_indexed { 0x10 } else { 0 }, dst);
+                encode_string(value, dst);
+            }
+            None if unique && self.insert(name, value, dst) => {}
+            None => encode_field(name, value, never_indexed, dst),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::huffman::CODES;
@@ -1127,5 +1260,91 @@ mod tests {
                 run(&mut shared, &block);
             }
         }
+    }
+
+    /// The fields of one response, as the gateway sends them: (name, value, sensitive).
+    fn response(n: usize) -> Vec<(&'static str, String, bool)> {
+        vec![
+            ("server", "nginx/1.22.1".into(), false),
+            ("date", format!("Fri, 27 Nov 2026 16:00:{n:02} GMT"), false),
+            ("content-type", "text/plain".into(), false),
+            ("content-length", "13".into(), false),
+            ("ratelimit-policy", "\"tenant\";q=100;w=1".into(), false),
+            ("ratelimit", format!("\"tenant\";r={n};t=1"), true),
+            ("x-request-id", format!("{n:016x}"), true),
+        ]
+    }
+
+    fn encode_response(enc: &mut Encoder, n: usize) -> Vec<u8> {
+        let mut block = Vec::new();
+        enc.begin(&mut block);
+        encode_status(200, &mut block);
+        for (name, value, sensitive) in response(n) {
+            enc.field(name, value.as_bytes(), sensitive, &mut block);
+        }
+        block
+    }
+
+    fn decoded(dec: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
+        decode(dec, block)
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+            .collect()
+    }
+
+    fn expected(n: usize) -> Vec<(String, String)> {
+        let mut f = vec![(":status".to_owned(), "200".to_owned())];
+        f.extend(response(n).into_iter().map(|(n, v, _)| (n.to_owned(), v)));
+        f
+    }
+
+    #[test]
+    fn the_encoder_indexes_what_repeats_and_its_peer_decodes_every_response() {
+        let (mut enc, mut dec) = (Encoder::default(), Decoder::new(4096));
+        let first = encode_response(&mut enc, 1);
+        assert_eq!(decoded(&mut dec, &first), expected(1));
+        // server, content-type, ratelimit-policy, and the first ratelimit and
+        // x-request-id (for their names) went into the table.
+        assert_eq!(enc.entries.len(), 5);
+        assert_eq!(enc.size, dec.table.size);
+        for n in 2..50 {
+            let block = encode_response(&mut enc, n);
+            assert_eq!(decoded(&mut dec, &block), expected(n), "response {n}");
+            let mut literal = vec![0x88];
+            for (name, value, sensitive) in response(n) {
+                encode_field(name, value.as_bytes(), sensitive, &mut literal);
+            }
+            assert!(
+                block.len() + 50 < literal.len(),
+                "{n}: {} bytes, as literals {}",
+                block.len(),
+                literal.len()
+            );
+            assert_eq!(enc.entries.len(), 5, "nothing more is inserted");
+        }
+        // The peer shrinks its table: emptied, two size updates, then only what fits.
+        enc.set_max(64);
+        let block = encode_response(&mut enc, 50);
+        assert_eq!(block[0], 0x20, "size update to 0 first");
+        assert_eq!(decoded(&mut dec, &block), expected(50));
+        assert_eq!(dec.table.size, enc.size);
+        assert!(
+            enc.size <= 64 && enc.entries.len() == 1,
+            "{:?}",
+            enc.entries
+        );
+        let block = encode_response(&mut enc, 51);
+        assert_eq!(decoded(&mut dec, &block), expected(51));
+        // A table of 0: nothing is ever inserted.
+        enc.set_max(0);
+        for n in 52..55 {
+            let block = encode_response(&mut enc, n);
+            assert_eq!(decoded(&mut dec, &block), expected(n));
+            assert!(enc.entries.is_empty() && dec.table.size == 0);
+        }
+        // A larger table allowed later changes nothing.
+        enc.set_max(8192);
+        assert!(enc.update.is_none() && enc.max == 0);
     }
 }

@@ -201,13 +201,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             let id = u16::from_be_bytes([s[0], s[1]]);
             let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
             match id {
-                frame::SETTINGS_HEADER_TABLE_SIZE => {
-                    let v = v as usize;
-                    if v < self.encoder_table {
-                        self.encoder_table = v;
-                        self.size_update = Some(v);
-                    }
-                }
+                frame::SETTINGS_HEADER_TABLE_SIZE => self.encoder.set_max(v as usize),
                 frame::SETTINGS_ENABLE_PUSH if v > 1 => return Err(Reason::Protocol),
                 frame::SETTINGS_INITIAL_WINDOW_SIZE => {
                     let v = i64::from(v);

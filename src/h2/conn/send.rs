@@ -18,9 +18,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
     }
 
     pub(super) fn begin_block(&mut self, block: &mut Vec<u8>) {
-        if let Some(size) = self.size_update.take() {
-            hpack::encode_size_update(size, block);
-        }
+        self.encoder.begin(block);
     }
 
     /// Writes a header block as HEADERS and, beyond the client's frame size,
@@ -69,7 +67,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             }
             date |= name == header::DATE;
             length |= name == header::CONTENT_LENGTH;
-            hpack::encode_field(
+            self.encoder.field(
                 name.as_str(),
                 value.as_bytes(),
                 value.is_sensitive(),
