@@ -1,11 +1,13 @@
 //! Criterion micro-benchmarks of the per-request hot path: tenant resolution (cost
 //! must not grow with the tenant count), admission (status + rate + in-flight) and
-//! header rewriting. Run: `cargo bench --bench hot_path`.
+//! header rewriting; HPACK as the HTTP/2 server uses it. Run:
+//! `cargo bench --bench hot_path`.
 
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::Path;
 
+use bulkhead::h2::hpack;
 use bulkhead::headers::{self, Forward};
 use bulkhead::snapshot::Snapshot;
 use bulkhead::tenant;
@@ -203,12 +205,62 @@ fn credentials(c: &mut Criterion) {
     });
 }
 
+fn hpack_codec(c: &mut Criterion) {
+    // A request head as nghttp2 sends it once the connection's first request has put
+    // :authority and user-agent in the table: five indexed fields.
+    let mut first = vec![0x82, 0x86, 0x84, 0x41, 14];
+    first.extend_from_slice(b"t1.example.com");
+    first.extend_from_slice(&[0x7a, 20]);
+    first.extend_from_slice(b"h2load nghttp2/1.52.");
+    let steady = [0x82, 0x86, 0x84, 0xbf, 0xbe];
+    let mut dec = hpack::Decoder::new(4096);
+    dec.decode(&first, |_, _| {}).expect("a valid block");
+    c.bench_function("h2/hpack_decode_request", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            dec.decode(black_box(&steady), |name, value| {
+                n += name.len() + value.len()
+            })
+            .expect("a valid block");
+            n
+        })
+    });
+    // The response head of the load benchmark, after the connection's first response.
+    let fields: [(&str, &[u8], bool); 7] = [
+        ("server", b"nginx/1.22.1", false),
+        ("date", b"Sun, 06 Dec 2026 12:45:44 GMT", false),
+        ("content-type", b"text/plain", false),
+        ("content-length", b"13", false),
+        ("ratelimit-policy", b"\"tenant\";q=10000000;w=1", false),
+        ("ratelimit", b"\"tenant\";r=9999999;t=1", true),
+        ("x-request-id", b"489596c3229d815d", true),
+    ];
+    let mut enc = hpack::Encoder::default();
+    let mut block = Vec::with_capacity(256);
+    let mut encode = |enc: &mut hpack::Encoder, block: &mut Vec<u8>| {
+        block.clear();
+        enc.begin(block);
+        hpack::encode_status(200, block);
+        for (name, value, sensitive) in fields {
+            enc.field(name, value, sensitive, block);
+        }
+    };
+    encode(&mut enc, &mut block);
+    c.bench_function("h2/hpack_encode_response", |b| {
+        b.iter(|| {
+            encode(&mut enc, &mut block);
+            block.len()
+        })
+    });
+}
+
 criterion_group!(
     benches,
     resolution,
     admission,
     rewrite,
     exposition,
-    credentials
+    credentials,
+    hpack_codec
 );
 criterion_main!(benches);
