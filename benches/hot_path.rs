@@ -237,7 +237,7 @@ fn hpack_codec(c: &mut Criterion) {
     ];
     let mut enc = hpack::Encoder::default();
     let mut block = Vec::with_capacity(256);
-    let mut encode = |enc: &mut hpack::Encoder, block: &mut Vec<u8>| {
+    let encode = |enc: &mut hpack::Encoder, block: &mut Vec<u8>| {
         block.clear();
         enc.begin(block);
         hpack::encode_status(200, block);
