@@ -94,11 +94,13 @@ pub async fn handle(
         }
     };
     let status = resp.status().as_u16();
-    // The first HTTP/2 response of a connection sends the unique values indexable,
+    // With hyper's HTTP/2 server (`BULKHEAD_H2=hyper`), the first response of a
+    // connection sends the unique values indexable,
     // which puts their names in the client's table: every later one is then a literal
     // value after an indexed name, not two Huffman-coded strings.
-    // The gateway's own HTTP/2 server never indexes what it sends: for it the mark
-    // only says "do not index" to whoever relays the response.
+    // The gateway's own HTTP/2 server (the default) chooses what to index itself
+    // (h2::hpack::Encoder): for it the mark only makes these values never-indexed
+    // literals after the first response.
     let own_h2 = crate::h2::enabled();
     let sensitive = http1 || own_h2 || ctx.hpack_names.swap(true, Ordering::Relaxed);
     let h = resp.headers_mut();
