@@ -8,9 +8,9 @@
 //! dynamic table keeps its entries' bytes in one buffer that is compacted, not
 //! reallocated, as old entries are evicted.
 //!
-//! The encoder never asks the peer to index anything: every field is a literal the
-//! peer does not store, so the peer's dynamic table stays empty and the encoder has
-//! no state.
+//! The encoder sends literals without Huffman coding (`encode_field`), and with
+//! [`Encoder`] puts a few fields that repeat from response to response in the peer's
+//! table once, naming them by index after that; it never evicts.
 
 use std::collections::VecDeque;
 use std::fmt;

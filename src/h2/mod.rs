@@ -1,7 +1,7 @@
 //! The gateway's own HTTP/2 server (RFC 9113) for client connections: one task per
 //! connection that reads frames, runs each stream's request path and writes responses
-//! without a task per stream (`conn.rs`); HPACK without a dynamic table on the
-//! sending side (`hpack.rs`). hyper's server remains behind `BULKHEAD_H2=hyper`.
+//! without a task per stream (`conn.rs`); HPACK (`hpack.rs`), sending literals and
+//! indexing only what repeats. hyper's server remains behind `BULKHEAD_H2=hyper`.
 
 mod body;
 mod conn;
