@@ -1476,3 +1476,54 @@ async fn rapid_reset_gets_enhance_your_calm() {
     assert!(last < 1999, "it stopped before the end: last stream {last}");
     up.release();
 }
+
+// ---------------------------------------------------------------------------------------
+// hyper's server, still behind BULKHEAD_H2=hyper
+// ---------------------------------------------------------------------------------------
+
+/// `BULKHEAD_H2=hyper` serves HTTP/2 with hyper's server (its SETTINGS differ from
+/// ours), and requests with and without a body still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulkhead_h2_hyper_switches_to_hypers_server() {
+    let up = Upstream::echo("u").await;
+    let toml = format!(
+        "[server]\nworkers = 1\n\n[upstreams.u]\ntargets = [\"{}\"]\n\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n",
+        up.addr
+    );
+    let ours = support::Process::start(&toml);
+    let hypers = support::Process::start_with_env(&toml, &[], &[("BULKHEAD_H2", "hyper")]);
+    let mut ids = Vec::new();
+    for gw in [&ours, &hypers] {
+        let mut c = H2::open(gw.addr).await;
+        let r = c.get(1, "/plain").await;
+        assert_eq!(r.status, Some(200), "{:?}", r.headers);
+        assert!(r.header("x-request-id").is_some(), "{:?}", r.headers);
+        assert!(String::from_utf8_lossy(&r.body).contains("\"path\":\"/plain\""));
+        c.headers(3, &request_block("POST", "/posted", &[]), false)
+            .await;
+        c.send_body(3, &pattern(70_000), true).await;
+        let r = c.ok_response(3).await;
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("\"body_len\":70000"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let mut settings: Vec<u16> = c.server_settings[0].iter().map(|(id, _)| *id).collect();
+        settings.sort_unstable();
+        ids.push(settings);
+    }
+    assert_eq!(
+        ids[0],
+        [
+            MAX_CONCURRENT_STREAMS,
+            INITIAL_WINDOW_SIZE,
+            MAX_HEADER_LIST_SIZE
+        ],
+        "ours"
+    );
+    assert_ne!(
+        ids[1], ids[0],
+        "hyper's server answered with hyper's SETTINGS"
+    );
+}
