@@ -16,7 +16,9 @@ set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,9p "$0"; exit 2; }
 BIN_A=$1 CONF_A=$2 BIN_B=$3 CONF_B=$4 ROUNDS=${5:-3}
 PROTO=${PROTO:-h1}
-for t in nginx wrk h2load taskset; do
+LOADGEN=wrk
+[ "$PROTO" = h2 ] && LOADGEN=h2load
+for t in nginx "$LOADGEN" taskset; do
   command -v "$t" >/dev/null || { echo "missing $t: apt-get install -y nginx wrk nghttp2-client util-linux" >&2; exit 1; }
 done
 TMP=$(mktemp -d); chmod 755 "$TMP"
