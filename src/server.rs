@@ -274,18 +274,20 @@ async fn worker(
         .keep_alive(true)
         .max_buf_size(hyper_limit)
         .max_headers(256);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(hyper_limit).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
+    // One set of HTTP/2 settings for both servers (ours, and hyper's behind
+    // BULKHEAD_H2=hyper).
     let h2_own = crate::h2::Config {
         max_concurrent_streams: 256,
         max_header_list_size: u32::try_from(hyper_limit).unwrap_or(u32::MAX),
         keep_alive_interval: Duration::from_secs(30),
         keep_alive_timeout: Duration::from_secs(20),
     };
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(h2_own.max_header_list_size)
+        .max_concurrent_streams(h2_own.max_concurrent_streams)
+        .keep_alive_interval(h2_own.keep_alive_interval)
+        .keep_alive_timeout(h2_own.keep_alive_timeout);
     let ctx = Arc::new(WorkerCtx {
         client: upstream::UpstreamClient::new(),
         h1,

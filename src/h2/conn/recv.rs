@@ -366,11 +366,10 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             return Ok(());
         }
         let uri = if d.malformed { None } else { d.uri() };
+        // The same rule as the upstream exchange's (digits only).
         let content_length = match d.headers.get(header::CONTENT_LENGTH) {
             None => Ok(None),
-            Some(v) => std::str::from_utf8(v.as_bytes())
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
+            Some(v) => crate::h1::wire::parse_length(v.as_bytes())
                 .map(Some)
                 .ok_or(()),
         };

@@ -60,20 +60,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         self.begin_block(&mut block);
         let status = parts.status.as_u16();
         hpack::encode_status(status, &mut block);
-        let (mut date, mut length) = (false, false);
-        for (name, value) in &parts.headers {
-            if connection_specific(name) {
-                continue;
-            }
-            date |= name == header::DATE;
-            length |= name == header::CONTENT_LENGTH;
-            self.encoder.field(
-                name.as_str(),
-                value.as_bytes(),
-                value.is_sensitive(),
-                &mut block,
-            );
-        }
+        let (date, length) = self.encode_fields(&parts.headers, &mut block);
         if !date {
             let mut now = Vec::with_capacity(29);
             crate::h1::wire::date(&mut now);
@@ -100,6 +87,22 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             self.wbuf.truncate(at);
             self.write_block(stream, &block, end_stream);
         }
+    }
+
+    /// Encodes a head's or trailers' fields, leaving out connection-specific ones;
+    /// whether they had a `date` and a `content-length`.
+    fn encode_fields(&mut self, map: &HeaderMap, block: &mut Vec<u8>) -> (bool, bool) {
+        let (mut date, mut length) = (false, false);
+        for (name, value) in map {
+            if connection_specific(name) {
+                continue;
+            }
+            date |= name == header::DATE;
+            length |= name == header::CONTENT_LENGTH;
+            self.encoder
+                .field(name.as_str(), value.as_bytes(), value.is_sensitive(), block);
+        }
+        (date, length)
     }
 
     /// Sends what the response body has, as far as the windows allow.
@@ -144,16 +147,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                     Some(t) => {
                         let mut block = Vec::with_capacity(64);
                         self.begin_block(&mut block);
-                        for (name, value) in &t {
-                            if !connection_specific(name) {
-                                hpack::encode_field(
-                                    name.as_str(),
-                                    value.as_bytes(),
-                                    value.is_sensitive(),
-                                    &mut block,
-                                );
-                            }
-                        }
+                        self.encode_fields(&t, &mut block);
                         self.write_block(stream, &block, true);
                     }
                     None => frame::write_data(&mut self.wbuf, stream, &[], true),
