@@ -11,7 +11,7 @@
 # gateway's own in one binary.
 # Prints one line per run: "A|B req/s", then the proxy's CPU time per request (user and
 # system µs, from /proc/PID/stat) — the steadier measure when the machine's speed
-# changes between runs; compare within a round.
+# changes between runs; compare within a round — and, for HTTP/1.1, wrk's p50 and p99.
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,9p "$0"; exit 2; }
 BIN_A=$1 CONF_A=$2 BIN_B=$3 CONF_B=$4 ROUNDS=${5:-3}
@@ -33,8 +33,8 @@ load() { # seconds
     taskset -c 0 h2load -t1 -c64 -m10 -D "$1" -H ':authority: t1.example.com' http://127.0.0.1:18080/ |
       awk '/^requests:/ {print $8}'
   else
-    taskset -c 0 wrk -t1 -c64 -d"$1"s -H 'Host: t1.example.com' http://127.0.0.1:18080/ |
-      awk '/requests in/ {print $1}'
+    taskset -c 0 wrk -t1 -c64 -d"$1"s --latency -H 'Host: t1.example.com' http://127.0.0.1:18080/ |
+      awk '/^ +50%/ {p50 = $2} /^ +99%/ {p99 = $2} /requests in/ {n = $1} END {print n, "p50 " p50 " p99 " p99}'
   fi
 }
 run() { # label bin conf env
@@ -42,12 +42,12 @@ run() { # label bin conf env
   env $4 RUST_LOG=warn taskset -c 1 "$2" run --no-watch --config "$3" & local pid=$!
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break; sleep 0.1; done
   load 1 >/dev/null
-  local n u0 s0 u1 s1
+  local n lat u0 s0 u1 s1
   read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-  n=$(load 8)
+  read -r n lat < <(load 8)
   read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-  awk -v l="$1" -v n="$n" -v t="$(getconf CLK_TCK)" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
-    'BEGIN { printf "%s %.0f req/s  user %.2f us  sys %.2f us  per request\n", l, n / 8, du / t * 1e6 / n, ds / t * 1e6 / n }' </dev/null
+  awk -v l="$1" -v n="$n" -v lat="${lat:-}" -v t="$(getconf CLK_TCK)" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) \
+    'BEGIN { printf "%s %.0f req/s  user %.2f us  sys %.2f us  per request  %s\n", l, n / 8, du / t * 1e6 / n, ds / t * 1e6 / n, lat }' </dev/null
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 for i in $(seq "$ROUNDS"); do

@@ -27,6 +27,7 @@ TENANTS_B, HOT_TENANTS = count("TENANTS_B", 10000), count("HOT_TENANTS", 1000)
 IDLE_CONNS = count("IDLE_CONNS", 10000)
 SCENARIOS = {
     "a": "a: 1 tenant",
+    "a1": "a1: 1 tenant, b's Lua client",
     "b": f"b: {TENANTS_B} tenants, {HOT_TENANTS} hot",
     "c": "c: 1 KiB POST",
 }
@@ -152,14 +153,14 @@ def idle_table(rows):
     return header, out, per
 
 
-def paired(rows, proto, proxy):
-    """(b)/(a) of each repeat that has both, in repeat order."""
+def paired(rows, proto, proxy, base="a"):
+    """(b)/(base) of each repeat that has both, in repeat order."""
     by = {}
     for row in rows:
         scen, p, x, rep, rps = row[:5]
-        if p == proto and x == proxy and scen in ("a", "b"):
+        if p == proto and x == proxy and scen in (base, "b"):
             by.setdefault(rep, {})[scen] = fnum(rps)
-    pairs = (ratio(v.get("b"), v.get("a")) for _, v in sorted(by.items(), key=lambda kv: int(kv[0])))
+    pairs = (ratio(v.get("b"), v.get(base)) for _, v in sorted(by.items(), key=lambda kv: int(kv[0])))
     return [r for r in pairs if r is not None]
 
 
@@ -204,6 +205,20 @@ def goals(cells, idle_per, rows):
                              f"{', '.join(format(x, '.3f') for x in pairs)}; median "
                              f"{pr:.3f} (direct {fmt(direct, '.3f')}): "
                              f"{'MET' if pr >= 0.95 else 'NOT MET'}")
+        b1 = get("a1", proto, "bulkhead")
+        if b1 and bb:
+            # The same client in both: what the tenant count alone costs.
+            r = ratio(bb["rps"], b1["rps"])
+            d1, db = get("a1", proto, "direct"), get("b", proto, "direct")
+            dr = ratio(db["rps"], d1["rps"]) if d1 and db else None
+            line = (f"  (b)/(a1), one tenant with (b)'s Lua client: {fmt(r, '.3f')} "
+                    f"(direct {fmt(dr, '.3f')})")
+            pairs = paired(rows, proto, "bulkhead", "a1")
+            if os.environ.get("PAIRED") == "1" and pairs:
+                line += (f"; paired {', '.join(format(x, '.3f') for x in pairs)}, median "
+                         f"{median(pairs):.3f} (direct "
+                         f"{fmt(median(paired(rows, proto, 'direct', 'a1')), '.3f')})")
+            lines.append(line)
     if "bulkhead" in idle_per and "haproxy" in idle_per:
         bk = median(idle_per["bulkhead"]["kib"])
         hk = median(idle_per["haproxy"]["kib"])
