@@ -164,6 +164,16 @@ def paired(rows, proto, proxy, base="a"):
     return [r for r in pairs if r is not None]
 
 
+def by_repeat(rows, scen, proto):
+    """Per repeat that has Bulkhead and a peer: {proxy: (rps, p99)}, in repeat order."""
+    by = {}
+    for row in rows:
+        sc, p, x, rep, rps, _p50, p99 = row[:7]
+        if sc == scen and p == proto and x in ("bulkhead", "nginx", "haproxy"):
+            by.setdefault(int(rep), {})[x] = (fnum(rps), fnum(p99))
+    return [v for _, v in sorted(by.items()) if "bulkhead" in v and len(v) > 1]
+
+
 def goals(cells, idle_per, rows):
     """The issue's goals, evaluated on this run's medians (figures, not asserts)."""
     lines = []
@@ -181,6 +191,19 @@ def goals(cells, idle_per, rows):
         lines.append(f"- goal 1, (a) HTTP/1.1: Bulkhead = {fmt(r, '.2f')} x the faster peer "
                      f"(goal >= 1.10); p99 {fmt(b['p99'], '.3f')} ms vs lowest peer "
                      f"{low_p99:.3f} ms (goal <=): {'MET' if ok else 'NOT MET'}")
+        reps = by_repeat(rows, "a", "h1")
+        if len(reps) > 1:
+            # Each repeat's proxies ran seconds apart, at much the same machine speed.
+            rs, met = [], 0
+            for v in reps:
+                r1 = ratio(v["bulkhead"][0], max(v[x][0] or 0 for x in v if x != "bulkhead"))
+                rs.append(r1)
+                p99s = [v[x][1] for x in v if x != "bulkhead" and v[x][1] is not None]
+                met += (r1 is not None and r1 >= 1.10 and v["bulkhead"][1] is not None
+                        and p99s and v["bulkhead"][1] <= min(p99s))
+            lines.append(f"  per repeat, Bulkhead / the faster peer: "
+                         f"{', '.join(fmt(x, '.2f') for x in rs)}; both parts of the goal "
+                         f"met in {met} of {len(reps)} repeats")
     b2, h2 = get("a", "h2", "bulkhead"), get("a", "h2", "haproxy")
     if b2 and h2:
         r = ratio(b2["rps"], h2["rps"])
