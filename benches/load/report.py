@@ -199,8 +199,8 @@ def goals(cells, idle_per, rows):
                 r1 = ratio(v["bulkhead"][0], max(v[x][0] or 0 for x in v if x != "bulkhead"))
                 rs.append(r1)
                 p99s = [v[x][1] for x in v if x != "bulkhead" and v[x][1] is not None]
-                met += (r1 is not None and r1 >= 1.10 and v["bulkhead"][1] is not None
-                        and p99s and v["bulkhead"][1] <= min(p99s))
+                met += bool(r1 is not None and r1 >= 1.10 and v["bulkhead"][1] is not None
+                            and p99s and v["bulkhead"][1] <= min(p99s))
             lines.append(f"  per repeat, Bulkhead / the faster peer: "
                          f"{', '.join(fmt(x, '.2f') for x in rs)}; both parts of the goal "
                          f"met in {met} of {len(reps)} repeats")
