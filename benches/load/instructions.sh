@@ -64,9 +64,11 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 if [ "$PROTO" = h1b ]; then
-  wrk -t1 -c64 -d3s -s "$HERE/rotate_host.lua" http://127.0.0.1:18080/ -- "${HOT_TENANTS:-1000}" >/dev/null
+  # wrk's options before the script's arguments (after `--`): the duration goes first.
+  WRK=(-t1 -c64 -s "$HERE/rotate_host.lua" http://127.0.0.1:18080/ -- "${HOT_TENANTS:-1000}")
+  wrk -d3s "${WRK[@]}" >/dev/null
   callgrind_control -z "$PID" >/dev/null
-  wrk -t1 -c64 -d"${N}s" -s "$HERE/rotate_host.lua" http://127.0.0.1:18080/ -- "${HOT_TENANTS:-1000}" >"$TMP/wrk.out"
+  wrk -d"${N}s" "${WRK[@]}" >"$TMP/wrk.out"
   callgrind_control -d "$PID" >/dev/null
   grep -E 'requests in|Non-2xx' "$TMP/wrk.out"
   N=$(awk '/requests in/ {print $1}' "$TMP/wrk.out")

@@ -211,12 +211,18 @@ def goals(cells, idle_per, rows):
         r = ratio(b2["rps"], h2["rps"])
         lines.append(f"- goal 1, (a) h2c: Bulkhead = {fmt(r, '.2f')} x HAProxy (goal >= 1.0): "
                      f"{'MET' if r is not None and r >= 1.0 else 'NOT MET'}")
+    def b_over(base, proto):
+        """(b)/(base) of the medians: Bulkhead's, and the direct run's."""
+        out = []
+        for proxy in ("bulkhead", "direct"):
+            x, y = get(base, proto, proxy), get("b", proto, proxy)
+            out.append(ratio(y["rps"], x["rps"]) if x and y else None)
+        return out
+
     for proto in ("h1", "h2"):
         ba, bb = get("a", proto, "bulkhead"), get("b", proto, "bulkhead")
         if ba and bb:
-            r = ratio(bb["rps"], ba["rps"])
-            da, db = get("a", proto, "direct"), get("b", proto, "direct")
-            dr = ratio(db["rps"], da["rps"]) if da and db else None
+            r, dr = b_over("a", proto)
             lines.append(f"- goal 2, {PROTO_LABEL[proto]}: Bulkhead (b)/(a) = {fmt(r, '.3f')} "
                          f"(goal >= 0.95; the same client against the backend directly gives "
                          f"{fmt(dr, '.3f')}, i.e. the load generator's own cost): "
@@ -230,12 +236,9 @@ def goals(cells, idle_per, rows):
                              f"{', '.join(format(x, '.3f') for x in pairs)}; median "
                              f"{pr:.3f} (direct {fmt(direct, '.3f')}): "
                              f"{'MET' if pr >= 0.95 else 'NOT MET'}")
-        b1 = get("a1", proto, "bulkhead")
-        if b1 and bb:
+        if get("a1", proto, "bulkhead") and bb:
             # The same client in both: what the tenant count alone costs.
-            r = ratio(bb["rps"], b1["rps"])
-            d1, db = get("a1", proto, "direct"), get("b", proto, "direct")
-            dr = ratio(db["rps"], d1["rps"]) if d1 and db else None
+            r, dr = b_over("a1", proto)
             line = (f"  (b)/(a1), one tenant with (b)'s Lua client: {fmt(r, '.3f')} "
                     f"(direct {fmt(dr, '.3f')})")
             pairs = paired(rows, proto, "bulkhead", "a1")
