@@ -31,7 +31,7 @@ SCENARIOS = {
     "b": f"b: {TENANTS_B} tenants, {HOT_TENANTS} hot",
     "c": "c: 1 KiB POST",
 }
-PROXY_ORDER = ["bulkhead", "nginx", "haproxy", "direct"]
+PROXY_ORDER = ["bulkhead", "nginx", "haproxy", "l4", "direct"]
 PROTO_LABEL = {"h1": "HTTP/1.1", "h2": "h2c"}
 
 
@@ -107,6 +107,8 @@ def load_table(cells):
             # h2c run makes the backend (on the load generator's core) do h2 framing itself,
             # so for h2c that row is a reference, not a ceiling.
             name = proxy
+            if proxy == "l4":
+                name = "l4 (no HTTP work)"
             if proxy == "direct":
                 name = "direct (ceiling)" if proto == "h1" else "direct (h2c ref.)"
             if b is None or proxy == "bulkhead":
@@ -164,14 +166,20 @@ def paired(rows, proto, proxy, base="a"):
     return [r for r in pairs if r is not None]
 
 
-def by_repeat(rows, scen, proto):
-    """Per repeat that has Bulkhead and a peer: {proxy: (rps, p99)}, in repeat order."""
+def by_repeat(rows, scen, proto, first="bulkhead"):
+    """Per repeat that has `first` and a peer (nginx, HAProxy): {proxy: (rps, p99)}, in
+    repeat order."""
     by = {}
     for row in rows:
         sc, p, x, rep, rps, _p50, p99 = row[:7]
-        if sc == scen and p == proto and x in ("bulkhead", "nginx", "haproxy"):
+        if sc == scen and p == proto and x in (first, "nginx", "haproxy"):
             by.setdefault(int(rep), {})[x] = (fnum(rps), fnum(p99))
-    return [v for _, v in sorted(by.items()) if "bulkhead" in v and len(v) > 1]
+    return [v for _, v in sorted(by.items()) if first in v and len(v) > 1]
+
+
+def over_faster_peer(v, first="bulkhead"):
+    """In one repeat of by_repeat: `first`'s req/s over the faster peer's."""
+    return ratio(v[first][0], max(v[x][0] or 0 for x in v if x != first))
 
 
 def goals(cells, idle_per, rows):
@@ -196,7 +204,7 @@ def goals(cells, idle_per, rows):
             # Each repeat's proxies ran seconds apart, at much the same machine speed.
             rs, met, low = [], 0, 0
             for v in reps:
-                r1 = ratio(v["bulkhead"][0], max(v[x][0] or 0 for x in v if x != "bulkhead"))
+                r1 = over_faster_peer(v)
                 rs.append(r1)
                 p99s = [v[x][1] for x in v if x != "bulkhead" and v[x][1] is not None]
                 p99_ok = bool(v["bulkhead"][1] is not None and p99s
@@ -206,6 +214,17 @@ def goals(cells, idle_per, rows):
             lines.append(f"  per repeat, Bulkhead / the faster peer: "
                          f"{', '.join(fmt(x, '.2f') for x in rs)}; p99 <= the lower peer's "
                          f"in {low} of {len(reps)} repeats, both parts of the goal in {met}")
+        l4 = get("a", "h1", "l4")
+        if l4:
+            # A forwarder with no HTTP work: how far above the peers this layout lets
+            # any proxy get before the load generator's core is the limit.
+            line = (f"  l4 (HAProxy in mode tcp, no HTTP work) = "
+                    f"{fmt(ratio(l4['rps'], best), '.2f')} x the faster peer")
+            l4reps = by_repeat(rows, "a", "h1", "l4")
+            if len(l4reps) > 1:
+                line += (", per repeat "
+                         + ", ".join(fmt(over_faster_peer(v, "l4"), ".2f") for v in l4reps))
+            lines.append(line + f"; Bulkhead = {fmt(ratio(b['rps'], l4['rps']), '.2f')} x l4")
     b2, h2 = get("a", "h2", "bulkhead"), get("a", "h2", "haproxy")
     if b2 and h2:
         r = ratio(b2["rps"], h2["rps"])

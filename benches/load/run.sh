@@ -34,6 +34,8 @@ LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
 PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
 KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
 PAIRED=${PAIRED:-0}              # 1: repeats outermost; each proxy's (a), (b), (c) back to back
+L4=${L4:-1}                      # 1: also HAProxy in mode tcp (HTTP/1.1): a forwarder doing no
+                                 # HTTP work, the most any proxy can reach on this layout
 PROXY_CPU_QUOTA=${PROXY_CPU_QUOTA:-}  # N: each proxy gets N % of its core (a cgroup's CPU
                                  # quota, 10 ms period), so that every proxy, not the
                                  # load generator's core, is the limit: req/s then
@@ -79,6 +81,7 @@ check_knobs() {
   done
   for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "unknown protocol '$p' (h1 h2)"; done
   [[ $PAIRED == 0 || $PAIRED == 1 ]] || die "PAIRED must be 0 or 1, got '$PAIRED'"
+  [[ $L4 == 0 || $L4 == 1 ]] || die "L4 must be 0 or 1, got '$L4'"
   for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU; do
     [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
   done
@@ -271,8 +274,35 @@ backend backend
 EOF
 }
 
+# The reference forwarder: HAProxy, 1 thread, in mode tcp, each client connection
+# spliced to its own backend connection. The same four system calls per request as
+# an HTTP proxy (read the client, write the backend, read it, write the client) and
+# no HTTP work at all, so its req/s is about the most a proxy can reach here.
+write_l4_conf() { # dir
+  mkdir -p "$1"
+  cat >"$1/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $((CONNS + 2000))
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend fe
+    bind $ADDR:$PROXY_PORT
+    default_backend backend
+
+backend backend
+    server b1 $ADDR:$BACKEND_PORT
+EOF
+}
+
 write_configs() {
   local n
+  [[ " $REFS " == *" l4 "* ]] && write_l4_conf "$TMP/l4"
   for n in 1 "$TENANTS_B"; do
     [[ " $PROXIES " == *" bulkhead "* ]] && write_bulkhead_conf "$TMP/bulkhead-$n.toml" "$n"
     [[ " $PROXIES " == *" nginx "* ]] && write_nginx_conf "$TMP/nginx-$n" "$n"
@@ -290,6 +320,9 @@ validate_configs() {
   local n out
   nginx_args "$TMP/backend"
   out=$("${NGINX[@]}" -t -q 2>&1) || die "backend nginx config: $out"
+  if [[ " $REFS " == *" l4 "* ]]; then
+    out=$(haproxy -c -q -f "$TMP/l4/haproxy.cfg" 2>&1) || die "haproxy (l4) config: $out"
+  fi
   for n in 1 "$TENANTS_B"; do
     if [[ " $PROXIES " == *" nginx "* ]]; then
       nginx_args "$TMP/nginx-$n"
@@ -341,6 +374,11 @@ start_proxy() {
     haproxy)
       log=$TMP/haproxy-$n/haproxy.log
       spawn "$log" taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/haproxy-$n/haproxy.cfg"
+      PROXY_PID=$BG_PID MEASURE_PID=$BG_PID ;;
+    l4)
+      H2_PORT=$PROXY_PORT   # no h2c listener: it forwards to the backend's HTTP/1.1 port
+      log=$TMP/l4/haproxy.log
+      spawn "$log" taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/l4/haproxy.cfg"
       PROXY_PID=$BG_PID MEASURE_PID=$BG_PID ;;
   esac
   wait_port "$H1_PORT" "$PROXY_PID" "$name" "$log" || return 1
@@ -489,21 +527,22 @@ measure() { # scen proto proxy rep
     "$LOADGEN_CPU" "$loadgen" "$flag"
 }
 
-# a1 differs from a only in HTTP/1.1's client (h2load has no per-request script).
-skip_measure() { [[ $1 == a1 && $2 == h2 ]]; }
+# skip_measure SCEN PROTO PROXY: a1 differs from a only in HTTP/1.1's client (h2load
+# has no per-request script); l4 forwards to the backend's HTTP/1.1 port only.
+skip_measure() { [[ ($1 == a1 || $3 == l4) && $2 == h2 ]]; }
 
 run_load_scenario() { # scen
   local scen=$1 n=1 rep proxy proto
   [[ $scen == b ]] && n=$TENANTS_B
   for ((rep = 1; rep <= REPEAT; rep++)); do
-    for proxy in $PROXIES direct; do
+    for proxy in $PROXIES $REFS; do
       if ! start_proxy "$proxy" "$n"; then
         stop_proxy || true
         warn "skipping $proxy for $scen rep $rep"
         continue
       fi
       for proto in $PROTOCOLS; do
-        skip_measure "$scen" "$proto" || measure "$scen" "$proto" "$proxy" "$rep"
+        skip_measure "$scen" "$proto" "$proxy" || measure "$scen" "$proto" "$proxy" "$rep"
       done
       stop_proxy
     done
@@ -512,11 +551,11 @@ run_load_scenario() { # scen
 
 run_paired_repeat() { # rep: each proxy and protocol in turn, its scenarios back to back
   local rep=$1 proxy proto scen n
-  for proxy in $PROXIES direct; do
+  for proxy in $PROXIES $REFS; do
     for proto in $PROTOCOLS; do
       for scen in $SCENARIOS; do
         [[ $scen == d ]] && continue
-        skip_measure "$scen" "$proto" && continue
+        skip_measure "$scen" "$proto" "$proxy" && continue
         n=1
         [[ $scen == b ]] && n=$TENANTS_B
         if ! start_proxy "$proxy" "$n"; then
@@ -605,6 +644,7 @@ the_command() {
   printf 'PROTOCOLS="%s" TENANTS_B=%s HOT_TENANTS=%s IDLE_CONNS=%s ' \
     "$PROTOCOLS" "$TENANTS_B" "$HOT_TENANTS" "$IDLE_CONNS"
   if ((PAIRED)); then printf 'PAIRED=1 '; fi
+  if ((!L4)); then printf 'L4=0 '; fi
   if [[ -n $PROXY_CPU_QUOTA ]]; then printf 'PROXY_CPU_QUOTA=%s ' "$PROXY_CPU_QUOTA"; fi
   printf 'benches/load/run.sh'
 }
@@ -687,6 +727,9 @@ row (req/s: higher is better for Bulkhead; p99: lower is better). For the direct
 req/s ratio is the fraction of the ceiling Bulkhead reaches. The direct h2c row is only a
 reference: there the backend, on the load generator's core, does the h2 framing that the
 proxies do on their own core (they speak HTTP/1.1 to it), so a proxy can beat it.
+The l4 row (HTTP/1.1 only) is HAProxy in mode tcp: each client connection spliced to a
+backend connection, the same system calls as a proxy and no HTTP work, so about the most
+any proxy reaches on this layout.
 Scenario b over h2c sends all requests to one of the configured tenants: h2load cannot
 rotate `:authority`. "errors" counts
 non-2xx responses and socket errors; a row with errors is not a valid figure. "other CPU%"
@@ -724,6 +767,14 @@ main() {
       "(ulimit -Hn, or docker --ulimit nofile=65536) or lower IDLE_CONNS"
   fi
   CLK_TCK=$(getconf CLK_TCK)
+  # Reference rows after the proxies: the backend direct (the ceiling), and the l4
+  # forwarder when HTTP/1.1 is measured (it needs HAProxy; only a reference, so its
+  # absence does not stop the run).
+  REFS=direct
+  if ((L4)) && [[ " $PROTOCOLS " == *" h1 "* ]]; then
+    if command -v haproxy >/dev/null; then REFS="direct l4"
+    else warn "no haproxy: the l4 reference row is left out (apt-get install -y haproxy)"; fi
+  fi
   export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED   # report.py labels scenarios with them, reads PAIRED
   busy_check
 
