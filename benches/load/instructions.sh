@@ -16,7 +16,8 @@
 # instructions.toml's config with TENANTS_B tenants t1..tN.example.com, default
 # 10,000), for N seconds (default 8) after 3 s of warm-up, divided by the requests
 # wrk counts. CACHESIM=1 adds callgrind's cache simulation and prints L1 and
-# last-level misses per request too. Prints the count per request and the functions
+# last-level misses per request too (CACHESIM_LL=size,assoc,line sets the simulated
+# last level: 524288,8,64 for a Zen core's 512 KiB L2). Prints the count per request and the functions
 # with the most instructions of their own; the dump stays in the printed directory.
 # Needs valgrind, nginx, h2load (nghttp2-client), wrk (h1b), curl and python3.
 set -euo pipefail
@@ -39,7 +40,7 @@ case $PROTO in
   *) echo "protocol must be h1, h2 or h1b" >&2; exit 2 ;;
 esac
 SIM=()
-[ "${CACHESIM:-0}" = 1 ] && SIM=(--cache-sim=yes)
+[ "${CACHESIM:-0}" = 1 ] && SIM=(--cache-sim=yes ${CACHESIM_LL:+"--LL=$CACHESIM_LL"})
 TMP=$(mktemp -d); chmod 755 "$TMP"
 if [ "$PROTO" = h1b ] && [ $# -lt 4 ]; then
   # Scenario (b)'s config: instructions.toml's with tenants t1..t$TENANTS_B.
