@@ -96,11 +96,13 @@ pub enum ProxyError {
     },
     /// A cluster-scope tenant with `on_store_failure = "closed"` while Redis is unreachable.
     StoreUnavailable,
+    /// `CONNECT`: a forward proxy's method, which a reverse proxy has no target for.
+    MethodNotAllowed,
 }
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 16] = [
+    pub const REASONS: [&'static str; 17] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -117,6 +119,7 @@ impl ProxyError {
         "misdirected_request",
         "quota_exhausted",
         "store_unavailable",
+        "method_not_allowed",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -138,6 +141,7 @@ impl ProxyError {
             ProxyError::Misdirected { .. } => 13,
             ProxyError::QuotaExhausted { .. } => 14,
             ProxyError::StoreUnavailable => 15,
+            ProxyError::MethodNotAllowed => 16,
         }
     }
 
@@ -159,6 +163,7 @@ impl ProxyError {
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::QuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -181,6 +186,7 @@ impl ProxyError {
             ProxyError::Misdirected { .. } => "misdirected_request",
             ProxyError::QuotaExhausted { .. } => "quota_exhausted",
             ProxyError::StoreUnavailable => "store_unavailable",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -256,6 +262,9 @@ impl ProxyError {
             ProxyError::StoreUnavailable => {
                 "the shared limit store is unavailable; retry shortly".to_owned()
             }
+            ProxyError::MethodNotAllowed => {
+                "CONNECT is not forwarded: this gateway is a reverse proxy".to_owned()
+            }
         }
     }
 
@@ -278,7 +287,8 @@ impl ProxyError {
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::Misdirected { .. } => None,
+            | ProxyError::Misdirected { .. }
+            | ProxyError::MethodNotAllowed => None,
         }
     }
 
@@ -321,6 +331,14 @@ impl ProxyError {
                 h.insert(
                     http::header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            ProxyError::MethodNotAllowed => {
+                // RFC 9110 §15.5.6: a 405 names what is allowed. Every method but
+                // CONNECT is forwarded; these are the standard ones.
+                h.insert(
+                    http::header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
                 );
             }
             _ => {}
@@ -370,7 +388,13 @@ mod tests {
                 retry_after: 5,
             },
             ProxyError::StoreUnavailable,
+            ProxyError::Misdirected {
+                tenant: "t".into(),
+                why: "sni",
+            },
+            ProxyError::MethodNotAllowed,
         ];
+        assert_eq!(all.len(), ProxyError::REASONS.len());
         for e in &all {
             assert_eq!(ProxyError::REASONS[e.reason_index()], e.code());
         }

@@ -82,10 +82,13 @@ pub async fn handle(
             if http1
                 && matches!(
                     e,
-                    ProxyError::BodyTooLarge { .. } | ProxyError::BadRequestBody
+                    ProxyError::BodyTooLarge { .. }
+                        | ProxyError::BadRequestBody
+                        | ProxyError::MethodNotAllowed
                 )
             {
-                // The body was not read to its end, so the connection cannot carry
+                // The body was not read to its end (or, after a CONNECT, the client may
+                // already be sending tunnel bytes), so the connection cannot carry
                 // another request: say so rather than just close it.
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -222,6 +225,11 @@ async fn proxy<'s>(
     request_id: &HeaderValue,
     ex: &mut Exchange<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        // A tunnel to the authority it names is a forward proxy's job; the upstream
+        // would get a request line it cannot parse (HTTP/1.1 `CONNECT /`).
+        return Err(ProxyError::MethodNotAllowed);
+    }
     if let Some(port) = ctx.redirect_to {
         if let Some(resp) = redirect_to_https(&req, port) {
             check_header_size(

@@ -1981,27 +1981,29 @@ async fn bad_chunk_in_request_body_is_400_bad_request_body_and_close() {
 }
 
 #[tokio::test]
-async fn connect_is_forwarded_as_an_origin_form_request() {
+async fn connect_is_refused_with_405_and_the_connection_closes() {
     let up = RawUpstream::echo().await;
     let gw = gateway(&up, "");
     let mut c = Client::connect(&gw).await;
-    c.send(format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes())
-        .await;
-    // TODAY (questionable): CONNECT is not refused; it reaches the upstream with the
-    // authority form turned into "/", and the upstream's 200 never reaches the client,
-    // whose connection is closed without a response.
+    // What follows the head would be the client's tunnel bytes: never a request.
+    c.send(
+        format!(
+            "CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n\
+             GET /smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    r.assert_error(405, "method_not_allowed", None);
     assert!(
-        c.try_response(false).await.is_none(),
-        "an answer to CONNECT"
-    );
-    assert_eq!(c.wire.buf, b"");
-    let seen = &up.seen()[0];
-    assert!(
-        seen.head.starts_with("CONNECT / HTTP/1.1\r\n"),
+        r.headers.get("allow").is_some_and(|a| a.contains("GET")),
         "{}",
-        seen.head
+        r.head
     );
-    assert_eq!(seen.headers.all("host"), [format!("{HOST}:443")]);
+    assert_eq!(r.headers.get("connection"), Some("close"), "{}", r.head);
+    assert_eq!(c.closed().await, b"", "nothing after the 405");
+    assert!(up.seen().is_empty(), "the upstream got a request");
 }
 
 #[tokio::test]

@@ -1124,6 +1124,34 @@ async fn malformed_requests_get_rst_stream_and_the_connection_goes_on() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_with_405_and_never_reaches_the_upstream() {
+    let up = Upstream::echo("u").await;
+    let gw = gateway(up.addr);
+    let mut c = H2::open(gw.addr).await;
+    // RFC 9113 §8.5: only :method and :authority.
+    let mut block = Vec::new();
+    hpack_indexed_name(&mut block, 2, b"CONNECT");
+    hpack_indexed_name(&mut block, 1, format!("{HOST}:443").as_bytes());
+    c.headers(1, &block, true).await;
+    let r = c.response(1).await;
+    assert_eq!(r.status, Some(405), "{r:?}");
+    assert!(
+        r.text().contains("\"error\":\"method_not_allowed\""),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.header("allow").is_some_and(|a| a.contains("GET")),
+        "{r:?}"
+    );
+    // The connection goes on, and nothing reached the upstream before this request.
+    let r = c.get(3, "/after").await;
+    assert_eq!(r.status, Some(200), "{r:?}");
+    let paths: Vec<String> = up.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/after"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // 7, 8. CONTINUATION and the header list size
 // ---------------------------------------------------------------------------------------
