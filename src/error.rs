@@ -98,11 +98,16 @@ pub enum ProxyError {
     StoreUnavailable,
     /// `CONNECT`: a forward proxy's method, which a reverse proxy has no target for.
     MethodNotAllowed,
+    /// A request body in a transfer coding other than chunked (`gzip, chunked`), which
+    /// the gateway would otherwise pass on undeclared.
+    UnsupportedTransferCoding {
+        coding: Box<str>,
+    },
 }
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 17] = [
+    pub const REASONS: [&'static str; 18] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -120,6 +125,7 @@ impl ProxyError {
         "quota_exhausted",
         "store_unavailable",
         "method_not_allowed",
+        "unsupported_transfer_coding",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -142,6 +148,7 @@ impl ProxyError {
             ProxyError::QuotaExhausted { .. } => 14,
             ProxyError::StoreUnavailable => 15,
             ProxyError::MethodNotAllowed => 16,
+            ProxyError::UnsupportedTransferCoding { .. } => 17,
         }
     }
 
@@ -164,6 +171,7 @@ impl ProxyError {
             ProxyError::QuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnsupportedTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -187,6 +195,7 @@ impl ProxyError {
             ProxyError::QuotaExhausted { .. } => "quota_exhausted",
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::UnsupportedTransferCoding { .. } => "unsupported_transfer_coding",
         }
     }
 
@@ -265,6 +274,9 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => {
                 "CONNECT is not forwarded: this gateway is a reverse proxy".to_owned()
             }
+            ProxyError::UnsupportedTransferCoding { coding } => format!(
+                "transfer coding {coding:?} is not supported: send the body chunked or with a content-length"
+            ),
         }
     }
 
@@ -288,7 +300,8 @@ impl ProxyError {
             | ProxyError::UpstreamError { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::Misdirected { .. }
-            | ProxyError::MethodNotAllowed => None,
+            | ProxyError::MethodNotAllowed
+            | ProxyError::UnsupportedTransferCoding { .. } => None,
         }
     }
 
@@ -393,6 +406,9 @@ mod tests {
                 why: "sni",
             },
             ProxyError::MethodNotAllowed,
+            ProxyError::UnsupportedTransferCoding {
+                coding: "gzip".into(),
+            },
         ];
         assert_eq!(all.len(), ProxyError::REASONS.len());
         for e in &all {

@@ -85,6 +85,7 @@ pub async fn handle(
                     ProxyError::BodyTooLarge { .. }
                         | ProxyError::BadRequestBody
                         | ProxyError::MethodNotAllowed
+                        | ProxyError::UnsupportedTransferCoding { .. }
                 )
             {
                 // The body was not read to its end (or, after a CONNECT, the client may
@@ -229,6 +230,11 @@ async fn proxy<'s>(
         // A tunnel to the authority it names is a forward proxy's job; the upstream
         // would get a request line it cannot parse (HTTP/1.1 `CONNECT /`).
         return Err(ProxyError::MethodNotAllowed);
+    }
+    if req.version() < Version::HTTP_2 {
+        if let Some(coding) = unsupported_transfer_coding(req.headers()) {
+            return Err(ProxyError::UnsupportedTransferCoding { coding });
+        }
     }
     if let Some(port) = ctx.redirect_to {
         if let Some(resp) = redirect_to_https(&req, port) {
@@ -601,6 +607,20 @@ fn admit(
     let permit = limits.acquire(&tenant.stats)?;
     limits.check_content_length(headers)?;
     Ok(permit)
+}
+
+/// A request transfer coding other than `chunked` (`Transfer-Encoding: gzip, chunked`):
+/// the HTTP/1.1 server undoes only the chunking, and the upstream would get the
+/// still-coded bytes with nothing saying so (RFC 9112 §6.1: answer 501). HTTP/2 has
+/// no `Transfer-Encoding`; its server refuses the header as malformed.
+fn unsupported_transfer_coding(headers: &http::HeaderMap) -> Option<Box<str>> {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| c.trim_ascii())
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"))
+        .map(|c| String::from_utf8_lossy(c).into())
 }
 
 /// The request head's size as the client sent it (request line and header lines), so

@@ -419,6 +419,17 @@ where
     })
     .await?;
     rbuf.advance(head.head_len);
+    // A chunked body already broken in what came with the head is a 502: nothing has
+    // reached the client yet, and the response is not recorded as the upstream's.
+    let mut chunked = Chunked::default();
+    let mut first = None;
+    if matches!(head.framing, Framing::Chunked) {
+        first = Some(
+            chunked
+                .decode(rbuf, &mut out)
+                .map_err(|_| Failure::Upstream(UpstreamFailure::Protocol))?,
+        );
+    }
     let Some(on_head) = on_head.take() else {
         return Err(Failure::Late);
     };
@@ -467,29 +478,29 @@ where
                 rbuf.advance(n);
             }
         }
-        Framing::Chunked => {
-            let mut chunked = Chunked::default();
-            loop {
-                let (used, payload) = chunked.decode(rbuf, &mut out).map_err(|_| Failure::Late)?;
-                rbuf.advance(used);
-                count(&mut finish, payload);
-                if chunked.is_done() {
-                    finish.take();
-                }
-                if !out.is_empty() {
-                    client.write_all(&out).await.map_err(|_| Failure::Late)?;
-                    out.clear();
-                }
-                if chunked.is_done() {
-                    break;
-                }
-                rbuf.reserve(STREAM_READ);
-                match up.read_buf(rbuf).await {
-                    Ok(0) | Err(_) => return Err(Failure::Late),
-                    Ok(_) => {}
-                }
+        Framing::Chunked => loop {
+            let (used, payload) = match first.take() {
+                Some(decoded) => decoded,
+                None => chunked.decode(rbuf, &mut out).map_err(|_| Failure::Late)?,
+            };
+            rbuf.advance(used);
+            count(&mut finish, payload);
+            if chunked.is_done() {
+                finish.take();
             }
-        }
+            if !out.is_empty() {
+                client.write_all(&out).await.map_err(|_| Failure::Late)?;
+                out.clear();
+            }
+            if chunked.is_done() {
+                break;
+            }
+            rbuf.reserve(STREAM_READ);
+            match up.read_buf(rbuf).await {
+                Ok(0) | Err(_) => return Err(Failure::Late),
+                Ok(_) => {}
+            }
+        },
         Framing::Close => {
             body_ok = false;
             loop {
