@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::ServerTlsConfig>,
     /// Where local-scope quota counters are kept across restarts; in memory when unset.
     pub state_dir: Option<Spanned<String>>,
+    /// A WebSocket tunnel with no bytes either way for this long is closed; 0 = never.
+    pub tunnel_idle_timeout: Dur,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +92,7 @@ impl Default for ServerConfig {
             redirect_http: false,
             tls: None,
             state_dir: None,
+            tunnel_idle_timeout: Dur(Duration::from_secs(3600)),
         }
     }
 }
@@ -418,6 +421,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
     pub max_header_bytes: u64,
+    /// `server.tunnel_idle_timeout`; `None` for "0s" (never).
+    pub tunnel_idle_timeout: Option<Duration>,
     pub log_format: LogFormat,
     /// `server.audit_log`, relative paths taken from the config file's directory.
     pub audit_log: Option<PathBuf>,
@@ -1038,6 +1043,7 @@ impl Validator<'_> {
             shutdown_grace: server.shutdown_grace.0,
             header_read_timeout: server.header_read_timeout.0,
             max_header_bytes: server.max_header_bytes.0,
+            tunnel_idle_timeout: Some(server.tunnel_idle_timeout.0).filter(|d| !d.is_zero()),
             log_format: server.log_format,
             audit_log: self.audit_log(path, server.audit_log.as_ref()),
             trusted_proxies,

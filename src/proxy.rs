@@ -4,13 +4,16 @@
 
 use std::convert::Infallible;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{AccessRecord, Finish, ProxyBody};
 use crate::config::TenantStatus;
@@ -305,12 +308,13 @@ async fn proxy<'s>(
         let upstream_side = hyper::upgrade::on(&mut resp);
         let permit = ex.permit.take();
         let tenant_id = tenant.id.clone();
+        let idle = snap.tunnel_idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::try_join!(client, upstream_side) {
                 Ok((c, u)) => {
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    if let Err(e) = splice(&mut c, &mut u, idle).await {
                         tracing::debug!(tenant = %tenant_id, error = %e, "websocket tunnel ended with an error");
                     }
                 }
@@ -341,6 +345,92 @@ async fn proxy<'s>(
         rparts,
         ProxyBody::upstream(rbody, lease),
     ))
+}
+
+/// Copies both ways until either side closes, or until no byte has moved either way
+/// for `idle` (noticed within a quarter of it): a peer that vanished without closing
+/// (a NAT that dropped the flow) would otherwise hold the tunnel, and the tenant's
+/// in-flight slot, for ever.
+async fn splice<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(idle) = idle else {
+        return tokio::io::copy_bidirectional(a, b).await.map(|_| ());
+    };
+    let moved = AtomicU64::new(0);
+    let (mut a, mut b) = (
+        Counted {
+            io: a,
+            moved: &moved,
+        },
+        Counted {
+            io: b,
+            moved: &moved,
+        },
+    );
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut since) = (0, Instant::now());
+    loop {
+        tokio::select! {
+            r = &mut copy => return r.map(|_| ()),
+            _ = tick.tick() => {
+                let now = moved.load(Ordering::Relaxed);
+                if now != seen {
+                    (seen, since) = (now, Instant::now());
+                } else if since.elapsed() >= idle {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no bytes either way for {idle:?} (server.tunnel_idle_timeout)"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// One side of a tunnel, counting the bytes read from it.
+struct Counted<'a, T> {
+    io: &'a mut T,
+    moved: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
 }
 
 /// A request that passed the checks that have no side effects: its tenant, the

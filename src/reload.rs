@@ -498,6 +498,10 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         "server.trusted_proxies",
     );
     setting(old.audit_log != new.audit_log, "server.audit_log");
+    setting(
+        old.tunnel_idle_timeout != new.tunnel_idle_timeout,
+        "server.tunnel_idle_timeout",
+    );
     c
 }
 

@@ -128,6 +128,8 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub tenancy: Tenancy,
     pub max_header_bytes: u64,
+    /// `server.tunnel_idle_timeout`: WebSocket tunnels idle this long are closed.
+    pub tunnel_idle_timeout: Option<Duration>,
     /// `server.access_log`: one line per request.
     pub access_log: bool,
     /// `server.metrics`: per-tenant request metrics are recorded.
@@ -379,6 +381,7 @@ impl Snapshot {
                 },
             },
             max_header_bytes: config.max_header_bytes,
+            tunnel_idle_timeout: config.tunnel_idle_timeout,
             access_log: config.access_log,
             metrics: config.metrics,
             trusted_proxies: config.trusted_proxies.clone(),

@@ -183,6 +183,58 @@ upstream = "ws"
     ws.close(None).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_tunnel_is_closed_and_frees_its_slot() {
+    let (ws_addr, _) = ws_echo().await;
+    let gw = Gateway::start(&format!(
+        r#"
+[server]
+tunnel_idle_timeout = "1s"
+[upstreams.ws]
+targets = ["{ws_addr}"]
+[tenants.chat]
+hosts = ["chat.test"]
+upstream = "ws"
+[tenants.chat.limits]
+max_in_flight = 1
+"#
+    ));
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        ws_request(&format!("ws://{}/socket", gw.addr), "chat.test"),
+        tcp,
+    )
+    .await
+    .expect("the gateway upgrades the connection");
+    // Busy for 2.5 times the timeout: a message every 100 ms keeps it open.
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_millis(2500) {
+        round_trips(&mut ws, 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_error(
+        &get(gw.addr, "/", &[("host", "chat.test")]).await,
+        503,
+        "too_many_in_flight",
+    );
+    // Then quiet: the gateway closes both sides and the slot is free again.
+    let idle = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the idle tunnel was not closed within 10 s");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_)))),
+        "no message was sent: {end:?}"
+    );
+    assert!(
+        idle.elapsed() >= Duration::from_secs(1),
+        "closed after {:?}, before the timeout",
+        idle.elapsed()
+    );
+    let r = get(gw.addr, "/", &[("host", "chat.test")]).await;
+    assert_ne!(r.status, 503, "the tunnel's slot is free");
+}
+
 // ---- acceptance 7: gRPC-style HTTP/2 with trailers ----
 
 type GrpcBody =
