@@ -75,13 +75,13 @@ fn ws_request(url: &str, host: &str) -> http::Request<()> {
     req
 }
 
-// ---- acceptance 6: WebSocket over the plain and the TLS listener ----
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_round_trips_a_thousand_messages_and_holds_an_in_flight_slot() {
-    let (ws_addr, seen) = ws_echo().await;
-    let gw = Gateway::start(&format!(
+/// A gateway whose one tenant, `chat.test`, goes to the WebSocket server at `ws_addr`
+/// with one request in flight at most; `server` is put in `[server]`.
+fn chat_gateway(ws_addr: SocketAddr, server: &str) -> Gateway {
+    Gateway::start(&format!(
         r#"
+[server]
+{server}
 [upstreams.ws]
 targets = ["{ws_addr}"]
 [tenants.chat]
@@ -90,14 +90,32 @@ upstream = "ws"
 [tenants.chat.limits]
 max_in_flight = 1
 "#
-    ));
+    ))
+}
+
+/// A WebSocket to `chat.test` through the gateway's plain listener.
+async fn connect_ws(
+    gw: &Gateway,
+) -> (
+    tokio_tungstenite::WebSocketStream<TcpStream>,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(
+    tokio_tungstenite::client_async(
         ws_request(&format!("ws://{}/socket", gw.addr), "chat.test"),
         tcp,
     )
     .await
-    .expect("the gateway upgrades the connection");
+    .expect("the gateway upgrades the connection")
+}
+
+// ---- acceptance 6: WebSocket over the plain and the TLS listener ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_round_trips_a_thousand_messages_and_holds_an_in_flight_slot() {
+    let (ws_addr, seen) = ws_echo().await;
+    let gw = chat_gateway(ws_addr, "");
+    let (mut ws, resp) = connect_ws(&gw).await;
     assert_eq!(resp.status(), 101);
     assert!(resp.headers().contains_key("x-request-id"));
     round_trips(&mut ws, 1000).await;
@@ -186,26 +204,8 @@ upstream = "ws"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_websocket_tunnel_is_closed_and_frees_its_slot() {
     let (ws_addr, _) = ws_echo().await;
-    let gw = Gateway::start(&format!(
-        r#"
-[server]
-tunnel_idle_timeout = "1s"
-[upstreams.ws]
-targets = ["{ws_addr}"]
-[tenants.chat]
-hosts = ["chat.test"]
-upstream = "ws"
-[tenants.chat.limits]
-max_in_flight = 1
-"#
-    ));
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        ws_request(&format!("ws://{}/socket", gw.addr), "chat.test"),
-        tcp,
-    )
-    .await
-    .expect("the gateway upgrades the connection");
+    let gw = chat_gateway(ws_addr, "tunnel_idle_timeout = \"1s\"");
+    let (mut ws, _) = connect_ws(&gw).await;
     // Busy for 2.5 times the timeout: a message every 100 ms keeps it open.
     let busy = Instant::now();
     while busy.elapsed() < Duration::from_millis(2500) {
