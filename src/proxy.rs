@@ -710,7 +710,8 @@ fn unsupported_transfer_coding(headers: &http::HeaderMap) -> Option<Box<str>> {
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(|c| c.trim_ascii())
         .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked"))
-        .map(|c| String::from_utf8_lossy(c).into())
+        // Named in the error message: no more of the client's bytes than a name needs.
+        .map(|c| String::from_utf8_lossy(&c[..c.len().min(64)]).into())
 }
 
 /// The request head's size as the client sent it (request line and header lines), so
