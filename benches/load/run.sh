@@ -5,7 +5,8 @@
 # proxy runs in turn on the other core with one worker. Every measurement is
 # repeated REPEAT times, repeats interleaved across proxies, and the medians
 # are printed as one table of req/s, p50, p99 and Bulkhead/peer ratios, plus
-# the direct-to-backend ceiling. See benches/load/README.md.
+# the direct-to-backend ceiling and (HTTP/1.1) the l4 reference: HAProxy in mode
+# tcp, a forwarder doing no HTTP work. See benches/load/README.md.
 #
 #   benches/load/run.sh                                   # everything, ~15 min
 #   DURATION=2s REPEAT=1 SCENARIOS=a PROXIES="nginx haproxy" benches/load/run.sh
