@@ -273,11 +273,9 @@ async fn proxy<'s>(
         snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
-    if websocket.is_none()
-        && crate::h1::enabled()
-        && crate::h1::plain_h1(upstream)
-        && crate::h1::fits(&parts)
-    {
+    // Every method goes this way (`CONNECT` was refused above); upgrades go through
+    // hyper's client, which hands over the upgraded connection.
+    if websocket.is_none() && crate::h1::enabled() && crate::h1::plain_h1(upstream) {
         // The fast path's exchange, over its pool of raw sockets.
         return crate::h1::fetch(
             &ctx.client,

@@ -27,12 +27,6 @@ use crate::error::{ProxyError, UpstreamFailure};
 use crate::limits::{RequestBody, RequestBodyError};
 use crate::upstream::UpstreamClient;
 
-/// Whether a request can go this way: anything but `CONNECT` (and upgrades, which
-/// the caller checks).
-pub fn fits(parts: &http::request::Parts) -> bool {
-    parts.method != http::Method::CONNECT
-}
-
 /// Request body bytes the client has already sent are written with the head, in one
 /// write, up to this much.
 const EARLY_BODY: usize = 64 * 1024;

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 
 pub use exchange::Pool;
 use exchange::{Done, Outgoing, RequestCounters};
-pub use fetch::{fetch, fits, UpstreamBody};
+pub use fetch::{fetch, UpstreamBody};
 pub use park::{Conn, ToHyper, Worker};
 use wire::{Extra, Head, Parsed};
 
