@@ -1,9 +1,12 @@
-//! Per-tenant limits: rate and burst (GCRA through `governor`), an optional rate per
-//! client IP inside the tenant, in-flight caps, and the request body cap.
+//! Per-tenant limits: rate and burst (GCRA), an optional rate per client IP inside the
+//! tenant (`governor`'s keyed limiter), in-flight caps, and the request body cap.
 //!
 //! The state that must outlive a reload (a tenant's bucket, its per-client buckets,
 //! its in-flight count) sits behind `Arc`s that [`TenantLimits::build`] takes over
-//! from the previous snapshot whenever the limit itself is unchanged.
+//! from the previous snapshot whenever the limit itself is unchanged. The tenant's own
+//! bucket is one word in its `TenantStats`, on the cache line every request writes
+//! anyway: `governor`'s direct limiter was an allocation of its own, two more lines
+//! to fetch per request when many tenants take turns (BENCHMARKS.md, goal 2).
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -17,10 +20,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use governor::clock::Reference as _;
 use governor::clock::{Clock, DefaultClock};
-use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
-use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
@@ -32,7 +35,6 @@ use crate::error::ProxyError;
 use crate::headers::X_FORWARDED_FOR;
 use crate::metrics::TenantStats;
 
-type TenantBucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 type ClientBuckets =
     RateLimiter<IpAddr, DashMapStateStore<IpAddr>, DefaultClock, StateInformationMiddleware>;
 
@@ -41,6 +43,67 @@ type ClientBuckets =
 fn clock() -> DefaultClock {
     static CLOCK: std::sync::OnceLock<DefaultClock> = std::sync::OnceLock::new();
     CLOCK.get_or_init(DefaultClock::default).clone()
+}
+
+/// Nanoseconds since the first call, on the limiters' clock; never 0 after it (0 is a
+/// fresh bucket's state).
+fn now_nanos() -> u64 {
+    static ORIGIN: std::sync::OnceLock<(DefaultClock, <DefaultClock as Clock>::Instant)> =
+        std::sync::OnceLock::new();
+    let (clock, origin) = ORIGIN.get_or_init(|| {
+        let c = clock();
+        let origin = c.now();
+        (c, origin)
+    });
+    let since: Duration = clock.now().duration_since(*origin).into();
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX) | 1
+}
+
+/// A tenant's bucket: the generic cell rate algorithm as `governor` runs it, with its
+/// state (the theoretical arrival time, in [`now_nanos`]) in the tenant's
+/// `TenantStats`, slot `slot`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Bucket {
+    /// Nanoseconds per request.
+    t: u64,
+    /// How far ahead of now the arrival time may run: `t` × (burst − 1).
+    tau: u64,
+    slot: usize,
+}
+
+impl Bucket {
+    fn new(r: &Rate, slot: usize) -> Bucket {
+        let t = u64::try_from(Duration::from_secs_f64(1.0 / r.per_second).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        Bucket {
+            t,
+            tau: t.saturating_mul(u64::from(r.burst - 1)),
+            slot,
+        }
+    }
+
+    /// Takes one request: the requests left in the burst, or how long until one is.
+    fn take(&self, state: &AtomicU64) -> Result<u32, Duration> {
+        let now = now_nanos();
+        let mut seen = state.load(Ordering::Acquire);
+        loop {
+            let tat = if seen == 0 { now } else { seen };
+            let earliest = tat.saturating_sub(self.tau);
+            if now < earliest {
+                return Err(Duration::from_nanos(earliest - now));
+            }
+            let next = tat.max(now).saturating_add(self.t);
+            match state.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    let full = self.tau.saturating_add(self.t);
+                    let left = now.saturating_add(full).saturating_sub(next).min(full);
+                    return Ok(u32::try_from(left / self.t).unwrap_or(u32::MAX));
+                }
+                Err(actual) => seen = actual,
+            }
+        }
+    }
 }
 
 /// A configured rate: requests per second and burst.
@@ -95,7 +158,7 @@ impl Drop for Permit {
 
 /// One tenant's limits and limiter state.
 pub struct TenantLimits {
-    rate: Option<(Rate, Arc<TenantBucket>)>,
+    rate: Option<(Rate, Bucket)>,
     client_rate: Option<(Rate, Arc<ClientBuckets>)>,
     pub max_in_flight: Option<u64>,
     pub max_body: Option<u64>,
@@ -129,19 +192,24 @@ impl TenantLimits {
     /// Builds a tenant's limits, taking over the buckets and the in-flight count of
     /// `previous` (the same tenant in the snapshot being replaced) where the limit is
     /// unchanged. The in-flight count always carries over: it counts requests that
-    /// are still running.
-    pub fn build(limits: &Limits, previous: Option<&TenantLimits>) -> TenantLimits {
+    /// are still running. `stats` are the tenant's (carried over for as long as it
+    /// exists): its bucket is there, in the slot `previous` used when the rate is the
+    /// same, else emptied in the other one — which no snapshot serving now reads, so
+    /// a build that is then thrown away changes nothing.
+    pub fn build(
+        limits: &Limits,
+        previous: Option<&TenantLimits>,
+        stats: &TenantStats,
+    ) -> TenantLimits {
         let rate = Rate::new(limits.requests_per_second, limits.burst).map(|r| {
-            let bucket = previous
-                .and_then(|p| p.rate.as_ref())
-                .filter(|(old, _)| *old == r)
-                .map(|(_, b)| b.clone())
-                .unwrap_or_else(|| {
-                    Arc::new(
-                        RateLimiter::direct_with_clock(r.quota(), clock())
-                            .with_middleware::<StateInformationMiddleware>(),
-                    )
-                });
+            let bucket = match previous.and_then(|p| p.rate) {
+                Some((old, b)) if old == r => b,
+                before => {
+                    let slot = before.map_or(0, |(_, b)| b.slot ^ 1);
+                    stats.bucket(slot).store(0, Ordering::Release);
+                    Bucket::new(&r, slot)
+                }
+            };
             (r, bucket)
         });
         let client_rate = Rate::new(
@@ -192,7 +260,11 @@ impl TenantLimits {
 
     /// Takes one request from the client's bucket (when per-client limits are set),
     /// then from the tenant's.
-    pub fn check_rate(&self, client: Option<IpAddr>) -> Result<RateState, ProxyError> {
+    pub fn check_rate(
+        &self,
+        stats: &TenantStats,
+        client: Option<IpAddr>,
+    ) -> Result<RateState, ProxyError> {
         let mut state = RateState {
             tenant: None,
             client: None,
@@ -227,12 +299,9 @@ impl TenantLimits {
                     crate::quota::Lease::Stale => {}
                 }
             }
-            match bucket.check() {
-                Ok(s) => state.tenant = Some((*rate, remaining(&s))),
-                Err(not_until) => {
-                    let wait = not_until.wait_time_from(bucket.clock().now());
-                    return Err(self.rate_limited(wait, "tenant", rate));
-                }
+            match bucket.take(stats.bucket(bucket.slot)) {
+                Ok(left) => state.tenant = Some((*rate, left)),
+                Err(wait) => return Err(self.rate_limited(wait, "tenant", rate)),
             }
         }
         Ok(state)
@@ -287,18 +356,14 @@ impl TenantLimits {
         self.client_rate.as_ref().map_or(0, |(_, b)| b.len())
     }
 
-    /// Whether this tenant's bucket is the very same object as `other`'s (for tests of
-    /// reload carry-over).
+    /// Whether this tenant's bucket is the very one `other` uses (for tests of reload
+    /// carry-over; both built with the same stats).
     pub fn shares_bucket_with(&self, other: &TenantLimits) -> bool {
         match (&self.rate, &other.rate) {
-            (Some((_, a)), Some((_, b))) => Arc::ptr_eq(a, b),
+            (Some((_, a)), Some((_, b))) => a.slot == b.slot,
             _ => false,
         }
     }
-}
-
-fn remaining(s: &StateSnapshot) -> u32 {
-    s.remaining_burst_capacity()
 }
 
 impl RateState {
@@ -505,11 +570,12 @@ mod tests {
 
     #[test]
     fn burst_then_refused_with_retry_after() {
-        let l = TenantLimits::build(&limits(1.0, 3), None);
+        let stats = TenantStats::default();
+        let l = TenantLimits::build(&limits(1.0, 3), None, &stats);
         for _ in 0..3 {
-            assert!(l.check_rate(None).is_ok());
+            assert!(l.check_rate(&stats, None).is_ok());
         }
-        match l.check_rate(None) {
+        match l.check_rate(&stats, None) {
             Err(ProxyError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 1),
             other => panic!("{:?}", other.map(|_| ())),
         }
@@ -518,9 +584,10 @@ mod tests {
 
     #[test]
     fn retry_after_follows_the_rate() {
-        let l = TenantLimits::build(&limits(0.1, 1), None);
-        assert!(l.check_rate(None).is_ok());
-        match l.check_rate(None) {
+        let stats = TenantStats::default();
+        let l = TenantLimits::build(&limits(0.1, 1), None, &stats);
+        assert!(l.check_rate(&stats, None).is_ok());
+        match l.check_rate(&stats, None) {
             Err(ProxyError::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 10),
             other => panic!("{:?}", other.map(|_| ())),
         }
@@ -528,33 +595,63 @@ mod tests {
 
     #[test]
     fn unchanged_limits_keep_their_bucket() {
-        let a = TenantLimits::build(&limits(1.0, 2), None);
-        let _ = a.check_rate(None);
-        let _ = a.check_rate(None);
-        let b = TenantLimits::build(&limits(1.0, 2), Some(&a));
+        let stats = TenantStats::default();
+        let a = TenantLimits::build(&limits(1.0, 2), None, &stats);
+        let _ = a.check_rate(&stats, None);
+        let _ = a.check_rate(&stats, None);
+        let b = TenantLimits::build(&limits(1.0, 2), Some(&a), &stats);
         assert!(b.shares_bucket_with(&a));
         assert!(
-            b.check_rate(None).is_err(),
+            b.check_rate(&stats, None).is_err(),
             "a drained bucket stays drained"
         );
-        let c = TenantLimits::build(&limits(1.0, 5), Some(&b));
+        let c = TenantLimits::build(&limits(1.0, 5), Some(&b), &stats);
         assert!(!c.shares_bucket_with(&b));
         assert!(
-            c.check_rate(None).is_ok(),
-            "a changed limit applies at once"
+            b.check_rate(&stats, None).is_err(),
+            "building the new limit leaves the serving snapshot's bucket alone"
+        );
+        for _ in 0..5 {
+            assert!(
+                c.check_rate(&stats, None).is_ok(),
+                "a changed limit applies at once, with a full burst"
+            );
+        }
+        assert!(c.check_rate(&stats, None).is_err());
+        let d = TenantLimits::build(&limits(1.0, 2), Some(&c), &stats);
+        assert!(!d.shares_bucket_with(&c));
+        assert!(
+            d.check_rate(&stats, None).is_ok(),
+            "changed back: a fresh bucket again, not the one drained before"
         );
     }
 
     #[test]
+    fn the_bucket_refills_at_the_rate() {
+        let stats = TenantStats::default();
+        let l = TenantLimits::build(&limits(10.0, 2), None, &stats);
+        assert!(l.check_rate(&stats, None).is_ok());
+        assert!(l.check_rate(&stats, None).is_ok());
+        assert!(l.check_rate(&stats, None).is_err());
+        // 100 ms per request: after 250 ms, two are back (the burst), not more.
+        std::thread::sleep(Duration::from_millis(250));
+        let s = l.check_rate(&stats, None).unwrap();
+        assert_eq!(s.tenant.map(|(_, left)| left), Some(1));
+        assert!(l.check_rate(&stats, None).is_ok());
+        assert!(l.check_rate(&stats, None).is_err());
+    }
+
+    #[test]
     fn in_flight_permits_are_returned() {
+        let stats = Arc::new(TenantStats::default());
         let l = TenantLimits::build(
             &Limits {
                 max_in_flight: Some(2),
                 ..Limits::default()
             },
             None,
+            &stats,
         );
-        let stats = Arc::new(TenantStats::default());
         let p1 = l.acquire(&stats).unwrap();
         let p2 = l.acquire(&stats).unwrap();
         assert!(matches!(
@@ -590,8 +687,9 @@ mod tests {
 
     #[test]
     fn ratelimit_header() {
-        let l = TenantLimits::build(&limits(10.0, 5), None);
-        let s = l.check_rate(None).unwrap();
+        let stats = TenantStats::default();
+        let l = TenantLimits::build(&limits(10.0, 5), None, &stats);
+        let s = l.check_rate(&stats, None).unwrap();
         assert_eq!(s.header().unwrap(), "\"tenant\";r=4;t=1");
     }
 }

@@ -37,21 +37,29 @@ const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "reset", "protocol"];
 
 /// Everything counted for one tenant. Survives reloads for as long as the tenant does.
 ///
-/// Laid out by hand (see [`crate::snapshot::Tenant`]): what a proxied request counts —
-/// in flight, the latency sum, the bytes, a latency bucket under 10 ms, a 200 — first,
-/// right after the `Arc`'s reference counts (which every request also changes): three
-/// lines; the counters of refusals and rare statuses after them. Not aligned to a line,
-/// which would put the reference counts on a line of their own.
+/// Laid out by hand (see [`crate::snapshot::Tenant`]): with many tenants in rotation a
+/// request finds its tenant's counters cold in the cache, so what a proxied request
+/// writes sits on two lines. The first holds the `Arc`'s reference counts (every request
+/// changes them), the count in flight, the rate-limit bucket, the latency sum, the
+/// response bytes and the count of 200s; the status counters continue from there, and
+/// the latency buckets come after them, the first three (up to 2.5 ms) on one line.
+/// Not aligned to a line, which would put the reference counts on a line of their own;
+/// mimalloc's size class for it is a whole number of lines, so it starts on one.
 #[derive(Debug)]
 #[repr(C)]
 pub struct TenantStats {
     /// Requests of the tenant being served now (`limits::Permit`).
     in_flight: AtomicU64,
+    /// The tenant's rate-limit bucket: the theoretical arrival time of its GCRA, in two
+    /// slots so that a reload that changes the limit starts a fresh bucket in the slot
+    /// the serving snapshot does not use (`limits::TenantLimits::build`).
+    buckets: [AtomicU64; 2],
     latency_sum_nanos: AtomicU64,
-    request_bytes: AtomicU64,
     response_bytes: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// By `COMMON_STATUS`, 200 first.
     status: [AtomicU64; COMMON_STATUS.len()],
+    request_bytes: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     rejected: [AtomicU64; ProxyError::REASONS.len()],
     other_status: Mutex<Vec<(u16, u64)>>,
     /// (upstream, counts by kind). Errors are rare: a lock is fine here.
@@ -62,6 +70,7 @@ impl Default for TenantStats {
     fn default() -> Self {
         TenantStats {
             in_flight: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             status: std::array::from_fn(|_| AtomicU64::new(0)),
             other_status: Mutex::new(Vec::new()),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -75,6 +84,11 @@ impl Default for TenantStats {
 }
 
 impl TenantStats {
+    /// The state of the tenant's rate-limit bucket in `slot` (0 or 1).
+    pub(crate) fn bucket(&self, slot: usize) -> &AtomicU64 {
+        &self.buckets[slot & 1]
+    }
+
     /// Requests of the tenant being served now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)

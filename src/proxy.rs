@@ -690,7 +690,7 @@ fn admit(
     let client = limits
         .has_client_rate()
         .then(|| limits::client_ip(ctx.peer, headers, &snap.trusted_proxies));
-    let rate = limits.check_rate(client)?;
+    let rate = limits.check_rate(&tenant.stats, client)?;
     ex.rate_limit = rate.header();
     let permit = limits.acquire(&tenant.stats)?;
     limits.check_content_length(headers)?;

@@ -322,7 +322,8 @@ impl Snapshot {
                 api_keys.insert(*d, idx);
             }
             let before = previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| p.tenant(i)));
-            let limits = TenantLimits::build(&t.limits, before.map(|b| &b.limits));
+            let stats: Arc<TenantStats> = before.map(|b| b.stats.clone()).unwrap_or_default();
+            let limits = TenantLimits::build(&t.limits, before.map(|b| &b.limits), &stats);
             if before.is_none() {
                 quotas.restore(&t.id, &limits.usage);
             }
@@ -339,7 +340,7 @@ impl Snapshot {
                     || t.limits.requests_per_month.is_some(),
                 configured_limits: t.limits,
                 limits,
-                stats: before.map(|b| b.stats.clone()).unwrap_or_default(),
+                stats,
                 require_api_key: t.require.contains(&crate::config::CredentialKind::ApiKey),
                 require_jwt: t.require.contains(&crate::config::CredentialKind::Jwt),
                 jwt: t

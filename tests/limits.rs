@@ -375,7 +375,7 @@ per_client_burst = 2
         let t = snap.tenant(snap.tenant_by_id("t").unwrap());
         for i in 0..100_000u32 {
             let ip = IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-            assert!(t.limits.check_rate(Some(ip)).is_ok());
+            assert!(t.limits.check_rate(&t.stats, Some(ip)).is_ok());
             if i % 1000 == 999 {
                 most = most.max(t.limits.client_keys());
             }
