@@ -59,7 +59,10 @@ fn admission(c: &mut Criterion) {
     let t = snap.tenant(0);
     c.bench_function("admit/rate_and_in_flight", |b| {
         b.iter(|| {
-            let rate = t.limits.check_rate(&t.stats, None).expect("far below the limit");
+            let rate = t
+                .limits
+                .check_rate(&t.stats, None)
+                .expect("far below the limit");
             let permit = t.limits.acquire(&t.stats).expect("far below the cap");
             black_box((rate.header(), permit));
         })

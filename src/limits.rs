@@ -12,7 +12,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,25 +61,38 @@ fn now_nanos() -> u64 {
 
 /// A tenant's bucket: the generic cell rate algorithm as `governor` runs it, with its
 /// state (the theoretical arrival time, in [`now_nanos`]) in the tenant's
-/// `TenantStats`, slot `slot`.
+/// `TenantStats`, slot `slot`. 32 bytes, and `Option<Bucket>` no more: it sits on the
+/// tenant's second cache line (`snapshot::Tenant`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Bucket {
     /// Nanoseconds per request.
-    t: u64,
+    t: NonZeroU64,
     /// How far ahead of now the arrival time may run: `t` × (burst − 1).
     tau: u64,
-    slot: usize,
+    /// The rate as configured (`Rate`), for headers and errors.
+    per_second: f64,
+    burst: u32,
+    slot: u8,
 }
 
 impl Bucket {
-    fn new(r: &Rate, slot: usize) -> Bucket {
+    fn new(r: &Rate, slot: u8) -> Bucket {
         let t = u64::try_from(Duration::from_secs_f64(1.0 / r.per_second).as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+            .unwrap_or(u64::MAX);
+        let t = NonZeroU64::new(t).unwrap_or(NonZeroU64::MIN);
         Bucket {
             t,
-            tau: t.saturating_mul(u64::from(r.burst - 1)),
+            tau: t.get().saturating_mul(u64::from(r.burst - 1)),
+            per_second: r.per_second,
+            burst: r.burst,
             slot,
+        }
+    }
+
+    fn rate(&self) -> Rate {
+        Rate {
+            per_second: self.per_second,
+            burst: self.burst,
         }
     }
 
@@ -93,12 +106,13 @@ impl Bucket {
             if now < earliest {
                 return Err(Duration::from_nanos(earliest - now));
             }
-            let next = tat.max(now).saturating_add(self.t);
+            let t = self.t.get();
+            let next = tat.max(now).saturating_add(t);
             match state.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    let full = self.tau.saturating_add(self.t);
+                    let full = self.tau.saturating_add(t);
                     let left = now.saturating_add(full).saturating_sub(next).min(full);
-                    return Ok(u32::try_from(left / self.t).unwrap_or(u32::MAX));
+                    return Ok(u32::try_from(left / t).unwrap_or(u32::MAX));
                 }
                 Err(actual) => seen = actual,
             }
@@ -156,25 +170,30 @@ impl Drop for Permit {
     }
 }
 
-/// One tenant's limits and limiter state.
+/// One tenant's limits and limiter state. In the order a request reads them, for
+/// `snapshot::Tenant`'s layout: the bucket ends the tenant's second cache line, the
+/// rest of what a request reads fills the third.
+#[repr(C)]
 pub struct TenantLimits {
-    rate: Option<(Rate, Bucket)>,
-    client_rate: Option<(Rate, Arc<ClientBuckets>)>,
+    rate: Option<Bucket>,
     pub max_in_flight: Option<u64>,
     pub max_body: Option<u64>,
-    /// `RateLimit-Policy`, built once; `None` when the tenant has no rate limit.
-    pub policy: Option<HeaderValue>,
+    /// Boxed: a pointer on the hot line, for a limit few tenants set.
+    client_rate: Option<Box<(Rate, Arc<ClientBuckets>)>>,
+    /// Quota counters and cluster leases; always carried over (see `quota.rs`).
+    pub usage: Arc<crate::quota::Usage>,
     /// `limits.scope` and `limits.on_store_failure` (issue #9).
     pub scope: Scope,
     pub on_store_failure: OnStoreFailure,
-    /// Quota counters and cluster leases; always carried over (see `quota.rs`).
-    pub usage: Arc<crate::quota::Usage>,
+    /// `RateLimit-Policy`, built once; `None` when the tenant has no rate limit. The
+    /// HTTP/1.1 fast path writes `snapshot::Tenant::policy_line` instead.
+    pub policy: Option<HeaderValue>,
 }
 
 impl fmt::Debug for TenantLimits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TenantLimits")
-            .field("rate", &self.rate.as_ref().map(|r| r.0))
+            .field("rate", &self.rate.as_ref().map(Bucket::rate))
             .field("client_rate", &self.client_rate.as_ref().map(|r| r.0))
             .field("max_in_flight", &self.max_in_flight)
             .field("max_body", &self.max_body)
@@ -202,15 +221,14 @@ impl TenantLimits {
         stats: &TenantStats,
     ) -> TenantLimits {
         let rate = Rate::new(limits.requests_per_second, limits.burst).map(|r| {
-            let bucket = match previous.and_then(|p| p.rate) {
-                Some((old, b)) if old == r => b,
+            match previous.and_then(|p| p.rate) {
+                Some(b) if b.rate() == r => b,
                 before => {
-                    let slot = before.map_or(0, |(_, b)| b.slot ^ 1);
-                    stats.bucket(slot).store(0, Ordering::Release);
+                    let slot = before.map_or(0, |b| b.slot ^ 1);
+                    stats.bucket(usize::from(slot)).store(0, Ordering::Release);
                     Bucket::new(&r, slot)
                 }
-            };
-            (r, bucket)
+            }
         });
         let client_rate = Rate::new(
             limits.per_client_requests_per_second,
@@ -218,7 +236,7 @@ impl TenantLimits {
         )
         .map(|r| {
             let buckets = previous
-                .and_then(|p| p.client_rate.as_ref())
+                .and_then(|p| p.client_rate.as_deref())
                 .filter(|(old, _)| *old == r)
                 .map(|(_, b)| b.clone())
                 .unwrap_or_else(|| {
@@ -227,11 +245,11 @@ impl TenantLimits {
                             .with_middleware::<StateInformationMiddleware>(),
                     )
                 });
-            (r, buckets)
+            Box::new((r, buckets))
         });
         let mut policy = Vec::new();
         for (name, r) in [
-            ("tenant", rate.as_ref().map(|r| r.0)),
+            ("tenant", rate.as_ref().map(Bucket::rate)),
             ("client", client_rate.as_ref().map(|r| r.0)),
         ] {
             if let Some(r) = r {
@@ -269,7 +287,7 @@ impl TenantLimits {
             tenant: None,
             client: None,
         };
-        if let (Some((rate, buckets)), Some(ip)) = (&self.client_rate, client) {
+        if let (Some((rate, buckets)), Some(ip)) = (self.client_rate.as_deref(), client) {
             match buckets.check_key(&ip) {
                 Ok(s) => state.client = Some((*rate, s.remaining_burst_capacity())),
                 Err(not_until) => {
@@ -278,7 +296,8 @@ impl TenantLimits {
                 }
             }
         }
-        if let Some((rate, bucket)) = &self.rate {
+        if let Some(bucket) = &self.rate {
+            let rate = &bucket.rate();
             // Cluster scope: a token of the fleet's bucket, leased to this instance;
             // this instance's own bucket only while the store is unavailable ("open").
             if self.scope == Scope::Cluster {
@@ -299,7 +318,7 @@ impl TenantLimits {
                     crate::quota::Lease::Stale => {}
                 }
             }
-            match bucket.take(stats.bucket(bucket.slot)) {
+            match bucket.take(stats.bucket(usize::from(bucket.slot))) {
                 Ok(left) => state.tenant = Some((*rate, left)),
                 Err(wait) => return Err(self.rate_limited(wait, "tenant", rate)),
             }
@@ -341,7 +360,7 @@ impl TenantLimits {
 
     /// Drops per-client buckets that are full again (indistinguishable from new).
     pub fn prune(&self) -> usize {
-        match &self.client_rate {
+        match self.client_rate.as_deref() {
             Some((_, buckets)) => {
                 buckets.retain_recent();
                 buckets.shrink_to_fit();
@@ -353,14 +372,14 @@ impl TenantLimits {
 
     /// Number of per-client buckets held now.
     pub fn client_keys(&self) -> usize {
-        self.client_rate.as_ref().map_or(0, |(_, b)| b.len())
+        self.client_rate.as_deref().map_or(0, |(_, b)| b.len())
     }
 
     /// Whether this tenant's bucket is the very one `other` uses (for tests of reload
     /// carry-over; both built with the same stats).
     pub fn shares_bucket_with(&self, other: &TenantLimits) -> bool {
         match (&self.rate, &other.rate) {
-            (Some((_, a)), Some((_, b))) => a.slot == b.slot,
+            (Some(a), Some(b)) => a.slot == b.slot,
             _ => false,
         }
     }

@@ -157,6 +157,11 @@ impl<'s> Exchange<'s> {
         self.tenant.and_then(|t| t.limits.policy.as_ref())
     }
 
+    /// `RateLimit-Policy` as an HTTP/1.1 header line, for tenants with a rate limit.
+    pub(crate) fn policy_line(&self) -> Option<&'s [u8]> {
+        self.tenant.and_then(|t| t.policy_line())
+    }
+
     /// Records the response in the tenant's metrics and gathers what must happen when
     /// its body is over (the in-flight slot, the bytes sent, the access-log line).
     #[allow(clippy::too_many_arguments)]

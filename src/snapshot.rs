@@ -49,14 +49,16 @@ pub struct Route {
 
 /// One tenant of a snapshot.
 ///
-/// Laid out by hand, the fields every request reads first: with many tenants in
-/// rotation each request finds its tenant's lines cold in the cache, and the default
-/// layout spread what one request reads over 7 of the struct's 10 lines (`id_value` at
-/// byte 480, `stats` at 584, `limits` from 136). Hot first, aligned to a line: 5.
+/// Laid out by hand: with many tenants in rotation each request finds its tenant's
+/// lines cold in the cache (goal 2 of the load benchmark, BENCHMARKS.md). What a
+/// proxied request reads fills the first three lines — flags and pointers, then the
+/// timeout, the pre-rendered header lines and the rate bucket, then the rest of the
+/// limits — and the header lines it writes are one more, `wire`. The header values
+/// the other paths insert into maps, the id and the rest come after.
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub struct Tenant {
-    // ---- read by every request ----
+    // ---- line 0 ----
     pub status: TenantStatus,
     /// `require = ["api_key"]`: a request must present a valid key of this tenant.
     pub require_api_key: bool,
@@ -64,24 +66,35 @@ pub struct Tenant {
     pub require_jwt: bool,
     /// `requests_per_day` or `requests_per_month` is set.
     pub has_quota: bool,
+    /// Lengths of the request lines and the response line in `wire`; `u16::MAX`: the
+    /// request lines did not fit (then written from `id_value` and `features`).
+    wire_request: u16,
+    wire_response: u16,
     pub upstream: Arc<Upstream>,
-    /// Metric counters; carried over across reloads for as long as the tenant exists.
+    /// Metric counters and the rate bucket; carried over across reloads for as long as
+    /// the tenant exists.
     pub stats: Arc<TenantStats>,
-    pub request_timeout: Duration,
-    /// Longest prefix first.
-    pub routes: Vec<Route>,
-    /// The id as a header value, for `forward_header`.
-    pub id_value: HeaderValue,
-    /// Verified claims copied into request headers: (claim, header).
-    pub forward_claims: Vec<(Box<str>, HeaderName)>,
-    /// `x-tenant-features`, comma-separated; `None` when the tenant has none.
-    pub features: Option<HeaderValue>,
-    /// The limiter state; carried over across reloads where the limit is unchanged.
-    pub limits: TenantLimits,
     /// The tenant's own certificate and/or client verification, for handshakes whose
     /// SNI names one of its hosts.
-    pub tls: Option<crate::tls::ServerSide>,
+    pub tls: Option<Box<crate::tls::ServerSide>>,
+    /// Longest prefix first.
+    pub routes: Box<[Route]>,
+    /// Verified claims copied into request headers: (claim, header).
+    pub forward_claims: Box<[(Box<str>, HeaderName)]>,
+    // ---- line 1 ----
+    pub request_timeout: Duration,
+    /// The gateway's header lines for this tenant as HTTP/1.1 writes them: to the
+    /// upstream `forward_header: <id>` and `x-tenant-features`, to the client
+    /// `ratelimit-policy`. One allocation padded to whole cache lines (mimalloc's size
+    /// classes for those start on a line): one line to fetch, not one per value.
+    wire: Box<[u8]>,
+    /// The limiter state and limits; the bucket ends this line, the rest is line 2.
+    pub limits: TenantLimits,
     // ---- read by some requests ----
+    /// The id as a header value, for `forward_header`.
+    pub id_value: HeaderValue,
+    /// `x-tenant-features`, comma-separated; `None` when the tenant has none.
+    pub features: Option<HeaderValue>,
     pub id: Arc<str>,
     /// The limits as configured (defaults merged in).
     pub configured_limits: Limits,
@@ -90,6 +103,25 @@ pub struct Tenant {
 }
 
 impl Tenant {
+    /// `forward_header: <id>` and `x-tenant-features: …` as HTTP/1.1 header lines, for
+    /// the snapshot's `forward_header`; `None` when they were too long to pre-render.
+    pub fn request_lines(&self) -> Option<&[u8]> {
+        let n = usize::from(self.wire_request);
+        (self.wire_request != u16::MAX).then(|| &self.wire[..n])
+    }
+
+    /// `ratelimit-policy: …` as an HTTP/1.1 header line, for tenants with a rate limit.
+    pub fn policy_line(&self) -> Option<&[u8]> {
+        let start = match self.wire_request {
+            u16::MAX => 0,
+            n => usize::from(n),
+        };
+        let line = self
+            .wire
+            .get(start..start + usize::from(self.wire_response))?;
+        (!line.is_empty()).then_some(line)
+    }
+
     /// The upstream for `path`: the longest matching route prefix, else the tenant's own.
     /// A prefix matches at a segment boundary: `/reports` matches `/reports` and
     /// `/reports/x`, not `/reportsx` (a prefix ending in `/` matches anything below it).
@@ -157,6 +189,43 @@ pub struct Snapshot {
     exact_hosts: FastMap<Box<str>, TenantIdx>,
     /// `*.acme.com` is stored under `acme.com`.
     wildcard_hosts: FastMap<Box<str>, TenantIdx>,
+}
+
+/// A tenant's `wire` block: its request header lines (`forward`, `features`), then its
+/// `ratelimit-policy` line, padded with zeros to whole cache lines; and the two lengths
+/// (`u16::MAX` for request lines too long to keep there: `wire` is then the policy line).
+fn render_wire(
+    forward: Option<(&HeaderName, &HeaderValue)>,
+    features: Option<&HeaderValue>,
+    policy: Option<&HeaderValue>,
+) -> (Box<[u8]>, u16, u16) {
+    use crate::h1::wire::write_header;
+    let mut out = Vec::new();
+    if let Some((name, id)) = forward {
+        write_header(&mut out, name.as_str().as_bytes(), id.as_bytes());
+    }
+    if let Some(v) = features {
+        write_header(
+            &mut out,
+            crate::headers::X_TENANT_FEATURES.as_str().as_bytes(),
+            v.as_bytes(),
+        );
+    }
+    let request = match u16::try_from(out.len()) {
+        Ok(n) if n < u16::MAX => n,
+        _ => {
+            out.clear();
+            u16::MAX
+        }
+    };
+    let before = out.len();
+    if let Some(v) = policy {
+        write_header(&mut out, b"ratelimit-policy", v.as_bytes());
+    }
+    // A policy line is two names and four numbers: far below 64 KiB.
+    let response = u16::try_from(out.len() - before).unwrap_or(0);
+    out.resize(out.len().next_multiple_of(64), 0);
+    (out.into_boxed_slice(), request, response)
 }
 
 /// Why a validated config could still not be turned into a snapshot.
@@ -281,6 +350,11 @@ impl Snapshot {
             || Arc::new(crate::quota::Quotas::open(config.state_dir.clone())),
             |p| p.quotas.clone(),
         );
+        let forward_header = if config.forward_header.is_empty() {
+            None
+        } else {
+            Some(header(&config.forward_header)?)
+        };
         let mut tenants = Vec::with_capacity(config.tenants.len());
         let mut by_id = FastMap::default();
         let mut exact_hosts = FastMap::default();
@@ -327,14 +401,23 @@ impl Snapshot {
             if before.is_none() {
                 quotas.restore(&t.id, &limits.usage);
             }
+            let id_value = HeaderValue::from_str(&t.id)
+                .map_err(|_| BuildError(format!("invalid tenant id {:?}", t.id)))?;
+            let (wire, wire_request, wire_response) = render_wire(
+                forward_header.as_ref().map(|name| (name, &id_value)),
+                features.as_ref(),
+                limits.policy.as_ref(),
+            );
             tenants.push(Tenant {
                 id: Arc::from(t.id.as_str()),
-                id_value: HeaderValue::from_str(&t.id)
-                    .map_err(|_| BuildError(format!("invalid tenant id {:?}", t.id)))?,
+                id_value,
                 features,
+                wire,
+                wire_request,
+                wire_response,
                 status: t.status,
                 upstream: lookup(&t.upstream)?,
-                routes,
+                routes: routes.into_boxed_slice(),
                 request_timeout: t.request_timeout,
                 has_quota: t.limits.requests_per_day.is_some()
                     || t.limits.requests_per_month.is_some(),
@@ -358,8 +441,9 @@ impl Snapshot {
                             .collect::<Result<Vec<_>, BuildError>>()
                     })
                     .transpose()?
-                    .unwrap_or_default(),
-                tls: tenant_tls(t)?,
+                    .unwrap_or_default()
+                    .into_boxed_slice(),
+                tls: tenant_tls(t)?.map(Box::new),
             });
         }
 
@@ -375,11 +459,7 @@ impl Snapshot {
                 jwt_cookie: config.jwt_cookie.clone().map(String::into_boxed_str),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
-                forward_header: if config.forward_header.is_empty() {
-                    None
-                } else {
-                    Some(header(&config.forward_header)?)
-                },
+                forward_header,
             },
             max_header_bytes: config.max_header_bytes,
             tunnel_idle_timeout: config.tunnel_idle_timeout,
@@ -430,5 +510,35 @@ impl Snapshot {
             return None;
         }
         self.wildcard_hosts.get(&host[dot + 1..]).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_holds_the_lines_write_would_produce_in_whole_cache_lines() {
+        let name = HeaderName::from_static("x-tenant-id");
+        let id = HeaderValue::from_static("acme");
+        let features = HeaderValue::from_static("beta,sso");
+        let policy = HeaderValue::from_static("\"tenant\";q=200;w=2");
+        let (wire, req, resp) = render_wire(Some((&name, &id)), Some(&features), Some(&policy));
+        let expected_req = b"x-tenant-id: acme\r\nx-tenant-features: beta,sso\r\n";
+        let expected_resp = b"ratelimit-policy: \"tenant\";q=200;w=2\r\n";
+        assert_eq!(usize::from(req), expected_req.len());
+        assert_eq!(usize::from(resp), expected_resp.len());
+        assert_eq!(&wire[..expected_req.len()], expected_req);
+        assert_eq!(wire.len() % 64, 0);
+
+        // Injection off, no features, no rate limit: nothing to write either way.
+        let (wire, req, resp) = render_wire(None, None, None);
+        assert_eq!((wire.len(), req, resp), (0, 0, 0));
+
+        // Request lines too long to keep: the policy line alone, at the start.
+        let long = HeaderValue::from_str(&"f,".repeat(40_000)).unwrap();
+        let (wire, req, resp) = render_wire(Some((&name, &id)), Some(&long), Some(&policy));
+        assert_eq!(req, u16::MAX);
+        assert_eq!(&wire[..usize::from(resp)], expected_resp);
     }
 }

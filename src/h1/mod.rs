@@ -277,7 +277,7 @@ async fn request(
         bytes_in: ex.bytes_in.clone(),
     };
     let rate_limit = ex.rate_limit.clone();
-    let policy = ex.policy();
+    let policy = ex.policy_line();
     let mut pending = Some((ex, log));
     let done = exchange::forward(
         &ctx.client.h1,
@@ -393,7 +393,7 @@ async fn refuse(
         &mut out,
         &Extra {
             request_id: &r.request_id,
-            policy: ex.policy(),
+            policy: ex.policy_line(),
             rate_limit: ex.rate_limit.as_ref(),
             close,
         },

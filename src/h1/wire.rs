@@ -252,7 +252,8 @@ pub struct ResponseHead {
 /// upstream's copies).
 pub struct Extra<'a> {
     pub request_id: &'a HeaderValue,
-    pub policy: Option<&'a HeaderValue>,
+    /// The tenant's `ratelimit-policy` line (`Tenant::policy_line`).
+    pub policy: Option<&'a [u8]>,
     pub rate_limit: Option<&'a HeaderValue>,
     /// The client connection closes after this response.
     pub close: bool,
@@ -532,8 +533,8 @@ pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Pa
 
 /// The gateway's headers and the end of the head.
 pub fn write_extra(out: &mut Vec<u8>, extra: &Extra<'_>, has_date: bool) {
-    if let Some(p) = extra.policy {
-        write_header(out, b"ratelimit-policy", p.as_bytes());
+    if let Some(line) = extra.policy {
+        out.extend_from_slice(line);
     }
     if let Some(r) = extra.rate_limit {
         write_header(out, b"ratelimit", r.as_bytes());

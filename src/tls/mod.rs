@@ -172,7 +172,7 @@ pub async fn accept(
             Some(idx) => {
                 let t = snap.tenant(idx);
                 match &t.tls {
-                    Some(side) => (side, Some(t.id.clone())),
+                    Some(side) => (&**side, Some(t.id.clone())),
                     None => (snap.default_tls()?, None),
                 }
             }
