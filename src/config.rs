@@ -1188,10 +1188,14 @@ impl Validator<'_> {
         ] {
             if let Some(r) = r {
                 let v = r.get_ref().0;
-                if !(v.is_finite() && v > 0.0 && v <= 1e9) {
+                // Below 1e-9 (one request in 32 years) the time per request no longer
+                // fits a `Duration`: building the limiter would panic.
+                if !(v.is_finite() && (1e-9..=1e9).contains(&v)) {
                     self.error(
                         r.span(),
-                        format!("`{key}` must be positive (and at most 1e9), not {v}"),
+                        format!(
+                            "`{key}` must be between 1e-9 and 1e9 (requests per second), not {v}"
+                        ),
                     );
                 }
             }
@@ -1398,6 +1402,37 @@ upstream = "shared"
             e.starts_with("gateway.toml:10:1: unknown field `colour`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_rate_too_small_for_a_duration_is_refused() {
+        // 1e-30 requests per second: 1e30 s per request, beyond `Duration`, which
+        // panicked when the limiter was built (the gateway died at start or reload).
+        for (rate, ok) in [
+            ("1e-30", false),
+            ("0.000000001", true),
+            ("1e9", true),
+            ("2e9", false),
+        ] {
+            let text = format!(
+                "{BASE}\n[tenants.a]\nhosts = [\"x.com\"]\n[tenants.a.limits]\nrequests_per_second = {rate}\n"
+            );
+            match parse(&text) {
+                Ok(c) => {
+                    assert!(ok, "{rate} accepted");
+                    let snap = crate::snapshot::Snapshot::build(&c, None).unwrap();
+                    assert!(snap
+                        .tenant(0)
+                        .limits
+                        .check_rate(&snap.tenant(0).stats, None)
+                        .is_ok());
+                }
+                Err(e) => {
+                    assert!(!ok, "{rate}: {e}");
+                    assert!(e.to_string().contains("between 1e-9 and 1e9"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -77,8 +77,9 @@ struct Bucket {
 
 impl Bucket {
     fn new(r: &Rate, slot: u8) -> Bucket {
-        let t = u64::try_from(Duration::from_secs_f64(1.0 / r.per_second).as_nanos())
-            .unwrap_or(u64::MAX);
+        let t = Duration::try_from_secs_f64(1.0 / r.per_second).map_or(u64::MAX, |d| {
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+        });
         let t = NonZeroU64::new(t).unwrap_or(NonZeroU64::MIN);
         Bucket {
             t,
@@ -141,7 +142,9 @@ impl Rate {
     }
 
     fn quota(&self) -> Quota {
-        let period = Duration::from_secs_f64(1.0 / self.per_second).max(Duration::from_nanos(1));
+        let period = Duration::try_from_secs_f64(1.0 / self.per_second)
+            .unwrap_or(Duration::MAX)
+            .max(Duration::from_nanos(1));
         Quota::with_period(period)
             .expect("the period is at least 1ns")
             .allow_burst(NonZeroU32::new(self.burst).expect("burst is at least 1"))
@@ -307,7 +310,8 @@ impl TenantLimits {
                         return Ok(state);
                     }
                     crate::quota::Lease::Empty => {
-                        let wait = Duration::from_secs_f64(1.0 / rate.per_second);
+                        let wait = Duration::try_from_secs_f64(1.0 / rate.per_second)
+                            .unwrap_or(Duration::MAX);
                         return Err(self.rate_limited(wait, "tenant", rate));
                     }
                     crate::quota::Lease::Stale
@@ -327,7 +331,9 @@ impl TenantLimits {
     }
 
     fn rate_limited(&self, wait: Duration, policy: &'static str, rate: &Rate) -> ProxyError {
-        let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let retry_after = wait
+            .as_secs()
+            .saturating_add(u64::from(wait.subsec_nanos() > 0));
         ProxyError::RateLimited {
             retry_after: retry_after.max(1),
             policy,

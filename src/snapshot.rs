@@ -20,6 +20,85 @@ use crate::metrics::TenantStats;
 /// 80 ns (`cargo bench --bench hot_path -- resolve`).
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Host names to tenants. A name of up to [`HostEntry::INLINE`] bytes is stored in its
+/// table entry with the tenant's index, one cache line, so a lookup with many tenants
+/// in rotation fetches the table's control bytes and that line; with boxed keys it
+/// fetched a third, the key's bytes. Longer names keep boxed keys.
+#[derive(Debug, Default)]
+struct HostMap {
+    short: std::collections::HashSet<HostEntry, foldhash::fast::RandomState>,
+    long: FastMap<Box<str>, TenantIdx>,
+}
+
+impl HostMap {
+    /// A later insert of the same name wins, as with a map.
+    fn insert(&mut self, host: &str, idx: TenantIdx) {
+        match HostEntry::new(host, idx) {
+            Some(e) => {
+                self.short.replace(e);
+            }
+            None => {
+                self.long.insert(host.into(), idx);
+            }
+        }
+    }
+
+    fn get(&self, host: &str) -> Option<TenantIdx> {
+        if host.len() <= HostEntry::INLINE {
+            self.short.get(host.as_bytes()).map(|e| e.idx)
+        } else {
+            self.long.get(host).copied()
+        }
+    }
+}
+
+/// A host name kept inline (up to 59 bytes) and its tenant: one aligned cache line.
+/// Hashed and compared as the name's bytes, so a `&[u8]` looks it up.
+#[derive(Debug)]
+#[repr(C, align(64))]
+struct HostEntry {
+    idx: TenantIdx,
+    len: u8,
+    bytes: [u8; HostEntry::INLINE],
+}
+
+impl HostEntry {
+    const INLINE: usize = 64 - 4 - 1;
+
+    fn new(host: &str, idx: TenantIdx) -> Option<HostEntry> {
+        let len = u8::try_from(host.len())
+            .ok()
+            .filter(|n| usize::from(*n) <= Self::INLINE)?;
+        let mut bytes = [0; Self::INLINE];
+        bytes[..host.len()].copy_from_slice(host.as_bytes());
+        Some(HostEntry { idx, len, bytes })
+    }
+
+    fn name(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for HostEntry {
+    fn borrow(&self) -> &[u8] {
+        self.name()
+    }
+}
+
+impl std::hash::Hash for HostEntry {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name().hash(state);
+    }
+}
+
+impl PartialEq for HostEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for HostEntry {}
+
 /// Index of a tenant in [`Snapshot::tenants`].
 pub type TenantIdx = u32;
 
@@ -186,9 +265,9 @@ pub struct Snapshot {
     /// `server.state_dir`: local quota counters saved across restarts.
     pub quotas: Arc<crate::quota::Quotas>,
     by_id: FastMap<Box<str>, TenantIdx>,
-    exact_hosts: FastMap<Box<str>, TenantIdx>,
+    exact_hosts: HostMap,
     /// `*.acme.com` is stored under `acme.com`.
-    wildcard_hosts: FastMap<Box<str>, TenantIdx>,
+    wildcard_hosts: HostMap,
 }
 
 /// A tenant's `wire` block: its request header lines (`forward`, `features`), then its
@@ -357,8 +436,8 @@ impl Snapshot {
         };
         let mut tenants = Vec::with_capacity(config.tenants.len());
         let mut by_id = FastMap::default();
-        let mut exact_hosts = FastMap::default();
-        let mut wildcard_hosts = FastMap::default();
+        let mut exact_hosts = HostMap::default();
+        let mut wildcard_hosts = HostMap::default();
         let mut api_keys = crate::credentials::ApiKeys::default();
         by_id.reserve(config.tenants.len());
         for (i, t) in config.tenants.iter().enumerate() {
@@ -385,10 +464,8 @@ impl Snapshot {
             };
             for h in &t.hosts {
                 match h {
-                    HostPattern::Exact(h) => exact_hosts.insert(h.clone().into_boxed_str(), idx),
-                    HostPattern::Wildcard(h) => {
-                        wildcard_hosts.insert(h.clone().into_boxed_str(), idx)
-                    }
+                    HostPattern::Exact(h) => exact_hosts.insert(h, idx),
+                    HostPattern::Wildcard(h) => wildcard_hosts.insert(h, idx),
                 };
             }
             by_id.insert(t.id.clone().into_boxed_str(), idx);
@@ -503,19 +580,39 @@ impl Snapshot {
     /// trailing dot. An exact host beats a wildcard; a wildcard covers one label.
     pub fn tenant_by_host(&self, host: &str) -> Option<TenantIdx> {
         if let Some(i) = self.exact_hosts.get(host) {
-            return Some(*i);
+            return Some(i);
         }
         let dot = host.find('.')?;
         if dot == 0 {
             return None;
         }
-        self.wildcard_hosts.get(&host[dot + 1..]).copied()
+        self.wildcard_hosts.get(&host[dot + 1..])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_map_finds_short_and_long_names_and_the_last_insert_wins() {
+        let mut m = HostMap::default();
+        let short = "t1.example.com";
+        let edge = "a".repeat(HostEntry::INLINE);
+        let long = "b".repeat(HostEntry::INLINE + 1);
+        m.insert(short, 1);
+        m.insert(&edge, 2);
+        m.insert(&long, 3);
+        m.insert(short, 4);
+        assert_eq!(m.get(short), Some(4));
+        assert_eq!(m.get(&edge), Some(2));
+        assert_eq!(m.get(&long), Some(3));
+        assert_eq!(m.get("t1.example.co"), None);
+        assert_eq!(m.get(&edge[1..]), None);
+        assert_eq!(m.get(&long[1..]), None, "a long key's prefix is not it");
+        assert_eq!(m.short.len(), 2);
+        assert_eq!(std::mem::size_of::<HostEntry>(), 64);
+    }
 
     #[test]
     fn wire_holds_the_lines_write_would_produce_in_whole_cache_lines() {
