@@ -103,11 +103,16 @@ pub enum ProxyError {
     UnsupportedTransferCoding {
         coding: Box<str>,
     },
+    /// A request head that is not HTTP/1.1 (a space in the target, a bad header name,
+    /// a control character in a value …): what httparse found wrong.
+    MalformedRequest {
+        why: &'static str,
+    },
 }
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 18] = [
+    pub const REASONS: [&'static str; 19] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -126,6 +131,7 @@ impl ProxyError {
         "store_unavailable",
         "method_not_allowed",
         "unsupported_transfer_coding",
+        "bad_request",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -149,6 +155,7 @@ impl ProxyError {
             ProxyError::StoreUnavailable => 15,
             ProxyError::MethodNotAllowed => 16,
             ProxyError::UnsupportedTransferCoding { .. } => 17,
+            ProxyError::MalformedRequest { .. } => 18,
         }
     }
 
@@ -172,6 +179,7 @@ impl ProxyError {
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnsupportedTransferCoding { .. } => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::MalformedRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -196,6 +204,7 @@ impl ProxyError {
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::UnsupportedTransferCoding { .. } => "unsupported_transfer_coding",
+            ProxyError::MalformedRequest { .. } => "bad_request",
         }
     }
 
@@ -277,6 +286,9 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding { coding } => format!(
                 "transfer coding {coding:?} is not supported: send the body chunked or with a content-length"
             ),
+            ProxyError::MalformedRequest { why } => {
+                format!("the request is not valid HTTP/1.1 ({why}); nothing was forwarded")
+            }
         }
     }
 
@@ -301,7 +313,8 @@ impl ProxyError {
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::Misdirected { .. }
             | ProxyError::MethodNotAllowed
-            | ProxyError::UnsupportedTransferCoding { .. } => None,
+            | ProxyError::UnsupportedTransferCoding { .. }
+            | ProxyError::MalformedRequest { .. } => None,
         }
     }
 
@@ -408,6 +421,9 @@ mod tests {
             ProxyError::MethodNotAllowed,
             ProxyError::UnsupportedTransferCoding {
                 coding: "gzip".into(),
+            },
+            ProxyError::MalformedRequest {
+                why: "invalid header name",
             },
         ];
         assert_eq!(all.len(), ProxyError::REASONS.len());

@@ -95,6 +95,13 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                         Parsed::Partial | Parsed::Fallback => {
                             return to_hyper(&worker, conn, buf.take().freeze(), false).await;
                         }
+                        Parsed::Malformed(why) => {
+                            let e = ProxyError::MalformedRequest { why };
+                            Box::pin(refuse_unparsed(&mut conn.stream, &mut buf, &conn.ctx, e))
+                                .await;
+                            close(conn.stream).await;
+                            return;
+                        }
                     }
                 }
             }
@@ -346,6 +353,32 @@ fn finish(
         method,
         path,
     )
+}
+
+/// The gateway's error for bytes that are not a request at all; the connection closes
+/// after it (where the next request would start is unknown). Counted and logged like
+/// every refusal, under no tenant.
+async fn refuse_unparsed(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, e: ProxyError) {
+    let started = Instant::now();
+    let snap = ctx.shared.snapshot.load_full();
+    let request_id = headers::request_id(&http::HeaderMap::new());
+    // No method or target could be read: the access log says so with "-" and "*"
+    // (a const, so that an invalid one fails the build, not a request).
+    const NO_TARGET: PathAndQuery = PathAndQuery::from_static("*");
+    let log = snap.access_log.then(|| {
+        (
+            http::Method::from_bytes(b"-").unwrap_or_default(),
+            NO_TARGET,
+        )
+    });
+    let r = Refusal {
+        snap: &snap,
+        started,
+        request_id,
+        log,
+        head_request: false,
+    };
+    refuse(stream, buf, u64::MAX, true, e, Exchange::new(&snap), r).await;
 }
 
 /// What a refusal needs besides the error.
