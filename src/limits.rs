@@ -61,8 +61,8 @@ fn now_nanos() -> u64 {
 
 /// A tenant's bucket: the generic cell rate algorithm as `governor` runs it, with its
 /// state (the theoretical arrival time, in [`now_nanos`]) in the tenant's
-/// `TenantStats`, slot `slot`. 32 bytes, and `Option<Bucket>` no more: it sits on the
-/// tenant's second cache line (`snapshot::Tenant`).
+/// `TenantStats`, slot `slot`. 32 bytes, as is `Option<Bucket>` (the niche of `t`): it
+/// ends the tenant's second cache line (`snapshot::Tenant`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Bucket {
     /// Nanoseconds per request.
@@ -192,6 +192,11 @@ pub struct TenantLimits {
     /// HTTP/1.1 fast path writes `snapshot::Tenant::policy_line` instead.
     pub policy: Option<HeaderValue>,
 }
+
+/// How many bytes from the start of [`TenantLimits`] a request reads (up to and
+/// including `on_store_failure`), for the layout test of `snapshot::Tenant`.
+#[cfg(test)]
+pub(crate) const HOT_BYTES: usize = std::mem::offset_of!(TenantLimits, on_store_failure) + 1;
 
 impl fmt::Debug for TenantLimits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -708,6 +713,12 @@ mod tests {
         let untrusted: IpAddr = "192.0.2.5".parse().unwrap();
         assert_eq!(client_ip(untrusted, &h, &trusted), untrusted);
         assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted), peer);
+    }
+
+    #[test]
+    fn the_bucket_fills_the_rest_of_a_line() {
+        assert_eq!(std::mem::size_of::<Option<Bucket>>(), 32);
+        assert_eq!(std::mem::offset_of!(TenantLimits, rate), 0);
     }
 
     #[test]

@@ -476,3 +476,27 @@ pub fn render(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_request_counts_is_on_two_lines() {
+        use std::mem::offset_of;
+        // After the `Arc`'s two counts (16 bytes): in flight, the bucket, the latency
+        // sum, the response bytes and the 200s end the first line ...
+        let arc = 16;
+        assert_eq!(COMMON_STATUS[0], 200);
+        assert_eq!(arc + offset_of!(TenantStats, status) + 8, 64);
+        assert!(arc + offset_of!(TenantStats, buckets) + 16 <= 64);
+        // ... and the latency buckets up to 2.5 ms share one more.
+        let first = arc + offset_of!(TenantStats, latency_buckets);
+        assert_eq!(LATENCY_BUCKETS[2], 0.0025);
+        assert_eq!(first / 64, (first + 2 * 8) / 64);
+        // mimalloc puts a block of this size on a line boundary: between 512 and
+        // 1024 bytes its size classes (640, 768, 896, 1024) are whole lines.
+        let size = arc + std::mem::size_of::<TenantStats>();
+        assert!((513..=1024).contains(&size), "{size}");
+    }
+}

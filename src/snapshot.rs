@@ -615,6 +615,18 @@ mod tests {
     }
 
     #[test]
+    fn what_a_request_reads_of_its_tenant_is_on_its_first_three_lines() {
+        use std::mem::offset_of;
+        // Line 0: flags, pointers, routes, claims; line 1: timeout, wire, the bucket;
+        // line 2: the rest of the limits a request reads (limits.rs checks its side).
+        assert_eq!(std::mem::align_of::<Tenant>(), 64);
+        assert!(offset_of!(Tenant, forward_claims) + 16 <= 64);
+        assert_eq!(offset_of!(Tenant, request_timeout), 64);
+        assert_eq!(offset_of!(Tenant, limits), 96);
+        assert!(offset_of!(Tenant, limits) + crate::limits::HOT_BYTES <= 192);
+    }
+
+    #[test]
     fn wire_holds_the_lines_write_would_produce_in_whole_cache_lines() {
         let name = HeaderName::from_static("x-tenant-id");
         let id = HeaderValue::from_static("acme");
