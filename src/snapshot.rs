@@ -615,6 +615,39 @@ mod tests {
     }
 
     #[test]
+    fn host_map_agrees_with_a_plain_map() {
+        // Names of every length around the inline limit, with shared prefixes and
+        // suffixes; a plain map of the same inserts is the oracle.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut name = |next: &mut dyn FnMut() -> u64| {
+            let len = 1 + (next() % 90) as usize;
+            (0..len)
+                .map(|_| char::from(b"ab.-z9"[(next() % 6) as usize]))
+                .collect::<String>()
+        };
+        let mut m = HostMap::default();
+        let mut oracle = std::collections::HashMap::new();
+        for i in 0..5_000u32 {
+            let n = name(&mut next);
+            m.insert(&n, i);
+            oracle.insert(n, i);
+        }
+        for (n, i) in &oracle {
+            assert_eq!(m.get(n), Some(*i), "{n}");
+        }
+        for _ in 0..5_000 {
+            let n = name(&mut next);
+            assert_eq!(m.get(&n), oracle.get(&n).copied(), "{n}");
+        }
+    }
+
+    #[test]
     fn what_a_request_reads_of_its_tenant_is_on_its_first_three_lines() {
         use std::mem::offset_of;
         // Line 0: flags, pointers, routes, claims; line 1: timeout, wire, the bucket;
