@@ -625,7 +625,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let mut name = |next: &mut dyn FnMut() -> u64| {
+        let name = |next: &mut dyn FnMut() -> u64| {
             let len = 1 + (next() % 90) as usize;
             (0..len)
                 .map(|_| char::from(b"ab.-z9"[(next() % 6) as usize]))
