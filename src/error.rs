@@ -72,6 +72,11 @@ pub enum ProxyError {
         size: u64,
         limit: u64,
     },
+    /// More header fields than the HTTP/1.1 server takes (`h1::wire::MAX_HEADER_FIELDS`);
+    /// the same `error` code as a head over `max_header_bytes`.
+    TooManyHeaderFields {
+        limit: usize,
+    },
     UpstreamError {
         upstream: std::sync::Arc<str>,
         failure: UpstreamFailure,
@@ -144,7 +149,7 @@ impl ProxyError {
             ProxyError::TooManyInFlight { .. } => 4,
             ProxyError::BodyTooLarge { .. } => 5,
             ProxyError::BadRequestBody => 6,
-            ProxyError::HeadersTooLarge { .. } => 7,
+            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaderFields { .. } => 7,
             ProxyError::UpstreamError { .. } => 8,
             ProxyError::UpstreamTimeout { .. } => 9,
             ProxyError::InvalidApiKey => 10,
@@ -171,7 +176,9 @@ impl ProxyError {
             ProxyError::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
-            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaderFields { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -196,7 +203,9 @@ impl ProxyError {
             ProxyError::TooManyInFlight { .. } => "too_many_in_flight",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequestBody => "bad_request_body",
-            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaderFields { .. } => {
+                "headers_too_large"
+            }
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Misdirected { .. } => "misdirected_request",
@@ -254,6 +263,9 @@ impl ProxyError {
             ProxyError::HeadersTooLarge { size, limit } => {
                 format!("request headers are {size} bytes; the limit is {limit}")
             }
+            ProxyError::TooManyHeaderFields { limit } => {
+                format!("the request has more than {limit} header fields")
+            }
             ProxyError::UpstreamError { upstream, failure } => match failure {
                 UpstreamFailure::Connect => format!("could not connect to upstream {upstream:?}"),
                 UpstreamFailure::Reset => {
@@ -309,6 +321,7 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::TooManyHeaderFields { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::Misdirected { .. }
@@ -400,6 +413,7 @@ mod tests {
             ProxyError::BodyTooLarge { limit: 1 },
             ProxyError::BadRequestBody,
             ProxyError::HeadersTooLarge { size: 2, limit: 1 },
+            ProxyError::TooManyHeaderFields { limit: 1 },
             ProxyError::UpstreamError {
                 upstream: "u".into(),
                 failure: UpstreamFailure::Reset,
@@ -426,10 +440,14 @@ mod tests {
                 why: "invalid header name",
             },
         ];
-        assert_eq!(all.len(), ProxyError::REASONS.len());
         for e in &all {
             assert_eq!(ProxyError::REASONS[e.reason_index()], e.code());
         }
+        // Every reason has a variant (two variants share `headers_too_large`).
+        let mut seen: Vec<usize> = all.iter().map(ProxyError::reason_index).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, (0..ProxyError::REASONS.len()).collect::<Vec<_>>());
     }
 
     #[test]

@@ -273,7 +273,7 @@ async fn worker(
         .header_read_timeout(cfg.header_read_timeout)
         .keep_alive(true)
         .max_buf_size(hyper_limit)
-        .max_headers(256);
+        .max_headers(crate::h1::wire::MAX_HEADER_FIELDS);
     // One set of HTTP/2 settings for both servers (ours, and hyper's behind
     // BULKHEAD_H2=hyper).
     let h2_own = crate::h2::Config {

@@ -1802,6 +1802,43 @@ async fn malformed_requests_get_the_gateways_400_and_close() {
 }
 
 #[tokio::test]
+async fn more_header_fields_than_the_server_takes_get_the_gateways_431() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let head = |n: usize| {
+        let fields: String = (0..n).map(|i| format!("x-f{i}: v\r\n")).collect();
+        format!("GET /many HTTP/1.1\r\nHost: {HOST}\r\n{fields}\r\n")
+    };
+    // 200 fields (under 16 KiB): more than the fast path parses, fewer than the
+    // server takes — served.
+    let mut c = Client::connect(&gw).await;
+    c.send(head(200).as_bytes()).await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(up.seen()[0].headers.all("x-f199"), ["v"]);
+    // 300: the gateway's 431 with its JSON body (hyper's was empty), then the close.
+    let mut c = Client::connect(&gw).await;
+    c.send(head(300).as_bytes()).await;
+    let r = c
+        .try_response(false)
+        .await
+        .expect("an answer before the close");
+    r.assert_error(431, "headers_too_large", None);
+    assert!(
+        r.text().contains("more than 256 header fields"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.headers.get("connection"), Some("close"));
+    assert_eq!(c.closed().await, b"");
+    assert_eq!(
+        up.seen().len(),
+        1,
+        "the 300-field request reached the upstream"
+    );
+}
+
+#[tokio::test]
 async fn requests_the_fast_path_leaves_to_hyper_get_its_bare_400() {
     let up = RawUpstream::echo().await;
     let gw = gateway(&up, "");

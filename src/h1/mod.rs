@@ -95,8 +95,13 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                         Parsed::Partial | Parsed::Fallback => {
                             return to_hyper(&worker, conn, buf.take().freeze(), false).await;
                         }
-                        Parsed::Malformed(why) => {
-                            let e = ProxyError::MalformedRequest { why };
+                        refused @ (Parsed::Malformed(_) | Parsed::TooManyHeaders) => {
+                            let e = match refused {
+                                Parsed::Malformed(why) => ProxyError::MalformedRequest { why },
+                                _ => ProxyError::TooManyHeaderFields {
+                                    limit: wire::MAX_HEADER_FIELDS,
+                                },
+                            };
                             Box::pin(refuse_unparsed(&mut conn.stream, &mut buf, &conn.ctx, e))
                                 .await;
                             close(conn.stream).await;

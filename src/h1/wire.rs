@@ -29,6 +29,9 @@ pub enum Parsed {
     /// Not HTTP/1.1 at all (what httparse found wrong): the gateway answers 400
     /// `bad_request` itself, as hyper would have with a bare 400.
     Malformed(&'static str),
+    /// More than [`MAX_HEADER_FIELDS`] header lines: the gateway answers 431 itself,
+    /// as hyper would have with a bare 431.
+    TooManyHeaders,
     Request(Head),
 }
 
@@ -55,7 +58,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Parsed::Partial,
-            // hyper allows more headers (256); the rest it refuses as well.
+            // hyper takes up to MAX_HEADER_FIELDS; more it refuses as well.
+            Err(httparse::Error::TooManyHeaders) if header_lines(buf) > MAX_HEADER_FIELDS => {
+                return Parsed::TooManyHeaders;
+            }
             Err(httparse::Error::TooManyHeaders) => return Parsed::Fallback,
             Err(e) => return Parsed::Malformed(malformed(e)),
         };
@@ -132,6 +138,19 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         close,
         raw: head,
     })
+}
+
+/// The most header fields a request may have: the fast path parses up to `MAX_HEADERS`
+/// and leaves longer heads to hyper, which is set to take this many (`server.rs`).
+pub const MAX_HEADER_FIELDS: usize = 256;
+
+/// Header lines in the head at the front of `buf` (after the request line, up to the
+/// empty line or the end of what has arrived: then a lower bound).
+fn header_lines(buf: &[u8]) -> usize {
+    buf.split(|b| *b == b'\n')
+        .skip(1)
+        .take_while(|line| !line.is_empty() && *line != b"\r")
+        .count()
 }
 
 /// What is wrong, for the error message.
@@ -949,6 +968,14 @@ mod tests {
         let raw = [&b"GET / HTTP/1.1\r\n"[..], &many].concat();
         let mut buf = BytesMut::from(&raw[..]);
         assert!(matches!(parse_request(&mut buf), Parsed::Fallback));
+        // More than the server takes at all: refused here, even before the head ends.
+        let too_many: Vec<u8> = (0..=MAX_HEADER_FIELDS)
+            .flat_map(|i| format!("x-{i}: v\r\n").into_bytes())
+            .collect();
+        let raw = [&b"GET / HTTP/1.1\r\n"[..], &too_many].concat();
+        let mut buf = BytesMut::from(&raw[..]);
+        assert!(matches!(parse_request(&mut buf), Parsed::TooManyHeaders));
+        assert_eq!(header_lines(&raw), MAX_HEADER_FIELDS + 1);
         for (raw, why) in [
             (
                 &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
