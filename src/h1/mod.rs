@@ -95,13 +95,7 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                         Parsed::Partial | Parsed::Fallback => {
                             return to_hyper(&worker, conn, buf.take().freeze(), false).await;
                         }
-                        refused @ (Parsed::Malformed(_) | Parsed::TooManyHeaders) => {
-                            let e = match refused {
-                                Parsed::Malformed(why) => ProxyError::MalformedRequest { why },
-                                _ => ProxyError::TooManyHeaderFields {
-                                    limit: wire::MAX_HEADER_FIELDS,
-                                },
-                            };
+                        Parsed::Refused(e) => {
                             Box::pin(refuse_unparsed(&mut conn.stream, &mut buf, &conn.ctx, e))
                                 .await;
                             close(conn.stream).await;
@@ -366,7 +360,7 @@ fn finish(
 async fn refuse_unparsed(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, e: ProxyError) {
     let started = Instant::now();
     let snap = ctx.shared.snapshot.load_full();
-    let request_id = headers::request_id(&http::HeaderMap::new());
+    let request_id = headers::new_request_id();
     // No method or target could be read: the access log says so with "-" and "*"
     // (a const, so that an invalid one fails the build, not a request).
     const NO_TARGET: PathAndQuery = PathAndQuery::from_static("*");

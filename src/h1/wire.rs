@@ -13,6 +13,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri, Version};
 
+use crate::error::ProxyError;
+
 /// Header lines the fast path reads in one head; a request with more goes to hyper
 /// (which allows 256), a response with more is refused as malformed.
 const MAX_HEADERS: usize = 128;
@@ -26,12 +28,11 @@ pub enum Parsed {
     /// Something the fast path leaves to hyper: HTTP/1.0, a body without a length
     /// (`Transfer-Encoding`), `Expect`, `Upgrade`, `CONNECT`, more than 128 headers.
     Fallback,
-    /// Not HTTP/1.1 at all (what httparse found wrong): the gateway answers 400
-    /// `bad_request` itself, as hyper would have with a bare 400.
-    Malformed(&'static str),
-    /// More than [`MAX_HEADER_FIELDS`] header lines: the gateway answers 431 itself,
-    /// as hyper would have with a bare 431.
-    TooManyHeaders,
+    /// A head the gateway refuses itself, where hyper would have answered with an
+    /// empty 400 or 431: not HTTP/1.1 at all (`MalformedRequest`: what httparse found
+    /// wrong, a bad `Content-Length`), or more than [`MAX_HEADER_FIELDS`] header lines
+    /// (`TooManyHeaderFields`).
+    Refused(ProxyError),
     Request(Head),
 }
 
@@ -60,10 +61,12 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
             Ok(httparse::Status::Partial) => return Parsed::Partial,
             // hyper takes up to MAX_HEADER_FIELDS; more it refuses as well.
             Err(httparse::Error::TooManyHeaders) if header_lines(buf) > MAX_HEADER_FIELDS => {
-                return Parsed::TooManyHeaders;
+                return Parsed::Refused(ProxyError::TooManyHeaderFields {
+                    limit: MAX_HEADER_FIELDS,
+                });
             }
             Err(httparse::Error::TooManyHeaders) => return Parsed::Fallback,
-            Err(e) => return Parsed::Malformed(malformed(e)),
+            Err(e) => return malformed(why(e)),
         };
         if req.version != Some(1) {
             return Parsed::Fallback;
@@ -87,10 +90,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
             let name = h.name.as_bytes();
             if is_name(name, b"content-length") {
                 let Some(n) = parse_length(h.value) else {
-                    return Parsed::Malformed("invalid content-length");
+                    return malformed("invalid content-length");
                 };
                 match body_len {
-                    Some(b) if b != n => return Parsed::Malformed("conflicting content-lengths"),
+                    Some(b) if b != n => return malformed("conflicting content-lengths"),
                     // The same length twice is forwarded once.
                     Some(_) => continue,
                     None => body_len = Some(n),
@@ -153,8 +156,12 @@ fn header_lines(buf: &[u8]) -> usize {
         .count()
 }
 
+fn malformed(why: &'static str) -> Parsed {
+    Parsed::Refused(ProxyError::MalformedRequest { why })
+}
+
 /// What is wrong, for the error message.
-fn malformed(e: httparse::Error) -> &'static str {
+fn why(e: httparse::Error) -> &'static str {
     match e {
         httparse::Error::HeaderName => "invalid header name",
         httparse::Error::HeaderValue => "invalid header value",
@@ -974,7 +981,12 @@ mod tests {
             .collect();
         let raw = [&b"GET / HTTP/1.1\r\n"[..], &too_many].concat();
         let mut buf = BytesMut::from(&raw[..]);
-        assert!(matches!(parse_request(&mut buf), Parsed::TooManyHeaders));
+        assert!(matches!(
+            parse_request(&mut buf),
+            Parsed::Refused(ProxyError::TooManyHeaderFields {
+                limit: MAX_HEADER_FIELDS
+            })
+        ));
         assert_eq!(header_lines(&raw), MAX_HEADER_FIELDS + 1);
         for (raw, why) in [
             (
@@ -989,7 +1001,9 @@ mod tests {
         ] {
             let mut buf = BytesMut::from(raw);
             match parse_request(&mut buf) {
-                Parsed::Malformed(w) => assert_eq!(w, why, "{raw:?}"),
+                Parsed::Refused(ProxyError::MalformedRequest { why: w }) => {
+                    assert_eq!(w, why, "{raw:?}")
+                }
                 _ => panic!("{raw:?} is not malformed"),
             }
         }
