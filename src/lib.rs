@@ -39,3 +39,15 @@ pub mod watch;
 
 pub use config::{Config, ConfigError};
 pub use server::RunningGateway;
+
+/// A seeded xorshift64 generator, for unit tests that feed random input (the same
+/// sequence on every run). `seed` must not be 0.
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

@@ -618,13 +618,7 @@ mod tests {
     fn host_map_agrees_with_a_plain_map() {
         // Names of every length around the inline limit, with shared prefixes and
         // suffixes; a plain map of the same inserts is the oracle.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
         let name = |next: &mut dyn FnMut() -> u64| {
             let len = 1 + (next() % 90) as usize;
             (0..len)
