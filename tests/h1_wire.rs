@@ -2279,6 +2279,50 @@ async fn silent_upstream_is_504_after_request_timeout() {
     assert_eq!(up.conns(), 2, "the timed-out connection is not reused");
 }
 
+/// A pooled upstream socket keeps its timer from one exchange to the next: each
+/// exchange must still end at its own request's deadline, whether that is earlier
+/// than the last one on the socket (another tenant's shorter timeout) or later.
+#[tokio::test]
+async fn a_reused_upstream_socket_times_out_at_each_requests_own_deadline() {
+    let up = RawUpstream::start(|r| match r.target.as_str() {
+        "/slow" => vec![Step::Sleep(Duration::from_secs(3600))],
+        t => vec![Step::Write(ok(t.as_bytes()))],
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "[server]\nworkers = 1\n\n[upstreams.u]\ntargets = [\"{}\"]\n\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\nrequest_timeout = \"3600s\"\n\n\
+         [tenants.t2]\nhosts = [\"t2.example.com\"]\nupstream = \"u\"\nrequest_timeout = \"300ms\"\n",
+        up.addr
+    ));
+    let mut c = Client::connect(&gw).await;
+    let ask = |host: &str, path: &str| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    // An hour's deadline on the socket, then a request whose deadline is earlier.
+    c.send(ask(HOST, "/fast").as_bytes()).await;
+    assert_eq!(c.response().await.status, 200);
+    c.send(ask("t2.example.com", "/slow").as_bytes()).await;
+    let r = tokio::time::timeout(Duration::from_secs(30), c.response())
+        .await
+        .expect("the shorter deadline ends the wait, not the socket's earlier hour");
+    r.assert_error(504, "upstream_timeout", Some("t2"));
+    // A new socket (the timed-out one is not reused): a deadline, then a later one.
+    c.send(ask("t2.example.com", "/fast").as_bytes()).await;
+    assert_eq!(c.response().await.status, 200);
+    c.send(ask("t2.example.com", "/slow").as_bytes()).await;
+    let r = tokio::time::timeout(Duration::from_secs(30), c.response())
+        .await
+        .expect("the later deadline still ends the wait");
+    r.assert_error(504, "upstream_timeout", Some("t2"));
+    let seen = up.seen();
+    assert_eq!(
+        seen.iter()
+            .map(|s| (s.conn, s.target.as_str()))
+            .collect::<Vec<_>>(),
+        [(0, "/fast"), (0, "/slow"), (1, "/fast"), (1, "/slow")],
+        "each /slow went out on the socket the /fast before it used"
+    );
+}
+
 #[tokio::test]
 async fn unknown_host_is_404_and_the_connection_stays_usable() {
     let up = RawUpstream::echo().await;

@@ -18,9 +18,8 @@ use http::uri::Authority;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use super::exchange::{self, Failure, Step, UploadError, HEAD_READ, STREAM_READ};
+use super::exchange::{self, Failure, Step, UpSocket, UploadError, HEAD_READ, STREAM_READ};
 use super::wire::{self, Chunked, Framing, Parted};
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -92,7 +91,7 @@ pub async fn fetch(
         let (mut up, reused) = exchange::open(&client.h1, target, fresh, deadline)
             .await
             .map_err(fail)?;
-        match tokio::time::timeout_at(deadline, up.write_all(&wbuf)).await {
+        match up.timer.bound(up.stream.write_all(&wbuf)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if reused => {
                 // Closed under us before it read anything: once more, on a new one
@@ -112,13 +111,13 @@ pub async fn fetch(
         };
         let (head, body_sent) = if sending == Sending::Ended {
             (
-                exchange::read_head(&mut up, &mut rbuf, deadline, parse).await,
+                exchange::read_head(&mut up.stream, &mut rbuf, &mut up.timer, parse).await,
                 true,
             )
         } else {
-            let (mut ur, mut uw) = up.split();
+            let (mut ur, mut uw) = up.stream.split();
             let send = send_rest(&mut body, &mut uw, sending, &written);
-            let head = exchange::read_head(&mut ur, &mut rbuf, deadline, parse);
+            let head = exchange::read_head(&mut ur, &mut rbuf, &mut up.timer, parse);
             let (head, sent) = exchange::while_uploading(head, send, true)
                 .await
                 .map_err(|e| e.to_error())?;
@@ -210,7 +209,7 @@ async fn send_rest<W: AsyncWrite + Unpin>(
 /// upstream keeps connections open); a body dropped before that closes it.
 pub struct UpstreamBody {
     /// `None` once the body is over.
-    up: Option<TcpStream>,
+    up: Option<UpSocket>,
     /// Read but not yet passed on.
     rbuf: BytesMut,
     /// Decoded but not yet passed on (what came with the head of a chunked body).
@@ -346,7 +345,7 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             };
             this.rbuf.reserve(STREAM_READ);
-            match up.try_read_buf(&mut this.rbuf) {
+            match up.stream.try_read_buf(&mut this.rbuf) {
                 Ok(0) if this.framing == Framing::Close => {
                     this.up = None;
                     return Poll::Ready(None);
@@ -357,7 +356,7 @@ impl Body for UpstreamBody {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Err(e) = ready!(up.poll_read_ready(cx)) {
+                    if let Err(e) = ready!(up.stream.poll_read_ready(cx)) {
                         this.up = None;
                         return Poll::Ready(Some(Err(e)));
                     }
