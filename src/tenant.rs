@@ -187,11 +187,15 @@ pub fn normalize_host<'a>(raw: &[u8], buf: &'a mut [u8; 256]) -> Option<&'a str>
         return None;
     }
     let out = &mut buf[..host.len()];
-    for (o, c) in out.iter_mut().zip(host) {
-        if !c.is_ascii() || c.is_ascii_control() {
-            return None;
-        }
+    // One pass without an early exit, so the compiler can do it 32 bytes at a time
+    // (it was ~30 instructions a byte, byte by byte, on every request).
+    let mut bad = false;
+    for (o, &c) in out.iter_mut().zip(host) {
+        bad |= !(0x20..0x7f).contains(&c);
         *o = c.to_ascii_lowercase();
+    }
+    if bad {
+        return None;
     }
     std::str::from_utf8(out).ok()
 }
@@ -455,5 +459,19 @@ hosts = ["x.acme.example.com"]
         assert_eq!(normalize_host(b"a.com:x", &mut b), None);
         assert_eq!(normalize_host(b"A.Com.", &mut b), Some("a.com"));
         assert_eq!(normalize_host(&[b'a'; 300], &mut b), None);
+        // Control bytes, DEL and anything not ASCII, wherever they are in the name.
+        for bad in [
+            &b"a\x01.com"[..],
+            b"\x1fa.com",
+            b"a.co\x7f",
+            "\u{e9}.com".as_bytes(),
+        ] {
+            assert_eq!(normalize_host(bad, &mut b), None, "{bad:?}");
+        }
+        let long = "Tenant-With-A-Longer-Name.Example.COM:8443";
+        assert_eq!(
+            normalize_host(long.as_bytes(), &mut b),
+            Some("tenant-with-a-longer-name.example.com")
+        );
     }
 }
