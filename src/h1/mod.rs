@@ -86,14 +86,14 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
             if !buf.is_empty() {
                 if conn.fresh && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
                     if buf.len() >= H2_PREFACE.len() {
-                        return to_hyper(&worker, conn, buf.take().freeze(), true);
+                        return to_hyper(&worker, conn, buf.take().freeze(), true).await;
                     }
                 } else {
                     match wire::parse_request(&mut buf) {
                         Parsed::Request(h) => break h,
                         Parsed::Partial if buf.len() < worker.max_head => {}
                         Parsed::Partial | Parsed::Fallback => {
-                            return to_hyper(&worker, conn, buf.take().freeze(), false);
+                            return to_hyper(&worker, conn, buf.take().freeze(), false).await;
                         }
                         Parsed::Refused(e) => {
                             Box::pin(refuse_unparsed(&mut conn.stream, &mut buf, &conn.ctx, e))
@@ -149,14 +149,21 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
         deadline = None;
         readable = false;
         let closing = *worker.shutdown.borrow();
-        let next = request(&mut conn.stream, &mut buf, &conn.ctx, head, closing);
+        // Boxed, in its own statement: the request's state exists only while it runs.
+        let next = Box::pin(request(
+            &mut conn.stream,
+            &mut buf,
+            &conn.ctx,
+            head,
+            closing,
+        ));
         match next.await {
             Next::KeepAlive => {}
             Next::Close => {
                 close(conn.stream).await;
                 return;
             }
-            Next::Hyper => return to_hyper(&worker, conn, buf.take().freeze(), false),
+            Next::Hyper => return to_hyper(&worker, conn, buf.take().freeze(), false).await,
         }
         if buf.is_empty() {
             // Give the buffer back before waiting.
@@ -186,15 +193,14 @@ async fn read_now(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result
     .await
 }
 
-/// Hands the rest of the connection to hyper (or the HTTP/2 server), on a task of its
-/// own: this one, which has room for a fast-path request's state inline, ends here
-/// rather than keep that room for the life of the connection.
-fn to_hyper(worker: &Worker, conn: Conn, prefix: Bytes, h2: bool) {
+/// Hands the rest of the connection to hyper.
+async fn to_hyper(worker: &Worker, conn: Conn, prefix: Bytes, h2: bool) {
     let Conn {
         stream, ctx, guard, ..
     } = conn;
     let handoff = Handoff { prefix, stream, h2 };
-    worker.spawn_task((worker.to_hyper)(handoff, ctx, guard));
+    let hyper = (worker.to_hyper)(handoff, ctx, guard);
+    hyper.await;
 }
 
 /// Closes after a response: FIN first, so the response is not cut by a reset.

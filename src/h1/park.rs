@@ -129,10 +129,6 @@ impl Worker {
         self.handle.spawn(super::serve(self.clone(), conn));
     }
 
-    pub(super) fn spawn_task(&self, task: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        self.handle.spawn(task);
-    }
-
     /// Closes the parked connections idle since before `cutoff` (all of them when
     /// `None`). Returns how many are left.
     fn close_idle(&self, cutoff: Option<Instant>) -> usize {
