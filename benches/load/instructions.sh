@@ -17,12 +17,14 @@
 # 10,000), for N seconds (default 8) after 3 s of warm-up, divided by the requests
 # wrk counts. CACHESIM=1 adds callgrind's cache simulation and prints L1 and
 # last-level misses per request too (CACHESIM_LL=size,assoc,line sets the simulated
-# last level: 524288,8,64 for a Zen core's 512 KiB L2). Prints the count per request
-# and the functions with the most instructions of their own; the dump stays in the
-# printed directory.
+# last level: 524288,8,64 for a Zen core's 512 KiB L2; the miss counts of one binary
+# spread by about ±10 per request between runs, as the event loop's batching follows
+# the machine's load, so compare binaries over several interleaved runs). Prints the
+# count per request and the functions with the most instructions of their own; the
+# dump stays in the printed directory.
 # Needs valgrind, nginx, h2load (nghttp2-client), wrk (h1b), curl and python3.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,23p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,25p "$0"; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$(realpath "$1") N=${2:-20000} PROTO=${3:-h1} CONF=$(realpath "${4:-$HERE/instructions.toml}")
 for t in valgrind callgrind_control callgrind_annotate nginx h2load curl python3; do
