@@ -187,8 +187,9 @@ pub fn normalize_host<'a>(raw: &[u8], buf: &'a mut [u8; 256]) -> Option<&'a str>
         return None;
     }
     let out = &mut buf[..host.len()];
-    // One pass without an early exit, so the compiler can do it 32 bytes at a time
-    // (it was ~30 instructions a byte, byte by byte, on every request).
+    // One pass without an early exit, which the compiler can vectorise; with the
+    // early exit it went byte by byte (361 → 265 instructions of its own per request
+    // for a 14-byte host, callgrind).
     let mut bad = false;
     for (o, &c) in out.iter_mut().zip(host) {
         bad |= !(0x20..0x7f).contains(&c);

@@ -2303,7 +2303,7 @@ async fn a_reused_upstream_socket_times_out_at_each_requests_own_deadline() {
     c.send(ask("t2.example.com", "/slow").as_bytes()).await;
     let r = tokio::time::timeout(Duration::from_secs(30), c.response())
         .await
-        .expect("the shorter deadline ends the wait, not the socket's earlier hour");
+        .expect("the shorter deadline ends the wait, not the socket's hour-long one");
     r.assert_error(504, "upstream_timeout", Some("t2"));
     // A new socket (the timed-out one is not reused): a deadline, then a later one.
     c.send(ask("t2.example.com", "/fast").as_bytes()).await;
