@@ -77,9 +77,7 @@ struct Bucket {
 
 impl Bucket {
     fn new(r: &Rate, slot: u8) -> Bucket {
-        let t = Duration::try_from_secs_f64(1.0 / r.per_second).map_or(u64::MAX, |d| {
-            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-        });
+        let t = u64::try_from(r.period().as_nanos()).unwrap_or(u64::MAX);
         let t = NonZeroU64::new(t).unwrap_or(NonZeroU64::MIN);
         Bucket {
             t,
@@ -141,10 +139,14 @@ impl Rate {
         })
     }
 
+    /// The time per request; `Duration::MAX` when that does not fit (validation keeps
+    /// rates at 1e-9 and above, so only as a guard against a panic).
+    fn period(&self) -> Duration {
+        Duration::try_from_secs_f64(1.0 / self.per_second).unwrap_or(Duration::MAX)
+    }
+
     fn quota(&self) -> Quota {
-        let period = Duration::try_from_secs_f64(1.0 / self.per_second)
-            .unwrap_or(Duration::MAX)
-            .max(Duration::from_nanos(1));
+        let period = self.period().max(Duration::from_nanos(1));
         Quota::with_period(period)
             .expect("the period is at least 1ns")
             .allow_burst(NonZeroU32::new(self.burst).expect("burst is at least 1"))
@@ -315,9 +317,7 @@ impl TenantLimits {
                         return Ok(state);
                     }
                     crate::quota::Lease::Empty => {
-                        let wait = Duration::try_from_secs_f64(1.0 / rate.per_second)
-                            .unwrap_or(Duration::MAX);
-                        return Err(self.rate_limited(wait, "tenant", rate));
+                        return Err(self.rate_limited(rate.period(), "tenant", rate));
                     }
                     crate::quota::Lease::Stale
                         if self.on_store_failure == OnStoreFailure::Closed =>
