@@ -50,7 +50,7 @@ pub(super) struct Timer(Pin<Box<tokio::time::Sleep>>);
 pub(super) struct Elapsed;
 
 impl Timer {
-    fn new(deadline: tokio::time::Instant) -> Timer {
+    pub(super) fn new(deadline: tokio::time::Instant) -> Timer {
         Timer(Box::pin(tokio::time::sleep_until(deadline)))
     }
 

@@ -1,5 +1,5 @@
 //! Idle keep-alive connections without a task. A connection waiting for its next
-//! request is parked: its socket, its context and the worker's connection guard go
+//! request for longer than `h1::LINGER` (and a new one) is parked: its socket, its context and the worker's connection guard go
 //! into a slot of the worker's lot, and the slot itself is the waker registered for
 //! the socket's readability. When the client sends something the event loop wakes the
 //! slot, which spawns a task for the connection; until then the connection costs the
@@ -86,13 +86,14 @@ impl Worker {
 
     /// A new connection: parked until it sends its first bytes.
     pub fn accept(self: &Arc<Self>, conn: Conn) {
-        if let Some(conn) = self.park(conn) {
+        if let Some(conn) = self.park(conn, Instant::now()) {
             self.spawn(conn);
         }
     }
 
-    /// Parks `conn` until its socket turns readable; gives it back when it already is.
-    pub(super) fn park(self: &Arc<Self>, conn: Conn) -> Option<Conn> {
+    /// Parks `conn`, idle since `since`, until its socket turns readable; gives it
+    /// back when it already is.
+    pub(super) fn park(self: &Arc<Self>, conn: Conn, since: Instant) -> Option<Conn> {
         if *self.shutdown.borrow() {
             return None;
         }
@@ -120,7 +121,7 @@ impl Worker {
             lock(&self.lot).free.push(key);
             return Some(conn);
         }
-        *lock(&slot.parked) = Some((conn, Instant::now()));
+        *lock(&slot.parked) = Some((conn, since));
         lock(&self.lot).slots[key] = Some(slot);
         None
     }
