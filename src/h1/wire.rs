@@ -51,9 +51,8 @@ pub struct Head {
 /// split off `buf` (which keeps whatever follows: body bytes, pipelined requests),
 /// and the header values point into them.
 pub fn parse_request(buf: &mut BytesMut) -> Parsed {
-    // Offsets into `buf`: (name start, name len, value start, value len).
-    let mut spans = [(0u32, 0u16, 0u32, 0u32); MAX_HEADERS];
-    let (head_len, n_headers, method, path, body_len, close) = {
+    let mut spans = Spans::default();
+    let (head_len, method, path, body_len, close) = {
         let mut headers = no_headers();
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
@@ -85,7 +84,6 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         };
         let mut body_len: Option<u64> = None;
         let mut close = false;
-        let mut kept = 0;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             if is_name(name, b"content-length") {
@@ -106,16 +104,13 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
             } else if is_name(name, b"connection") {
                 close |= has_token(h.value, b"close");
             }
-            let (ns, nl) = span(buf, name);
-            let (vs, vl) = span(buf, h.value);
-            spans[kept] = (ns, nl as u16, vs, vl);
-            kept += 1;
+            spans.push(buf, name, h.value);
         }
-        (head_len, kept, method, path, body_len.unwrap_or(0), close)
+        (head_len, method, path, body_len.unwrap_or(0), close)
     };
     let head = buf.split_to(head_len).freeze();
-    let mut map = super::spare::header_map(n_headers + crate::headers::ADDED_TO_REQUESTS);
-    for &(ns, nl, vs, vl) in &spans[..n_headers] {
+    let mut map = super::spare::header_map(spans.len + crate::headers::ADDED_TO_REQUESTS);
+    for (ns, nl, vs, vl) in spans.iter() {
         let name = &head[ns as usize..ns as usize + nl as usize];
         let Ok(name) = HeaderName::from_bytes(name) else {
             return fallback_after_split(buf, head);
@@ -198,6 +193,39 @@ fn parse_response_head<'h, 'b>(
     headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
 ) -> httparse::Result<usize> {
     httparse::ParserConfig::default().parse_response_with_uninit_headers(resp, buf, headers)
+}
+
+/// Where the header lines kept from a parsed head are in its buffer, as (name start,
+/// name length, value start, value length), for making the `HeaderMap` once the head is
+/// split off. Room on the stack for the usual number, zeroed per head (room for all
+/// `MAX_HEADERS` was 2 KiB to zero per message), and a `Vec` for the rest.
+#[derive(Default)]
+struct Spans {
+    stack: [(u32, u16, u32, u32); SPANS_ON_STACK],
+    spilled: Vec<(u32, u16, u32, u32)>,
+    len: usize,
+}
+
+const SPANS_ON_STACK: usize = 24;
+
+impl Spans {
+    fn push(&mut self, buf: &[u8], name: &[u8], value: &[u8]) {
+        let (ns, nl) = span(buf, name);
+        let (vs, vl) = span(buf, value);
+        let s = (ns, nl as u16, vs, vl);
+        match self.stack.get_mut(self.len) {
+            Some(slot) => *slot = s,
+            None => self.spilled.push(s),
+        }
+        self.len += 1;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, u16, u32, u32)> + '_ {
+        self.stack[..self.len.min(SPANS_ON_STACK)]
+            .iter()
+            .chain(&self.spilled)
+            .copied()
+    }
 }
 
 /// Where `part` (a sub-slice of `buf`) starts, and its length.
@@ -530,9 +558,8 @@ pub enum Parted {
 /// chunked cannot be passed on this way (HTTP/2 has none); they are dropped, as
 /// hyper's own client does. The gateway's headers are added by the caller.
 pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Parted, Malformed> {
-    // Offsets into `buf`: (name start, name len, value start, value len).
-    let mut spans = [(0u32, 0u16, 0u32, 0u32); MAX_HEADERS];
-    let (head, n_headers) = {
+    let mut spans = Spans::default();
+    let head = {
         let mut headers = no_headers();
         let mut resp = httparse::Response::new(&mut []);
         let head_len = match parse_response_head(&mut resp, buf, &mut headers) {
@@ -544,23 +571,19 @@ pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Pa
             return Ok(Parted::Interim(head_len));
         };
         let mut wrote_length = false;
-        let mut kept = 0;
         for h in resp.headers.iter() {
             let name = h.name.as_bytes();
             if !scan.passes(name, &mut wrote_length) {
                 continue;
             }
-            let (ns, nl) = span(buf, name);
-            let (vs, vl) = span(buf, h.value);
-            spans[kept] = (ns, nl as u16, vs, vl);
-            kept += 1;
+            spans.push(buf, name, h.value);
         }
-        (scan.head(head_len), kept)
+        scan.head(head_len)
     };
     let status = http::StatusCode::from_u16(head.status).map_err(|_| Malformed)?;
     let bytes = buf.split_to(head.head_len).freeze();
-    let mut map = HeaderMap::with_capacity(n_headers + crate::headers::ADDED_TO_RESPONSES);
-    for &(ns, nl, vs, vl) in &spans[..n_headers] {
+    let mut map = HeaderMap::with_capacity(spans.len + crate::headers::ADDED_TO_RESPONSES);
+    for (ns, nl, vs, vl) in spans.iter() {
         let name = HeaderName::from_bytes(&bytes[ns as usize..ns as usize + nl as usize])
             .map_err(|_| Malformed)?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(vs as usize..(vs + vl) as usize))
@@ -1125,5 +1148,63 @@ mod tests {
         assert!(c.decode(b"zz\r\n", &mut Vec::new()).is_err());
         let mut c = Chunked::default();
         assert!(c.decode(b"1\r\nab\r\n", &mut Vec::new()).is_err());
+    }
+
+    /// A head with more headers than `parse_response_parts` keeps room for on the stack:
+    /// every one that passes arrives, in order, with its value, and the bytes after the
+    /// head stay in the buffer.
+    #[test]
+    fn response_parts_keep_every_header_of_a_long_head() {
+        let mut head = b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\n".to_vec();
+        for i in 0..40 {
+            head.extend_from_slice(format!("X-H{i}: value {i}\r\n").as_bytes());
+            if i == 30 {
+                head.extend_from_slice(b"X-Hop: gone\r\nKeep-Alive: timeout=5\r\n");
+            }
+        }
+        head.extend_from_slice(b"Content-Length: 4\r\n\r\nbody");
+        let mut buf = BytesMut::from(&head[..]);
+        let Ok(Parted::Head(parts, h)) = parse_response_parts(&mut buf, false) else {
+            panic!("not parsed");
+        };
+        assert_eq!(h.framing, Framing::Length(4));
+        assert_eq!(&buf[..], b"body");
+        let got: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let mut want: Vec<(String, String)> = (0..40)
+            .map(|i| (format!("x-h{i}"), format!("value {i}")))
+            .collect();
+        want.push(("content-length".into(), "4".into()));
+        assert_eq!(got, want);
+    }
+
+    /// A request head with more header lines than `parse_request` keeps room for on the
+    /// stack: every one is in the map, in order, and the body stays in the buffer.
+    #[test]
+    fn request_parts_keep_every_header_of_a_long_head() {
+        let mut head = b"POST /x HTTP/1.1\r\nHost: a.example\r\n".to_vec();
+        for i in 0..40 {
+            head.extend_from_slice(format!("X-H{i}: value {i}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"Content-Length: 4\r\n\r\nbody");
+        let mut buf = BytesMut::from(&head[..]);
+        let Parsed::Request(h) = parse_request(&mut buf) else {
+            panic!("not parsed");
+        };
+        assert_eq!(h.body_len, 4);
+        assert_eq!(&buf[..], b"body");
+        let got: Vec<(String, String)> = h
+            .parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let mut want = vec![("host".to_string(), "a.example".to_string())];
+        want.extend((0..40).map(|i| (format!("x-h{i}"), format!("value {i}"))));
+        want.push(("content-length".into(), "4".into()));
+        assert_eq!(got, want);
     }
 }
