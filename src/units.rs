@@ -42,11 +42,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, and combinations such as `"1m30s"`.
+/// The longest duration a setting takes. Timeouts are added to the current time on
+/// the request path, where a sum past the clock's range would panic and take the
+/// process down (a `request_timeout` of `"300000000000y"` did, at the first request).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, and combinations such as `"1m30s"`; at
+/// most [`MAX_DURATION`] (ten years).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
         format!("invalid duration {s:?}: {e} (expected e.g. \"250ms\", \"30s\", \"5m\")")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!("invalid duration {s:?}: longer than ten years"));
+    }
+    Ok(d)
 }
 
 impl<'de> Deserialize<'de> for ByteSize {
@@ -111,5 +121,13 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
+        for long in ["3651d", "300000000000y", "18446744073709551615s"] {
+            let e = parse_duration(long).unwrap_err();
+            assert!(
+                e.contains("longer than ten years") || e.contains("overflow"),
+                "{e}"
+            );
+        }
     }
 }

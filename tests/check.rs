@@ -34,6 +34,25 @@ fn shipped_config_is_valid() {
 }
 
 #[test]
+fn a_duration_past_ten_years_is_refused_with_its_position() {
+    // Accepted before, then the first request added it to the clock and the process
+    // aborted.
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nrequest_timeout = \"300000000000y\"\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.trim()
+            .starts_with("PATH:7:19: invalid duration \"300000000000y\": longer than ten years"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nrequest_timeout = \"3650d\"\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn unknown_key() {
     let (code, _, err) = check(&format!(
         "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nupstreem = \"x\"\n"
