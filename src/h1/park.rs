@@ -1,7 +1,7 @@
-//! Idle keep-alive connections without a task. A connection waiting for its next
-//! request for longer than `h1::LINGER` (and a new one) is parked: its socket, its context and the worker's connection guard go
-//! into a slot of the worker's lot, and the slot itself is the waker registered for
-//! the socket's readability. When the client sends something the event loop wakes the
+//! Idle keep-alive connections without a task. A new connection, and one that has
+//! waited for its next request for longer than `h1::LINGER`, is parked: its socket,
+//! its context and the worker's connection guard go into a slot of the worker's lot,
+//! and the slot itself is the waker registered for the socket's readability. When the client sends something the event loop wakes the
 //! slot, which spawns a task for the connection; until then the connection costs the
 //! slot (about 100 bytes) and tokio's registration, not a task with its future.
 //! Every second (or quarter of `header_read_timeout`, if shorter) the lot closes
