@@ -2355,8 +2355,10 @@ async fn unknown_host_is_404_and_the_connection_stays_usable() {
 #[tokio::test]
 async fn idle_keep_alive_connections_serve_again_and_close_after_the_header_timeout() {
     let up = RawUpstream::echo().await;
+    // 2 s: the first connection must outlast the first round plus the pause below on a
+    // slow machine.
     let gw = Gateway::start(&format!(
-        "[server]\nworkers = 1\nheader_read_timeout = \"400ms\"\n\n[upstreams.u]\n\
+        "[server]\nworkers = 1\nheader_read_timeout = \"2s\"\n\n[upstreams.u]\n\
          targets = [\"{}\"]\n\n[tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n",
         up.addr
     ));
