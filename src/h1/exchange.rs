@@ -43,7 +43,8 @@ pub(super) struct UpSocket {
     pub timer: Timer,
 }
 
-/// The deadline of the exchange in progress on one upstream socket.
+/// A deadline re-armed for each use: the exchange in progress on one upstream socket,
+/// or (`h1::linger`) a client connection's wait for its next request.
 pub(super) struct Timer(Pin<Box<tokio::time::Sleep>>);
 
 /// A bounded wait ran past its deadline.
@@ -54,7 +55,7 @@ impl Timer {
         Timer(Box::pin(tokio::time::sleep_until(deadline)))
     }
 
-    /// Sets the deadline of the next exchange.
+    /// Sets the deadline of the next use.
     pub(super) fn arm(&mut self, deadline: tokio::time::Instant) {
         if self.0.deadline() != deadline {
             self.0.as_mut().reset(deadline);
