@@ -532,11 +532,24 @@ measure() { # scen proto proxy rep
 # has no per-request script); l4 forwards to the backend's HTTP/1.1 port only.
 skip_measure() { [[ ($1 == a1 || $3 == l4) && $2 == h2 ]]; }
 
+# rotated REP WORD...: the words, rotated left by REP - 1, so that each proxy takes each
+# place in the order in turn: a machine that is slower right after one proxy stops, or in
+# some part of every repeat, then costs every proxy alike instead of always the same one.
+rotated() {
+  local k=$(($1 - 1)) i
+  shift
+  local words=("$@")
+  for ((i = 0; i < ${#words[@]}; i++)); do
+    printf '%s ' "${words[(i + k) % ${#words[@]}]}"
+  done
+}
+
 run_load_scenario() { # scen
   local scen=$1 n=1 rep proxy proto
   [[ $scen == b ]] && n=$TENANTS_B
   for ((rep = 1; rep <= REPEAT; rep++)); do
-    for proxy in $PROXIES $REFS; do
+    # shellcheck disable=SC2086 # the proxies' names are single words
+    for proxy in $(rotated "$rep" $PROXIES $REFS); do
       if ! start_proxy "$proxy" "$n"; then
         stop_proxy || true
         warn "skipping $proxy for $scen rep $rep"
@@ -552,7 +565,8 @@ run_load_scenario() { # scen
 
 run_paired_repeat() { # rep: each proxy and protocol in turn, its scenarios back to back
   local rep=$1 proxy proto scen n
-  for proxy in $PROXIES $REFS; do
+  # shellcheck disable=SC2086 # the proxies' names are single words
+  for proxy in $(rotated "$rep" $PROXIES $REFS); do
     for proto in $PROTOCOLS; do
       for scen in $SCENARIOS; do
         [[ $scen == d ]] && continue
