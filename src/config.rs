@@ -46,9 +46,9 @@ pub enum LogFormat {
 pub struct ServerConfig {
     pub listen: Spanned<String>,
     pub admin_listen: Spanned<String>,
-    pub workers: usize,
+    pub workers: Spanned<usize>,
     pub shutdown_grace: Dur,
-    pub header_read_timeout: Dur,
+    pub header_read_timeout: Spanned<Dur>,
     pub max_header_bytes: ByteSize,
     pub log_format: LogFormat,
     /// One JSON line per applied config change is appended here; off when unset.
@@ -78,9 +78,9 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: Spanned::new(0..0, "0.0.0.0:8080".to_owned()),
             admin_listen: Spanned::new(0..0, "127.0.0.1:9901".to_owned()),
-            workers: 0,
+            workers: Spanned::new(0..0, 0),
             shutdown_grace: Dur(Duration::from_secs(30)),
-            header_read_timeout: Dur(Duration::from_secs(10)),
+            header_read_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
             max_header_bytes: ByteSize(16 * 1024),
             log_format: LogFormat::Text,
             audit_log: None,
@@ -96,6 +96,11 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// `server.workers` above this is refused: each worker is a thread with its own event
+/// loop, listener socket and upstream pool, and a typo such as `workers = 100000` would
+/// otherwise fail only at start, after most of the threads were made.
+pub const MAX_WORKERS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -162,7 +167,7 @@ impl Default for TenancyConfig {
 #[serde(deny_unknown_fields)]
 pub struct DefaultsConfig {
     pub upstream: Option<Spanned<String>>,
-    pub request_timeout: Option<Dur>,
+    pub request_timeout: Option<Spanned<Dur>>,
     #[serde(default)]
     pub limits: LimitsConfig,
 }
@@ -309,7 +314,7 @@ pub struct TenantConfig {
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
     pub upstream: Option<Spanned<String>>,
-    pub request_timeout: Option<Dur>,
+    pub request_timeout: Option<Spanned<Dur>>,
     #[serde(default)]
     pub features: Vec<Spanned<String>>,
     #[serde(default)]
@@ -684,6 +689,26 @@ impl Validator<'_> {
                 ),
             }
         }
+        if *server.workers.get_ref() > MAX_WORKERS {
+            self.error(
+                server.workers.span(),
+                format!("`server.workers` must be at most {MAX_WORKERS} (0 = one per core)"),
+            );
+        }
+        if server.header_read_timeout.get_ref().0.is_zero() {
+            self.error(
+                server.header_read_timeout.span(),
+                "`server.header_read_timeout` must be positive".to_owned(),
+            );
+        }
+        for t in std::iter::once(&f.defaults.request_timeout)
+            .chain(f.tenants.values().map(|t| &t.request_timeout))
+            .flatten()
+        {
+            if t.get_ref().0.is_zero() {
+                self.error(t.span(), "`request_timeout` must be positive".to_owned());
+            }
+        }
         if server.limiter_prune_interval.0.is_zero() {
             self.error(
                 0..0,
@@ -1007,8 +1032,9 @@ impl Validator<'_> {
                 upstream,
                 request_timeout: tc
                     .request_timeout
-                    .or(d.request_timeout)
-                    .map_or(Duration::from_secs(30), |d| d.0),
+                    .as_ref()
+                    .or(d.request_timeout.as_ref())
+                    .map_or(Duration::from_secs(30), |d| d.get_ref().0),
                 features,
                 status: tc.status,
                 limits: merge_limits(&tc.limits, &d.limits),
@@ -1039,9 +1065,9 @@ impl Validator<'_> {
             ),
             listen: listen?,
             admin_listen: admin_listen?,
-            workers: server.workers,
+            workers: *server.workers.get_ref(),
             shutdown_grace: server.shutdown_grace.0,
-            header_read_timeout: server.header_read_timeout.0,
+            header_read_timeout: server.header_read_timeout.get_ref().0,
             max_header_bytes: server.max_header_bytes.0,
             tunnel_idle_timeout: Some(server.tunnel_idle_timeout.0).filter(|d| !d.is_zero()),
             log_format: server.log_format,

@@ -44,13 +44,12 @@ pub fn spawn_echo_upstreams(config: &Config) -> io::Result<Vec<SocketAddr>> {
             listeners.push((l, u.name.clone()));
         }
     }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new()
         .name("bulkhead-demo".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime can be built");
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for (l, name) in listeners {

@@ -80,23 +80,28 @@ impl RunningGateway {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut workers = Vec::with_capacity(workers_n);
         for i in 0..workers_n {
-            let l = listener.try_clone()?;
+            let worker_err = |e: io::Error| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot start worker {} of {workers_n}: {e}", i + 1),
+                )
+            };
+            let l = listener.try_clone().map_err(worker_err)?;
             let tl = tls_listener
                 .as_ref()
                 .map(StdListener::try_clone)
-                .transpose()?;
+                .transpose()
+                .map_err(worker_err)?;
             let shared = shared.clone();
             let rx = shutdown_rx.clone();
+            // Built here, so that running out of descriptors or memory is an error from
+            // `start`, not a panic in the thread.
+            let rt = runtime().map_err(worker_err)?;
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("bulkhead-worker-{i}"))
-                    .spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .expect("a tokio runtime can be built");
-                        rt.block_on(worker(l, tl, redirect_to, shared, rx));
-                    })?,
+                    .spawn(move || rt.block_on(worker(l, tl, redirect_to, shared, rx)))
+                    .map_err(worker_err)?,
             );
         }
         drop(listener);
@@ -104,13 +109,10 @@ impl RunningGateway {
 
         let (admin_stop, admin_rx) = watch::channel(false);
         let admin_shared = shared.clone();
+        let rt = runtime()?;
         let admin = std::thread::Builder::new()
             .name("bulkhead-admin".into())
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a tokio runtime can be built");
                 rt.block_on(async move {
                     tokio::spawn(prune_limiters(admin_shared.clone()));
                     tokio::spawn(crate::cluster::run(admin_shared.clone()));
@@ -222,6 +224,13 @@ impl Drop for ConnGuard {
             self.0.idle.notify_waiters();
         }
     }
+}
+
+/// One worker's (or the admin thread's) event loop.
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// hyper's own limit on a request head, fixed when the listeners start: a backstop

@@ -53,6 +53,70 @@ fn a_duration_past_ten_years_is_refused_with_its_position() {
 }
 
 #[test]
+fn zero_timeouts_and_a_runaway_worker_count_are_refused_with_their_positions() {
+    // All accepted before: `workers = 100000` aborted the process at start (a worker
+    // thread's event loop could not be built), a zero `request_timeout` answered 504 to
+    // some requests and 200 to others, a zero `header_read_timeout` served on.
+    let bad = format!(
+        "[server]\nworkers = 100000\nheader_read_timeout = \"0s\"\n{BASE}request_timeout = \"0s\"\n\
+         [tenants.acme]\nhosts = [\"a.com\"]\nrequest_timeout = \"0ms\"\n"
+    );
+    let (code, _, err) = check(&bad);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "PATH:2:11: `server.workers` must be at most 1024 (0 = one per core)",
+            "PATH:3:23: `server.header_read_timeout` must be positive",
+            "PATH:8:19: `request_timeout` must be positive",
+            "PATH:11:19: `request_timeout` must be positive",
+        ],
+        "{err}"
+    );
+    let good = bad
+        .replace("100000", "1024")
+        .replace("\"0s\"", "\"1ms\"")
+        .replace("\"0ms\"", "\"1ms\"");
+    let (code, _, err) = check(&good);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_worker_that_cannot_start_is_an_error_not_a_crash() {
+    // 1,024 workers with 64 file descriptors: the event loops cannot all be built. The
+    // process must stop with a message and exit code 1, not panic in a worker thread.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 1024\n{BASE}\
+             [tenants.acme]\nhosts = [\"a.com\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("timeout")
+        .args([
+            "30",
+            "sh",
+            "-c",
+            "ulimit -n 64 && exec \"$0\" run --no-watch --config \"$1\"",
+        ])
+        .arg(env!("CARGO_BIN_EXE_bulkhead"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("cannot start worker") && err.contains("of 1024: Too many open files"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_key() {
     let (code, _, err) = check(&format!(
         "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nupstreem = \"x\"\n"
