@@ -619,12 +619,22 @@ impl Validator<'_> {
         }
     }
 
-    fn header_name(&mut self, s: &Spanned<String>, key: &str) {
-        if http::HeaderName::from_bytes(s.get_ref().as_bytes()).is_err() || s.get_ref().is_empty() {
-            self.error(
+    /// A header name from the file. `sets`: the gateway sets it on forwarded requests
+    /// (otherwise it reads it from the client), see [`crate::headers::reserved`].
+    fn header_name(&mut self, s: &Spanned<String>, key: &str, sets: bool) {
+        match http::HeaderName::from_bytes(s.get_ref().as_bytes()) {
+            Ok(name) => {
+                if let Some(why) = crate::headers::reserved(name.as_str(), sets) {
+                    self.error(
+                        s.span(),
+                        format!("`{key}` cannot be {:?}: {why}", s.get_ref()),
+                    );
+                }
+            }
+            Err(_) => self.error(
                 s.span(),
                 format!("`{key}` is not a valid header name: {:?}", s.get_ref()),
-            );
+            ),
         }
     }
 
@@ -733,8 +743,8 @@ impl Validator<'_> {
             }
             seen.push(*s);
         }
-        self.header_name(&t.header, "tenancy.header");
-        self.header_name(&t.jwt.header, "tenancy.jwt.header");
+        self.header_name(&t.header, "tenancy.header", false);
+        self.header_name(&t.jwt.header, "tenancy.jwt.header", false);
         let base = path.parent().unwrap_or(Path::new("."));
         let jwt_source = t.resolve.get_ref().contains(&SourceKind::Jwt);
         let jwt_global = match &t.jwt.jwks_file {
@@ -752,7 +762,7 @@ impl Validator<'_> {
             },
             None => None,
         };
-        self.header_name(&t.api_key.header, "tenancy.api_key.header");
+        self.header_name(&t.api_key.header, "tenancy.api_key.header", false);
         if t.resolve.get_ref().contains(&SourceKind::Sni) && tls_listen.is_none() {
             self.error(
                 t.resolve.span(),
@@ -761,7 +771,7 @@ impl Validator<'_> {
         }
         // `forward_header = ""` turns tenant header injection off.
         if !t.forward_header.get_ref().is_empty() {
-            self.header_name(&t.forward_header, "tenancy.forward_header");
+            self.header_name(&t.forward_header, "tenancy.forward_header", true);
         }
         let prefix = t.path_prefix.get_ref();
         if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
@@ -976,7 +986,7 @@ impl Validator<'_> {
                 };
                 let mut forward_claims = Vec::new();
                 for (claim, header) in &j.forward_claims {
-                    self.header_name(header, "forward_claims");
+                    self.header_name(header, "forward_claims", true);
                     forward_claims.push((claim.clone(), header.get_ref().to_ascii_lowercase()));
                 }
                 crate::jwt::ResolvedJwt {

@@ -117,6 +117,61 @@ fn a_worker_that_cannot_start_is_an_error_not_a_crash() {
 }
 
 #[test]
+fn header_names_the_gateway_needs_for_itself_are_refused() {
+    // A tenant header of `content-length` was stripped from requests (their bodies then
+    // read as the next request upstream), a forwarded header of `transfer-encoding`
+    // answered every request 501, one of `x-forwarded-for` replaced the client address.
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"header\", \"host\"]\nheader = \"Content-Length\"\n\
+         forward_header = \"transfer-encoding\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "PATH:3:10: `tenancy.header` cannot be \"Content-Length\": the gateway reads and writes it for every request itself",
+            "PATH:4:18: `tenancy.forward_header` cannot be \"transfer-encoding\": the gateway reads and writes it for every request itself",
+        ],
+        "{err}"
+    );
+    for (key, name, why) in [
+        (
+            "forward_header",
+            "x-forwarded-for",
+            "the gateway sets it on forwarded requests itself",
+        ),
+        (
+            "forward_header",
+            "host",
+            "the gateway reads and writes it for every request itself",
+        ),
+        (
+            "api_key.header",
+            "connection",
+            "it is hop-by-hop: removed at the gateway",
+        ),
+    ] {
+        let (code, _, err) = check(&format!(
+            "[tenancy]\n{key} = \"{name}\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+        ));
+        assert_eq!(code, 1, "{key} = {name}");
+        assert_eq!(
+            err.trim(),
+            format!(
+                "PATH:2:{}: `tenancy.{key}` cannot be {name:?}: {why}",
+                key.len() + 4
+            )
+        );
+    }
+    // A header the gateway only reads may be one it also sets for the backend.
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"header\", \"host\"]\nheader = \"x-request-id\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn unknown_key() {
     let (code, _, err) = check(&format!(
         "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nupstreem = \"x\"\n"

@@ -584,6 +584,19 @@ upstream = "u"
     assert_eq!(code, 1);
     assert!(err.contains("`tls.cert` needs `tls.key`"), "{err}");
 
+    // The verified subject cannot go into a header the request's framing depends on.
+    let (code, _, err) = run_check(
+        &base(&format!(
+            "client_ca = \"{d}/ca.pem\"\nforward_client_cert = \"Content-Length\""
+        )),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:13:23: `tls.forward_client_cert` cannot be \"Content-Length\": the gateway reads and writes it for every request itself"),
+        "{err}"
+    );
+
     let (code, _, err) = run_check(
         "[tenancy]\nresolve = [\"sni\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[tenants.a]\nhosts = [\"a.test\"]\nupstream = \"u\"\n",
         &[],

@@ -337,7 +337,16 @@ pub fn validate_tenant(
             );
         }
         match HeaderName::from_bytes(h.get_ref().as_bytes()) {
-            Ok(name) => Some(name.as_str().to_owned()),
+            Ok(name) => match crate::headers::reserved(name.as_str(), true) {
+                Some(why) => {
+                    err(
+                        h.span(),
+                        format!("`tls.forward_client_cert` cannot be {:?}: {why}", h.get_ref()),
+                    );
+                    None
+                }
+                None => Some(name.as_str().to_owned()),
+            },
             Err(_) => {
                 err(
                     h.span(),
