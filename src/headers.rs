@@ -42,9 +42,11 @@ pub const HOP_BY_HOP: [&str; 8] = [
 /// Why a header name configured in gateway.toml cannot be `name` (lower case), if it
 /// cannot: `Host` and the framing headers, which the gateway must read and write itself
 /// (a tenant header of `content-length` would be stripped from the request and leave its
-/// body to be read as the next one), and the hop-by-hop ones, which never pass. `sets`:
-/// the gateway sets this header on forwarded requests (`forward_header`,
-/// `forward_claims`, `forward_client_cert`), so the ones it already sets are refused too.
+/// body to be read as the next one). `sets`: the gateway sets this header on forwarded
+/// requests (`forward_header`, `forward_claims`, `forward_client_cert`), so hop-by-hop
+/// names (which would tell the upstream to drop headers, or never pass) and the ones it
+/// already sets are refused too. A header it only reads may be hop-by-hop: it is read
+/// before those are removed (a credential in `Proxy-Authorization`, say).
 pub fn reserved(name: &str, sets: bool) -> Option<&'static str> {
     const OWN: [&str; 5] = [
         "x-forwarded-for",
@@ -55,7 +57,7 @@ pub fn reserved(name: &str, sets: bool) -> Option<&'static str> {
     ];
     if ["host", "content-length", "transfer-encoding"].contains(&name) {
         Some("the gateway reads and writes it for every request itself")
-    } else if HOP_BY_HOP.contains(&name) {
+    } else if sets && HOP_BY_HOP.contains(&name) {
         Some("it is hop-by-hop: removed at the gateway")
     } else if sets && OWN.contains(&name) {
         Some("the gateway sets it on forwarded requests itself")

@@ -109,7 +109,8 @@ impl RunningGateway {
 
         let (admin_stop, admin_rx) = watch::channel(false);
         let admin_shared = shared.clone();
-        let rt = runtime()?;
+        let rt = runtime()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start the admin thread: {e}")))?;
         let admin = std::thread::Builder::new()
             .name("bulkhead-admin".into())
             .spawn(move || {
