@@ -931,7 +931,7 @@ impl Validator<'_> {
                 {
                     self.error(
                         feat.span(),
-                        format!("feature {s:?} of tenant {id_str:?} must be visible ASCII without commas"),
+                        format!("feature {s:?} of tenant {id_str:?} must be printable ASCII (spaces allowed) without commas"),
                     );
                 }
                 features.push(s.clone());
@@ -1340,6 +1340,11 @@ fn valid_hostname(h: &str) -> bool {
 pub fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
     let lower = raw.to_ascii_lowercase();
     let h = lower.strip_suffix('.').unwrap_or(&lower);
+    if h.starts_with('[') {
+        return Err(format!(
+            "host {raw:?}: IPv6 literals are not supported in `hosts`"
+        ));
+    }
     if h.contains(':') {
         return Err(format!(
             "host {raw:?} must not carry a port (host matching ignores the port)"
@@ -1381,6 +1386,7 @@ pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
         return Err(format!("target {raw:?} must be a host and a port"));
     }
     match auth.port_u16() {
+        Some(0) => Err(format!("target {raw:?}: port 0 cannot be connected to")),
         Some(_) => Ok((auth.as_str().to_owned(), https)),
         None if https => Ok((format!("{}:443", auth.as_str()), true)),
         None => Err(format!(
@@ -1561,6 +1567,14 @@ upstream = "shared"
         assert!(parse_host_pattern("acme.com:80").is_err());
         assert!(parse_host_pattern("a.*.com").is_err());
         assert!(parse_host_pattern("").is_err());
+        assert_eq!(
+            parse_host_pattern("10.0.0.1").unwrap(),
+            HostPattern::Exact("10.0.0.1".into())
+        );
+        assert_eq!(
+            parse_host_pattern("[::1]").unwrap_err(),
+            "host \"[::1]\": IPv6 literals are not supported in `hosts`"
+        );
     }
 
     #[test]
@@ -1580,6 +1594,10 @@ upstream = "shared"
         assert!(parse_target("localhost").is_err());
         assert!(parse_target("https://u@a:1").is_err());
         assert!(parse_target("ftp://a:1").is_err());
+        assert_eq!(
+            parse_target("127.0.0.1:0").unwrap_err(),
+            "target \"127.0.0.1:0\": port 0 cannot be connected to"
+        );
     }
 
     #[test]
