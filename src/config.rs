@@ -1061,10 +1061,17 @@ impl Validator<'_> {
             self.cluster_scope_needs_redis(f);
         }
         let state_dir = server.state_dir.as_ref().map(|d| {
+            let dir = path.parent().unwrap_or(Path::new("")).join(d.get_ref());
             if d.get_ref().is_empty() {
                 self.error(d.span(), "`server.state_dir` must be a directory path (leave it out to keep quota counters in memory)".to_owned());
+            } else if dir.exists() && !dir.is_dir() {
+                // Created when missing; but a file there would fail every save.
+                self.error(
+                    d.span(),
+                    format!("`server.state_dir` {:?} exists and is not a directory", d.get_ref()),
+                );
             }
-            path.parent().unwrap_or(Path::new("")).join(d.get_ref())
+            dir
         });
 
         Some(Config {
@@ -1200,8 +1207,17 @@ impl Validator<'_> {
             );
             return None;
         }
-        let dir = config.parent().unwrap_or(Path::new(""));
-        Some(dir.join(raw.get_ref()))
+        let file = config.parent().unwrap_or(Path::new("")).join(raw.get_ref());
+        if file.is_dir() {
+            self.error(
+                raw.span(),
+                format!(
+                    "`server.audit_log` {:?} is a directory; name a file in it",
+                    raw.get_ref()
+                ),
+            );
+        }
+        Some(file)
     }
 
     fn missing_upstream(&mut self, u: &Spanned<String>, who: &str) {

@@ -177,6 +177,34 @@ fn header_names_the_gateway_needs_for_itself_are_refused() {
 }
 
 #[test]
+fn a_state_dir_that_is_a_file_and_an_audit_log_that_is_a_directory_are_refused() {
+    // Both were accepted: the quota counters then failed to save every second, and the
+    // audit log lost every line, each with only a warning.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (f, d) = (file.display(), dir.path().display());
+    let (code, _, err) = check(&format!(
+        "[server]\nstate_dir = \"{f}\"\naudit_log = \"{d}\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("PATH:2:13: `server.state_dir` \"{f}\" exists and is not a directory"),
+            format!("PATH:3:13: `server.audit_log` \"{d}\" is a directory; name a file in it"),
+        ],
+        "{err}"
+    );
+    // A directory that does not exist yet is made; a new audit log file is created.
+    let (code, _, err) = check(&format!(
+        "[server]\nstate_dir = \"{d}/new\"\naudit_log = \"{d}/audit.jsonl\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn unknown_key() {
     let (code, _, err) = check(&format!(
         "{BASE}[tenants.acme]\nhosts = [\"a.com\"]\nupstreem = \"x\"\n"
