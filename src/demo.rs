@@ -44,9 +44,7 @@ pub fn spawn_echo_upstreams(config: &Config) -> io::Result<Vec<SocketAddr>> {
             listeners.push((l, u.name.clone()));
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::server::runtime()?;
     std::thread::Builder::new()
         .name("bulkhead-demo".into())
         .spawn(move || {

@@ -227,8 +227,9 @@ impl Drop for ConnGuard {
     }
 }
 
-/// One worker's (or the admin thread's) event loop.
-fn runtime() -> io::Result<tokio::runtime::Runtime> {
+/// One worker's (or the admin thread's, or `--demo`'s) event loop, built before its
+/// thread starts so that a failure is an error, not a panic in the thread.
+pub(crate) fn runtime() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
