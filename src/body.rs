@@ -4,11 +4,12 @@
 //! are counted, and the access-log line is written. A struct around an enum rather
 //! than a boxed trait object, so no allocation per response.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
@@ -36,6 +37,61 @@ enum Kind {
 pub struct ProxyBody {
     kind: Kind,
     finish: Option<Finish>,
+    /// For a body streamed from an upstream: how long it may wait for the next bytes.
+    quiet: Option<Box<Quiet>>,
+}
+
+/// `server.body_idle_timeout` for a body streamed from an upstream: the longest the
+/// upstream may send nothing while the client waits for more. (A client that takes
+/// nothing is the connection's business: `crate::server::Stalls`.)
+#[derive(Debug)]
+struct Quiet {
+    wait: IdleWait,
+    upstream: Arc<str>,
+}
+
+/// A bound on how long something may wait without progress, counted from the first
+/// wait after the last progress. Its timer is made at the first wait, so what never
+/// waits never reads the clock or allocates.
+#[derive(Debug)]
+pub(crate) struct IdleWait {
+    pub idle: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The sleep is set for the current wait.
+    armed: bool,
+}
+
+impl IdleWait {
+    pub(crate) fn new(idle: Duration) -> IdleWait {
+        IdleWait {
+            idle,
+            sleep: None,
+            armed: false,
+        }
+    }
+
+    /// The thing waited for made progress.
+    pub(crate) fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// Called while waiting: `Ready` once the wait has lasted `idle`.
+    pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = tokio::time::Instant::now() + self.idle;
+        let sleep = match &mut self.sleep {
+            Some(s) => {
+                if !self.armed {
+                    s.as_mut().reset(deadline);
+                }
+                s
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        sleep.as_mut().poll(cx)
+    }
 }
 
 /// What happens when a response body is finished or dropped (the client went away).
@@ -95,6 +151,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(b)),
             finish: None,
+            quiet: None,
         }
     }
 
@@ -103,6 +160,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(None),
             finish: None,
+            quiet: None,
         }
     }
 
@@ -110,6 +168,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Raw(body),
             finish: None,
+            quiet: None,
         }
     }
 
@@ -124,6 +183,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Upstream(body, lease),
             finish: None,
+            quiet: None,
         }
     }
 
@@ -133,6 +193,22 @@ impl ProxyBody {
             Kind::Full(b) => b.take(),
             Kind::Upstream(..) | Kind::Raw(_) => None,
         }
+    }
+
+    /// Bounds a body streamed from `upstream` by `server.body_idle_timeout` (`idle`):
+    /// once the upstream has sent nothing for that long, the body fails and the client's
+    /// response is cut off (counted as an upstream timeout). A body already here whole
+    /// is left as it is.
+    pub fn idle_bounded(mut self, idle: Option<Duration>, upstream: &Arc<str>) -> ProxyBody {
+        if let Some(idle) = idle {
+            if !self.is_end_stream() && !matches!(self.kind, Kind::Full(_)) {
+                self.quiet = Some(Box::new(Quiet {
+                    wait: IdleWait::new(idle),
+                    upstream: upstream.clone(),
+                }));
+            }
+        }
+        self
     }
 
     /// Attaches the end-of-response work.
@@ -175,6 +251,28 @@ impl Body for ProxyBody {
             }
             Kind::Raw(inner) => Pin::new(&mut **inner).poll_frame(cx).map_err(Into::into),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        let polled = match (polled, &mut this.quiet) {
+            (Poll::Pending, Some(q)) => match q.wait.poll_expired(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => {
+                    let (stall, idle) = (crate::h1::Stall::Upstream, q.wait.idle);
+                    stall.record(this.finish.as_mut(), &q.upstream, idle);
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no byte from upstream {:?} for {idle:?} (server.body_idle_timeout)",
+                            q.upstream
+                        ),
+                    );
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            },
+            (polled, Some(q)) => {
+                q.wait.progress();
+                polled
+            }
+            (polled, None) => polled,
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -71,6 +71,9 @@ pub struct ServerConfig {
     pub state_dir: Option<Spanned<String>>,
     /// A WebSocket tunnel with no bytes either way for this long is closed; 0 = never.
     pub tunnel_idle_timeout: Dur,
+    /// A response body that makes no progress for this long (the upstream sends
+    /// nothing, or the client takes nothing) is cut off; 0 = never.
+    pub body_idle_timeout: Dur,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +96,7 @@ impl Default for ServerConfig {
             tls: None,
             state_dir: None,
             tunnel_idle_timeout: Dur(Duration::from_secs(3600)),
+            body_idle_timeout: Dur(Duration::from_secs(60)),
         }
     }
 }
@@ -428,6 +432,8 @@ pub struct Config {
     pub max_header_bytes: u64,
     /// `server.tunnel_idle_timeout`; `None` for "0s" (never).
     pub tunnel_idle_timeout: Option<Duration>,
+    /// `server.body_idle_timeout`; `None` for "0s" (never).
+    pub body_idle_timeout: Option<Duration>,
     pub log_format: LogFormat,
     /// `server.audit_log`, relative paths taken from the config file's directory.
     pub audit_log: Option<PathBuf>,
@@ -1087,6 +1093,7 @@ impl Validator<'_> {
             header_read_timeout: server.header_read_timeout.get_ref().0,
             max_header_bytes: server.max_header_bytes.0,
             tunnel_idle_timeout: Some(server.tunnel_idle_timeout.0).filter(|d| !d.is_zero()),
+            body_idle_timeout: Some(server.body_idle_timeout.0).filter(|d| !d.is_zero()),
             log_format: server.log_format,
             audit_log: self.audit_log(path, server.audit_log.as_ref()),
             trusted_proxies,

@@ -35,6 +35,15 @@ pub const LATENCY_BUCKETS: [f64; 15] = [
 /// The `kind` label of `upstream_errors_total`.
 const UPSTREAM_KINDS: [&str; 4] = ["connect", "timeout", "reset", "protocol"];
 
+/// An index into [`UPSTREAM_KINDS`].
+#[derive(Clone, Copy, Debug)]
+pub enum UpstreamKind {
+    Connect = 0,
+    Timeout = 1,
+    Reset = 2,
+    Protocol = 3,
+}
+
 /// Everything counted for one tenant. Survives reloads for as long as the tenant does.
 ///
 /// Laid out by hand (see [`crate::snapshot::Tenant`]): with many tenants in rotation a
@@ -136,14 +145,21 @@ impl TenantStats {
             ProxyError::UpstreamError { upstream, failure } => (
                 upstream,
                 match failure {
-                    UpstreamFailure::Connect => 0,
-                    UpstreamFailure::Reset => 2,
-                    UpstreamFailure::Protocol => 3,
+                    UpstreamFailure::Connect => UpstreamKind::Connect,
+                    UpstreamFailure::Reset => UpstreamKind::Reset,
+                    UpstreamFailure::Protocol => UpstreamKind::Protocol,
                 },
             ),
-            ProxyError::UpstreamTimeout { upstream, .. } => (upstream, 1),
+            ProxyError::UpstreamTimeout { upstream, .. } => (upstream, UpstreamKind::Timeout),
             _ => return,
         };
+        self.record_upstream_failure(upstream, kind);
+    }
+
+    /// One `upstream_errors_total` count, for a failure the client got no error
+    /// response for (the response had begun) as well as for one it did.
+    pub fn record_upstream_failure(&self, upstream: &Arc<str>, kind: UpstreamKind) {
+        let kind = kind as usize;
         let mut errs = self
             .upstream_errors
             .lock()

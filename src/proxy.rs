@@ -282,7 +282,7 @@ async fn proxy<'s>(
     // hyper's client, which hands over the upgraded connection.
     if websocket.is_none() && crate::h1::enabled() && crate::h1::plain_h1(upstream) {
         // The fast path's exchange, over its pool of raw sockets.
-        return crate::h1::fetch(
+        let resp = crate::h1::fetch(
             &ctx.client,
             &parts,
             &added,
@@ -291,7 +291,8 @@ async fn proxy<'s>(
             &upstream.name,
             tenant.request_timeout,
         )
-        .await;
+        .await?;
+        return Ok(resp.map(|b| b.idle_bounded(snap.body_idle_timeout, &upstream.name)));
     }
     added.apply(&mut parts.headers);
     let (mut resp, lease) = upstream::send(
@@ -346,7 +347,7 @@ async fn proxy<'s>(
     headers::rewrite_response(&mut rparts.headers);
     Ok(Response::from_parts(
         rparts,
-        ProxyBody::upstream(rbody, lease),
+        ProxyBody::upstream(rbody, lease).idle_bounded(snap.body_idle_timeout, &upstream.name),
     ))
 }
 

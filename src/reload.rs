@@ -502,6 +502,10 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         old.tunnel_idle_timeout != new.tunnel_idle_timeout,
         "server.tunnel_idle_timeout",
     );
+    setting(
+        old.body_idle_timeout != new.body_idle_timeout,
+        "server.body_idle_timeout",
+    );
     c
 }
 

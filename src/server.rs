@@ -505,6 +505,7 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = Stalls::new(io, ctx.shared.snapshot.load().body_idle_timeout);
     if is_h2 && crate::h2::enabled() {
         // The gateway's own HTTP/2 server; each stream's handler is boxed once.
         let service = move |req| -> crate::h2::Handler {
@@ -569,6 +570,99 @@ where
     }
     graceful(conn.as_mut());
     conn.await
+}
+
+/// A client connection whose writes are bounded by `server.body_idle_timeout`: a client
+/// that takes no byte for that long while the gateway has bytes for it (a response it
+/// does not read) gets an error on the write, and hyper (or the gateway's HTTP/2
+/// server) closes the connection, ending its responses and releasing their in-flight
+/// slots. A write that completes at once never reads the clock.
+struct Stalls<I> {
+    inner: I,
+    /// `None`: no bound ("0s").
+    wait: Option<crate::body::IdleWait>,
+}
+
+impl<I> Stalls<I> {
+    fn new(inner: I, idle: Option<Duration>) -> Stalls<I> {
+        Stalls {
+            inner,
+            wait: idle.map(crate::body::IdleWait::new),
+        }
+    }
+
+    /// What a write returned, or an error once writes have waited `idle` in a row.
+    fn bound<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Some(wait) = &mut self.wait else {
+            return polled;
+        };
+        if polled.is_ready() {
+            wait.progress();
+            return polled;
+        }
+        match wait.poll_expired(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took no byte for {:?} (server.body_idle_timeout)",
+                    wait.idle
+                ),
+            ))),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Stalls<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, out)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Stalls<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.bound(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.bound(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.bound(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.bound(cx, polled)
+    }
 }
 
 /// A TCP stream with the bytes already read (for protocol detection, or by the fast

@@ -241,6 +241,9 @@ pub struct Snapshot {
     pub max_header_bytes: u64,
     /// `server.tunnel_idle_timeout`: WebSocket tunnels idle this long are closed.
     pub tunnel_idle_timeout: Option<Duration>,
+    /// `server.body_idle_timeout`: a response body that makes no progress this long
+    /// is cut off.
+    pub body_idle_timeout: Option<Duration>,
     /// `server.access_log`: one line per request.
     pub access_log: bool,
     /// `server.metrics`: per-tenant request metrics are recorded.
@@ -540,6 +543,7 @@ impl Snapshot {
             },
             max_header_bytes: config.max_header_bytes,
             tunnel_idle_timeout: config.tunnel_idle_timeout,
+            body_idle_timeout: config.body_idle_timeout,
             access_log: config.access_log,
             metrics: config.metrics,
             trusted_proxies: config.trusted_proxies.clone(),

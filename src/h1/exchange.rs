@@ -71,6 +71,32 @@ impl Timer {
             .poll(&mut Context::from_waker(Waker::noop()));
     }
 
+    /// `fut`, unless it stays pending for `idle` (`None`: no limit), counted from its
+    /// first `Pending`: a step of a streaming body, bounded by
+    /// `server.body_idle_timeout`. One that is ready at once never reads the clock.
+    pub(super) async fn idle<F: Future>(
+        &mut self,
+        idle: Option<Duration>,
+        fut: F,
+    ) -> Result<F::Output, Elapsed> {
+        let mut fut = std::pin::pin!(fut);
+        let mut armed = false;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            let Some(idle) = idle else {
+                return Poll::Pending;
+            };
+            if !armed {
+                armed = true;
+                self.arm(tokio::time::Instant::now() + idle);
+            }
+            self.0.as_mut().poll(cx).map(|()| Err(Elapsed))
+        })
+        .await
+    }
+
     /// `fut`, unless the deadline passes first. `fut` is polled first: one that is
     /// ready at once never touches the timer.
     pub(super) async fn bound<F: Future>(&mut self, fut: F) -> Result<F::Output, Elapsed> {
@@ -149,6 +175,8 @@ pub struct Outgoing<'a> {
     pub target: &'a Authority,
     pub upstream: &'a Arc<str>,
     pub timeout: Duration,
+    /// `server.body_idle_timeout`.
+    pub body_idle: Option<Duration>,
     pub started: Instant,
     /// `Content-Length` of the request body.
     pub body_len: u64,
@@ -258,8 +286,12 @@ pub async fn forward(
                 &mut cw,
                 &mut rbuf,
                 &mut up.timer,
-                is_head,
-                &req.extra,
+                Responding {
+                    is_head,
+                    extra: &req.extra,
+                    upstream: req.upstream,
+                    body_idle: req.body_idle,
+                },
                 &mut on_head,
             );
             // The client going away (or breaking its body) mid-upload ends it all.
@@ -452,21 +484,69 @@ where
     }
 }
 
+/// Which side stopped a response body for longer than `server.body_idle_timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// The upstream sent nothing.
+    Upstream,
+    /// The client took nothing.
+    Client,
+}
+
+impl Stall {
+    /// The access log's `reason` for a response cut off this way.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Stall::Upstream => "upstream_stalled",
+            Stall::Client => "client_stalled",
+        }
+    }
+
+    /// Records a response cut off this way: the access-log reason, and for an
+    /// upstream that went quiet, `upstream_errors_total{kind="timeout"}`.
+    pub fn record(self, finish: Option<&mut Finish>, upstream: &Arc<str>, idle: Duration) {
+        tracing::debug!(%upstream, side = ?self, ?idle, "response body cut off: no progress (server.body_idle_timeout)");
+        let Some(f) = finish else {
+            return;
+        };
+        if let Some(log) = &mut f.log {
+            log.reason = Some(self.reason());
+        }
+        if let (Stall::Upstream, Some(stats)) = (self, &f.stats) {
+            stats.record_upstream_failure(upstream, crate::metrics::UpstreamKind::Timeout);
+        }
+    }
+}
+
+/// What `respond` needs to know about the exchange besides its sockets.
+struct Responding<'a> {
+    is_head: bool,
+    extra: &'a Extra<'a>,
+    upstream: &'a Arc<str>,
+    body_idle: Option<Duration>,
+}
+
 /// Reads the response head (skipping 1xx), writes the client's head, streams the
-/// body. `Ok(true)` when the upstream connection can carry another exchange.
+/// body, each step of it bounded by `server.body_idle_timeout`. `Ok(true)` when the
+/// upstream connection can carry another exchange.
 async fn respond<R, W>(
     up: &mut R,
     client: &mut W,
     rbuf: &mut BytesMut,
     timer: &mut Timer,
-    is_head: bool,
-    extra: &Extra<'_>,
+    r: Responding<'_>,
     on_head: &mut Option<impl FnOnce(u16) -> Finish>,
 ) -> Result<bool, Failure>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Responding {
+        is_head,
+        extra,
+        upstream,
+        body_idle,
+    } = r;
     let mut out = spare::Scratch::new(1024);
     let head = read_head(up, rbuf, timer, |rbuf| {
         out.clear();
@@ -502,11 +582,25 @@ where
             f.bytes_out += n;
         }
     }
+    // One step of the body — a write to the client, a read from the upstream —
+    // bounded by `server.body_idle_timeout`.
+    macro_rules! step {
+        ($side:expr, $fut:expr) => {
+            match timer.idle(body_idle, $fut).await {
+                Ok(r) => r,
+                Err(Elapsed) => {
+                    let idle = body_idle.unwrap_or_default();
+                    $side.record(finish.as_mut(), upstream, idle);
+                    return Err(Failure::Late);
+                }
+            }
+        };
+    }
     let mut body_ok = true;
     match head.framing {
         Framing::Empty => {
             finish.take();
-            client.write_all(&out).await.map_err(|_| Failure::Late)?;
+            step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
         }
         Framing::Length(len) => {
             let mut rest = len;
@@ -518,10 +612,10 @@ where
             if rest == 0 {
                 finish.take();
             }
-            client.write_all(&out).await.map_err(|_| Failure::Late)?;
+            step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
             while rest > 0 {
                 rbuf.reserve(STREAM_READ);
-                match up.read_buf(rbuf).await {
+                match step!(Stall::Upstream, up.read_buf(rbuf)) {
                     Ok(0) | Err(_) => return Err(Failure::Late),
                     Ok(_) => {}
                 }
@@ -531,10 +625,7 @@ where
                 if rest == 0 {
                     finish.take();
                 }
-                client
-                    .write_all(&rbuf[..n])
-                    .await
-                    .map_err(|_| Failure::Late)?;
+                step!(Stall::Client, client.write_all(&rbuf[..n])).map_err(|_| Failure::Late)?;
                 rbuf.advance(n);
             }
         }
@@ -549,14 +640,14 @@ where
                 finish.take();
             }
             if !out.is_empty() {
-                client.write_all(&out).await.map_err(|_| Failure::Late)?;
+                step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
                 out.clear();
             }
             if chunked.is_done() {
                 break;
             }
             rbuf.reserve(STREAM_READ);
-            match up.read_buf(rbuf).await {
+            match step!(Stall::Upstream, up.read_buf(rbuf)) {
                 Ok(0) | Err(_) => return Err(Failure::Late),
                 Ok(_) => {}
             }
@@ -567,20 +658,17 @@ where
                 wire::write_chunk(&mut out, rbuf);
                 count(&mut finish, rbuf.len() as u64);
                 rbuf.clear();
-                client.write_all(&out).await.map_err(|_| Failure::Late)?;
+                step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
                 out.clear();
                 rbuf.reserve(STREAM_READ);
-                match up.read_buf(rbuf).await {
+                match step!(Stall::Upstream, up.read_buf(rbuf)) {
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(_) => return Err(Failure::Late),
                 }
             }
             finish.take();
-            client
-                .write_all(wire::LAST_CHUNK)
-                .await
-                .map_err(|_| Failure::Late)?;
+            step!(Stall::Client, client.write_all(wire::LAST_CHUNK)).map_err(|_| Failure::Late)?;
         }
     }
     Ok(body_ok && head.reusable && rbuf.is_empty())

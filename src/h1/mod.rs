@@ -32,8 +32,8 @@ use std::future::Future;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use exchange::Pool;
 use exchange::{Done, Outgoing, RequestCounters};
+pub use exchange::{Pool, Stall};
 pub use fetch::{fetch, UpstreamBody};
 pub use park::{Conn, ToHyper, Worker};
 use wire::{Extra, Head, Parsed};
@@ -331,6 +331,7 @@ async fn request(
             target: &target,
             upstream: &upstream.name,
             timeout: tenant.request_timeout,
+            body_idle: snap.body_idle_timeout,
             started,
             body_len,
             counters,

@@ -1,0 +1,355 @@
+//! `server.body_idle_timeout`: a response body that stops moving — the upstream sends
+//! nothing more, or the client takes nothing more — is cut off, and its in-flight slot
+//! and upstream connection are let go. Real sockets, real clients and servers, each
+//! path through the gateway: the HTTP/1.1 fast path, hyper's HTTP/1.1 server, the
+//! gateway's own HTTP/2 server, the fast path's exchange under hyper, hyper's client to
+//! an HTTP/2 upstream.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Every wait in these tests is bounded by this, so a hang fails instead of blocking.
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A gateway with one worker, `body_idle_timeout = "300ms"`, tenant `t` on `t.com`
+/// proxying to `up` (`protocol` added to the upstream when given).
+fn gateway(up: SocketAddr, protocol: Option<&str>) -> Gateway {
+    let protocol = protocol.map_or(String::new(), |p| format!("protocol = \"{p}\"\n"));
+    Gateway::start(&format!(
+        "[server]\nworkers = 1\nbody_idle_timeout = \"300ms\"\n\
+         [upstreams.u]\ntargets = [\"{up}\"]\n{protocol}\
+         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+    ))
+}
+
+/// Reads the request head from `s` (a request without a body).
+async fn read_request_head(s: &mut TcpStream) -> bool {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// An HTTP/1.1 upstream that answers with a head promising 1,000 bytes, sends 10 of
+/// them and then nothing; `released` gets a message when the gateway closes such a
+/// connection.
+async fn quiet_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = serve_tcp(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            if !read_request_head(&mut s).await {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                .await;
+            // Nothing more; wait for the gateway to let go.
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+/// An HTTP/2 (prior knowledge) upstream that answers with one data frame and then
+/// nothing; `released` gets a message when the gateway drops such a response (resets
+/// the stream or closes the connection).
+async fn quiet_h2_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = serve_tcp(move |s| {
+        let tx = tx.clone();
+        async move {
+            let svc = service_fn(move |_req| {
+                let tx = tx.clone();
+                async move {
+                    let (body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+                    let _ = body_tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"0123456789"))))
+                        .await;
+                    tokio::spawn(async move {
+                        body_tx.closed().await;
+                        let _ = tx.send(());
+                    });
+                    let body = StreamBody::new(tokio_stream_from(body_rx));
+                    Ok::<_, Infallible>(http::Response::new(body))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+/// A stream over an mpsc receiver (no tokio-stream dependency).
+fn tokio_stream_from<T>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+{
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// An HTTP/1.1 upstream that answers with a body of a gibibyte and writes it as fast
+/// as it is taken; `released` gets a message when a write fails (the gateway closed
+/// the connection).
+async fn endless_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = serve_tcp(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            if !read_request_head(&mut s).await {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n")
+                .await;
+            let chunk = vec![b'x'; 64 * 1024];
+            while s.write_all(&chunk).await.is_ok() {}
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+async fn released(rx: &mut mpsc::UnboundedReceiver<()>, what: &str) {
+    tokio::time::timeout(LIMIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the gateway never let go of the upstream connection"));
+}
+
+fn in_flight(gw: &Gateway) -> u64 {
+    let snap = gw.running.as_ref().unwrap().shared.snapshot.load();
+    snap.tenant(snap.tenant_by_id("t").unwrap())
+        .stats
+        .in_flight()
+}
+
+async fn wait_in_flight_zero(gw: &Gateway, what: &str) {
+    let t0 = Instant::now();
+    while in_flight(gw) != 0 {
+        assert!(
+            t0.elapsed() < LIMIT,
+            "{what}: in-flight count stuck at {}",
+            in_flight(gw)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `upstream_errors_total{kind="timeout"}` for tenant `t`, upstream `u`.
+async fn upstream_timeouts(gw: &Gateway) -> u64 {
+    let r = get(gw.admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let key = r#"bulkhead_upstream_errors_total{tenant="t",upstream="u",kind="timeout"} "#;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Sends a GET on a raw connection and reads until the gateway closes it; returns what
+/// came.
+async fn raw_get_until_closed(gw: SocketAddr, extra: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: t.com\r\n{extra}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the gateway kept a stalled response open: {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_goes_quiet_mid_body_is_cut_off_on_the_fast_path() {
+    let (up, mut rx) = quiet_h1_upstream().await;
+    let gw = gateway(up, None);
+    let got = raw_get_until_closed(gw.addr, "").await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("0123456789"),
+        "the 10 bytes sent, then the close: {text}"
+    );
+    released(&mut rx, "fast path").await;
+    wait_in_flight_zero(&gw, "fast path").await;
+    assert_eq!(upstream_timeouts(&gw).await, 1);
+    // The gateway is fine: the next request on a new connection is served the same way.
+    let again = raw_get_until_closed(gw.addr, "").await;
+    assert!(String::from_utf8_lossy(&again).ends_with("0123456789"));
+    released(&mut rx, "fast path, again").await;
+    assert_eq!(upstream_timeouts(&gw).await, 2);
+}
+
+#[tokio::test]
+async fn an_upstream_that_goes_quiet_mid_body_is_cut_off_for_http2_clients() {
+    // h2c client: the gateway's own HTTP/2 server, the fast path's exchange upstream.
+    let (up, mut rx) = quiet_h1_upstream().await;
+    let gw = gateway(up, None);
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://t.com/")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(LIMIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
+        .await
+        .expect("the stalled body was cut off");
+    assert!(body.is_err(), "a truncated body must not look complete");
+    released(&mut rx, "h2c client").await;
+    wait_in_flight_zero(&gw, "h2c client").await;
+    assert_eq!(upstream_timeouts(&gw).await, 1);
+    // The connection itself carries on: the stream was reset, not the connection.
+    let req = http::Request::get("http://t.com/")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(LIMIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn an_http2_upstream_that_goes_quiet_mid_body_is_cut_off() {
+    // hyper's client to an HTTP/2 upstream; the client on the fast path.
+    let (up, mut rx) = quiet_h2_upstream().await;
+    let gw = gateway(up, Some("h2"));
+    let got = raw_get_until_closed(gw.addr, "").await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a cut-off chunked body must not end with the last chunk: {text}"
+    );
+    released(&mut rx, "h2 upstream").await;
+    wait_in_flight_zero(&gw, "h2 upstream").await;
+    assert_eq!(upstream_timeouts(&gw).await, 1);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_let_go() {
+    let (up, mut rx) = endless_h1_upstream().await;
+    let gw = gateway(up, None);
+    // Plain GET: the fast path. A chunked request body: hyper's HTTP/1.1 server.
+    for (what, extra) in [
+        ("fast path", ""),
+        ("hyper", "transfer-encoding: chunked\r\n\r\n0\r\n"),
+    ] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let method = if extra.is_empty() { "GET" } else { "POST" };
+        s.write_all(format!("{method} / HTTP/1.1\r\nhost: t.com\r\n{extra}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(LIMIT, s.read_exact(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "{what}");
+        // Read nothing more, and keep the connection open.
+        released(&mut rx, what).await;
+        wait_in_flight_zero(&gw, what).await;
+        drop(s);
+    }
+    assert_eq!(
+        upstream_timeouts(&gw).await,
+        0,
+        "a client that stops reading is not the upstream's failure"
+    );
+}
+
+#[tokio::test]
+async fn zero_means_never_and_a_bad_value_is_refused() {
+    let ok = |t: &str| {
+        let (code, _, err) = run_check(
+            &format!("[server]\nbody_idle_timeout = \"{t}\"\n[upstreams.u]\ntargets = [\"127.0.0.1:1\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"),
+            &[],
+        );
+        (code, err)
+    };
+    assert_eq!(ok("0s").0, 0);
+    assert_eq!(ok("90s").0, 0);
+    let (code, err) = ok("soon");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("PATH:2:21") && err.contains("invalid duration \"soon\""),
+        "{err}"
+    );
+    // "0s": a quiet upstream keeps the response open.
+    let (up, mut rx) = quiet_h1_upstream().await;
+    let gw = Gateway::start(&format!(
+        "[server]\nworkers = 1\nbody_idle_timeout = \"0s\"\n\
+         [upstreams.u]\ntargets = [\"{up}\"]\n\
+         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+    ));
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: t.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !got.ends_with(b"0123456789") {
+        let n = tokio::time::timeout(LIMIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Two seconds, well past the 300 ms the other tests use: still open, still held.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .is_err(),
+        "with \"0s\" the response must stay open"
+    );
+    assert_eq!(in_flight(&gw), 1);
+    drop(s);
+    assert!(rx.try_recv().is_err());
+}
