@@ -644,6 +644,34 @@ impl Validator<'_> {
         }
     }
 
+    /// A header the gateway sets from a claim or a certificate must not be one that
+    /// says which tenant a request belongs to: the tenant id it forwards, or one a
+    /// credential source reads (a backend trusting `forward_header` would take a
+    /// token's `sub` for the tenant).
+    fn not_an_identity_header(
+        &mut self,
+        s: &Spanned<String>,
+        key: &str,
+        t: &TenancyConfig,
+        read_by: &[(&Spanned<String>, &str)],
+    ) {
+        let name = s.get_ref();
+        let what = if name.eq_ignore_ascii_case(t.forward_header.get_ref()) {
+            Some("tenancy.forward_header")
+        } else {
+            read_by
+                .iter()
+                .find(|(h, _)| h.get_ref().eq_ignore_ascii_case(name))
+                .map(|(_, k)| *k)
+        };
+        if let Some(what) = what {
+            self.error(
+                s.span(),
+                format!("`{key}` cannot be {name:?}: it is `{what}`, which names the tenant"),
+            );
+        }
+    }
+
     fn validate(&mut self, path: &Path, text: &str, f: &FileConfig) -> Option<Config> {
         let server = &f.server;
         let listen = self.addr(&server.listen, "server.listen");
@@ -757,8 +785,8 @@ impl Validator<'_> {
             Some(f) => match crate::jwt::load_jwks(f, base) {
                 Ok(k) => Some(crate::jwt::ResolvedJwt {
                     keys: vec![k],
-                    issuer: t.jwt.issuer.clone(),
-                    audience: t.jwt.audience.clone(),
+                    issuer: t.jwt.issuer.as_ref().map(|s| s.get_ref().clone()),
+                    audience: t.jwt.audience.as_ref().map(|s| s.get_ref().clone()),
                     forward_claims: Vec::new(),
                 }),
                 Err((span, msg)) => {
@@ -766,9 +794,51 @@ impl Validator<'_> {
                     None
                 }
             },
-            None => None,
+            None => {
+                for (v, key) in [(&t.jwt.issuer, "issuer"), (&t.jwt.audience, "audience")] {
+                    if let Some(v) = v {
+                        self.error(
+                            v.span(),
+                            format!("`tenancy.jwt.{key}` applies to the issuer-wide keys of `tenancy.jwt.jwks_file`, which is not set: it would check no token (set `{key}` in each `[tenants.ID.jwt]` instead)"),
+                        );
+                    }
+                }
+                None
+            }
         };
         self.header_name(&t.api_key.header, "tenancy.api_key.header", false);
+        // Each credential source reads a header of its own: an API key in the token's
+        // header would be read as a (broken) token, and the other way round.
+        let mut read_by: Vec<(&Spanned<String>, &str)> = Vec::new();
+        for (source, header, key) in [
+            (SourceKind::Header, &t.header, "tenancy.header"),
+            (SourceKind::Jwt, &t.jwt.header, "tenancy.jwt.header"),
+            (
+                SourceKind::ApiKey,
+                &t.api_key.header,
+                "tenancy.api_key.header",
+            ),
+        ] {
+            if !t.resolve.get_ref().contains(&source) {
+                continue;
+            }
+            if let Some((other, other_key)) = read_by
+                .iter()
+                .find(|(h, _)| h.get_ref().eq_ignore_ascii_case(header.get_ref()))
+            {
+                // At whichever of the two the file sets (a default has no position).
+                let (set, set_key, same_key) = if header.span().is_empty() {
+                    (*other, *other_key, key)
+                } else {
+                    (header, key, *other_key)
+                };
+                self.error(
+                    set.span(),
+                    format!("`{set_key}` and `{same_key}` are both {:?}: each source in `tenancy.resolve` needs a header of its own", set.get_ref()),
+                );
+            }
+            read_by.push((header, key));
+        }
         if t.resolve.get_ref().contains(&SourceKind::Sni) && tls_listen.is_none() {
             self.error(
                 t.resolve.span(),
@@ -984,16 +1054,37 @@ impl Validator<'_> {
             }
             let jwt = tc.jwt.as_ref().map(|j| {
                 let keys = match crate::jwt::load_tenant_keys(j, base) {
+                    Ok(k) if k.is_empty() => {
+                        self.error(
+                            id.span(),
+                            format!("`[tenants.{id_str}.jwt]` has no keys: set `hs256_secret_env`, `hs256_secret_file`, `public_keys` or `jwks_file` (without one no token of the tenant verifies)"),
+                        );
+                        k
+                    }
                     Ok(k) => k,
                     Err((span, msg)) => {
                         self.error(span, format!("tenant {id_str:?}: {msg}"));
                         Vec::new()
                     }
                 };
-                let mut forward_claims = Vec::new();
+                if !jwt_source {
+                    self.error(
+                        id.span(),
+                        format!("tenant {id_str:?} has `[tenants.{id_str}.jwt]` keys but `tenancy.resolve` has no \"jwt\" source to verify tokens with them"),
+                    );
+                }
+                let mut forward_claims: Vec<(String, String)> = Vec::new();
                 for (claim, header) in &j.forward_claims {
                     self.header_name(header, "forward_claims", true);
-                    forward_claims.push((claim.clone(), header.get_ref().to_ascii_lowercase()));
+                    self.not_an_identity_header(header, "forward_claims", t, &read_by);
+                    let lower = header.get_ref().to_ascii_lowercase();
+                    if let Some((other, _)) = forward_claims.iter().find(|(_, h)| *h == lower) {
+                        self.error(
+                            header.span(),
+                            format!("`forward_claims` sends claims {other:?} and {claim:?} both in {:?}: one header per claim", header.get_ref()),
+                        );
+                    }
+                    forward_claims.push((claim.clone(), lower));
                 }
                 crate::jwt::ResolvedJwt {
                     keys,
@@ -1018,6 +1109,13 @@ impl Validator<'_> {
                 }
                 r
             });
+            if let Some(h) = tc
+                .tls
+                .as_ref()
+                .and_then(|tt| tt.forward_client_cert.as_ref())
+            {
+                self.not_an_identity_header(h, "tls.forward_client_cert", t, &read_by);
+            }
             let require = tc.require.as_ref().map_or(&[][..], |r| r.get_ref());
             let require_span = tc.require.as_ref().map_or(id.span(), |r| r.span());
             for kind in require {

@@ -24,8 +24,8 @@ pub struct JwtConfig {
     pub cookie: Option<String>,
     pub tenant_claim: String,
     pub leeway: Dur,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
+    pub issuer: Option<Spanned<String>>,
+    pub audience: Option<Spanned<String>>,
     pub jwks_file: Option<Spanned<String>>,
 }
 
@@ -99,7 +99,11 @@ pub fn load_tenant_keys(
     let mut keys = Vec::new();
     if let Some(env) = &c.hs256_secret_env {
         match std::env::var(env.get_ref()) {
-            Ok(v) if !v.is_empty() => keys.push(KeyMaterial::Hs256Secret(v.into_bytes())),
+            Ok(v) if !v.is_empty() => {
+                let what = format!("the secret in {:?} (hs256_secret_env)", env.get_ref());
+                long_enough(v.as_bytes(), &what).map_err(|m| (env.span(), m))?;
+                keys.push(KeyMaterial::Hs256Secret(v.into_bytes()))
+            }
             _ => {
                 return Err((
                     env.span(),
@@ -113,17 +117,30 @@ pub fn load_tenant_keys(
     }
     if let Some(file) = &c.hs256_secret_file {
         let bytes = read(base, file)?;
-        let trimmed = bytes.strip_suffix(b"\n").unwrap_or(&bytes).to_vec();
+        // One line ending (as editors and `echo` leave it), LF or CRLF, is not the secret's.
+        let trimmed = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed).to_vec();
         if trimmed.is_empty() {
             return Err((
                 file.span(),
                 format!("hs256_secret_file {:?} is empty", file.get_ref()),
             ));
         }
+        let what = format!("the secret in {:?} (hs256_secret_file)", file.get_ref());
+        long_enough(&trimmed, &what).map_err(|m| (file.span(), m))?;
         keys.push(KeyMaterial::Hs256Secret(trimmed));
     }
     for pem in &c.public_keys {
         let bytes = read(base, pem)?;
+        if bytes.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err((
+                pem.span(),
+                format!(
+                    "{:?} is a private key; `public_keys` takes public keys (`openssl pkey -in KEY -pubout`), and the private half should not be on the gateway at all",
+                    pem.get_ref()
+                ),
+            ));
+        }
         if pem_key(&bytes).is_none() {
             return Err((
                 pem.span(),
@@ -141,6 +158,21 @@ pub fn load_tenant_keys(
     Ok(keys)
 }
 
+/// The shortest HS256 secret accepted: RFC 7518 §3.2 requires a key at least as long
+/// as the hash output. A shorter one (and every token it signs is visible to clients)
+/// can be searched for offline, and then anyone can sign tokens for the tenant.
+pub const MIN_HS256_SECRET: usize = 32;
+
+fn long_enough(secret: &[u8], what: &str) -> Result<(), String> {
+    if secret.len() < MIN_HS256_SECRET {
+        return Err(format!(
+            "{what} is {} bytes; an HS256 secret needs at least {MIN_HS256_SECRET} (RFC 7518 §3.2), or tokens can be forged by guessing it",
+            secret.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and checks a JWKS file.
 pub fn load_jwks(
     file: &Spanned<String>,
@@ -149,17 +181,30 @@ pub fn load_jwks(
     let bytes = read(base, file)?;
     let text = String::from_utf8(bytes)
         .map_err(|_| (file.span(), format!("{:?} is not UTF-8", file.get_ref())))?;
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text).map_err(|e| {
+    let keys = jwks_keys(&text).map_err(|e| {
         (
             file.span(),
             format!("{:?} is not a JWKS document: {e}", file.get_ref()),
         )
     })?;
-    if set.keys.iter().filter_map(jwk_key).next().is_none() {
+    for (i, jwk) in keys.iter().enumerate() {
+        if let jsonwebtoken::jwk::AlgorithmParameters::OctetKey(p) = &jwk.algorithm {
+            let kid = jwk.common.key_id.as_deref().unwrap_or("-");
+            let what = format!(
+                "{:?}: the HMAC key at index {i} (kid {kid:?})",
+                file.get_ref()
+            );
+            let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.value.trim_end_matches('='))
+                .map_err(|_| (file.span(), format!("{what} is not base64url")))?;
+            long_enough(&secret, &what).map_err(|m| (file.span(), m))?;
+        }
+    }
+    if keys.iter().filter_map(jwk_key).next().is_none() {
         return Err((
             file.span(),
             format!(
-                "{:?} holds no usable key (each needs `alg`)",
+                "{:?} holds no usable key (each needs an `alg` this gateway verifies — HS256/384/512, RS*, PS*, ES256, ES384, EdDSA — that fits its `kty`, and RSA keys 2048 to 8192 bits)",
                 file.get_ref()
             ),
         ));
@@ -192,9 +237,45 @@ fn pem_key(pem: &[u8]) -> Option<(DecodingKey, &'static [Algorithm])> {
     DecodingKey::from_ed_pem(pem).ok().map(|k| (k, ED))
 }
 
+/// The keys of a JWKS document that this gateway can read. An identity provider's
+/// set often holds keys for algorithms a given verifier does not support (ES512,
+/// encryption keys): those are skipped, not a reason to refuse the whole set.
+fn jwks_keys(text: &str) -> Result<Vec<jsonwebtoken::jwk::Jwk>, String> {
+    let doc: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("it has no \"keys\" array")?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| serde_json::from_value(k.clone()).ok())
+        .collect())
+}
+
+/// A key of a JWKS and the one algorithm it verifies, when its `alg` fits its type
+/// (an RSA key marked HS256 would never verify anything).
 fn jwk_key(jwk: &jsonwebtoken::jwk::Jwk) -> Option<(DecodingKey, Vec<Algorithm>)> {
+    use jsonwebtoken::jwk::AlgorithmParameters as P;
+    use Algorithm::*;
     let alg = jwk.common.key_algorithm?;
     let alg: Algorithm = alg.to_string().parse().ok()?;
+    let fits = match &jwk.algorithm {
+        P::OctetKey(_) => matches!(alg, HS256 | HS384 | HS512),
+        P::RSA(rsa) => {
+            // What the verifier accepts: 2048 to 8192 bits.
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(rsa.n.trim_end_matches('='))
+                .ok()?;
+            let bytes = n.iter().skip_while(|b| **b == 0).count();
+            matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
+                && (256..=1024).contains(&bytes)
+        }
+        P::EllipticCurve(_) => matches!(alg, ES256 | ES384),
+        P::OctetKeyPair(_) => alg == EdDSA,
+    };
+    if !fits {
+        return None;
+    }
     Some((DecodingKey::from_jwk(jwk).ok()?, vec![alg]))
 }
 
@@ -233,8 +314,8 @@ impl KeySet {
                     }
                 }
                 KeyMaterial::Jwks(text) => {
-                    if let Ok(set) = serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(text) {
-                        keys.extend(set.keys.iter().filter_map(jwk_key));
+                    if let Ok(set) = jwks_keys(text) {
+                        keys.extend(set.iter().filter_map(jwk_key));
                     }
                 }
             }
@@ -264,7 +345,14 @@ impl KeySet {
             let mut v = Validation::new(alg);
             v.leeway = self.leeway;
             v.validate_nbf = true;
-            v.set_required_spec_claims(&["exp"]);
+            // A configured issuer or audience is required, not only checked when the
+            // token happens to carry it (a claim of the wrong type counts as absent).
+            match (&self.issuer, &self.audience) {
+                (None, None) => v.set_required_spec_claims(&["exp"]),
+                (Some(_), None) => v.set_required_spec_claims(&["exp", "iss"]),
+                (None, Some(_)) => v.set_required_spec_claims(&["exp", "aud"]),
+                (Some(_), Some(_)) => v.set_required_spec_claims(&["exp", "iss", "aud"]),
+            }
             match &self.issuer {
                 Some(i) => v.set_issuer(&[i]),
                 None => v.iss = None,
@@ -274,6 +362,11 @@ impl KeySet {
                 None => v.validate_aud = false,
             }
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &v) {
+                // The library checks `nbf` only when it is a number; one that is not
+                // cannot be honoured, so the token is not valid.
+                if data.claims.get("nbf").is_some_and(|n| !n.is_number()) {
+                    return None;
+                }
                 return Some(data.claims);
             }
         }

@@ -342,3 +342,84 @@ fn isolation_lints_name_the_tenants() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("warning"), "{err}");
 }
+
+#[test]
+fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let rsa_private = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/jwt/globex-rs256-private.pem"
+    ))
+    .unwrap();
+    let short = file("short.key", "supersecret\r\n");
+    let long_crlf = file("long.key", "0123456789abcdef0123456789abcdef\r\n");
+    let private = file("private.pem", &rsa_private);
+    let empty_oct = file(
+        "oct.json",
+        r#"{"keys":[{"kty":"oct","k":"","alg":"HS256","kid":"k1"}]}"#,
+    );
+    let jwt = "[tenancy]\nresolve = [\"jwt\", \"host\"]\n";
+    let cases: Vec<(String, &str)> = vec![
+        // An HMAC key anyone can guess: tokens for the tenant can be forged.
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{short}\"\n"),
+            "is 11 bytes; an HS256 secret needs at least 32",
+        ),
+        (
+            format!("{jwt}[tenancy.jwt]\njwks_file = \"{empty_oct}\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"),
+            "the HMAC key at index 0 (kid \"k1\") is 0 bytes",
+        ),
+        // A private key where the public one goes: no token would ever verify.
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\npublic_keys = [\"{private}\"]\n"),
+            "is a private key; `public_keys` takes public keys",
+        ),
+        // Settings that would silently check nothing.
+        (
+            format!("{jwt}[tenancy.jwt]\nissuer = \"https://idp/\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\n"),
+            "PATH:4:10: `tenancy.jwt.issuer` applies to the issuer-wide keys of `tenancy.jwt.jwks_file`, which is not set",
+        ),
+        (
+            format!("{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\n"),
+            "tenant \"acme\" has `[tenants.acme.jwt]` keys but `tenancy.resolve` has no \"jwt\" source",
+        ),
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nissuer = \"x\"\n"),
+            "`[tenants.acme.jwt]` has no keys",
+        ),
+        // Two sources reading one header: every API key would be read as a token.
+        (
+            format!("[tenancy]\nresolve = [\"jwt\", \"api_key\", \"host\"]\n[tenancy.jwt]\nheader = \"X-Api-Key\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\n"),
+            "PATH:4:10: `tenancy.jwt.header` and `tenancy.api_key.header` are both \"X-Api-Key\"",
+        ),
+        // A claim in the header that names the tenant for the backend.
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\nforward_claims = {{ sub = \"X-Tenant-Id\" }}\n"),
+            "`forward_claims` cannot be \"X-Tenant-Id\": it is `tenancy.forward_header`, which names the tenant",
+        ),
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\nforward_claims = {{ sub = \"x-user\", email = \"X-User\" }}\n"),
+            "`forward_claims` sends claims \"email\" and \"sub\" both in \"x-user\"",
+        ),
+    ];
+    for (text, want) in &cases {
+        let (code, _, err) = check(text);
+        assert_eq!(code, 1, "{want}\n{text}");
+        assert!(
+            err.contains(want),
+            "want {want:?}, got:\n{err}\n---\n{text}"
+        );
+        assert_eq!(err.lines().count(), 1, "one problem each:\n{err}");
+    }
+    // A secret file's CRLF line ending is not part of the secret (32 bytes here), and
+    // a well-formed setup passes.
+    let (code, _, err) = check(&format!(
+        "{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\nforward_claims = {{ sub = \"x-user\" }}\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}

@@ -22,7 +22,7 @@ fn key(t: &str) -> String {
 }
 
 fn secret(t: &str) -> String {
-    format!("jwt-secret-of-{t}-0123456789")
+    format!("jwt-secret-of-{t}-0123456789abcdef")
 }
 
 /// A valid HS256 token of tenant `t`, signed with `t`'s secret.

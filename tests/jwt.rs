@@ -179,6 +179,25 @@ async fn bad_tokens_are_401() {
     let mut c = acme_claims();
     c["aud"] = json!("other");
     cases.push(("wrong audience", hs256(c, ACME_SECRET.as_bytes())));
+    // A configured issuer and audience are required, not only checked when present;
+    // a registered claim of the wrong type is not honoured, so the token is not valid.
+    for (what, claim, value) in [
+        ("no issuer", "iss", None),
+        ("no audience", "aud", None),
+        ("issuer not a string", "iss", Some(json!(5))),
+        ("audience not a string", "aud", Some(json!(7))),
+        ("nbf not a number", "nbf", Some(json!("tomorrow"))),
+        ("exp not a number", "exp", Some(json!("later"))),
+    ] {
+        let mut c = acme_claims();
+        match value {
+            Some(v) => c[claim] = v,
+            None => {
+                c.as_object_mut().unwrap().remove(claim);
+            }
+        }
+        cases.push((what, hs256(c, ACME_SECRET.as_bytes())));
+    }
     cases.push(("wrong secret", hs256(acme_claims(), b"not-the-secret")));
     let mut c = acme_claims();
     c.as_object_mut().unwrap().remove("tenant");
@@ -350,4 +369,63 @@ async fn jwks_per_tenant_and_token_in_a_cookie() {
         "expired, in a cookie",
     );
     assert_eq!(up.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn a_jwks_with_keys_the_gateway_cannot_use_still_verifies_with_the_ones_it_can() {
+    // An identity provider's set often holds keys for other algorithms (ES512 here,
+    // which this gateway does not verify) and keys of other uses; an RSA key marked
+    // HS256 can verify nothing. Those are skipped; the set was refused whole before.
+    let globex: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/globex-jwks.json")).unwrap(),
+    )
+    .unwrap();
+    let good = globex["keys"][0].clone();
+    let mut mislabelled = good.clone();
+    mislabelled["alg"] = json!("HS256");
+    mislabelled["kid"] = json!("mislabelled");
+    let es512 = json!({"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "p521",
+        "x": "AHKZLLOsCOzz5cY97ewNUajB957y-C-U88c3v13nmGZx6sYl_oJXu9A5RkTKqjqvjyekWF-7ytDyRXYgCF5cj0Kt",
+        "y": "AdymlHvOiLxXkEhayXQnNCvDX4h9htZaCJN34kfmC6pV5OhQHiraVySsUdaQkAgDPrwQrJmbnX9cwlGfP-HqHZR1"});
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("mixed.json");
+    std::fs::write(
+        &jwks,
+        json!({"keys": [mislabelled, es512, {"kty": "unknown"}, good]}).to_string(),
+    )
+    .unwrap();
+    let up = Upstream::echo("globex").await;
+    let gw = Gateway::start(&format!(
+        "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[upstreams.globex]\ntargets = [\"{}\"]\n[tenants.globex]\nhosts = [\"globex.example.com\"]\nupstream = \"globex\"\nrequire = [\"jwt\"]\n[tenants.globex.jwt]\njwks_file = \"{}\"\n",
+        up.addr,
+        jwks.display()
+    ));
+    let r = get(
+        gw.addr,
+        "/",
+        &[("authorization", &bearer(&rs256(globex_claims())))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    // A set with nothing usable is still refused.
+    std::fs::write(
+        &jwks,
+        json!({"keys": [mislabelled_only(&globex)]}).to_string(),
+    )
+    .unwrap();
+    let (code, _, err) = run_check(
+        &format!(
+            "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:1\"]\n[tenants.globex]\nhosts = [\"g.com\"]\nupstream = \"u\"\n[tenants.globex.jwt]\njwks_file = \"{}\"\n",
+            jwks.display()
+        ),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("holds no usable key"), "{err}");
+}
+
+fn mislabelled_only(globex: &serde_json::Value) -> serde_json::Value {
+    let mut k = globex["keys"][0].clone();
+    k["alg"] = json!("HS256");
+    k
 }
