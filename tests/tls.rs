@@ -596,6 +596,18 @@ upstream = "u"
         err.contains("PATH:13:23: `tls.forward_client_cert` cannot be \"Content-Length\": the gateway reads and writes it for every request itself"),
         "{err}"
     );
+    // Nor into the header that names the tenant for the backend.
+    let (code, _, err) = run_check(
+        &base(&format!(
+            "client_ca = \"{d}/ca.pem\"\nforward_client_cert = \"X-Tenant-Id\""
+        )),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:13:23: `tls.forward_client_cert` cannot be \"X-Tenant-Id\": it is `tenancy.forward_header`, which names the tenant"),
+        "{err}"
+    );
 
     let (code, _, err) = run_check(
         "[tenancy]\nresolve = [\"sni\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[tenants.a]\nhosts = [\"a.test\"]\nupstream = \"u\"\n",
