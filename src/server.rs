@@ -292,6 +292,7 @@ async fn worker(
         max_header_list_size: u32::try_from(hyper_limit).unwrap_or(u32::MAX),
         keep_alive_interval: Duration::from_secs(30),
         keep_alive_timeout: Duration::from_secs(20),
+        body_idle_timeout: None,
     };
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
@@ -505,7 +506,8 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = Stalls::new(io, ctx.shared.snapshot.load().body_idle_timeout);
+    let body_idle = ctx.shared.snapshot.load().body_idle_timeout;
+    let io = Stalls::new(io, body_idle);
     if is_h2 && crate::h2::enabled() {
         // The gateway's own HTTP/2 server; each stream's handler is boxed once.
         let service = move |req| -> crate::h2::Handler {
@@ -517,7 +519,11 @@ async fn serve<I>(
                 }
             })
         };
-        if let Err(e) = crate::h2::serve(io, &ctx.h2_own, service, shutdown).await {
+        let cfg = crate::h2::Config {
+            body_idle_timeout: body_idle,
+            ..ctx.h2_own.clone()
+        };
+        if let Err(e) = crate::h2::serve(io, &cfg, service, shutdown).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
         return;

@@ -353,3 +353,44 @@ async fn zero_means_never_and_a_bad_value_is_refused() {
     drop(s);
     assert!(rx.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn an_http2_stream_whose_client_opens_no_window_is_reset_and_the_connection_carries_on() {
+    // hyper's client reads its connection but, with the body never polled, gives the
+    // stream no more window once its buffer is full: the response waits on flow
+    // control, not on the socket.
+    let (up, mut rx) = endless_h1_upstream().await;
+    let gw = gateway(up, None);
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = || {
+        http::Request::get("http://t.com/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resp = tokio::time::timeout(LIMIT, send.send_request(get()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    released(&mut rx, "h2 stream").await;
+    wait_in_flight_zero(&gw, "h2 stream").await;
+    // What the client buffered, then the reset.
+    let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
+        .await
+        .expect("the reset stream ends");
+    assert!(body.is_err(), "a reset stream must not look complete");
+    // Only that stream: the connection answers the next request.
+    let resp = tokio::time::timeout(LIMIT, send.send_request(get()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    released(&mut rx, "h2 stream, dropped by the client").await;
+    assert_eq!(upstream_timeouts(&gw).await, 0);
+}

@@ -41,6 +41,10 @@ pub struct Config {
     pub keep_alive_interval: Duration,
     /// … and without its acknowledgement this long after, the connection is closed.
     pub keep_alive_timeout: Duration,
+    /// `server.body_idle_timeout`: a stream whose response has waited this long for
+    /// the client to open its flow-control window (a client that takes nothing more
+    /// of it) is reset.
+    pub body_idle_timeout: Option<Duration>,
 }
 
 /// The receive window of each stream (SETTINGS_INITIAL_WINDOW_SIZE) and of the
@@ -156,6 +160,9 @@ struct Slot {
     body_over: bool,
     /// Waiting for a WINDOW_UPDATE on this stream.
     stream_blocked: bool,
+    /// Since when the response has waited for flow-control window (the stream's or
+    /// the connection's) without sending anything.
+    blocked_since: Option<tokio::time::Instant>,
 }
 
 /// A header block being gathered from HEADERS and CONTINUATION frames.
@@ -229,6 +236,12 @@ struct Conn<S> {
     empty_frames: u32,
     read_since_tick: bool,
     ping_outstanding: bool,
+    /// `Config::body_idle_timeout`.
+    body_idle: Option<Duration>,
+    /// When the longest-blocked stream will have waited `body_idle`; the timer for it
+    /// is made the first time a stream blocks.
+    stall_deadline: Option<tokio::time::Instant>,
+    stall_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Serves one HTTP/2 connection whose first bytes (the preface) are still to be read
@@ -340,6 +353,9 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             empty_frames: 0,
             read_since_tick: false,
             ping_outstanding: false,
+            body_idle: cfg.body_idle_timeout,
+            stall_deadline: None,
+            stall_timer: None,
         }
     }
 
@@ -372,6 +388,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                 self.cancel_all();
             }
             progress |= self.run();
+            progress |= self.reset_stalled(cx);
             if let Poll::Ready(Err(e)) = self.flush(io, cx) {
                 return Poll::Ready(Err(e));
             }
@@ -386,6 +403,71 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         // Enough for one turn: let the runtime's other tasks run.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// A response waiting for flow-control window starts its stall clock (the first
+    /// time only: a stream that keeps waiting keeps its start).
+    fn blocked(&mut self, idx: u32) {
+        let Some(idle) = self.body_idle else {
+            return;
+        };
+        let slot = &mut self.slots[idx as usize];
+        if slot.blocked_since.is_none() {
+            let now = tokio::time::Instant::now();
+            slot.blocked_since = Some(now);
+            let due = now + idle;
+            if self.stall_deadline.is_none_or(|d| due < d) {
+                self.stall_deadline = Some(due);
+            }
+        }
+    }
+
+    /// Resets the streams whose responses have waited `body_idle` for the client to
+    /// open its window — a client that takes nothing more would otherwise hold them,
+    /// their upstream exchanges and in-flight slots, for as long as the connection
+    /// lives. `true` when it reset any.
+    fn reset_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let (Some(due), Some(idle)) = (self.stall_deadline, self.body_idle) else {
+            return false;
+        };
+        let timer = match &mut self.stall_timer {
+            Some(t) => {
+                if t.deadline() != due {
+                    t.as_mut().reset(due);
+                }
+                t
+            }
+            None => self
+                .stall_timer
+                .insert(Box::pin(tokio::time::sleep_until(due))),
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        let mut next: Option<tokio::time::Instant> = None;
+        let mut any = false;
+        for idx in 0..self.slots.len() as u32 {
+            let slot = &self.slots[idx as usize];
+            let Some(since) = slot.blocked_since.filter(|_| slot.id != 0) else {
+                continue;
+            };
+            if now.saturating_duration_since(since) >= idle {
+                tracing::debug!(
+                    stream = slot.id,
+                    ?idle,
+                    "resetting a stream whose client took nothing of its response (server.body_idle_timeout)"
+                );
+                self.free_slot(idx, Some(Reason::Cancel));
+                any = true;
+            } else {
+                let due = since + idle;
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        self.stall_deadline = next;
+        // Polled again (re-armed) in the same pass when there is a next deadline.
+        any || next.is_some()
     }
 
     fn finished(&self) -> bool {
@@ -417,6 +499,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                     trailers: None,
                     body_over: false,
                     stream_blocked: false,
+                    blocked_since: None,
                 });
                 idx
             }
@@ -425,6 +508,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         slot.id = stream;
         slot.body_over = false;
         slot.stream_blocked = false;
+        slot.blocked_since = None;
         self.ids.insert(stream, idx);
         idx
     }
@@ -443,6 +527,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         slot.trailers = None;
         slot.body_over = false;
         slot.stream_blocked = false;
+        slot.blocked_since = None;
         let mut give_back = 0u32;
         if let Recv::Open { shared, .. } = std::mem::replace(&mut slot.recv, Recv::Closed) {
             // What the consumer took or never will, back to the connection's window

@@ -125,6 +125,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                     } else {
                         self.conn_blocked.push((idx, stream));
                     }
+                    self.blocked(idx);
                     return;
                 }
                 if unwritten >= WRITE_HIGH {
@@ -132,6 +133,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                     return;
                 }
                 let chunk = slot.pending.split_to(n as usize);
+                slot.blocked_since = None;
                 slot.send_window -= n;
                 self.send_window -= n;
                 let end = slot.pending.is_empty() && slot.body_over && slot.trailers.is_none();
