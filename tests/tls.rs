@@ -596,6 +596,47 @@ upstream = "u"
         err.contains("PATH:13:23: `tls.forward_client_cert` cannot be \"Content-Length\": the gateway reads and writes it for every request itself"),
         "{err}"
     );
+    // A leaf certificate as the client CA: it would verify no client, every mTLS
+    // handshake of the tenant would fail.
+    ca.client_no_ca("leaf", "alice");
+    let (code, _, err) = run_check(&base(&format!("client_ca = \"{d}/leaf.pem\"")), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:12:13: tenant \"acme\": ")
+            && err.contains("leaf.pem holds a certificate that is not a CA (CN=alice): its basicConstraints say CA:FALSE"),
+        "{err}"
+    );
+    // A PEM block that holds no certificate: said of the certificate, at its key.
+    std::fs::write(
+        dir.path().join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_check(
+        &base(&format!(
+            "cert = \"{d}/garbage.pem\"\nkey = \"{d}/acme.key\""
+        )),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:12:8: tenant \"acme\": ")
+            && err.contains(
+                "garbage.pem: certificate 1 of the chain is not a valid X.509 certificate"
+            ),
+        "{err}"
+    );
+    // `[server.tls]` without `server.tls_listen`: certificates nothing serves.
+    let (code, _, err) = run_check(
+        &base(&format!("cert = \"{d}/acme.pem\"\nkey = \"{d}/acme.key\""))
+            .replace("tls_listen = \"127.0.0.1:0\"\n", ""),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:3:16: `[server.tls]` needs `server.tls_listen`"),
+        "{err}"
+    );
     // Nor into the header that names the tenant for the backend.
     let (code, _, err) = run_check(
         &base(&format!(

@@ -130,6 +130,20 @@ pub fn load_pair(
             format!("{} holds no PEM certificate", cert_path.display()),
         ));
     }
+    // A PEM block whose contents are not a certificate: said of the certificate, not
+    // reported later as a key that does not fit it.
+    for (i, der) in chain.iter().enumerate() {
+        if let Err(e) = x509_parser::parse_x509_certificate(der.as_ref()) {
+            return Err((
+                cert.span(),
+                format!(
+                    "{}: certificate {} of the chain is not a valid X.509 certificate: {e}",
+                    cert_path.display(),
+                    i + 1
+                ),
+            ));
+        }
+    }
     let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         (
             key.span(),
@@ -171,6 +185,28 @@ pub fn load_ca(
                 format!("{} is not a PEM certificate bundle: {e}", path.display()),
             )
         })?;
+        // A leaf certificate here verifies no client: every handshake would fail.
+        if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) {
+            let not_ca = match parsed.basic_constraints() {
+                Ok(Some(bc)) if !bc.value.ca => Some("its basicConstraints say CA:FALSE"),
+                _ => match parsed.key_usage() {
+                    Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+                        Some("its keyUsage does not allow signing certificates")
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(why) = not_ca {
+                return Err((
+                    raw.span(),
+                    format!(
+                        "{} holds a certificate that is not a CA ({}): {why}, so it can verify no client certificate",
+                        path.display(),
+                        parsed.subject()
+                    ),
+                ));
+            }
+        }
         roots.add(cert).map_err(|e| {
             (
                 raw.span(),
@@ -236,6 +272,13 @@ pub fn validate_server(
         }
         return None;
     };
+    if tls_listen.is_none() && server.tls_listen.is_none() {
+        // As for `[tenants.ID.tls]`: certificates nothing would serve.
+        err(
+            tls.default_cert.span(),
+            "`[server.tls]` needs `server.tls_listen`: without an https listener its certificates serve nothing".to_owned(),
+        );
+    }
     let tls13_only = match tls.min_version.as_ref().map(|v| v.get_ref().as_str()) {
         None | Some("1.2") => false,
         Some("1.3") => true,

@@ -76,6 +76,17 @@ impl Ca {
         self.write(file, &params)
     }
 
+    /// A client certificate that says outright it is no CA (basicConstraints
+    /// CA:FALSE), as `openssl req -x509` and most CAs issue them.
+    #[allow(dead_code)] // Not every test binary uses it.
+    pub fn client_no_ca(&self, file: &str, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.write(file, &params)
+    }
+
     fn write(&self, file: &str, params: &CertificateParams) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
