@@ -227,7 +227,10 @@ pub struct ClusterConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`cluster.redis` must be a redis:// (or rediss://) URL, or a list of them (the seed nodes of a Redis Cluster)"
+)]
 pub enum RedisNodes {
     One(String),
     Many(Vec<String>),
@@ -1164,6 +1167,7 @@ impl Validator<'_> {
         if cluster.is_none() {
             self.cluster_scope_needs_redis(f);
         }
+        self.store_failure_needs_cluster_scope(f);
         let state_dir = server.state_dir.as_ref().map(|d| {
             let dir = path.parent().unwrap_or(Path::new("")).join(d.get_ref());
             if d.get_ref().is_empty() {
@@ -1238,13 +1242,43 @@ impl Validator<'_> {
         if nodes.is_empty() {
             self.error(redis.span(), "`cluster.redis` names no node".to_owned());
         }
+        let mut tls_modes = Vec::new();
         for n in &nodes {
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(n.as_str()) {
-                self.error(
+            match redis::IntoConnectionInfo::into_connection_info(n.as_str()) {
+                Err(e) => self.error(
                     redis.span(),
                     format!("`cluster.redis`: {n:?} is not a redis:// or rediss:// URL ({e})"),
-                );
+                ),
+                Ok(info) => {
+                    // What the client would only find out by never connecting.
+                    let port = match info.addr() {
+                        redis::ConnectionAddr::Tcp(_, port) => Some(*port),
+                        redis::ConnectionAddr::TcpTls { port, .. } => Some(*port),
+                        _ => None,
+                    };
+                    tls_modes.push(matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }));
+                    if port == Some(0) {
+                        self.error(
+                            redis.span(),
+                            format!(
+                                "`cluster.redis`: {n:?} names port 0, where no Redis can listen"
+                            ),
+                        );
+                    }
+                    if info.redis_settings().db() < 0 {
+                        self.error(
+                            redis.span(),
+                            format!("`cluster.redis`: {n:?} names database {}; databases are numbered from 0", info.redis_settings().db()),
+                        );
+                    }
+                }
             }
+        }
+        if tls_modes.iter().any(|t| *t) && tls_modes.iter().any(|t| !*t) {
+            self.error(
+                redis.span(),
+                "`cluster.redis` mixes redis:// and rediss:// nodes: the nodes of one cluster are all reached with TLS or all without".to_owned(),
+            );
         }
         let dur = |d: &Option<Spanned<Dur>>, default_ms: u64| {
             d.as_ref()
@@ -1267,10 +1301,14 @@ impl Validator<'_> {
             );
         }
         let instance_id = match &c.instance_id {
-            Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 128 => {
+            Some(id)
+                if id.get_ref().trim().is_empty()
+                    || id.get_ref().chars().count() > 128
+                    || id.get_ref().chars().any(char::is_control) =>
+            {
                 self.error(
                     id.span(),
-                    "`cluster.instance_id` must be 1 to 128 characters".to_owned(),
+                    "`cluster.instance_id` must be 1 to 128 characters, not all spaces, no control characters".to_owned(),
                 );
                 String::new()
             }
@@ -1283,6 +1321,38 @@ impl Validator<'_> {
             sync_interval,
             store_timeout,
         })
+    }
+
+    /// `on_store_failure` says what a cluster-scope tenant gets while Redis is away; on
+    /// a table whose limits are local it would say nothing, silently.
+    fn store_failure_needs_cluster_scope(&mut self, f: &FileConfig) {
+        let cluster = |l: &LimitsConfig| {
+            l.scope
+                .as_ref()
+                .is_some_and(|s| *s.get_ref() == Scope::Cluster)
+        };
+        let defaults_cluster = cluster(&f.defaults.limits);
+        let any_cluster = defaults_cluster || f.tenants.values().any(|t| cluster(&t.limits));
+        if let Some(o) = &f.defaults.limits.on_store_failure {
+            if !any_cluster {
+                self.error(
+                    o.span(),
+                    "[defaults.limits] on_store_failure applies to scope = \"cluster\" limits, and no table has them: it would change nothing".to_owned(),
+                );
+            }
+        }
+        for (id, t) in &f.tenants {
+            let scoped = match &t.limits.scope {
+                Some(s) => *s.get_ref() == Scope::Cluster,
+                None => defaults_cluster,
+            };
+            if let (Some(o), false) = (&t.limits.on_store_failure, scoped) {
+                self.error(
+                    o.span(),
+                    format!("[tenants.{}.limits] on_store_failure applies to scope = \"cluster\" limits, and this tenant's are local: it would change nothing", id.get_ref()),
+                );
+            }
+        }
     }
 
     /// Without a usable `[cluster] redis`, no `scope = "cluster"` can work.

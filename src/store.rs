@@ -314,6 +314,46 @@ impl Store {
         Ok(())
     }
 
+    /// Says why calls time out: the reconnecting connection hides its connect errors
+    /// behind the deadline, so each node is tried once on a connection of its own and
+    /// what it answers is logged (by address: a URL may carry a password). Once per
+    /// change to down, off the request path.
+    fn diagnose(&self) {
+        let nodes = self.settings.nodes.clone();
+        let deadline = self.settings.store_timeout.max(Duration::from_secs(2));
+        tokio::spawn(async move {
+            for url in nodes {
+                let Ok(client) = redis::Client::open(url.as_str()) else {
+                    continue;
+                };
+                let node = match client.get_connection_info().addr() {
+                    redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
+                    redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                        format!("{host}:{port} (TLS)")
+                    }
+                    other => other.to_string(),
+                };
+                match tokio::time::timeout(deadline, client.get_multiplexed_async_connection())
+                    .await
+                {
+                    Ok(Ok(mut c)) => {
+                        let ping: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+                        match ping {
+                            Ok(_) => {
+                                tracing::warn!(%node, "Redis node accepts connections and answers PING, but not within store_timeout: it is slow or far")
+                            }
+                            Err(e) => tracing::warn!(%node, error = %e, "Redis node refuses calls"),
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(%node, error = %e, "cannot reach Redis node"),
+                    Err(_) => {
+                        tracing::warn!(%node, ?deadline, "cannot reach Redis node: no connection within the deadline")
+                    }
+                }
+            }
+        });
+    }
+
     /// Runs `script` with a deadline of `store_timeout`, counting and logging failures.
     async fn run<T: FromRedisValue>(
         &self,
@@ -354,6 +394,9 @@ impl Store {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 if self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "the shared store (Redis) is unavailable; applying on_store_failure");
+                    if matches!(e, StoreError::Timeout) {
+                        self.diagnose();
+                    }
                 }
             }
         }

@@ -423,3 +423,54 @@ fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
     ));
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn cluster_settings_that_could_never_work_or_would_change_nothing_are_refused() {
+    let scoped = "[defaults.limits]\nscope = \"cluster\"\nrequests_per_second = 10\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("[cluster]\nredis = \"redis://127.0.0.1:0\"\n{BASE}{scoped}[tenants.a]\nhosts = [\"a.com\"]\n"),
+            "PATH:2:9: `cluster.redis`: \"redis://127.0.0.1:0\" names port 0, where no Redis can listen",
+        ),
+        (
+            format!("[cluster]\nredis = \"redis://127.0.0.1:6379/-1\"\n{BASE}{scoped}[tenants.a]\nhosts = [\"a.com\"]\n"),
+            "names database -1; databases are numbered from 0",
+        ),
+        (
+            format!("[cluster]\nredis = [\"redis://10.0.0.1:6379\", \"rediss://10.0.0.2:6379\"]\n{BASE}{scoped}[tenants.a]\nhosts = [\"a.com\"]\n"),
+            "`cluster.redis` mixes redis:// and rediss:// nodes",
+        ),
+        (
+            format!("[cluster]\nredis = 5\n{BASE}{scoped}[tenants.a]\nhosts = [\"a.com\"]\n"),
+            "PATH:2:9: `cluster.redis` must be a redis:// (or rediss://) URL, or a list of them",
+        ),
+        (
+            format!("[cluster]\nredis = \"redis://127.0.0.1:6379\"\ninstance_id = \"   \"\n{BASE}{scoped}[tenants.a]\nhosts = [\"a.com\"]\n"),
+            "PATH:3:15: `cluster.instance_id` must be 1 to 128 characters, not all spaces",
+        ),
+        // on_store_failure on limits that never ask the store: it would change nothing.
+        (
+            format!("{BASE}[tenants.a]\nhosts = [\"a.com\"]\n[tenants.a.limits]\non_store_failure = \"closed\"\n"),
+            "[tenants.a.limits] on_store_failure applies to scope = \"cluster\" limits, and this tenant's are local",
+        ),
+        (
+            format!("{BASE}[defaults.limits]\non_store_failure = \"closed\"\n[tenants.a]\nhosts = [\"a.com\"]\n"),
+            "[defaults.limits] on_store_failure applies to scope = \"cluster\" limits, and no table has them",
+        ),
+    ];
+    for (text, want) in &cases {
+        let (code, _, err) = check(text);
+        assert_eq!(code, 1, "{want}\n{text}");
+        assert!(
+            err.contains(want),
+            "want {want:?}, got:\n{err}\n---\n{text}"
+        );
+    }
+    // 100 characters of two bytes each are 100 characters; the defaults' policy for
+    // the tenants that opt into cluster scope is fine.
+    let id = "é".repeat(100);
+    let (code, _, err) = check(&format!(
+        "[cluster]\nredis = \"redis://127.0.0.1:6379\"\ninstance_id = \"{id}\"\n{BASE}[defaults.limits]\non_store_failure = \"closed\"\n[tenants.a]\nhosts = [\"a.com\"]\n[tenants.a.limits]\nscope = \"cluster\"\nrequests_per_second = 10\n[tenants.b]\nhosts = [\"b.com\"]\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}

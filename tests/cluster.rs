@@ -876,3 +876,35 @@ async fn rediss_verifies_the_server_certificate() {
     let r = get(untrusting.addr, "/", &[("host", "q.com")]).await;
     assert_error(&r, 503, "store_unavailable");
 }
+
+/// A Redis that cannot be reached says why in the log — the reconnecting connection
+/// shows only calls missing `store_timeout`, so the gateway asks each node itself —
+/// and by address, never by URL (a URL may carry a password). Needs no Redis: the
+/// port is one nothing listens on.
+#[tokio::test]
+async fn an_unreachable_redis_is_logged_with_the_reason() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let up = Upstream::echo("u").await;
+    let gw = Process::start(&format!(
+        "[cluster]\nredis = \"redis://:hunter2-secret@{free}/0\"\ninstance_id = \"edge-1\"\nstore_timeout = \"20ms\"\n\
+         [upstreams.u]\ntargets = [\"{}\"]\n[defaults]\nupstream = \"u\"\n{}",
+        up.addr,
+        cluster_tenant("t", "requests_per_second = 100")
+    ));
+    gw.log_line(&["bulkhead is serving"]).await;
+    let line = gw
+        .log_line(&["WARN", &free.to_string(), "onnection refused"])
+        .await;
+    assert!(!line.contains("hunter2-secret"), "{line}");
+    assert!(
+        !gw.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("hunter2-secret")),
+        "the password stays out of the log"
+    );
+}
