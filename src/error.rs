@@ -85,6 +85,11 @@ pub enum ProxyError {
         upstream: std::sync::Arc<str>,
         after: Duration,
     },
+    /// The client stopped sending its request body (`server.body_idle_timeout`) before
+    /// the upstream answered.
+    RequestBodyTimeout {
+        after: Duration,
+    },
     /// The TLS connection was made for another tenant (SNI names one tenant, the
     /// request another), or the tenant requires a client certificate this connection
     /// did not present.
@@ -117,7 +122,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Every `error` code, in the order of [`ProxyError::reason_index`].
-    pub const REASONS: [&'static str; 19] = [
+    pub const REASONS: [&'static str; 20] = [
         "unknown_tenant",
         "tenant_mismatch",
         "tenant_suspended",
@@ -137,6 +142,7 @@ impl ProxyError {
         "method_not_allowed",
         "unsupported_transfer_coding",
         "bad_request",
+        "request_body_timeout",
     ];
 
     /// The position of [`ProxyError::code`] in [`ProxyError::REASONS`].
@@ -161,6 +167,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => 16,
             ProxyError::UnsupportedTransferCoding { .. } => 17,
             ProxyError::MalformedRequest { .. } => 18,
+            ProxyError::RequestBodyTimeout { .. } => 19,
         }
     }
 
@@ -181,6 +188,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::QuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -208,6 +216,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::RequestBodyTimeout { .. } => "request_body_timeout",
             ProxyError::Misdirected { .. } => "misdirected_request",
             ProxyError::QuotaExhausted { .. } => "quota_exhausted",
             ProxyError::StoreUnavailable => "store_unavailable",
@@ -279,6 +288,10 @@ impl ProxyError {
                 "upstream {upstream:?} sent no response head within {}ms",
                 after.as_millis()
             ),
+            ProxyError::RequestBodyTimeout { after } => format!(
+                "the request body stopped: no byte of it for {}ms",
+                after.as_millis()
+            ),
             ProxyError::Misdirected { tenant, why } => {
                 format!("this connection cannot serve tenant {tenant:?}: {why}")
             }
@@ -324,6 +337,7 @@ impl ProxyError {
             | ProxyError::TooManyHeaderFields { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::RequestBodyTimeout { .. }
             | ProxyError::Misdirected { .. }
             | ProxyError::MethodNotAllowed
             | ProxyError::UnsupportedTransferCoding { .. }
@@ -420,6 +434,9 @@ mod tests {
             },
             ProxyError::UpstreamTimeout {
                 upstream: "u".into(),
+                after: Duration::from_secs(1),
+            },
+            ProxyError::RequestBodyTimeout {
                 after: Duration::from_secs(1),
             },
             ProxyError::QuotaExhausted {

@@ -493,6 +493,116 @@ impl StdError for RequestBodyError {
     }
 }
 
+/// How a request body's upload is going, for the wait for the response head: the
+/// upstream's `request_timeout` starts when the upload has ended (an upload may take
+/// as long as it keeps moving), and while it goes on the wait is bounded by
+/// `server.body_idle_timeout` of no progress instead — the client sending nothing
+/// (408 `request_body_timeout`) or the upstream taking nothing (504).
+///
+/// Written by whatever takes the body from the client (`RequestBody`, the fast path's
+/// copy), read by whatever waits for the head; atomics, so either may be on another
+/// task. Made only for requests that have a body to send.
+#[derive(Debug)]
+pub struct Upload {
+    /// Nanoseconds since [`clock_base`] of the last progress — a piece taken from the
+    /// client — or of the end.
+    last: AtomicU64,
+    ended: std::sync::atomic::AtomicBool,
+    /// Waiting for the client to send more (rather than for the upstream to take it).
+    on_client: std::sync::atomic::AtomicBool,
+}
+
+/// When the response head is due, given how the upload is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadDue {
+    /// Not before this: wait on (and ask again then).
+    At(tokio::time::Instant),
+    /// The upload ended `request_timeout` ago with no head.
+    Timeout,
+    /// The upload made no progress for `body_idle_timeout`, waiting on this side.
+    Stalled(crate::h1::Stall),
+}
+
+fn clock_base() -> tokio::time::Instant {
+    static BASE: std::sync::LazyLock<tokio::time::Instant> =
+        std::sync::LazyLock::new(tokio::time::Instant::now);
+    *BASE
+}
+
+impl Upload {
+    pub fn new() -> Upload {
+        let u = Upload {
+            last: AtomicU64::new(0),
+            ended: std::sync::atomic::AtomicBool::new(false),
+            on_client: std::sync::atomic::AtomicBool::new(true),
+        };
+        u.progress();
+        u
+    }
+
+    /// A piece of the body was taken from the client.
+    pub fn progress(&self) {
+        let since = tokio::time::Instant::now().saturating_duration_since(clock_base());
+        self.last.store(
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the uploader now waits for the client (`true`) or for the upstream.
+    pub fn waiting_on_client(&self, yes: bool) {
+        self.on_client.store(yes, Ordering::Relaxed);
+    }
+
+    /// The whole body has been taken (or the upstream stopped taking it): the head is
+    /// due `request_timeout` from now.
+    pub fn end(&self) {
+        if !self.ended.swap(true, Ordering::Relaxed) {
+            self.progress();
+        }
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// When the head is due at `now`, with `request_timeout` and `body_idle_timeout`.
+    pub fn head_due(
+        &self,
+        now: tokio::time::Instant,
+        timeout: Duration,
+        idle: Option<Duration>,
+    ) -> HeadDue {
+        let last = clock_base() + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+        if self.is_ended() {
+            let due = last + timeout;
+            return if due > now {
+                HeadDue::At(due)
+            } else {
+                HeadDue::Timeout
+            };
+        }
+        let Some(idle) = idle else {
+            // No bound on a stalled upload ("0s"): look again a timeout from now.
+            return HeadDue::At(now + timeout);
+        };
+        let due = last + idle;
+        if due > now {
+            HeadDue::At(due)
+        } else if self.on_client.load(Ordering::Relaxed) {
+            HeadDue::Stalled(crate::h1::Stall::Client)
+        } else {
+            HeadDue::Stalled(crate::h1::Stall::Upstream)
+        }
+    }
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload::new()
+    }
+}
+
 /// The client's request body on its way upstream, stopped at `max_body`, counted
 /// into the tenant's metrics (and the access-log record, when there is one).
 pub struct RequestBody {
@@ -501,6 +611,8 @@ pub struct RequestBody {
     seen: u64,
     stats: Option<Arc<TenantStats>>,
     bytes_in: Option<Arc<AtomicU64>>,
+    /// For a body with something to send: how its upload goes.
+    upload: Option<Arc<Upload>>,
 }
 
 impl RequestBody {
@@ -510,13 +622,23 @@ impl RequestBody {
         stats: Option<Arc<TenantStats>>,
         bytes_in: Option<Arc<AtomicU64>>,
     ) -> RequestBody {
-        RequestBody {
+        let mut body = RequestBody {
             inner,
             limit: limit.unwrap_or(u64::MAX),
             seen: 0,
             stats,
             bytes_in,
+            upload: None,
+        };
+        if !body.is_end_stream() {
+            body.upload = Some(Arc::new(Upload::new()));
         }
+        body
+    }
+
+    /// How the upload goes; `None` for a body with nothing to send.
+    pub fn upload(&self) -> Option<Arc<Upload>> {
+        self.upload.clone()
     }
 }
 
@@ -534,6 +656,19 @@ impl Body for RequestBody {
             ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as _),
             ClientBody::Empty => Poll::Ready(None),
         };
+        if let Some(u) = &this.upload {
+            match &polled {
+                Poll::Pending => u.waiting_on_client(true),
+                Poll::Ready(Some(Ok(_))) if !this.inner.ended() => {
+                    u.waiting_on_client(false);
+                    u.progress();
+                }
+                Poll::Ready(_) => {
+                    u.waiting_on_client(false);
+                    u.end();
+                }
+            }
+        }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -560,11 +695,7 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            ClientBody::Hyper(b) => b.is_end_stream(),
-            ClientBody::H2(b) => b.is_end_stream(),
-            ClientBody::Empty => true,
-        }
+        self.inner.ended()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -584,6 +715,17 @@ pub enum ClientBody {
     H2(crate::h2::RecvBody),
     /// A request without a body (HTTP/2 HEADERS with END_STREAM).
     Empty,
+}
+
+impl ClientBody {
+    /// Nothing more will come.
+    fn ended(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
 }
 
 #[cfg(test)]

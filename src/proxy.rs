@@ -87,6 +87,7 @@ pub async fn handle(
                     e,
                     ProxyError::BodyTooLarge { .. }
                         | ProxyError::BadRequestBody
+                        | ProxyError::RequestBodyTimeout { .. }
                         | ProxyError::MethodNotAllowed
                         | ProxyError::UnsupportedTransferCoding { .. }
                 )
@@ -289,7 +290,10 @@ async fn proxy<'s>(
             body,
             &target,
             &upstream.name,
-            tenant.request_timeout,
+            crate::h1::Timeouts {
+                timeout: tenant.request_timeout,
+                body_idle: snap.body_idle_timeout,
+            },
         )
         .await?;
         return Ok(resp.map(|b| b.idle_bounded(snap.body_idle_timeout, &upstream.name)));
@@ -302,6 +306,7 @@ async fn proxy<'s>(
         &upstream.transport,
         &upstream.name,
         tenant.request_timeout,
+        snap.body_idle_timeout,
     )
     .await?;
     if let Some((_, client)) =

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
+
+use crate::h1::Stall;
+use crate::limits::HeadDue;
 use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -278,8 +281,11 @@ pub async fn send(
     transport: &Transport,
     upstream: &Arc<str>,
     timeout: Duration,
+    body_idle: Option<Duration>,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
     let key = (target.clone(), transport.pool_id);
+    // A body still to go up: the head is due `timeout` after it has (see `Upload`).
+    let upload = req.body().upload();
     let exchange = async {
         let mut req = req;
         let mut fresh_tried = false;
@@ -327,17 +333,38 @@ pub async fn send(
             }
         }
     };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(done)) => Ok(done),
-        Ok(Err((_, Some(own)))) => Err(own),
-        Ok(Err((failure, None))) => Err(ProxyError::UpstreamError {
-            upstream: upstream.clone(),
-            failure,
-        }),
-        Err(_) => Err(ProxyError::UpstreamTimeout {
-            upstream: upstream.clone(),
-            after: timeout,
-        }),
+    tokio::pin!(exchange);
+    let mut due = tokio::time::Instant::now() + timeout;
+    loop {
+        let late = match tokio::time::timeout_at(due, &mut exchange).await {
+            Ok(Ok(done)) => return Ok(done),
+            Ok(Err((_, Some(own)))) => return Err(own),
+            Ok(Err((failure, None))) => {
+                return Err(ProxyError::UpstreamError {
+                    upstream: upstream.clone(),
+                    failure,
+                })
+            }
+            Err(_) => upload
+                .as_ref()
+                .map(|u| u.head_due(tokio::time::Instant::now(), timeout, body_idle)),
+        };
+        let idle = body_idle.unwrap_or_default();
+        return Err(match late {
+            Some(HeadDue::At(t)) => {
+                due = t;
+                continue;
+            }
+            Some(HeadDue::Stalled(Stall::Client)) => ProxyError::RequestBodyTimeout { after: idle },
+            Some(HeadDue::Stalled(Stall::Upstream)) => ProxyError::UpstreamTimeout {
+                upstream: upstream.clone(),
+                after: idle,
+            },
+            Some(HeadDue::Timeout) | None => ProxyError::UpstreamTimeout {
+                upstream: upstream.clone(),
+                after: timeout,
+            },
+        });
     }
 }
 

@@ -394,3 +394,260 @@ async fn an_http2_stream_whose_client_opens_no_window_is_reset_and_the_connectio
     released(&mut rx, "h2 stream, dropped by the client").await;
     assert_eq!(upstream_timeouts(&gw).await, 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Request bodies: `request_timeout` counts from the end of the upload, which is bounded
+// by `body_idle_timeout` while it goes on.
+// ---------------------------------------------------------------------------------------
+
+/// A gateway with `request_timeout = "500ms"`, `body_idle_timeout = "1s"`, tenant `t`
+/// on `t.com` to `up` (`protocol` added when given).
+fn upload_gateway(up: SocketAddr, protocol: Option<&str>) -> Gateway {
+    let protocol = protocol.map_or(String::new(), |p| format!("protocol = \"{p}\"\n"));
+    Gateway::start(&format!(
+        "[server]\nworkers = 1\nbody_idle_timeout = \"1s\"\n\
+         [upstreams.u]\ntargets = [\"{up}\"]\n{protocol}\
+         [defaults]\nrequest_timeout = \"500ms\"\n\
+         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+    ))
+}
+
+/// An HTTP/2 (prior knowledge) upstream that reads the whole request body and answers
+/// with its length.
+async fn h2_counting_upstream() -> SocketAddr {
+    serve_tcp(|s| async move {
+        let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map_or(0, |b| b.to_bytes().len());
+            Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(
+                format!("{{\"body_len\":{n}}}"),
+            ))))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
+    .await
+}
+
+/// Sends `head` (without its blank line), then each of `pieces` `gap` apart, and
+/// reads the response until the gateway closes or 10 s pass; returns the response.
+async fn upload(gw: SocketAddr, head: &str, pieces: &[&[u8]], gap: Duration) -> String {
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(format!("{head}\r\n").as_bytes()).await.unwrap();
+    for p in pieces {
+        tokio::time::sleep(gap).await;
+        if s.write_all(p).await.is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    while t0.elapsed() < LIMIT {
+        match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                out.extend_from_slice(&buf[..n]);
+                // A whole response (these bodies are small): stop.
+                let text = String::from_utf8_lossy(&out);
+                if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                    let len = h
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_owned)
+                        })
+                        .and_then(|v| v.trim().parse::<usize>().ok());
+                    if len.is_some_and(|n| b.len() >= n) {
+                        break;
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn an_upload_longer_than_request_timeout_is_served_while_it_moves() {
+    // Twenty pieces 100 ms apart: two seconds of upload, four times request_timeout,
+    // never a second without a byte.
+    let h1 = Upstream::echo("u").await;
+    let h2 = h2_counting_upstream().await;
+    let pieces: Vec<&[u8]> = vec![b"0123456789"; 20];
+    let chunked: Vec<Vec<u8>> = (0..20).map(|_| b"a\r\n0123456789\r\n".to_vec()).collect();
+    let mut chunked: Vec<&[u8]> = chunked.iter().map(Vec::as_slice).collect();
+    chunked.push(b"0\r\n\r\n");
+    for (what, gw, head, body) in [
+        (
+            "fast path",
+            upload_gateway(h1.addr, None),
+            "POST / HTTP/1.1\r\nhost: t.com\r\ncontent-length: 200\r\n",
+            &pieces,
+        ),
+        (
+            "hyper server, fast path's exchange",
+            upload_gateway(h1.addr, None),
+            "POST / HTTP/1.1\r\nhost: t.com\r\ntransfer-encoding: chunked\r\n",
+            &chunked,
+        ),
+        (
+            "hyper's client to an HTTP/2 upstream",
+            upload_gateway(h2, Some("h2")),
+            "POST / HTTP/1.1\r\nhost: t.com\r\ncontent-length: 200\r\n",
+            &pieces,
+        ),
+    ] {
+        let r = upload(gw.addr, head, body, Duration::from_millis(100)).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{what}: {r}");
+        assert!(
+            r.contains("\"body_len\":200"),
+            "{what}: the whole body went up: {r}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408_and_the_upstream_is_let_go() {
+    let (h1, mut rx) = counting_h1_upstream().await;
+    let h2 = h2_counting_upstream().await;
+    for (what, gw, head, piece) in [
+        (
+            "fast path",
+            upload_gateway(h1, None),
+            "POST / HTTP/1.1\r\nhost: t.com\r\ncontent-length: 100\r\n",
+            &b"0123456789"[..],
+        ),
+        (
+            "hyper server, fast path's exchange",
+            upload_gateway(h1, None),
+            "POST / HTTP/1.1\r\nhost: t.com\r\ntransfer-encoding: chunked\r\n",
+            &b"a\r\n0123456789\r\n"[..],
+        ),
+        (
+            "hyper's client to an HTTP/2 upstream",
+            upload_gateway(h2, Some("h2")),
+            "POST / HTTP/1.1\r\nhost: t.com\r\ncontent-length: 100\r\n",
+            &b"0123456789"[..],
+        ),
+    ] {
+        // Ten bytes, then nothing (the connection stays open).
+        let t0 = Instant::now();
+        let r = upload(gw.addr, head, &[piece], Duration::ZERO).await;
+        assert!(r.starts_with("HTTP/1.1 408"), "{what}: {r}");
+        assert!(
+            r.contains("\"error\":\"request_body_timeout\""),
+            "{what}: {r}"
+        );
+        assert!(t0.elapsed() < LIMIT, "{what}");
+        assert!(
+            r.to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
+            "{what}: the rest of the body will not come, the connection cannot go on: {r}"
+        );
+        if !what.contains("HTTP/2") {
+            released(&mut rx, what).await;
+        }
+        wait_in_flight_zero(&gw, what).await;
+        let m = get(gw.admin, "/metrics", &[]).await;
+        let text = String::from_utf8_lossy(&m.body);
+        assert!(
+            text.contains(r#"bulkhead_rejected_total{tenant="t",reason="request_body_timeout"} 1"#),
+            "{what}: {text}"
+        );
+        assert_eq!(
+            upstream_timeouts(&gw).await,
+            0,
+            "{what}: not the upstream's failure"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_taking_the_body_is_504() {
+    // It reads the head and nothing more; the client has 16 MiB to send.
+    let up = serve_tcp(|mut s| async move {
+        if read_request_head(&mut s).await {
+            tokio::time::sleep(LIMIT).await;
+        }
+    })
+    .await;
+    let gw = upload_gateway(up, None);
+    let body = vec![b'x'; 16 << 20];
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nhost: t.com\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut r, mut w) = s.into_split();
+    tokio::spawn(async move {
+        let _ = w.write_all(&body).await;
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, r.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("upstream_timeout"), "{text}");
+    wait_in_flight_zero(&gw, "upstream not reading").await;
+    assert_eq!(upstream_timeouts(&gw).await, 1);
+}
+
+/// An HTTP/1.1 upstream that reads a request with a `content-length` body and answers
+/// with its length; `released` gets a message when a connection closes before its
+/// request was whole (the gateway gave up on it).
+async fn counting_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = serve_tcp(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(());
+                        return;
+                    }
+                    Ok(n) => n,
+                };
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    continue;
+                };
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: ").map(str::to_owned))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let whole = match len {
+                    Some(n) => body.len() >= n,
+                    None => body.ends_with("0\r\n\r\n"),
+                };
+                if whole {
+                    let reply = format!("{{\"body_len\":{}}}", body.len());
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{reply}",
+                                reply.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    got.clear();
+                }
+            }
+        }
+    })
+    .await;
+    (addr, rx)
+}

@@ -19,6 +19,7 @@ use super::spare;
 use super::wire::{self, Chunked, Extra, Framing, Response};
 use crate::body::Finish;
 use crate::error::{ProxyError, UpstreamFailure};
+use crate::limits::{HeadDue, Upload};
 use crate::metrics::TenantStats;
 use crate::upstream::{connect_tcp, drop_expired, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT};
 
@@ -206,6 +207,9 @@ pub(super) enum Failure {
     Early(UpstreamFailure),
     Upstream(UpstreamFailure),
     Timeout,
+    /// A request body that made no progress for `body_idle_timeout` (this long),
+    /// waiting on this side, before the head came.
+    Stalled(Stall, Duration),
     /// After the head was written to the client.
     Late,
 }
@@ -222,6 +226,11 @@ impl Failure {
             Failure::Early(failure) | Failure::Upstream(failure) => ProxyError::UpstreamError {
                 upstream: upstream.clone(),
                 failure,
+            },
+            Failure::Stalled(Stall::Client, after) => ProxyError::RequestBodyTimeout { after },
+            Failure::Stalled(Stall::Upstream, after) => ProxyError::UpstreamTimeout {
+                upstream: upstream.clone(),
+                after,
             },
             Failure::Late => ProxyError::UpstreamError {
                 upstream: upstream.clone(),
@@ -252,6 +261,13 @@ pub async fn forward(
     req.counters.add(in_buf as u64);
     let body_rest = req.body_len - in_buf as u64;
     let deadline = tokio::time::Instant::from_std(req.started + req.timeout);
+    // A body still to come: the head is due `request_timeout` after it has gone up.
+    let upload = (body_rest > 0).then(Upload::new);
+    let clock = upload.as_ref().map(|upload| HeadClock {
+        upload,
+        timeout: req.timeout,
+        idle: req.body_idle,
+    });
     let idempotent = idempotent(&req.parts.method, body_rest);
     let is_head = req.parts.method == http::Method::HEAD;
     let mut on_head = Some(on_head);
@@ -280,7 +296,14 @@ pub async fn forward(
         let (result, body_read) = {
             let (mut cr, mut cw) = client.split();
             let (mut ur, mut uw) = up.stream.split();
-            let copy = copy_body(&mut cr, &mut uw, cbuf, body_rest, &req.counters);
+            let copy = copy_body(
+                &mut cr,
+                &mut uw,
+                cbuf,
+                body_rest,
+                &req.counters,
+                upload.as_ref(),
+            );
             let respond = respond(
                 &mut ur,
                 &mut cw,
@@ -291,6 +314,7 @@ pub async fn forward(
                     extra: &req.extra,
                     upstream: req.upstream,
                     body_idle: req.body_idle,
+                    clock,
                 },
                 &mut on_head,
             );
@@ -413,6 +437,7 @@ async fn copy_body<R, W>(
     cbuf: &mut BytesMut,
     mut rest: u64,
     counters: &RequestCounters,
+    upload: Option<&Upload>,
 ) -> Result<(), UploadError<()>>
 where
     R: AsyncRead + Unpin,
@@ -421,20 +446,45 @@ where
     while rest > 0 {
         if cbuf.is_empty() {
             cbuf.reserve(STREAM_READ);
+            if let Some(u) = upload {
+                u.waiting_on_client(true);
+            }
             match client.read_buf(cbuf).await {
                 Ok(0) | Err(_) => return Err(UploadError::Client(())),
                 Ok(_) => {}
             }
+            if let Some(u) = upload {
+                u.waiting_on_client(false);
+                u.progress();
+            }
         }
         let n = usize::try_from(rest).unwrap_or(usize::MAX).min(cbuf.len());
-        up.write_all(&cbuf[..n])
-            .await
-            .map_err(|_| UploadError::Upstream)?;
+        if up.write_all(&cbuf[..n]).await.is_err() {
+            // The upstream stopped reading; its answer, if any, is due from now.
+            if let Some(u) = upload {
+                u.end();
+            }
+            return Err(UploadError::Upstream);
+        }
         cbuf.advance(n);
         counters.add(n as u64);
         rest -= n as u64;
     }
+    if let Some(u) = upload {
+        u.end();
+    }
     Ok(())
+}
+
+/// What decides, when the head's timer fires, whether the head is late: for a request
+/// whose body is (or was) still going up, how that upload goes ([`Upload`]).
+#[derive(Clone, Copy)]
+pub(super) struct HeadClock<'a> {
+    pub upload: &'a Upload,
+    /// `request_timeout`, counted from the end of the upload.
+    pub timeout: Duration,
+    /// `server.body_idle_timeout`, for the upload while it goes on.
+    pub idle: Option<Duration>,
 }
 
 /// What a response-head parser made of the bytes read so far.
@@ -453,6 +503,7 @@ pub(super) async fn read_head<R, T>(
     up: &mut R,
     rbuf: &mut BytesMut,
     timer: &mut Timer,
+    clock: Option<HeadClock<'_>>,
     mut parse: impl FnMut(&mut BytesMut) -> Step<T>,
 ) -> Result<T, Failure>
 where
@@ -479,7 +530,21 @@ where
             // Closed or reset: before any byte of a response, or in the middle of one.
             Ok(_) if any => return Err(Failure::Upstream(UpstreamFailure::Reset)),
             Ok(_) => return Err(Failure::Early(UpstreamFailure::Reset)),
-            Err(_) => return Err(Failure::Timeout),
+            Err(_) => {
+                let Some(c) = clock else {
+                    return Err(Failure::Timeout);
+                };
+                match c
+                    .upload
+                    .head_due(tokio::time::Instant::now(), c.timeout, c.idle)
+                {
+                    HeadDue::At(due) => timer.arm(due),
+                    HeadDue::Timeout => return Err(Failure::Timeout),
+                    HeadDue::Stalled(side) => {
+                        return Err(Failure::Stalled(side, c.idle.unwrap_or_default()))
+                    }
+                }
+            }
         }
     }
 }
@@ -524,6 +589,7 @@ struct Responding<'a> {
     extra: &'a Extra<'a>,
     upstream: &'a Arc<str>,
     body_idle: Option<Duration>,
+    clock: Option<HeadClock<'a>>,
 }
 
 /// Reads the response head (skipping 1xx), writes the client's head, streams the
@@ -546,9 +612,10 @@ where
         extra,
         upstream,
         body_idle,
+        clock,
     } = r;
     let mut out = spare::Scratch::new(1024);
-    let head = read_head(up, rbuf, timer, |rbuf| {
+    let head = read_head(up, rbuf, timer, clock, |rbuf| {
         out.clear();
         match wire::parse_response(rbuf, is_head, extra, &mut out) {
             Ok(Response::Head(h)) => Step::Head(h),

@@ -19,7 +19,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::exchange::{self, Failure, Step, UpSocket, UploadError, HEAD_READ, STREAM_READ};
+use super::exchange::{
+    self, Failure, HeadClock, Step, UpSocket, UploadError, HEAD_READ, STREAM_READ,
+};
 use super::wire::{self, Chunked, Framing, Parted};
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, UpstreamFailure};
@@ -29,6 +31,13 @@ use crate::upstream::UpstreamClient;
 /// Request body bytes the client has already sent are written with the head, in one
 /// write, up to this much.
 const EARLY_BODY: usize = 64 * 1024;
+
+/// The tenant's `request_timeout` and `server.body_idle_timeout`.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub timeout: Duration,
+    pub body_idle: Option<Duration>,
+}
 
 /// How the request body goes upstream.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,9 +53,10 @@ enum Sending {
 
 /// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) with the
 /// gateway's `added` headers and `body` to `target` and waits at most `timeout` for
-/// the response head. What the client has already sent of the body goes out with the
-/// head; the rest streams while the response is awaited (an upstream may answer
-/// before reading it all, and then gets no more of it).
+/// the response head, counted from the end of the body's upload (which is bounded by
+/// `body_idle` of no progress while it goes on). What the client has already sent of
+/// the body goes out with the head; the rest streams while the response is awaited
+/// (an upstream may answer before reading it all, and then gets no more of it).
 pub async fn fetch(
     client: &Arc<UpstreamClient>,
     parts: &http::request::Parts,
@@ -54,8 +64,9 @@ pub async fn fetch(
     mut body: RequestBody,
     target: &Authority,
     upstream: &Arc<str>,
-    timeout: Duration,
+    timeouts: Timeouts,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
+    let Timeouts { timeout, body_idle } = timeouts;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut sending = if body.is_end_stream() {
         Sending::Ended
@@ -111,13 +122,19 @@ pub async fn fetch(
         };
         let (head, body_sent) = if sending == Sending::Ended {
             (
-                exchange::read_head(&mut up.stream, &mut rbuf, &mut up.timer, parse).await,
+                exchange::read_head(&mut up.stream, &mut rbuf, &mut up.timer, None, parse).await,
                 true,
             )
         } else {
             let (mut ur, mut uw) = up.stream.split();
+            let upload = body.upload();
+            let clock = upload.as_deref().map(|upload| HeadClock {
+                upload,
+                timeout,
+                idle: body_idle,
+            });
             let send = send_rest(&mut body, &mut uw, sending, &written);
-            let head = exchange::read_head(&mut ur, &mut rbuf, &mut up.timer, parse);
+            let head = exchange::read_head(&mut ur, &mut rbuf, &mut up.timer, clock, parse);
             let (head, sent) = exchange::while_uploading(head, send, true)
                 .await
                 .map_err(|e| e.to_error())?;
@@ -193,10 +210,12 @@ async fn send_rest<W: AsyncWrite + Unpin>(
         let end = frame.is_none();
         out.clear();
         put_frame(&mut out, frame, sending, written).map_err(UploadError::Client)?;
-        if !out.is_empty() {
-            up.write_all(&out)
-                .await
-                .map_err(|_| UploadError::Upstream)?;
+        if !out.is_empty() && up.write_all(&out).await.is_err() {
+            // The upstream stopped reading; its answer, if any, is due from now.
+            if let Some(u) = body.upload() {
+                u.end();
+            }
+            return Err(UploadError::Upstream);
         }
         if end {
             return Ok(());

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 
 use exchange::{Done, Outgoing, RequestCounters};
 pub use exchange::{Pool, Stall};
-pub use fetch::{fetch, UpstreamBody};
+pub use fetch::{fetch, Timeouts, UpstreamBody};
 pub use park::{Conn, ToHyper, Worker};
 use wire::{Extra, Head, Parsed};
 
