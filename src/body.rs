@@ -23,9 +23,11 @@ use crate::upstream::Lease;
 
 #[derive(Debug)]
 enum Kind {
-    /// Streamed from the upstream as it arrives; the connection goes back to its pool
-    /// when the body has been read to the end.
-    Upstream(Incoming, Option<Lease>),
+    /// Streamed from the upstream as it arrives (hyper's client); the connection goes
+    /// back to its pool when the body has been read to the end. Boxed: the rarer path,
+    /// and inline it would make every response's body (moved several times on its way
+    /// out) larger.
+    Upstream(Box<Streamed>),
     /// Read by the fast path's exchange straight from an HTTP/1.1 upstream's socket
     /// (`h1/fetch.rs`); the socket goes back to its pool at the end.
     Raw(Box<UpstreamBody>),
@@ -34,20 +36,36 @@ enum Kind {
 }
 
 #[derive(Debug)]
+struct Streamed {
+    body: Incoming,
+    lease: Option<Lease>,
+    quiet: Option<Quiet>,
+}
+
+#[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
     finish: Option<Finish>,
-    /// For a body streamed from an upstream: how long it may wait for the next bytes.
-    quiet: Option<Box<Quiet>>,
 }
 
 /// `server.body_idle_timeout` for a body streamed from an upstream: the longest the
 /// upstream may send nothing while the client waits for more. (A client that takes
-/// nothing is the connection's business: `crate::server::Stalls`.)
+/// nothing is the connection's business: `crate::server::Stalls`.) Kept with the body
+/// it bounds (`Streamed`, `UpstreamBody`).
 #[derive(Debug)]
-struct Quiet {
+pub(crate) struct Quiet {
     wait: IdleWait,
     upstream: Arc<str>,
+}
+
+impl Quiet {
+    /// For a body from `upstream` that may stream: `None` without a bound ("0s").
+    pub(crate) fn new(idle: Option<Duration>, upstream: &Arc<str>) -> Option<Quiet> {
+        idle.map(|idle| Quiet {
+            wait: IdleWait::new(idle),
+            upstream: upstream.clone(),
+        })
+    }
 }
 
 /// A bound on how long something may wait without progress, counted from the first
@@ -151,7 +169,6 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(b)),
             finish: None,
-            quiet: None,
         }
     }
 
@@ -160,7 +177,6 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(None),
             finish: None,
-            quiet: None,
         }
     }
 
@@ -168,22 +184,29 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Raw(body),
             finish: None,
-            quiet: None,
         }
     }
 
-    pub fn upstream(body: Incoming, lease: Lease) -> ProxyBody {
+    /// A body streamed by hyper's client from `upstream`, bounded by
+    /// `server.body_idle_timeout` (`idle`): once the upstream has sent nothing for that
+    /// long, the body fails and the client's response is cut off (counted as an
+    /// upstream timeout).
+    pub fn upstream(
+        body: Incoming,
+        lease: Lease,
+        idle: Option<Duration>,
+        upstream: &Arc<str>,
+    ) -> ProxyBody {
         // A body that is over before it starts (204, 304, HEAD) is never polled.
-        let lease = if body.is_end_stream() {
+        let (lease, quiet) = if body.is_end_stream() {
             lease.release();
-            None
+            (None, None)
         } else {
-            Some(lease)
+            (Some(lease), Quiet::new(idle, upstream))
         };
         ProxyBody {
-            kind: Kind::Upstream(body, lease),
+            kind: Kind::Upstream(Box::new(Streamed { body, lease, quiet })),
             finish: None,
-            quiet: None,
         }
     }
 
@@ -193,22 +216,6 @@ impl ProxyBody {
             Kind::Full(b) => b.take(),
             Kind::Upstream(..) | Kind::Raw(_) => None,
         }
-    }
-
-    /// Bounds a body streamed from `upstream` by `server.body_idle_timeout` (`idle`):
-    /// once the upstream has sent nothing for that long, the body fails and the client's
-    /// response is cut off (counted as an upstream timeout). A body already here whole
-    /// is left as it is.
-    pub fn idle_bounded(mut self, idle: Option<Duration>, upstream: &Arc<str>) -> ProxyBody {
-        if let Some(idle) = idle {
-            if !self.is_end_stream() && !matches!(self.kind, Kind::Full(_)) {
-                self.quiet = Some(Box::new(Quiet {
-                    wait: IdleWait::new(idle),
-                    upstream: upstream.clone(),
-                }));
-            }
-        }
-        self
     }
 
     /// Attaches the end-of-response work.
@@ -232,14 +239,15 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let polled = match &mut this.kind {
-            Kind::Upstream(inner, lease) => {
-                let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let (polled, quiet) = match &mut this.kind {
+            Kind::Upstream(s) => {
+                let Streamed { body, lease, quiet } = &mut **s;
+                let polled = Pin::new(&mut *body).poll_frame(cx);
                 // hyper stops polling once `is_end_stream` says so, so the last data
                 // frame, not only `None`, ends the exchange.
                 let ended = match &polled {
                     Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
                     _ => false,
                 };
                 if ended {
@@ -247,12 +255,15 @@ impl Body for ProxyBody {
                         l.release();
                     }
                 }
-                polled.map_err(Into::into)
+                (polled.map_err(Into::into), quiet.as_mut())
             }
-            Kind::Raw(inner) => Pin::new(&mut **inner).poll_frame(cx).map_err(Into::into),
-            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Raw(inner) => {
+                let polled = Pin::new(&mut **inner).poll_frame(cx).map_err(Into::into);
+                (polled, inner.quiet.as_mut())
+            }
+            Kind::Full(b) => (Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))), None),
         };
-        let polled = match (polled, &mut this.quiet) {
+        let polled = match (polled, quiet) {
             (Poll::Pending, Some(q)) => match q.wait.poll_expired(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(()) => {
@@ -288,7 +299,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream(inner, _) => inner.is_end_stream(),
+            Kind::Upstream(s) => s.body.is_end_stream(),
             Kind::Raw(inner) => inner.is_end_stream(),
             Kind::Full(b) => b.is_none(),
         }
@@ -296,7 +307,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream(inner, _) => inner.size_hint(),
+            Kind::Upstream(s) => s.body.size_hint(),
             Kind::Raw(inner) => inner.size_hint(),
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),

@@ -603,6 +603,14 @@ impl Default for Upload {
     }
 }
 
+/// Out of line: only requests with a body to send have one, and `RequestBody::new`,
+/// made for every request, stays small enough to be inlined.
+#[cold]
+#[inline(never)]
+fn new_upload() -> Arc<Upload> {
+    Arc::new(Upload::new())
+}
+
 /// The client's request body on its way upstream, stopped at `max_body`, counted
 /// into the tenant's metrics (and the access-log record, when there is one).
 pub struct RequestBody {
@@ -631,7 +639,7 @@ impl RequestBody {
             upload: None,
         };
         if !body.is_end_stream() {
-            body.upload = Some(Arc::new(Upload::new()));
+            body.upload = Some(new_upload());
         }
         body
     }

@@ -283,7 +283,7 @@ async fn proxy<'s>(
     // hyper's client, which hands over the upgraded connection.
     if websocket.is_none() && crate::h1::enabled() && crate::h1::plain_h1(upstream) {
         // The fast path's exchange, over its pool of raw sockets.
-        let resp = crate::h1::fetch(
+        return crate::h1::fetch(
             &ctx.client,
             &parts,
             &added,
@@ -295,8 +295,7 @@ async fn proxy<'s>(
                 body_idle: snap.body_idle_timeout,
             },
         )
-        .await?;
-        return Ok(resp.map(|b| b.idle_bounded(snap.body_idle_timeout, &upstream.name)));
+        .await;
     }
     added.apply(&mut parts.headers);
     let (mut resp, lease) = upstream::send(
@@ -352,7 +351,7 @@ async fn proxy<'s>(
     headers::rewrite_response(&mut rparts.headers);
     Ok(Response::from_parts(
         rparts,
-        ProxyBody::upstream(rbody, lease).idle_bounded(snap.body_idle_timeout, &upstream.name),
+        ProxyBody::upstream(rbody, lease, snap.body_idle_timeout, &upstream.name),
     ))
 }
 

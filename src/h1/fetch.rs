@@ -157,11 +157,10 @@ pub async fn fetch(
                     reusable: head.reusable && body_sent,
                     client: client.clone(),
                     target: target.clone(),
+                    quiet: None,
                 };
-                return Ok(http::Response::from_parts(
-                    parts,
-                    body.into_proxy_body().map_err(fail)?,
-                ));
+                let body = body.into_proxy_body(body_idle, upstream).map_err(fail)?;
+                return Ok(http::Response::from_parts(parts, body));
             }
             Err(Failure::Early(_)) if reused && retry => fresh = true,
             Err(f) => return Err(fail(f)),
@@ -239,6 +238,8 @@ pub struct UpstreamBody {
     reusable: bool,
     client: Arc<UpstreamClient>,
     target: Authority,
+    /// `server.body_idle_timeout`, for a body that streams (enforced by `ProxyBody`).
+    pub(crate) quiet: Option<crate::body::Quiet>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -254,7 +255,11 @@ impl UpstreamBody {
     /// A body that is already here whole becomes a plain one (the socket goes back to
     /// the pool now); the rest stream. A chunked body already broken in what has been
     /// read fails here, while the client can still get a 502.
-    fn into_proxy_body(mut self) -> Result<ProxyBody, Failure> {
+    fn into_proxy_body(
+        mut self,
+        idle: Option<Duration>,
+        upstream: &Arc<str>,
+    ) -> Result<ProxyBody, Failure> {
         let whole = match self.framing {
             Framing::Empty => Some(Bytes::new()),
             Framing::Length(n) if self.rbuf.len() as u64 >= n => {
@@ -287,7 +292,11 @@ impl UpstreamBody {
                     ProxyBody::full(b)
                 }
             }
-            None => ProxyBody::raw(Box::new(self)),
+            None => {
+                // It streams: bounded by `body_idle_timeout`.
+                self.quiet = crate::body::Quiet::new(idle, upstream);
+                ProxyBody::raw(Box::new(self))
+            }
         })
     }
 
