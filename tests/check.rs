@@ -407,15 +407,7 @@ fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
             "`forward_claims` sends claims \"email\" and \"sub\" both in \"x-user\"",
         ),
     ];
-    for (text, want) in &cases {
-        let (code, _, err) = check(text);
-        assert_eq!(code, 1, "{want}\n{text}");
-        assert!(
-            err.contains(want),
-            "want {want:?}, got:\n{err}\n---\n{text}"
-        );
-        assert_eq!(err.lines().count(), 1, "one problem each:\n{err}");
-    }
+    assert_refused(&cases, true);
     // A secret file's CRLF line ending is not part of the secret (32 bytes here), and
     // a well-formed setup passes.
     let (code, _, err) = check(&format!(
@@ -458,14 +450,7 @@ fn cluster_settings_that_could_never_work_or_would_change_nothing_are_refused() 
             "[defaults.limits] on_store_failure applies to scope = \"cluster\" limits, and no table has them",
         ),
     ];
-    for (text, want) in &cases {
-        let (code, _, err) = check(text);
-        assert_eq!(code, 1, "{want}\n{text}");
-        assert!(
-            err.contains(want),
-            "want {want:?}, got:\n{err}\n---\n{text}"
-        );
-    }
+    assert_refused(&cases, false);
     // 100 characters of two bytes each are 100 characters; the defaults' policy for
     // the tenants that opt into cluster scope is fine.
     let id = "é".repeat(100);
@@ -473,4 +458,20 @@ fn cluster_settings_that_could_never_work_or_would_change_nothing_are_refused() 
         "[cluster]\nredis = \"redis://127.0.0.1:6379\"\ninstance_id = \"{id}\"\n{BASE}[defaults.limits]\non_store_failure = \"closed\"\n[tenants.a]\nhosts = [\"a.com\"]\n[tenants.a.limits]\nscope = \"cluster\"\nrequests_per_second = 10\n[tenants.b]\nhosts = [\"b.com\"]\n"
     ));
     assert_eq!(code, 0, "{err}");
+}
+
+/// Each config is refused, its message containing the text given with it (and, when
+/// `alone`, the only problem found).
+fn assert_refused(cases: &[(String, &str)], alone: bool) {
+    for (text, want) in cases {
+        let (code, _, err) = check(text);
+        assert_eq!(code, 1, "{want}\n{text}");
+        assert!(
+            err.contains(want),
+            "want {want:?}, got:\n{err}\n---\n{text}"
+        );
+        if alone {
+            assert_eq!(err.lines().count(), 1, "one problem each:\n{err}");
+        }
+    }
 }

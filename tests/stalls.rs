@@ -48,32 +48,43 @@ async fn read_request_head(s: &mut TcpStream) -> bool {
     true
 }
 
-/// An HTTP/1.1 upstream that answers with a head promising 1,000 bytes, sends 10 of
-/// them and then nothing; `released` gets a message when the gateway closes such a
-/// connection.
-async fn quiet_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+/// An HTTP/1.1 upstream that reads each connection's first request head, then runs
+/// `then` on the connection; `released` gets a message when `then` returns (it returns
+/// when the gateway lets go of the connection).
+async fn h1_upstream<F, Fut>(then: F) -> (SocketAddr, mpsc::UnboundedReceiver<()>)
+where
+    F: Fn(TcpStream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     let addr = serve_tcp(move |mut s| {
-        let tx = tx.clone();
+        let (tx, then) = (tx.clone(), then.clone());
         async move {
-            if !read_request_head(&mut s).await {
-                return;
+            if read_request_head(&mut s).await {
+                then(s).await;
+                let _ = tx.send(());
             }
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
-                .await;
-            // Nothing more; wait for the gateway to let go.
-            let mut buf = [0u8; 64];
-            while let Ok(n) = s.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-            let _ = tx.send(());
         }
     })
     .await;
     (addr, rx)
+}
+
+/// An HTTP/1.1 upstream that answers with a head promising 1,000 bytes, sends 10 of
+/// them and then nothing, until the gateway closes the connection.
+async fn quiet_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    h1_upstream(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+            .await;
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
 }
 
 /// An HTTP/2 (prior knowledge) upstream that answers with one data frame and then
@@ -119,26 +130,29 @@ where
 }
 
 /// An HTTP/1.1 upstream that answers with a body of a gibibyte and writes it as fast
-/// as it is taken; `released` gets a message when a write fails (the gateway closed
-/// the connection).
+/// as it is taken, until a write fails (the gateway closed the connection).
 async fn endless_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let addr = serve_tcp(move |mut s| {
-        let tx = tx.clone();
-        async move {
-            if !read_request_head(&mut s).await {
-                return;
-            }
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n")
-                .await;
-            let chunk = vec![b'x'; 64 * 1024];
-            while s.write_all(&chunk).await.is_ok() {}
-            let _ = tx.send(());
-        }
+    h1_upstream(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n")
+            .await;
+        let chunk = vec![b'x'; 64 * 1024];
+        while s.write_all(&chunk).await.is_ok() {}
     })
-    .await;
-    (addr, rx)
+    .await
+}
+
+/// hyper's HTTP/2 client over prior knowledge to the gateway.
+async fn h2c(
+    gw: &Gateway,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
 }
 
 async fn released(rx: &mut mpsc::UnboundedReceiver<()>, what: &str) {
@@ -223,12 +237,7 @@ async fn an_upstream_that_goes_quiet_mid_body_is_cut_off_for_http2_clients() {
     // h2c client: the gateway's own HTTP/2 server, the fast path's exchange upstream.
     let (up, mut rx) = quiet_h1_upstream().await;
     let gw = gateway(up, None);
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c(&gw).await;
     let req = http::Request::get("http://t.com/")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
@@ -361,12 +370,7 @@ async fn an_http2_stream_whose_client_opens_no_window_is_reset_and_the_connectio
     // control, not on the socket.
     let (up, mut rx) = endless_h1_upstream().await;
     let gw = gateway(up, None);
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c(&gw).await;
     let get = || {
         http::Request::get("http://t.com/")
             .body(http_body_util::Empty::<Bytes>::new())
