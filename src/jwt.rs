@@ -204,7 +204,7 @@ pub fn load_jwks(
         return Err((
             file.span(),
             format!(
-                "{:?} holds no usable key (each needs an `alg` this gateway verifies — HS256/384/512, RS*, PS*, ES256, ES384, EdDSA — that fits its `kty`, and RSA keys 2048 to 8192 bits)",
+                "{:?} holds no usable key (each needs an `alg` this gateway verifies — HS256/384/512, RS*, PS*, ES256 on P-256, ES384 on P-384, EdDSA on Ed25519 — that fits its key, and RSA keys 2048 to 8192 bits)",
                 file.get_ref()
             ),
         ));
@@ -255,7 +255,7 @@ fn jwks_keys(text: &str) -> Result<Vec<jsonwebtoken::jwk::Jwk>, String> {
 /// A key of a JWKS and the one algorithm it verifies, when its `alg` fits its type
 /// (an RSA key marked HS256 would never verify anything).
 fn jwk_key(jwk: &jsonwebtoken::jwk::Jwk) -> Option<(DecodingKey, Vec<Algorithm>)> {
-    use jsonwebtoken::jwk::AlgorithmParameters as P;
+    use jsonwebtoken::jwk::{AlgorithmParameters as P, EllipticCurve};
     use Algorithm::*;
     let alg = jwk.common.key_algorithm?;
     let alg: Algorithm = alg.to_string().parse().ok()?;
@@ -270,8 +270,11 @@ fn jwk_key(jwk: &jsonwebtoken::jwk::Jwk) -> Option<(DecodingKey, Vec<Algorithm>)
             matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
                 && (256..=1024).contains(&bytes)
         }
-        P::EllipticCurve(_) => matches!(alg, ES256 | ES384),
-        P::OctetKeyPair(_) => alg == EdDSA,
+        P::EllipticCurve(ec) => matches!(
+            (alg, &ec.curve),
+            (ES256, EllipticCurve::P256) | (ES384, EllipticCurve::P384)
+        ),
+        P::OctetKeyPair(okp) => alg == EdDSA && okp.curve == EllipticCurve::Ed25519,
     };
     if !fits {
         return None;

@@ -422,6 +422,20 @@ async fn a_jwks_with_keys_the_gateway_cannot_use_still_verifies_with_the_ones_it
     );
     assert_eq!(code, 1);
     assert!(err.contains("holds no usable key"), "{err}");
+    // Nor one whose only key is on a curve its `alg` does not use.
+    let b64 = |n: usize| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vec![7u8; n]);
+    let p384_as_es256 =
+        json!({"kty": "EC", "crv": "P-384", "alg": "ES256", "x": b64(48), "y": b64(48)});
+    std::fs::write(&jwks, json!({"keys": [p384_as_es256]}).to_string()).unwrap();
+    let (code, _, err) = run_check(
+        &format!(
+            "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[upstreams.u]\ntargets = [\"127.0.0.1:1\"]\n[tenants.globex]\nhosts = [\"g.com\"]\nupstream = \"u\"\n[tenants.globex.jwt]\njwks_file = \"{}\"\n",
+            jwks.display()
+        ),
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("holds no usable key"), "{err}");
 }
 
 fn mislabelled_only(globex: &serde_json::Value) -> serde_json::Value {
