@@ -71,8 +71,9 @@ pub struct ServerConfig {
     pub state_dir: Option<Spanned<String>>,
     /// A WebSocket tunnel with no bytes either way for this long is closed; 0 = never.
     pub tunnel_idle_timeout: Dur,
-    /// A response body that makes no progress for this long (the upstream sends
-    /// nothing, or the client takes nothing) is cut off; 0 = never.
+    /// A body that makes no progress for this long is cut off: a response whose
+    /// upstream sends nothing or whose client takes nothing, an upload the client
+    /// stops sending or the upstream stops taking; 0 = never.
     pub body_idle_timeout: Dur,
 }
 
