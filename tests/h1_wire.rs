@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{pattern, serve_tcp, Gateway};
+use support::{h2c, pattern, serve_tcp, Gateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -2400,24 +2400,6 @@ async fn idle_keep_alive_connections_serve_again_and_close_after_the_header_time
 
 type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
-/// An HTTP/2 prior-knowledge connection to the gateway.
-async fn h2<B>(gw: &Gateway) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: http_body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
-}
-
 struct H2Reply {
     status: u16,
     headers: http::HeaderMap,
@@ -2516,7 +2498,7 @@ async fn http2_client_gets_every_framing_of_a_raw_upstream_response() {
     })
     .await;
     let gw = gateway(&up, "");
-    let mut c: H2 = h2(&gw).await;
+    let mut c: H2 = h2c(&gw).await;
 
     let r = h2_send(&mut c, "GET", "/len").await;
     assert_eq!((r.status, r.text().as_str()), (200, "hello"));
@@ -2640,7 +2622,7 @@ async fn http2_client_gets_502_504_or_a_reset_stream_from_a_failing_raw_upstream
     })
     .await;
     let gw = gateway(&up, "request_timeout = \"300ms\"\n");
-    let mut c: H2 = h2(&gw).await;
+    let mut c: H2 = h2c(&gw).await;
     for path in ["/bad-chunk", "/garbage", "/101", "/nothing"] {
         let r = h2_send(&mut c, "GET", path).await;
         assert_eq!(r.status, 502, "{path}");
@@ -2728,7 +2710,7 @@ async fn http2_request_bodies_reach_a_raw_upstream_with_their_length_or_chunked(
     })
     .await;
     let gw = gateway(&up, "");
-    let mut c: H2Any = h2(&gw).await;
+    let mut c: H2Any = h2c(&gw).await;
 
     // A whole body: its content-length goes with it.
     let small = pattern(1024);
@@ -2800,7 +2782,7 @@ async fn http2_request_body_over_max_body_is_413_before_or_after_the_head_went_u
     })
     .await;
     let gw = gateway(&up, "[tenants.t1.limits]\nmax_body = 1024\n");
-    let mut c: H2Any = h2(&gw).await;
+    let mut c: H2Any = h2c(&gw).await;
 
     // Declared too large: refused before anything goes upstream.
     let r = h2_post(&mut c, "/declared", whole(&pattern(2000))).await;
@@ -2881,7 +2863,7 @@ async fn upstream_answering_before_the_whole_body_is_relayed_and_not_reused() {
         "[server]\nworkers = 1\n\n[upstreams.u]\ntargets = [\"{addr}\"]\n\n\
          [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n"
     ));
-    let mut c: H2Any = h2(&gw).await;
+    let mut c: H2Any = h2c(&gw).await;
     let (tx, body) = fed();
     tx.send(bytes::Bytes::from(pattern(1000))).await.unwrap();
     // The rest of the body never comes: the answer must not wait for it.

@@ -1430,12 +1430,7 @@ async fn nghttp_posts_a_file() {
 async fn hyper_client_runs_concurrent_posts_on_one_connection() {
     let up = Upstream::echo("u").await;
     let gw = gateway(up.addr);
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let send = support::h2c::<Full<Bytes>>(&gw).await;
     let mut tasks = Vec::new();
     for i in 0..20usize {
         let mut send = send.clone();

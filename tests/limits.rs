@@ -222,25 +222,6 @@ async fn concurrent(gw: std::net::SocketAddr, n: usize) -> Vec<Reply> {
     out
 }
 
-fn in_flight_now(gw: &Gateway) -> u64 {
-    let shared = &gw.running.as_ref().unwrap().shared;
-    let snap = shared.snapshot.load();
-    let t = snap.tenant(snap.tenant_by_id("t").unwrap());
-    t.stats.in_flight()
-}
-
-async fn wait_in_flight_zero(gw: &Gateway) {
-    let t0 = Instant::now();
-    while in_flight_now(gw) != 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "in-flight count stuck at {}",
-            in_flight_now(gw)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn in_flight_cap_and_no_leaked_permits() {
     let (gw, _slow) = in_flight_gateway().await;
@@ -256,7 +237,7 @@ async fn in_flight_cap_and_no_leaked_permits() {
         assert_error(r, 503, "too_many_in_flight");
         assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
     }
-    assert_eq!(in_flight_now(&gw), 0);
+    assert_eq!(in_flight(&gw, "t"), 0);
     let again = concurrent(gw.addr, 2).await;
     assert!(again.iter().all(|r| r.status == 200));
 
@@ -268,7 +249,7 @@ async fn in_flight_cap_and_no_leaked_permits() {
             "upstream_error",
         );
     }
-    assert_eq!(in_flight_now(&gw), 0);
+    assert_eq!(in_flight(&gw, "t"), 0);
 
     // A client that goes away before the response head.
     let addr = gw.addr;
@@ -278,7 +259,7 @@ async fn in_flight_cap_and_no_leaked_permits() {
     )
     .await;
     assert!(gone.is_err(), "the slow request should still be running");
-    wait_in_flight_zero(&gw).await;
+    wait_in_flight_zero(&gw, "t", "in-flight").await;
 
     // A client that goes away in the middle of a large response body.
     {
@@ -294,14 +275,14 @@ async fn in_flight_cap_and_no_leaked_permits() {
             .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(
-            in_flight_now(&gw),
+            in_flight(&gw, "t"),
             1,
             "the permit is held while the body streams"
         );
         drop(resp);
         drop(c);
     }
-    wait_in_flight_zero(&gw).await;
+    wait_in_flight_zero(&gw, "t", "in-flight").await;
     let again = concurrent(gw.addr, 2).await;
     assert!(again.iter().all(|r| r.status == 200));
 }

@@ -142,42 +142,23 @@ async fn endless_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
     .await
 }
 
-/// hyper's HTTP/2 client over prior knowledge to the gateway.
-async fn h2c(
-    gw: &Gateway,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    send
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// `GET http://t.com/` on an HTTP/2 connection: the response head, within [`LIMIT`].
+async fn h2_get(send: &mut H2) -> http::Response<hyper::body::Incoming> {
+    let req = http::Request::get("http://t.com/")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    tokio::time::timeout(LIMIT, send.send_request(req))
+        .await
+        .expect("a response head in time")
+        .unwrap()
 }
 
 async fn released(rx: &mut mpsc::UnboundedReceiver<()>, what: &str) {
     tokio::time::timeout(LIMIT, rx.recv())
         .await
         .unwrap_or_else(|_| panic!("{what}: the gateway never let go of the upstream connection"));
-}
-
-fn in_flight(gw: &Gateway) -> u64 {
-    let snap = gw.running.as_ref().unwrap().shared.snapshot.load();
-    snap.tenant(snap.tenant_by_id("t").unwrap())
-        .stats
-        .in_flight()
-}
-
-async fn wait_in_flight_zero(gw: &Gateway, what: &str) {
-    let t0 = Instant::now();
-    while in_flight(gw) != 0 {
-        assert!(
-            t0.elapsed() < LIMIT,
-            "{what}: in-flight count stuck at {}",
-            in_flight(gw)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `upstream_errors_total{kind="timeout"}` for tenant `t`, upstream `u`.
@@ -223,7 +204,7 @@ async fn an_upstream_that_goes_quiet_mid_body_is_cut_off_on_the_fast_path() {
         "the 10 bytes sent, then the close: {text}"
     );
     released(&mut rx, "fast path").await;
-    wait_in_flight_zero(&gw, "fast path").await;
+    wait_in_flight_zero(&gw, "t", "fast path").await;
     assert_eq!(upstream_timeouts(&gw).await, 1);
     // The gateway is fine: the next request on a new connection is served the same way.
     let again = raw_get_until_closed(gw.addr, "").await;
@@ -238,29 +219,17 @@ async fn an_upstream_that_goes_quiet_mid_body_is_cut_off_for_http2_clients() {
     let (up, mut rx) = quiet_h1_upstream().await;
     let gw = gateway(up, None);
     let mut send = h2c(&gw).await;
-    let req = http::Request::get("http://t.com/")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let resp = tokio::time::timeout(LIMIT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = h2_get(&mut send).await;
     assert_eq!(resp.status(), 200);
     let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
         .await
         .expect("the stalled body was cut off");
     assert!(body.is_err(), "a truncated body must not look complete");
     released(&mut rx, "h2c client").await;
-    wait_in_flight_zero(&gw, "h2c client").await;
+    wait_in_flight_zero(&gw, "t", "h2c client").await;
     assert_eq!(upstream_timeouts(&gw).await, 1);
     // The connection itself carries on: the stream was reset, not the connection.
-    let req = http::Request::get("http://t.com/")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let resp = tokio::time::timeout(LIMIT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = h2_get(&mut send).await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -277,7 +246,7 @@ async fn an_http2_upstream_that_goes_quiet_mid_body_is_cut_off() {
         "a cut-off chunked body must not end with the last chunk: {text}"
     );
     released(&mut rx, "h2 upstream").await;
-    wait_in_flight_zero(&gw, "h2 upstream").await;
+    wait_in_flight_zero(&gw, "t", "h2 upstream").await;
     assert_eq!(upstream_timeouts(&gw).await, 1);
 }
 
@@ -303,7 +272,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_let_go() {
         assert_eq!(&head, b"HTTP/1.1 200", "{what}");
         // Read nothing more, and keep the connection open.
         released(&mut rx, what).await;
-        wait_in_flight_zero(&gw, what).await;
+        wait_in_flight_zero(&gw, "t", what).await;
         drop(s);
     }
     assert_eq!(
@@ -358,7 +327,7 @@ async fn zero_means_never_and_a_bad_value_is_refused() {
             .is_err(),
         "with \"0s\" the response must stay open"
     );
-    assert_eq!(in_flight(&gw), 1);
+    assert_eq!(in_flight(&gw, "t"), 1);
     drop(s);
     assert!(rx.try_recv().is_err());
 }
@@ -371,28 +340,17 @@ async fn an_http2_stream_whose_client_opens_no_window_is_reset_and_the_connectio
     let (up, mut rx) = endless_h1_upstream().await;
     let gw = gateway(up, None);
     let mut send = h2c(&gw).await;
-    let get = || {
-        http::Request::get("http://t.com/")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap()
-    };
-    let resp = tokio::time::timeout(LIMIT, send.send_request(get()))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = h2_get(&mut send).await;
     assert_eq!(resp.status(), 200);
     released(&mut rx, "h2 stream").await;
-    wait_in_flight_zero(&gw, "h2 stream").await;
+    wait_in_flight_zero(&gw, "t", "h2 stream").await;
     // What the client buffered, then the reset.
     let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
         .await
         .expect("the reset stream ends");
     assert!(body.is_err(), "a reset stream must not look complete");
     // Only that stream: the connection answers the next request.
-    let resp = tokio::time::timeout(LIMIT, send.send_request(get()))
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = h2_get(&mut send).await;
     assert_eq!(resp.status(), 200);
     drop(resp);
     released(&mut rx, "h2 stream, dropped by the client").await;
@@ -556,7 +514,7 @@ async fn a_client_that_stops_sending_its_body_gets_408_and_the_upstream_is_let_g
         if !what.contains("HTTP/2") {
             released(&mut rx, what).await;
         }
-        wait_in_flight_zero(&gw, what).await;
+        wait_in_flight_zero(&gw, "t", what).await;
         let m = get(gw.admin, "/metrics", &[]).await;
         let text = String::from_utf8_lossy(&m.body);
         assert!(
@@ -601,7 +559,7 @@ async fn an_upstream_that_stops_taking_the_body_is_504() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 504"), "{text}");
     assert!(text.contains("upstream_timeout"), "{text}");
-    wait_in_flight_zero(&gw, "upstream not reading").await;
+    wait_in_flight_zero(&gw, "t", "upstream not reading").await;
     assert_eq!(upstream_timeouts(&gw).await, 1);
 }
 

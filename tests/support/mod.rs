@@ -612,3 +612,40 @@ pub fn run_check(text: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "PATH"),
     )
 }
+
+/// hyper's HTTP/2 client over prior knowledge (h2c) to the gateway's plain listener.
+pub async fn h2c<B>(gw: &Gateway) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Requests of `tenant` in flight now (`bulkhead_in_flight`), read from the gateway.
+pub fn in_flight(gw: &Gateway, tenant: &str) -> u64 {
+    let snap = gw.running.as_ref().unwrap().shared.snapshot.load();
+    snap.tenant(snap.tenant_by_id(tenant).unwrap())
+        .stats
+        .in_flight()
+}
+
+/// Waits (10 s at most, then fails saying `what`) until `tenant` has nothing in flight.
+pub async fn wait_in_flight_zero(gw: &Gateway, tenant: &str, what: &str) {
+    let t0 = std::time::Instant::now();
+    while in_flight(gw, tenant) != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: in-flight count stuck at {}",
+            in_flight(gw, tenant)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
