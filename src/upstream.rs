@@ -350,7 +350,8 @@ pub async fn send(
                 .map(|u| u.head_due(tokio::time::Instant::now(), timeout, body_idle)),
         };
         let idle = body_idle.unwrap_or_default();
-        return Err(match late {
+        let error = match late {
+            // The upload still moves, or ended less than `timeout` ago: wait on.
             Some(HeadDue::At(t)) => {
                 due = t;
                 continue;
@@ -364,7 +365,8 @@ pub async fn send(
                 upstream: upstream.clone(),
                 after: timeout,
             },
-        });
+        };
+        return Err(error);
     }
 }
 
