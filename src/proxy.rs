@@ -76,8 +76,19 @@ pub async fn handle(
     );
     let http1 = req.version() < Version::HTTP_2;
     let mut ex = Exchange::new(&snap);
+    let mut pending = Unanswered {
+        ex: &mut ex,
+        started,
+        request_id: &request_id,
+        method: &method,
+        path: &path,
+        answered: false,
+    };
+    let result = proxy(req, &snap, &ctx, &request_id, pending.ex).await;
+    pending.answered = true;
+    drop(pending);
     let mut reason = None;
-    let mut resp = match proxy(req, &snap, &ctx, &request_id, &mut ex).await {
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             reason = Some(e.code());
@@ -134,6 +145,34 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// The access log's `reason` for a request whose client closed its connection (or,
+/// on HTTP/2, reset its stream) before the response was over.
+pub const CLIENT_CLOSED: &str = "client_closed";
+
+/// A request not answered yet. Dropped so (hyper or the HTTP/2 server let go of it: the
+/// client closed its connection or reset its stream before the response head), it is
+/// logged as the fast path logs such a request ([`Exchange::abandoned`]) and its
+/// in-flight slot goes with it. Holds references only: nothing moves for the requests
+/// that are answered.
+struct Unanswered<'a, 's> {
+    ex: &'a mut Exchange<'s>,
+    started: Instant,
+    request_id: &'a HeaderValue,
+    method: &'a http::Method,
+    path: &'a PathAndQuery,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_, '_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let ex = std::mem::take(&mut *self.ex);
+            let (id, method, path) = (self.request_id, self.method, self.path);
+            ex.abandoned(self.started, id.clone(), method.clone(), path.clone());
+        }
+    }
+}
+
 /// A response header value that differs from one response to the next. Marked
 /// (`sensitive`) so that HTTP/2 sends it as a literal instead of adding it to the
 /// connection's HPACK table, where it could never be used again and would push out the
@@ -181,6 +220,37 @@ impl<'s> Exchange<'s> {
             stats.record(status, started.elapsed());
             stats.clone()
         });
+        let mut finish = self.unrecorded(started, status, reason, request_id, method, path);
+        finish.stats = stats;
+        finish
+    }
+
+    /// The end of a request whose client went away before any response: the in-flight
+    /// slot let go and the access-log line, status 499 (as nginx logs it), reason
+    /// [`CLIENT_CLOSED`]. Not counted in `requests_total` or the latency histogram,
+    /// which count responses sent.
+    pub(crate) fn abandoned(
+        self,
+        started: Instant,
+        request_id: HeaderValue,
+        method: http::Method,
+        path: PathAndQuery,
+    ) {
+        tracing::debug!(request_id = ?request_id, "client went away before the response");
+        let reason = Some(CLIENT_CLOSED);
+        drop(self.unrecorded(started, 499, reason, request_id, method, path));
+    }
+
+    /// `finish` without the metrics.
+    fn unrecorded(
+        self,
+        started: Instant,
+        status: u16,
+        reason: Option<&'static str>,
+        request_id: HeaderValue,
+        method: http::Method,
+        path: PathAndQuery,
+    ) -> Finish {
         let log = self.bytes_in.map(|bytes_in| {
             Box::new(AccessRecord {
                 started,
@@ -196,7 +266,7 @@ impl<'s> Exchange<'s> {
         });
         Finish {
             permit: self.permit,
-            stats,
+            stats: None,
             bytes_out: 0,
             log,
         }

@@ -198,6 +198,44 @@ pub enum Done {
     },
     /// Failed after the response head went out, or the client went away: close.
     Broken,
+    /// The client closed its connection (or shut down its sending side) before the
+    /// response head came: nothing was answered; the caller records the request as
+    /// [`CLIENT_CLOSED`](crate::proxy::CLIENT_CLOSED) (status 499, as nginx logs it).
+    Gone,
+}
+
+/// How the client's side of an exchange ended before the response did.
+enum ClientEnd {
+    /// It broke its request body mid-upload.
+    BrokeBody,
+    /// It closed (or reset) its connection.
+    Gone,
+}
+
+/// Resolves when the client has closed or reset its connection — not when it sends
+/// more (a pipelined request, left in the socket for after this exchange), after which
+/// it stays pending. A quiet socket costs no system call: readiness is what the event
+/// loop last saw, and the request's short read cleared it. Like nginx (and hyper's
+/// server), a client that only shuts down its sending side counts as gone: nothing
+/// tells the two apart.
+async fn client_gone(client: &mut tokio::net::tcp::ReadHalf<'_>) {
+    let mut more = false;
+    std::future::poll_fn(|cx| {
+        if more {
+            return Poll::Pending;
+        }
+        let mut byte = [std::mem::MaybeUninit::uninit(); 1];
+        let mut probe = tokio::io::ReadBuf::uninit(&mut byte);
+        match client.poll_peek(cx, &mut probe) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {
+                more = true;
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 /// Why reaching the upstream or reading its response failed.
@@ -291,19 +329,36 @@ pub async fn forward(
             Err(_) => return refused(err(Failure::Timeout), body_rest),
         }
         let mut rbuf = spare::Buf::new(HEAD_READ);
-        // `body_read`: the request body was read to its end, so the client connection
-        // can carry the next request.
-        let (result, body_read) = {
+        // Set once the request body has been read to its end, so that the client
+        // connection can carry the next request.
+        let mut body_read = body_rest == 0;
+        let mut finish = None;
+        let outcome = {
             let (mut cr, mut cw) = client.split();
             let (mut ur, mut uw) = up.stream.split();
-            let copy = copy_body(
-                &mut cr,
-                &mut uw,
-                cbuf,
-                body_rest,
-                &req.counters,
-                upload.as_ref(),
-            );
+            // The client's side of the exchange: the rest of the body goes up, then
+            // the connection is watched for the client going away.
+            let client_side = async {
+                if body_rest > 0 {
+                    let copied = copy_body(
+                        &mut cr,
+                        &mut uw,
+                        cbuf,
+                        body_rest,
+                        &req.counters,
+                        upload.as_ref(),
+                    );
+                    match copied.await {
+                        Ok(()) => body_read = true,
+                        Err(UploadError::Client(())) => return ClientEnd::BrokeBody,
+                        // The upstream may still answer; the client's unsent rest
+                        // keeps the connection from being watched (below).
+                        Err(UploadError::Upstream) => {}
+                    }
+                }
+                client_gone(&mut cr).await;
+                ClientEnd::Gone
+            };
             let respond = respond(
                 &mut ur,
                 &mut cw,
@@ -317,22 +372,35 @@ pub async fn forward(
                     clock,
                 },
                 &mut on_head,
+                &mut finish,
             );
-            // The client going away (or breaking its body) mid-upload ends it all.
-            match while_uploading(respond, copy, body_rest > 0).await {
-                Ok((r, body_read)) => (Some(r), body_read),
-                Err(()) => (None, false),
+            tokio::select! {
+                biased;
+                r = respond => Ok(r),
+                end = client_side => Err(end),
             }
         };
-        let Some(result) = result else {
-            return if on_head.is_some() {
-                Done::Refused {
+        let result = match outcome {
+            Ok(result) => result,
+            // The client broke its body mid-upload (closed, reset, or sent a bad one).
+            Err(ClientEnd::BrokeBody) if on_head.is_some() => {
+                return Done::Refused {
                     error: ProxyError::BadRequestBody,
                     client_reusable: false,
                 }
-            } else {
-                Done::Broken
-            };
+            }
+            Err(ClientEnd::BrokeBody) => return Done::Broken,
+            Err(ClientEnd::Gone) => {
+                tracing::debug!(upstream = %req.upstream, "client closed its connection before the response was over");
+                if let Some(log) = finish.as_mut().and_then(|f| f.log.as_mut()) {
+                    log.reason = Some(crate::proxy::CLIENT_CLOSED);
+                }
+                return if on_head.is_some() {
+                    Done::Gone
+                } else {
+                    Done::Broken
+                };
+            }
         };
         return match result {
             Ok(reusable) => {
@@ -602,6 +670,7 @@ async fn respond<R, W>(
     timer: &mut Timer,
     r: Responding<'_>,
     on_head: &mut Option<impl FnOnce(u16) -> Finish>,
+    finish: &mut Option<Finish>,
 ) -> Result<bool, Failure>
 where
     R: AsyncRead + Unpin,
@@ -643,7 +712,7 @@ where
     // Dropped (in-flight slot released, response recorded) just before the last
     // write, as hyper does at the last body frame: a client that sends its next
     // request the moment it has this response must find the slot free.
-    let mut finish = Some(on_head(head.status));
+    *finish = Some(on_head(head.status));
     fn count(finish: &mut Option<Finish>, n: u64) {
         if let Some(f) = finish {
             f.bytes_out += n;
@@ -675,7 +744,7 @@ where
             out.extend_from_slice(&rbuf[..n]);
             rbuf.advance(n);
             rest -= n as u64;
-            count(&mut finish, n as u64);
+            count(finish, n as u64);
             if rest == 0 {
                 finish.take();
             }
@@ -688,7 +757,7 @@ where
                 }
                 let n = usize::try_from(rest).unwrap_or(usize::MAX).min(rbuf.len());
                 rest -= n as u64;
-                count(&mut finish, n as u64);
+                count(finish, n as u64);
                 if rest == 0 {
                     finish.take();
                 }
@@ -702,7 +771,7 @@ where
                 None => chunked.decode(rbuf, &mut out).map_err(|_| Failure::Late)?,
             };
             rbuf.advance(used);
-            count(&mut finish, payload);
+            count(finish, payload);
             if chunked.is_done() {
                 finish.take();
             }
@@ -723,7 +792,7 @@ where
             body_ok = false;
             loop {
                 wire::write_chunk(&mut out, rbuf);
-                count(&mut finish, rbuf.len() as u64);
+                count(finish, rbuf.len() as u64);
                 rbuf.clear();
                 step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
                 out.clear();

@@ -356,6 +356,13 @@ async fn request(
     match done {
         Done::Served { client_reusable } if client_reusable && !close => Next::KeepAlive,
         Done::Served { .. } | Done::Broken => Next::Close,
+        Done::Gone => {
+            if let Some((ex, log)) = pending {
+                let (method, path) = log_target(log);
+                ex.abandoned(started, request_id, method, path);
+            }
+            Next::Close
+        }
         Done::Refused {
             error,
             client_reusable,
@@ -379,7 +386,7 @@ fn finish(
     request_id: &http::HeaderValue,
     log: Option<(http::Method, PathAndQuery)>,
 ) -> crate::body::Finish {
-    let (method, path) = log.unwrap_or_else(|| (http::Method::GET, PathAndQuery::from_static("/")));
+    let (method, path) = log_target(log);
     ex.finish(
         snap,
         started,
@@ -389,6 +396,11 @@ fn finish(
         method,
         path,
     )
+}
+
+/// The method and path for the access log (placeholders when it is off).
+fn log_target(log: Option<(http::Method, PathAndQuery)>) -> (http::Method, PathAndQuery) {
+    log.unwrap_or_else(|| (http::Method::GET, PathAndQuery::from_static("/")))
 }
 
 /// The gateway's error for bytes that are not a request at all; the connection closes
