@@ -77,6 +77,12 @@ pub enum ProxyError {
     TooManyHeaderFields {
         limit: usize,
     },
+    /// A request head still going past the most the HTTP/1.1 server reads of one
+    /// (`limit` bytes), its size unknown; the same `error` code as a head over
+    /// `max_header_bytes`.
+    HeadTooLong {
+        limit: usize,
+    },
     UpstreamError {
         upstream: std::sync::Arc<str>,
         failure: UpstreamFailure,
@@ -155,7 +161,9 @@ impl ProxyError {
             ProxyError::TooManyInFlight { .. } => 4,
             ProxyError::BodyTooLarge { .. } => 5,
             ProxyError::BadRequestBody => 6,
-            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaderFields { .. } => 7,
+            ProxyError::HeadersTooLarge { .. }
+            | ProxyError::TooManyHeaderFields { .. }
+            | ProxyError::HeadTooLong { .. } => 7,
             ProxyError::UpstreamError { .. } => 8,
             ProxyError::UpstreamTimeout { .. } => 9,
             ProxyError::InvalidApiKey => 10,
@@ -183,9 +191,9 @@ impl ProxyError {
             ProxyError::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
-            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaderFields { .. } => {
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            }
+            ProxyError::HeadersTooLarge { .. }
+            | ProxyError::TooManyHeaderFields { .. }
+            | ProxyError::HeadTooLong { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -211,9 +219,9 @@ impl ProxyError {
             ProxyError::TooManyInFlight { .. } => "too_many_in_flight",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadRequestBody => "bad_request_body",
-            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaderFields { .. } => {
-                "headers_too_large"
-            }
+            ProxyError::HeadersTooLarge { .. }
+            | ProxyError::TooManyHeaderFields { .. }
+            | ProxyError::HeadTooLong { .. } => "headers_too_large",
             ProxyError::UpstreamError { .. } => "upstream_error",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::RequestBodyTimeout { .. } => "request_body_timeout",
@@ -275,6 +283,9 @@ impl ProxyError {
             ProxyError::TooManyHeaderFields { limit } => {
                 format!("the request has more than {limit} header fields")
             }
+            ProxyError::HeadTooLong { limit } => {
+                format!("the request head goes on past {limit} bytes")
+            }
             ProxyError::UpstreamError { upstream, failure } => match failure {
                 UpstreamFailure::Connect => format!("could not connect to upstream {upstream:?}"),
                 UpstreamFailure::Reset => {
@@ -335,6 +346,7 @@ impl ProxyError {
             | ProxyError::BadRequestBody
             | ProxyError::HeadersTooLarge { .. }
             | ProxyError::TooManyHeaderFields { .. }
+            | ProxyError::HeadTooLong { .. }
             | ProxyError::UpstreamError { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::RequestBodyTimeout { .. }
@@ -428,6 +440,7 @@ mod tests {
             ProxyError::BadRequestBody,
             ProxyError::HeadersTooLarge { size: 2, limit: 1 },
             ProxyError::TooManyHeaderFields { limit: 1 },
+            ProxyError::HeadTooLong { limit: 1 },
             ProxyError::UpstreamError {
                 upstream: "u".into(),
                 failure: UpstreamFailure::Reset,

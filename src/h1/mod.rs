@@ -93,18 +93,22 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                         return to_hyper(&worker, conn, buf.take().freeze(), true).await;
                     }
                 } else {
-                    match wire::parse_request(&mut buf) {
+                    let refused = match wire::parse_request(&mut buf) {
                         Parsed::Request(h) => break h,
-                        Parsed::Partial if buf.len() < worker.max_head => {}
-                        Parsed::Partial | Parsed::Fallback => {
+                        Parsed::Partial if buf.len() < worker.max_head => None,
+                        Parsed::Fallback => {
                             return to_hyper(&worker, conn, buf.take().freeze(), false).await;
                         }
-                        Parsed::Refused(e) => {
-                            Box::pin(refuse_unparsed(&mut conn.stream, &mut buf, &conn.ctx, e))
-                                .await;
-                            close(conn.stream).await;
-                            return;
-                        }
+                        // Past what hyper would read too: it would answer an empty 431.
+                        Parsed::Partial => Some(ProxyError::HeadTooLong {
+                            limit: worker.max_head,
+                        }),
+                        Parsed::Refused(e) => Some(e),
+                    };
+                    if let Some(e) = refused {
+                        Box::pin(refuse_unparsed(&mut conn.stream, &mut buf, &conn.ctx, e)).await;
+                        close(conn.stream).await;
+                        return;
                     }
                 }
             }
