@@ -349,6 +349,10 @@ async fn proxy<'s>(
         snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
+    let failover = upstream::Failover {
+        pool: upstream,
+        stats: snap.metrics.then_some(&*tenant.stats),
+    };
     // Every method goes this way (`CONNECT` was refused above); upgrades go through
     // hyper's client, which hands over the upgraded connection.
     if websocket.is_none() && crate::h1::enabled() && crate::h1::plain_h1(upstream) {
@@ -359,7 +363,7 @@ async fn proxy<'s>(
             &added,
             body,
             &target,
-            &upstream.name,
+            failover,
             crate::h1::Timeouts {
                 timeout: tenant.request_timeout,
                 body_idle: snap.body_idle_timeout,
@@ -372,8 +376,7 @@ async fn proxy<'s>(
         &ctx.client,
         Request::from_parts(parts, body),
         &target,
-        &upstream.transport,
-        &upstream.name,
+        failover,
         tenant.request_timeout,
         snap.body_idle_timeout,
     )

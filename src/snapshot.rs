@@ -4,7 +4,7 @@
 //! looks a tenant up by string twice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -102,7 +102,12 @@ impl Eq for HostEntry {}
 /// Index of a tenant in [`Snapshot::tenants`].
 pub type TenantIdx = u32;
 
-/// One upstream pool: targets chosen round robin.
+/// How long a target that could not be connected to is passed over (nginx's
+/// `fail_timeout` default, with `max_fails = 1`).
+pub const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One upstream pool: targets chosen round robin, passing over those that failed to
+/// connect within the last [`FAIL_TIMEOUT`].
 #[derive(Debug)]
 pub struct Upstream {
     pub name: Arc<str>,
@@ -110,13 +115,92 @@ pub struct Upstream {
     /// TCP or TLS, HTTP/1.1 or HTTP/2.
     pub transport: crate::upstream::Transport,
     next: AtomicUsize,
+    /// Per target: until when it is passed over, in [`now_ms`]'s milliseconds; 0 when
+    /// it is not. Shared by the workers; reset by a reload.
+    down_until: Box<[AtomicU64]>,
+}
+
+/// Milliseconds on a monotonic clock, never 0.
+fn now_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    u64::try_from(base.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }
 
 impl Upstream {
-    /// The next target, round robin. Relaxed is enough: fairness, not ordering, is wanted.
+    pub fn new(
+        name: Arc<str>,
+        targets: Vec<Authority>,
+        transport: crate::upstream::Transport,
+    ) -> Upstream {
+        let down_until = targets.iter().map(|_| AtomicU64::new(0)).collect();
+        Upstream {
+            name,
+            targets,
+            transport,
+            next: AtomicUsize::new(0),
+            down_until,
+        }
+    }
+
+    /// The next target, round robin, passing over targets that failed to connect
+    /// lately unless every one did. Relaxed is enough: fairness, not ordering, is
+    /// wanted. With every target up this reads no clock.
     pub fn pick(&self) -> &Authority {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.targets[i % self.targets.len()]
+        let n = self.targets.len();
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        if n > 1 && self.down_until[i].load(Ordering::Relaxed) != 0 {
+            return &self.targets[self.up_from(i, now_ms()).unwrap_or(i)];
+        }
+        &self.targets[i]
+    }
+
+    /// The first target from `i` on (in order, wrapping) that is not passed over; a
+    /// mark found expired is cleared.
+    fn up_from(&self, i: usize, now: u64) -> Option<usize> {
+        let n = self.targets.len();
+        (0..n).map(|k| (i + k) % n).find(|&j| {
+            let until = self.down_until[j].load(Ordering::Relaxed);
+            if until != 0 && until <= now {
+                let _ = self.down_until[j].compare_exchange(
+                    until,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            until <= now
+        })
+    }
+
+    /// A connection to `target` failed: it is passed over for [`FAIL_TIMEOUT`], and the
+    /// target to try instead is returned — the next one that is not passed over — or
+    /// `None` when there is none (a pool of one, or every other target failed too).
+    /// Nothing was sent, so any request may go to the other one.
+    pub fn failed(&self, target: &Authority) -> Option<&Authority> {
+        let n = self.targets.len();
+        let i = self
+            .targets
+            .iter()
+            .position(|t| t.as_str() == target.as_str())?;
+        if n == 1 {
+            return None;
+        }
+        let now = now_ms();
+        let until = now.saturating_add(u64::try_from(FAIL_TIMEOUT.as_millis()).unwrap_or(0));
+        let before = self.down_until[i].swap(until, Ordering::Relaxed);
+        if before <= now {
+            tracing::warn!(
+                upstream = %self.name,
+                %target,
+                pass_over = ?FAIL_TIMEOUT,
+                "cannot connect to upstream target; trying the others"
+            );
+        }
+        let j = self.up_from((i + 1) % n, now)?;
+        (j != i).then(|| &self.targets[j])
     }
 }
 
@@ -370,16 +454,15 @@ impl Snapshot {
             };
             upstreams.insert(
                 u.name.clone().into_boxed_str(),
-                Arc::new(Upstream {
-                    name: Arc::from(u.name.as_str()),
+                Arc::new(Upstream::new(
+                    Arc::from(u.name.as_str()),
                     targets,
-                    transport: crate::upstream::Transport {
+                    crate::upstream::Transport {
                         pool_id: pool_id(u),
                         tls,
                         h2,
                     },
-                    next: AtomicUsize::new(0),
-                }),
+                )),
             );
         }
         let lookup = |name: &str| {
@@ -597,6 +680,50 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_target_is_passed_over_until_its_mark_expires() {
+        let targets = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .map(Authority::from_static)
+            .to_vec();
+        let transport = crate::upstream::Transport {
+            tls: None,
+            h2: false,
+            pool_id: 0,
+        };
+        let u = Upstream::new(Arc::from("u"), targets.clone(), transport);
+        let picks = |n| (0..n).map(|_| u.pick().as_str()).collect::<Vec<_>>();
+        assert_eq!(picks(3), ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        // The second fails: the next one is tried instead, and round robin skips it.
+        assert_eq!(
+            u.failed(&targets[1]).map(|t| t.as_str()),
+            Some("127.0.0.1:3")
+        );
+        assert_eq!(
+            picks(3),
+            ["127.0.0.1:1", "127.0.0.1:3", "127.0.0.1:3"],
+            "its turn goes to the next target up"
+        );
+        // The third fails too: only the first is left.
+        assert_eq!(
+            u.failed(&targets[2]).map(|t| t.as_str()),
+            Some("127.0.0.1:1")
+        );
+        assert_eq!(picks(3), ["127.0.0.1:1"; 3]);
+        // All fail: nothing to try instead, and round robin goes on over all of them.
+        assert_eq!(u.failed(&targets[0]), None);
+        assert_eq!(picks(3), ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        // A mark that has expired is cleared at the target's next turn.
+        for d in u.down_until.iter() {
+            d.store(1, Ordering::Relaxed);
+        }
+        assert_eq!(picks(3), ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        assert!(u.down_until.iter().all(|d| d.load(Ordering::Relaxed) == 0));
+        // A pool of one has nothing to fail over to; a target not in the pool neither.
+        let one = Upstream::new(Arc::from("one"), targets[..1].to_vec(), u.transport.clone());
+        assert_eq!(one.failed(&targets[0]), None);
+        assert_eq!(u.failed(&Authority::from_static("127.0.0.1:9")), None);
+    }
 
     #[test]
     fn host_map_finds_short_and_long_names_and_the_last_insert_wins() {

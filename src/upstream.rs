@@ -273,17 +273,40 @@ where
     Ok(Sender::H1(sender))
 }
 
-/// Sends `req` to `target` and waits for the response head for at most `timeout`.
+/// Where a request goes when its target cannot be connected to: the pool's other
+/// targets ([`crate::snapshot::Upstream::failed`]).
+#[derive(Clone, Copy)]
+pub struct Failover<'a> {
+    pub pool: &'a crate::snapshot::Upstream,
+    /// The tenant's metrics (`None` with `server.metrics = false`).
+    pub stats: Option<&'a crate::metrics::TenantStats>,
+}
+
+impl<'a> Failover<'a> {
+    /// The target to try after a connection to `failed` could not be made, counting
+    /// that failure in `upstream_errors_total{kind="connect"}`; `None` when there is
+    /// none to try (the failure is then the request's, counted with its response).
+    pub fn next(&self, failed: &Authority) -> Option<&'a Authority> {
+        let next = self.pool.failed(failed)?;
+        if let Some(stats) = self.stats {
+            stats.record_upstream_failure(&self.pool.name, crate::metrics::UpstreamKind::Connect);
+        }
+        Some(next)
+    }
+}
+
+/// Sends `req` to `target` (another of the pool's targets when it cannot be connected
+/// to) and waits for the response head for at most `timeout`.
 pub async fn send(
     pool: &Arc<UpstreamClient>,
     req: Request<RequestBody>,
     target: &Authority,
-    transport: &Transport,
-    upstream: &Arc<str>,
+    failover: Failover<'_>,
     timeout: Duration,
     body_idle: Option<Duration>,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
-    let key = (target.clone(), transport.pool_id);
+    let (transport, upstream) = (&failover.pool.transport, &failover.pool.name);
+    let mut key = (target.clone(), transport.pool_id);
     // A body still to go up: the head is due `timeout` after it has (see `Upload`).
     let upload = req.body().upload();
     let exchange = async {
@@ -295,9 +318,19 @@ pub async fn send(
                 _ => {
                     // Boxed: connecting (TCP, TLS, HTTP handshakes) is rare next to
                     // reusing, and its future would make every request's larger.
-                    let s = Box::pin(connect(target, transport))
-                        .await
-                        .map_err(|f| (f, None))?;
+                    let s = match Box::pin(connect(&key.0, transport)).await {
+                        Ok(s) => s,
+                        Err(UpstreamFailure::Connect) => match failover.next(&key.0) {
+                            // Nothing was sent: the request goes to the next target.
+                            Some(next) => {
+                                key.0 = next.clone();
+                                fresh_tried = false;
+                                continue;
+                            }
+                            None => return Err((UpstreamFailure::Connect, None)),
+                        },
+                        Err(f) => return Err((f, None)),
+                    };
                     if let Sender::H2(h2) = &s {
                         pool.share(&key, h2);
                     }

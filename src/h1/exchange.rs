@@ -21,7 +21,9 @@ use crate::body::Finish;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::limits::{HeadDue, Upload};
 use crate::metrics::TenantStats;
-use crate::upstream::{connect_tcp, drop_expired, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT};
+use crate::upstream::{
+    connect_tcp, drop_expired, Failover, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT,
+};
 
 /// An upstream response head larger than this is refused as malformed.
 pub(super) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -174,6 +176,8 @@ pub struct Outgoing<'a> {
     /// The gateway's headers, written after the map's.
     pub added: &'a crate::headers::Added<'a>,
     pub target: &'a Authority,
+    /// The pool's other targets, for when `target` cannot be connected to.
+    pub failover: Failover<'a>,
     pub upstream: &'a Arc<str>,
     pub timeout: Duration,
     /// `server.body_idle_timeout`.
@@ -310,11 +314,18 @@ pub async fn forward(
     let is_head = req.parts.method == http::Method::HEAD;
     let mut on_head = Some(on_head);
     let mut force_fresh = false;
+    let mut target = req.target;
     let err = |f: Failure| f.into_error(req.upstream, req.timeout);
     loop {
-        let (mut up, reused) = match open(pool, req.target, force_fresh, deadline).await {
+        let (mut up, reused) = match open(pool, target, force_fresh, deadline).await {
             Ok(s) => s,
-            Err(f) => return refused(err(f), body_rest),
+            Err(f) => match fail_over(&f, target, req.failover) {
+                Some(next) => {
+                    target = next;
+                    continue;
+                }
+                None => return refused(err(f), body_rest),
+            },
         };
         match up.timer.bound(up.stream.write_all(&wbuf)).await {
             Ok(Ok(())) => {}
@@ -405,7 +416,7 @@ pub async fn forward(
         return match result {
             Ok(reusable) => {
                 if reusable && body_read {
-                    pool.checkin(req.target, up, Instant::now());
+                    pool.checkin(target, up, Instant::now());
                 }
                 Done::Served {
                     client_reusable: body_read,
@@ -444,6 +455,19 @@ pub(super) async fn open(
         Ok(Ok(stream)) => Ok((UpSocket { stream, timer }, false)),
         Ok(Err(f)) => Err(Failure::Upstream(f)),
         Err(Elapsed) => Err(Failure::Timeout),
+    }
+}
+
+/// After `open` failed with `f`: the pool's next target when `f` is a failed
+/// connection and there is one to try (nothing was sent, so any request may go).
+pub(super) fn fail_over<'a>(
+    f: &Failure,
+    target: &Authority,
+    failover: Failover<'a>,
+) -> Option<&'a Authority> {
+    match f {
+        Failure::Upstream(UpstreamFailure::Connect) => failover.next(target),
+        _ => None,
     }
 }
 

@@ -26,7 +26,7 @@ use super::wire::{self, Chunked, Framing, Parted};
 use crate::body::ProxyBody;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::limits::{RequestBody, RequestBodyError};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{Failover, UpstreamClient};
 
 /// Request body bytes the client has already sent are written with the head, in one
 /// write, up to this much.
@@ -63,10 +63,12 @@ pub async fn fetch(
     added: &crate::headers::Added<'_>,
     mut body: RequestBody,
     target: &Authority,
-    upstream: &Arc<str>,
+    failover: Failover<'_>,
     timeouts: Timeouts,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
     let Timeouts { timeout, body_idle } = timeouts;
+    let upstream = &failover.pool.name;
+    let mut target = target;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut sending = if body.is_end_stream() {
         Sending::Ended
@@ -99,9 +101,16 @@ pub async fn fetch(
     let fail = |f: Failure| f.into_error(upstream, timeout);
     let mut fresh = false;
     loop {
-        let (mut up, reused) = exchange::open(&client.h1, target, fresh, deadline)
-            .await
-            .map_err(fail)?;
+        let (mut up, reused) = match exchange::open(&client.h1, target, fresh, deadline).await {
+            Ok(s) => s,
+            Err(f) => match exchange::fail_over(&f, target, failover) {
+                Some(next) => {
+                    target = next;
+                    continue;
+                }
+                None => return Err(fail(f)),
+            },
+        };
         match up.timer.bound(up.stream.write_all(&wbuf)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) if reused => {
