@@ -349,10 +349,7 @@ async fn proxy<'s>(
         snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
-    let failover = upstream::Failover {
-        pool: upstream,
-        stats: snap.metrics.then_some(&*tenant.stats),
-    };
+    let failover = upstream::Failover::new(upstream, snap.metrics.then_some(&*tenant.stats));
     // Every method goes this way (`CONNECT` was refused above); upgrades go through
     // hyper's client, which hands over the upgraded connection.
     if websocket.is_none() && crate::h1::enabled() && crate::h1::plain_h1(upstream) {

@@ -274,19 +274,36 @@ where
 }
 
 /// Where a request goes when its target cannot be connected to: the pool's other
-/// targets ([`crate::snapshot::Upstream::failed`]).
-#[derive(Clone, Copy)]
+/// targets ([`crate::snapshot::Upstream::failed`]), each tried once at most.
 pub struct Failover<'a> {
-    pub pool: &'a crate::snapshot::Upstream,
+    pool: &'a crate::snapshot::Upstream,
     /// The tenant's metrics (`None` with `server.metrics = false`).
-    pub stats: Option<&'a crate::metrics::TenantStats>,
+    stats: Option<&'a crate::metrics::TenantStats>,
+    /// Targets still to try after the first.
+    left: usize,
 }
 
 impl<'a> Failover<'a> {
+    pub fn new(
+        pool: &'a crate::snapshot::Upstream,
+        stats: Option<&'a crate::metrics::TenantStats>,
+    ) -> Failover<'a> {
+        Failover {
+            pool,
+            stats,
+            left: pool.targets.len().saturating_sub(1),
+        }
+    }
+
+    pub fn pool(&self) -> &'a crate::snapshot::Upstream {
+        self.pool
+    }
+
     /// The target to try after a connection to `failed` could not be made, counting
     /// that failure in `upstream_errors_total{kind="connect"}`; `None` when there is
     /// none to try (the failure is then the request's, counted with its response).
-    pub fn next(&self, failed: &Authority) -> Option<&'a Authority> {
+    pub fn next(&mut self, failed: &Authority) -> Option<&'a Authority> {
+        self.left = self.left.checked_sub(1)?;
         let next = self.pool.failed(failed)?;
         if let Some(stats) = self.stats {
             stats.record_upstream_failure(&self.pool.name, crate::metrics::UpstreamKind::Connect);
@@ -301,11 +318,11 @@ pub async fn send(
     pool: &Arc<UpstreamClient>,
     req: Request<RequestBody>,
     target: &Authority,
-    failover: Failover<'_>,
+    mut failover: Failover<'_>,
     timeout: Duration,
     body_idle: Option<Duration>,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
-    let (transport, upstream) = (&failover.pool.transport, &failover.pool.name);
+    let (transport, upstream) = (&failover.pool().transport, &failover.pool().name);
     let mut key = (target.clone(), transport.pool_id);
     // A body still to go up: the head is due `timeout` after it has (see `Upload`).
     let upload = req.body().upload();

@@ -315,11 +315,12 @@ pub async fn forward(
     let mut on_head = Some(on_head);
     let mut force_fresh = false;
     let mut target = req.target;
+    let mut failover = req.failover;
     let err = |f: Failure| f.into_error(req.upstream, req.timeout);
     loop {
         let (mut up, reused) = match open(pool, target, force_fresh, deadline).await {
             Ok(s) => s,
-            Err(f) => match fail_over(&f, target, req.failover) {
+            Err(f) => match fail_over(&f, target, &mut failover) {
                 Some(next) => {
                     target = next;
                     continue;
@@ -463,7 +464,7 @@ pub(super) async fn open(
 pub(super) fn fail_over<'a>(
     f: &Failure,
     target: &Authority,
-    failover: Failover<'a>,
+    failover: &mut Failover<'a>,
 ) -> Option<&'a Authority> {
     match f {
         Failure::Upstream(UpstreamFailure::Connect) => failover.next(target),

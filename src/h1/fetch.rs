@@ -63,11 +63,11 @@ pub async fn fetch(
     added: &crate::headers::Added<'_>,
     mut body: RequestBody,
     target: &Authority,
-    failover: Failover<'_>,
+    mut failover: Failover<'_>,
     timeouts: Timeouts,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
     let Timeouts { timeout, body_idle } = timeouts;
-    let upstream = &failover.pool.name;
+    let upstream = &failover.pool().name;
     let mut target = target;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut sending = if body.is_end_stream() {
@@ -103,7 +103,7 @@ pub async fn fetch(
     loop {
         let (mut up, reused) = match exchange::open(&client.h1, target, fresh, deadline).await {
             Ok(s) => s,
-            Err(f) => match exchange::fail_over(&f, target, failover) {
+            Err(f) => match exchange::fail_over(&f, target, &mut failover) {
                 Some(next) => {
                     target = next;
                     continue;

@@ -333,10 +333,10 @@ async fn request(
             parts: &parts,
             added: &added,
             target: &target,
-            failover: crate::upstream::Failover {
-                pool: upstream,
-                stats: snap.metrics.then_some(&*tenant.stats),
-            },
+            failover: crate::upstream::Failover::new(
+                upstream,
+                snap.metrics.then_some(&*tenant.stats),
+            ),
             upstream: &upstream.name,
             timeout: tenant.request_timeout,
             body_idle: snap.body_idle_timeout,
