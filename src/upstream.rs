@@ -303,8 +303,9 @@ impl<'a> Failover<'a> {
     /// that failure in `upstream_errors_total{kind="connect"}`; `None` when there is
     /// none to try (the failure is then the request's, counted with its response).
     pub fn next(&mut self, failed: &Authority) -> Option<&'a Authority> {
-        self.left = self.left.checked_sub(1)?;
-        let next = self.pool.failed(failed)?;
+        // Passed over even when it was the last to try.
+        let next = self.pool.failed(failed).filter(|_| self.left > 0)?;
+        self.left -= 1;
         if let Some(stats) = self.stats {
             stats.record_upstream_failure(&self.pool.name, crate::metrics::UpstreamKind::Connect);
         }
