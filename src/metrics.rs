@@ -444,11 +444,31 @@ pub fn families(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<MetricFamily> 
             MetricType::GAUGE,
             vec![gauge(vec![label("version", &snap.version)], 1.0)],
         ),
+        family(
+            "upstream_target_up",
+            "0 while an upstream target is passed over after a failed connection, else 1.",
+            MetricType::GAUGE,
+            target_states(snap),
+        ),
     ]
     .into_iter()
     .chain(quota_families(snap))
     .filter(|f| !f.get_metric().is_empty())
     .collect()
+}
+
+/// `upstream_target_up`: one series per target of every upstream, sorted by name.
+fn target_states(snap: &Snapshot) -> Vec<Metric> {
+    let mut pools: Vec<_> = snap.upstreams.iter().collect();
+    pools.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut out = Vec::new();
+    for (name, pool) in pools {
+        for (target, up) in pool.target_states() {
+            let labels = vec![label("upstream", name), label("target", target.as_str())];
+            out.push(gauge(labels, if up { 1.0 } else { 0.0 }));
+        }
+    }
+    out
 }
 
 /// `quota_used`, `quota_limit` and `store_errors_total` (issue #9).

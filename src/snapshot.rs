@@ -175,6 +175,19 @@ impl Upstream {
         })
     }
 
+    /// Each target and whether it is in rotation (not passed over after a failed
+    /// connection), for `bulkhead_upstream_target_up`.
+    pub fn target_states(&self) -> impl Iterator<Item = (&Authority, bool)> {
+        let now = now_ms();
+        self.targets
+            .iter()
+            .zip(self.down_until.iter())
+            .map(move |(t, d)| {
+                let until = d.load(Ordering::Relaxed);
+                (t, until <= now)
+            })
+    }
+
     /// A connection to `target` failed: it is passed over for [`FAIL_TIMEOUT`], and the
     /// target to try instead is returned — the next one that is not passed over — or
     /// `None` when there is none (a pool of one, or every other target failed too).

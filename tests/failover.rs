@@ -23,14 +23,19 @@ fn refused_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// `upstream_errors_total{kind="connect"}` for tenant `t`, upstream `u`.
-async fn connect_errors(admin: SocketAddr) -> u64 {
+/// One series of the gateway's metrics, if exported.
+async fn metric(admin: SocketAddr, series: &str) -> Option<u64> {
     let r = get(admin, "/metrics", &[]).await;
     let text = String::from_utf8_lossy(&r.body).into_owned();
-    let key = r#"bulkhead_upstream_errors_total{tenant="t",upstream="u",kind="connect"} "#;
     text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map_or(0, |v| v.trim().parse().unwrap())
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `upstream_errors_total{kind="connect"}` for tenant `t`, upstream `u`.
+async fn connect_errors(admin: SocketAddr) -> u64 {
+    let key = r#"bulkhead_upstream_errors_total{tenant="t",upstream="u",kind="connect"}"#;
+    metric(admin, key).await.unwrap_or(0)
 }
 
 fn config(targets: &[SocketAddr], protocol: &str) -> String {
@@ -130,6 +135,12 @@ async fn a_target_that_refuses_connections_is_passed_over_on_every_path() {
             .log_line(&["cannot connect to upstream target", &dead.to_string()])
             .await;
         assert!(line.contains("WARN"), "{line}");
+        // The gauge says which target is out of rotation.
+        let up =
+            |a: SocketAddr| format!(r#"bulkhead_upstream_target_up{{upstream="u",target="{a}"}}"#);
+        assert_eq!(metric(gw.admin, &up(dead)).await, Some(0), "{path:?}");
+        assert_eq!(metric(gw.admin, &up(a.addr)).await, Some(1), "{path:?}");
+        assert_eq!(metric(gw.admin, &up(b.addr)).await, Some(1), "{path:?}");
     }
 }
 
