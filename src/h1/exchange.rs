@@ -176,9 +176,9 @@ pub struct Outgoing<'a> {
     /// The gateway's headers, written after the map's.
     pub added: &'a crate::headers::Added<'a>,
     pub target: &'a Authority,
-    /// The pool's other targets, for when `target` cannot be connected to.
+    /// `target`'s pool (its name for errors and logs), and its other targets for
+    /// when `target` cannot be connected to.
     pub failover: Failover<'a>,
-    pub upstream: &'a Arc<str>,
     pub timeout: Duration,
     /// `server.body_idle_timeout`.
     pub body_idle: Option<Duration>,
@@ -316,7 +316,8 @@ pub async fn forward(
     let mut force_fresh = false;
     let mut target = req.target;
     let mut failover = req.failover;
-    let err = |f: Failure| f.into_error(req.upstream, req.timeout);
+    let upstream = &failover.pool().name;
+    let err = |f: Failure| f.into_error(upstream, req.timeout);
     loop {
         let (mut up, reused) = match open(pool, target, force_fresh, deadline).await {
             Ok(s) => s,
@@ -379,7 +380,7 @@ pub async fn forward(
                 Responding {
                     is_head,
                     extra: &req.extra,
-                    upstream: req.upstream,
+                    upstream,
                     body_idle: req.body_idle,
                     clock,
                 },
@@ -403,7 +404,7 @@ pub async fn forward(
             }
             Err(ClientEnd::BrokeBody) => return Done::Broken,
             Err(ClientEnd::Gone) => {
-                tracing::debug!(upstream = %req.upstream, "client closed its connection before the response was over");
+                tracing::debug!(%upstream, "client closed its connection before the response was over");
                 if let Some(log) = finish.as_mut().and_then(|f| f.log.as_mut()) {
                     log.reason = Some(crate::proxy::CLIENT_CLOSED);
                 }

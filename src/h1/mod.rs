@@ -337,7 +337,6 @@ async fn request(
                 upstream,
                 snap.metrics.then_some(&*tenant.stats),
             ),
-            upstream: &upstream.name,
             timeout: tenant.request_timeout,
             body_idle: snap.body_idle_timeout,
             started,
