@@ -80,7 +80,10 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
-/// `Host` is never removed through `Connection`: it is end to end and routing needs it.
+/// `Host` and `Content-Length` are never removed through `Connection`: they are end to
+/// end — routing needs the one, and the message's framing is the other (a request
+/// whose length went while its body was still sent as is would reach the upstream as
+/// two).
 /// One pass over the names first, so the common message with none of them costs no
 /// hashed lookups.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -94,7 +97,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| name != header::HOST)
+            .filter(|name| name != header::HOST && name != header::CONTENT_LENGTH)
             .collect();
         for name in listed {
             headers.remove(name);

@@ -2880,3 +2880,91 @@ async fn upstream_answering_before_the_whole_body_is_relayed_and_not_reused() {
     assert_eq!((r.status, r.text().as_str()), (200, "fine"));
     assert_eq!(conns.load(Ordering::SeqCst), 2);
 }
+
+// ---------------------------------------------------------------------------------------
+// Framing that `Connection` cannot take away (found by a request-smuggling sweep)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_content_length_named_in_connection_still_frames_the_request() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    // The body is a whole request of its own: were `Content-Length` removed and the
+    // body still sent, the upstream would read it as a second request — one that
+    // carries a tenant header of the client's choosing and was never checked.
+    let smuggled = format!("GET /admin HTTP/1.1\r\nHost: {HOST}\r\nX-Tenant-Id: other\r\n\r\n");
+    for connection in ["content-length", "close, content-length"] {
+        let mut c = Client::connect(&gw).await;
+        let mut req = format!(
+            "POST /form HTTP/1.1\r\nHost: {HOST}\r\nConnection: {connection}\r\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(smuggled.as_bytes());
+        c.send(&req).await;
+        let r = c.response().await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.body, b"/form");
+        if connection == "content-length" {
+            // Still keep-alive: the next request on the connection is its own.
+            let r = c.get("/next").await;
+            assert_eq!(r.body, b"/next", "{}", r.head);
+        }
+    }
+    let seen = up.seen();
+    let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(targets, ["/form", "/next", "/form"]);
+    for r in seen.iter().filter(|r| r.target == "/form") {
+        assert_eq!(
+            r.headers.get("content-length"),
+            Some(smuggled.len().to_string().as_str()),
+            "{}",
+            r.head
+        );
+        assert_eq!(r.body, smuggled.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn a_content_length_named_in_connection_still_frames_the_response() {
+    let up = RawUpstream::start(|r| {
+        let body = r.target.as_bytes();
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        vec![Step::Write(out)]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    // Without its length the client would read the first body to the connection's
+    // end, the second response with it.
+    for path in ["/one", "/two"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.headers.get("content-length"), Some("4"), "{}", r.head);
+        assert_eq!(r.body, path.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn a_204_loses_its_content_length_and_a_status_under_100_is_502() {
+    let up = RawUpstream::start(|r| {
+        vec![Step::Write(if r.target == "/none" {
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec()
+        } else {
+            b"HTTP/1.1 099 Weird\r\nContent-Length: 0\r\n\r\n".to_vec()
+        })]
+    })
+    .await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    let r = c.get("/none").await;
+    assert_eq!(r.status, 204, "{}", r.head);
+    assert_eq!(r.headers.get("content-length"), None, "{}", r.head);
+    let r = c.get("/weird").await;
+    r.assert_error(502, "upstream_error", Some("t1"));
+}

@@ -364,6 +364,10 @@ fn scan<'b>(
     head_request: bool,
 ) -> Result<Option<Scan<'b>>, Malformed> {
     let status = resp.code.ok_or(Malformed)?;
+    if status < 100 {
+        // Three digits, but no status code (RFC 9110 §15).
+        return Err(Malformed);
+    }
     if (100..200).contains(&status) {
         // 101 is only ever an answer to an upgrade, which the fast path never sends.
         return if status == 101 {
@@ -454,22 +458,25 @@ fn scan<'b>(
 
 impl Scan<'_> {
     /// Whether the header is passed on: not hop-by-hop, not named in `Connection`, and
-    /// `Content-Length` only once and never beside a body that is re-framed.
+    /// `Content-Length` once, whatever `Connection` names (it is the body's framing:
+    /// without it the client would read the body to the connection's end, and every
+    /// later response with it), but never beside a body that is re-framed, nor on a
+    /// 204 (RFC 9110 §8.6).
     fn passes(&self, name: &[u8], wrote_length: &mut bool) -> bool {
-        if is_hop_by_hop(name)
-            || self.listed[..self.n_listed]
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name))
-        {
-            return false;
-        }
         if is_name(name, b"content-length") {
-            if *wrote_length || matches!(self.framing, Framing::Chunked | Framing::Close) {
+            if *wrote_length
+                || self.status == 204
+                || matches!(self.framing, Framing::Chunked | Framing::Close)
+            {
                 return false;
             }
             *wrote_length = true;
+            return true;
         }
-        true
+        !is_hop_by_hop(name)
+            && !self.listed[..self.n_listed]
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(name))
     }
 
     fn head(&self, head_len: usize) -> ResponseHead {
