@@ -438,9 +438,15 @@ pub fn forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue 
     HeaderValue::from_bytes(&joined).unwrap_or_else(|_| peer_ip.clone())
 }
 
-/// Rewrites the headers of an upstream response about to be sent to the client
-/// (`x-request-id` is set on every response, proxied or not, by the caller).
+/// Rewrites the headers of an upstream response (read by hyper's client) about to be
+/// sent to the client (`x-request-id` is set on every response, proxied or not, by the
+/// caller). A `Content-Length` beside `Transfer-Encoding` goes first: the body was read
+/// by the latter (RFC 9112 §6.3), and the length, left in, would frame the client's
+/// copy differently — cut short, or waiting for bytes that never come.
 pub fn rewrite_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(headers);
 }
 

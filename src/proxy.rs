@@ -378,6 +378,13 @@ async fn proxy<'s>(
         snap.body_idle_timeout,
     )
     .await?;
+    if websocket.is_none() && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // An upgrade nobody asked for: what follows on that connection is not HTTP.
+        return Err(ProxyError::UpstreamError {
+            upstream: upstream.name.clone(),
+            failure: crate::error::UpstreamFailure::Protocol,
+        });
+    }
     if let Some((_, client)) =
         websocket.filter(|_| resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
     {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{h2c, pattern, serve_tcp, Gateway};
+use support::{h2c, pattern, serve_tcp, Gateway, Process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -267,8 +267,12 @@ struct Client {
 
 impl Client {
     async fn connect(gw: &Gateway) -> Client {
+        Client::connect_to(gw.addr).await
+    }
+
+    async fn connect_to(addr: SocketAddr) -> Client {
         Client {
-            wire: Wire::new(TcpStream::connect(gw.addr).await.unwrap()),
+            wire: Wire::new(TcpStream::connect(addr).await.unwrap()),
         }
     }
 
@@ -2966,5 +2970,41 @@ async fn a_204_loses_its_content_length_and_a_status_under_100_is_502() {
     assert_eq!(r.status, 204, "{}", r.head);
     assert_eq!(r.headers.get("content-length"), None, "{}", r.head);
     let r = c.get("/weird").await;
+    r.assert_error(502, "upstream_error", Some("t1"));
+}
+
+/// hyper's client (here with `BULKHEAD_H1=hyper`, as for every `https://` upstream):
+/// an upstream response with both `Content-Length` and `Transfer-Encoding` is read as
+/// chunked and reaches the client without the length; a 101 to a request that asked
+/// for no upgrade is 502.
+#[tokio::test]
+async fn hyper_s_client_drops_a_length_beside_chunked_and_refuses_an_unasked_upgrade() {
+    let up = RawUpstream::start(|r| {
+        vec![Step::Write(match r.target.as_str() {
+            "/short" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            "/long" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 30\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            _ => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n".to_vec(),
+        })]
+    })
+    .await;
+    let gw = Process::start_with_env(
+        &format!(
+            "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{}\"]\n\
+             [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n",
+            up.addr
+        ),
+        &[],
+        &[("BULKHEAD_H1", "hyper")],
+    );
+    let mut c = Client::connect_to(gw.addr).await;
+    for path in ["/short", "/long"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(r.complete, "{path}: {}", r.head);
+        assert_eq!(r.headers.get("content-length"), None, "{}", r.head);
+        assert_eq!(r.body, b"hello", "{path}");
+    }
+    let mut c = Client::connect_to(gw.addr).await;
+    let r = c.get("/upgrade").await;
     r.assert_error(502, "upstream_error", Some("t1"));
 }
