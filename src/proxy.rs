@@ -97,6 +97,7 @@ pub async fn handle(
                 && matches!(
                     e,
                     ProxyError::BodyTooLarge { .. }
+                        | ProxyError::MalformedRequest { .. }
                         | ProxyError::BadRequestBody
                         | ProxyError::RequestBodyTimeout { .. }
                         | ProxyError::MethodNotAllowed
@@ -314,6 +315,9 @@ async fn proxy<'s>(
         if let Some(coding) = unsupported_transfer_coding(req.headers()) {
             return Err(ProxyError::UnsupportedTransferCoding { coding });
         }
+        if let Some(why) = host_problem(&req) {
+            return Err(ProxyError::MalformedRequest { why });
+        }
     }
     if let Some(port) = ctx.redirect_to {
         if let Some(resp) = redirect_to_https(&req, port) {
@@ -430,6 +434,21 @@ async fn proxy<'s>(
         rparts,
         ProxyBody::upstream(rbody, lease, snap.body_idle_timeout, &upstream.name),
     ))
+}
+
+/// What RFC 9112 §3.2 makes a 400 about an HTTP/1.x request's `Host`: more than one,
+/// or none in HTTP/1.1 when the target does not name the authority either (as nginx,
+/// an absolute-form target stands in for it). The fast path checks the same while it
+/// parses (`h1::wire::parse_request`).
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            Some("no Host header")
+        }
+        _ => None,
+    }
 }
 
 /// Copies both ways until either side closes, or until no byte has moved either way

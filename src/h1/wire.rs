@@ -84,6 +84,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         };
         let mut body_len: Option<u64> = None;
         let mut close = false;
+        let mut hosts = 0;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             if is_name(name, b"content-length") {
@@ -103,8 +104,18 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
                 return Parsed::Fallback;
             } else if is_name(name, b"connection") {
                 close |= has_token(h.value, b"close");
+            } else if is_name(name, b"host") {
+                hosts += 1;
             }
             spans.push(buf, name, h.value);
+        }
+        // RFC 9112 §3.2 (as `proxy::host_problem` on hyper's path): one `Host`, and
+        // none only beside an absolute-form target, which names the authority.
+        if hosts > 1 {
+            return malformed("more than one Host header");
+        }
+        if hosts == 0 && matches!(req.path.and_then(|p| p.bytes().next()), Some(b'/' | b'*')) {
+            return malformed("no Host header");
         }
         (head_len, method, path, body_len.unwrap_or(0), close)
     };
@@ -1028,6 +1039,15 @@ mod tests {
                 "invalid content-length",
             ),
             (b"garbage\r\n\r\n", "invalid character in the request line"),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+                "more than one Host header",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nX-Tenant-Id: a\r\n\r\n",
+                "no Host header",
+            ),
+            (b"OPTIONS * HTTP/1.1\r\n\r\n", "no Host header"),
         ] {
             let mut buf = BytesMut::from(raw);
             match parse_request(&mut buf) {
@@ -1039,7 +1059,8 @@ mod tests {
         }
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a"[..]);
         assert!(matches!(parse_request(&mut buf), Parsed::Partial));
-        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"[..]);
+        let mut buf =
+            BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n"[..]);
         let Parsed::Request(h) = parse_request(&mut buf) else {
             panic!()
         };
