@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -123,24 +122,35 @@ async fn send_then_close(rx: &mut Events, gw: &Process, request: &str, head: boo
     }
 }
 
+/// One request on the fast path (a plain GET) and one on hyper's server (a chunked
+/// body sends it there): what, its `x-request-id` (`{prefix}-fast`, `{prefix}-hyper`),
+/// the bytes.
+fn both_paths(prefix: &str) -> [(&'static str, String, String); 2] {
+    let fast = format!("{prefix}-fast");
+    let hyper = format!("{prefix}-hyper");
+    [
+        (
+            "fast path",
+            fast.clone(),
+            format!("GET /{prefix} HTTP/1.1\r\nhost: t.com\r\nx-request-id: {fast}\r\n\r\n"),
+        ),
+        (
+            "hyper",
+            hyper.clone(),
+            format!(
+                "POST /{prefix} HTTP/1.1\r\nhost: t.com\r\nx-request-id: {hyper}\r\n\
+                 transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn a_client_that_closes_before_the_answer_is_let_go_at_once_and_logged_499() {
     let (up, mut rx) = quiet_upstream(NOTHING).await;
     let gw = gateway(up);
-    // A plain GET is the fast path; a chunked body sends the request to hyper's server.
-    for (what, rid, request) in [
-        (
-            "fast path",
-            "gone-fast",
-            "GET /a HTTP/1.1\r\nhost: t.com\r\nx-request-id: gone-fast\r\n\r\n",
-        ),
-        (
-            "hyper",
-            "gone-hyper",
-            "POST /b HTTP/1.1\r\nhost: t.com\r\nx-request-id: gone-hyper\r\n\
-             transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-        ),
-    ] {
+    for (what, rid, request) in both_paths("gone") {
+        let (rid, request) = (rid.as_str(), request.as_str());
         send_then_close(&mut rx, &gw, request, false, what).await;
         expect(&mut rx, Seen::Closed, what).await;
         wait_nothing_in_flight(&gw, what).await;
@@ -155,12 +165,7 @@ async fn a_client_that_closes_before_the_answer_is_let_go_at_once_and_logged_499
         ("h2c stream reset", "gone-h2-stream", false),
         ("h2c connection closed", "gone-h2-conn", true),
     ] {
-        let tcp = TcpStream::connect(gw.addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .unwrap();
-        let conn = tokio::spawn(conn);
+        let (mut send, conn) = h2c_at(gw.addr).await;
         let req = http::Request::get("http://t.com/c")
             .header("x-request-id", rid)
             .body(http_body_util::Empty::<Bytes>::new())
@@ -192,19 +197,8 @@ async fn a_client_that_closes_before_the_answer_is_let_go_at_once_and_logged_499
 async fn a_client_that_closes_while_the_body_pauses_is_let_go_at_once() {
     let (up, mut rx) = quiet_upstream(HEAD_AND_SOME).await;
     let gw = gateway(up);
-    for (what, rid, request) in [
-        (
-            "fast path",
-            "paused-fast",
-            "GET / HTTP/1.1\r\nhost: t.com\r\nx-request-id: paused-fast\r\n\r\n",
-        ),
-        (
-            "hyper",
-            "paused-hyper",
-            "POST / HTTP/1.1\r\nhost: t.com\r\nx-request-id: paused-hyper\r\n\
-             transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-        ),
-    ] {
+    for (what, rid, request) in both_paths("paused") {
+        let (rid, request) = (rid.as_str(), request.as_str());
         send_then_close(&mut rx, &gw, request, true, what).await;
         expect(&mut rx, Seen::Closed, what).await;
         wait_nothing_in_flight(&gw, what).await;
@@ -215,12 +209,7 @@ async fn a_client_that_closes_while_the_body_pauses_is_let_go_at_once() {
         }
     }
     // HTTP/2: the client resets the stream after the head.
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2c_at(gw.addr).await;
     let req = http::Request::get("http://t.com/")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();

@@ -99,12 +99,7 @@ async fn requests(gw: SocketAddr, path: Path, n: usize) -> Vec<u16> {
             }
         }
         Path::H2c => {
-            let tcp = TcpStream::connect(gw).await.unwrap();
-            let (mut send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let (mut send, _conn) = h2c_at::<http_body_util::Empty<Bytes>>(gw).await;
             for _ in 0..n {
                 let req = http::Request::get("http://t.com/h2")
                     .body(http_body_util::Empty::<Bytes>::new())

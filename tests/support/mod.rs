@@ -620,13 +620,31 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    h2c_at(gw.addr).await.0
+}
+
+/// [`h2c`] to any address; the connection's task is returned too (aborting it closes
+/// the connection).
+pub async fn h2c_at<B>(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .unwrap();
-    tokio::spawn(conn);
-    send
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
 }
 
 /// Requests of `tenant` in flight now (`bulkhead_in_flight`), read from the gateway.
