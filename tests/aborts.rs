@@ -122,6 +122,23 @@ async fn send_then_close(rx: &mut Events, gw: &Process, request: &str, head: boo
     }
 }
 
+/// Sends `request`, closes the connection (after the response head, with `head`) and
+/// waits until the gateway has let go of the upstream connection and the slot; the
+/// request's access-log line.
+async fn abandon(
+    rx: &mut Events,
+    gw: &Process,
+    what: &str,
+    rid: &str,
+    request: &str,
+    head: bool,
+) -> String {
+    send_then_close(rx, gw, request, head, what).await;
+    expect(rx, Seen::Closed, what).await;
+    wait_nothing_in_flight(gw, what).await;
+    gw.log_line(&["access", rid]).await
+}
+
 /// One request on the fast path (a plain GET) and one on hyper's server (a chunked
 /// body sends it there): what, its `x-request-id` (`{prefix}-fast`, `{prefix}-hyper`),
 /// the bytes.
@@ -150,11 +167,7 @@ async fn a_client_that_closes_before_the_answer_is_let_go_at_once_and_logged_499
     let (up, mut rx) = quiet_upstream(NOTHING).await;
     let gw = gateway(up);
     for (what, rid, request) in both_paths("gone") {
-        let (rid, request) = (rid.as_str(), request.as_str());
-        send_then_close(&mut rx, &gw, request, false, what).await;
-        expect(&mut rx, Seen::Closed, what).await;
-        wait_nothing_in_flight(&gw, what).await;
-        let line = gw.log_line(&["access", rid]).await;
+        let line = abandon(&mut rx, &gw, what, &rid, &request, false).await;
         assert!(
             line.contains("status=499") && line.contains(r#"reason="client_closed""#),
             "{what}: {line}"
@@ -198,11 +211,7 @@ async fn a_client_that_closes_while_the_body_pauses_is_let_go_at_once() {
     let (up, mut rx) = quiet_upstream(HEAD_AND_SOME).await;
     let gw = gateway(up);
     for (what, rid, request) in both_paths("paused") {
-        let (rid, request) = (rid.as_str(), request.as_str());
-        send_then_close(&mut rx, &gw, request, true, what).await;
-        expect(&mut rx, Seen::Closed, what).await;
-        wait_nothing_in_flight(&gw, what).await;
-        let line = gw.log_line(&["access", rid]).await;
+        let line = abandon(&mut rx, &gw, what, &rid, &request, true).await;
         assert!(line.contains("status=200"), "{what}: {line}");
         if what == "fast path" {
             assert!(line.contains(r#"reason="client_closed""#), "{line}");
