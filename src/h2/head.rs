@@ -56,7 +56,10 @@ impl Decoded {
             return;
         }
         self.regular_seen = true;
-        if name.iter().any(u8::is_ascii_uppercase) {
+        // RFC 9113 §8.2.1: no uppercase in names, no whitespace around values.
+        let padded = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+        if name.iter().any(u8::is_ascii_uppercase) || padded(value.first()) || padded(value.last())
+        {
             self.malformed = true;
             return;
         }
@@ -68,6 +71,16 @@ impl Decoded {
         if connection_specific(&name) || (name == header::TE && value != "trailers") {
             self.malformed = true;
             return;
+        }
+        if name == header::CONTENT_LENGTH {
+            // One length: a repeat of the same is dropped (RFC 9110 §8.6), another is
+            // malformed — the upstream, which gets the map, might frame by either.
+            if let Some(old) = self.headers.get(header::CONTENT_LENGTH) {
+                if *old != value {
+                    self.malformed = true;
+                }
+                return;
+            }
         }
         if name == header::COOKIE {
             // RFC 9113 §8.2.3: split cookies are joined for an HTTP/1.1 upstream.
@@ -98,8 +111,11 @@ impl Decoded {
             return Uri::from_parts(parts).ok();
         }
         let (scheme, path) = (self.scheme.take()?, self.path.take()?);
-        if path.is_empty() {
-            return None;
+        // RFC 9113 §8.3.1: a path in origin form, or `*` for OPTIONS only.
+        match path.first() {
+            Some(b'/') => {}
+            Some(b'*') if path.len() == 1 && method == Method::OPTIONS => {}
+            _ => return None,
         }
         if let Some(a) = self.authority.take() {
             parts.scheme = Some(match &scheme[..] {
@@ -218,6 +234,27 @@ mod tests {
                 (":path", "/"),
                 ("bad name", "1"),
             ],
+            // Whitespace around a value (§8.2.1).
+            vec![
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("x", " a"),
+            ],
+            vec![
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("x", "a\t"),
+            ],
+            // Two different lengths: the upstream could frame by either.
+            vec![
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/"),
+                ("content-length", "39"),
+                ("content-length", "0"),
+            ],
         ];
         for fields in cases {
             assert!(decode(&fields).malformed, "{fields:?}");
@@ -226,6 +263,10 @@ mod tests {
         for fields in [
             vec![(":method", "GET"), (":scheme", "http")],
             vec![(":method", "GET"), (":scheme", "http"), (":path", "")],
+            // Not origin form; `*` is for OPTIONS only (§8.3.1).
+            vec![(":method", "GET"), (":scheme", "http"), (":path", "?x")],
+            vec![(":method", "GET"), (":scheme", "http"), (":path", "*")],
+            vec![(":method", "OPTIONS"), (":scheme", "http"), (":path", "*x")],
             vec![(":scheme", "http"), (":path", "/")],
             vec![
                 (":method", "CONNECT"),
@@ -242,6 +283,17 @@ mod tests {
             ("te", "trailers"),
         ]);
         assert!(!ok.malformed);
+        // The same length twice is forwarded once; `OPTIONS *` has a URI.
+        let mut twice = decode(&[
+            (":method", "OPTIONS"),
+            (":scheme", "http"),
+            (":path", "*"),
+            ("content-length", "3"),
+            ("content-length", "3"),
+        ]);
+        assert!(!twice.malformed);
+        assert_eq!(twice.headers.get_all("content-length").iter().count(), 1);
+        assert!(twice.uri().is_some());
     }
 
     #[test]
