@@ -18,15 +18,12 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
-
-use crate::h1::Stall;
-use crate::limits::HeadDue;
 use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::error::{ProxyError, UpstreamFailure};
-use crate::limits::{RequestBody, RequestBodyError};
+use crate::limits::{HeadDue, RequestBody, RequestBodyError};
 
 /// Idle upstream connections are closed after this long; it must stay below the
 /// upstreams' own keep-alive timeout (nginx: 75 s) so we never write to a connection
@@ -400,18 +397,13 @@ pub async fn send(
                 .as_ref()
                 .map(|u| u.head_due(tokio::time::Instant::now(), timeout, body_idle)),
         };
-        let idle = body_idle.unwrap_or_default();
         let error = match late {
             // The upload still moves, or ended less than `timeout` ago: wait on.
             Some(HeadDue::At(t)) => {
                 due = t;
                 continue;
             }
-            Some(HeadDue::Stalled(Stall::Client)) => ProxyError::RequestBodyTimeout { after: idle },
-            Some(HeadDue::Stalled(Stall::Upstream)) => ProxyError::UpstreamTimeout {
-                upstream: upstream.clone(),
-                after: idle,
-            },
+            Some(HeadDue::Stalled(side)) => side.error(upstream, body_idle.unwrap_or_default()),
             Some(HeadDue::Timeout) | None => ProxyError::UpstreamTimeout {
                 upstream: upstream.clone(),
                 after: timeout,

@@ -269,11 +269,7 @@ impl Failure {
                 upstream: upstream.clone(),
                 failure,
             },
-            Failure::Stalled(Stall::Client, after) => ProxyError::RequestBodyTimeout { after },
-            Failure::Stalled(Stall::Upstream, after) => ProxyError::UpstreamTimeout {
-                upstream: upstream.clone(),
-                after,
-            },
+            Failure::Stalled(side, after) => side.error(upstream, after),
             Failure::Late => ProxyError::UpstreamError {
                 upstream: upstream.clone(),
                 failure: UpstreamFailure::Reset,
@@ -653,6 +649,18 @@ pub enum Stall {
 }
 
 impl Stall {
+    /// The answer to a request whose body stopped going up for `after` before the
+    /// head came: 408 when the client sent nothing, 504 when the upstream took nothing.
+    pub fn error(self, upstream: &Arc<str>, after: Duration) -> ProxyError {
+        match self {
+            Stall::Client => ProxyError::RequestBodyTimeout { after },
+            Stall::Upstream => ProxyError::UpstreamTimeout {
+                upstream: upstream.clone(),
+                after,
+            },
+        }
+    }
+
     /// The access log's `reason` for a response cut off this way.
     pub fn reason(self) -> &'static str {
         match self {
