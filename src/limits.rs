@@ -529,6 +529,13 @@ fn clock_base() -> tokio::time::Instant {
     *BASE
 }
 
+/// How long since [`clock_base`]: a monotonic time that fits an atomic integer, for
+/// state shared across tasks and workers (`Upload`, the upstream targets passed over
+/// in `snapshot::Upstream`).
+pub(crate) fn since_base() -> Duration {
+    tokio::time::Instant::now().saturating_duration_since(clock_base())
+}
+
 impl Upload {
     pub fn new() -> Upload {
         let u = Upload {
@@ -542,9 +549,8 @@ impl Upload {
 
     /// A piece of the body was taken from the client.
     pub fn progress(&self) {
-        let since = tokio::time::Instant::now().saturating_duration_since(clock_base());
         self.last.store(
-            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            u64::try_from(since_base().as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
     }

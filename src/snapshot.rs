@@ -120,11 +120,9 @@ pub struct Upstream {
     down_until: Box<[AtomicU64]>,
 }
 
-/// Milliseconds on a monotonic clock, never 0.
+/// Milliseconds on the process's monotonic clock (`limits::since_base`), never 0.
 fn now_ms() -> u64 {
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let base = *BASE.get_or_init(std::time::Instant::now);
-    u64::try_from(base.elapsed().as_millis())
+    u64::try_from(crate::limits::since_base().as_millis())
         .unwrap_or(u64::MAX)
         .saturating_add(1)
 }
