@@ -45,15 +45,11 @@ async fn quiet_upstream(then: &'static [u8]) -> (SocketAddr, Events) {
     let addr = serve_tcp(move |mut s| {
         let tx = tx.clone();
         async move {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
+            if !read_request_head(&mut s).await {
+                return;
             }
             let _ = tx.send(Seen::Head);
+            let mut buf = [0u8; 4096];
             let _ = s.write_all(then).await;
             while let Ok(n) = s.read(&mut buf).await {
                 if n == 0 {

@@ -35,19 +35,6 @@ fn gateway(up: SocketAddr, protocol: Option<&str>) -> Gateway {
     ))
 }
 
-/// Reads the request head from `s` (a request without a body).
-async fn read_request_head(s: &mut TcpStream) -> bool {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
-}
-
 /// An HTTP/1.1 upstream that reads each connection's first request head, then runs
 /// `then` on the connection; `released` gets a message when `then` returns (it returns
 /// when the gateway lets go of the connection).

@@ -114,6 +114,20 @@ where
     addr
 }
 
+/// Reads a request head from `s` (a request without a body); false when the
+/// connection ends first.
+pub async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(s, &mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// A real HTTP/1.1 upstream on `127.0.0.1:0`.
 pub struct Upstream {
     pub addr: SocketAddr,
