@@ -493,16 +493,15 @@ pub(super) enum UploadError<E> {
     Upstream,
 }
 
-/// Awaits the response `head` while `upload` (when `uploading`) sends the rest of the
-/// request body beside it. Returns the head and whether the whole body went up; an
-/// upload the client broke ends the wait with its error.
+/// Awaits the response `head` while `upload` sends the rest of the request body beside
+/// it. Returns the head and whether the whole body went up; an upload the client broke
+/// ends the wait with its error.
 pub(super) async fn while_uploading<H, E>(
     head: impl std::future::Future<Output = H>,
     upload: impl std::future::Future<Output = Result<(), UploadError<E>>>,
-    uploading: bool,
 ) -> Result<(H, bool), E> {
     tokio::pin!(head, upload);
-    let (mut uploading, mut sent) = (uploading, !uploading);
+    let (mut uploading, mut sent) = (true, false);
     loop {
         tokio::select! {
             biased;

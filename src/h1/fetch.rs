@@ -144,7 +144,7 @@ pub async fn fetch(
             });
             let send = send_rest(&mut body, &mut uw, sending, &written);
             let head = exchange::read_head(&mut ur, &mut rbuf, &mut up.timer, clock, parse);
-            let (head, sent) = exchange::while_uploading(head, send, true)
+            let (head, sent) = exchange::while_uploading(head, send)
                 .await
                 .map_err(|e| e.to_error())?;
             // A length-delimited body is all there once its last byte is written,
