@@ -335,6 +335,99 @@ fn proto(https: bool) -> HeaderValue {
     HeaderValue::from_static(if https { "https" } else { "http" })
 }
 
+/// Request headers no client may send, whatever tenant it is for:
+/// - `identity`: what the gateway sets for some tenant from a verified credential (a
+///   `forward_client_cert` subject, `forward_claims`). A client of another tenant
+///   that shares the upstream could otherwise hand the backend a subject or claim it
+///   never proved; the tenant's own are removed and set again as before.
+/// - the `_` spelling of every name the gateway sets or reads for tenancy
+///   (`x_tenant_id` beside `x-tenant-id`): CGI-style servers (WSGI, Rack, PHP) fold `_`
+///   and `-` into one variable, so such a copy would stand beside the gateway's or
+///   replace it. nginx drops every name with `_` by default; only these go here.
+///
+/// `lengths` has bit `n` set for each guarded name of `n` bytes (bit 63: 63 or more), so
+/// the rewrite's one pass over the names tells, at a shift and a mask per name, whether
+/// any could be one; only then are they compared.
+#[derive(Debug, Default)]
+pub struct Guarded {
+    identity: Box<[HeaderName]>,
+    /// Every guarded name (`-` spelling), identity names included.
+    names: Box<[HeaderName]>,
+    lengths: u64,
+}
+
+impl Guarded {
+    /// `own`: names the gateway sets or strips for tenancy on every request (its tenant
+    /// header, the API-key header, `forward_header`); `identity`: every tenant's
+    /// credential-derived names.
+    pub fn new(
+        own: impl IntoIterator<Item = HeaderName>,
+        identity: impl IntoIterator<Item = HeaderName>,
+    ) -> Guarded {
+        let mut ids: Vec<HeaderName> = identity.into_iter().collect();
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        ids.dedup();
+        let fixed = [
+            &X_TENANT_FEATURES,
+            &X_REQUEST_ID,
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_HOST,
+            &X_FORWARDED_PROTO,
+        ];
+        let mut names: Vec<HeaderName> = own
+            .into_iter()
+            .chain(fixed.into_iter().cloned())
+            .chain(ids.iter().cloned())
+            .collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        let lengths = names.iter().fold(0u64, |m, n| m | length_bit(n));
+        Guarded {
+            identity: ids.into_boxed_slice(),
+            names: names.into_boxed_slice(),
+            lengths,
+        }
+    }
+
+    /// Whether `name` may be guarded: its length is one of theirs.
+    #[inline]
+    fn may_be(&self, name: &HeaderName) -> bool {
+        self.lengths & length_bit(name) != 0
+    }
+
+    /// Whether `name` must go: an identity name, or a guarded name spelt with `_`.
+    fn doomed(&self, name: &HeaderName) -> bool {
+        if self.identity.contains(name) {
+            return true;
+        }
+        let s = name.as_str().as_bytes();
+        s.contains(&b'_')
+            && self.names.iter().any(|g| {
+                let g = g.as_str().as_bytes();
+                g.len() == s.len()
+                    && g.iter()
+                        .zip(s)
+                        .all(|(&g, &c)| g == c || (g == b'-' && c == b'_'))
+            })
+    }
+
+    /// Removes every doomed name from `headers`.
+    fn remove_from(&self, headers: &mut HeaderMap) {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| self.may_be(n) && self.doomed(n))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+    }
+}
+
+fn length_bit(name: &HeaderName) -> u64 {
+    1 << name.as_str().len().min(63)
+}
+
 /// Rewrites the headers of a request about to be forwarded: what must not reach the
 /// upstream is removed from `headers` (hop-by-hop, the client's tenant header and
 /// features, an API key used as the credential, and the client's copies of every
@@ -355,7 +448,9 @@ pub fn rewrite_request<'a>(
     let (mut tenant_header, mut features, mut api_key, mut forwarded, mut request_id) =
         (false, false, false, false, false);
     let (mut fwd_host, mut fwd_proto, mut fwd_for) = (false, false, false);
+    let mut guarded = false;
     for name in headers.keys() {
+        guarded |= f.tenancy.guarded.may_be(name);
         tenant_header |= name == f.tenancy.header;
         features |= name == X_TENANT_FEATURES;
         api_key |= name == f.tenancy.api_key_header;
@@ -367,6 +462,9 @@ pub fn rewrite_request<'a>(
     }
     if tenant_header {
         headers.remove(&f.tenancy.header);
+    }
+    if guarded {
+        f.tenancy.guarded.remove_from(headers);
     }
     // The upstream learns the tenant from the gateway, never the key itself.
     if api_key && f.tenancy.api_key_source {
@@ -453,6 +551,43 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guarded_names_go_in_either_spelling_and_others_stay() {
+        let n = |s: &str| HeaderName::from_bytes(s.as_bytes()).unwrap();
+        let long = format!("x-{}", "a-".repeat(40));
+        let g = Guarded::new([n("x-tenant-id")], [n("x-user-id"), n(&long)]);
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_tenant_id",
+            "x-user-id",
+            "x_user_id",
+            "x_forwarded_proto",
+            &long.replace('-', "_"),
+            // Kept: the gateway's own spelling is for the rewrite to handle; the rest
+            // are not the gateway's.
+            "x-tenant-id",
+            "x-request-id",
+            "user_agent",
+            "x_tenant_idx",
+            "content-type",
+        ] {
+            h.append(n(name), HeaderValue::from_static("v"));
+        }
+        g.remove_from(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "content-type",
+                "user_agent",
+                "x-request-id",
+                "x-tenant-id",
+                "x_tenant_idx"
+            ]
+        );
+    }
 
     #[test]
     fn small_values_cut_from_one_block_stay_intact() {

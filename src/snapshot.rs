@@ -325,6 +325,8 @@ pub struct Tenancy {
     pub path_prefix: Box<str>,
     /// `None` when `forward_header = ""` (injection off).
     pub forward_header: Option<HeaderName>,
+    /// What no client may send, whatever its tenant: [`crate::headers::Guarded`].
+    pub guarded: crate::headers::Guarded,
 }
 
 /// Everything one request needs to decide where it goes.
@@ -633,6 +635,20 @@ impl Snapshot {
                 jwt_cookie: config.jwt_cookie.clone().map(String::into_boxed_str),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
+                guarded: crate::headers::Guarded::new(
+                    [
+                        Some(header(&config.tenant_header)?),
+                        Some(header(&config.api_key_header)?),
+                        forward_header.clone(),
+                    ]
+                    .into_iter()
+                    .flatten(),
+                    tenants.iter().flat_map(|t| {
+                        let cert = t.tls.as_ref().and_then(|s| s.forward_client_cert.clone());
+                        let claims = t.forward_claims.iter().map(|(_, h)| h.clone());
+                        cert.into_iter().chain(claims)
+                    }),
+                ),
                 forward_header,
             },
             max_header_bytes: config.max_header_bytes,

@@ -443,3 +443,98 @@ fn mislabelled_only(globex: &serde_json::Value) -> serde_json::Value {
     k["alg"] = json!("HS256");
     k
 }
+
+/// A header the gateway sets for one tenant from a verified credential (here a claim)
+/// must not be forgeable by the clients of another tenant on the same upstream, nor
+/// can any client hand the backend an `_` spelling of the gateway's own names, which
+/// CGI-style servers fold into the same variable. HTTP/1.1 (the fast path) and h2c.
+#[tokio::test]
+async fn no_tenant_can_forge_another_tenants_identity_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("acme.key");
+    std::fs::write(&secret, format!("{ACME_SECRET}\n")).unwrap();
+    let shared = Upstream::echo("shared").await;
+    let gw = Gateway::start(&format!(
+        r#"
+[tenancy]
+resolve = ["jwt", "host"]
+
+[upstreams.shared]
+targets = ["{}"]
+
+[tenants.acme]
+hosts = ["acme.example.com"]
+upstream = "shared"
+[tenants.acme.jwt]
+hs256_secret_file = "{}"
+issuer = "https://login.acme.example/"
+audience = "api"
+forward_claims = {{ sub = "x-user-id" }}
+
+[tenants.hooli]
+hosts = ["hooli.example.com"]
+upstream = "shared"
+"#,
+        shared.addr,
+        secret.display()
+    ));
+    let forged = [
+        ("host", "hooli.example.com"),
+        ("x-user-id", "user-42"),
+        ("x_user_id", "user-42"),
+        ("x_tenant_id", "acme"),
+        ("X_Tenant_Features", "admin"),
+        ("x_forwarded_for", "10.0.0.1"),
+        ("x_request_id", "forged"),
+        ("my_own_header", "kept"),
+    ];
+    let r = get(gw.addr, "/h1", &forged).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+
+    let mut h2 = h2c::<http_body_util::Empty<bytes::Bytes>>(&gw).await;
+    let mut req = hyper::Request::get("http://hooli.example.com/h2");
+    for (name, value) in &forged[1..] {
+        req = req.header(*name, *value);
+    }
+    let resp = h2.send_request(req.body(Default::default()).unwrap()).await;
+    assert_eq!(resp.unwrap().status(), 200);
+
+    let seen = shared.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        let names: Vec<&str> = s.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(s.headers["x-tenant-id"], "hooli", "{}: {names:?}", s.path);
+        for gone in [
+            "x-user-id",
+            "x_user_id",
+            "x_tenant_id",
+            "x_tenant_features",
+            "x_forwarded_for",
+            "x_request_id",
+        ] {
+            assert!(
+                !s.headers.contains_key(gone),
+                "{}: {gone} in {names:?}",
+                s.path
+            );
+        }
+        assert_eq!(s.headers["my_own_header"], "kept", "{}", s.path);
+    }
+
+    // acme's own verified claim still reaches the same upstream, the client's copy not.
+    let auth = bearer(&hs256(acme_claims(), ACME_SECRET.as_bytes()));
+    let r = get(
+        gw.addr,
+        "/acme",
+        &[
+            ("host", "acme.example.com"),
+            ("authorization", &auth),
+            ("x-user-id", "spoofed"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let seen = shared.seen();
+    let users: Vec<_> = seen[2].headers.get_all("x-user-id").iter().collect();
+    assert_eq!(users, ["user-42"]);
+}
