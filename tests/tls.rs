@@ -467,11 +467,30 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
         .iter()
         .collect();
     assert_eq!(subjects.len(), 1, "the client's copy is removed");
-    let subject = subjects[0].to_str().unwrap();
-    assert!(
-        subject.contains("CN=alice") && subject.contains("O=Acme Corp"),
-        "{subject}"
-    );
+    // RFC 4514: the last RDN first (the certificate says CN, then O).
+    assert_eq!(subjects[0], "O=Acme Corp,CN=alice");
+
+    // A CN that imitates more of the name is escaped, not read as structure; bytes
+    // beyond ASCII go as hex pairs.
+    for (cn, forwarded) in [
+        ("bob, O=Admin Corp", r"O=Acme Corp,CN=bob\, O=Admin Corp"),
+        ("#x+y;<z> ", r"O=Acme Corp,CN=\#x\+y\;\<z\>\20"),
+        ("José", r"O=Acme Corp,CN=Jos\C3\A9"),
+    ] {
+        let cert = clients.client("odd", cn);
+        let cfg = pki::client_config(&s.ca.pem, Some(&cert), &[b"http/1.1"]);
+        let (r, _) = pki::tls_get(gw.tls(), "acme.test", cfg, "/", "acme.test")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let seen = acme.seen();
+        assert_eq!(
+            seen.last().unwrap().headers["x-client-cert-subject"],
+            forwarded,
+            "{cn:?}"
+        );
+    }
+    let before = acme.seen().len();
 
     // The client CA cannot be sidestepped: globex's SNI (no client certificate asked)
     // with acme's Host, or plain HTTP for acme, is misdirected.
@@ -485,7 +504,7 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
         421,
         "misdirected_request",
     );
-    assert_eq!(acme.seen().len(), 1);
+    assert_eq!(acme.seen().len(), before);
     // globex itself needs no client certificate.
     let cfg = s.client(&[b"http/1.1"]);
     let (r, _) = pki::tls_get(gw.tls(), "globex.test", cfg, "/", "globex.test")

@@ -214,10 +214,90 @@ fn normalize_sni(name: &str) -> Box<str> {
     name.trim_end_matches('.').to_ascii_lowercase().into()
 }
 
-/// The subject distinguished name of a DER certificate, as a header value.
+/// The subject distinguished name of a DER certificate, as a header value; `None`
+/// for an empty subject.
 fn subject(der: &CertificateDer<'_>) -> Option<HeaderValue> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    HeaderValue::from_str(&cert.subject().to_string()).ok()
+    let dn = rfc4514(cert.subject());
+    (!dn.is_empty()).then(|| HeaderValue::from_str(&dn).ok())?
+}
+
+/// A distinguished name as RFC 4514 writes it (nginx's `$ssl_client_s_dn`): the last
+/// RDN first, `,` between RDNs and `+` inside one, short attribute names where there
+/// are any (`CN`, `O`, …; else the dotted OID), and every character that could be
+/// read as structure escaped — so a CN of `bob, O=Admin Corp` cannot pass for an
+/// organisation of its own. Bytes outside visible ASCII go as `\XX` hex pairs (a
+/// header value has room for nothing else); a value of no string type goes as `#`
+/// and the hex of its DER encoding.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use std::fmt::Write as _;
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<_> = name.iter().collect();
+    let mut out = String::new();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match x509_parser::objects::oid2abbrev(attr.attr_type(), registry) {
+                Ok(short) => out.push_str(short),
+                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+            }
+            out.push('=');
+            let value = attr.attr_value();
+            let text = match value.tag() {
+                x509_parser::der_parser::asn1_rs::Tag::BmpString => {
+                    let units = value
+                        .data
+                        .chunks_exact(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    char::decode_utf16(units)
+                        .collect::<Result<String, _>>()
+                        .ok()
+                }
+                _ => attr.as_str().ok().map(str::to_owned),
+            };
+            let Some(text) = text else {
+                // `#` and the DER encoding: tag, length, content.
+                out.push('#');
+                let data = value.data;
+                let mut der = vec![(value.tag().0 & 0x1f) as u8];
+                match data.len() {
+                    n if n < 0x80 => der.push(n as u8),
+                    n if n <= 0xff => der.extend([0x81, n as u8]),
+                    n => der.extend([0x82, (n >> 8) as u8, n as u8]),
+                }
+                der.extend_from_slice(&data[..data.len().min(0xffff)]);
+                for b in der {
+                    let _ = write!(out, "{b:02X}");
+                }
+                continue;
+            };
+            let last = text.len().saturating_sub(1);
+            for (k, b) in text.bytes().enumerate() {
+                match b {
+                    b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' => {
+                        out.push('\\');
+                        out.push(b as char);
+                    }
+                    b' ' | b'#' if k == 0 => {
+                        out.push('\\');
+                        out.push(b as char);
+                    }
+                    // Not `\ `: a header value's last space is trimmed on the way.
+                    b' ' if k == last => out.push_str("\\20"),
+                    0x21..=0x7e | b' ' => out.push(b as char),
+                    _ => {
+                        let _ = write!(out, "\\{b:02X}");
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Snapshot {
