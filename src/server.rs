@@ -312,6 +312,17 @@ async fn worker(
         shared: shared.clone(),
     });
     let tracker = Arc::new(Tracker::default());
+    // Idle upstream connections are let go of on time even when nothing uses their
+    // target any more (it went quiet, or a reload removed it).
+    let client = ctx.client.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(upstream::POOL_SWEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            client.sweep();
+        }
+    });
     let fast = (ctx.fast_h1 && ctx.redirect_to.is_none()).then(|| {
         let (hyper_ctx, hyper_rx) = (ctx.clone(), shutdown.clone());
         let to_hyper: crate::h1::ToHyper = Box::new(move |h, conn_ctx, guard| {

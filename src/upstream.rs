@@ -29,6 +29,10 @@ use crate::limits::{HeadDue, RequestBody, RequestBodyError};
 /// upstreams' own keep-alive timeout (nginx: 75 s) so we never write to a connection
 /// the upstream is closing.
 pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often each worker sweeps its pools (`UpstreamClient::sweep`): an idle
+/// connection lives `POOL_IDLE_TIMEOUT` to that plus this, and one the upstream closed
+/// stays half-closed at most this long.
+pub(crate) const POOL_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per target and worker.
 pub(crate) const MAX_IDLE_PER_TARGET: usize = 1024;
@@ -172,6 +176,25 @@ impl UpstreamClient {
             Sender::H2(s) => Some(Sender::H2(s.clone())),
             Sender::H1(_) => list.remove(pos).map(|i| i.sender),
         }
+    }
+
+    /// Drops the idle HTTP/1.1 connections idle for `POOL_IDLE_TIMEOUT`, every closed
+    /// connection, and the lists left empty, in both pools (see `h1::Pool::sweep`).
+    /// An open HTTP/2 connection stays: it is shared, not idle.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|_, list| {
+                list.retain(|i| {
+                    !i.sender.is_closed()
+                        && (matches!(i.sender, Sender::H2(_))
+                            || now.saturating_duration_since(i.since) < POOL_IDLE_TIMEOUT)
+                });
+                !list.is_empty()
+            });
+        }
+        self.h1.sweep(now);
     }
 
     /// Keeps a new HTTP/2 connection for the exchanges that follow.

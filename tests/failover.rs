@@ -180,3 +180,49 @@ async fn with_no_target_left_the_request_is_502_as_before() {
     assert_error(&r, 502, "upstream_error");
     assert_eq!(connect_errors(gw.admin).await, 2);
 }
+
+/// An idle pooled connection that the upstream closes is let go of by the gateway
+/// even though no request goes to that target again (README: idle connections are
+/// dropped after 30 s): before the workers swept their pools, it stayed half-closed
+/// (CLOSE-WAIT) until the target was used again, for ever if it never was.
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_is_let_go_of_without_more_traffic() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = serve_tcp(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            if !read_request_head(&mut s).await {
+                return;
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            // Idle in the gateway's pool now; the upstream closes its side, as a
+            // backend with a short keep-alive timeout does, and waits for the
+            // gateway to close its own.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            s.shutdown().await.unwrap();
+            let mut buf = [0u8; 64];
+            let closed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await
+            .is_ok();
+            let _ = tx.send(closed);
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&[upstream], ""));
+    let r = get(gw.addr, "/once", &[("host", "t.com")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        rx.recv().await,
+        Some(true),
+        "the gateway closed its side of the idle connection"
+    );
+}

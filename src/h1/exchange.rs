@@ -46,6 +46,23 @@ pub(super) struct UpSocket {
     pub timer: Timer,
 }
 
+impl UpSocket {
+    /// Whether an idle socket is still fit for a request. A socket that turned
+    /// readable while idle has been closed by the upstream (or sent something
+    /// unasked). Readiness is what the event loop last saw, so the check costs no
+    /// system call unless the socket looks readable.
+    fn still_idle(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(_) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
 /// A deadline re-armed for each use: the exchange in progress on one upstream socket,
 /// or (`h1::linger`) a client connection's wait for its next request.
 pub(super) struct Timer(Pin<Box<tokio::time::Sleep>>);
@@ -126,33 +143,36 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The most recently used idle socket that is still open. A socket that turned
-    /// readable while idle has been closed by the upstream (or sent something
-    /// unasked): it is dropped. Readiness is what the event loop last saw, so the
-    /// check costs no system call unless the socket looks readable.
+    /// The most recently used idle socket that is still open (`UpSocket::still_idle`);
+    /// the closed ones met on the way are dropped.
     pub(super) fn checkout(&self, target: &Authority, now: Instant) -> Option<UpSocket> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(target.as_str())?;
-        let mut cx = Context::from_waker(Waker::noop());
         while let Some((s, since)) = list.pop_back() {
             if now.saturating_duration_since(since) >= POOL_IDLE_TIMEOUT {
                 // Everything before it is older still.
                 list.clear();
                 return None;
             }
-            match s.stream.poll_read_ready(&mut cx) {
-                Poll::Pending => return Some(s),
-                Poll::Ready(_) => {
-                    let mut probe = [0u8; 1];
-                    if let Err(e) = s.stream.try_read(&mut probe) {
-                        if e.kind() == std::io::ErrorKind::WouldBlock {
-                            return Some(s);
-                        }
-                    }
-                }
+            if s.still_idle() {
+                return Some(s);
             }
         }
         None
+    }
+
+    /// Drops the sockets idle for `POOL_IDLE_TIMEOUT` and those the upstream has
+    /// closed (or written to unasked), and the lists left empty: `checkout` and
+    /// `checkin` only look at the target they serve, so without this a target that
+    /// went quiet, or that a reload removed, would keep its sockets — half-closed ones
+    /// too — for ever. The worker calls it every few seconds.
+    pub(crate) fn sweep(&self, now: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, list| {
+            drop_expired(list, now, |(_, since)| *since);
+            list.retain(|(s, _)| s.still_idle());
+            !list.is_empty()
+        });
     }
 
     pub(super) fn checkin(&self, target: &Authority, mut s: UpSocket, now: Instant) {
