@@ -293,6 +293,7 @@ async fn worker(
         keep_alive_interval: Duration::from_secs(30),
         keep_alive_timeout: Duration::from_secs(20),
         body_idle_timeout: None,
+        header_timeout: cfg.header_read_timeout,
     };
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())

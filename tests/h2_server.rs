@@ -1389,6 +1389,105 @@ async fn shutdown_sends_goaway_and_lets_the_in_flight_stream_finish() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 11b. A connection that waits on its client (`server.header_read_timeout`)
+// ---------------------------------------------------------------------------------------
+
+/// A gateway whose `header_read_timeout` is 1 s.
+fn impatient_gateway(up: SocketAddr) -> Gateway {
+    Gateway::start(&format!(
+        "[server]\nworkers = 1\nheader_read_timeout = \"1s\"\n\n[upstreams.u]\ntargets = [\"{up}\"]\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n"
+    ))
+}
+
+/// Reads until the gateway closes the connection; whether it did so within `bound`
+/// (generous: the gateway closes within 1 to 1.5 × `header_read_timeout`).
+async fn closed_within(s: &mut TcpStream, bound: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(bound, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// As HTTP/1.1 keep-alive connections, an HTTP/2 connection with no stream open is
+/// closed after `header_read_timeout` (GOAWAY NO_ERROR, then the close); one that has
+/// not finished its preface or a header block — a slowloris that trickles it, or stops
+/// — is closed too. A stream open for longer, waiting on the upstream, is not waiting
+/// on the client: its connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_waits_on_its_client_is_closed_after_the_header_timeout() {
+    let mut up = Held::start().await;
+    let gw = impatient_gateway(up.addr);
+    let bound = Duration::from_secs(8);
+
+    // Idle after a request: GOAWAY naming the last stream, no error, then the close.
+    let mut c = H2::open(gw.addr).await;
+    assert_eq!(c.get(1, "/quick").await.status, Some(200));
+    assert_eq!(c.goaway_then_close().await, (1, NO_ERROR));
+
+    // Half the preface, then nothing.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&PREFACE[..10]).await.unwrap();
+    assert!(closed_within(&mut s, bound).await, "half a preface");
+
+    // A HEADERS frame cut short, its last bytes trickled slower than the bound needs.
+    let mut c = H2::open(gw.addr).await;
+    let head = frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &request_block("GET", "/never", &[]),
+    );
+    c.send(&head[..12]).await;
+    let trickle = async {
+        for b in &head[12..head.len() - 1] {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            if c.s.write_all(&[*b]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(bound, trickle).await;
+    assert!(
+        closed_within(&mut c.s, bound).await,
+        "a trickled HEADERS frame"
+    );
+
+    // HEADERS without END_HEADERS, and no CONTINUATION.
+    let mut c = H2::open(gw.addr).await;
+    c.send(&frame(
+        HEADERS,
+        END_STREAM,
+        1,
+        &request_block("GET", "/never", &[]),
+    ))
+    .await;
+    assert!(
+        closed_within(&mut c.s, bound).await,
+        "a header block never finished"
+    );
+
+    // A stream waiting on the upstream for three times the timeout: answered.
+    let mut c = H2::open(gw.addr).await;
+    c.headers(1, &request_block("GET", "/hold/long", &[]), true)
+        .await;
+    assert_eq!(up.next_arrival().await, "/hold/long");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    up.release();
+    let r = c.ok_response(1).await;
+    assert_eq!(r.text(), "path=/hold/long");
+    assert_eq!(c.goaway, None, "no GOAWAY while the stream was open");
+    assert!(!up.arrived.try_recv().is_ok_and(|p| p.contains("never")));
+}
+
+// ---------------------------------------------------------------------------------------
 // 12. Real clients: h2load, nghttp, hyper
 // ---------------------------------------------------------------------------------------
 

@@ -45,6 +45,25 @@ pub struct Config {
     /// the client to open its flow-control window (a client that takes nothing more
     /// of it) is reset.
     pub body_idle_timeout: Option<Duration>,
+    /// `server.header_read_timeout`: how long the connection may wait on the client
+    /// for a request (see [`Waiting`]).
+    pub header_timeout: Duration,
+}
+
+/// How long a connection has waited on its client, as its ticks (`header_timeout / 2`
+/// apart) saw it. The connection waits when it has no stream open (an idle
+/// connection), when the preface or the client's first SETTINGS has not come, or when
+/// a header block is unfinished (a HEADERS frame not all read, CONTINUATION still to
+/// come). Seen waiting at three ticks in a row with no stream opened in between, it
+/// has waited at least `header_timeout` (at most 1.5 × that): an idle connection is
+/// then sent GOAWAY and closed, as HTTP/1.1 keep-alive connections are after the same
+/// time, and one stuck in its preface or a header block (a slowloris) is closed. No
+/// clock is read per frame or per stream: the highest stream id says whether one
+/// opened.
+#[derive(Default)]
+struct Waiting {
+    ticks: u32,
+    last_id: u32,
 }
 
 /// The receive window of each stream (SETTINGS_INITIAL_WINDOW_SIZE) and of the
@@ -259,6 +278,10 @@ where
 {
     let mut conn = Conn::new(service, cfg);
     let mut tick = Box::pin(tokio::time::sleep(cfg.keep_alive_interval));
+    let mut waiting_tick =
+        tokio::time::interval((cfg.header_timeout / 2).max(Duration::from_millis(1)));
+    waiting_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut waiting = Waiting::default();
     loop {
         let shutting = conn.goaway_sent || *shutdown.borrow();
         if shutting && !conn.goaway_sent {
@@ -279,6 +302,25 @@ where
                 if r.is_err() {
                     // The server is gone without saying so: finish as on shutdown.
                     conn.go_away(Reason::NoError);
+                }
+            }
+            _ = waiting_tick.tick(), if !shutting => {
+                if !conn.waiting() {
+                    waiting.ticks = 0;
+                } else if waiting.ticks > 0 && waiting.last_id == conn.last_id {
+                    waiting.ticks += 1;
+                } else {
+                    waiting = Waiting { ticks: 1, last_id: conn.last_id };
+                }
+                if waiting.ticks >= 3 {
+                    if conn.idle() {
+                        tracing::debug!("closing an idle HTTP/2 connection");
+                        conn.go_away(Reason::NoError);
+                    } else {
+                        tracing::debug!("closing an HTTP/2 connection whose client sent no whole request in time");
+                        conn.cancel_all();
+                        return Err(Ended::Timeout);
+                    }
                 }
             }
             _ = &mut tick => {
@@ -468,6 +510,21 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         self.stall_deadline = next;
         // Polled again (re-armed) in the same pass when there is a next deadline.
         any || next.is_some()
+    }
+
+    /// Whether the connection waits on its client (see [`Waiting`]).
+    fn waiting(&self) -> bool {
+        let partial_head = self.rbuf.len() >= frame::HEAD_LEN
+            && matches!(
+                Head::parse(&self.rbuf[..frame::HEAD_LEN]).kind,
+                frame::HEADERS | frame::CONTINUATION
+            );
+        self.ids.is_empty() || !self.settings_seen || self.block.is_some() || partial_head
+    }
+
+    /// No stream open and nothing of one begun: closing loses nothing.
+    fn idle(&self) -> bool {
+        self.ids.is_empty() && self.settings_seen && self.block.is_none() && self.rbuf.is_empty()
     }
 
     fn finished(&self) -> bool {
