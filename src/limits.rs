@@ -95,6 +95,24 @@ impl Bucket {
         }
     }
 
+    /// The state of this bucket holding what `old` (in state `old_state`) has left
+    /// now, up to this bucket's burst (0: full).
+    fn carry(&self, old: &Bucket, old_state: u64) -> u64 {
+        if old_state == 0 {
+            return 0;
+        }
+        let now = now_nanos();
+        // Time's worth of requests left: full is `tau + t` ahead of the arrival time.
+        let old_full = old.tau.saturating_add(old.t.get());
+        let left_ns = now
+            .saturating_add(old_full)
+            .saturating_sub(old_state.max(now));
+        let left = (left_ns as f64 / old.t.get() as f64).min(f64::from(self.burst));
+        let full = self.tau.saturating_add(self.t.get());
+        let kept_ns = (left * self.t.get() as f64) as u64;
+        now.saturating_add(full).saturating_sub(kept_ns).max(1)
+    }
+
     /// Takes one request: the requests left in the burst, or how long until one is.
     fn take(&self, state: &AtomicU64) -> Result<u32, Duration> {
         let now = now_nanos();
@@ -223,8 +241,9 @@ impl TenantLimits {
     /// unchanged. The in-flight count always carries over: it counts requests that
     /// are still running. `stats` are the tenant's (carried over for as long as it
     /// exists): its bucket is there, in the slot `previous` used when the rate is the
-    /// same, else emptied in the other one — which no snapshot serving now reads, so
-    /// a build that is then thrown away changes nothing.
+    /// same, else in the other one, holding what was left of the old (`Bucket::carry`)
+    /// — a slot no snapshot serving now reads, so a build that is then thrown away
+    /// changes nothing.
     pub fn build(
         limits: &Limits,
         previous: Option<&TenantLimits>,
@@ -235,8 +254,21 @@ impl TenantLimits {
                 Some(b) if b.rate() == r => b,
                 before => {
                     let slot = before.map_or(0, |b| b.slot ^ 1);
-                    stats.bucket(usize::from(slot)).store(0, Ordering::Release);
-                    Bucket::new(&r, slot)
+                    let new = Bucket::new(&r, slot);
+                    // A new rate keeps the requests the tenant had left (up to the new
+                    // burst), so no change — a cut mid-incident, a burst raised and
+                    // lowered again — hands it a full bucket; a tenant that had no
+                    // rate starts with a full one.
+                    let state = before.map_or(0, |b| {
+                        new.carry(
+                            &b,
+                            stats.bucket(usize::from(b.slot)).load(Ordering::Acquire),
+                        )
+                    });
+                    stats
+                        .bucket(usize::from(slot))
+                        .store(state, Ordering::Release);
+                    new
                 }
             }
         });

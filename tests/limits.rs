@@ -482,3 +482,74 @@ async fn unknown_tenants_create_no_limiter_state() {
     // And t's own bucket is untouched.
     assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
 }
+
+/// A reload that changes a tenant's rate or burst keeps what the tenant had left of
+/// its burst (up to the new burst): cutting a flooding tenant's limit, or raising a
+/// burst and lowering it again, hands it no fresh bucket. A tenant that had no rate
+/// starts with a full one.
+#[tokio::test]
+async fn a_rate_change_on_reload_keeps_what_was_left_of_the_burst() {
+    let up = Upstream::echo("u").await;
+    let toml = |flood: &str, spare: &str| {
+        format!(
+            "[upstreams.u]\ntargets = [\"{}\"]\n[defaults]\nupstream = \"u\"\n\
+             [tenants.flood]\nhosts = [\"flood.com\"]\n[tenants.flood.limits]\n{flood}\n\
+             [tenants.spare]\nhosts = [\"spare.com\"]\n[tenants.spare.limits]\n{spare}\n",
+            up.addr
+        )
+    };
+    let rate = |per_second: f64, burst: u32| {
+        format!("requests_per_second = {per_second}\nburst = {burst}")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = Gateway::start_file(dir.path(), &toml(&rate(0.01, 3), &rate(0.01, 4)));
+    let addr = gw.addr;
+    let admitted = |host: &'static str, n: usize| async move {
+        let mut ok = 0;
+        for _ in 0..n {
+            if get(addr, "/", &[("host", host)]).await.status == 200 {
+                ok += 1;
+            }
+        }
+        ok
+    };
+    // One request of spare's: what its bucket has left after it (`RateLimit: …;r=N`).
+    let spare_left = || async move {
+        let r = get(addr, "/", &[("host", "spare.com")]).await;
+        assert_eq!(r.status, 200);
+        let v = r.header("ratelimit").unwrap().to_owned();
+        v.split(';')
+            .find_map(|p| p.strip_prefix("r="))
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let reload = |flood: String, spare: String| {
+        let path = path.clone();
+        async move {
+            std::fs::write(&path, toml(&flood, &spare)).unwrap();
+            let r = send(gw.admin, "POST", "/reload", &[], bytes::Bytes::new()).await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    assert_eq!(admitted("flood.com", 5).await, 3, "the burst, then 429");
+    assert_eq!(spare_left().await, 3);
+
+    // Burst raised: flood has nothing more to spend; spare keeps its 3 (then takes 1).
+    reload(rate(0.01, 4), rate(0.01, 5)).await;
+    assert_eq!(admitted("flood.com", 3).await, 0);
+    assert_eq!(spare_left().await, 2);
+    // Flood's rate cut: still nothing; spare's burst cut to 2, which its 2 fit.
+    reload(rate(0.005, 4), rate(0.02, 2)).await;
+    assert_eq!(admitted("flood.com", 3).await, 0);
+    assert_eq!(spare_left().await, 1);
+    // Back where they started: still nothing, and spare's last one.
+    reload(rate(0.01, 3), rate(0.01, 4)).await;
+    assert_eq!(admitted("flood.com", 3).await, 0);
+    assert_eq!(spare_left().await, 0);
+
+    // No rate before: a full bucket.
+    reload(rate(0.01, 3), "max_in_flight = 10".into()).await;
+    reload(rate(0.01, 3), rate(0.01, 2)).await;
+    assert_eq!(spare_left().await, 1);
+}
