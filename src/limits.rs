@@ -829,19 +829,25 @@ mod tests {
             b.check_rate(&stats, None).is_err(),
             "building the new limit leaves the serving snapshot's bucket alone"
         );
-        for _ in 0..5 {
-            assert!(
-                c.check_rate(&stats, None).is_ok(),
-                "a changed limit applies at once, with a full burst"
-            );
-        }
-        assert!(c.check_rate(&stats, None).is_err());
+        assert!(
+            c.check_rate(&stats, None).is_err(),
+            "a changed limit keeps what was left of the burst: none"
+        );
         let d = TenantLimits::build(&limits(1.0, 2), Some(&c), &stats);
         assert!(!d.shares_bucket_with(&c));
         assert!(
-            d.check_rate(&stats, None).is_ok(),
-            "changed back: a fresh bucket again, not the one drained before"
+            d.check_rate(&stats, None).is_err(),
+            "changed back: still drained, not a fresh bucket"
         );
+
+        // Requests left carry over, up to the new burst.
+        let stats = TenantStats::default();
+        let e = TenantLimits::build(&limits(0.001, 5), None, &stats);
+        assert!(e.check_rate(&stats, None).is_ok());
+        let f = TenantLimits::build(&limits(0.001, 2), Some(&e), &stats);
+        assert!(f.check_rate(&stats, None).is_ok());
+        assert!(f.check_rate(&stats, None).is_ok());
+        assert!(f.check_rate(&stats, None).is_err(), "4 left, cut to 2");
     }
 
     #[test]
