@@ -40,9 +40,8 @@ pub mod watch;
 pub use config::{Config, ConfigError};
 pub use server::RunningGateway;
 
-/// A seeded xorshift64 generator, for unit tests that feed random input (the same
-/// sequence on every run). `seed` must not be 0.
-#[cfg(test)]
+/// A seeded xorshift64 generator: for unit tests that feed random input (the same
+/// sequence on every run), and the cluster sync's jitter. `seed` must not be 0.
 pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
         seed ^= seed << 13;
