@@ -299,7 +299,16 @@ impl Tenant {
     /// The upstream for `path`: the longest matching route prefix, else the tenant's own.
     /// A prefix matches at a segment boundary: `/reports` matches `/reports` and
     /// `/reports/x`, not `/reportsx` (a prefix ending in `/` matches anything below it).
+    /// The upstream for `path`: the first (longest) route whose prefix it starts with
+    /// at a segment boundary, else the tenant's. Matched on the path as the upstream
+    /// will read it (`route_path`): `//reports/1`, `/x/../reports/1` and `/%72eports/1`
+    /// all go where `/reports/1` goes, as nginx matches its locations, so a route
+    /// cannot be sidestepped by spelling (the path itself is forwarded as sent).
     pub fn route(&self, path: &str) -> &Arc<Upstream> {
+        if self.routes.is_empty() {
+            return &self.upstream;
+        }
+        let path = route_path(path);
         for r in &self.routes {
             if let Some(rest) = path.strip_prefix(&*r.prefix) {
                 if r.prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/') {
@@ -309,6 +318,62 @@ impl Tenant {
         }
         &self.upstream
     }
+}
+
+/// `path` as routes match it: unreserved characters percent-decoded (`%72` is `r`;
+/// RFC 3986 §6.2.2.2), repeated slashes merged, and `.` / `..` segments resolved
+/// (§5.2.4; `..` never climbs above the root). A path with none of these is returned
+/// as it is, after one pass over its bytes.
+pub fn route_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let b = path.as_bytes();
+    let plain = !b.contains(&b'%')
+        && !b
+            .windows(2)
+            .any(|w| w[0] == b'/' && (w[1] == b'/' || w[1] == b'.'));
+    if plain {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    // Decode the unreserved characters; anything else stays encoded.
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(b[i]);
+        i += 1;
+    }
+    let mut out: Vec<&[u8]> = Vec::new();
+    let segments = decoded.split(|&c| c == b'/').skip(1);
+    let mut trailing = false;
+    for seg in segments {
+        trailing = false;
+        match seg {
+            b"" | b"." => trailing = true,
+            b".." => {
+                out.pop();
+                trailing = true;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(std::str::from_utf8(seg).unwrap_or(""));
+    }
+    if trailing || path.is_empty() {
+        path.push('/');
+    }
+    std::borrow::Cow::Owned(path)
 }
 
 #[derive(Debug)]
@@ -706,6 +771,29 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn routes_match_the_path_as_the_upstream_reads_it() {
+        for (raw, seen) in [
+            ("/", "/"),
+            ("/reports/1", "/reports/1"),
+            ("//reports/1", "/reports/1"),
+            ("/x/../reports/1", "/reports/1"),
+            ("/reports/../secret", "/secret"),
+            ("/%72eports/1", "/reports/1"),
+            ("/%2e%2E/reports", "/reports"),
+            ("/./reports/./", "/reports/"),
+            ("/../../reports", "/reports"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/reports/", "/reports/"),
+            ("/reports/.", "/reports/"),
+            ("/a/..", "/"),
+            ("/%", "/%"),
+            ("/%7", "/%7"),
+        ] {
+            assert_eq!(route_path(raw), seen, "{raw}");
+        }
+    }
+
     use super::*;
 
     #[test]

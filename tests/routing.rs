@@ -110,6 +110,34 @@ async fn longest_route_prefix_wins_at_segment_boundaries() {
     assert_eq!(upstream_of(&get(gw.addr, "/rep/1", &h).await), "globex-up");
     assert_eq!(upstream_of(&get(gw.addr, "/reportsx", &h).await), "acme-up");
     assert_eq!(r.seen()[0].path, "/reports/7?x=1");
+
+    // Routes match the path as the upstream reads it: other spellings of a path go
+    // where it goes (and are forwarded as sent), and one that leaves the prefix does
+    // not stay in it.
+    for (spelt, upstream) in [
+        ("//reports/1", "acme-reports"),
+        ("/x/../reports/1", "acme-reports"),
+        ("/%72eports/1", "acme-reports"),
+        ("/./reports", "acme-reports"),
+        ("/reports/../secret", "acme-up"),
+        ("/reports/%2e%2e/secret", "acme-up"),
+    ] {
+        assert_eq!(
+            upstream_of(&get(gw.addr, spelt, &h).await),
+            upstream,
+            "{spelt}"
+        );
+    }
+    let seen: Vec<String> = r.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(
+        seen[seen.len() - 4..],
+        [
+            "//reports/1",
+            "/x/../reports/1",
+            "/%72eports/1",
+            "/./reports"
+        ]
+    );
 }
 
 #[tokio::test]
