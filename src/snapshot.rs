@@ -562,6 +562,7 @@ impl Snapshot {
                     crate::tls::ServerSide {
                         config,
                         mtls: false,
+                        client_ca: 0,
                         forward_client_cert: None,
                     }
                 })
@@ -586,6 +587,7 @@ impl Snapshot {
             Ok(Some(crate::tls::ServerSide {
                 config,
                 mtls: own.client_ca.is_some(),
+                client_ca: own.client_ca.as_ref().map_or(0, |ca| ca.fingerprint),
                 forward_client_cert: own.forward_client_cert.as_deref().map(header).transpose()?,
             }))
         };

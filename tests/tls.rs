@@ -513,6 +513,52 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
     assert_eq!(r.status, 200);
 }
 
+/// A connection verified by a client CA the tenant has since replaced serves it no
+/// more: 421, so the client reconnects and proves its certificate to the new CA (which
+/// refuses it here). A reload that leaves the CA alone keeps the connection serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_client_ca_ends_what_the_old_one_verified() {
+    let s = Setup::new().await;
+    let (acme, globex) = (&s.acme, &s.globex);
+    let clients = Ca::new(s.dir(), "acme-clients");
+    let alice = clients.client("alice", "alice");
+    let toml = config(acme, globex, "", "").replace(
+        "key = \"acme.key\"",
+        "key = \"acme.key\"\nclient_ca = \"acme-clients.pem\"",
+    );
+    let toml = toml.replace("resolve = [\"sni\", \"host\"]", "resolve = [\"host\"]");
+    let gw = s.start(&toml);
+    let cfg = pki::client_config(&s.ca.pem, Some(&alice), &[b"http/1.1"]);
+    let (tls, _) = pki::connect(gw.tls(), "acme.test", cfg.clone())
+        .await
+        .unwrap();
+    let mut h1 = pki::H1::over(tls).await;
+    let h = [("host", "acme.test")];
+    assert_eq!(h1.get("/", &h).await.unwrap().status, 200);
+
+    // A reload that changes something else: the connection serves on.
+    std::fs::write(
+        s.dir().join("gateway.toml"),
+        toml.replace("[tenants.globex]", "[tenants.globex]\nfeatures = [\"x\"]"),
+    )
+    .unwrap();
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(h1.get("/", &h).await.unwrap().status, 200);
+
+    // The client CA replaced by one that never issued alice's certificate.
+    let other = Ca::new(s.dir(), "other-clients");
+    pki::write_atomic(&s.dir().join("acme-clients.pem"), other.pem.as_bytes());
+    let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_error(&h1.get("/", &h).await.unwrap(), 421, "misdirected_request");
+    let r = pki::tls_get(gw.tls(), "acme.test", cfg, "/", "acme.test").await;
+    assert!(
+        r.is_err(),
+        "a new connection with alice's certificate is refused"
+    );
+}
+
 // ---- redirect_http ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

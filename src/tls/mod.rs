@@ -47,6 +47,8 @@ pub struct ServerSide {
     pub config: Arc<ServerConfig>,
     /// Client certificates are required and verified.
     pub mtls: bool,
+    /// The fingerprint of the client CA bundle that verifies them (0 without mTLS).
+    pub client_ca: u64,
     pub forward_client_cert: Option<HeaderName>,
 }
 
@@ -151,6 +153,9 @@ pub struct ConnTls {
     pub sni: Option<Box<str>>,
     /// The tenant whose client CA verified the client's certificate.
     pub mtls_tenant: Option<Arc<str>>,
+    /// That CA bundle's fingerprint (`ServerSide::client_ca`): a connection verified
+    /// by a CA the tenant no longer trusts serves it no more.
+    pub mtls_ca: u64,
     /// The verified client certificate's subject (`CN=…,O=…`).
     pub client_subject: Option<HeaderValue>,
 }
@@ -179,7 +184,7 @@ pub async fn accept(
             None => (snap.default_tls()?, None),
         };
         let config = side.config.clone();
-        let mtls = side.mtls;
+        let (mtls, ca) = (side.mtls, side.client_ca);
         drop(snap);
         let tls = start.into_stream(config).await?;
         let mut conn = ConnTls {
@@ -188,6 +193,7 @@ pub async fn accept(
         };
         if mtls {
             conn.mtls_tenant = tenant;
+            conn.mtls_ca = ca;
             conn.client_subject = tls
                 .get_ref()
                 .1
