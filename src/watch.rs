@@ -1,18 +1,28 @@
 //! Watches `gateway.toml`, and the certificate, key and CA files it names, and reloads
 //! when their bytes change.
 //!
-//! The watch is on the file's directory, not the file: editors save by writing a new
-//! file and renaming it over the old one, and a Kubernetes ConfigMap volume swaps a
-//! `..data` symlink, and neither is seen by a watch on the old inode. When the path is
-//! a symlink, the directory of its target is watched too (and followed when it moves).
+//! The watches are on directories, not files: editors save by writing a new file and
+//! renaming it over the old one, and a Kubernetes ConfigMap volume swaps a `..data`
+//! symlink, and neither is seen by a watch on the old inode. Every path is resolved one
+//! component at a time, as the kernel does, and the directory holding each symlink met
+//! on the way is watched, besides the directory that really holds the file: so a
+//! `..data` swap, a Capistrano `current -> releases/N` swap and a directory replaced
+//! whole are all seen. An inotify watch sticks to an inode, not a path, so the chain is
+//! resolved again after every event and a directory whose inode changed (or that went
+//! away) is watched afresh. Each directory has its own watcher: notify removes a watch
+//! twice when one of its watches is a subdirectory of another and that subdirectory is
+//! deleted (a ConfigMap swap), and warns about the second time.
+//!
 //! Events are debounced (an editor's save is a burst of them); after the burst the file
 //! is read and its hash compared with the config in force, so events that change
 //! nothing (another file in the directory, a `touch`, our own audit log) cost one read.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,6 +37,8 @@ use crate::server::Shared;
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// A file that keeps changing is still read this often.
 const MAX_DELAY: Duration = Duration::from_secs(2);
+/// Symlinks followed in one path before giving up, as the kernel's `ELOOP`.
+const MAX_SYMLINKS: usize = 40;
 
 enum Msg {
     Event(notify::Result<Event>),
@@ -35,7 +47,7 @@ enum Msg {
 
 /// A running watcher; dropping it stops it.
 pub struct ConfigWatcher {
-    tx: mpsc::Sender<Msg>,
+    tx: Sender<Msg>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -53,40 +65,26 @@ impl Drop for ConfigWatcher {
 pub fn spawn(shared: Arc<Shared>) -> io::Result<ConfigWatcher> {
     let path = shared.config.path.clone();
     let (tx, rx) = mpsc::channel();
-    let events = tx.clone();
-    let mut watcher = notify::recommended_watcher(move |e| {
-        let _ = events.send(Msg::Event(e));
-    })
-    .map_err(io::Error::other)?;
-    let mut watched = BTreeSet::new();
-    let dir = parent(&path);
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| io::Error::other(format!("cannot watch {}: {e}", dir.display())))?;
-    watched.insert(dir);
-    follow_symlink(
-        &mut watcher,
-        &mut watched,
-        &path,
-        &shared.reload.tls_files(),
-    );
+    let mut dirs = Dirs {
+        tx: tx.clone(),
+        watched: BTreeMap::new(),
+    };
+    let (_, errors) = dirs.sync(&path, &[]);
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
+    }
+    dirs.sync(&path, &shared.reload.tls_files());
     tracing::info!(path = %path.display(), "watching the configuration file for changes");
     let thread = std::thread::Builder::new()
         .name("bulkhead-watch".into())
-        .spawn(move || run(watcher, watched, path, rx, shared))?;
+        .spawn(move || run(dirs, path, rx, shared))?;
     Ok(ConfigWatcher {
         tx,
         thread: Some(thread),
     })
 }
 
-fn run(
-    mut watcher: RecommendedWatcher,
-    mut watched: BTreeSet<PathBuf>,
-    path: PathBuf,
-    rx: mpsc::Receiver<Msg>,
-    shared: Arc<Shared>,
-) {
+fn run(mut dirs: Dirs, path: PathBuf, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
     // The file was read before the watch was in place: an edit in between raised no
     // event, so compare once now (one read when nothing changed).
     let _ = reload::reload_if_changed(&shared);
@@ -96,27 +94,40 @@ fn run(
             Ok(Msg::Event(_)) => continue,
             Ok(Msg::Stop) | Err(_) => return,
         }
+        dirs.sync(&path, &shared.reload.tls_files());
         let burst = Instant::now();
+        let mut last = burst;
         loop {
-            match rx.recv_timeout(DEBOUNCE) {
-                Ok(Msg::Event(_)) if burst.elapsed() < MAX_DELAY => {}
-                Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => break,
+            let wait = DEBOUNCE
+                .saturating_sub(last.elapsed())
+                .min(MAX_DELAY.saturating_sub(burst.elapsed()));
+            if wait.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Event(e)) if relevant(&e) => {
+                    // A new directory in the chain is watched at once, so that the
+                    // writes that follow its swap are seen.
+                    dirs.sync(&path, &shared.reload.tls_files());
+                    last = Instant::now();
+                }
+                Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             }
         }
         // The outcome is logged, counted and recorded by `reload` itself.
         let _ = reload::reload_if_changed(&shared);
-        follow_symlink(
-            &mut watcher,
-            &mut watched,
-            &path,
-            &shared.reload.tls_files(),
-        );
+        // The reload may name other certificate files, and the chain may have moved
+        // while it read: whatever was missed before the new watches were in place is
+        // found by reading once more.
+        if dirs.sync(&path, &shared.reload.tls_files()).0 {
+            let _ = reload::reload_if_changed(&shared);
+        }
     }
 }
 
-/// Opening or reading a file changes nothing (and reading the config would otherwise
-/// wake the watcher itself); everything else may have.
+/// Opening, reading or closing a file unwritten changes nothing (and reading the
+/// config would otherwise wake the watcher itself); everything else may have.
 fn relevant(e: &notify::Result<Event>) -> bool {
     match e {
         Ok(e) => match e.kind {
@@ -131,44 +142,154 @@ fn relevant(e: &notify::Result<Event>) -> bool {
     }
 }
 
-fn parent(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
+/// The watched directories, one watcher each, with the inode each watch is on.
+struct Dirs {
+    tx: Sender<Msg>,
+    watched: BTreeMap<PathBuf, (DirId, RecommendedWatcher)>,
+}
+
+/// A directory's device and inode: what an inotify watch is bound to.
+type DirId = (u64, u64);
+
+impl Dirs {
+    /// Resolves the config file's and the certificate files' paths again and moves the
+    /// watches to the directories they go through now. Returns whether any watch
+    /// changed, and the directories of the config file that cannot be watched.
+    fn sync(&mut self, config: &Path, tls_files: &[PathBuf]) -> (bool, Vec<io::Error>) {
+        let mut wanted = BTreeMap::new();
+        for (i, file) in std::iter::once(config)
+            .chain(tls_files.iter().map(PathBuf::as_path))
+            .enumerate()
+        {
+            let mut dirs = BTreeSet::new();
+            resolve(file, &mut dirs);
+            for d in dirs {
+                // A directory that is gone between the two calls is left to the next
+                // event (its parent is watched by then).
+                if let Ok(m) = std::fs::metadata(&d) {
+                    wanted.insert(d, ((m.dev(), m.ino()), i == 0));
+                }
+            }
+        }
+        let mut changed = false;
+        // Dropping a watcher removes its watch; one on a deleted directory is gone
+        // already, and notify says nothing.
+        self.watched.retain(|dir, (id, _)| {
+            let keep = wanted.get(dir).is_some_and(|(want, _)| want == id);
+            changed |= !keep;
+            keep
+        });
+        let mut errors = Vec::new();
+        for (dir, (id, for_config)) in wanted {
+            if self.watched.contains_key(&dir) {
+                continue;
+            }
+            changed = true;
+            match self.watch(&dir) {
+                Ok(w) => {
+                    self.watched.insert(dir, (id, w));
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
+                    if for_config {
+                        errors.push(io::Error::other(format!(
+                            "cannot watch {}: {e}",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+        (changed, errors)
+    }
+
+    fn watch(&self, dir: &Path) -> notify::Result<RecommendedWatcher> {
+        let events = self.tx.clone();
+        let mut w = notify::recommended_watcher(move |e| {
+            let _ = events.send(Msg::Event(e));
+        })?;
+        w.watch(dir, RecursiveMode::NonRecursive)?;
+        Ok(w)
     }
 }
 
-/// Keeps a watch on the directory of the symlink's current target (besides the
-/// link's own directory), moving it when the link is repointed; and on the
-/// directories of the certificate files the config reads (and of their targets).
-fn follow_symlink(
-    watcher: &mut RecommendedWatcher,
-    watched: &mut BTreeSet<PathBuf>,
-    path: &Path,
-    tls_files: &[PathBuf],
-) {
-    let mut wanted = BTreeSet::new();
-    for file in std::iter::once(path).chain(tls_files.iter().map(PathBuf::as_path)) {
-        let own = parent(file);
-        let target = std::fs::canonicalize(file).ok().map(|p| parent(&p));
-        let own_canonical = std::fs::canonicalize(&own).ok();
-        if let Some(t) = target.filter(|t| Some(t) != own_canonical.as_ref()) {
-            wanted.insert(t);
-        }
-        wanted.insert(own);
-    }
-    for stale in watched.difference(&wanted).cloned().collect::<Vec<_>>() {
-        let _ = watcher.unwatch(&stale);
-        watched.remove(&stale);
-    }
-    for dir in wanted {
-        if !watched.contains(&dir) {
-            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
-                Ok(()) => {
-                    watched.insert(dir);
+/// Resolves `file` one component at a time, as the kernel does, adding to `dirs` every
+/// directory that holds a symlink on the way and the one that holds the file itself.
+/// Returns the file's real path; `None` when some component is missing (then the
+/// deepest directory that exists is in `dirs`, where it will appear).
+fn resolve(file: &Path, dirs: &mut BTreeSet<PathBuf>) -> Option<PathBuf> {
+    let absolute = if file.is_absolute() {
+        file.to_owned()
+    } else {
+        std::env::current_dir().ok()?.join(file)
+    };
+    // Components still to walk, the next one last.
+    let mut todo: Vec<OsString> = components(&absolute);
+    let mut real = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        if c == "/" {
+            real = PathBuf::from("/");
+        } else if c == ".." {
+            real.pop();
+        } else if c != "." {
+            let next = real.join(&c);
+            match std::fs::symlink_metadata(&next) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    dirs.insert(real.clone());
+                    links += 1;
+                    let target = std::fs::read_link(&next).ok()?;
+                    if links > MAX_SYMLINKS {
+                        return None;
+                    }
+                    todo.extend(components(&target));
                 }
-                Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot watch"),
+                Ok(_) => real = next,
+                Err(_) => {
+                    dirs.insert(real);
+                    return None;
+                }
             }
         }
+    }
+    dirs.insert(match real.parent() {
+        Some(p) => p.to_owned(),
+        None => real.clone(),
+    });
+    Some(real)
+}
+
+/// `p`'s components, last first.
+fn components(p: &Path) -> Vec<OsString> {
+    p.components()
+        .rev()
+        .map(|c| c.as_os_str().to_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn resolve_watches_every_directory_holding_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir_all(d.join("releases/1")).unwrap();
+        std::fs::write(d.join("releases/1/gateway.toml"), "").unwrap();
+        symlink("releases/1", d.join("current")).unwrap();
+        std::fs::create_dir(d.join("etc")).unwrap();
+        symlink("../current/gateway.toml", d.join("etc/gateway.toml")).unwrap();
+
+        let mut dirs = BTreeSet::new();
+        let real = resolve(&d.join("etc/gateway.toml"), &mut dirs);
+        assert_eq!(real, Some(d.join("releases/1/gateway.toml")));
+        let want: BTreeSet<_> = [d.join("etc"), d.clone(), d.join("releases/1")].into();
+        assert_eq!(dirs, want);
+
+        let mut dirs = BTreeSet::new();
+        assert_eq!(resolve(&d.join("gone/gateway.toml"), &mut dirs), None);
+        assert_eq!(dirs, [d.clone()].into());
     }
 }

@@ -1,0 +1,198 @@
+//! The file watcher against the ways deploy tools change files: a Capistrano
+//! `current` symlink swapped, the config directory replaced whole, a ConfigMap swap
+//! under the binary. Real files, real sockets.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkhead::server::Shared;
+use support::*;
+
+/// Two upstreams `blue` and `green`; tenant acme uses `acme_up`, globex the default.
+fn config(acme_up: &str, blue: &Upstream, green: &Upstream) -> String {
+    format!(
+        r#"
+[upstreams.blue]
+targets = ["{}"]
+[upstreams.green]
+targets = ["{}"]
+
+[defaults]
+upstream = "blue"
+
+[tenants.acme]
+hosts = ["acme.example.com"]
+upstream = "{acme_up}"
+
+[tenants.globex]
+hosts = ["globex.example.com"]
+"#,
+        blue.addr, green.addr
+    )
+}
+
+/// Writes `toml` (with test listeners) to `path` in place, as `echo > file` does.
+fn write(path: &Path, toml: &str) {
+    std::fs::write(path, with_test_listeners(toml)).unwrap();
+}
+
+fn shared(gw: &Gateway) -> Arc<Shared> {
+    gw.running.as_ref().unwrap().shared.clone()
+}
+
+/// Which upstream answered a request for `host` (the status, when not 200).
+async fn upstream_for(gw: SocketAddr, host: &str) -> String {
+    let r = get(gw, "/", &[("host", host)]).await;
+    if r.status != 200 {
+        return format!("status {}", r.status);
+    }
+    r.json()["upstream"].as_str().unwrap().to_owned()
+}
+
+/// Polls until `host` is served by `want`; panics after `deadline`.
+async fn until_served_by(gw: SocketAddr, host: &str, want: &str, deadline: Duration) {
+    let start = Instant::now();
+    loop {
+        let got = upstream_for(gw, host).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{host} still served by {got:?}, not {want:?}, after {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn history(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let r = get(admin, "/config/history", &[]).await;
+    assert_eq!(r.status, 200);
+    r.json().as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capistrano_current_symlink_swap_is_followed() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for n in [1, 2] {
+        std::fs::create_dir_all(d.join(format!("releases/{n}"))).unwrap();
+    }
+    write(
+        &d.join("releases/1/gateway.toml"),
+        &config("blue", &blue, &green),
+    );
+    write(
+        &d.join("releases/2/gateway.toml"),
+        &config("green", &blue, &green),
+    );
+    symlink("releases/1", d.join("current")).unwrap();
+    let gw = Gateway::start_at(&d.join("current/gateway.toml"));
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    // `ln -sfn releases/2 current.tmp && mv -T current.tmp current`.
+    symlink("releases/2", d.join("current.tmp")).unwrap();
+    std::fs::rename(d.join("current.tmp"), d.join("current")).unwrap();
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
+
+    // The old release is no longer the config: editing it changes nothing, while an
+    // edit to the new one is applied.
+    write(
+        &d.join("releases/1/gateway.toml"),
+        &config("green", &blue, &blue),
+    );
+    write(
+        &d.join("releases/2/gateway.toml"),
+        &config("blue", &blue, &green),
+    );
+    until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(5)).await;
+    assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
+    let h = history(gw.admin).await;
+    assert!(h.iter().all(|e| e["result"] == "success"), "{h:#?}");
+    assert_eq!(h.len(), 3, "startup, the swap, the edit: {h:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_config_directory_stays_watched() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    let path = conf.join("gateway.toml");
+    write(&path, &config("blue", &blue, &green));
+    let gw = Gateway::start_at(&path);
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+
+    // Twice: the watch has to move to each new directory.
+    for (round, up) in ["green", "blue"].into_iter().enumerate() {
+        let old = dir.path().join(format!("conf.old{round}"));
+        std::fs::rename(&conf, &old).unwrap();
+        std::fs::create_dir(&conf).unwrap();
+        write(&path, &config(up, &blue, &green));
+        std::fs::remove_dir_all(&old).unwrap();
+        until_served_by(gw.addr, "acme.example.com", up, Duration::from_secs(5)).await;
+    }
+    // And a later edit in the new directory is still seen.
+    write(&path, &config("green", &blue, &green));
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
+
+    // Removed and made again later, not at once.
+    std::fs::remove_dir_all(&conf).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::create_dir(&conf).unwrap();
+    write(&path, &config("blue", &blue, &green));
+    until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(5)).await;
+    assert_eq!(shared(&gw).reload.failed(), 0);
+}
+
+/// kubelet's ConfigMap swap under the binary: applied, and nothing logged at warn
+/// (notify warned on every swap, about a watch it removed twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_swap_under_the_binary_logs_no_warning() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let bin = Process::start(&config("blue", &blue, &green));
+    let d = bin.path.parent().unwrap().to_owned();
+    // Turn the started-on file into the layout kubelet makes, atomically.
+    std::fs::create_dir(d.join("..v1")).unwrap();
+    write(&d.join("..v1/gateway.toml"), &config("blue", &blue, &green));
+    symlink("..v1", d.join("..data")).unwrap();
+    symlink("..data/gateway.toml", d.join("gateway.toml.tmp")).unwrap();
+    std::fs::rename(d.join("gateway.toml.tmp"), &bin.path).unwrap();
+
+    for (n, up) in [(2, "green"), (3, "blue")] {
+        let (new, old) = (format!("..v{n}"), format!("..v{}", n - 1));
+        std::fs::create_dir(d.join(&new)).unwrap();
+        write(
+            &d.join(&new).join("gateway.toml"),
+            &config(up, &blue, &green),
+        );
+        symlink(&new, d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        std::fs::remove_dir_all(d.join(&old)).unwrap();
+        until_served_by(bin.addr, "acme.example.com", up, Duration::from_secs(5)).await;
+    }
+    // A last edit, so that whatever the swaps logged is in by the time it is seen.
+    write(
+        &d.join("..v3/gateway.toml"),
+        &config("green", &blue, &green),
+    );
+    until_served_by(
+        bin.addr,
+        "acme.example.com",
+        "green",
+        Duration::from_secs(5),
+    )
+    .await;
+    let log = bin.log.lock().unwrap().join("\n");
+    assert!(
+        !log.lines().any(|l| l.contains("WARN")),
+        "a warning was logged:\n{log}"
+    );
+}
