@@ -289,6 +289,11 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
     };
     let changes = diff(&inner.config, &new);
     shared.snapshot.store(Arc::new(snapshot));
+    if new.tenants.is_empty() && !inner.config.tenants.is_empty() {
+        // Legitimate (a gateway being emptied), but also what a truncated file looks
+        // like: say so where alerts look.
+        tracing::warn!(%trigger, %version, removed = changes.removed.len(), "the new configuration has no tenants: every request is answered 404 unknown_tenant");
+    }
 
     state.succeeded.fetch_add(1, Ordering::Relaxed);
     state.last_success_ms.store(unix_ms(now), Ordering::Relaxed);

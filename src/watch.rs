@@ -16,6 +16,8 @@
 //! Events are debounced (an editor's save is a burst of them); after the burst the file
 //! is read and its hash compared with the config in force, so events that change
 //! nothing (another file in the directory, a `touch`, our own audit log) cost one read.
+//! A watched file written in place is read once the writer closes it, not while it is
+//! half written.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -27,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::reload;
@@ -37,6 +39,9 @@ use crate::server::Shared;
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// A file that keeps changing is still read this often.
 const MAX_DELAY: Duration = Duration::from_secs(2);
+/// A watched file that was written in place but not closed is read after this long
+/// without a write (a writer that holds it open, or a close that was missed).
+pub const UNCLOSED_WRITE: Duration = Duration::from_secs(2);
 /// Symlinks followed in one path before giving up, as the kernel's `ELOOP`.
 const MAX_SYMLINKS: usize = 40;
 
@@ -68,6 +73,7 @@ pub fn spawn(shared: Arc<Shared>) -> io::Result<ConfigWatcher> {
     let mut dirs = Dirs {
         tx: tx.clone(),
         watched: BTreeMap::new(),
+        files: BTreeSet::new(),
     };
     let (_, errors) = dirs.sync(&path, &[]);
     if let Some(e) = errors.into_iter().next() {
@@ -86,30 +92,17 @@ pub fn spawn(shared: Arc<Shared>) -> io::Result<ConfigWatcher> {
 
 fn run(mut dirs: Dirs, path: PathBuf, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
     // The file was read before the watch was in place: an edit in between raised no
-    // event, so compare once now (one read when nothing changed).
-    let _ = reload::reload_if_changed(&shared);
+    // event, so the first burst starts now and ends in a read (one read when nothing
+    // changed), after the writes that are going on, if any.
+    let mut burst = Burst::new();
     loop {
-        match rx.recv() {
-            Ok(Msg::Event(e)) if relevant(&e) => {}
-            Ok(Msg::Event(_)) => continue,
-            Ok(Msg::Stop) | Err(_) => return,
-        }
-        dirs.sync(&path, &shared.reload.tls_files());
-        let burst = Instant::now();
-        let mut last = burst;
-        loop {
-            let wait = DEBOUNCE
-                .saturating_sub(last.elapsed())
-                .min(MAX_DELAY.saturating_sub(burst.elapsed()));
-            if wait.is_zero() {
-                break;
-            }
+        while let Some(wait) = burst.wait() {
             match rx.recv_timeout(wait) {
                 Ok(Msg::Event(e)) if relevant(&e) => {
-                    // A new directory in the chain is watched at once, so that the
-                    // writes that follow its swap are seen.
+                    // Re-resolved before the event is classified: a new file or a new
+                    // directory is judged by the chain as it is now.
                     dirs.sync(&path, &shared.reload.tls_files());
-                    last = Instant::now();
+                    burst.add(&e, &dirs.files);
                 }
                 Ok(Msg::Event(_)) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
@@ -123,7 +116,80 @@ fn run(mut dirs: Dirs, path: PathBuf, rx: mpsc::Receiver<Msg>, shared: Arc<Share
         if dirs.sync(&path, &shared.reload.tls_files()).0 {
             let _ = reload::reload_if_changed(&shared);
         }
+        let first = loop {
+            match rx.recv() {
+                Ok(Msg::Event(e)) if relevant(&e) => break e,
+                Ok(Msg::Event(_)) => {}
+                Ok(Msg::Stop) | Err(_) => return,
+            }
+        };
+        burst = Burst::new();
+        dirs.sync(&path, &shared.reload.tls_files());
+        burst.add(&first, &dirs.files);
     }
+}
+
+/// One burst of events, and when it is over.
+struct Burst {
+    start: Instant,
+    last: Instant,
+    /// Watched files written in place (`IN_MODIFY`, or created) and not closed since.
+    writing: BTreeSet<PathBuf>,
+    last_write: Instant,
+}
+
+impl Burst {
+    fn new() -> Burst {
+        let now = Instant::now();
+        Burst {
+            start: now,
+            last: now,
+            writing: BTreeSet::new(),
+            last_write: now,
+        }
+    }
+
+    fn add(&mut self, e: &notify::Result<Event>, files: &BTreeSet<PathBuf>) {
+        let now = Instant::now();
+        self.last = now;
+        let Ok(e) = e else { return };
+        for p in e.paths.iter().filter(|p| files.contains(*p)) {
+            match e.kind {
+                // A file created by `open` is as good as written in place: its writer
+                // has yet to fill and close it. (A rename or a symlink is whole.)
+                EventKind::Create(_) if is_regular_file(p) => {
+                    self.writing.insert(p.clone());
+                    self.last_write = now;
+                }
+                EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                    self.writing.insert(p.clone());
+                    self.last_write = now;
+                }
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Remove(_)
+                | EventKind::Modify(ModifyKind::Name(_)) => {
+                    self.writing.remove(p);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// How long to wait for more events; `None` when the file is to be read now.
+    fn wait(&self) -> Option<Duration> {
+        let left = if self.writing.is_empty() {
+            DEBOUNCE
+                .saturating_sub(self.last.elapsed())
+                .min(MAX_DELAY.saturating_sub(self.start.elapsed()))
+        } else {
+            UNCLOSED_WRITE.saturating_sub(self.last_write.elapsed())
+        };
+        (!left.is_zero()).then_some(left)
+    }
+}
+
+fn is_regular_file(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file())
 }
 
 /// Opening, reading or closing a file unwritten changes nothing (and reading the
@@ -146,6 +212,8 @@ fn relevant(e: &notify::Result<Event>) -> bool {
 struct Dirs {
     tx: Sender<Msg>,
     watched: BTreeMap<PathBuf, (DirId, RecommendedWatcher)>,
+    /// Where the watched files really are, every symlink resolved.
+    files: BTreeSet<PathBuf>,
 }
 
 /// A directory's device and inode: what an inotify watch is bound to.
@@ -157,12 +225,15 @@ impl Dirs {
     /// changed, and the directories of the config file that cannot be watched.
     fn sync(&mut self, config: &Path, tls_files: &[PathBuf]) -> (bool, Vec<io::Error>) {
         let mut wanted = BTreeMap::new();
+        let mut files = BTreeSet::new();
         for (i, file) in std::iter::once(config)
             .chain(tls_files.iter().map(PathBuf::as_path))
             .enumerate()
         {
             let mut dirs = BTreeSet::new();
-            resolve(file, &mut dirs);
+            if let Some(real) = resolve(file, &mut dirs) {
+                files.insert(real);
+            }
             for d in dirs {
                 // A directory that is gone between the two calls is left to the next
                 // event (its parent is watched by then).
@@ -171,6 +242,8 @@ impl Dirs {
                 }
             }
         }
+        self.files = files;
+
         let mut changed = false;
         // Dropping a watcher removes its watch; one on a deleted directory is gone
         // already, and notify says nothing.

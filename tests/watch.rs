@@ -1,9 +1,10 @@
 //! The file watcher against the ways deploy tools change files: a Capistrano
 //! `current` symlink swapped, the config directory replaced whole, a ConfigMap swap
-//! under the binary. Real files, real sockets.
+//! under the binary, and a writer that pauses mid-file. Real files, real sockets.
 
 mod support;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -194,5 +195,78 @@ async fn a_configmap_swap_under_the_binary_logs_no_warning() {
     assert!(
         !log.lines().any(|l| l.contains("WARN")),
         "a warning was logged:\n{log}"
+    );
+}
+
+/// A writer that truncates the file, writes part of it and pauses: the part (valid
+/// TOML with no tenants) is not applied; the whole file is, once closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_in_place_is_applied_once_closed_not_half_written() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    write(&path, &config("blue", &blue, &green));
+    let gw = Gateway::start_at(&path);
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+
+    // First a whole edit, so that the watcher is past its first read.
+    write(&path, &config("green", &blue, &green));
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
+
+    let full = with_test_listeners(&config("blue", &blue, &green));
+    let cut = full.find("[tenants.acme]").unwrap();
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&full.as_bytes()[..cut]).unwrap();
+    f.flush().unwrap();
+    // Well past the debounce, short of the fallback for a writer that never closes.
+    let pause = Instant::now();
+    while pause.elapsed() < Duration::from_millis(600) {
+        assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "green");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f.write_all(&full.as_bytes()[cut..]).unwrap();
+    drop(f);
+    until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(5)).await;
+    let h = history(gw.admin).await;
+    assert_eq!(h.len(), 3, "the half-written file was applied: {h:#?}");
+    assert_eq!(h[0]["result"], "success");
+    assert_eq!(h[0]["removed"], serde_json::json!([]));
+
+    // A writer that never closes the file: applied after a quiet spell all the same.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(with_test_listeners(&config("green", &blue, &green)).as_bytes())
+        .unwrap();
+    f.flush().unwrap();
+    until_served_by(
+        gw.addr,
+        "acme.example.com",
+        "green",
+        Duration::from_secs(10),
+    )
+    .await;
+    drop(f);
+}
+
+/// A config with no tenants is legitimate, so it is applied; but the reload that
+/// removes every tenant says so at warn, where alerts look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_every_tenant_is_applied_with_a_warning() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let bin = Process::start(&config("blue", &blue, &green));
+    let empty = config("blue", &blue, &green);
+    let empty = &empty[..empty.find("[tenants.acme]").unwrap()];
+    let tmp = bin.path.with_file_name("gateway.toml.new");
+    write(&tmp, empty);
+    std::fs::rename(&tmp, &bin.path).unwrap();
+    let line = bin.log_line(&["WARN", "no tenants"]).await;
+    assert!(line.contains("removed=2"), "{line}");
+    assert_error(
+        &get(bin.addr, "/", &[("host", "acme.example.com")]).await,
+        404,
+        "unknown_tenant",
     );
 }
