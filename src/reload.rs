@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Serialize, Serializer};
 
-use crate::config::{version_of, Config, ResolvedTenant};
+use crate::config::{line_col, version_of, Config, ResolvedTenant};
 use crate::server::Shared;
 use crate::snapshot::Snapshot;
 
@@ -125,8 +125,9 @@ struct Inner {
     config: Config,
     /// Oldest first.
     history: VecDeque<HistoryEntry>,
-    /// The version of the last file that was rejected: the watcher does not try the
-    /// same bytes twice.
+    /// The version of the last file that was rejected (or, for a file that could not
+    /// be read, `unreadable: ` and the error): the watcher does not try the same bytes,
+    /// or report the same error, twice.
     last_rejected: Option<String>,
 }
 
@@ -213,17 +214,34 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
     let mut inner = state.lock();
     let path = inner.config.path.clone();
     let previous = inner.config.version.clone();
-    let text = match std::fs::read_to_string(&path) {
+    let text = match read(&path) {
         Ok(t) => t,
-        Err(e) => {
-            if only_if_new {
-                // An editor or a ConfigMap swap may leave the path missing for a moment;
-                // the next event will find the file again.
-                tracing::debug!(path = %path.display(), error = %e, "config file not readable; waiting for the next change");
+        // An editor or a ConfigMap swap may leave the path missing for a moment; the
+        // next event will find the file again.
+        Err(Unreadable::Missing(e)) if only_if_new => {
+            tracing::debug!(path = %path.display(), error = %e, "config file missing; waiting for the next change");
+            return None;
+        }
+        Err(Unreadable::Missing(e) | Unreadable::Io(e)) => {
+            let msg = format!("{}:1:1: cannot read the file: {e}", path.display());
+            // The watcher reports the same error once, as it does a rejected file.
+            let key = format!("unreadable: {e}");
+            if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
                 return None;
             }
-            let msg = format!("{}:1:1: cannot read the file: {e}", path.display());
-            return Some(Err(reject(state, &mut inner, trigger, None, msg)));
+            let msg = reject(state, &mut inner, trigger, None, msg);
+            inner.last_rejected = Some(key);
+            return Some(Err(msg));
+        }
+        Err(Unreadable::NotUtf8 { version, line, col }) => {
+            if only_if_new && inner.last_rejected.as_deref() == Some(version.as_str()) {
+                return None;
+            }
+            let msg = format!(
+                "{}:{line}:{col}: the file is not valid UTF-8",
+                path.display()
+            );
+            return Some(Err(reject(state, &mut inner, trigger, Some(version), msg)));
         }
     };
     let version = version_of(&text);
@@ -320,6 +338,39 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
     inner.last_rejected = None;
     push(&mut inner, entry);
     Some(Ok(version))
+}
+
+/// Why the file could not be read as text.
+enum Unreadable {
+    /// Not there (yet): a file mid-swap.
+    Missing(std::io::Error),
+    /// Permission denied, a directory in its place, …
+    Io(std::io::Error),
+    /// Read, but not UTF-8: the position of the first bad byte, and the bytes' version.
+    NotUtf8 {
+        version: String,
+        line: usize,
+        col: usize,
+    },
+}
+
+fn read(path: &Path) -> Result<String, Unreadable> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Unreadable::Missing(e),
+        _ => Unreadable::Io(e),
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let good = &bytes[..e.utf8_error().valid_up_to()];
+        // Valid UTF-8 by `valid_up_to`, so the prefix converts whole.
+        let before = std::str::from_utf8(good).unwrap_or_default();
+        let (line, col) = line_col(before, before.len());
+        Unreadable::NotUtf8 {
+            version: version_of(&String::from_utf8_lossy(bytes)),
+            line,
+            col,
+        }
+    })
 }
 
 /// Records a rejected attempt and returns its message.

@@ -1,6 +1,7 @@
 //! The file watcher against the ways deploy tools change files: a Capistrano
 //! `current` symlink swapped, the config directory replaced whole, a ConfigMap swap
-//! under the binary, and a writer that pauses mid-file. Real files, real sockets.
+//! under the binary, a writer that pauses mid-file, and edits that leave the file
+//! unreadable. Real files, real sockets.
 
 mod support;
 
@@ -75,6 +76,30 @@ async fn history(admin: SocketAddr) -> Vec<serde_json::Value> {
     let r = get(admin, "/config/history", &[]).await;
     assert_eq!(r.status, 200);
     r.json().as_array().unwrap().clone()
+}
+
+/// Polls `/config/history` until its newest entry satisfies `pred`.
+async fn until_history(
+    admin: SocketAddr,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let h = history(admin).await;
+        if pred(&h[0]) {
+            return h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "history never matched: {:#}",
+            h[0]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    String::from_utf8_lossy(&get(admin, "/metrics", &[]).await.body).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,4 +294,54 @@ async fn a_reload_that_removes_every_tenant_is_applied_with_a_warning() {
         404,
         "unknown_tenant",
     );
+}
+
+/// A file left unreadable is a failed reload like an invalid one: logged, counted,
+/// recorded, once; not-UTF-8 names the first bad byte's line and column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_file_is_a_failed_reload() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    write(&path, &config("blue", &blue, &green));
+    let gw = Gateway::start_at(&path);
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+
+    // Not UTF-8: a Latin-1 'é' in a comment on line 3, after "# caf".
+    let mut bytes = b"[server]\nworkers = 2\n# caf\xe9\n".to_vec();
+    bytes.extend_from_slice(config("green", &blue, &green).as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let h = until_history(gw.admin, |e| e["result"] == "failure").await;
+    let err = h[0]["error"].as_str().unwrap();
+    assert_eq!(
+        err,
+        format!("{}:3:6: the file is not valid UTF-8", path.display())
+    );
+    assert_eq!(h[0]["trigger"], "file");
+    assert!(metrics(gw.admin)
+        .await
+        .contains("bulkhead_config_reloads_total{result=\"failure\"} 1"));
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    // A directory in place of the file.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let h = until_history(gw.admin, |e| {
+        e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot read the file"))
+    })
+    .await;
+    assert_eq!(h[0]["result"], "failure");
+    assert!(h[0]["version"].is_null());
+    assert_eq!(shared(&gw).reload.failed(), 2);
+    // Another event in the directory: the same error is not reported again.
+    std::fs::write(dir.path().join("other"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(shared(&gw).reload.failed(), 2);
+
+    std::fs::remove_dir(&path).unwrap();
+    write(&path, &config("green", &blue, &green));
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
+    assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
 }
