@@ -272,7 +272,7 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
     {
         return None;
     }
-    if let Some(msg) = needs_restart(&shared.config, &new) {
+    if let Some(msg) = needs_restart(&shared.config, &new, &text) {
         return Some(Err(reject(state, &mut inner, trigger, Some(version), msg)));
     }
     let now = SystemTime::now();
@@ -414,7 +414,7 @@ fn push(inner: &mut Inner, entry: HistoryEntry) {
 /// Settings the running process cannot change: the listeners are bound, the worker
 /// threads and their connection settings are made, the log format is set, at start.
 /// Rejecting the file is better than applying part of it silently.
-fn needs_restart(running: &Config, new: &Config) -> Option<String> {
+fn needs_restart(running: &Config, new: &Config, text: &str) -> Option<String> {
     let mut keys = Vec::new();
     if new.listen != running.listen {
         keys.push("server.listen");
@@ -465,11 +465,35 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     } else {
         "these need"
     };
+    let (line, col) = key_position(text, keys[0]);
     Some(format!(
-        "{}: {} changed; {verb} a restart, so nothing from this file was applied",
+        "{}:{line}:{col}: {} changed; {verb} a restart, so nothing from this file was applied",
         running.path.display(),
         keys.join(", "),
     ))
+}
+
+/// Where the restart-only `key` (as [`needs_restart`] names it) is set in `text`: the
+/// value, else the `[server]` table (the key was removed), else the file's start.
+fn key_position(text: &str, key: &str) -> (usize, usize) {
+    #[derive(serde::Deserialize)]
+    struct Tables {
+        server: Option<toml::Spanned<BTreeMap<String, toml::Spanned<toml::Value>>>>,
+        cluster: Option<toml::Spanned<toml::Value>>,
+    }
+    // The text was parsed whole already; this is a second, partial look at it.
+    let Ok(t) = toml::from_str::<Tables>(text) else {
+        return (1, 1);
+    };
+    let span = if key == "[cluster]" {
+        t.cluster.map(|c| c.span())
+    } else {
+        let name = key.trim_start_matches("server.");
+        let name = name.split(' ').next().unwrap_or(name);
+        t.server
+            .map(|s| s.get_ref().get(name).map_or_else(|| s.span(), |v| v.span()))
+    };
+    span.map_or((1, 1), |s| line_col(text, s.start))
 }
 
 /// The tenants, upstreams and settings that differ between `old` and `new`.
@@ -715,21 +739,41 @@ hosts = ["initech.com"]
     #[test]
     fn listener_changes_need_a_restart() {
         let old = parse(&format!("[server]\nlisten = \"127.0.0.1:1\"\n{BASE}"));
-        let new = parse(&format!(
-            "[server]\nlisten = \"127.0.0.1:2\"\nworkers = 3\n{BASE}"
-        ));
-        let msg = needs_restart(&old, &new).unwrap();
+        let text = format!("[server]\nlisten = \"127.0.0.1:2\"\nworkers = 3\n{BASE}");
+        let new = parse(&text);
+        let msg = needs_restart(&old, &new, &text).unwrap();
         assert!(
-            msg.contains("server.listen, server.workers changed; these need a restart"),
+            msg.starts_with(
+                "gateway.toml:2:10: server.listen, server.workers changed; these need a restart"
+            ),
             "{msg}"
         );
-        let one = parse(&format!("[server]\nlisten = \"127.0.0.1:2\"\n{BASE}"));
-        let msg = needs_restart(&old, &one).unwrap();
+        let text = format!("[server]\n# moved\nlisten = \"127.0.0.1:2\"\n{BASE}");
+        let msg = needs_restart(&old, &parse(&text), &text).unwrap();
         assert!(
-            msg.contains("server.listen changed; this needs a restart"),
+            msg.starts_with("gateway.toml:3:10: server.listen changed; this needs a restart"),
             "{msg}"
         );
-        assert!(needs_restart(&old, &old.clone()).is_none());
+        // Removed: the `[server]` table's position; no `[server]`: the file's start.
+        let text = format!("[server]\nworkers = 3\n{BASE}");
+        let msg = needs_restart(&old, &parse(&text), &text).unwrap();
+        assert!(
+            msg.starts_with("gateway.toml:1:1: server.listen, "),
+            "{msg}"
+        );
+        let text = format!("\n[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n{BASE}");
+        let msg = needs_restart(&old, &parse(&text), &text).unwrap();
+        assert!(
+            msg.starts_with("gateway.toml:1:1: server.listen, "),
+            "{msg}"
+        );
+        let keep = format!("[server]\nlisten = \"127.0.0.1:1\"\n\n[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n{BASE}");
+        let msg = needs_restart(&old, &parse(&keep), &keep).unwrap();
+        assert!(
+            msg.starts_with("gateway.toml:4:1: [cluster] changed; this needs"),
+            "{msg}"
+        );
+        assert!(needs_restart(&old, &old.clone(), "").is_none());
     }
 
     #[test]

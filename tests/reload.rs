@@ -443,8 +443,12 @@ async fn listener_changes_are_rejected_as_needing_a_restart() {
     let r = post_reload(gw.admin).await;
     assert_eq!(r.status, 422);
     let msg = r.json()["message"].as_str().unwrap().to_owned();
+    // PATH:LINE:COL of the key, as for any other rejection.
     assert!(
-        msg.contains("server.workers changed; this needs a restart"),
+        msg.starts_with(&format!(
+            "{}:4:11: server.workers changed; this needs a restart",
+            path.display()
+        )),
         "{msg}"
     );
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
