@@ -230,14 +230,19 @@ fn run(args: RunArgs) -> ExitCode {
                 tracing::info!("drained; exiting");
                 ExitCode::SUCCESS
             }
-            _ = term.recv() => {
-                tracing::warn!("second signal: exiting without waiting");
-                ExitCode::FAILURE
-            }
-            _ = int.recv() => {
-                tracing::warn!("second signal: exiting without waiting");
-                ExitCode::FAILURE
-            }
+            _ = term.recv() => exit_now(),
+            _ = int.recv() => exit_now(),
         }
     })
+}
+
+/// A second SIGTERM / SIGINT: exit 1 at once. Not by returning: dropping the runtime
+/// would wait for the blocking task that joins the draining workers, that is for all
+/// of `shutdown_grace`.
+fn exit_now() -> ! {
+    use std::io::Write;
+    tracing::warn!("second signal: exiting without waiting");
+    // The log goes to stderr unbuffered; flushed anyway, in case that ever changes.
+    let _ = std::io::stderr().flush();
+    std::process::exit(1)
 }

@@ -3,9 +3,13 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn sigterm_lets_the_in_flight_request_finish() {
@@ -108,4 +112,83 @@ async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
         "shutdown waited for an idle connection"
     );
     drop(c);
+}
+
+/// An upstream that reads the request head and never answers; counts the heads.
+async fn silent_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
+    let addr = serve_tcp(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            if read_request_head(&mut s).await {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            std::future::pending::<()>().await;
+            drop(s);
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+/// Waits (up to 10 s) until `n` request heads reached the upstream.
+async fn wait_for_heads(heads: &AtomicUsize, n: usize) {
+    let t0 = Instant::now();
+    while heads.load(Ordering::SeqCst) < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the upstream got {} of {n} requests",
+            heads.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends a GET for t.com on a new connection and leaves it waiting.
+async fn start_request(addr: std::net::SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t.com\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
+/// Waits (up to `bound`) for the process to exit; its exit code.
+async fn exit_code(mut gw: Process, bound: Duration) -> (Option<i32>, Duration, Process) {
+    tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = gw.child.try_wait().unwrap() {
+                return (s.code(), t0.elapsed(), gw);
+            }
+            assert!(
+                t0.elapsed() < bound,
+                "the process still ran {bound:?} later; log:\n{}",
+                gw.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// README: "A second signal exits at once." It waited for all of shutdown_grace.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let (upstream, heads) = silent_upstream().await;
+    let gw = Process::start(&format!(
+        "[server]\nshutdown_grace = \"60s\"\n[upstreams.u]\ntargets = [\"{upstream}\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+    ));
+    let _in_flight = start_request(gw.addr, "/never").await;
+    wait_for_heads(&heads, 1).await;
+    gw.signal("TERM");
+    gw.log_line(&["draining"]).await;
+    gw.signal("TERM");
+    // Far below the 60 s grace; the bound only keeps a broken build from hanging.
+    let (code, _, gw) = exit_code(gw, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(1), "a second signal exits 1");
+    gw.log_line(&["second signal: exiting without waiting"])
+        .await;
 }
