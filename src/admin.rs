@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::TcpListener as StdListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -14,11 +15,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::body::ProxyBody;
 use crate::reload::Trigger;
 use crate::server::Shared;
+
+/// At most this many admin connections are served at once; beyond it the listener
+/// stops accepting (connections wait in the kernel's backlog) until one closes. Health
+/// checks and scrapes need a handful; without a cap, idle connections held open cost
+/// memory without bound (about 28 KiB each).
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -30,37 +37,137 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
         }
     };
     let mut builder = http1::Builder::new();
+    // A connection that sends no request head in time, or none after its last
+    // response, is closed: it would hold one of the MAX_CONNECTIONS slots.
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(10));
+        .header_read_timeout(shared.config.header_read_timeout);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (mut full_warned, mut accept_warned) = (Quiet::default(), Quiet::default());
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let shared = shared.clone();
-                let conn = builder.serve_connection(
-                    TokioIo::new(stream),
-                    service_fn(move |req| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(route(req, shared).await) }
-                    }),
-                );
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                if full_warned.due() {
+                    tracing::warn!(
+                        limit = MAX_CONNECTIONS,
+                        "admin connection limit reached; new admin connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+                    _ = stop.changed() => return,
+                }
             }
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
             _ = stop.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, as the workers do.
+                if accept_warned.due() {
+                    tracing::warn!(error = %e, "admin accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(req, shared).await) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+}
+
+/// Rate-limits a warning that could otherwise fill the log: due at most once every
+/// ten seconds.
+#[derive(Default)]
+struct Quiet {
+    last: Option<Instant>,
+}
+
+impl Quiet {
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .last
+            .is_none_or(|l| now.duration_since(l) >= Duration::from_secs(10));
+        if due {
+            self.last = Some(now);
         }
+        due
+    }
+}
+
+/// The methods an admin path answers, for routing and the 405's `Allow`.
+#[derive(Clone, Copy)]
+enum Allowed {
+    /// GET, and HEAD (the GET's headers without the body: RFC 9110 §9.3.2).
+    Get,
+    Post,
+}
+
+impl Allowed {
+    fn of(path: &str) -> Option<Allowed> {
+        match path {
+            "/reload" => Some(Allowed::Post),
+            "/metrics" | "/healthz" | "/readyz" | "/config" | "/config/history" => {
+                Some(Allowed::Get)
+            }
+            _ => match path.strip_prefix("/tenants/")?.split_once('/')?.1 {
+                "usage" => Some(Allowed::Get),
+                "usage/reset" => Some(Allowed::Post),
+                _ => None,
+            },
+        }
+    }
+
+    fn permits(self, method: &Method) -> bool {
+        match self {
+            Allowed::Get => method == Method::GET || method == Method::HEAD,
+            Allowed::Post => method == Method::POST,
+        }
+    }
+
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Allowed::Get => "GET, HEAD",
+            Allowed::Post => "POST",
+        })
     }
 }
 
 async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBody> {
-    if let Some(rest) = req.uri().path().strip_prefix("/tenants/") {
-        return tenant_usage(req.method(), rest, &shared).await;
+    let path = req.uri().path();
+    let Some(allowed) = Allowed::of(path) else {
+        return json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#);
+    };
+    if !allowed.permits(req.method()) {
+        let mut r = json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method_not_allowed"}"#,
+        );
+        r.headers_mut().insert(header::ALLOW, allowed.header());
+        return r;
     }
-    match (req.method(), req.uri().path()) {
-        (&Method::POST, "/reload") => reload(shared).await,
-        (&Method::GET, "/config") => {
+    // hyper sends no body in answer to HEAD; the headers are the GET's.
+    if let Some(rest) = path.strip_prefix("/tenants/") {
+        return tenant_usage(rest, &shared).await;
+    }
+    match path {
+        "/reload" => reload(shared).await,
+        "/config" => {
             let snap = shared.snapshot.load();
             let body = serde_json::json!({
                 "version": snap.version,
@@ -69,44 +176,27 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
             });
             json_value(StatusCode::OK, &body)
         }
-        (&Method::GET, "/config/history") => json_value(StatusCode::OK, &shared.reload.history()),
-        (_, "/reload") => json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method_not_allowed"}"#,
-        ),
-        (_, "/config" | "/config/history") => json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method_not_allowed"}"#,
-        ),
-        (&Method::GET, "/metrics") => metrics(&shared),
-        (&Method::GET, "/healthz") => json(StatusCode::OK, r#"{"status":"ok"}"#),
-        (&Method::GET, "/readyz") => {
+        "/config/history" => json_value(StatusCode::OK, &shared.reload.history()),
+        "/metrics" => metrics(&shared),
+        "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#),
+        "/readyz" => {
             if shared.draining.load(Ordering::SeqCst) {
                 json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
             } else {
                 json(StatusCode::OK, r#"{"status":"ready"}"#)
             }
         }
-        (_, "/healthz" | "/readyz") => json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method_not_allowed"}"#,
-        ),
         _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
     }
 }
 
-/// `GET /tenants/{id}/usage` and `POST /tenants/{id}/usage/reset` (quota.rs).
-async fn tenant_usage(method: &Method, rest: &str, shared: &Shared) -> Response<ProxyBody> {
+/// `GET /tenants/{id}/usage` and `POST /tenants/{id}/usage/reset` (quota.rs); the
+/// method was checked by [`route`].
+async fn tenant_usage(rest: &str, shared: &Shared) -> Response<ProxyBody> {
     let snap = shared.snapshot.load_full();
-    let (status, body) = match (method, rest.split_once('/')) {
-        (&Method::GET, Some((id, "usage"))) => crate::usage::usage(&snap, id).await,
-        (&Method::POST, Some((id, "usage/reset"))) => crate::usage::reset(&snap, id).await,
-        (_, Some((_, "usage" | "usage/reset"))) => {
-            return json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                r#"{"error":"method_not_allowed"}"#,
-            )
-        }
+    let (status, body) = match rest.split_once('/') {
+        Some((id, "usage")) => crate::usage::usage(&snap, id).await,
+        Some((id, "usage/reset")) => crate::usage::reset(&snap, id).await,
         _ => return json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
     };
     json_value(

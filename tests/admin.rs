@@ -1,0 +1,210 @@
+//! The admin listener as an HTTP server: methods (405 with `Allow`, HEAD wherever GET
+//! is), its cap on connections, the header read timeout, and accept failures.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+const TENANT: &str = "[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n";
+
+#[tokio::test]
+async fn a_wrong_method_is_405_with_allow() {
+    let gw = Gateway::start(TENANT);
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/readyz", "GET, HEAD"),
+        ("PUT", "/config", "GET, HEAD"),
+        ("POST", "/config/history", "GET, HEAD"),
+        // Was 404: /metrics exists, only not for POST.
+        ("POST", "/metrics", "GET, HEAD"),
+        ("PUT", "/metrics", "GET, HEAD"),
+        ("GET", "/reload", "POST"),
+        ("HEAD", "/reload", "POST"),
+        ("DELETE", "/tenants/t/usage", "GET, HEAD"),
+        ("GET", "/tenants/t/usage/reset", "POST"),
+    ] {
+        let r = send(gw.admin, method, path, &[], Bytes::new()).await;
+        assert_eq!(r.status, 405, "{method} {path}");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+        if method != "HEAD" {
+            assert_eq!(r.json()["error"], "method_not_allowed", "{method} {path}");
+        }
+    }
+    for path in ["/nope", "/tenants/t", "/tenants/t/other", "/metrics/x"] {
+        let r = send(gw.admin, "POST", path, &[], Bytes::new()).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.json()["error"], "not_found", "{path}");
+        assert_eq!(r.header("allow"), None, "{path}");
+    }
+}
+
+/// HEAD answers wherever GET does, with the GET's headers and no body (RFC 9110
+/// §9.3.2). Read off the wire, so that a body sent anyway would show.
+#[tokio::test]
+async fn head_answers_like_get_without_a_body() {
+    let gw = Gateway::start(TENANT);
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/config",
+        "/config/history",
+        "/tenants/t/usage",
+    ] {
+        let got = get(gw.admin, path, &[]).await;
+        assert_eq!(got.status, 200, "GET {path}");
+        let raw = raw_exchange(
+            gw.admin,
+            &format!("HEAD {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with("HTTP/1.1 200"), "HEAD {path}: {head}");
+        assert_eq!(body, "", "HEAD {path} sent a body");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            lower.contains("content-type: application/json"),
+            "HEAD {path}: {head}"
+        );
+        assert!(
+            lower.contains(&format!("content-length: {}", got.body.len())),
+            "HEAD {path}: the GET's length ({}) in {head}",
+            got.body.len()
+        );
+    }
+    let raw = raw_exchange(
+        gw.admin,
+        "HEAD /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{head}"
+    );
+    assert_eq!(body, "");
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, request.as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the admin listener closes after connection: close")
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// More idle connections than the cap: the admin listener stops accepting and says so,
+/// closes each idle one after `header_read_timeout`, and then answers again.
+#[tokio::test]
+async fn idle_admin_connections_are_capped_and_closed() {
+    let gw = Process::start(&format!("[server]\nheader_read_timeout = \"3s\"\n{TENANT}"));
+    let cap = 256;
+    let mut idle = Vec::new();
+    for _ in 0..cap + 20 {
+        idle.push(TcpStream::connect(gw.admin).await.unwrap());
+    }
+    gw.log_line(&["admin connection limit reached", "limit=256"])
+        .await;
+    // A connection that sends nothing is closed by the gateway (EOF on our side).
+    let mut first = idle.swap_remove(0);
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(20), first.read(&mut b))
+        .await
+        .expect("an idle admin connection is closed after header_read_timeout");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The idle ones are still held open on our side; their slots come back all the same.
+    let t0 = Instant::now();
+    let r = loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            get(gw.admin, "/metrics", &[]).await
+        })
+        .await;
+        if let Ok(r) = r {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "/metrics never answered"
+        );
+    };
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("bulkhead_"));
+    drop(idle);
+}
+
+/// CPU time (user + system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 14th
+    // field of the line, stime the 15th, in clock ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+/// Sets the soft limit on open files of `pid` (the hard one stays, so it can be raised
+/// again).
+fn prlimit_nofile(pid: u32, n: u64) {
+    let ok = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={n}:")])
+        .status()
+        .expect("prlimit (util-linux) runs")
+        .success();
+    assert!(ok, "prlimit --nofile={n} failed");
+}
+
+/// Out of descriptors, the admin listener's accept fails: it logs that and backs off
+/// rather than retrying at once (it spun a core), and serves again once descriptors
+/// are free.
+#[tokio::test]
+async fn admin_accept_failures_back_off() {
+    let gw = Process::start(TENANT);
+    let pid = gw.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    prlimit_nofile(pid, open + 4);
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(TcpStream::connect(gw.admin).await.unwrap());
+    }
+    gw.log_line(&["admin accept failed"]).await;
+    // Spinning, the admin thread used 93 % of a core; backing off, next to nothing.
+    let (cpu0, t0) = (cpu_time(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu, wall) = (cpu_time(pid) - cpu0, t0.elapsed());
+    assert!(
+        cpu < wall / 2,
+        "the gateway used {cpu:?} of CPU in {wall:?} while accept failed"
+    );
+    drop(conns);
+    prlimit_nofile(pid, 4096);
+    let t0 = Instant::now();
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), get(gw.admin, "/healthz", &[])).await;
+        if let Ok(r) = r {
+            assert_eq!(r.status, 200);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "/healthz never answered"
+        );
+    }
+}
