@@ -192,3 +192,79 @@ async fn a_second_signal_exits_at_once() {
     gw.log_line(&["second signal: exiting without waiting"])
         .await;
 }
+
+/// An upstream that reads a request head, then waits for `release` before it answers
+/// 200 "ok"; counts the heads.
+async fn held_upstream() -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let heads = Arc::new(AtomicUsize::new(0));
+    let (release, rx) = tokio::sync::watch::channel(false);
+    let seen = heads.clone();
+    let addr = serve_tcp(move |mut s| {
+        let (seen, mut rx) = (seen.clone(), rx.clone());
+        async move {
+            while read_request_head(&mut s).await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = rx.wait_for(|r| *r).await;
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (addr, heads, release)
+}
+
+/// Waits (up to 10 s) until `/readyz` answers 503: the gateway is draining.
+async fn wait_draining(gw: &Process) {
+    let t0 = Instant::now();
+    while get(gw.admin, "/readyz", &[]).await.status != 503 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A keep-alive request in flight when draining begins is answered with
+/// `connection: close`, then the connection closes: the client knows not to send
+/// another on it. The fast path sent no `connection: close` (hyper did).
+#[tokio::test]
+async fn a_response_during_the_drain_says_connection_close() {
+    for env in [&[][..], &[("BULKHEAD_H1", "hyper")][..]] {
+        let (upstream, heads, release) = held_upstream().await;
+        let gw = Process::start_with_env(
+            &format!(
+                "[server]\nshutdown_grace = \"60s\"\n[upstreams.u]\ntargets = [\"{upstream}\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+            ),
+            &[],
+            env,
+        );
+        let mut c = start_request(gw.addr, "/held").await;
+        wait_for_heads(&heads, 1).await;
+        gw.signal("TERM");
+        wait_draining(&gw).await;
+        release.send(true).unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncReadExt::read_to_end(&mut c, &mut got),
+        )
+        .await
+        .expect("the gateway closes the connection after the response")
+        .unwrap();
+        let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let (head, body) = got.split_once("\r\n\r\n").expect("a whole response");
+        assert!(head.starts_with("http/1.1 200"), "{env:?}: {head}");
+        assert_eq!(body, "ok", "{env:?}");
+        assert!(
+            head.lines().any(|l| l == "connection: close"),
+            "{env:?}: no connection: close in\n{head}"
+        );
+        let (code, _, _) = exit_code(gw, Duration::from_secs(20)).await;
+        assert_eq!(code, Some(0), "{env:?}");
+    }
+}

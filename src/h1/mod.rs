@@ -22,6 +22,7 @@ mod park;
 mod spare;
 pub mod wire;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -159,15 +160,8 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
         conn.fresh = false;
         deadline = None;
         readable = false;
-        let closing = *worker.shutdown.borrow();
         // Boxed, in its own statement: the request's state exists only while it runs.
-        let next = Box::pin(request(
-            &mut conn.stream,
-            &mut buf,
-            &conn.ctx,
-            head,
-            closing,
-        ));
+        let next = Box::pin(request(&mut conn.stream, &mut buf, &conn.ctx, head));
         match next.await {
             Next::KeepAlive => {}
             Next::Close => {
@@ -256,13 +250,7 @@ enum Next {
 }
 
 /// One request, start to end.
-async fn request(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    ctx: &ConnCtx,
-    head: Head,
-    closing: bool,
-) -> Next {
+async fn request(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, head: Head) -> Next {
     let started = Instant::now();
     let snap = ctx.shared.snapshot.load_full();
     let Head {
@@ -272,7 +260,9 @@ async fn request(
         raw,
     } = head;
     let mut parts = spare::Request(parts);
-    let close = close || closing;
+    // Draining (`Shared::draining`) is read when the response head is written, not
+    // here: a request in flight when it began is answered with `connection: close`.
+    let draining = &ctx.shared.draining;
     let request_id = headers::request_id(&parts.headers);
     let mut ex = Exchange::new(&snap);
     let log = snap.access_log.then(|| {
@@ -292,6 +282,7 @@ async fn request(
         request_id,
         log,
         head_request,
+        draining,
     };
     // The stages without side effects first: a tenant routed to an upstream the fast
     // path cannot reach goes to hyper before anything is counted or charged.
@@ -347,6 +338,7 @@ async fn request(
                 policy,
                 rate_limit: rate_limit.as_ref(),
                 close,
+                draining,
             },
         },
         |status| match pending.take() {
@@ -361,7 +353,12 @@ async fn request(
     )
     .await;
     match done {
-        Done::Served { client_reusable } if client_reusable && !close => Next::KeepAlive,
+        // Read again after the head said `connection: close` when draining: then too.
+        Done::Served { client_reusable }
+            if client_reusable && !close && !draining.load(Ordering::Relaxed) =>
+        {
+            Next::KeepAlive
+        }
         Done::Served { .. } | Done::Broken => Next::Close,
         Done::Gone => {
             if let Some((ex, log)) = pending {
@@ -432,6 +429,7 @@ async fn refuse_unparsed(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnC
         request_id,
         log,
         head_request: false,
+        draining: &ctx.shared.draining,
     };
     refuse(stream, buf, u64::MAX, true, e, Exchange::new(&snap), r).await;
 }
@@ -443,6 +441,7 @@ struct Refusal<'a> {
     request_id: http::HeaderValue,
     log: Option<(http::Method, PathAndQuery)>,
     head_request: bool,
+    draining: &'a AtomicBool,
 }
 
 /// Writes the gateway's own error response. The connection stays open only when the
@@ -484,6 +483,7 @@ async fn refuse(
             policy: ex.policy_line(),
             rate_limit: ex.rate_limit.as_ref(),
             close,
+            draining: r.draining,
         },
         false,
     );
@@ -504,7 +504,8 @@ async fn refuse(
     f.bytes_out = if r.head_request { 0 } else { body.len() as u64 };
     drop(f);
     let written = stream.write_all(&out).await.is_ok();
-    if written && !close {
+    // As the head said: read again, it is true if it was then.
+    if written && !close && !r.draining.load(Ordering::Relaxed) {
         Next::KeepAlive
     } else {
         Next::Close

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -338,6 +339,17 @@ pub struct Extra<'a> {
     pub rate_limit: Option<&'a HeaderValue>,
     /// The client connection closes after this response.
     pub close: bool,
+    /// `Shared::draining`: read when the head is written (one relaxed load), so that a
+    /// response to a request that was in flight when draining began says
+    /// `connection: close` too.
+    pub draining: &'a AtomicBool,
+}
+
+impl Extra<'_> {
+    /// Whether the head says `connection: close`; the connection must then close.
+    pub fn closes(&self) -> bool {
+        self.close || self.draining.load(Ordering::Relaxed)
+    }
 }
 
 /// What the upstream's buffered bytes hold.
@@ -628,7 +640,7 @@ pub fn write_extra(out: &mut Vec<u8>, extra: &Extra<'_>, has_date: bool) {
         date(out);
         out.extend_from_slice(b"\r\n");
     }
-    if extra.close {
+    if extra.closes() {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -897,12 +909,15 @@ impl Chunked {
 mod tests {
     use super::*;
 
+    static NOT_DRAINING: AtomicBool = AtomicBool::new(false);
+
     fn extra(rid: &HeaderValue) -> Extra<'_> {
         Extra {
             request_id: rid,
             policy: None,
             rate_limit: None,
             close: false,
+            draining: &NOT_DRAINING,
         }
     }
 
