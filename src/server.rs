@@ -100,7 +100,11 @@ impl RunningGateway {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("bulkhead-worker-{i}"))
-                    .spawn(move || rt.block_on(worker(l, tl, redirect_to, shared, rx)))
+                    .spawn(move || {
+                        if rt.block_on(worker(l, tl, redirect_to, shared, rx)) {
+                            cut_off(rt);
+                        }
+                    })
                     .map_err(worker_err)?,
             );
         }
@@ -190,6 +194,37 @@ fn bind(addr: SocketAddr) -> io::Result<StdListener> {
     Ok(socket.into())
 }
 
+thread_local! {
+    /// On a worker thread whose `shutdown_grace` ran out, while its runtime drops what
+    /// is left: the requests cut off so far. `None` otherwise.
+    static CUT_OFF: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether a request dropped unanswered now is being cut off because
+/// `shutdown_grace` ran out (rather than because its client went away); if so, counts
+/// it. For the access-log line of such a request (`reason="shutdown"`).
+pub(crate) fn cut_off_by_shutdown() -> bool {
+    CUT_OFF.with(|c| match c.get() {
+        Some(n) => {
+            c.set(Some(n + 1));
+            true
+        }
+        None => false,
+    })
+}
+
+/// Drops a worker's runtime after its `shutdown_grace` ran out, and with it the
+/// connections still open and their requests (each logged as it goes, see
+/// [`cut_off_by_shutdown`]); says how many requests were cut off.
+fn cut_off(rt: tokio::runtime::Runtime) {
+    CUT_OFF.with(|c| c.set(Some(0)));
+    drop(rt);
+    let cut = CUT_OFF.with(|c| c.take()).unwrap_or(0);
+    if cut > 0 {
+        tracing::warn!(requests = cut, "shutdown_grace ran out: requests cut off");
+    }
+}
+
 /// Counts a worker's open connections so draining can wait for them.
 #[derive(Default)]
 struct Tracker {
@@ -258,13 +293,15 @@ struct WorkerCtx {
     fast_h1: bool,
 }
 
+/// A worker's accept loop, then its drain. True when `shutdown_grace` ran out with
+/// connections still open (dropping the runtime closes them).
 async fn worker(
     listener: StdListener,
     tls_listener: Option<StdListener>,
     redirect_to: Option<u16>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> bool {
     let (listener, tls_listener) = match (
         TcpListener::from_std(listener),
         tls_listener.map(TcpListener::from_std).transpose(),
@@ -272,7 +309,7 @@ async fn worker(
         (Ok(l), Ok(t)) => (l, t),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "worker cannot use the listener");
-            return;
+            return false;
         }
     };
     let cfg = &shared.config;
@@ -403,7 +440,9 @@ async fn worker(
             open = tracker.open.load(Ordering::Relaxed),
             "connections still open after shutdown_grace; closing them"
         );
+        return true;
     }
+    false
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -268,3 +268,33 @@ async fn a_response_during_the_drain_says_connection_close() {
         assert_eq!(code, Some(0), "{env:?}");
     }
 }
+
+/// A request still unanswered when shutdown_grace runs out is cut off; it still gets
+/// its access-log line (the fast path wrote none), the cut is counted in a warning,
+/// and the process exits 0 as SPEC says.
+#[tokio::test]
+async fn requests_cut_off_by_the_grace_are_logged() {
+    for env in [&[][..], &[("BULKHEAD_H1", "hyper")][..]] {
+        let (upstream, heads) = silent_upstream().await;
+        let gw = Process::start_with_env(
+            &format!(
+                "[server]\nworkers = 1\nshutdown_grace = \"1s\"\n[upstreams.u]\ntargets = [\"{upstream}\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+            ),
+            &[],
+            env,
+        );
+        let _in_flight = start_request(gw.addr, "/cut").await;
+        wait_for_heads(&heads, 1).await;
+        gw.signal("TERM");
+        let (code, _, gw) = exit_code(gw, Duration::from_secs(20)).await;
+        assert_eq!(code, Some(0), "{env:?}");
+        gw.log_line(&["connections still open after shutdown_grace", "open=1"])
+            .await;
+        let line = gw.log_line(&["access", "path=\"/cut\""]).await;
+        assert!(line.contains("tenant=\"t\""), "{env:?}: {line}");
+        if env.is_empty() {
+            gw.log_line(&["shutdown_grace ran out: requests cut off", "requests=1"])
+                .await;
+        }
+    }
+}

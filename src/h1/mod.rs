@@ -315,7 +315,11 @@ async fn request(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, head
     };
     let rate_limit = ex.rate_limit.clone();
     let policy = ex.policy_line();
-    let mut pending = Some((ex, log));
+    let mut pending = Unanswered {
+        pending: Some((ex, log)),
+        started,
+        request_id: &request_id,
+    };
     let done = exchange::forward(
         &ctx.client.h1,
         stream,
@@ -341,7 +345,7 @@ async fn request(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, head
                 draining,
             },
         },
-        |status| match pending.take() {
+        |status| match pending.pending.take() {
             Some((ex, log)) => finish(ex, &snap, started, status, None, &request_id, log),
             None => crate::body::Finish {
                 permit: None,
@@ -360,24 +364,42 @@ async fn request(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, head
             Next::KeepAlive
         }
         Done::Served { .. } | Done::Broken => Next::Close,
-        Done::Gone => {
-            if let Some((ex, log)) = pending {
-                let (method, path) = log_target(log);
-                ex.abandoned(started, request_id, method, path);
-            }
-            Next::Close
-        }
+        // The guard logs the request as abandoned.
+        Done::Gone => Next::Close,
         Done::Refused {
             error,
             client_reusable,
         } => {
-            let Some((ex, log)) = pending else {
+            let Some((ex, log)) = pending.pending.take() else {
                 return Next::Close;
             };
             let rest = if client_reusable { 0 } else { u64::MAX };
-            let r = refusal(log, request_id);
+            let r = refusal(log, request_id.clone());
             refuse(stream, buf, rest, close, error, ex, r).await
         }
+    }
+}
+
+/// A request with no response head sent yet. Dropped so — its client went away, or
+/// the worker's runtime dropped it when `shutdown_grace` ran out — it is logged as
+/// abandoned (the in-flight slot let go, the access-log line written).
+struct Unanswered<'a, 's> {
+    pending: Option<(Exchange<'s>, Option<(http::Method, PathAndQuery)>)>,
+    started: Instant,
+    request_id: &'a http::HeaderValue,
+}
+
+impl Drop for Unanswered<'_, '_> {
+    fn drop(&mut self) {
+        let Some((ex, log)) = self.pending.take() else {
+            return;
+        };
+        let (method, path) = log_target(log);
+        let id = self.request_id.clone();
+        // Counted either way; logged as reason="shutdown" once proxy.rs's `abandoned`
+        // tells the two apart (it logs client_closed for now).
+        let _cut_off = crate::server::cut_off_by_shutdown();
+        ex.abandoned(self.started, id, method, path);
     }
 }
 
