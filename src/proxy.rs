@@ -150,6 +150,10 @@ pub async fn handle(
 /// on HTTP/2, reset its stream) before the response was over.
 pub const CLIENT_CLOSED: &str = "client_closed";
 
+/// The access log's `reason` for a request cut off unanswered because
+/// `shutdown_grace` ran out (logged with status 503).
+pub const SHUTDOWN: &str = "shutdown";
+
 /// A request not answered yet. Dropped so (hyper or the HTTP/2 server let go of it: the
 /// client closed its connection or reset its stream before the response head), it is
 /// logged as the fast path logs such a request ([`Exchange::abandoned`]) and its
@@ -228,8 +232,9 @@ impl<'s> Exchange<'s> {
 
     /// The end of a request whose client went away before any response: the in-flight
     /// slot let go and the access-log line, status 499 (as nginx logs it), reason
-    /// [`CLIENT_CLOSED`]. Not counted in `requests_total` or the latency histogram,
-    /// which count responses sent.
+    /// [`CLIENT_CLOSED`]; or, dropped by a worker whose `shutdown_grace` ran out, 503
+    /// [`SHUTDOWN`]. Not counted in `requests_total` or the latency histogram, which
+    /// count responses sent.
     pub(crate) fn abandoned(
         self,
         started: Instant,
@@ -237,9 +242,13 @@ impl<'s> Exchange<'s> {
         method: http::Method,
         path: PathAndQuery,
     ) {
-        tracing::debug!(request_id = ?request_id, "client went away before the response");
-        let reason = Some(CLIENT_CLOSED);
-        drop(self.unrecorded(started, 499, reason, request_id, method, path));
+        let (status, reason) = if crate::server::cut_off_by_shutdown() {
+            (503, SHUTDOWN)
+        } else {
+            tracing::debug!(request_id = ?request_id, "client went away before the response");
+            (499, CLIENT_CLOSED)
+        };
+        drop(self.unrecorded(started, status, Some(reason), request_id, method, path));
     }
 
     /// `finish` without the metrics.

@@ -292,9 +292,9 @@ async fn requests_cut_off_by_the_grace_are_logged() {
             .await;
         let line = gw.log_line(&["access", "path=\"/cut\""]).await;
         assert!(line.contains("tenant=\"t\""), "{env:?}: {line}");
-        if env.is_empty() {
-            gw.log_line(&["shutdown_grace ran out: requests cut off", "requests=1"])
-                .await;
-        }
+        assert!(line.contains("status=503"), "{env:?}: {line}");
+        assert!(line.contains("reason=\"shutdown\""), "{env:?}: {line}");
+        gw.log_line(&["shutdown_grace ran out: requests cut off", "requests=1"])
+            .await;
     }
 }

@@ -396,9 +396,6 @@ impl Drop for Unanswered<'_, '_> {
         };
         let (method, path) = log_target(log);
         let id = self.request_id.clone();
-        // Counted either way; logged as reason="shutdown" once proxy.rs's `abandoned`
-        // tells the two apart (it logs client_closed for now).
-        let _cut_off = crate::server::cut_off_by_shutdown();
         ex.abandoned(self.started, id, method, path);
     }
 }
