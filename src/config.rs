@@ -75,6 +75,8 @@ pub struct ServerConfig {
     /// upstream sends nothing or whose client takes nothing, an upload the client
     /// stops sending or the upstream stops taking; 0 = never.
     pub body_idle_timeout: Dur,
+    /// Open client connections at most (0: from RLIMIT_NOFILE).
+    pub max_connections: u64,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +100,7 @@ impl Default for ServerConfig {
             state_dir: None,
             tunnel_idle_timeout: Dur(Duration::from_secs(3600)),
             body_idle_timeout: Dur(Duration::from_secs(60)),
+            max_connections: 0,
         }
     }
 }
@@ -438,6 +441,8 @@ pub struct Config {
     pub tunnel_idle_timeout: Option<Duration>,
     /// `server.body_idle_timeout`; `None` for "0s" (never).
     pub body_idle_timeout: Option<Duration>,
+    /// `server.max_connections`; 0: from RLIMIT_NOFILE (`server::connection_limit`).
+    pub max_connections: u64,
     pub log_format: LogFormat,
     /// `server.audit_log`, relative paths taken from the config file's directory.
     pub audit_log: Option<PathBuf>,
@@ -1197,6 +1202,7 @@ impl Validator<'_> {
             max_header_bytes: server.max_header_bytes.0,
             tunnel_idle_timeout: Some(server.tunnel_idle_timeout.0).filter(|d| !d.is_zero()),
             body_idle_timeout: Some(server.body_idle_timeout.0).filter(|d| !d.is_zero()),
+            max_connections: server.max_connections,
             log_format: server.log_format,
             audit_log: self.audit_log(path, server.audit_log.as_ref()),
             trusted_proxies,

@@ -443,6 +443,9 @@ fn needs_restart(running: &Config, new: &Config, text: &str) -> Option<String> {
     if new.limiter_prune_interval != running.limiter_prune_interval {
         keys.push("server.limiter_prune_interval");
     }
+    if new.max_connections != running.max_connections {
+        keys.push("server.max_connections");
+    }
     // The Redis connection and the state file are set up once, at start.
     if new.cluster != running.cluster {
         keys.push("[cluster]");

@@ -71,6 +71,7 @@ impl RunningGateway {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let per_worker = connection_limit(config.max_connections, nofile()).div_ceil(workers_n);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
@@ -101,7 +102,7 @@ impl RunningGateway {
                 std::thread::Builder::new()
                     .name(format!("bulkhead-worker-{i}"))
                     .spawn(move || {
-                        if rt.block_on(worker(l, tl, redirect_to, shared, rx)) {
+                        if rt.block_on(worker(l, tl, redirect_to, per_worker, shared, rx)) {
                             cut_off(rt);
                         }
                     })
@@ -225,11 +226,52 @@ fn cut_off(rt: tokio::runtime::Runtime) {
     }
 }
 
-/// Counts a worker's open connections so draining can wait for them.
+/// Counts a worker's open connections so draining can wait for them, and so the
+/// worker stops accepting at its `limit`.
 #[derive(Default)]
 struct Tracker {
     open: AtomicUsize,
     idle: Notify,
+    limit: usize,
+    /// A connection closed while the worker was at its limit.
+    freed: Notify,
+}
+
+/// The soft `RLIMIT_NOFILE` in force (`u64::MAX` when unlimited or unknown).
+fn nofile() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do: a service manager's default soft limit
+/// (1,024 under systemd) would otherwise cap a gateway at about a thousand clients.
+/// Returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            tracing::debug!(error = %e, "cannot raise RLIMIT_NOFILE");
+        }
+    }
+    nofile()
+}
+
+/// Open client connections allowed in all (`server.max_connections`; 0: from the
+/// descriptors, `nofile`). Each proxied connection needs a second descriptor upstream,
+/// and a reserve stays for the admin listener, the config watcher and files: so half
+/// of what is left after `min(256, nofile / 4)`.
+pub fn connection_limit(configured: u64, nofile: u64) -> usize {
+    let n = if configured > 0 {
+        configured
+    } else {
+        let reserve = (nofile / 4).min(256);
+        (nofile.saturating_sub(reserve) / 2).max(1)
+    };
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// Counts one open connection of a worker until dropped.
@@ -256,8 +298,12 @@ impl Tracker {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if before == 1 {
             self.0.idle.notify_waiters();
+        }
+        if before == self.0.limit {
+            self.0.freed.notify_one();
         }
     }
 }
@@ -299,6 +345,7 @@ async fn worker(
     listener: StdListener,
     tls_listener: Option<StdListener>,
     redirect_to: Option<u16>,
+    max_connections: usize,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> bool {
@@ -349,7 +396,12 @@ async fn worker(
         fast_h1: crate::h1::enabled(),
         shared: shared.clone(),
     });
-    let tracker = Arc::new(Tracker::default());
+    let tracker = Arc::new(Tracker {
+        limit: max_connections.max(1),
+        ..Tracker::default()
+    });
+    let mut full_warned: Option<std::time::Instant> = None;
+    let mut failed_warned: Option<std::time::Instant> = None;
     // Idle upstream connections are let go of on time even when nothing uses their
     // target any more (it went quiet, or a reload removed it).
     let client = ctx.client.clone();
@@ -387,6 +439,23 @@ async fn worker(
     });
 
     loop {
+        if tracker.open.load(Ordering::Acquire) >= tracker.limit {
+            // At the worker's share of `server.max_connections`: new connections wait
+            // in the listen queue (another worker may take them) until one of this
+            // worker's closes, instead of being accepted into EMFILE, where upstream
+            // connections and the admin listener would fail too.
+            if full_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(
+                    limit = tracker.limit,
+                    "connection limit reached (server.max_connections); new connections wait"
+                );
+                full_warned = Some(std::time::Instant::now());
+            }
+            tokio::select! {
+                _ = tracker.freed.notified() => continue,
+                _ = shutdown.changed() => break,
+            }
+        }
         let (accepted, tls) = tokio::select! {
             a = listener.accept() => (a, false),
             a = accept_tls(tls_listener.as_ref()) => (a, true),
@@ -423,8 +492,12 @@ async fn worker(
                 });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning, and say so at most
+                // every 10 s (a flood of connections would write the log full).
+                if failed_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, "accept failed");
+                    failed_warned = Some(std::time::Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -146,6 +146,7 @@ workers = 1
 shutdown_grace = "2s"
 header_read_timeout = "60s"   # as nginx client_header_timeout / HAProxy timeout http-request
 access_log = false            # as "access_log off" in the nginx and HAProxy configs
+max_connections = $((IDLE_CONNS + 2000))   # as worker_connections / maxconn in theirs
 
 [tenancy]
 resolve = ["host"]
