@@ -455,9 +455,14 @@ async fn snapshot_swap_keeps_unchanged_buckets() {
         "two"
     );
 
-    // a's limit changes: the new limit applies from the next request.
+    // a's limit changes: the new limit applies from the next request, to what a had
+    // left (nothing): still 429, but the wait is the new rate's (5 s a request, where
+    // the old one's was 10 s).
     swap_to(&gw, &up, "0.2", "two");
-    assert_eq!(a(&gw).await, 200);
+    let r = get(gw.addr, "/", &[("host", "a.com")]).await;
+    assert_error(&r, 429, "rate_limited");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry <= 5, "Retry-After {retry}");
 }
 
 #[tokio::test]
