@@ -450,6 +450,11 @@ async fn proxy<'s>(
 /// an absolute-form target stands in for it). The fast path checks the same while it
 /// parses (`h1::wire::parse_request`).
 fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    // The authority form (`GET host:80`) is CONNECT's alone (RFC 9112 §3.2.3), and
+    // CONNECT never gets here; hyper reads it as a path of `/`.
+    if req.uri().scheme().is_none() && req.uri().authority().is_some() {
+        return Some("a request target in authority form (for CONNECT only)");
+    }
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Some("more than one Host header"),

@@ -1981,6 +1981,36 @@ async fn host_edge_cases() {
             assert_eq!(r.headers.get("connection"), Some("close"), "{what}");
         }
     }
+    // RFC 9112 §3.2: a target in none of the request forms (relative, `*` on a GET),
+    // or in the authority form, which is CONNECT's: a JSON 400 — not hyper's empty one,
+    // nor (authority form) a request for `/`. The authority form on hyper's path too.
+    for (what, line, chunked) in [
+        ("relative", "GET t1/x HTTP/1.1", false),
+        ("authority form", "GET t1.example.com:80 HTTP/1.1", false),
+        (
+            "authority form, hyper's path",
+            "GET t1.example.com:80 HTTP/1.1",
+            true,
+        ),
+        ("* on a GET", "GET * HTTP/1.1", false),
+    ] {
+        let mut c = Client::connect(&gw).await;
+        let body = if chunked {
+            "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        } else {
+            "\r\n"
+        };
+        c.send(format!("{line}\r\nHost: {HOST}\r\n{body}").as_bytes())
+            .await;
+        let r = c
+            .try_response(false)
+            .await
+            .unwrap_or_else(|| panic!("{what}: an answer before the close"));
+        r.assert_error(400, "bad_request", None);
+        assert_eq!(r.headers.get("connection"), Some("close"), "{what}");
+    }
+    assert!(up.seen().is_empty(), "none of them was forwarded");
+
     let mut c = Client::connect(&gw).await;
     // The absolute form's authority and a different Host: refused, not overridden.
     c.send(format!("GET http://{HOST}/abs HTTP/1.1\r\nHost: other.example\r\n\r\n").as_bytes())

@@ -80,6 +80,15 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         if method == Method::CONNECT {
             return Parsed::Fallback;
         }
+        // RFC 9112 §3.2: the origin form, the absolute form, or `*` for OPTIONS (the
+        // authority form is CONNECT's). Anything else — `t/acme/x`, `host:80` — is a
+        // JSON 400 here, not hyper's empty one (or, for `host:80`, a request for `/`).
+        match req.path.map(str::as_bytes) {
+            Some([b'/', ..]) => {}
+            Some(b"*") if method == Method::OPTIONS => {}
+            Some(p) if absolute_form(p) => {}
+            _ => return malformed("invalid request target"),
+        }
         let Some(path) = req.path.map(|p| span(buf, p.as_bytes())) else {
             return Parsed::Fallback;
         };
@@ -161,6 +170,18 @@ fn header_lines(buf: &[u8]) -> usize {
         .skip(1)
         .take_while(|line| !line.is_empty() && *line != b"\r")
         .count()
+}
+
+/// `scheme://…`: a scheme (a letter, then letters, digits, `+`, `-`, `.`) and `://`.
+fn absolute_form(target: &[u8]) -> bool {
+    let Some(end) = target.windows(3).position(|w| w == b"://") else {
+        return false;
+    };
+    let scheme = &target[..end];
+    scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
 }
 
 fn malformed(why: &'static str) -> Parsed {
