@@ -95,6 +95,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         let mut body_len: Option<u64> = None;
         let mut close = false;
         let mut hosts = 0;
+        let mut te: Option<&[u8]> = None;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             if is_name(name, b"content-length") {
@@ -107,10 +108,9 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
                     Some(_) => continue,
                     None => body_len = Some(n),
                 }
-            } else if is_name(name, b"transfer-encoding")
-                || is_name(name, b"upgrade")
-                || is_name(name, b"expect")
-            {
+            } else if is_name(name, b"transfer-encoding") {
+                te = Some(h.value);
+            } else if is_name(name, b"upgrade") || is_name(name, b"expect") {
                 return Parsed::Fallback;
             } else if is_name(name, b"connection") {
                 close |= has_token(h.value, b"close");
@@ -118,6 +118,16 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
                 hosts += 1;
             }
             spans.push(buf, name, h.value);
+        }
+        if let Some(value) = te {
+            // Bodies with a transfer coding are hyper's to read; but RFC 9112 §6.3: a
+            // request whose last coding is not chunked has no length to read — 400 and
+            // close (hyper's answer would be empty, and in no log).
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return malformed("a transfer-encoding whose last coding is not chunked");
+            }
+            return Parsed::Fallback;
         }
         // RFC 9112 §3.2 (as `proxy::host_problem` on hyper's path): one `Host`, and
         // none only beside an absolute-form target, which names the authority.
