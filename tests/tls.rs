@@ -559,6 +559,45 @@ async fn a_replaced_client_ca_ends_what_the_old_one_verified() {
     );
 }
 
+/// A plain HTTP request sent to the TLS port gets the gateway's 400 saying so (as
+/// nginx answers it), not a silent close; a TLS client on the same port is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_tls_port_is_told_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::new().await;
+    let gw = s.start(&config(&s.acme, &s.globex, "", ""));
+    let mut c = tokio::net::TcpStream::connect(gw.tls()).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: acme.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"], "bad_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("HTTPS port"),
+        "{body}"
+    );
+    assert!(s.acme.seen().is_empty());
+    let (r, _) = pki::tls_get(
+        gw.tls(),
+        "acme.test",
+        s.client(&[b"http/1.1"]),
+        "/",
+        "acme.test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+}
+
 // ---- redirect_http ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -170,6 +170,15 @@ pub async fn accept(
     timeout: Duration,
 ) -> Option<(TlsStream<TcpStream>, ConnTls)> {
     let handshake = async {
+        // A TLS connection starts with a handshake record (0x16); a letter is a plain
+        // HTTP request line sent to the TLS port. It gets a 400 saying so, as nginx
+        // answers it, not a silent close (one peek per connection, before the
+        // handshake's own reads).
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 1 && first[0].is_ascii_alphabetic() {
+            plain_http_answer(stream).await;
+            return Err(io::Error::other("a plain HTTP request on the TLS listener"));
+        }
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
         let sni = start.client_hello().server_name().map(normalize_sni);
         let snap = snapshot.load();
@@ -214,6 +223,37 @@ pub async fn accept(
             None
         }
     }
+}
+
+/// The answer to a plain HTTP request on the TLS listener: the gateway's 400, then the
+/// close (the request itself is not read).
+async fn plain_http_answer(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let id = crate::headers::new_request_id();
+    let id = id.to_str().unwrap_or("-");
+    let body = format!(
+        "{{\"error\":\"bad_request\",\"message\":\"a plain HTTP request was sent to the HTTPS port\",\"tenant\":null,\"request_id\":\"{id}\"}}"
+    );
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Read what the client sent (briefly, a little) before the socket closes: closing
+    // with it unread would send a reset, which can destroy the answer in flight.
+    let drain = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn normalize_sni(name: &str) -> Box<str> {
