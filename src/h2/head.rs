@@ -118,6 +118,17 @@ impl Decoded {
             _ => return None,
         }
         if let Some(a) = self.authority.take() {
+            // RFC 9113 §8.3.1: a `host` that names another entity than `:authority`
+            // (another host, or port) is malformed; the upstream, which gets the
+            // `host`, would otherwise see another authority than the tenant was
+            // resolved by.
+            if self
+                .headers
+                .get(header::HOST)
+                .is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(&a))
+            {
+                return None;
+            }
             parts.scheme = Some(match &scheme[..] {
                 b"http" => Scheme::HTTP,
                 b"https" => Scheme::HTTPS,
@@ -181,6 +192,17 @@ mod tests {
         assert_eq!(d.uri().unwrap().to_string(), "/a?b");
         let mut d = decode(&[(":method", "CONNECT"), (":authority", "a.example:443")]);
         assert_eq!(d.uri().unwrap().to_string(), "a.example:443");
+        // `host` beside `:authority`: the same (up to case) or malformed.
+        for (host, ok) in [
+            ("t1.example.com", true),
+            ("T1.Example.COM", true),
+            ("t1.example.com:81", false),
+            ("other.example.com", false),
+        ] {
+            let mut fields = GET.to_vec();
+            fields.push(("host", host));
+            assert_eq!(decode(&fields).uri().is_some(), ok, "{host}");
+        }
     }
 
     #[test]
