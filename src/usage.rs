@@ -91,10 +91,16 @@ pub async fn reset(snap: &Snapshot, id: &str) -> (u16, serde_json::Value) {
                 u.generation.store(generation, Ordering::Release);
             }
             Err(e) => {
+                // A reset sent but not answered in time may still run when Redis gets
+                // to it: say so, rather than that it failed.
+                let message = match e {
+                    crate::store::StoreError::Timeout => format!("the shared store did not answer within store_timeout; the reset may still take effect when it does: check GET /tenants/{id}/usage, or send it again"),
+                    e => format!("the shared store did not answer: {e}"),
+                };
                 return (
                     503,
-                    serde_json::json!({"error": "store_unavailable", "message": format!("the shared store did not answer: {e}")}),
-                )
+                    serde_json::json!({"error": "store_unavailable", "message": message}),
+                );
             }
         }
     }
