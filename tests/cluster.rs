@@ -928,3 +928,60 @@ async fn an_unreachable_redis_is_logged_with_the_reason() {
         "the password stays out of the log"
     );
 }
+
+/// A usage reset that Redis does not answer within `store_timeout` is 503, and says the
+/// reset may still take effect — it does, once Redis gets to it (the sweep saw the
+/// counts zeroed after a 503 that said the store "did not answer").
+#[tokio::test]
+async fn a_reset_not_answered_in_time_says_it_may_still_apply() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let gw = Gateway::start(&fleet_toml(
+        &redis,
+        "edge-1",
+        up.addr,
+        "100ms",
+        &cluster_tenant("q", "requests_per_day = 1000"),
+    ));
+    wait_synced(std::slice::from_ref(&gw), &["q"]).await;
+    for _ in 0..3 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    // One reset answered in time (Redis then knows the script: a call that waited
+    // behind the busy script runs it once Redis is free).
+    assert_eq!(reset_usage(gw.admin, "q").await.status, 200);
+    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "1");
+    // Redis busy for two seconds: a script that spins (DEBUG SLEEP is off by
+    // default since Redis 7).
+    let port = redis.port.to_string();
+    let sleeper = std::thread::spawn(move || {
+        let spin = "local t = redis.call('TIME') \
+                    local stop = tonumber(t[1]) * 1000000 + tonumber(t[2]) + 2000000 \
+                    repeat t = redis.call('TIME') \
+                    until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= stop";
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port, "EVAL", spin, "0"])
+            .output()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = reset_usage(gw.admin, "q").await;
+    assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"], "store_unavailable");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("may still take effect"),
+        "{:?}",
+        r.json()
+    );
+    sleeper.join().unwrap().unwrap();
+    // Redis ran it once awake: a new quota generation began.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["GET", "bulkhead:{q}:generation"]).trim() != "2" {
+        assert!(Instant::now() < deadline, "the reset never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
