@@ -197,6 +197,7 @@ impl Drop for Permit {
 /// `snapshot::Tenant`'s layout: the bucket ends the tenant's second cache line, the
 /// rest of what a request reads fills the third.
 #[repr(C)]
+#[derive(Clone)]
 pub struct TenantLimits {
     rate: Option<Bucket>,
     pub max_in_flight: Option<u64>,

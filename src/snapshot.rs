@@ -320,6 +320,54 @@ impl Tenant {
     }
 }
 
+/// A tenant a reload removed: its counters and limiter state, kept for
+/// [`RETIRED_FOR`] (and for as long as requests of it are still in flight) so that a
+/// reload that adds it back carries them over — its quota counts are not reset, nor its
+/// in-flight count (which would let twice its `max_in_flight` run).
+#[derive(Debug)]
+pub struct Retired {
+    pub stats: Arc<TenantStats>,
+    pub limits: TenantLimits,
+    since: std::time::Instant,
+}
+
+/// How long a removed tenant's state is kept for a reload that adds it back.
+pub const RETIRED_FOR: Duration = Duration::from_secs(3600);
+
+/// The retired tenants of the snapshot after `previous`, whose tenants are now `by_id`:
+/// those `previous` had and the new one has not, and those it kept itself that are
+/// neither back nor expired.
+fn retire(previous: &Snapshot, by_id: &FastMap<Box<str>, TenantIdx>) -> FastMap<Box<str>, Retired> {
+    let now = std::time::Instant::now();
+    let mut out = FastMap::default();
+    for t in &previous.tenants {
+        if !by_id.contains_key(&*t.id) {
+            out.insert(
+                Box::from(&*t.id),
+                Retired {
+                    stats: t.stats.clone(),
+                    limits: t.limits.clone(),
+                    since: now,
+                },
+            );
+        }
+    }
+    for (id, r) in &previous.retired {
+        let live = now.duration_since(r.since) < RETIRED_FOR || r.stats.in_flight() > 0;
+        if live && !by_id.contains_key(id) && !out.contains_key(id) {
+            out.insert(
+                id.clone(),
+                Retired {
+                    stats: r.stats.clone(),
+                    limits: r.limits.clone(),
+                    since: r.since,
+                },
+            );
+        }
+    }
+    out
+}
+
 /// `path` as routes match it: unreserved characters percent-decoded (`%72` is `r`;
 /// RFC 3986 §6.2.2.2), repeated slashes merged, and `.` / `..` segments resolved
 /// (§5.2.4; `..` never climbs above the root). A path with none of these is returned
@@ -413,6 +461,8 @@ pub struct Snapshot {
     /// Peers whose `x-forwarded-for` names the client for per-client limits.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tenants: Vec<Tenant>,
+    /// Tenants recent reloads removed, by id: see [`Retired`].
+    pub retired: FastMap<Box<str>, Retired>,
     /// Counters of requests that resolved to no tenant (`tenant="_unknown"`).
     pub unknown_stats: Arc<TenantStats>,
     pub upstreams: HashMap<Box<str>, Arc<Upstream>>,
@@ -638,9 +688,19 @@ impl Snapshot {
             for d in &t.api_keys {
                 api_keys.insert(*d, idx);
             }
-            let before = previous.and_then(|p| p.tenant_by_id(&t.id).map(|i| p.tenant(i)));
-            let stats: Arc<TenantStats> = before.map(|b| b.stats.clone()).unwrap_or_default();
-            let limits = TenantLimits::build(&t.limits, before.map(|b| &b.limits), &stats);
+            // The tenant in the snapshot being replaced — or one a recent reload
+            // removed (`Retired`), so that removing a tenant and adding it back does
+            // not reset its quota counts and in-flight count.
+            let before = previous.and_then(|p| {
+                p.tenant_by_id(&t.id)
+                    .map(|i| {
+                        let b = p.tenant(i);
+                        (&b.stats, &b.limits)
+                    })
+                    .or_else(|| p.retired.get(t.id.as_str()).map(|r| (&r.stats, &r.limits)))
+            });
+            let stats: Arc<TenantStats> = before.map(|b| b.0.clone()).unwrap_or_default();
+            let limits = TenantLimits::build(&t.limits, before.map(|b| b.1), &stats);
             if before.is_none() {
                 quotas.restore(&t.id, &limits.usage);
             }
@@ -690,7 +750,9 @@ impl Snapshot {
             });
         }
 
+        let retired = previous.map_or_else(FastMap::default, |p| retire(p, &by_id));
         Ok(Snapshot {
+            retired,
             version: config.version.clone(),
             loaded_at: SystemTime::now(),
             tenancy: Tenancy {

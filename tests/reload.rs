@@ -951,3 +951,61 @@ async fn reload_benchmark() {
         );
     }
 }
+
+/// A tenant that one reload removes and the next adds back keeps its state: its quota
+/// count (not a fresh day's worth) and its in-flight count (not a second
+/// `max_in_flight` beside the requests still running), as when a reload leaves it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_removed_and_added_back_keeps_its_counts() {
+    let fast = Upstream::echo("fast").await;
+    let slow = Upstream::start("slow", Behavior::Slow(Duration::from_secs(8))).await;
+    let with_a = format!(
+        "[upstreams.fast]\ntargets = [\"{}\"]\n[upstreams.slow]\ntargets = [\"{}\"]\n\
+         [tenants.a]\nhosts = [\"a.example.com\"]\nupstream = \"fast\"\n\
+         [tenants.a.limits]\nrequests_per_day = 3\nmax_in_flight = 1\n\
+         [[tenants.a.routes]]\nprefix = \"/slow\"\nupstream = \"slow\"\n\
+         [tenants.b]\nhosts = [\"b.example.com\"]\nupstream = \"fast\"\n",
+        fast.addr, slow.addr
+    );
+    let without_a = format!(
+        "[upstreams.fast]\ntargets = [\"{}\"]\n[tenants.b]\nhosts = [\"b.example.com\"]\nupstream = \"fast\"\n",
+        fast.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = start_file(dir.path(), &with_a);
+    let h = [("host", "a.example.com")];
+    assert_eq!(get(gw.addr, "/", &h).await.status, 200);
+    // One request of a's in flight.
+    let addr = gw.addr;
+    let held = tokio::spawn(async move { get(addr, "/slow", &[("host", "a.example.com")]).await });
+    let start = Instant::now();
+    while slow.seen().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never reached its upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    for toml in [&without_a, &with_a] {
+        write(&path, toml);
+        let r = post_reload(gw.admin).await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    // Still one in flight: the limit of 1 holds.
+    assert_error(&get(gw.addr, "/", &h).await, 503, "too_many_in_flight");
+    assert_eq!(held.await.unwrap().status, 200);
+    // Two of the day's three were used before: one more, then the quota.
+    let start = Instant::now();
+    let mut r = get(gw.addr, "/", &h).await;
+    while r.status == 503 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = get(gw.addr, "/", &h).await;
+    }
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_error(&get(gw.addr, "/", &h).await, 429, "quota_exhausted");
+}
