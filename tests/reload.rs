@@ -9,73 +9,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead::server::Shared;
 use bulkhead::Config;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
 
-/// Two upstreams `blue` and `green`; tenant acme uses `acme_up`, globex the default.
-fn config(acme_up: &str, blue: &Upstream, green: &Upstream) -> String {
-    format!(
-        r#"
-[upstreams.blue]
-targets = ["{}"]
-[upstreams.green]
-targets = ["{}"]
-
-[defaults]
-upstream = "blue"
-
-[tenants.acme]
-hosts = ["acme.example.com"]
-upstream = "{acme_up}"
-
-[tenants.globex]
-hosts = ["globex.example.com"]
-"#,
-        blue.addr, green.addr
-    )
-}
-
-/// Writes `toml` (with test listeners) to `path` in place, as `echo > file` does.
-fn write(path: &Path, toml: &str) {
-    std::fs::write(path, with_test_listeners(toml)).unwrap();
-}
-
 /// Starts an in-process gateway on a real file, so that reloads have one to read.
 fn start_file(dir: &Path, toml: &str) -> (Gateway, PathBuf) {
     let path = dir.join("gateway.toml");
-    write(&path, toml);
+    write_config(&path, toml);
     (Gateway::start_at(&path), path)
-}
-
-fn shared(gw: &Gateway) -> Arc<Shared> {
-    gw.running.as_ref().unwrap().shared.clone()
-}
-
-/// Which upstream answered a request for `host`.
-async fn upstream_for(gw: SocketAddr, host: &str) -> String {
-    let r = get(gw, "/", &[("host", host)]).await;
-    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
-    r.json()["upstream"].as_str().unwrap().to_owned()
-}
-
-/// Polls until `host` is served by `want`; panics after `deadline`.
-async fn until_served_by(gw: SocketAddr, host: &str, want: &str, deadline: Duration) {
-    let start = Instant::now();
-    loop {
-        let got = upstream_for(gw, host).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "{host} still served by {got:?}, not {want:?}, after {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
@@ -116,13 +60,13 @@ async fn until_history(
 async fn editing_the_file_takes_effect_within_two_seconds() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
     let before = admin_get(gw.admin, "/config").await;
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 
     // Written in place (truncate, then write), as many tools do.
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(2)).await;
     assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
 
@@ -136,13 +80,17 @@ async fn editing_the_file_takes_effect_within_two_seconds() {
 
     // Saved the way editors do: a new file renamed over the old one.
     let tmp = dir.path().join(".gateway.toml.swp");
-    std::fs::write(&tmp, with_test_listeners(&config("blue", &blue, &green))).unwrap();
+    std::fs::write(
+        &tmp,
+        with_test_listeners(&blue_green_config("blue", &blue, &green)),
+    )
+    .unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(2)).await;
 
     // Touching the file or writing the same bytes applies nothing new.
     let entries = h.as_array().unwrap().len();
-    write(&path, &config("blue", &blue, &green));
+    write_config(&path, &blue_green_config("blue", &blue, &green));
     tokio::time::sleep(Duration::from_millis(600)).await;
     let h = admin_get(gw.admin, "/config/history").await;
     assert_eq!(h.as_array().unwrap().len(), entries + 1, "{h:#}");
@@ -156,9 +104,9 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     let d = dir.path();
     // The layout kubelet makes for a ConfigMap volume.
     std::fs::create_dir(d.join("..2024_01_01_00_00_00.1")).unwrap();
-    write(
+    write_config(
         &d.join("..2024_01_01_00_00_00.1/gateway.toml"),
-        &config("blue", &blue, &green),
+        &blue_green_config("blue", &blue, &green),
     );
     std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", d.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/gateway.toml", d.join("gateway.toml")).unwrap();
@@ -170,9 +118,9 @@ async fn a_configmap_symlink_swap_is_picked_up() {
         let new_dir = format!("..2024_01_01_00_00_00.{n}");
         let old_dir = format!("..2024_01_01_00_00_00.{}", n - 1);
         std::fs::create_dir(d.join(&new_dir)).unwrap();
-        write(
+        write_config(
             &d.join(&new_dir).join("gateway.toml"),
-            &config(up, &blue, &green),
+            &blue_green_config(up, &blue, &green),
         );
         std::os::unix::fs::symlink(&new_dir, d.join("..data_tmp")).unwrap();
         std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
@@ -185,7 +133,7 @@ async fn a_configmap_symlink_swap_is_picked_up() {
 async fn post_reload_applies_the_file_now() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let first = admin_get(gw.admin, "/config").await;
     assert_eq!(first["tenants"], 2);
     let loaded = first["loaded_at"].as_str().unwrap();
@@ -194,7 +142,7 @@ async fn post_reload_applies_the_file_now() {
     assert_eq!(v.len(), 12, "{v}");
 
     // No watcher here: nothing changes until asked.
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 
@@ -234,10 +182,10 @@ async fn post_reload_applies_the_file_now() {
 async fn sighup_reloads_and_logs_rejections_with_position() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     // Without the watcher, only the signal can have applied the change.
-    let bin = Process::start_with_args(&config("blue", &blue, &green), &["--no-watch"]);
+    let bin = Process::start_with_args(&blue_green_config("blue", &blue, &green), &["--no-watch"]);
     assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
 
-    write(&bin.path, &config("green", &blue, &green));
+    write_config(&bin.path, &blue_green_config("green", &blue, &green));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
     bin.signal("HUP");
@@ -252,11 +200,11 @@ async fn sighup_reloads_and_logs_rejections_with_position() {
         .await;
 
     // An invalid file: a warning with PATH:LINE:COL, and the old config keeps serving.
-    write(
+    write_config(
         &bin.path,
         &format!(
             "{}\n[tenants.acme.limits]\nburst = \"lots\"\n",
-            config("blue", &blue, &green)
+            blue_green_config("blue", &blue, &green)
         ),
     );
     bin.signal("HUP");
@@ -284,9 +232,9 @@ async fn sighup_reloads_and_logs_rejections_with_position() {
 async fn an_edit_made_before_the_watch_starts_is_applied_when_it_starts() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let before = admin_get(gw.admin, "/config").await["version"].clone();
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(2)).await;
@@ -299,10 +247,14 @@ async fn an_edit_made_before_the_watch_starts_is_applied_when_it_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_watches_its_config_file() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
-    let bin = Process::start(&config("blue", &blue, &green));
+    let bin = Process::start(&blue_green_config("blue", &blue, &green));
     assert_eq!(upstream_for(bin.addr, "acme.example.com").await, "blue");
     let tmp = bin.path.with_file_name("gateway.toml.new");
-    std::fs::write(&tmp, with_test_listeners(&config("green", &blue, &green))).unwrap();
+    std::fs::write(
+        &tmp,
+        with_test_listeners(&blue_green_config("green", &blue, &green)),
+    )
+    .unwrap();
     std::fs::rename(&tmp, &bin.path).unwrap();
     until_served_by(
         bin.addr,
@@ -321,14 +273,17 @@ async fn the_binary_watches_its_config_file() {
 async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let state = shared(&gw);
     let version = admin_get(gw.admin, "/config").await["version"].clone();
 
     // 1. Not TOML at all (and the good change in it must not leak through).
-    write(
+    write_config(
         &path,
-        &format!("{}\n[tenants.broken\n", config("green", &blue, &green)),
+        &format!(
+            "{}\n[tenants.broken\n",
+            blue_green_config("green", &blue, &green)
+        ),
     );
     let r = post_reload(gw.admin).await;
     assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
@@ -343,11 +298,11 @@ async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 
     // 2. Valid TOML, but a host that belongs to two tenants.
-    write(
+    write_config(
         &path,
         &format!(
             "{}\n[tenants.copycat]\nhosts = [\"ACME.example.com\"]\n",
-            config("green", &blue, &green)
+            blue_green_config("green", &blue, &green)
         ),
     );
     let r = post_reload(gw.admin).await;
@@ -406,10 +361,10 @@ async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
 async fn the_watcher_rejects_a_broken_file_and_recovers_when_it_is_fixed() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
-    write(&path, "[upstreams.blue]\ntargets = \"oops\n");
+    write_config(&path, "[upstreams.blue]\ntargets = \"oops\n");
     let h = until_history(gw.admin, Duration::from_secs(5), |e| {
         e["result"] == "failure"
     })
@@ -418,7 +373,7 @@ async fn the_watcher_rejects_a_broken_file_and_recovers_when_it_is_fixed() {
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
     assert_eq!(shared(&gw).reload.failed(), 1);
 
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(2)).await;
     assert_eq!(
         shared(&gw).reload.failed(),
@@ -431,12 +386,12 @@ async fn the_watcher_rejects_a_broken_file_and_recovers_when_it_is_fixed() {
 async fn listener_changes_are_rejected_as_needing_a_restart() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     std::fs::write(
         &path,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 3\n{}",
-            config("green", &blue, &green)
+            blue_green_config("green", &blue, &green)
         ),
     )
     .unwrap();
@@ -458,11 +413,11 @@ async fn listener_changes_are_rejected_as_needing_a_restart() {
 async fn max_header_bytes_may_grow_only_within_the_running_listener() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let with_limit = |limit: &str| {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 2\nmax_header_bytes = \"{limit}\"\n{}",
-            config("green", &blue, &green)
+            blue_green_config("green", &blue, &green)
         )
     };
     // 64 KiB would need hyper's limit (fixed at start: 64 KiB) to grow.
@@ -498,7 +453,7 @@ async fn reloading_under_load_fails_no_request_and_closes_no_connection() {
     const MIN_REQUESTS: u64 = 5_000;
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
 
     let done = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
@@ -548,7 +503,7 @@ async fn reloading_under_load_fails_no_request_and_closes_no_connection() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let up = if i % 2 == 0 { "green" } else { "blue" };
-        write(&path, &config(up, &blue, &green));
+        write_config(&path, &blue_green_config(up, &blue, &green));
         let r = post_reload(gw.admin).await;
         assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     }
@@ -646,7 +601,7 @@ upstream = "{b_up}"
         "too_many_in_flight",
     );
 
-    write(&path, &toml("green"));
+    write_config(&path, &toml("green"));
     let r = post_reload(gw.admin).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(upstream_for(gw.addr, "b.example.com").await, "green");
@@ -694,7 +649,10 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
     let with_audit = |body: &str| format!("[server]\naudit_log = \"audit.jsonl\"\n{body}");
-    let (gw, path) = start_file(dir.path(), &with_audit(&config("blue", &blue, &green)));
+    let (gw, path) = start_file(
+        dir.path(),
+        &with_audit(&blue_green_config("blue", &blue, &green)),
+    );
     let audit_path = dir.path().join("audit.jsonl");
     let audit = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&audit_path)
@@ -720,7 +678,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     assert!(String::from_utf8_lossy(&metrics.body).contains("tenant=\"globex\""));
 
     // acme: new upstream and burst; globex removed; initech added.
-    let changed = config("green", &blue, &green)
+    let changed = blue_green_config("green", &blue, &green)
         .replace(
             "[tenants.globex]\nhosts = [\"globex.example.com\"]\n",
             "[tenants.initech]\nhosts = [\"initech.example.com\"]\n",
@@ -729,7 +687,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
             "upstream = \"green\"\n",
             "upstream = \"green\"\nlimits = { burst = 5 }\n",
         );
-    write(&path, &with_audit(&changed));
+    write_config(&path, &with_audit(&changed));
     let r = post_reload(gw.admin).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     let v1 = r.json()["version"].clone();
@@ -757,9 +715,9 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     humantime::parse_rfc3339(e["time"].as_str().unwrap()).unwrap();
 
     // A rejected file and an unchanged one add history, not audit lines.
-    write(&path, "[tenants.x\n");
+    write_config(&path, "[tenants.x\n");
     assert_eq!(post_reload(gw.admin).await.status, 422);
-    write(&path, &with_audit(&changed));
+    write_config(&path, &with_audit(&changed));
     assert_eq!(post_reload(gw.admin).await.status, 200);
     let lines = audit();
     assert_eq!(lines.len(), 2, "{lines:#?}");
@@ -786,10 +744,10 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
 async fn history_keeps_the_last_fifty_attempts() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &config("blue", &blue, &green));
+    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     for i in 0..55 {
         let up = if i % 2 == 0 { "green" } else { "blue" };
-        write(&path, &config(up, &blue, &green));
+        write_config(&path, &blue_green_config(up, &blue, &green));
         assert_eq!(post_reload(gw.admin).await.status, 200);
     }
     let h = admin_get(gw.admin, "/config/history").await;
@@ -988,7 +946,7 @@ async fn a_tenant_removed_and_added_back_keeps_its_counts() {
     }
 
     for toml in [&without_a, &with_a] {
-        write(&path, toml);
+        write_config(&path, toml);
         let r = post_reload(gw.admin).await;
         assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     }

@@ -8,69 +8,9 @@ mod support;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead::server::Shared;
 use support::*;
-
-/// Two upstreams `blue` and `green`; tenant acme uses `acme_up`, globex the default.
-fn config(acme_up: &str, blue: &Upstream, green: &Upstream) -> String {
-    format!(
-        r#"
-[upstreams.blue]
-targets = ["{}"]
-[upstreams.green]
-targets = ["{}"]
-
-[defaults]
-upstream = "blue"
-
-[tenants.acme]
-hosts = ["acme.example.com"]
-upstream = "{acme_up}"
-
-[tenants.globex]
-hosts = ["globex.example.com"]
-"#,
-        blue.addr, green.addr
-    )
-}
-
-/// Writes `toml` (with test listeners) to `path` in place, as `echo > file` does.
-fn write(path: &Path, toml: &str) {
-    std::fs::write(path, with_test_listeners(toml)).unwrap();
-}
-
-fn shared(gw: &Gateway) -> Arc<Shared> {
-    gw.running.as_ref().unwrap().shared.clone()
-}
-
-/// Which upstream answered a request for `host` (the status, when not 200).
-async fn upstream_for(gw: SocketAddr, host: &str) -> String {
-    let r = get(gw, "/", &[("host", host)]).await;
-    if r.status != 200 {
-        return format!("status {}", r.status);
-    }
-    r.json()["upstream"].as_str().unwrap().to_owned()
-}
-
-/// Polls until `host` is served by `want`; panics after `deadline`.
-async fn until_served_by(gw: SocketAddr, host: &str, want: &str, deadline: Duration) {
-    let start = Instant::now();
-    loop {
-        let got = upstream_for(gw, host).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "{host} still served by {got:?}, not {want:?}, after {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn history(admin: SocketAddr) -> Vec<serde_json::Value> {
     let r = get(admin, "/config/history", &[]).await;
@@ -110,13 +50,13 @@ async fn a_capistrano_current_symlink_swap_is_followed() {
     for n in [1, 2] {
         std::fs::create_dir_all(d.join(format!("releases/{n}"))).unwrap();
     }
-    write(
+    write_config(
         &d.join("releases/1/gateway.toml"),
-        &config("blue", &blue, &green),
+        &blue_green_config("blue", &blue, &green),
     );
-    write(
+    write_config(
         &d.join("releases/2/gateway.toml"),
-        &config("green", &blue, &green),
+        &blue_green_config("green", &blue, &green),
     );
     symlink("releases/1", d.join("current")).unwrap();
     let gw = Gateway::start_at(&d.join("current/gateway.toml"));
@@ -130,13 +70,13 @@ async fn a_capistrano_current_symlink_swap_is_followed() {
 
     // The old release is no longer the config: editing it changes nothing, while an
     // edit to the new one is applied.
-    write(
+    write_config(
         &d.join("releases/1/gateway.toml"),
-        &config("green", &blue, &blue),
+        &blue_green_config("green", &blue, &blue),
     );
-    write(
+    write_config(
         &d.join("releases/2/gateway.toml"),
-        &config("blue", &blue, &green),
+        &blue_green_config("blue", &blue, &green),
     );
     until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(5)).await;
     assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
@@ -152,7 +92,7 @@ async fn a_replaced_config_directory_stays_watched() {
     let conf = dir.path().join("conf");
     std::fs::create_dir(&conf).unwrap();
     let path = conf.join("gateway.toml");
-    write(&path, &config("blue", &blue, &green));
+    write_config(&path, &blue_green_config("blue", &blue, &green));
     let gw = Gateway::start_at(&path);
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
@@ -161,19 +101,19 @@ async fn a_replaced_config_directory_stays_watched() {
         let old = dir.path().join(format!("conf.old{round}"));
         std::fs::rename(&conf, &old).unwrap();
         std::fs::create_dir(&conf).unwrap();
-        write(&path, &config(up, &blue, &green));
+        write_config(&path, &blue_green_config(up, &blue, &green));
         std::fs::remove_dir_all(&old).unwrap();
         until_served_by(gw.addr, "acme.example.com", up, Duration::from_secs(5)).await;
     }
     // And a later edit in the new directory is still seen.
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
 
     // Removed and made again later, not at once.
     std::fs::remove_dir_all(&conf).unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     std::fs::create_dir(&conf).unwrap();
-    write(&path, &config("blue", &blue, &green));
+    write_config(&path, &blue_green_config("blue", &blue, &green));
     until_served_by(gw.addr, "acme.example.com", "blue", Duration::from_secs(5)).await;
     assert_eq!(shared(&gw).reload.failed(), 0);
 }
@@ -183,11 +123,14 @@ async fn a_replaced_config_directory_stays_watched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configmap_swap_under_the_binary_logs_no_warning() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
-    let bin = Process::start(&config("blue", &blue, &green));
+    let bin = Process::start(&blue_green_config("blue", &blue, &green));
     let d = bin.path.parent().unwrap().to_owned();
     // Turn the started-on file into the layout kubelet makes, atomically.
     std::fs::create_dir(d.join("..v1")).unwrap();
-    write(&d.join("..v1/gateway.toml"), &config("blue", &blue, &green));
+    write_config(
+        &d.join("..v1/gateway.toml"),
+        &blue_green_config("blue", &blue, &green),
+    );
     symlink("..v1", d.join("..data")).unwrap();
     symlink("..data/gateway.toml", d.join("gateway.toml.tmp")).unwrap();
     std::fs::rename(d.join("gateway.toml.tmp"), &bin.path).unwrap();
@@ -195,9 +138,9 @@ async fn a_configmap_swap_under_the_binary_logs_no_warning() {
     for (n, up) in [(2, "green"), (3, "blue")] {
         let (new, old) = (format!("..v{n}"), format!("..v{}", n - 1));
         std::fs::create_dir(d.join(&new)).unwrap();
-        write(
+        write_config(
             &d.join(&new).join("gateway.toml"),
-            &config(up, &blue, &green),
+            &blue_green_config(up, &blue, &green),
         );
         symlink(&new, d.join("..data_tmp")).unwrap();
         std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
@@ -205,9 +148,9 @@ async fn a_configmap_swap_under_the_binary_logs_no_warning() {
         until_served_by(bin.addr, "acme.example.com", up, Duration::from_secs(5)).await;
     }
     // A last edit, so that whatever the swaps logged is in by the time it is seen.
-    write(
+    write_config(
         &d.join("..v3/gateway.toml"),
-        &config("green", &blue, &green),
+        &blue_green_config("green", &blue, &green),
     );
     until_served_by(
         bin.addr,
@@ -230,15 +173,15 @@ async fn a_file_written_in_place_is_applied_once_closed_not_half_written() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    write(&path, &config("blue", &blue, &green));
+    write_config(&path, &blue_green_config("blue", &blue, &green));
     let gw = Gateway::start_at(&path);
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
     // First a whole edit, so that the watcher is past its first read.
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
 
-    let full = with_test_listeners(&config("blue", &blue, &green));
+    let full = with_test_listeners(&blue_green_config("blue", &blue, &green));
     let cut = full.find("[tenants.acme]").unwrap();
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&full.as_bytes()[..cut]).unwrap();
@@ -263,7 +206,7 @@ async fn a_file_written_in_place_is_applied_once_closed_not_half_written() {
         .truncate(true)
         .open(&path)
         .unwrap();
-    f.write_all(with_test_listeners(&config("green", &blue, &green)).as_bytes())
+    f.write_all(with_test_listeners(&blue_green_config("green", &blue, &green)).as_bytes())
         .unwrap();
     f.flush().unwrap();
     until_served_by(
@@ -281,11 +224,11 @@ async fn a_file_written_in_place_is_applied_once_closed_not_half_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_removes_every_tenant_is_applied_with_a_warning() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
-    let bin = Process::start(&config("blue", &blue, &green));
-    let empty = config("blue", &blue, &green);
+    let bin = Process::start(&blue_green_config("blue", &blue, &green));
+    let empty = blue_green_config("blue", &blue, &green);
     let empty = &empty[..empty.find("[tenants.acme]").unwrap()];
     let tmp = bin.path.with_file_name("gateway.toml.new");
-    write(&tmp, empty);
+    write_config(&tmp, empty);
     std::fs::rename(&tmp, &bin.path).unwrap();
     let line = bin.log_line(&["WARN", "no tenants"]).await;
     assert!(line.contains("removed=2"), "{line}");
@@ -303,13 +246,13 @@ async fn an_unreadable_file_is_a_failed_reload() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    write(&path, &config("blue", &blue, &green));
+    write_config(&path, &blue_green_config("blue", &blue, &green));
     let gw = Gateway::start_at(&path);
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
     // Not UTF-8: a Latin-1 'é' in a comment on line 3, after "# caf".
     let mut bytes = b"[server]\nworkers = 2\n# caf\xe9\n".to_vec();
-    bytes.extend_from_slice(config("green", &blue, &green).as_bytes());
+    bytes.extend_from_slice(blue_green_config("green", &blue, &green).as_bytes());
     std::fs::write(&path, &bytes).unwrap();
     let h = until_history(gw.admin, |e| e["result"] == "failure").await;
     let err = h[0]["error"].as_str().unwrap();
@@ -341,7 +284,7 @@ async fn an_unreadable_file_is_a_failed_reload() {
     assert_eq!(shared(&gw).reload.failed(), 2);
 
     std::fs::remove_dir(&path).unwrap();
-    write(&path, &config("green", &blue, &green));
+    write_config(&path, &blue_green_config("green", &blue, &green));
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
     assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
 }

@@ -376,6 +376,67 @@ impl Drop for Gateway {
     }
 }
 
+// ---- reload and watcher tests (tests/reload.rs, tests/watch.rs) ----
+
+/// Two upstreams `blue` and `green`; tenant acme uses `acme_up`, globex the default.
+pub fn blue_green_config(acme_up: &str, blue: &Upstream, green: &Upstream) -> String {
+    format!(
+        r#"
+[upstreams.blue]
+targets = ["{}"]
+[upstreams.green]
+targets = ["{}"]
+
+[defaults]
+upstream = "blue"
+
+[tenants.acme]
+hosts = ["acme.example.com"]
+upstream = "{acme_up}"
+
+[tenants.globex]
+hosts = ["globex.example.com"]
+"#,
+        blue.addr, green.addr
+    )
+}
+
+/// Writes `toml` (with test listeners) to `path` in place, as `echo > file` does.
+pub fn write_config(path: &Path, toml: &str) {
+    std::fs::write(path, with_test_listeners(toml)).unwrap();
+}
+
+/// The state an in-process gateway shares with its reload and watcher.
+pub fn shared(gw: &Gateway) -> Arc<bulkhead::server::Shared> {
+    gw.running.as_ref().unwrap().shared.clone()
+}
+
+/// Which upstream answered a request for `host`; for any status but 200, the status
+/// and body, so a comparison with an upstream's name fails saying what came instead.
+pub async fn upstream_for(gw: SocketAddr, host: &str) -> String {
+    let r = get(gw, "/", &[("host", host)]).await;
+    if r.status != 200 {
+        return format!("status {}: {}", r.status, String::from_utf8_lossy(&r.body));
+    }
+    r.json()["upstream"].as_str().unwrap().to_owned()
+}
+
+/// Polls until `host` is served by `want`; panics after `deadline`.
+pub async fn until_served_by(gw: SocketAddr, host: &str, want: &str, deadline: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let got = upstream_for(gw, host).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{host} still served by {got:?}, not {want:?}, after {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Adds `[server]` listen addresses on port 0 unless the TOML sets them.
 pub fn with_test_listeners(toml: &str) -> String {
     if toml.contains("[server]") {
