@@ -532,7 +532,7 @@ async fn a_rate_change_on_reload_keeps_what_was_left_of_the_burst() {
     let reload = |flood: String, spare: String| {
         let path = path.clone();
         async move {
-            std::fs::write(&path, toml(&flood, &spare)).unwrap();
+            write_config(&path, &toml(&flood, &spare));
             let r = send(gw.admin, "POST", "/reload", &[], bytes::Bytes::new()).await;
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         }

@@ -4,7 +4,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,13 +13,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use support::*;
-
-/// Starts an in-process gateway on a real file, so that reloads have one to read.
-fn start_file(dir: &Path, toml: &str) -> (Gateway, PathBuf) {
-    let path = dir.join("gateway.toml");
-    write_config(&path, toml);
-    (Gateway::start_at(&path), path)
-}
 
 async fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
     let r = get(admin, path, &[]).await;
@@ -60,7 +52,7 @@ async fn until_history(
 async fn editing_the_file_takes_effect_within_two_seconds() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
     let before = admin_get(gw.admin, "/config").await;
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
@@ -133,7 +125,7 @@ async fn a_configmap_symlink_swap_is_picked_up() {
 async fn post_reload_applies_the_file_now() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let first = admin_get(gw.admin, "/config").await;
     assert_eq!(first["tenants"], 2);
     let loaded = first["loaded_at"].as_str().unwrap();
@@ -232,7 +224,7 @@ async fn sighup_reloads_and_logs_rejections_with_position() {
 async fn an_edit_made_before_the_watch_starts_is_applied_when_it_starts() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let before = admin_get(gw.admin, "/config").await["version"].clone();
     write_config(&path, &blue_green_config("green", &blue, &green));
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
@@ -273,7 +265,7 @@ async fn the_binary_watches_its_config_file() {
 async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let state = shared(&gw);
     let version = admin_get(gw.admin, "/config").await["version"].clone();
 
@@ -361,7 +353,7 @@ async fn invalid_toml_then_a_duplicate_host_are_both_rejected() {
 async fn the_watcher_rejects_a_broken_file_and_recovers_when_it_is_fixed() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
     write_config(&path, "[upstreams.blue]\ntargets = \"oops\n");
@@ -386,7 +378,7 @@ async fn the_watcher_rejects_a_broken_file_and_recovers_when_it_is_fixed() {
 async fn listener_changes_are_rejected_as_needing_a_restart() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     std::fs::write(
         &path,
         format!(
@@ -413,7 +405,7 @@ async fn listener_changes_are_rejected_as_needing_a_restart() {
 async fn max_header_bytes_may_grow_only_within_the_running_listener() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let with_limit = |limit: &str| {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 2\nmax_header_bytes = \"{limit}\"\n{}",
@@ -453,7 +445,7 @@ async fn reloading_under_load_fails_no_request_and_closes_no_connection() {
     const MIN_REQUESTS: u64 = 5_000;
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
 
     let done = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
@@ -566,7 +558,7 @@ upstream = "{b_up}"
         )
     };
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &toml("blue"));
+    let (gw, path) = Gateway::start_file(dir.path(), &toml("blue"));
 
     // Tenant a spends its burst; tenant held has one request in flight.
     for _ in 0..2 {
@@ -649,7 +641,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
     let with_audit = |body: &str| format!("[server]\naudit_log = \"audit.jsonl\"\n{body}");
-    let (gw, path) = start_file(
+    let (gw, path) = Gateway::start_file(
         dir.path(),
         &with_audit(&blue_green_config("blue", &blue, &green)),
     );
@@ -744,7 +736,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
 async fn history_keeps_the_last_fifty_attempts() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     for i in 0..55 {
         let up = if i % 2 == 0 { "green" } else { "blue" };
         write_config(&path, &blue_green_config(up, &blue, &green));
@@ -930,7 +922,7 @@ async fn a_tenant_removed_and_added_back_keeps_its_counts() {
         fast.addr
     );
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = start_file(dir.path(), &with_a);
+    let (gw, path) = Gateway::start_file(dir.path(), &with_a);
     let h = [("host", "a.example.com")];
     assert_eq!(get(gw.addr, "/", &h).await.status, 200);
     // One request of a's in flight.

@@ -172,9 +172,7 @@ async fn a_configmap_swap_under_the_binary_logs_no_warning() {
 async fn a_file_written_in_place_is_applied_once_closed_not_half_written() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    write_config(&path, &blue_green_config("blue", &blue, &green));
-    let gw = Gateway::start_at(&path);
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
     // First a whole edit, so that the watcher is past its first read.
@@ -245,9 +243,7 @@ async fn a_reload_that_removes_every_tenant_is_applied_with_a_warning() {
 async fn an_unreadable_file_is_a_failed_reload() {
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    write_config(&path, &blue_green_config("blue", &blue, &green));
-    let gw = Gateway::start_at(&path);
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
     let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
 
     // Not UTF-8: a Latin-1 'é' in a comment on line 3, after "# caf".

@@ -339,10 +339,11 @@ impl Gateway {
         Gateway::run(config)
     }
 
-    /// Writes `toml` to `dir/gateway.toml` and starts a gateway from it.
+    /// Writes `toml` (with test listeners, `write_config`) to `dir/gateway.toml` and
+    /// starts a gateway from it, so that reloads have a real file to read.
     pub fn start_file(dir: &Path, toml: &str) -> (Gateway, std::path::PathBuf) {
         let path = dir.join("gateway.toml");
-        std::fs::write(&path, toml).unwrap();
+        write_config(&path, toml);
         (Gateway::start_at(&path), path)
     }
 
