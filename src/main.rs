@@ -189,12 +189,7 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::error!("cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    let nofile = bulkhead::server::raise_nofile();
-    tracing::info!(
-        nofile,
-        max_connections = bulkhead::server::connection_limit(config.max_connections, nofile),
-        "file descriptors"
-    );
+    bulkhead::server::raise_nofile();
     let gateway = match RunningGateway::start(config) {
         Ok(g) => g,
         Err(e) => {

@@ -71,7 +71,10 @@ impl RunningGateway {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let per_worker = connection_limit(config.max_connections, nofile()).div_ceil(workers_n);
+        let nofile = nofile();
+        let max_connections = connection_limit(config.max_connections, nofile);
+        tracing::info!(nofile, max_connections, "file descriptors");
+        let per_worker = max_connections.div_ceil(workers_n);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
@@ -247,8 +250,8 @@ fn nofile() -> u64 {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, as nginx's
 /// `worker_rlimit_nofile` and Go's runtime do: a service manager's default soft limit
 /// (1,024 under systemd) would otherwise cap a gateway at about a thousand clients.
-/// Returns the limit now in force.
-pub fn raise_nofile() -> u64 {
+/// `RunningGateway::start` then logs the limit and the connections it allows.
+pub fn raise_nofile() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut l = getrlimit(Resource::Nofile);
     if l.current != l.maximum {
@@ -257,7 +260,6 @@ pub fn raise_nofile() -> u64 {
             tracing::debug!(error = %e, "cannot raise RLIMIT_NOFILE");
         }
     }
-    nofile()
 }
 
 /// Open client connections allowed in all (`server.max_connections`; 0: from the
