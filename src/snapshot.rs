@@ -324,7 +324,7 @@ impl Tenant {
 /// [`RETIRED_FOR`] (and for as long as requests of it are still in flight) so that a
 /// reload that adds it back carries them over — its quota counts are not reset, nor its
 /// in-flight count (which would let twice its `max_in_flight` run).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Retired {
     pub stats: Arc<TenantStats>,
     pub limits: TenantLimits,
@@ -355,14 +355,7 @@ fn retire(previous: &Snapshot, by_id: &FastMap<Box<str>, TenantIdx>) -> FastMap<
     for (id, r) in &previous.retired {
         let live = now.duration_since(r.since) < RETIRED_FOR || r.stats.in_flight() > 0;
         if live && !by_id.contains_key(id) && !out.contains_key(id) {
-            out.insert(
-                id.clone(),
-                Retired {
-                    stats: r.stats.clone(),
-                    limits: r.limits.clone(),
-                    since: r.since,
-                },
-            );
+            out.insert(id.clone(), r.clone());
         }
     }
     out
