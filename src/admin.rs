@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::TcpListener as StdListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -43,7 +43,10 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.header_read_timeout);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let (mut full_warned, mut accept_warned) = (Quiet::default(), Quiet::default());
+    let (mut full_warned, mut accept_warned) = (
+        crate::server::Quiet::default(),
+        crate::server::Quiet::default(),
+    );
     loop {
         let slot = match slots.clone().try_acquire_owned() {
             Ok(s) => s,
@@ -87,26 +90,6 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
             let _ = conn.await;
             drop(slot);
         });
-    }
-}
-
-/// Rate-limits a warning that could otherwise fill the log: due at most once every
-/// ten seconds.
-#[derive(Default)]
-struct Quiet {
-    last: Option<Instant>,
-}
-
-impl Quiet {
-    fn due(&mut self) -> bool {
-        let now = Instant::now();
-        let due = self
-            .last
-            .is_none_or(|l| now.duration_since(l) >= Duration::from_secs(10));
-        if due {
-            self.last = Some(now);
-        }
-        due
     }
 }
 

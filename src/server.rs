@@ -229,6 +229,26 @@ fn cut_off(rt: tokio::runtime::Runtime) {
     }
 }
 
+/// Rate-limits a warning that could otherwise fill the log (a flood of connections
+/// at a limit, accept failing on EMFILE): due at most once every ten seconds.
+#[derive(Default)]
+pub(crate) struct Quiet {
+    last: Option<std::time::Instant>,
+}
+
+impl Quiet {
+    pub(crate) fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let due = self
+            .last
+            .is_none_or(|l| now.duration_since(l) >= Duration::from_secs(10));
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
 /// Counts a worker's open connections so draining can wait for them, and so the
 /// worker stops accepting at its `limit`.
 #[derive(Default)]
@@ -402,8 +422,7 @@ async fn worker(
         limit: max_connections.max(1),
         ..Tracker::default()
     });
-    let mut full_warned: Option<std::time::Instant> = None;
-    let mut failed_warned: Option<std::time::Instant> = None;
+    let (mut full_warned, mut failed_warned) = (Quiet::default(), Quiet::default());
     // Idle upstream connections are let go of on time even when nothing uses their
     // target any more (it went quiet, or a reload removed it).
     let client = ctx.client.clone();
@@ -446,12 +465,11 @@ async fn worker(
             // in the listen queue (another worker may take them) until one of this
             // worker's closes, instead of being accepted into EMFILE, where upstream
             // connections and the admin listener would fail too.
-            if full_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            if full_warned.due() {
                 tracing::warn!(
                     limit = tracker.limit,
                     "connection limit reached (server.max_connections); new connections wait"
                 );
-                full_warned = Some(std::time::Instant::now());
             }
             tokio::select! {
                 _ = tracker.freed.notified() => continue,
@@ -496,9 +514,8 @@ async fn worker(
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, and say so at most
                 // every 10 s (a flood of connections would write the log full).
-                if failed_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                if failed_warned.due() {
                     tracing::warn!(error = %e, "accept failed");
-                    failed_warned = Some(std::time::Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
