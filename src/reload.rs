@@ -256,13 +256,19 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
     let new = match Config::parse(&path, &text) {
         Ok(c) => c,
         Err(e) => {
-            return Some(Err(reject(
-                state,
-                &mut inner,
-                trigger,
-                Some(version),
-                e.to_string(),
-            )));
+            let msg = e.to_string();
+            // The certificate files the text names are read by the parse, so the same
+            // text may fail otherwise, or pass, when they change: the same rejection
+            // is the same text with the same error. (With certificates in force every
+            // event in the directory comes here; reporting it again at each one made
+            // a loop with the gateway's own log in the directory.)
+            let key = format!("{version} {msg}");
+            if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
+                return None;
+            }
+            let msg = reject(state, &mut inner, trigger, Some(version), msg);
+            inner.last_rejected = Some(key);
+            return Some(Err(msg));
         }
     };
     // A config that reads certificate files has a version that covers their bytes too.

@@ -284,3 +284,63 @@ async fn an_unreadable_file_is_a_failed_reload() {
     until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
     assert_eq!(upstream_for(gw.addr, "globex.example.com").await, "blue");
 }
+
+/// With certificate files in force the watcher cannot tell from the text alone that
+/// nothing changed, so it parses again on every event in the directory: a rejected
+/// file is still reported once, not at every write beside it (the gateway's own log
+/// in the directory made that a loop of ~5 failures a second). A certificate fixed
+/// under an unchanged text is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_file_beside_certificates_is_reported_once() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = support::pki::Ca::new(d, "ca");
+    ca.server("default", &["gateway.test"], 1);
+    let good = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         tls_listen = \"127.0.0.1:0\"\nworkers = 2\n\
+         [server.tls]\ndefault_cert = \"default.pem\"\ndefault_key = \"default.key\"\n{}",
+        blue_green_config("blue", &blue, &green)
+    );
+    let (gw, path) = Gateway::start_file(d, &good);
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+    let failed = || shared(&gw).reload.failed();
+    // Writes beside the config, as a log file in the directory gets them.
+    let write_beside = || async {
+        for i in 0..3 {
+            std::fs::write(d.join("gateway.log"), format!("line {i}\n")).unwrap();
+            tokio::time::sleep(bulkhead::watch::DEBOUNCE * 2).await;
+        }
+    };
+
+    write_config(&path, &format!("{good}\n[tenants.BAD]\nhosts = [\"x\"]\n"));
+    until_history(gw.admin, |e| e["result"] == "failure").await;
+    assert_eq!(failed(), 1);
+    write_beside().await;
+    assert_eq!(failed(), 1, "the same rejected file was reported again");
+
+    // The text is good again but its certificate is broken: a new error, once.
+    support::pki::write_atomic(&d.join("default.pem"), b"not a certificate");
+    write_config(&path, &good.replace("\"blue\"", "\"green\""));
+    let h = until_history(gw.admin, |e| {
+        e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("default.pem"))
+    })
+    .await;
+    assert_eq!(h[0]["result"], "failure");
+    assert_eq!(failed(), 2);
+    write_beside().await;
+    assert_eq!(
+        failed(),
+        2,
+        "the same broken certificate was reported again"
+    );
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+
+    // The certificate fixed, the text unchanged: applied.
+    ca.server("default", &["gateway.test"], 2);
+    until_served_by(gw.addr, "acme.example.com", "green", Duration::from_secs(5)).await;
+    assert_eq!(failed(), 2);
+}
