@@ -150,6 +150,11 @@ pub async fn handle(
 /// on HTTP/2, reset its stream) before the response was over.
 pub const CLIENT_CLOSED: &str = "client_closed";
 
+/// The access log's `reason` for a response the upstream broke after its head was
+/// sent (closed early, reset, garbage in its framing): the error code of the 502 it
+/// would have been before the head.
+pub const UPSTREAM_BROKE: &str = "upstream_error";
+
 /// The access log's `reason` for a request cut off unanswered because
 /// `shutdown_grace` ran out (logged with status 503).
 pub const SHUTDOWN: &str = "shutdown";

@@ -9,6 +9,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -599,4 +600,103 @@ async fn counting_h1_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
     })
     .await;
     (addr, rx)
+}
+
+/// How an upstream breaks a response after its head.
+#[derive(Clone, Copy, Debug)]
+enum Break {
+    /// Closes with 990 of the 1,000 promised bytes missing.
+    Close,
+    /// Resets the connection (RST) mid-body.
+    Reset,
+    /// Sends a chunk-size line that is no number.
+    Garbage,
+}
+
+/// An upstream that sends a head and 10 body bytes, waits for `go`, then breaks the
+/// response as told.
+async fn breaking_upstream(how: Break, go: Arc<tokio::sync::Notify>) -> SocketAddr {
+    let (addr, _) = h1_upstream(move |mut s| {
+        let go = go.clone();
+        async move {
+            let head: &[u8] = match how {
+                Break::Garbage => {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\na\r\n0123456789\r\n"
+                }
+                _ => b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789",
+            };
+            let _ = s.write_all(head).await;
+            go.notified().await;
+            match how {
+                Break::Close => {}
+                Break::Reset => {
+                    let _ = s.set_zero_linger();
+                }
+                Break::Garbage => {
+                    let _ = s.write_all(b"zz\r\n").await;
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    addr
+}
+
+/// A response the upstream breaks after its head (closed early, reset, garbage in
+/// the chunked framing) is cut off, and says so: the access log's reason is
+/// `upstream_error` and `upstream_errors_total` counts it by kind, as a stall is
+/// counted as a timeout. Before, its line read like a complete 200 and no metric
+/// moved.
+#[tokio::test]
+async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_on_the_fast_path() {
+    for (how, kind) in [
+        (Break::Close, "reset"),
+        (Break::Reset, "reset"),
+        (Break::Garbage, "protocol"),
+    ] {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let up = breaking_upstream(how, go.clone()).await;
+        let gw = Process::start(&format!(
+            "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{up}\"]\n\
+             [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+        ));
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: t.com\r\nx-request-id: cut-1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        loop {
+            match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
+                Err(_) => panic!("{how:?}: the response was never cut off"),
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            }
+            if !told && (got.ends_with(b"0123456789") || got.ends_with(b"0123456789\r\n")) {
+                told = true;
+                go.notify_one();
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{how:?}: {text}");
+        let line = gw.log_line(&["access:", "cut-1"]).await;
+        assert!(line.contains("status=200"), "{how:?}: {line}");
+        assert!(
+            line.contains("reason=\"upstream_error\""),
+            "{how:?}: {line}"
+        );
+        let metrics =
+            String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
+        let key = format!(
+            "bulkhead_upstream_errors_total{{tenant=\"t\",upstream=\"u\",kind=\"{kind}\"}} 1"
+        );
+        assert!(metrics.contains(&key), "{how:?}: no {key} in\n{metrics}");
+    }
 }

@@ -20,7 +20,7 @@ use super::wire::{self, Chunked, Extra, Framing, Response};
 use crate::body::Finish;
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::limits::{HeadDue, Upload};
-use crate::metrics::TenantStats;
+use crate::metrics::{TenantStats, UpstreamKind};
 use crate::upstream::{
     connect_tcp, drop_expired, Failover, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT,
 };
@@ -699,7 +699,7 @@ impl Stall {
             log.reason = Some(self.reason());
         }
         if let (Stall::Upstream, Some(stats)) = (self, &f.stats) {
-            stats.record_upstream_failure(upstream, crate::metrics::UpstreamKind::Timeout);
+            stats.record_upstream_failure(upstream, UpstreamKind::Timeout);
         }
     }
 }
@@ -771,6 +771,30 @@ where
             f.bytes_out += n;
         }
     }
+    // A response cut off after its head, by the upstream (`Some(kind)`: counted in
+    // `upstream_errors_total`) or by the client, with the `n` bytes counted for the
+    // write that failed taken back; both leave their reason in the access log.
+    let upstream_broke = |finish: &mut Option<Finish>, kind: UpstreamKind| {
+        tracing::debug!(%upstream, ?kind, "the upstream broke a response after its head");
+        if let Some(f) = finish {
+            if let Some(log) = &mut f.log {
+                log.reason = Some(crate::proxy::UPSTREAM_BROKE);
+            }
+            if let Some(stats) = &f.stats {
+                stats.record_upstream_failure(upstream, kind);
+            }
+        }
+        Failure::Late
+    };
+    fn client_broke(finish: &mut Option<Finish>, n: u64) -> Failure {
+        if let Some(f) = finish {
+            f.bytes_out = f.bytes_out.saturating_sub(n);
+            if let Some(log) = &mut f.log {
+                log.reason = Some(crate::proxy::CLIENT_CLOSED);
+            }
+        }
+        Failure::Late
+    }
     // One step of the body — a write to the client, a read from the upstream —
     // bounded by `server.body_idle_timeout`.
     macro_rules! step {
@@ -801,11 +825,12 @@ where
             if rest == 0 {
                 finish.take();
             }
-            step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
+            step!(Stall::Client, client.write_all(&out))
+                .map_err(|_| client_broke(finish, n as u64))?;
             while rest > 0 {
                 rbuf.reserve(STREAM_READ);
                 match step!(Stall::Upstream, up.read_buf(rbuf)) {
-                    Ok(0) | Err(_) => return Err(Failure::Late),
+                    Ok(0) | Err(_) => return Err(upstream_broke(finish, UpstreamKind::Reset)),
                     Ok(_) => {}
                 }
                 let n = usize::try_from(rest).unwrap_or(usize::MAX).min(rbuf.len());
@@ -814,14 +839,17 @@ where
                 if rest == 0 {
                     finish.take();
                 }
-                step!(Stall::Client, client.write_all(&rbuf[..n])).map_err(|_| Failure::Late)?;
+                step!(Stall::Client, client.write_all(&rbuf[..n]))
+                    .map_err(|_| client_broke(finish, n as u64))?;
                 rbuf.advance(n);
             }
         }
         Framing::Chunked => loop {
             let (used, payload) = match first.take() {
                 Some(decoded) => decoded,
-                None => chunked.decode(rbuf, &mut out).map_err(|_| Failure::Late)?,
+                None => chunked
+                    .decode(rbuf, &mut out)
+                    .map_err(|_| upstream_broke(finish, UpstreamKind::Protocol))?,
             };
             rbuf.advance(used);
             count(finish, payload);
@@ -829,7 +857,8 @@ where
                 finish.take();
             }
             if !out.is_empty() {
-                step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
+                step!(Stall::Client, client.write_all(&out))
+                    .map_err(|_| client_broke(finish, payload))?;
                 out.clear();
             }
             if chunked.is_done() {
@@ -837,7 +866,7 @@ where
             }
             rbuf.reserve(STREAM_READ);
             match step!(Stall::Upstream, up.read_buf(rbuf)) {
-                Ok(0) | Err(_) => return Err(Failure::Late),
+                Ok(0) | Err(_) => return Err(upstream_broke(finish, UpstreamKind::Reset)),
                 Ok(_) => {}
             }
         },
@@ -845,15 +874,17 @@ where
             body_ok = false;
             loop {
                 wire::write_chunk(&mut out, rbuf);
-                count(finish, rbuf.len() as u64);
+                let n = rbuf.len() as u64;
+                count(finish, n);
                 rbuf.clear();
-                step!(Stall::Client, client.write_all(&out)).map_err(|_| Failure::Late)?;
+                step!(Stall::Client, client.write_all(&out))
+                    .map_err(|_| client_broke(finish, n))?;
                 out.clear();
                 rbuf.reserve(STREAM_READ);
                 match step!(Stall::Upstream, up.read_buf(rbuf)) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(_) => return Err(Failure::Late),
+                    Err(_) => return Err(upstream_broke(finish, UpstreamKind::Reset)),
                 }
             }
             finish.take();
