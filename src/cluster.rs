@@ -185,8 +185,14 @@ async fn sync_tenant(store: &Store, t: &Tenant, last: bool) {
                 if leased.month == p.month {
                     month.give_back = back_month;
                 }
-                day.push = u.pending_day.swap(0, Ordering::AcqRel);
-                month.push = u.pending_month.swap(0, Ordering::AcqRel);
+                // The pushes and the reserves to settle are taken together: a reserve
+                // admitted here is in the push it settles (see `quota::Ticket`).
+                {
+                    let mut reserves = u.reserves.lock().unwrap_or_else(|e| e.into_inner());
+                    day.push = u.pending_day.swap(0, Ordering::AcqRel);
+                    month.push = u.pending_month.swap(0, Ordering::AcqRel);
+                    (r.unsettled, r.reserve_floor) = reserves.take();
+                }
                 r.day = day.clone();
                 r.month = month.clone();
                 *outbox = Some(r.clone());

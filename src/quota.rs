@@ -11,7 +11,7 @@
 //! A request counts once it has passed every other check (status, rate, in-flight,
 //! declared body size): the quota is charged last, just before routing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -100,6 +100,82 @@ pub struct Usage {
     pub(crate) sync_turn: tokio::sync::Mutex<()>,
     /// Set at shutdown once the leases have been given back.
     pub(crate) released: AtomicBool,
+    /// Reserves in Redis (the slow path, no leased unit): those waiting for their
+    /// answer, and those that got none in time, for the next sync to settle.
+    pub(crate) reserves: Mutex<Reserves>,
+}
+
+/// A tenant's reserves not settled yet (see [`Usage::reserves`]).
+#[derive(Debug, Default)]
+pub(crate) struct Reserves {
+    /// The last id handed out.
+    last: u64,
+    in_flight: BTreeSet<u64>,
+    /// (id, admitted here anyway): no answer in time, not yet sent in a sync.
+    unsettled: Vec<(u64, bool)>,
+}
+
+impl Reserves {
+    /// What a new sync request settles: the unsettled reserves, and the floor below
+    /// which every id has had its answer or is settled (the lowest one still waiting
+    /// bounds it).
+    pub(crate) fn take(&mut self) -> (Vec<(u64, bool)>, u64) {
+        let floor = self.in_flight.first().map_or(self.last, |first| first - 1);
+        (std::mem::take(&mut self.unsettled), floor)
+    }
+}
+
+/// One reserve on its way to Redis. Dropped unanswered (the client went away while
+/// it waited), it is settled as a request this instance did not admit.
+struct Ticket<'a> {
+    usage: &'a Usage,
+    id: u64,
+    done: bool,
+}
+
+impl<'a> Ticket<'a> {
+    fn new(usage: &'a Usage) -> Ticket<'a> {
+        let mut r = lock(&usage.reserves);
+        r.last += 1;
+        let id = r.last;
+        r.in_flight.insert(id);
+        Ticket {
+            usage,
+            id,
+            done: false,
+        }
+    }
+
+    /// Redis answered: nothing to settle.
+    fn answered(mut self) {
+        lock(&self.usage.reserves).in_flight.remove(&self.id);
+        self.done = true;
+    }
+
+    /// No answer in time: `decide` applies `on_store_failure` (and counts the request
+    /// in the pending push when it admits it) under the same lock a sync takes the
+    /// pending counts and the unsettled reserves with, so both go in one request.
+    fn unanswered(
+        mut self,
+        decide: impl FnOnce() -> Result<(), ProxyError>,
+    ) -> Result<(), ProxyError> {
+        let mut r = lock(&self.usage.reserves);
+        let result = decide();
+        r.in_flight.remove(&self.id);
+        r.unsettled.push((self.id, result.is_ok()));
+        self.done = true;
+        result
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut r = lock(&self.usage.reserves);
+            r.in_flight.remove(&self.id);
+            r.unsettled.push((self.id, false));
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -241,17 +317,29 @@ async fn charge_cluster(store: &Store, tenant: &Tenant, p: &Periods) -> Result<(
     }
     // None left here: Redis decides this one, within store_timeout.
     let (day, month) = period_syncs(&tenant.id, l.requests_per_day, l.requests_per_month, p);
-    match store.reserve(&day, &month).await {
+    let ticket = Ticket::new(u);
+    let answer = match store.reserve(&tenant.id, &day, &month, ticket.id).await {
+        Ok(answer) => {
+            ticket.answered();
+            Ok(answer)
+        }
+        Err(_) => Err(ticket),
+    };
+    match answer {
         Ok(Reserved::Ok) => Ok(()),
         Ok(Reserved::DayExhausted) => Err(exhausted("day", day.limit, p)),
         Ok(Reserved::MonthExhausted) => Err(exhausted("month", month.limit, p)),
-        Err(_) => store_down(
-            u,
-            l.on_store_failure,
-            l.requests_per_day,
-            l.requests_per_month,
-            p,
-        ),
+        // Redis may still apply it (a timeout) or may have (a connection lost after
+        // sending): the next sync settles it either way.
+        Err(ticket) => ticket.unanswered(|| {
+            store_down(
+                u,
+                l.on_store_failure,
+                l.requests_per_day,
+                l.requests_per_month,
+                p,
+            )
+        }),
     }
 }
 

@@ -83,6 +83,13 @@ pub struct SyncRequest {
     pub month: PeriodSync,
     /// The quota generation the returns and pushes belong to (a reset starts a new one).
     pub generation: i64,
+    /// Reserves ([`Store::reserve`]) that got no answer in time, settled by this
+    /// request: (reserve id, whether this instance admitted the request anyway and
+    /// counts it in `push`). Redis knows whether each one was applied.
+    pub unsettled: Vec<(u64, bool)>,
+    /// Every reserve id up to this one has had its answer or is in `unsettled` (here
+    /// or in an earlier request): one that reaches Redis only now is not applied.
+    pub reserve_floor: u64,
 }
 
 /// One quota period of a [`SyncRequest`].
@@ -130,11 +137,13 @@ pub fn key(tenant: &str, what: &str) -> String {
 /// How long an instance counts as a member after its last sync.
 const MEMBER_TTL_MS: u64 = 3_000;
 
-/// KEYS: rate, members, day, month, generation, applied, held.
+/// KEYS: rate, members, day, month, generation, applied, held, reserved (this
+///       instance's reserves, see [`RESERVE_LUA`]).
 /// ARGV: instance, boot, seq, rate, burst, rate_return, rate_want,
 ///       day_limit, day_return, day_push, day_want, day_expire_at,
 ///       month_limit, month_return, month_push, month_want, month_expire_at,
-///       generation, member_ttl_ms, rate_used.
+///       generation, member_ttl_ms, rate_used, reserve_floor,
+///       unsettled reserves ("id:admitted,…", admitted = 1 or 0).
 ///
 /// The rate part is a token bucket (`rate`: tokens, ts) whose tokens are leased out;
 /// `held` counts, per instance, tokens leased and not yet reported used or given back.
@@ -199,13 +208,39 @@ if rate > 0 then
   redis.call('PEXPIRE', KEYS[7], ttl * 2)
 end
 
+-- Reserves that timed out on this instance, settled now that Redis has applied them
+-- or never will (RESERVE_LUA refuses an id at or below the floor). One applied and
+-- admitted here anyway ("open") is in this request's push already: it is not counted
+-- again. One applied while this instance refused its request ("closed", or the local
+-- quota) is given back. Only in the generation and period the reserve counted in.
+local settled = {[KEYS[3]] = {0, 0}, [KEYS[4]] = {0, 0}}
+for rid, admitted in string.gmatch(ARGV[22], '(%d+):(%d)') do
+  local rec = redis.call('ZRANGEBYSCORE', KEYS[8], rid, rid)
+  if #rec > 0 then
+    local rgen, rday, rmonth = string.match(rec[1], '^%d+|(%-?%d+)|([^|]*)|(.*)$')
+    if tonumber(rgen) == gen then
+      local i = (admitted == '1') and 1 or 2
+      for _, k in ipairs({rday, rmonth}) do
+        if settled[k] then settled[k][i] = settled[k][i] + 1 end
+      end
+    end
+  end
+end
+local floor = tonumber(ARGV[21])
+if floor > tonumber(redis.call('HGET', KEYS[6], member .. ':rfloor') or '0') then
+  redis.call('HSET', KEYS[6], member .. ':rfloor', floor)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', floor)
+
 local function period(key, limit, give_back, push, want, expire_at)
   limit = tonumber(limit)
   local used = tonumber(redis.call('GET', key) or '0')
   if limit <= 0 then return 0, used end
   if tonumber(ARGV[18]) == gen then
-    used = math.max(0, used - tonumber(give_back) + tonumber(push))
+    push = math.max(0, tonumber(push) - settled[key][1])
+    used = math.max(0, used - tonumber(give_back) + push)
   end
+  used = math.max(0, used - settled[key][2])
   -- Lease at most a fair share of half of what is left: the rest stays for the
   -- other instances and for requests reserved one by one.
   local share = math.floor((limit - used) / (2 * math.max(n, 1)))
@@ -222,9 +257,21 @@ redis.call('HSET', KEYS[6], member .. ':reply', cjson.encode(reply))
 return reply
 "#;
 
-/// KEYS: day, month. ARGV: day_limit, day_expire_at, month_limit, month_expire_at.
-/// One unit of every configured period, or none: 0 ok, 1 day used up, 2 month used up.
+/// KEYS: day, month, reserved, applied, generation.
+/// ARGV: day_limit, day_expire_at, month_limit, month_expire_at, member, reserve id.
+/// One unit of every configured period, or none: 0 ok, 1 day used up, 2 month used up,
+/// 3 settled already (this id timed out, and a sync has since counted it as never
+/// applied: it must not be applied now).
+///
+/// A reserve applied is recorded in `reserved` (a sorted set per instance and boot,
+/// scored by reserve id, with the generation and the keys it counted in), so that a
+/// reserve whose answer came too late is settled by the next sync (SYNC_LUA) rather
+/// than counted twice ("open": admitted and pushed) or charged for a refused request
+/// ("closed"). The sync prunes the records up to its floor: the set holds about the
+/// reserves of one sync interval.
 const RESERVE_LUA: &str = r#"
+local rid = tonumber(ARGV[6])
+if rid <= tonumber(redis.call('HGET', KEYS[4], ARGV[5] .. ':rfloor') or '0') then return 3 end
 local dl, ml = tonumber(ARGV[1]), tonumber(ARGV[3])
 if dl > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= dl then return 1 end
 if ml > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= ml then return 2 end
@@ -236,6 +283,9 @@ if ml > 0 then
   redis.call('INCR', KEYS[2])
   redis.call('EXPIREAT', KEYS[2], ARGV[4])
 end
+local gen = redis.call('GET', KEYS[5]) or '0'
+redis.call('ZADD', KEYS[3], rid, rid .. '|' .. gen .. '|' .. (dl > 0 and KEYS[1] or '') .. '|' .. (ml > 0 and KEYS[2] or ''))
+redis.call('EXPIRE', KEYS[3], 86400 * 2)
 return 0
 "#;
 
@@ -413,6 +463,7 @@ impl Store {
             key(tenant, "generation"),
             key(tenant, "applied"),
             key(tenant, "held"),
+            self.reserved_key(tenant),
         ];
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let args = [
@@ -436,6 +487,12 @@ impl Store {
             r.generation.to_string(),
             MEMBER_TTL_MS.to_string(),
             r.rate_used.to_string(),
+            r.reserve_floor.to_string(),
+            r.unsettled
+                .iter()
+                .map(|(id, admitted)| format!("{id}:{}", u8::from(*admitted)))
+                .collect::<Vec<_>>()
+                .join(","),
         ];
         let v: Vec<i64> = self.run(&self.sync, &keys, &args).await?;
         match v[..] {
@@ -456,26 +513,52 @@ impl Store {
         }
     }
 
-    /// One unit of each configured period, decided by Redis atomically.
+    /// One unit of each configured period, decided by Redis atomically. `id` numbers
+    /// this reserve (per tenant, from 1 up, in this process): one without an answer in
+    /// time is settled by a later sync ([`SyncRequest::unsettled`]).
     pub async fn reserve(
         &self,
+        tenant: &str,
         day: &PeriodSync,
         month: &PeriodSync,
+        id: u64,
     ) -> Result<Reserved, StoreError> {
+        let keys = [
+            day.key.clone(),
+            month.key.clone(),
+            self.reserved_key(tenant),
+            key(tenant, "applied"),
+            key(tenant, "generation"),
+        ];
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let args = [
             day.limit.to_string(),
             day.expire_at.to_string(),
             month.limit.to_string(),
             month.expire_at.to_string(),
+            self.member(),
+            id.to_string(),
         ];
-        let v: i64 = self
-            .run(&self.reserve, &[&day.key, &month.key], &args)
-            .await?;
-        Ok(match v {
-            1 => Reserved::DayExhausted,
-            2 => Reserved::MonthExhausted,
-            _ => Reserved::Ok,
-        })
+        let v: i64 = self.run(&self.reserve, &keys, &args).await?;
+        match v {
+            0 => Ok(Reserved::Ok),
+            1 => Ok(Reserved::DayExhausted),
+            2 => Ok(Reserved::MonthExhausted),
+            // Only an id a sync has settled already, which no request waits for.
+            _ => Err(StoreError::Redis(format!(
+                "reserve {id} was settled already"
+            ))),
+        }
+    }
+
+    /// This instance and boot, as the scripts name it.
+    fn member(&self) -> String {
+        format!("{}/{}", self.settings.instance_id, self.boot_id)
+    }
+
+    /// The reserves of `tenant` this instance and boot had applied, not yet settled.
+    fn reserved_key(&self, tenant: &str) -> String {
+        key(tenant, &format!("reserved:{}", self.member()))
     }
 
     /// Zeroes the current periods' counters and starts a new quota generation.
