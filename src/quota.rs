@@ -103,6 +103,37 @@ pub struct Usage {
     /// Reserves in Redis (the slow path, no leased unit): those waiting for their
     /// answer, and those that got none in time, for the next sync to settle.
     pub(crate) reserves: Mutex<Reserves>,
+    /// A usage reset sent to Redis without an answer in time: its id, and when. An
+    /// operator's retry within [`RESET_RETRY_WINDOW`] sends the same id again.
+    pub(crate) unanswered_reset: Mutex<Option<(u64, Instant)>>,
+    pub(crate) reset_seq: AtomicU64,
+}
+
+/// How long a usage reset that got no answer in time may be retried as the same
+/// reset (see `usage::reset`).
+pub const RESET_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Usage {
+    /// The id of a usage reset about to be sent: the unanswered one's, if recent.
+    pub(crate) fn reset_id(&self) -> u64 {
+        let mut pending = lock(&self.unanswered_reset);
+        match *pending {
+            Some((id, at)) if at.elapsed() < RESET_RETRY_WINDOW => id,
+            _ => {
+                let id = self.reset_seq.fetch_add(1, Ordering::AcqRel) + 1;
+                *pending = Some((id, Instant::now()));
+                id
+            }
+        }
+    }
+
+    /// The reset `id` was answered: a next reset is a new one.
+    pub(crate) fn reset_answered(&self, id: u64) {
+        let mut pending = lock(&self.unanswered_reset);
+        if pending.is_some_and(|(p, _)| p == id) {
+            *pending = None;
+        }
+    }
 }
 
 /// A tenant's reserves not settled yet (see [`Usage::reserves`]).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, Script};
+use redis::{Cmd, FromRedisValue, Script};
 
 use crate::config::ClusterSettings;
 
@@ -52,10 +52,43 @@ pub struct Store {
     errors: AtomicU64,
     /// Whether the last call succeeded: a `warn` is logged on each change to down.
     up: AtomicBool,
-    sync: Script,
-    reserve: Script,
-    reset: Script,
-    usage: Script,
+    sync: Lua,
+    reserve: Lua,
+    reset: Lua,
+    usage: Lua,
+}
+
+/// A script and its SHA-1, run by [`invoke`].
+struct Lua {
+    code: &'static str,
+    hash: String,
+    /// Always sent whole (EVAL), never by hash: see [`Store::reset`].
+    whole: bool,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Lua {
+        Lua {
+            code,
+            hash: Script::new(code).get_hash().to_owned(),
+            whole: false,
+        }
+    }
+
+    /// `EVALSHA hash` (or `EVAL code` when `whole`) with these keys and arguments.
+    fn cmd(&self, whole: bool, keys: &[&str], args: &[String]) -> Cmd {
+        let mut c = if whole {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.code);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&self.hash);
+            c
+        };
+        c.arg(keys.len()).arg(keys).arg(args);
+        c
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -289,13 +322,25 @@ redis.call('EXPIRE', KEYS[3], 86400 * 2)
 return 0
 "#;
 
-/// KEYS: day, month, generation. A new generation: leases and pushes of the old one
-/// are not applied any more.
+/// KEYS: day, month, generation, applied. ARGV: member, reset id.
+/// A new generation: leases and pushes of the old one are not applied any more.
+/// Returns {generation, 1 when this id had been applied already (nothing done now)}:
+/// a reset whose answer was lost to `store_timeout` and is sent again by the operator
+/// starts one generation, not two (a second would also forget what was admitted in
+/// between).
 const RESET_LUA: &str = r#"
+local f = ARGV[1] .. ':reset'
+local last = redis.call('HGET', KEYS[4], f)
+if last then
+  local id, g = string.match(last, '^(%d+):(%d+)$')
+  if id == ARGV[2] then return {tonumber(g), 1} end
+end
 redis.call('DEL', KEYS[1], KEYS[2])
 local g = redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], 86400 * 400)
-return g
+redis.call('HSET', KEYS[4], f, ARGV[2] .. ':' .. g)
+redis.call('EXPIRE', KEYS[4], 86400 * 32)
+return {g, 0}
 "#;
 
 /// KEYS: day, month.
@@ -314,10 +359,13 @@ impl Store {
             conn: ArcSwapOption::empty(),
             errors: AtomicU64::new(0),
             up: AtomicBool::new(true),
-            sync: Script::new(SYNC_LUA),
-            reserve: Script::new(RESERVE_LUA),
-            reset: Script::new(RESET_LUA),
-            usage: Script::new(USAGE_LUA),
+            sync: Lua::new(SYNC_LUA),
+            reserve: Lua::new(RESERVE_LUA),
+            reset: Lua {
+                whole: true,
+                ..Lua::new(RESET_LUA)
+            },
+            usage: Lua::new(USAGE_LUA),
         }
     }
 
@@ -407,28 +455,23 @@ impl Store {
     /// Runs `script` with a deadline of `store_timeout`, counting and logging failures.
     async fn run<T: FromRedisValue>(
         &self,
-        script: &Script,
+        script: &Lua,
         keys: &[&str],
         args: &[String],
     ) -> Result<T, StoreError> {
         let result = match self.conn.load_full() {
             None => Err(StoreError::Redis("not connected to Redis yet".to_owned())),
             Some(conn) => {
-                let mut inv = script.prepare_invoke();
-                for k in keys {
-                    inv.key(*k);
-                }
-                for a in args {
-                    inv.arg(a.as_str());
-                }
                 let call = async {
                     match &*conn {
-                        Conn::Single(c) => invoke(&inv, &mut c.clone()).await,
-                        Conn::Cluster(c) => invoke(&inv, &mut c.clone()).await,
+                        Conn::Single(c) => invoke(script, keys, args, &mut c.clone()).await,
+                        Conn::Cluster(c) => invoke(script, keys, args, &mut c.clone()).await,
                     }
                 };
                 match tokio::time::timeout(self.settings.store_timeout, call).await {
                     Ok(Ok(v)) => Ok(v),
+                    // The cluster connection's own deadline (also `store_timeout`).
+                    Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
                     Ok(Err(e)) => Err(StoreError::Redis(e.to_string())),
                     Err(_) => Err(StoreError::Timeout),
                 }
@@ -561,16 +604,31 @@ impl Store {
         key(tenant, &format!("reserved:{}", self.member()))
     }
 
-    /// Zeroes the current periods' counters and starts a new quota generation.
+    /// Zeroes the current periods' counters and starts a new quota generation, once per
+    /// `id` (per tenant, in this process): the generation, and whether this `id` had
+    /// been applied already. Sent whole (EVAL), so that one not answered in time still
+    /// runs once Redis gets to it, as the admin endpoint's 503 says it may.
     pub async fn reset(
         &self,
         tenant: &str,
         day_key: &str,
         month_key: &str,
-    ) -> Result<i64, StoreError> {
-        let gen = key(tenant, "generation");
-        self.run(&self.reset, &[day_key, month_key, &gen], &[])
-            .await
+        id: u64,
+    ) -> Result<(i64, bool), StoreError> {
+        let (gen, applied) = (key(tenant, "generation"), key(tenant, "applied"));
+        let v: Vec<i64> = self
+            .run(
+                &self.reset,
+                &[day_key, month_key, &gen, &applied],
+                &[self.member(), id.to_string()],
+            )
+            .await?;
+        match v[..] {
+            [g, again] => Ok((g, again == 1)),
+            _ => Err(StoreError::Redis(
+                "unexpected reply to the reset script".into(),
+            )),
+        }
     }
 
     /// The current periods' counters.
@@ -585,9 +643,24 @@ impl Store {
     }
 }
 
+/// Runs `script` by its hash; when Redis does not know it (NOSCRIPT: never loaded, or
+/// lost with a restart or a `SCRIPT FLUSH`), sends it whole (EVAL both loads and runs
+/// it, in one round trip) — within the caller's deadline, like the first attempt.
+/// redis-rs's `ScriptInvocation::invoke_async` does the same with SCRIPT LOAD and a
+/// second EVALSHA, on the single and the cluster connection alike; but a call whose
+/// deadline passed is dropped, and its NOSCRIPT, once the stalled Redis answers it, is
+/// answered by nobody: that call never runs. Hence [`Lua::whole`] for the one call
+/// that must still take effect after a timeout (the reset).
 async fn invoke<C: ConnectionLike + Send, T: FromRedisValue>(
-    inv: &redis::ScriptInvocation<'_>,
+    script: &Lua,
+    keys: &[&str],
+    args: &[String],
     conn: &mut C,
 ) -> redis::RedisResult<T> {
-    inv.invoke_async(conn).await
+    match script.cmd(script.whole, keys, args).query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.cmd(true, keys, args).query_async(conn).await
+        }
+        other => other,
+    }
 }

@@ -85,8 +85,16 @@ pub async fn reset(snap: &Snapshot, id: &str) -> (u16, serde_json::Value) {
     let p = Periods::current();
     if let (Scope::Cluster, Some(store)) = (t.configured_limits.scope, snap.store.as_deref()) {
         let (d, m) = period_syncs(&t.id, None, None, &p);
-        match store.reset(&t.id, &d.key, &m.key).await {
-            Ok(generation) => {
+        // A retry of a reset that got no answer is the same reset (the same id):
+        // Redis starts one new generation for both, not two.
+        let reset_id = u.reset_id();
+        match store.reset(&t.id, &d.key, &m.key, reset_id).await {
+            Ok((generation, again)) => {
+                u.reset_answered(reset_id);
+                if again {
+                    tracing::info!(tenant = id, generation, "quota usage reset: the one sent earlier without an answer had taken effect; not applied twice");
+                    return usage(snap, id).await;
+                }
                 u.drop_leases();
                 u.generation.store(generation, Ordering::Release);
             }

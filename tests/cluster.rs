@@ -965,8 +965,9 @@ async fn an_unreachable_redis_is_logged_with_the_reason() {
 }
 
 /// A usage reset that Redis does not answer within `store_timeout` is 503, and says the
-/// reset may still take effect — it does, once Redis gets to it (the sweep saw the
-/// counts zeroed after a 503 that said the store "did not answer").
+/// reset may still take effect — it does, once Redis gets to it, even when Redis did
+/// not know the reset script yet (before, the late EVALSHA got NOSCRIPT, which nobody
+/// was waiting for any more, and the reset never ran).
 #[tokio::test]
 async fn a_reset_not_answered_in_time_says_it_may_still_apply() {
     let Some(redis) = Redis::start() else {
@@ -984,10 +985,8 @@ async fn a_reset_not_answered_in_time_says_it_may_still_apply() {
     for _ in 0..3 {
         assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
     }
-    // One reset answered in time (Redis then knows the script: a call that waited
-    // behind the busy script runs it once Redis is free).
-    assert_eq!(reset_usage(gw.admin, "q").await.status, 200);
-    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "1");
+    // Redis has never seen the reset script (and forgets the others).
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
     let sleeper = stall(&redis, Duration::from_secs(2));
     let r = reset_usage(gw.admin, "q").await;
     assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
@@ -1001,12 +1000,84 @@ async fn a_reset_not_answered_in_time_says_it_may_still_apply() {
         r.json()
     );
     sleeper.join().unwrap();
-    // Redis ran it once awake: a new quota generation began.
+    // Redis ran it once awake: a new quota generation began, and the count is gone.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.cli(&["GET", "bulkhead:{q}:generation"]).trim() != "2" {
+    while redis.cli(&["GET", "bulkhead:{q}:generation"]).trim() != "1" {
         assert!(Instant::now() < deadline, "the reset never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The other scripts are loaded again as they are needed.
+    assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = usage(&gw, "q").await;
+        if u["store"] == "up" && u["synced"] == true && u["day"]["used"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{u}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A reset not answered in time and sent again by the operator — while Redis is still
+/// stalled, or after — is one reset: one new generation, and what was admitted after
+/// it took effect stays counted (a second generation would forget it).
+#[tokio::test]
+async fn a_reset_sent_again_starts_one_generation() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let gw = Gateway::start(&fleet_toml(
+        &redis,
+        "edge-1",
+        up.addr,
+        "100ms",
+        &cluster_tenant("q", "requests_per_day = 1000"),
+    ));
+    wait_synced(std::slice::from_ref(&gw), &["q"]).await;
+    // One reset answered in time: generation 1.
+    assert_eq!(reset_usage(gw.admin, "q").await.status, 200);
+    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "1");
+    for _ in 0..3 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    let sleeper = stall(&redis, Duration::from_secs(2));
+    for _ in 0..2 {
+        let r = reset_usage(gw.admin, "q").await;
+        assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    sleeper.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["GET", "bulkhead:{q}:generation"]).trim() == "1" {
+        assert!(Instant::now() < deadline, "the reset never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Both calls were in Redis' queue: still one new generation.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "2");
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    // The operator, having seen 503 twice, tries once more: answered now, the same
+    // reset, which had taken effect; the two admitted since still count.
+    let r = reset_usage(gw.admin, "q").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = usage(&gw, "q").await;
+        if u["synced"] == true && u["day"]["used"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{u}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A reset after that is a new one.
+    let r = reset_usage(gw.admin, "q").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["day"]["used"], 0, "{}", r.json());
+    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "3");
 }
 
 /// A request that finds no leased unit reserves one in Redis within `store_timeout`.
