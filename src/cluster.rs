@@ -149,6 +149,8 @@ async fn sync_tenant(store: &Store, t: &Tenant, last: bool) {
             .clamp(1, b)
     });
     let quota_demand = u.quota_demand.swap(0, Ordering::AcqRel) as i64;
+    // A tenant that was local until a reload: its local count goes in this push.
+    u.enter_cluster(&p);
 
     let mut req = {
         let mut outbox = quota_lock(u);

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -39,6 +39,13 @@ pub struct Counts {
     pub day_used: u64,
     pub month: u64,
     pub month_used: u64,
+    /// Of `*_used`, what was taken over from Redis when the tenant's scope changed
+    /// from cluster to local: counted there already, so not pushed back if it
+    /// changes to cluster again.
+    #[serde(default)]
+    pub day_base: u64,
+    #[serde(default)]
+    pub month_base: u64,
 }
 
 impl Counts {
@@ -47,10 +54,12 @@ impl Counts {
         if self.day != p.day {
             self.day = p.day;
             self.day_used = 0;
+            self.day_base = 0;
         }
         if self.month != p.month {
             self.month = p.month;
             self.month_used = 0;
+            self.month_base = 0;
         }
     }
 }
@@ -107,7 +116,14 @@ pub struct Usage {
     /// operator's retry within [`RESET_RETRY_WINDOW`] sends the same id again.
     pub(crate) unanswered_reset: Mutex<Option<(u64, Instant)>>,
     pub(crate) reset_seq: AtomicU64,
+    /// Where the counts live now: [`MODE_LOCAL`] or [`MODE_CLUSTER`] (0 before the first
+    /// request). A reload may change the tenant's scope; the first charge (or sync)
+    /// in the new scope carries the count over, under the `local` lock.
+    mode: AtomicU8,
 }
+
+const MODE_LOCAL: u8 = 1;
+const MODE_CLUSTER: u8 = 2;
 
 /// How long a usage reset that got no answer in time may be retried as the same
 /// reset (see `usage::reset`).
@@ -244,10 +260,72 @@ impl Usage {
         }
     }
 
+    /// The counts of a local-scope tenant.
     pub fn local_counts(&self) -> Counts {
-        let mut c = *lock(&self.local);
-        c.roll(&Periods::current());
-        c
+        let p = Periods::current();
+        let mut c = lock(&self.local);
+        self.enter_local(&mut c, &p);
+        c.roll(&p);
+        *c
+    }
+
+    /// A tenant whose scope was cluster until a reload counts locally from now on,
+    /// starting from the best this instance knows: Redis' count at its last sync
+    /// (less the units it had leased and will not use now) plus what it admitted
+    /// while Redis was unavailable and had not pushed yet.
+    fn enter_local(&self, c: &mut Counts, p: &Periods) {
+        if self.mode.load(Ordering::Acquire) == MODE_LOCAL {
+            return;
+        }
+        if self.mode.swap(MODE_LOCAL, Ordering::AcqRel) == MODE_CLUSTER {
+            let synced = Periods::at(self.lease_period.load(Ordering::Acquire) * 86_400);
+            let from_redis = |same: bool, known: &AtomicI64, lease: &AtomicI64| {
+                let n = known.load(Ordering::Acquire) - lease.load(Ordering::Acquire);
+                if same {
+                    u64::try_from(n).unwrap_or(0)
+                } else {
+                    0
+                }
+            };
+            let day = from_redis(synced.day == p.day, &self.known_day, &self.lease_day);
+            let month = from_redis(
+                synced.month == p.month,
+                &self.known_month,
+                &self.lease_month,
+            );
+            let pending = |n: &AtomicI64| u64::try_from(n.swap(0, Ordering::AcqRel)).unwrap_or(0);
+            *c = Counts {
+                day: p.day,
+                day_used: day + pending(&self.pending_day),
+                day_base: day,
+                month: p.month,
+                month_used: month + pending(&self.pending_month),
+                month_base: month,
+            };
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// A tenant whose scope was local (until a reload, or in the last run, saved in
+    /// `state_dir`) counts in Redis from now on: what this instance admitted locally
+    /// in the current periods is pushed with the next sync, once.
+    pub(crate) fn enter_cluster(&self, p: &Periods) {
+        if self.mode.load(Ordering::Acquire) == MODE_CLUSTER {
+            return;
+        }
+        let mut c = lock(&self.local);
+        if self.mode.swap(MODE_CLUSTER, Ordering::AcqRel) == MODE_CLUSTER {
+            return;
+        }
+        c.roll(p);
+        let local = |used: u64, base: u64| i64::try_from(used.saturating_sub(base)).unwrap_or(0);
+        self.pending_day
+            .fetch_add(local(c.day_used, c.day_base), Ordering::AcqRel);
+        self.pending_month
+            .fetch_add(local(c.month_used, c.month_base), Ordering::AcqRel);
+        // Counted in Redis from now on: nothing left to save in state_dir.
+        *c = Counts::default();
+        self.dirty.store(true, Ordering::Release);
     }
 
     /// Zeroes the local counts (a reset); they are saved at the next flush.
@@ -305,6 +383,7 @@ fn charge_local(
     p: &Periods,
 ) -> Result<(), ProxyError> {
     let mut c = lock(&usage.local);
+    usage.enter_local(&mut c, p);
     c.roll(p);
     if let Some(limit) = day.filter(|l| c.day_used >= *l) {
         return Err(exhausted("day", limit, p));
@@ -321,6 +400,7 @@ fn charge_local(
 async fn charge_cluster(store: &Store, tenant: &Tenant, p: &Periods) -> Result<(), ProxyError> {
     let l = &tenant.configured_limits;
     let u = &tenant.limits.usage;
+    u.enter_cluster(p);
     u.quota_demand.fetch_add(1, Ordering::Relaxed);
     if !u.is_valid() {
         return store_down(
@@ -357,7 +437,17 @@ async fn charge_cluster(store: &Store, tenant: &Tenant, p: &Periods) -> Result<(
         Err(_) => Err(ticket),
     };
     match answer {
-        Ok(Reserved::Ok) => Ok(()),
+        Ok(Reserved::Ok) => {
+            // Counted in Redis now: this instance's idea of the count follows before
+            // its next sync (it is what a switch to local scope starts from).
+            if l.requests_per_day.is_some() {
+                u.known_day.fetch_add(1, Ordering::AcqRel);
+            }
+            if l.requests_per_month.is_some() {
+                u.known_month.fetch_add(1, Ordering::AcqRel);
+            }
+            Ok(())
+        }
         Ok(Reserved::DayExhausted) => Err(exhausted("day", day.limit, p)),
         Ok(Reserved::MonthExhausted) => Err(exhausted("month", month.limit, p)),
         // Redis may still apply it (a timeout) or may have (a connection lost after

@@ -1173,3 +1173,90 @@ async fn a_reserve_answered_too_late_is_counted_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!((count("open"), count("closed")), (open_ok, closed_ok));
 }
+
+/// A tenant's `scope` switched by a reload keeps its quota count both ways: local →
+/// cluster pushes what this instance admitted locally in the period; cluster → local
+/// starts the local count from what Redis had (the sweep saw 20 admitted against
+/// `requests_per_day = 10`, 10 on each side of the switch).
+#[tokio::test]
+async fn a_scope_switch_on_reload_keeps_the_quota_count() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |scope: &str| {
+        fleet_toml(
+            &redis,
+            "edge-1",
+            up.addr,
+            "250ms",
+            &format!(
+                "[tenants.q]\nhosts = [\"q.com\"]\n[tenants.q.limits]\nscope = \"{scope}\"\nrequests_per_day = 10\n"
+            ),
+        )
+    };
+    let (gw, path) = Gateway::start_file(dir.path(), &config("local"));
+    let reload = |scope: &str| {
+        write_config(&path, &config(scope));
+        let admin = gw.admin;
+        async move {
+            let r = send(admin, "POST", "/reload", &[], Bytes::new()).await;
+            assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    let day = format!(
+        "bulkhead:{{q}}:day:{}",
+        bulkhead::quota::Periods::current().day_label()
+    );
+    for _ in 0..4 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+
+    // Local → cluster: the 4 are pushed; 3 more.
+    reload("cluster").await;
+    wait_synced(std::slice::from_ref(&gw), &["q"]).await;
+    for _ in 0..3 {
+        assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
+    }
+    let redis_counts = |n: u64| {
+        let gw_admin = gw.admin;
+        let day = day.clone();
+        let redis = &redis;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let u = get(gw_admin, "/tenants/q/usage", &[]).await.json();
+                let in_redis = redis.cli(&["GET", &day]);
+                if u["day"]["used"] == n && in_redis == n.to_string() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "Redis: {in_redis}, expected {n}; {u}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    redis_counts(7).await;
+
+    // Cluster → local: the local count starts from Redis' 7: 3 more, then exhausted.
+    reload("local").await;
+    admits_then_exhausts(gw.addr, "q.com", 3).await;
+    let u = usage(&gw, "q").await;
+    assert_eq!(u["scope"], "local", "{u}");
+    assert_eq!(u["day"]["used"], 10, "{u}");
+
+    // Local → cluster again: only the 3 admitted locally are pushed, not the 7 the
+    // local count took over from Redis.
+    reload("cluster").await;
+    wait_synced(std::slice::from_ref(&gw), &["q"]).await;
+    redis_counts(10).await;
+    assert_error(
+        &get(gw.addr, "/", &[("host", "q.com")]).await,
+        429,
+        "quota_exhausted",
+    );
+    assert_eq!(up.seen().len(), 10, "admitted in all");
+}
