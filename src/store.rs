@@ -424,13 +424,7 @@ impl Store {
                 let Ok(client) = redis::Client::open(url.as_str()) else {
                     continue;
                 };
-                let node = match client.get_connection_info().addr() {
-                    redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
-                    redis::ConnectionAddr::TcpTls { host, port, .. } => {
-                        format!("{host}:{port} (TLS)")
-                    }
-                    other => other.to_string(),
-                };
+                let node = node_name(client.get_connection_info().addr());
                 match tokio::time::timeout(deadline, client.get_multiplexed_async_connection())
                     .await
                 {
@@ -450,6 +444,46 @@ impl Store {
                 }
             }
         });
+    }
+
+    /// The `warn` line of a change to down. redis-rs passes on what Redis answers an
+    /// unauthenticated client — "NOAUTH Authentication required", or, for a call with
+    /// many arguments, "Protocol error: unauthenticated multibulk length" and a closed
+    /// connection — which does not say what to change: this does (by address; a URL
+    /// may carry a password).
+    fn warn_down(&self, e: &StoreError) {
+        let text = e.to_string();
+        let auth = text.contains("NOAUTH") || text.contains("unauthenticated");
+        let refused = text.contains("WRONGPASS") || text.contains("AuthenticationFailed");
+        if !auth && !refused {
+            tracing::warn!(error = %e, "the shared store (Redis) is unavailable; applying on_store_failure");
+            return;
+        }
+        let nodes: Vec<(String, bool)> = self
+            .settings
+            .nodes
+            .iter()
+            .filter_map(|url| {
+                let info = redis::Client::open(url.as_str())
+                    .ok()?
+                    .get_connection_info()
+                    .clone();
+                Some((
+                    node_name(info.addr()),
+                    info.redis_settings().password().is_some(),
+                ))
+            })
+            .collect();
+        let node = nodes
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if auth && nodes.iter().all(|(_, password)| !password) {
+            tracing::warn!(%node, error = %e, "the shared store (Redis) is unavailable: Redis requires authentication and the redis URL carries no password (redis://:PASSWORD@HOST:PORT/DB, or USER:PASSWORD@ for an ACL user); applying on_store_failure");
+        } else {
+            tracing::warn!(%node, error = %e, "the shared store (Redis) is unavailable: Redis refused the user name or password of the redis URL; applying on_store_failure");
+        }
     }
 
     /// Runs `script` with a deadline of `store_timeout`, counting and logging failures.
@@ -486,7 +520,7 @@ impl Store {
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 if self.up.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "the shared store (Redis) is unavailable; applying on_store_failure");
+                    self.warn_down(e);
                     if matches!(e, StoreError::Timeout) {
                         self.diagnose();
                     }
@@ -640,6 +674,15 @@ impl Store {
                 "unexpected reply to the usage script".into(),
             )),
         }
+    }
+}
+
+/// A node by address, never by URL (a URL may carry a password).
+fn node_name(addr: &redis::ConnectionAddr) -> String {
+    match addr {
+        redis::ConnectionAddr::Tcp(h, p) => format!("{h}:{p}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port} (TLS)"),
+        other => other.to_string(),
     }
 }
 

@@ -1260,3 +1260,66 @@ async fn a_scope_switch_on_reload_keeps_the_quota_count() {
     );
     assert_eq!(up.seen().len(), 10, "admitted in all");
 }
+
+/// A `redis` URL without a password, for a Redis that requires one (`requirepass`):
+/// the warning says so, in words (redis-rs says only "NOAUTH" or "unauthenticated
+/// multibulk length"), and never shows a password.
+#[tokio::test]
+async fn a_redis_requiring_a_password_the_url_lacks_is_logged_plainly() {
+    let Some(redis) = Redis::start_with(&["--requirepass", "s3cret-pw"]) else {
+        return;
+    };
+    let up = Upstream::echo("u").await;
+    let gw = Process::start(&fleet_toml(
+        &redis,
+        "edge-1",
+        up.addr,
+        "250ms",
+        &cluster_tenant("t", "requests_per_second = 100\nrequests_per_day = 1000"),
+    ));
+    gw.log_line(&["bulkhead is serving"]).await;
+    let line = gw
+        .log_line(&[
+            "WARN",
+            "Redis requires authentication",
+            "the redis URL carries no password",
+        ])
+        .await;
+    println!("{line}");
+    assert!(
+        line.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{line}"
+    );
+    assert!(!line.contains("s3cret"), "{line}");
+    let r = get(gw.addr, "/", &[("host", "t.com")]).await;
+    assert_eq!(r.status, 200, "open: served on local limits");
+
+    // A wrong password: said so too, and the password stays out of the log.
+    let toml = fleet_toml(
+        &redis,
+        "edge-1",
+        up.addr,
+        "250ms",
+        &cluster_tenant("t", "requests_per_second = 100"),
+    )
+    .replace("redis://127.0.0.1", "redis://:wrong-pw@127.0.0.1");
+    let gw = Process::start(&toml);
+    let line = gw
+        .log_line(&[
+            "WARN",
+            "Redis refused the user name or password of the redis URL",
+        ])
+        .await;
+    assert!(
+        line.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{line}"
+    );
+    assert!(
+        !gw.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("wrong-pw")),
+        "the password stays out of the log"
+    );
+}

@@ -64,6 +64,22 @@ impl Redis {
         Some(r)
     }
 
+    /// A server started with more `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(args: &[&str]) -> Option<Redis> {
+        if !available() {
+            return None;
+        }
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            extra: args.iter().map(|a| a.to_string()).collect(),
+            ca: None,
+        };
+        r.restart();
+        Some(r)
+    }
+
     /// A server that speaks TLS only, with a certificate for 127.0.0.1 signed by a CA
     /// made here (`openssl`); `ca` names the CA's PEM file.
     pub fn start_tls() -> Option<Redis> {
@@ -267,7 +283,8 @@ impl Redis {
         s.write_all(b"PING\r\n").ok()?;
         let mut buf = [0u8; 7];
         s.read_exact(&mut buf).ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
+        // A server with `requirepass` answers, but not PONG.
+        (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH")).then_some(())
     }
 
     /// Runs `redis-cli` against this server; returns its standard output, trimmed.
