@@ -195,6 +195,15 @@ async fn sync_tenant(store: &Store, t: &Tenant, last: bool) {
                     month.push = u.pending_month.swap(0, Ordering::AcqRel);
                     (r.unsettled, r.reserve_floor) = reserves.take();
                 }
+                // Should Redis have lost its data since the last sync, it takes these over.
+                r.rate_held = u.rate_tokens.load(Ordering::Acquire).max(0);
+                r.epoch = u.epoch.load(Ordering::Acquire);
+                if leased.day == p.day {
+                    r.known_day = u.known_day.load(Ordering::Acquire);
+                }
+                if leased.month == p.month {
+                    r.known_month = u.known_month.load(Ordering::Acquire);
+                }
                 r.day = day.clone();
                 r.month = month.clone();
                 *outbox = Some(r.clone());
@@ -238,6 +247,7 @@ async fn sync_tenant(store: &Store, t: &Tenant, last: bool) {
                 u.known_month.store(reply.month_used, Ordering::Release);
             }
             u.instances.store(reply.instances, Ordering::Release);
+            u.epoch.store(reply.epoch, Ordering::Release);
             // Leases are reservations, so using them is safe for as long as Redis keeps
             // this instance's holding; they lapse much sooner so that a store outage is
             // noticed within a few intervals.

@@ -98,6 +98,8 @@ pub struct Usage {
     pub(crate) known_day: AtomicI64,
     pub(crate) known_month: AtomicI64,
     pub(crate) generation: AtomicI64,
+    /// The epoch of the tenant's keys in Redis at the last sync (see `store::SYNC_LUA`).
+    pub(crate) epoch: AtomicI64,
     /// Instances syncing this tenant, as of the last sync.
     pub(crate) instances: AtomicI64,
     /// Leases count until this [`mono_ms`]; 0 before the first sync.

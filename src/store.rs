@@ -123,6 +123,14 @@ pub struct SyncRequest {
     /// Every reserve id up to this one has had its answer or is in `unsettled` (here
     /// or in an earlier request): one that reaches Redis only now is not applied.
     pub reserve_floor: u64,
+    /// Rate tokens this instance still holds once `rate_return` and `rate_used` are
+    /// applied, and the period counts as of its last sync: what Redis takes over when
+    /// it has lost its data since (`epoch` differs from its own).
+    pub rate_held: i64,
+    pub known_day: i64,
+    pub known_month: i64,
+    /// The epoch of the tenant's keys at this instance's last sync; 0 = none yet.
+    pub epoch: i64,
 }
 
 /// One quota period of a [`SyncRequest`].
@@ -152,6 +160,8 @@ pub struct SyncReply {
     pub generation: i64,
     /// Instances that synced this tenant within the last few seconds.
     pub instances: i64,
+    /// The epoch of the tenant's keys: new when Redis lost its data.
+    pub epoch: i64,
 }
 
 /// The answer of [`Store::reserve`].
@@ -171,12 +181,13 @@ pub fn key(tenant: &str, what: &str) -> String {
 const MEMBER_TTL_MS: u64 = 3_000;
 
 /// KEYS: rate, members, day, month, generation, applied, held, reserved (this
-///       instance's reserves, see [`RESERVE_LUA`]).
+///       instance's reserves, see [`RESERVE_LUA`]), epoch.
 /// ARGV: instance, boot, seq, rate, burst, rate_return, rate_want,
 ///       day_limit, day_return, day_push, day_want, day_expire_at,
 ///       month_limit, month_return, month_push, month_want, month_expire_at,
 ///       generation, member_ttl_ms, rate_used, reserve_floor,
-///       unsettled reserves ("id:admitted,…", admitted = 1 or 0).
+///       unsettled reserves ("id:admitted,…", admitted = 1 or 0),
+///       rate_held, epoch (as of the last sync; 0 = none), known_day, known_month.
 ///
 /// The rate part is a token bucket (`rate`: tokens, ts) whose tokens are leased out;
 /// `held` counts, per instance, tokens leased and not yet reported used or given back.
@@ -199,6 +210,23 @@ redis.call('PEXPIRE', KEYS[2], ttl * 2)
 local n = redis.call('ZCARD', KEYS[2])
 local gen = tonumber(redis.call('GET', KEYS[5]) or '0')
 
+-- The epoch: made when the tenant's keys are first written, and again after Redis
+-- lost them (FLUSHALL, a restart without persistence). An instance that saw another
+-- epoch at its last sync holds leases the new keys know nothing about: its holding
+-- and its counts are taken over from what it reports (below).
+local epoch = redis.call('GET', KEYS[9])
+if not epoch then
+  epoch = tostring(now)
+  redis.call('SET', KEYS[9], epoch)
+end
+redis.call('EXPIRE', KEYS[9], 86400 * 32)
+local lost = ARGV[24] ~= '0' and ARGV[24] ~= epoch
+if lost and tonumber(ARGV[18]) > gen then
+  gen = tonumber(ARGV[18])
+  redis.call('SET', KEYS[5], gen)
+  redis.call('EXPIRE', KEYS[5], 86400 * 400)
+end
+
 -- Each request is applied once per (instance, boot, seq): a reply lost to a timeout
 -- is followed by the same request again, which gets the first answer back (grants
 -- included) and changes nothing, so nothing is counted twice or leased into the void.
@@ -208,7 +236,7 @@ redis.call('EXPIRE', KEYS[6], 86400 * 32)
 if seq <= last then
   local cached = redis.call('HGET', KEYS[6], member .. ':reply')
   if seq == last and cached then return cjson.decode(cached) end
-  return {0, 0, 0, tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(redis.call('GET', KEYS[4]) or '0'), gen, n}
+  return {0, 0, 0, tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(redis.call('GET', KEYS[4]) or '0'), gen, n, tonumber(epoch)}
 end
 redis.call('HSET', KEYS[6], member, seq)
 
@@ -229,6 +257,12 @@ if rate > 0 then
   held = held - mine
   local back = math.min(mine, tonumber(ARGV[6]))
   mine = math.max(0, mine - back - tonumber(ARGV[20]))
+  if lost then
+    -- What it holds now (after this request's returns and uses), counted as leased
+    -- and unused: the new bucket makes room for it.
+    back = 0
+    mine = math.max(0, tonumber(ARGV[23]))
+  end
   tokens = tokens + back
   tokens = math.max(0, math.min(tokens, burst - held - mine))
   local want = tonumber(ARGV[7])
@@ -265,10 +299,12 @@ if floor > tonumber(redis.call('HGET', KEYS[6], member .. ':rfloor') or '0') the
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', floor)
 
-local function period(key, limit, give_back, push, want, expire_at)
+local function period(key, limit, give_back, push, want, expire_at, known)
   limit = tonumber(limit)
   local used = tonumber(redis.call('GET', key) or '0')
   if limit <= 0 then return 0, used end
+  -- The count as this instance last knew it (its leases included, given back below).
+  if lost then used = math.max(used, tonumber(known)) end
   if tonumber(ARGV[18]) == gen then
     push = math.max(0, tonumber(push) - settled[key][1])
     used = math.max(0, used - tonumber(give_back) + push)
@@ -283,9 +319,9 @@ local function period(key, limit, give_back, push, want, expire_at)
   redis.call('EXPIREAT', key, expire_at)
   return grant, used
 end
-local dg, du = period(KEYS[3], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
-local mg, mu = period(KEYS[4], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17])
-local reply = {rate_grant, dg, mg, du, mu, gen, n}
+local dg, du = period(KEYS[3], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[25])
+local mg, mu = period(KEYS[4], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[26])
+local reply = {rate_grant, dg, mg, du, mu, gen, n, tonumber(epoch)}
 redis.call('HSET', KEYS[6], member .. ':reply', cjson.encode(reply))
 return reply
 "#;
@@ -541,6 +577,7 @@ impl Store {
             key(tenant, "applied"),
             key(tenant, "held"),
             self.reserved_key(tenant),
+            key(tenant, "epoch"),
         ];
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let args = [
@@ -570,10 +607,14 @@ impl Store {
                 .map(|(id, admitted)| format!("{id}:{}", u8::from(*admitted)))
                 .collect::<Vec<_>>()
                 .join(","),
+            r.rate_held.to_string(),
+            r.epoch.to_string(),
+            r.known_day.to_string(),
+            r.known_month.to_string(),
         ];
         let v: Vec<i64> = self.run(&self.sync, &keys, &args).await?;
         match v[..] {
-            [rate_grant, day_grant, month_grant, day_used, month_used, generation, instances] => {
+            [rate_grant, day_grant, month_grant, day_used, month_used, generation, instances, epoch] => {
                 Ok(SyncReply {
                     rate_grant,
                     day_grant,
@@ -582,6 +623,7 @@ impl Store {
                     month_used,
                     generation,
                     instances,
+                    epoch,
                 })
             }
             _ => Err(StoreError::Redis(
