@@ -402,9 +402,11 @@ fn charge_local(
 async fn charge_cluster(store: &Store, tenant: &Tenant, p: &Periods) -> Result<(), ProxyError> {
     let l = &tenant.configured_limits;
     let u = &tenant.limits.usage;
-    u.enter_cluster(p);
     u.quota_demand.fetch_add(1, Ordering::Relaxed);
     if !u.is_valid() {
+        // Also the first charges after a switch from local scope (see `enter_cluster`;
+        // the sync does the same): off the path of a request that finds a leased unit.
+        u.enter_cluster(p);
         return store_down(
             u,
             l.on_store_failure,
@@ -429,6 +431,7 @@ async fn charge_cluster(store: &Store, tenant: &Tenant, p: &Periods) -> Result<(
         }
     }
     // None left here: Redis decides this one, within store_timeout.
+    u.enter_cluster(p);
     let (day, month) = period_syncs(&tenant.id, l.requests_per_day, l.requests_per_month, p);
     let ticket = Ticket::new(u);
     let answer = match store.reserve(&tenant.id, &day, &month, ticket.id).await {
