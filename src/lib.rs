@@ -27,6 +27,7 @@ pub mod periods;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
+pub mod scripts;
 pub mod server;
 pub mod snapshot;
 pub mod store;
