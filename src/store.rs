@@ -1,6 +1,6 @@
 //! The shared store of cluster scope: a Redis server (or a Redis Cluster) reached
-//! through the `redis` crate's reconnecting connections, and the atomic Lua scripts
-//! that every instance runs against it. Nothing here runs on the request path except
+//! through the `redis` crate's reconnecting connections, on which every instance runs
+//! the atomic Lua scripts of `scripts.rs`. Nothing here runs on the request path except
 //! [`Store::reserve`], which a request calls only when its instance holds no quota lease
 //! (and then for at most `store_timeout`).
 //!
