@@ -746,6 +746,60 @@ async fn a_resent_sync_counts_nothing_twice() {
     assert!(tokens <= 100.0, "{tokens}");
 }
 
+/// The reserve script and the sync settle a reserve whose answer came too late, by
+/// its id: applied and admitted anyway ("open", so also pushed) counts once; applied
+/// and refused ("closed") is given back; one that reaches Redis after the sync that
+/// settled it as never applied is not applied.
+#[tokio::test]
+async fn a_late_reserve_is_settled_by_its_id() {
+    use bulkhead::config::ClusterSettings;
+    use bulkhead::quota::{period_syncs, Periods};
+    use bulkhead::store::{Reserved, Store, SyncRequest};
+    let Some(redis) = Redis::start() else { return };
+    let store = Store::new(ClusterSettings {
+        nodes: vec![redis.url()],
+        instance_id: "edge-1".into(),
+        sync_interval: Duration::from_millis(50),
+        store_timeout: Duration::from_secs(2),
+    });
+    store.connect().await.unwrap();
+    let p = Periods::current();
+    let (day, month) = period_syncs("t", Some(1000), None, &p);
+    let used = || redis.cli(&["GET", &day.key]);
+    // Reserves 1 and 2 applied, their answers "lost"; 3 never reached Redis in time.
+    for id in [1, 2] {
+        assert!(matches!(
+            store.reserve("t", &day, &month, id).await,
+            Ok(Reserved::Ok)
+        ));
+    }
+    assert_eq!(used(), "2");
+    // 1 was admitted anyway and is in the push; 2 and 3 were refused.
+    let mut req = SyncRequest {
+        seq: 1,
+        day: day.clone(),
+        month: month.clone(),
+        unsettled: vec![(1, true), (2, false), (3, false)],
+        reserve_floor: 3,
+        ..SyncRequest::default()
+    };
+    req.day.push = 1;
+    store.sync("t", &req).await.unwrap();
+    assert_eq!(used(), "1", "1 counted once, 2 given back");
+    // The same request again (its reply lost) changes nothing.
+    store.sync("t", &req).await.unwrap();
+    assert_eq!(used(), "1");
+    // 3 reaches Redis now: settled already, not applied.
+    assert!(store.reserve("t", &day, &month, 3).await.is_err());
+    assert_eq!(used(), "1");
+    // A later reserve is applied as usual.
+    assert!(matches!(
+        store.reserve("t", &day, &month, 4).await,
+        Ok(Reserved::Ok)
+    ));
+    assert_eq!(used(), "2");
+}
+
 /// A graceful stop gives every lease back: after all three instances stop, Redis counts
 /// exactly the requests they admitted, not the units they had leased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1367,7 +1421,8 @@ async fn a_redis_that_lost_its_data_takes_the_leases_and_counts_over() {
             .parse()
             .unwrap_or(50.0);
         let now_held = held();
-        if now_held >= 27 && tokens + now_held as f64 <= 50.0 + 1e-6 {
+        let synced = redis.cli(&["HLEN", "bulkhead:{r}:held"]) == "3";
+        if synced && now_held >= 27 && tokens + now_held as f64 <= 50.0 + 1e-6 {
             println!("after FLUSHALL: held {before} before, {now_held} after; bucket {tokens:.1}");
             break;
         }
