@@ -146,6 +146,43 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// The service's future, boxed, for a connection whose service answers in more than
+/// one way.
+pub type Handled =
+    Pin<Box<dyn std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// The answer to a request head the gateway refused before hyper read it
+/// (`h1::Checked`): the JSON error, then the close, counted and logged under no
+/// tenant with `-` and `*` for the method and target, as the fast path logs such a
+/// head.
+pub async fn refuse_head(
+    e: ProxyError,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let snap = ctx.shared.snapshot.load_full();
+    let request_id = headers::new_request_id();
+    let mut ex = Exchange::new(&snap);
+    let mut resp = refuse(&e, &snap, &mut ex, &request_id);
+    let h = resp.headers_mut();
+    h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    let status = resp.status().as_u16();
+    let method = http::Method::from_bytes(b"-").unwrap_or_default();
+    let path = PathAndQuery::from_static("*");
+    let finish = ex.finish(
+        &snap,
+        started,
+        status,
+        Some(e.code()),
+        request_id,
+        method,
+        path,
+    );
+    resp.body_mut().set_finish(finish);
+    Ok(resp)
+}
+
 /// The access log's `reason` for a request whose client closed its connection (or,
 /// on HTTP/2, reset its stream) before the response was over.
 pub const CLIENT_CLOSED: &str = "client_closed";

@@ -671,25 +671,39 @@ async fn serve<I>(
         }
         return;
     }
-    // Boxed: hyper moves the service future into each HTTP/2 stream's task (and
-    // around inside hyper); a pointer moves for free, the ~3 KiB future does not.
-    let service = service_fn(move |req: Request<Incoming>| {
-        Box::pin(proxy::handle(
-            req.map(crate::limits::ClientBody::Hyper),
-            conn_ctx.clone(),
-        ))
-    });
-    let io = TokioIo::new(io);
     let result = if is_h2 {
+        // Boxed: hyper moves the service future into each HTTP/2 stream's task (and
+        // around inside hyper); a pointer moves for free, the ~3 KiB future does not.
+        let service = service_fn(move |req: Request<Incoming>| {
+            Box::pin(proxy::handle(
+                req.map(crate::limits::ClientBody::Hyper),
+                conn_ctx.clone(),
+            ))
+        });
         drive(
-            ctx.h2.serve_connection(io, service),
+            ctx.h2.serve_connection(TokioIo::new(io), service),
             |c| c.graceful_shutdown(),
             &mut shutdown,
         )
         .await
     } else {
+        // Each request head is checked before hyper reads it, so that one hyper would
+        // refuse with an empty 400 or 431 gets the gateway's JSON answer instead.
+        let verdict = Arc::new(crate::h1::Verdict::default());
+        let io = crate::h1::Checked::new(io, ctx.hyper_limit, verdict.clone());
+        let service = service_fn(move |req: Request<Incoming>| -> proxy::Handled {
+            match verdict.refusal() {
+                Some(e) => Box::pin(proxy::refuse_head(e, conn_ctx.clone())),
+                None => Box::pin(proxy::handle(
+                    req.map(crate::limits::ClientBody::Hyper),
+                    conn_ctx.clone(),
+                )),
+            }
+        });
         drive(
-            ctx.h1.serve_connection(io, service).with_upgrades(),
+            ctx.h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
             |c| c.graceful_shutdown(),
             &mut shutdown,
         )

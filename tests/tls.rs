@@ -771,3 +771,68 @@ upstream = "u"
         "{err}"
     );
 }
+
+// ---- heads hyper would refuse with an empty answer ----
+
+/// Over TLS (hyper's HTTP/1.1 server), a head the plain listener's fast path answers
+/// with the gateway's JSON error gets that answer too — not hyper's empty 400 or 431
+/// that no log or metric saw — on any request of a keep-alive connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_hyper_would_refuse_get_the_gateways_json_errors_over_tls() {
+    let s = Setup::new().await;
+    let gw = s.start(&config(&s.acme, &s.globex, "", ""));
+    let ok = "GET /first HTTP/1.1\r\nhost: acme.test\r\n\r\n";
+    let post = "POST /second HTTP/1.1\r\nhost: acme.test\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: acme.test\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let cases: [(String, u16, &str); 4] = [
+        (format!("{ok}GET t/acme/x HTTP/1.1\r\nhost: acme.test\r\n\r\n"), 400, "bad_request"),
+        (
+            format!("{ok}{post}POST /x HTTP/1.1\r\nhost: acme.test\r\ntransfer-encoding: gzip\r\n\r\nabc"),
+            400,
+            "bad_request",
+        ),
+        (format!("{ok}POST /x HTTP/1.1\r\nhost: acme.test\r\ncontent-length: 1x\r\n\r\n"), 400, "bad_request"),
+        (format!("{ok}{big}"), 431, "headers_too_large"),
+    ];
+    for (bytes, status, code) in &cases {
+        let raw = pki::tls_raw(
+            gw.tls(),
+            "acme.test",
+            s.client(&[b"http/1.1"]),
+            bytes.as_bytes(),
+        )
+        .await;
+        let answers = pki::responses(&raw);
+        let (last_status, head, body) = answers.last().expect("answered");
+        assert!(
+            answers[..answers.len() - 1].iter().all(|a| a.0 == 200),
+            "{answers:?}"
+        );
+        assert!(
+            answers.len() >= 2,
+            "the earlier requests were served: {answers:?}"
+        );
+        assert_eq!(last_status, status, "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let body: serde_json::Value = serde_json::from_slice(body).expect("a JSON body");
+        assert_eq!(body["error"], *code, "{body}");
+        assert_eq!(body["tenant"], serde_json::Value::Null, "{body}");
+        assert!(body["request_id"].is_string(), "{body}");
+    }
+    // Counted, under no tenant, like the fast path's refusals.
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        r#"bulkhead_rejected_total{tenant="_unknown",reason="bad_request"} 3"#,
+        r#"bulkhead_rejected_total{tenant="_unknown",reason="headers_too_large"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+}

@@ -16,6 +16,7 @@
 //! HTTP/2 upstream — is handed to hyper together with the bytes already read, and
 //! hyper serves the rest of that connection exactly as it serves every TLS connection.
 
+mod checked;
 mod exchange;
 mod fetch;
 mod park;
@@ -33,6 +34,7 @@ use std::future::Future;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use checked::{Checked, Verdict};
 use exchange::{Done, Outgoing, RequestCounters};
 pub use exchange::{Pool, Stall};
 pub use fetch::{fetch, Timeouts, UpstreamBody};

@@ -169,6 +169,97 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
     })
 }
 
+/// How the bytes after a request head checked by [`check_head`] are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadFraming {
+    /// A body of this many bytes (0: none); the next head follows it.
+    Length(u64),
+    /// A chunked body; the next head follows its last chunk and trailers.
+    Chunked,
+    /// The rest of the connection is not HTTP/1.1 messages the gateway can follow
+    /// (`CONNECT`, an upgrade).
+    Opaque,
+}
+
+/// Checks the request head at the front of `buf` as the fast path's
+/// [`parse_request`] does, without building anything: for a connection hyper
+/// serves (TLS, or one the fast path handed over), so that what the fast path
+/// answers with the gateway's JSON error is answered so there too, instead of with
+/// hyper's empty 400 or 431. `Ok(None)`: not a whole head yet. `Ok(Some((len,
+/// framing)))`: the head is `len` bytes and what follows is framed so.
+pub fn check_head(buf: &[u8]) -> Result<Option<(usize, HeadFraming)>, ProxyError> {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADER_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ProxyError::TooManyHeaderFields {
+                limit: MAX_HEADER_FIELDS,
+            })
+        }
+        Err(e) => return Err(ProxyError::MalformedRequest { why: why(e) }),
+    };
+    let bad = |why| Err(ProxyError::MalformedRequest { why });
+    let connect = req.method == Some("CONNECT");
+    let target = req.path.map(str::as_bytes).unwrap_or_default();
+    let origin = matches!(target, [b'/', ..]);
+    match target {
+        [b'/', ..] => {}
+        b"*" if req.method == Some("OPTIONS") => {}
+        _ if connect => {}
+        p if absolute_form(p) => {
+            if Uri::try_from(p).is_err() {
+                return bad("invalid request target");
+            }
+        }
+        _ => return bad("invalid request target"),
+    }
+    let (mut length, mut te, mut hosts, mut upgrade) = (None, None, 0, false);
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if is_name(name, b"content-length") {
+            let Some(n) = parse_length(h.value) else {
+                return bad("invalid content-length");
+            };
+            if length.is_some_and(|l| l != n) {
+                return bad("conflicting content-lengths");
+            }
+            length = Some(n);
+        } else if is_name(name, b"transfer-encoding") {
+            te = Some(h.value);
+        } else if is_name(name, b"host") {
+            hosts += 1;
+        } else if is_name(name, b"upgrade") {
+            upgrade = true;
+        }
+    }
+    let framing = if let Some(value) = te {
+        if req.version != Some(1) {
+            return bad("a transfer-encoding in an HTTP/1.0 request");
+        }
+        let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+        if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return bad("a transfer-encoding whose last coding is not chunked");
+        }
+        HeadFraming::Chunked
+    } else {
+        HeadFraming::Length(length.unwrap_or(0))
+    };
+    if hosts > 1 {
+        return bad("more than one Host header");
+    }
+    if hosts == 0 && req.version == Some(1) && (origin || target == b"*") {
+        return bad("no Host header");
+    }
+    // After a tunnel or an upgrade the bytes are no longer requests (and after an
+    // upgrade that was refused, the rest goes unchecked, to hyper as it comes).
+    if connect || upgrade {
+        return Ok(Some((len, HeadFraming::Opaque)));
+    }
+    Ok(Some((len, framing)))
+}
+
 /// The most header fields a request may have: the fast path parses up to `MAX_HEADERS`
 /// and leaves longer heads to hyper, which is set to take this many (`server.rs`).
 pub const MAX_HEADER_FIELDS: usize = 256;
@@ -843,6 +934,34 @@ impl Chunked {
     /// [`Chunked::payload_only`]). Returns how many bytes were consumed (all of them
     /// unless the body ended earlier) and the number of payload bytes.
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, u64), BadChunk> {
+        let rechunk = self.rechunk;
+        self.run(input, |data, last| {
+            if last {
+                if rechunk {
+                    out.extend_from_slice(LAST_CHUNK);
+                }
+            } else if rechunk {
+                write_chunk(out, data);
+            } else {
+                out.extend_from_slice(data);
+            }
+        })
+    }
+
+    /// Follows the framing only (a body hyper reads): how many bytes of `input`
+    /// belong to the body (all of them unless it ended earlier).
+    pub fn frame(&mut self, input: &[u8]) -> Result<usize, BadChunk> {
+        self.run(input, |_, _| {}).map(|(n, _)| n)
+    }
+
+    /// The decoder: `data(bytes, false)` for each run of payload, `data(&[], true)`
+    /// at the end of the body.
+    #[inline(always)]
+    fn run(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(&[u8], bool),
+    ) -> Result<(usize, u64), BadChunk> {
         let mut i = 0;
         let mut payload = 0u64;
         while i < input.len() {
@@ -884,11 +1003,7 @@ impl Chunked {
                 }
                 ChunkState::Data => {
                     let n = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    if self.rechunk {
-                        write_chunk(out, &input[i..i + n]);
-                    } else {
-                        out.extend_from_slice(&input[i..i + n]);
-                    }
+                    data(&input[i..i + n], false);
                     i += n;
                     payload += n as u64;
                     self.size -= n as u64;
@@ -919,9 +1034,7 @@ impl Chunked {
                     match b {
                         b'\n' if self.blank => {
                             self.state = ChunkState::Done;
-                            if self.rechunk {
-                                out.extend_from_slice(LAST_CHUNK);
-                            }
+                            data(&[], true);
                             return Ok((i, payload));
                         }
                         b'\n' => self.blank = true,

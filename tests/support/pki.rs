@@ -216,3 +216,50 @@ pub async fn tls_get(
     let reply = h1.get(path, &[("host", host)]).await?;
     Ok((reply, seen))
 }
+
+/// Writes `bytes` on a new TLS connection (ALPN http/1.1) and reads until the server
+/// closes it: every byte of every answer.
+pub async fn tls_raw(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+    bytes: &[u8],
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut tls, _) = connect(addr, sni, config).await.unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut chunk))
+            .await
+            .expect("answered and closed in time");
+        match read {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The answers in `raw` (HTTP/1.1 responses with a `content-length`), in order:
+/// status, head, body.
+pub fn responses(raw: &[u8]) -> Vec<(u16, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end + 4]).into_owned();
+        let status = head[9..12].parse().unwrap();
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        let body = rest[end + 4..(end + 4 + len).min(rest.len())].to_vec();
+        rest = &rest[(end + 4 + len).min(rest.len())..];
+        out.push((status, head, body));
+    }
+    out
+}
