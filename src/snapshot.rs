@@ -815,9 +815,17 @@ impl Snapshot {
     /// The tenant owning `host`, which must already be lower case without port or
     /// trailing dot. An exact host beats a wildcard; a wildcard covers one label.
     pub fn tenant_by_host(&self, host: &str) -> Option<TenantIdx> {
-        if let Some(i) = self.exact_hosts.get(host) {
-            return Some(i);
-        }
+        self.tenant_by_exact_host(host)
+            .or_else(|| self.tenant_by_wildcard(host))
+    }
+
+    /// The tenant with `host` (lower case, no port) among its exact `hosts`.
+    pub fn tenant_by_exact_host(&self, host: &str) -> Option<TenantIdx> {
+        self.exact_hosts.get(host)
+    }
+
+    /// The tenant whose wildcard `hosts` cover `host` (lower case, no port).
+    pub fn tenant_by_wildcard(&self, host: &str) -> Option<TenantIdx> {
         let dot = host.find('.')?;
         if dot == 0 {
             return None;

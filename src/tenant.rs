@@ -141,19 +141,45 @@ fn host_source(
             None => host = Some(v.as_bytes()),
             Some(h) if same_host(h, v.as_bytes()) => {}
             Some(h) => {
+                authority_problem(h)?;
+                authority_problem(v.as_bytes())?;
                 return Err(ProxyError::TenantMismatch {
                     first: String::from_utf8_lossy(h).into(),
                     first_source: "request authority",
                     other: String::from_utf8_lossy(v.as_bytes()).into(),
                     other_source: "host header",
-                })
+                });
             }
         }
     }
     let Some(raw) = host else { return Ok(None) };
-    Ok(normalize_host(raw, buf)
-        .and_then(|h| snap.tenant_by_host(h))
-        .map(Yield::Known))
+    let Some(h) = normalize_host(raw, buf) else {
+        authority_problem(raw)?;
+        return Ok(None);
+    };
+    // A configured host has neither userinfo nor a comma: an exact match needs no
+    // further look (the usual request).
+    if let Some(t) = snap.tenant_by_exact_host(h) {
+        return Ok(Some(Yield::Known(t)));
+    }
+    // A wildcard takes any first label, `x@a` or `a, b` included.
+    authority_problem(raw)?;
+    Ok(snap.tenant_by_wildcard(h).map(Yield::Known))
+}
+
+/// An authority that is not one host: userinfo (`user@host`, not allowed in http(s)
+/// URIs, RFC 9110 §4.2.4) or a list (`Host: a.com, b.com`; a request names one
+/// authority, RFC 9110 §7.2). Refused (400) rather than looked up as a host name
+/// nobody has (404).
+fn authority_problem(raw: &[u8]) -> Result<(), ProxyError> {
+    let why = if raw.contains(&b'@') {
+        "userinfo in the request's authority (RFC 9110 section 4.2.4)"
+    } else if raw.contains(&b',') {
+        "more than one authority in Host"
+    } else {
+        return Ok(());
+    };
+    Err(ProxyError::MalformedRequest { why })
 }
 
 fn same_host(a: &[u8], b: &[u8]) -> bool {
@@ -451,6 +477,31 @@ hosts = ["x.acme.example.com"]
         let (u, h) = req("/t/acme/reports?q=1", &[]);
         let r = resolve(&s, &u, &h, None).unwrap();
         assert_eq!(r.strip_path, Some("/t/acme".len()));
+    }
+
+    #[test]
+    fn userinfo_and_lists_in_the_authority_are_bad_requests() {
+        let s = snap(r#"["host", "header"]"#);
+        for (uri, host) in [
+            ("/", "x@acme.example.com"),
+            ("/", "x@a.acme.example.com"),
+            ("/", "a.acme.example.com, b.acme.example.com"),
+            ("/", "b, a.acme.example.com"),
+            ("/", "acme.example.com,acme.example.com"),
+            ("/", "nobody.com, acme.example.com:80"),
+            ("https://x@acme.example.com/", "acme.example.com"),
+            ("https://x:y@acme.example.com/", "x:y@acme.example.com"),
+        ] {
+            assert_eq!(
+                who(&s, uri, &[("host", host), ("x-tenant-id", "acme")]),
+                Err("bad_request"),
+                "{uri} {host}"
+            );
+        }
+        assert_eq!(
+            who(&s, "/", &[("host", "a.acme.example.com")]).unwrap(),
+            "acme"
+        );
     }
 
     #[test]

@@ -242,3 +242,65 @@ async fn upstream_closing_idle_connections_causes_no_errors() {
     }
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 10);
 }
+
+/// `Host: x@t.com`, `https://x@t.com/` and `Host: a, b` name no host a tenant could
+/// have: 400 bad_request on every path (RFC 9110 §4.2.4: no userinfo in http(s) URIs;
+/// a request names one authority), not 404 unknown_tenant.
+#[tokio::test]
+async fn userinfo_or_a_list_in_the_authority_is_400_on_every_path() {
+    let gw = Gateway::start(
+        "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[defaults]\nupstream = \"u\"\n[tenants.t]\nhosts = [\"t.com\", \"*.t.com\"]\n",
+    );
+    let heads = [
+        "GET / HTTP/1.1\r\nHost: x@t.com\r\n",
+        "GET / HTTP/1.1\r\nHost: x@a.t.com\r\n",
+        "GET https://x@t.com/ HTTP/1.1\r\nHost: t.com\r\n",
+        "GET https://x@t.com/ HTTP/1.1\r\nHost: x@t.com\r\n",
+        "GET / HTTP/1.1\r\nHost: t.com, t.com\r\n",
+        "GET / HTTP/1.1\r\nHost: nobody.com, a.t.com\r\n",
+    ];
+    // The fast path; hyper's (HTTP/1.0 and a chunked body are handed to it).
+    for head in heads {
+        for variant in [
+            format!("{head}connection: close\r\n\r\n"),
+            format!(
+                "{}connection: close\r\n\r\n",
+                head.replace("HTTP/1.1", "HTTP/1.0")
+            ),
+            format!(
+                "{}connection: close\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                head.replacen("GET", "POST", 1)
+            ),
+        ] {
+            let mut s = TcpStream::connect(gw.addr).await.unwrap();
+            s.write_all(variant.as_bytes()).await.unwrap();
+            let answer = read_until_closed(&mut s, Duration::from_secs(10))
+                .await
+                .expect("answered and closed");
+            let text = String::from_utf8_lossy(&answer);
+            assert!(
+                text.starts_with("HTTP/1.1 400") || text.starts_with("HTTP/1.0 400"),
+                "{variant:?}: {text}"
+            );
+            assert!(
+                text.contains(r#""error":"bad_request""#),
+                "{variant:?}: {text}"
+            );
+        }
+    }
+    // HTTP/2: the `:authority`.
+    let mut h2 = h2c::<http_body_util::Empty<bytes::Bytes>>(&gw).await;
+    for uri in ["http://x@t.com/", "http://x:y@a.t.com/"] {
+        let resp = h2
+            .send_request(http::Request::get(uri).body(Default::default()).unwrap())
+            .await
+            .unwrap();
+        assert_error(&read(resp).await, 400, "bad_request");
+    }
+    // What a tenant's host looks like still resolves (404 only for nobody's host).
+    assert_error(
+        &get(gw.addr, "/", &[("host", "nobody.com")]).await,
+        404,
+        "unknown_tenant",
+    );
+}
