@@ -100,7 +100,6 @@ pub enum ProxyError {
     /// request another), or the tenant requires a client certificate this connection
     /// did not present.
     Misdirected {
-        tenant: Box<str>,
         why: &'static str,
     },
     /// The tenant's `requests_per_day` / `requests_per_month` is used up; `retry_after`
@@ -303,8 +302,10 @@ impl ProxyError {
                 "the request body stopped: no byte of it for {}ms",
                 after.as_millis()
             ),
-            ProxyError::Misdirected { tenant, why } => {
-                format!("this connection cannot serve tenant {tenant:?}: {why}")
+            // The tenant is not named: the client has not proven it may know it (the
+            // host it asked for may be someone else's, or its certificate unverified).
+            ProxyError::Misdirected { why } => {
+                format!("this connection cannot serve the requested host: {why}")
             }
             ProxyError::QuotaExhausted {
                 period,
@@ -370,6 +371,12 @@ impl ProxyError {
             tenant: Option<&'a str>,
             request_id: &'a str,
         }
+        let tenant = match self {
+            // Not to a client that has not authenticated for it (metrics and the
+            // access log still carry it).
+            ProxyError::Misdirected { .. } => None,
+            _ => tenant,
+        };
         let body = Body {
             error: self.code(),
             message: self.message(),
@@ -458,10 +465,7 @@ mod tests {
                 retry_after: 5,
             },
             ProxyError::StoreUnavailable,
-            ProxyError::Misdirected {
-                tenant: "t".into(),
-                why: "sni",
-            },
+            ProxyError::Misdirected { why: "sni" },
             ProxyError::MethodNotAllowed,
             ProxyError::UnsupportedTransferCoding {
                 coding: "gzip".into(),
@@ -478,6 +482,20 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen, (0..ProxyError::REASONS.len()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_misdirected_request_names_no_tenant() {
+        let rid = HeaderValue::from_static("abc");
+        let r = ProxyError::Misdirected { why: "sni" }.to_response(Some("acme"), &rid);
+        assert_eq!(r.status(), 421);
+        let body = r.into_body().into_full().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["tenant"], serde_json::Value::Null);
+        assert!(
+            !body["message"].as_str().unwrap().contains("acme"),
+            "{body}"
+        );
     }
 
     #[test]

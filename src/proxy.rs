@@ -627,16 +627,14 @@ pub(crate) fn route<'s>(
         // made for another name (or over plain HTTP) never proved one for this tenant.
         if tls.and_then(|t| t.mtls_tenant.as_deref()) != Some(&*tenant.id) {
             return Err(ProxyError::Misdirected {
-                tenant: (*tenant.id).into(),
-                why: "the tenant requires a client certificate; connect over TLS with one of its host names",
+                why: "it requires a client certificate; connect over TLS with its host name",
             });
         }
         // Nor does one verified by a client CA the tenant has since replaced: the
         // client must prove its certificate again (421 tells it to reconnect).
         if tls.is_some_and(|t| t.mtls_ca != side.client_ca) {
             return Err(ProxyError::Misdirected {
-                tenant: (*tenant.id).into(),
-                why: "the tenant's client CA changed since this connection was verified; reconnect",
+                why: "its client CA changed since this connection was verified; reconnect",
             });
         }
     }

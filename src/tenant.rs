@@ -97,14 +97,8 @@ pub fn resolve(
                 // (say, HTTP/2 connection reuse across hosts one certificate covers): the
                 // client must open a connection for the right name.
                 if first_source == SourceKind::Sni || source == SourceKind::Sni {
-                    let request = if first_source == SourceKind::Sni {
-                        other
-                    } else {
-                        &*snap.tenant(a).id
-                    };
                     return Err(ProxyError::Misdirected {
-                        tenant: request.into(),
-                        why: "its TLS server name (SNI) names another tenant",
+                        why: "the connection's TLS server name (SNI) is another tenant's",
                     });
                 }
                 return Err(ProxyError::TenantMismatch {

@@ -212,7 +212,9 @@ async fn sni_for_one_tenant_and_host_for_another_is_421() {
         .await
         .unwrap();
     assert_error(&r, 421, "misdirected_request");
-    assert!(r.json()["message"].as_str().unwrap().contains("globex"));
+    // The body names no tenant: the client has proven nothing about globex.
+    assert_eq!(r.json()["tenant"], serde_json::Value::Null);
+    assert!(!r.json()["message"].as_str().unwrap().contains("globex"));
     // The same connection may still serve its own tenant.
     let (tls, _) = pki::connect(gw.tls(), "acme.test", cfg.clone())
         .await
@@ -499,10 +501,25 @@ async fn mtls_requires_a_client_certificate_and_forwards_its_subject() {
         .await
         .unwrap();
     assert_error(&r, 421, "misdirected_request");
-    assert_error(
-        &get(gw.addr, "/", &[("host", "acme.test")]).await,
-        421,
-        "misdirected_request",
+    let plain = get(gw.addr, "/", &[("host", "acme.test")]).await;
+    assert_error(&plain, 421, "misdirected_request");
+    // Neither body names acme to a client that has proven no certificate for it; the
+    // metrics still count the refusals under acme.
+    for r in [&r, &plain] {
+        assert_eq!(
+            r.json()["tenant"],
+            serde_json::Value::Null,
+            "{:?}",
+            r.json()
+        );
+        assert!(!r.json()["message"].as_str().unwrap().contains("acme"));
+    }
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics
+            .contains(r#"bulkhead_rejected_total{tenant="acme",reason="misdirected_request"} 2"#),
+        "{metrics}"
     );
     assert_eq!(acme.seen().len(), before);
     // globex itself needs no client certificate.
@@ -551,7 +568,9 @@ async fn a_replaced_client_ca_ends_what_the_old_one_verified() {
     pki::write_atomic(&s.dir().join("acme-clients.pem"), other.pem.as_bytes());
     let r = send(gw.admin, "POST", "/reload", &[], Bytes::new()).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_error(&h1.get("/", &h).await.unwrap(), 421, "misdirected_request");
+    let r = h1.get("/", &h).await.unwrap();
+    assert_error(&r, 421, "misdirected_request");
+    assert_eq!(r.json()["tenant"], serde_json::Value::Null);
     let r = pki::tls_get(gw.tls(), "acme.test", cfg, "/", "acme.test").await;
     assert!(
         r.is_err(),
