@@ -517,17 +517,17 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(path, &text),
-            Err(e) => Err(ConfigError {
-                path: path.to_owned(),
-                problems: vec![Problem {
-                    line: 1,
-                    col: 1,
-                    message: format!("cannot read the file: {e}"),
-                }],
-            }),
-        }
+        let (line, col, message) = match read_text(path) {
+            Ok(text) => return Config::parse(path, &text),
+            Err(NotText::Io(e)) => (1, 1, format!("cannot read the file: {e}")),
+            Err(NotText::NotUtf8 { line, col, .. }) => {
+                (line, col, "the file is not valid UTF-8".to_owned())
+            }
+        };
+        Err(ConfigError {
+            path: path.to_owned(),
+            problems: vec![Problem { line, col, message }],
+        })
     }
 
     /// Parses and validates `text` as the contents of `path`.
@@ -1591,6 +1591,31 @@ pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
             "target {raw:?} must name a port, e.g. \"127.0.0.1:9001\""
         )),
     }
+}
+
+/// Why a config file could not be read as text.
+pub(crate) enum NotText {
+    Io(std::io::Error),
+    /// Read, but not UTF-8: the bytes, and the position of the first bad one.
+    NotUtf8 {
+        bytes: Vec<u8>,
+        line: usize,
+        col: usize,
+    },
+}
+
+/// A config file's text, or why there is none; for `Config::load` (start, `check`)
+/// and reloads alike, so both report a bad byte at the same line and column.
+pub(crate) fn read_text(path: &Path) -> Result<String, NotText> {
+    let bytes = std::fs::read(path).map_err(NotText::Io)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let bytes = e.into_bytes();
+        // Valid UTF-8 by `valid_up_to`, so the prefix converts whole.
+        let before = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+        let (line, col) = line_col(before, before.len());
+        NotText::NotUtf8 { bytes, line, col }
+    })
 }
 
 pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Serialize, Serializer};
 
-use crate::config::{line_col, version_of, Config, ResolvedTenant};
+use crate::config::{line_col, version_of, Config, NotText, ResolvedTenant};
 use crate::server::Shared;
 use crate::snapshot::Snapshot;
 
@@ -361,21 +361,14 @@ enum Unreadable {
 }
 
 fn read(path: &Path) -> Result<String, Unreadable> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Unreadable::Missing(e),
-        _ => Unreadable::Io(e),
-    })?;
-    String::from_utf8(bytes).map_err(|e| {
-        let bytes = e.as_bytes();
-        let good = &bytes[..e.utf8_error().valid_up_to()];
-        // Valid UTF-8 by `valid_up_to`, so the prefix converts whole.
-        let before = std::str::from_utf8(good).unwrap_or_default();
-        let (line, col) = line_col(before, before.len());
-        Unreadable::NotUtf8 {
-            version: version_of(&String::from_utf8_lossy(bytes)),
+    crate::config::read_text(path).map_err(|e| match e {
+        NotText::Io(e) if e.kind() == std::io::ErrorKind::NotFound => Unreadable::Missing(e),
+        NotText::Io(e) => Unreadable::Io(e),
+        NotText::NotUtf8 { bytes, line, col } => Unreadable::NotUtf8 {
+            version: version_of(&String::from_utf8_lossy(&bytes)),
             line,
             col,
-        }
+        },
     })
 }
 

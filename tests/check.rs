@@ -475,3 +475,25 @@ fn assert_refused(cases: &[(String, &str)], alone: bool) {
         }
     }
 }
+
+/// A byte that is not UTF-8 is reported where it is, by `check` and at start, as a
+/// reload reports it (it was `1:1` wherever it was).
+#[test]
+fn invalid_utf8_is_reported_at_the_first_bad_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, b"[server]\nworkers = 1 # caf\xe9\n").unwrap();
+    for cmd in ["check", "run"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .args([cmd, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("gateway.toml:2:18: the file is not valid UTF-8"),
+            "{cmd}: {err}"
+        );
+    }
+}
