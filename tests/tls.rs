@@ -855,3 +855,49 @@ async fn heads_hyper_would_refuse_get_the_gateways_json_errors_over_tls() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
 }
+
+/// Over TLS, a request that names the `http` scheme (HTTP/2 `:scheme: http`, an
+/// HTTP/1.1 `http://` target) is served as nginx and HAProxy serve it: the scheme a
+/// client writes is not the connection's (RFC 9113 §8.3.1 does not tie them), and the
+/// upstream is told what the connection was — `x-forwarded-proto: https` — never the
+/// client's word for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_scheme_over_tls_is_served_as_https() {
+    let s = Setup::new().await;
+    let gw = s.start(&config(&s.acme, &s.globex, "", ""));
+    // HTTP/2.
+    let (tls, seen) = pki::connect(gw.tls(), "acme.test", s.client(&[b"h2"]))
+        .await
+        .unwrap();
+    assert_eq!(seen.alpn.as_deref(), Some(&b"h2"[..]));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            http::Request::get("http://acme.test/h2")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // HTTP/1.1, absolute form.
+    let raw = pki::tls_raw(
+        gw.tls(),
+        "acme.test",
+        s.client(&[b"http/1.1"]),
+        b"GET http://acme.test/h1 HTTP/1.1\r\nhost: acme.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(pki::responses(&raw)[0].0, 200);
+    let seen = s.acme.seen();
+    assert_eq!(seen.len(), 2);
+    for r in &seen {
+        assert_eq!(r.headers["x-forwarded-proto"], "https", "{}", r.path);
+    }
+}
