@@ -230,6 +230,23 @@ impl ProxyBody {
     }
 }
 
+impl Drop for ProxyBody {
+    /// An upstream's body dropped before its end with its `Finish` still on it: hyper
+    /// or the HTTP/2 server let go of it because the client went away (an upstream
+    /// failure or stall ends the body with an error first, which records the
+    /// response). Logged as the fast path logs it: the status that went out, reason
+    /// [`CLIENT_CLOSED`](crate::proxy::CLIENT_CLOSED). A body the gateway made itself
+    /// is left alone: it is not polled at all for a HEAD request.
+    fn drop(&mut self) {
+        if self.finish.is_none() || matches!(self.kind, Kind::Full(_)) || self.is_end_stream() {
+            return;
+        }
+        if let Some(log) = self.finish.as_mut().and_then(|f| f.log.as_mut()) {
+            log.reason.get_or_insert(crate::proxy::CLIENT_CLOSED);
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
