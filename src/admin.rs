@@ -11,10 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::body::ProxyBody;
@@ -42,6 +42,12 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.header_read_timeout);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(16)
+        .keep_alive_interval(shared.config.header_read_timeout)
+        .keep_alive_timeout(shared.config.header_read_timeout);
+    let wait = shared.config.header_read_timeout;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (mut full_warned, mut accept_warned) = (
         crate::server::Quiet::default(),
@@ -79,17 +85,45 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
             }
         };
         let shared = shared.clone();
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, shared).await) }
-            }),
-        );
+        let service = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(route(req, shared).await) }
+        });
+        let (h1, h2) = (builder.clone(), h2.clone());
         tokio::spawn(async move {
-            let _ = conn.await;
+            // HTTP/2 with prior knowledge (`curl --http2-prior-knowledge`) or HTTP/1.1,
+            // told apart by the first bytes; a client that sends neither in time is
+            // let go.
+            match tokio::time::timeout(wait, h2_preface(&stream)).await {
+                Ok(Ok(true)) => {
+                    let _ = h2.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Ok(Ok(false)) => {
+                    let _ = h1.serve_connection(TokioIo::new(stream), service).await;
+                }
+                Ok(Err(_)) | Err(_) => {}
+            }
             drop(slot);
         });
+    }
+}
+
+/// Whether the connection starts with the HTTP/2 connection preface (read without
+/// taking it: hyper's server reads it again). Waits for the whole preface only while
+/// what has come matches it.
+async fn h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // A preface in pieces (peeking again at once would spin on the same bytes).
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

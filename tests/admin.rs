@@ -208,3 +208,34 @@ async fn admin_accept_failures_back_off() {
         );
     }
 }
+
+/// HTTP/2 with prior knowledge (`curl --http2-prior-knowledge`) is served, as
+/// HTTP/1.1 is; before, the connection was closed without an answer.
+#[tokio::test]
+async fn http2_prior_knowledge_is_served() {
+    let gw = Gateway::start("[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n");
+    let (mut h2, _conn) = h2c_at::<http_body_util::Empty<bytes::Bytes>>(gw.admin).await;
+    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
+        let resp = h2
+            .send_request(
+                http::Request::get(format!("http://{}{path}", gw.admin))
+                    .body(Default::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), status, "{path}");
+    }
+    let resp = h2
+        .send_request(
+            http::Request::get(format!("http://{}/metrics", gw.admin))
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&read(resp).await.body).contains("bulkhead_"));
+    // HTTP/1.1 still, on the same listener.
+    assert_eq!(get(gw.admin, "/healthz", &[]).await.status, 200);
+}
