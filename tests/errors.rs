@@ -243,23 +243,15 @@ async fn upstream_closing_idle_connections_causes_no_errors() {
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 10);
 }
 
-/// `Host: x@t.com`, `https://x@t.com/` and `Host: a, b` name no host a tenant could
-/// have: 400 bad_request on every path (RFC 9110 §4.2.4: no userinfo in http(s) URIs;
-/// a request names one authority), not 404 unknown_tenant.
-#[tokio::test]
-async fn userinfo_or_a_list_in_the_authority_is_400_on_every_path() {
-    let gw = Gateway::start(
+fn authority_gateway() -> Gateway {
+    Gateway::start(
         "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[defaults]\nupstream = \"u\"\n[tenants.t]\nhosts = [\"t.com\", \"*.t.com\"]\n",
-    );
-    let heads = [
-        "GET / HTTP/1.1\r\nHost: x@t.com\r\n",
-        "GET / HTTP/1.1\r\nHost: x@a.t.com\r\n",
-        "GET https://x@t.com/ HTTP/1.1\r\nHost: t.com\r\n",
-        "GET https://x@t.com/ HTTP/1.1\r\nHost: x@t.com\r\n",
-        "GET / HTTP/1.1\r\nHost: t.com, t.com\r\n",
-        "GET / HTTP/1.1\r\nHost: nobody.com, a.t.com\r\n",
-    ];
-    // The fast path; hyper's (HTTP/1.0 and a chunked body are handed to it).
+    )
+}
+
+/// Each head (without its blank line) gets the gateway's 400 bad_request, on the fast
+/// path and on hyper's (HTTP/1.0 and a chunked body are handed to it).
+async fn assert_400_on_every_http1_path(gw: &Gateway, heads: &[&str]) {
     for head in heads {
         for variant in [
             format!("{head}connection: close\r\n\r\n"),
@@ -288,6 +280,24 @@ async fn userinfo_or_a_list_in_the_authority_is_400_on_every_path() {
             );
         }
     }
+}
+
+/// `Host: x@t.com` and `https://x@t.com/` name no host a tenant could have: 400
+/// bad_request on every path (RFC 9110 §4.2.4: no userinfo in http(s) URIs), not 404
+/// unknown_tenant.
+#[tokio::test]
+async fn userinfo_in_the_authority_is_400_on_every_path() {
+    let gw = authority_gateway();
+    assert_400_on_every_http1_path(
+        &gw,
+        &[
+            "GET / HTTP/1.1\r\nHost: x@t.com\r\n",
+            "GET / HTTP/1.1\r\nHost: x@a.t.com\r\n",
+            "GET https://x@t.com/ HTTP/1.1\r\nHost: t.com\r\n",
+            "GET https://x@t.com/ HTTP/1.1\r\nHost: x@t.com\r\n",
+        ],
+    )
+    .await;
     // HTTP/2: the `:authority`.
     let mut h2 = h2c::<http_body_util::Empty<bytes::Bytes>>(&gw).await;
     for uri in ["http://x@t.com/", "http://x:y@a.t.com/"] {
@@ -297,10 +307,26 @@ async fn userinfo_or_a_list_in_the_authority_is_400_on_every_path() {
             .unwrap();
         assert_error(&read(resp).await, 400, "bad_request");
     }
-    // What a tenant's host looks like still resolves (404 only for nobody's host).
+    // Nobody's host is still 404.
     assert_error(
         &get(gw.addr, "/", &[("host", "nobody.com")]).await,
         404,
         "unknown_tenant",
     );
+}
+
+/// A list in `Host` is not one authority: 400 bad_request on every HTTP/1.x path, not
+/// 404 unknown_tenant.
+#[tokio::test]
+async fn a_list_in_host_is_400_on_every_path() {
+    let gw = authority_gateway();
+    assert_400_on_every_http1_path(
+        &gw,
+        &[
+            "GET / HTTP/1.1\r\nHost: t.com, t.com\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example.com, b.example.com\r\n",
+            "GET / HTTP/1.1\r\nHost: nobody.com, a.t.com\r\n",
+        ],
+    )
+    .await;
 }
