@@ -147,18 +147,28 @@ fn host_source(
         }
     }
     let Some(raw) = host else { return Ok(None) };
-    let Some(h) = normalize_host(raw, buf) else {
-        authority_problem(raw)?;
-        return Ok(None);
-    };
+    let h = normalize_host(raw, buf);
     // A configured host has neither userinfo nor a comma: an exact match needs no
     // further look (the usual request).
-    if let Some(t) = snap.tenant_by_exact_host(h) {
+    if let Some(t) = h.and_then(|h| snap.tenant_by_exact_host(h)) {
         return Ok(Some(Yield::Known(t)));
     }
+    not_exact(snap, raw, h)
+}
+
+/// The "host" source for a host that is no tenant's exact host; out of line, so that
+/// the usual request's path stays as it was.
+#[inline(never)]
+fn not_exact(
+    snap: &Snapshot,
+    raw: &[u8],
+    host: Option<&str>,
+) -> Result<Option<Yield<'static>>, ProxyError> {
     // A wildcard takes any first label, `x@a` or `a, b` included.
     authority_problem(raw)?;
-    Ok(snap.tenant_by_wildcard(h).map(Yield::Known))
+    Ok(host
+        .and_then(|h| snap.tenant_by_wildcard(h))
+        .map(Yield::Known))
 }
 
 /// An authority that is not one host: userinfo (`user@host`, not allowed in http(s)

@@ -28,6 +28,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use super::wire::{self, Chunked, HeadFraming as Framing};
 use crate::error::ProxyError;
 
+/// The read buffer's capacity kept between requests.
+const KEEP: usize = 8 * 1024;
+
 /// What stands in for a refused head.
 const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n";
 
@@ -189,8 +192,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Checked<I> {
                 out.put_slice(&this.buf[..n]);
                 this.buf.advance(n);
                 this.ready -= n;
-                if this.buf.is_empty() {
-                    this.buf.clear();
+                if this.buf.is_empty() && this.buf.capacity() > KEEP {
+                    // A long head grew the buffer: not kept for the connection's life.
+                    this.buf = BytesMut::new();
                 }
                 return Poll::Ready(Ok(()));
             }
