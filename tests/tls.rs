@@ -901,3 +901,35 @@ async fn an_http_scheme_over_tls_is_served_as_https() {
         assert_eq!(r.headers["x-forwarded-proto"], "https", "{}", r.path);
     }
 }
+
+/// The heads of a keep-alive TLS connection are found after bodies of every framing
+/// (a long `Content-Length` body, a chunked one with extensions and trailers), so the
+/// requests after them are served, and their bodies reach the upstream whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_after_bodies_of_every_framing_are_served_over_tls() {
+    let s = Setup::new().await;
+    let gw = s.start(&config(&s.acme, &s.globex, "", ""));
+    let long = support::pattern(300 * 1024);
+    let mut bytes = format!(
+        "POST /long HTTP/1.1\r\nhost: acme.test\r\ncontent-length: {}\r\n\r\n",
+        long.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&long);
+    bytes.extend_from_slice(
+        b"POST /chunked HTTP/1.1\r\nhost: acme.test\r\ntransfer-encoding: chunked\r\n\r\n\
+          3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nx-trailer: t\r\n\r\n\
+          GET /after HTTP/1.1\r\nhost: acme.test\r\n\r\n\
+          GET t/bad HTTP/1.1\r\nhost: acme.test\r\n\r\n",
+    );
+    let raw = pki::tls_raw(gw.tls(), "acme.test", s.client(&[b"http/1.1"]), &bytes).await;
+    let answers = pki::responses(&raw);
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, [200, 200, 200, 400], "{answers:?}");
+    let seen = s.acme.seen();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/long", "/chunked", "/after"]);
+    assert_eq!(seen[0].body.len, long.len() as u64);
+    assert_eq!(seen[0].body.fnv, support::Digest::of(&long).fnv);
+    assert_eq!(seen[1].body.len, 19);
+}
