@@ -126,3 +126,34 @@ async fn text_lines_by_default_and_off_when_disabled() {
         "{log}"
     );
 }
+
+/// A head refused before hyper reads it (here on a connection the fast path handed to
+/// hyper; TLS connections are read the same way) has its access-log line, as the fast
+/// path's refusals do: no tenant, method `-`, path `*`.
+#[tokio::test]
+async fn a_head_refused_on_hypers_path_is_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::echo("u").await;
+    let gw = Process::start(&config(&up, ""));
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /x HTTP/1.0\r\nhost: t.com\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    // As the fast path answers a head it refuses: an HTTP/1.1 status line.
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let line = gw
+        .log_line(&["access:", "status=400", r#"reason="bad_request""#])
+        .await;
+    for part in [r#"tenant="_unknown""#, r#"method="-""#, r#"path="*""#] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+}
