@@ -218,6 +218,26 @@ impl ProxyBody {
         }
     }
 
+    /// The answer to a HEAD request: the headers a GET would get, `content-length`
+    /// included, and no body (RFC 9110 §9.3.2). For HTTP/2, whose servers (ours and
+    /// hyper's) send whatever body they are given; HTTP/1.1's leave it out themselves.
+    /// Only a body the gateway made itself has anything to drop: an upstream answers a
+    /// HEAD with none.
+    pub fn strip_for_head(resp: &mut http::Response<ProxyBody>) {
+        let body = resp.body();
+        if body.is_end_stream() {
+            return;
+        }
+        if let (false, Some(n)) = (
+            resp.headers().contains_key(http::header::CONTENT_LENGTH),
+            body.size_hint().exact(),
+        ) {
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        resp.body_mut().kind = Kind::Full(None);
+    }
+
     /// Attaches the end-of-response work.
     pub fn set_finish(&mut self, finish: Finish) {
         self.finish = Some(finish);

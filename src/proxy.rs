@@ -113,6 +113,9 @@ pub async fn handle(
             resp
         }
     };
+    if !http1 && method == http::Method::HEAD {
+        ProxyBody::strip_for_head(&mut resp);
+    }
     let status = resp.status().as_u16();
     // With hyper's HTTP/2 server (`BULKHEAD_H2=hyper`), the first response of a
     // connection sends the unique values indexable,

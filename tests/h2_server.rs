@@ -249,6 +249,16 @@ fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// A request head: `:method`, `:scheme http`, `:path`, `:authority` [`HOST`], then
 /// `headers` in order.
 fn request_block(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    request_block_at(method, path, HOST, headers)
+}
+
+/// [`request_block`] with another `:authority`.
+fn request_block_at(
+    method: &str,
+    path: &str,
+    authority: &str,
+    headers: &[(&str, &str)],
+) -> Vec<u8> {
     let mut b = Vec::new();
     match method {
         "GET" => b.push(0x82),
@@ -257,7 +267,7 @@ fn request_block(method: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u8> 
     }
     b.push(0x86);
     hpack_indexed_name(&mut b, 4, path.as_bytes());
-    hpack_indexed_name(&mut b, 1, HOST.as_bytes());
+    hpack_indexed_name(&mut b, 1, authority.as_bytes());
     for (n, v) in headers {
         hpack_literal(&mut b, n, v.as_bytes());
     }
@@ -1668,4 +1678,95 @@ async fn bulkhead_h2_hyper_switches_to_hypers_server() {
         ids[1], ids[0],
         "hyper's server answered with hyper's SETTINGS"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 13. What the access log and the metrics count: the bytes on the wire
+// ---------------------------------------------------------------------------------------
+
+/// Tenant `t1` on [`HOST`] proxying to `up`, with `server` lines added to `[server]`.
+fn process_toml(up: SocketAddr, server: &str) -> String {
+    format!(
+        "[server]\nworkers = 1\n{server}\n[upstreams.u]\ntargets = [\"{up}\"]\n\n\
+         [tenants.t1]\nhosts = [\"{HOST}\"]\nupstream = \"u\"\n"
+    )
+}
+
+/// The gateway binary on `toml`: its own HTTP/2 server, and hyper's (`BULKHEAD_H2=hyper`).
+fn both_servers(toml: &str) -> [(&'static str, support::Process); 2] {
+    [
+        ("ours", support::Process::start(toml)),
+        (
+            "hyper's",
+            support::Process::start_with_env(toml, &[], &[("BULKHEAD_H2", "hyper")]),
+        ),
+    ]
+}
+
+/// A sample of the gateway's `/metrics` (`name{labels}`), 0 when it is not exported.
+async fn metric(admin: SocketAddr, key: &str) -> u64 {
+    let r = support::get(admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The value of `name=` in a text access-log line.
+fn log_field<'a>(line: &'a str, name: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len()
+        + 2;
+    line[start..].split_whitespace().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_answered_by_the_gateway_itself_ends_at_its_headers() {
+    // RFC 9110 §9.3.2: the GET's headers, content-length included, and no content. A
+    // DATA frame after them made curl fail the stream (PROTOCOL_ERROR, exit 92)
+    // without showing the status, and the body was counted as sent.
+    let up = Upstream::echo("u").await;
+    for (server, gw) in both_servers(&process_toml(up.addr, "")) {
+        let mut c = H2::open(gw.addr).await;
+        let unknown =
+            |method, id| request_block_at(method, "/x", "nobody.example", &[("x-request-id", id)]);
+        c.headers(1, &unknown("GET", "rid-get1"), true).await;
+        let get = c.ok_response(1).await;
+        assert_eq!(get.status, Some(404), "{server}");
+        assert!(!get.body.is_empty(), "{server}: the GET has the JSON body");
+        c.headers(3, &unknown("HEAD", "rid-head"), true).await;
+        let head = c.ok_response(3).await;
+        assert_eq!(head.status, Some(404), "{server}");
+        assert!(head.body.is_empty(), "{server}: a body on a HEAD: {head:?}");
+        assert_eq!(
+            head.header("content-length"),
+            Some(&*get.body.len().to_string()),
+            "{server}: the GET's length"
+        );
+        let data: Vec<_> = c.log.iter().filter(|f| f.0 == DATA && f.2 == 3).collect();
+        assert!(data.is_empty(), "{server}: DATA on the HEAD: {data:?}");
+
+        let line = gw.log_line(&["access:", "rid-head"]).await;
+        assert_eq!(log_field(&line, "status"), "404", "{server}: {line}");
+        assert_eq!(log_field(&line, "bytes_out"), "0", "{server}: {line}");
+        assert_eq!(
+            log_field(&line, "reason"),
+            "\"unknown_tenant\"",
+            "{server}: {line}"
+        );
+        let key = "bulkhead_response_body_bytes_total{tenant=\"_unknown\"}";
+        assert_eq!(
+            metric(gw.admin, key).await,
+            get.body.len() as u64,
+            "{server}: only the GET's body was sent"
+        );
+
+        // A HEAD proxied to the upstream is as it was: its headers, no body.
+        c.headers(5, &request_block("HEAD", "/p", &[]), true).await;
+        let proxied = c.ok_response(5).await;
+        assert_eq!(proxied.status, Some(200), "{server}");
+        assert!(proxied.body.is_empty(), "{server}");
+    }
 }
