@@ -243,7 +243,22 @@ impl ProxyBody {
         self.finish = Some(finish);
     }
 
-    fn done(&mut self) {
+    /// The gateway's HTTP/2 server cut this response off (the client reset its stream
+    /// or left, or took nothing for `body_idle_timeout`) with `unsent` bytes of it
+    /// taken from the upstream but never written to the connection: `bytes_out`
+    /// counts what went out, and the line says the client went away, as for a body
+    /// dropped before its end.
+    pub(crate) fn cut_off(&mut self, unsent: usize) {
+        if let Some(f) = &mut self.finish {
+            f.bytes_out = f.bytes_out.saturating_sub(unsent as u64);
+            if let Some(log) = &mut f.log {
+                log.reason.get_or_insert(crate::proxy::CLIENT_CLOSED);
+            }
+        }
+    }
+
+    /// The response is over: the `Finish` is dropped now.
+    pub(crate) fn done(&mut self) {
         // Dropping `Finish` releases the permit and records the response at once, even
         // if hyper keeps the body object around a while longer.
         self.finish.take();

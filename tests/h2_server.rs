@@ -1770,3 +1770,72 @@ async fn a_head_answered_by_the_gateway_itself_ends_at_its_headers() {
         assert!(proxied.body.is_empty(), "{server}");
     }
 }
+
+/// An HTTP/1.1 upstream that answers every request with `len` pattern bytes
+/// (Content-Length), without reading any request body.
+async fn bytes_upstream(len: u64) -> Upstream {
+    Upstream::start(
+        "u",
+        Behavior::Bytes {
+            len,
+            chunked: false,
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_out_counts_what_reached_the_connection_not_what_the_upstream_gave() {
+    // A client with the default 65,535-byte windows that never opens them: the gateway
+    // cannot have sent more than that of a 70,000-byte response. The rest, taken from
+    // the upstream, was thrown away when the client reset the stream.
+    const LEN: u64 = 70_000;
+    let up = bytes_upstream(LEN).await;
+    let gw = support::Process::start(&process_toml(up.addr, ""));
+    let mut c = H2::open(gw.addr).await;
+    c.auto_window = false;
+    c.headers(
+        1,
+        &request_block("GET", "/big", &[("x-request-id", "rid-cut")]),
+        true,
+    )
+    .await;
+    c.until("the window's worth of body", |c| {
+        c.streams.get(&1).is_some_and(|r| r.body.len() == 65_535)
+    })
+    .await;
+    c.send(&rst_stream(1, CANCEL)).await;
+    c.ping(b"afterrst").await;
+    let line = gw.log_line(&["access:", "rid-cut"]).await;
+    assert_eq!(log_field(&line, "status"), "200", "{line}");
+    assert_eq!(log_field(&line, "bytes_out"), "65535", "{line}");
+    assert_eq!(log_field(&line, "reason"), "\"client_closed\"", "{line}");
+    let key = "bulkhead_response_body_bytes_total{tenant=\"t1\"}";
+    assert_eq!(metric(gw.admin, key).await, 65_535);
+
+    // Several streams share the connection's window: together they got 65,535 bytes,
+    // and the client then closed the connection.
+    let mut c = H2::open(gw.addr).await;
+    c.auto_window = false;
+    for (id, rid) in [(1, "rid-many1"), (3, "rid-many3"), (5, "rid-many5")] {
+        c.headers(
+            id,
+            &request_block("GET", "/big", &[("x-request-id", rid)]),
+            true,
+        )
+        .await;
+    }
+    let received = |c: &H2| c.streams.values().map(|r| r.body.len()).sum::<usize>();
+    c.until("the connection window's worth of body", |c| {
+        received(c) == 65_535
+    })
+    .await;
+    drop(c);
+    let mut logged = 0;
+    for rid in ["rid-many1", "rid-many3", "rid-many5"] {
+        let line = gw.log_line(&["access:", rid]).await;
+        logged += log_field(&line, "bytes_out").parse::<u64>().unwrap();
+    }
+    assert_eq!(logged, 65_535, "Σ bytes_out");
+    assert_eq!(metric(gw.admin, key).await, 2 * 65_535);
+}

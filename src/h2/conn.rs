@@ -586,6 +586,10 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             return;
         }
         self.ids.remove(&stream);
+        if let (Phase::Body(body), false) = (&mut slot.phase, slot.pending.is_empty()) {
+            // Cut off with bytes taken from the upstream that never went out.
+            body.cut_off(slot.pending.len());
+        }
         slot.phase = Phase::Done;
         slot.pending = Bytes::new();
         slot.trailers = None;

@@ -283,7 +283,10 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         let Some(&idx) = self.ids.get(&stream) else {
             return Ok(());
         };
-        if !matches!(self.slots[idx as usize].phase, Phase::Done) {
+        let slot = &self.slots[idx as usize];
+        // A response whose body has all been taken (its last bytes waiting for window)
+        // counts as answered.
+        if !matches!(slot.phase, Phase::Done) && !slot.body_over {
             self.early_resets += 1;
             if self.early_resets > MAX_EARLY_RESETS.saturating_add(self.completed) {
                 return Err(Reason::EnhanceYourCalm);

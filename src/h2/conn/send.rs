@@ -164,26 +164,22 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                 self.write_blocked.push((idx, stream));
                 return;
             }
+            // The body stays in its slot until what it gave has been written (or the
+            // stream is cut off: `free_slot`), so that its `Finish` counts only the bytes
+            // that went out.
             let mut cx = Context::from_waker(&slot.waker);
             match Pin::new(&mut *body).poll_frame(&mut cx) {
                 Poll::Pending => return,
-                Poll::Ready(None) => {
-                    slot.body_over = true;
-                    slot.phase = Phase::Done;
-                }
+                Poll::Ready(None) => slot.body_over = true,
                 Poll::Ready(Some(Ok(f))) => match f.into_data() {
                     Ok(data) => {
                         slot.pending = data;
-                        if body.is_end_stream() {
-                            slot.body_over = true;
-                            slot.phase = Phase::Done;
-                        }
+                        slot.body_over = body.is_end_stream();
                     }
                     Err(f) => {
                         if let Ok(t) = f.into_trailers() {
                             slot.trailers = Some(t);
                             slot.body_over = true;
-                            slot.phase = Phase::Done;
                         }
                     }
                 },
@@ -200,6 +196,9 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
     /// its body, which it is then asked to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1).
     pub(super) fn send_done(&mut self, idx: u32) {
         let slot = &mut self.slots[idx as usize];
+        if let Phase::Body(body) = &mut slot.phase {
+            body.done();
+        }
         slot.phase = Phase::Done;
         slot.body_over = false;
         let open = matches!(slot.recv, Recv::Open { ended: false, .. });
