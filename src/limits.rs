@@ -651,7 +651,8 @@ fn new_upload() -> Arc<Upload> {
 }
 
 /// The client's request body on its way upstream, stopped at `max_body`, counted
-/// into the tenant's metrics (and the access-log record, when there is one).
+/// into the tenant's metrics (and the access-log record, when there is one) as it is
+/// taken — except an HTTP/2 server's, which counts what arrives on the stream.
 pub struct RequestBody {
     inner: ClientBody,
     limit: u64,
@@ -669,6 +670,15 @@ impl RequestBody {
         stats: Option<Arc<TenantStats>>,
         bytes_in: Option<Arc<AtomicU64>>,
     ) -> RequestBody {
+        let (stats, bytes_in) = match &inner {
+            // The HTTP/2 server counts what it receives on the stream itself, taken
+            // upstream or not.
+            ClientBody::H2(b) => {
+                b.count_received(stats, bytes_in);
+                (None, None)
+            }
+            _ => (stats, bytes_in),
+        };
         let mut body = RequestBody {
             inner,
             limit: limit.unwrap_or(u64::MAX),

@@ -1839,3 +1839,45 @@ async fn bytes_out_counts_what_reached_the_connection_not_what_the_upstream_gave
     assert_eq!(logged, 65_535, "Σ bytes_out");
     assert_eq!(metric(gw.admin, key).await, 2 * 65_535);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_in_counts_a_body_the_upstream_answered_before_reading() {
+    // The upstream answers as soon as it has the request head, then holds the end of
+    // its response; the client sends its body only once it has the response head.
+    // The gateway received all of it, though the upstream exchange took none.
+    let (tx, rx) = watch::channel(false);
+    let up = serve_tcp(move |mut s| {
+        let mut rx = rx.clone();
+        async move {
+            if support::read_request_head(&mut s).await {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+                    .await;
+                let _ = rx.wait_for(|go| *go).await;
+                let _ = s.write_all(b"cd").await;
+                let mut buf = [0u8; 1024];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+        }
+    })
+    .await;
+    let gw = support::Process::start(&process_toml(up, ""));
+    let mut c = H2::open(gw.addr).await;
+    let head = [("content-length", "900"), ("x-request-id", "rid-early")];
+    c.headers(1, &request_block("POST", "/early", &head), false)
+        .await;
+    c.until("the response head", |c| {
+        c.streams.get(&1).is_some_and(|r| r.status.is_some())
+    })
+    .await;
+    c.send_body(1, &[b'z'; 900], true).await;
+    // Once the PING is answered, the gateway has handled the DATA before it.
+    c.ping(b"bodysent").await;
+    tx.send_replace(true);
+    let r = c.ok_response(1).await;
+    assert_eq!(r.text(), "abcd");
+    let line = gw.log_line(&["access:", "rid-early"]).await;
+    assert_eq!(log_field(&line, "bytes_in"), "900", "{line}");
+    let key = "bulkhead_request_body_bytes_total{tenant=\"t1\"}";
+    assert_eq!(metric(gw.admin, key).await, 900);
+}

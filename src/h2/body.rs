@@ -4,12 +4,15 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+
+use crate::metrics::TenantStats;
 
 /// Released bytes that make the consumer wake the connection for a WINDOW_UPDATE.
 const RELEASE_WAKE: u32 = 16 * 1024;
@@ -30,6 +33,39 @@ pub(crate) struct Inner {
     pub dropped: bool,
     /// The connection's waker for this stream (its slot), woken to send a WINDOW_UPDATE.
     pub conn: Option<Waker>,
+    /// DATA payload received on the stream, whether or not the consumer takes it.
+    pub received: u64,
+    /// Where received bytes are counted, once the request has a tenant
+    /// ([`RecvBody::count_received`]).
+    pub counters: Option<Counters>,
+}
+
+/// A request's `request_body_bytes_total` (`None` when `server.metrics = false`) and
+/// access-log `bytes_in` (`None` without an access log).
+pub(crate) struct Counters {
+    stats: Option<Arc<TenantStats>>,
+    bytes_in: Option<Arc<AtomicU64>>,
+}
+
+impl Counters {
+    fn add(&self, n: u64) {
+        if let Some(s) = &self.stats {
+            s.add_request_bytes(n);
+        }
+        if let Some(b) = &self.bytes_in {
+            b.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Inner {
+    /// DATA payload that arrived for the stream (the connection calls this).
+    pub(crate) fn received(&mut self, n: u64) {
+        self.received += n;
+        if let Some(c) = &self.counters {
+            c.add(n);
+        }
+    }
 }
 
 pub(crate) type Shared = Arc<Mutex<Inner>>;
@@ -67,6 +103,22 @@ impl RecvBody {
             remaining: content_length,
             done: false,
         }
+    }
+}
+
+impl RecvBody {
+    /// Counts the body's bytes as the connection receives them — what has come so far
+    /// at once — rather than as the upstream exchange takes them: an upstream that
+    /// answers before it has read the body does not make it uncounted.
+    pub fn count_received(
+        &self,
+        stats: Option<Arc<TenantStats>>,
+        bytes_in: Option<Arc<AtomicU64>>,
+    ) {
+        let c = Counters { stats, bytes_in };
+        let mut s = lock(&self.shared);
+        c.add(s.received);
+        s.counters = Some(c);
     }
 }
 

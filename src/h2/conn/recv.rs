@@ -513,6 +513,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         }
         let dropped = {
             let mut s = body::lock(shared);
+            s.received(data_len as u64);
             if s.dropped {
                 true
             } else {
