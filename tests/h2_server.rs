@@ -53,6 +53,7 @@ const MAX_HEADER_LIST_SIZE: u16 = 0x6;
 
 const NO_ERROR: u32 = 0x0;
 const PROTOCOL_ERROR: u32 = 0x1;
+const INTERNAL_ERROR: u32 = 0x2;
 const FRAME_SIZE_ERROR: u32 = 0x6;
 const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
@@ -1880,4 +1881,40 @@ async fn bytes_in_counts_a_body_the_upstream_answered_before_reading() {
     assert_eq!(log_field(&line, "bytes_in"), "900", "{line}");
     let key = "bulkhead_request_body_bytes_total{tenant=\"t1\"}";
     assert_eq!(metric(gw.admin, key).await, 900);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_body_gets_the_stream_reset_with_internal_error() {
+    // README (`body_idle_timeout`): the upstream failed mid-response, so the stream is
+    // reset with INTERNAL_ERROR, as for any upstream failure after the head, and on
+    // hyper's server too (CANCEL is for a client that takes nothing).
+    let up = serve_tcp(|mut s| async move {
+        if support::read_request_head(&mut s).await {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                .await;
+            let mut buf = [0u8; 64];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await;
+    for (server, gw) in both_servers(&process_toml(up, "body_idle_timeout = \"300ms\"")) {
+        let mut c = H2::open(gw.addr).await;
+        c.headers(
+            1,
+            &request_block("GET", "/", &[("x-request-id", "rid-stall")]),
+            true,
+        )
+        .await;
+        let r = c.response(1).await;
+        assert_eq!(r.status, Some(200), "{server}");
+        assert_eq!(r.body, b"0123456789", "{server}");
+        assert_eq!(r.reset, Some(INTERNAL_ERROR), "{server}: {r:?}");
+        let line = gw.log_line(&["access:", "rid-stall"]).await;
+        assert_eq!(
+            log_field(&line, "reason"),
+            "\"upstream_stalled\"",
+            "{server}: {line}"
+        );
+    }
 }

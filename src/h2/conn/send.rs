@@ -185,6 +185,9 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                 },
                 Poll::Ready(Some(Err(e))) => {
                     tracing::debug!(stream, error = %e, "response body failed");
+                    // The upstream failed or went quiet mid-response: the response is
+                    // broken on our side (INTERNAL_ERROR, as nginx and hyper's server
+                    // send); CANCEL is for a stream the client stopped taking.
                     self.free_slot(idx, Some(Reason::Internal));
                     return;
                 }
