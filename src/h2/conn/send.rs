@@ -180,6 +180,9 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
                         if let Ok(t) = f.into_trailers() {
                             slot.trailers = Some(t);
                             slot.body_over = true;
+                            // All its data is out (it was polled with none pending):
+                            // the response is recorded as complete.
+                            body.done();
                         }
                     }
                 },
@@ -199,9 +202,8 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
     /// its body, which it is then asked to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1).
     pub(super) fn send_done(&mut self, idx: u32) {
         let slot = &mut self.slots[idx as usize];
-        if let Phase::Body(body) = &mut slot.phase {
-            body.done();
-        }
+        // A body here has ended (`None`, or `is_end_stream` after its last frame, or
+        // its trailers): dropping it records the response as complete.
         slot.phase = Phase::Done;
         slot.body_over = false;
         let open = matches!(slot.recv, Recv::Open { ended: false, .. });
