@@ -1772,6 +1772,31 @@ async fn a_head_answered_by_the_gateway_itself_ends_at_its_headers() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_to_a_chunked_resource_gets_no_made_up_content_length() {
+    // The upstream answers HEAD with the GET's headers: chunked, no length. The
+    // response's head carries END_STREAM; `content-length: 0` on it would tell the
+    // client the GET's body is empty.
+    let up = serve_tcp(|mut s| async move {
+        while support::read_request_head(&mut s).await {
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            if s.write_all(head).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    for (server, gw) in both_servers(&process_toml(up, "")) {
+        let mut c = H2::open(gw.addr).await;
+        c.headers(1, &request_block("HEAD", "/chunked", &[]), true)
+            .await;
+        let r = c.ok_response(1).await;
+        assert_eq!(r.status, Some(200), "{server}");
+        assert!(r.body.is_empty(), "{server}");
+        assert_eq!(r.header("content-length"), None, "{server}: {r:?}");
+    }
+}
+
 /// An HTTP/1.1 upstream that answers every request with `len` pattern bytes
 /// (Content-Length), without reading any request body.
 async fn bytes_upstream(len: u64) -> Upstream {

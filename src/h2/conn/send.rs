@@ -66,9 +66,15 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             crate::h1::wire::date(&mut now);
             hpack::encode_field("date", &now, false, &mut block);
         }
-        if let (false, Some(n), false) =
-            (length, size, status < 200 || status == 204 || status == 304)
-        {
+        // From the body's length only when there is a body to come, as hyper's server
+        // does: a response over at its head (END_STREAM on it) needs none, and for a
+        // HEAD (which has no body whatever a GET's would be) `content-length: 0` would
+        // be a false statement about the GET.
+        if let (false, Some(n), false) = (
+            length,
+            size,
+            end_stream || status < 200 || status == 204 || status == 304,
+        ) {
             let mut digits = itoa::Buffer::new();
             hpack::encode_field(
                 "content-length",
