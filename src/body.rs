@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 
 use crate::h1::UpstreamBody;
 use crate::limits::Permit;
-use crate::metrics::TenantStats;
+use crate::metrics::{TenantStats, UpstreamKind};
 use crate::upstream::Lease;
 
 #[derive(Debug)]
@@ -52,20 +52,43 @@ pub struct ProxyBody {
 /// upstream may send nothing while the client waits for more. (A client that takes
 /// nothing is the connection's business: `crate::server::Stalls`.) Kept with the body
 /// it bounds (`Streamed`, `UpstreamBody`).
+/// Also names the upstream, for the metric of a body it breaks.
 #[derive(Debug)]
 pub(crate) struct Quiet {
-    wait: IdleWait,
+    /// `None` without a bound ("0s").
+    wait: Option<IdleWait>,
     upstream: Arc<str>,
 }
 
 impl Quiet {
-    /// For a body from `upstream` that may stream: `None` without a bound ("0s").
+    /// For a body from `upstream` that may stream.
     pub(crate) fn new(idle: Option<Duration>, upstream: &Arc<str>) -> Option<Quiet> {
-        idle.map(|idle| Quiet {
-            wait: IdleWait::new(idle),
+        Some(Quiet {
+            wait: idle.map(IdleWait::new),
             upstream: upstream.clone(),
         })
     }
+}
+
+/// What kind of upstream failure broke a streamed body: garbage in its framing
+/// (`protocol`), else a close or reset (`reset`).
+fn broken_by(e: &(dyn std::error::Error + 'static)) -> UpstreamKind {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+            || e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                )
+            })
+        {
+            return UpstreamKind::Protocol;
+        }
+        cause = e.source();
+    }
+    UpstreamKind::Reset
 }
 
 /// A bound on how long something may wait without progress, counted from the first
@@ -137,6 +160,21 @@ pub struct AccessRecord {
     pub reason: Option<&'static str>,
     /// Request body bytes, counted by the request body as it streams.
     pub bytes_in: Arc<AtomicU64>,
+}
+
+impl Finish {
+    /// The upstream broke the response after its head had gone out (closed before the
+    /// end of the body, reset, or sent garbage in its framing): the client's response
+    /// is cut off; its line says so and `upstream_errors_total` counts it.
+    pub(crate) fn upstream_broke(&mut self, upstream: &Arc<str>, kind: UpstreamKind) {
+        tracing::debug!(%upstream, ?kind, "the upstream broke a response after its head");
+        if let Some(log) = &mut self.log {
+            log.reason.get_or_insert(crate::proxy::UPSTREAM_BROKE);
+        }
+        if let Some(stats) = &self.stats {
+            stats.record_upstream_failure(upstream, kind);
+        }
+    }
 }
 
 impl Drop for Finish {
@@ -307,32 +345,47 @@ impl Body for ProxyBody {
                         l.release();
                     }
                 }
-                (polled.map_err(Into::into), quiet.as_mut())
+                (polled.map_err(Into::<Self::Error>::into), quiet.as_mut())
             }
             Kind::Raw(inner) => {
-                let polled = Pin::new(&mut **inner).poll_frame(cx).map_err(Into::into);
+                let polled = Pin::new(&mut **inner)
+                    .poll_frame(cx)
+                    .map_err(Into::<Self::Error>::into);
                 (polled, inner.quiet.as_mut())
             }
             Kind::Full(b) => (Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))), None),
         };
         let polled = match (polled, quiet) {
-            (Poll::Pending, Some(q)) => match q.wait.poll_expired(cx) {
+            (
+                Poll::Pending,
+                Some(Quiet {
+                    wait: Some(wait),
+                    upstream,
+                }),
+            ) => match wait.poll_expired(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(()) => {
-                    let (stall, idle) = (crate::h1::Stall::Upstream, q.wait.idle);
-                    stall.record(this.finish.as_mut(), &q.upstream, idle);
+                    let (stall, idle) = (crate::h1::Stall::Upstream, wait.idle);
+                    stall.record(this.finish.as_mut(), upstream, idle);
                     let e = std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!(
-                            "no byte from upstream {:?} for {idle:?} (server.body_idle_timeout)",
-                            q.upstream
+                            "no byte from upstream {upstream:?} for {idle:?} (server.body_idle_timeout)"
                         ),
                     );
                     Poll::Ready(Some(Err(e.into())))
                 }
             },
+            (Poll::Ready(Some(Err(e))), Some(q)) => {
+                if let Some(f) = &mut this.finish {
+                    f.upstream_broke(&q.upstream, broken_by(&*e));
+                }
+                Poll::Ready(Some(Err(e)))
+            }
             (polled, Some(q)) => {
-                q.wait.progress();
+                if let Some(wait) = &mut q.wait {
+                    wait.progress();
+                }
                 polled
             }
             (polled, None) => polled,

@@ -700,3 +700,127 @@ async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_on_the_fast_path
         assert!(metrics.contains(&key), "{how:?}: no {key} in\n{metrics}");
     }
 }
+
+/// The same through the gateway's HTTP/2 server (the fast path's exchange upstream,
+/// its body handed over frame by frame), and through hyper's client to an HTTP/2
+/// upstream that resets its stream mid-body: the client's stream is reset, the line
+/// says `upstream_error`, the metric counts it.
+#[tokio::test]
+async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_over_http2_and_hypers_client() {
+    let metric = |text: &str, kind: &str| {
+        let key = format!(
+            "bulkhead_upstream_errors_total{{tenant=\"t\",upstream=\"u\",kind=\"{kind}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    for (how, kind) in [
+        (Break::Close, "reset"),
+        (Break::Reset, "reset"),
+        (Break::Garbage, "protocol"),
+    ] {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let up = breaking_upstream(how, go.clone()).await;
+        let gw = Process::start(&format!(
+            "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{up}\"]\n\
+             [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+        ));
+        let (mut send, _conn) = h2c_at::<http_body_util::Empty<Bytes>>(gw.addr).await;
+        let req = http::Request::get("http://t.com/")
+            .header("x-request-id", "cut-h2")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(LIMIT, send.send_request(req))
+            .await
+            .expect("a response head in time")
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{how:?}");
+        let mut body = resp.into_body();
+        let first = tokio::time::timeout(LIMIT, body.frame())
+            .await
+            .expect("the first bytes in time");
+        assert!(matches!(first, Some(Ok(_))), "{how:?}: {first:?}");
+        go.notify_one();
+        let rest = tokio::time::timeout(LIMIT, body.collect())
+            .await
+            .expect("the broken body was cut off");
+        assert!(
+            rest.is_err(),
+            "{how:?}: a cut-off body must not look complete"
+        );
+        let line = gw.log_line(&["access:", "cut-h2"]).await;
+        assert!(line.contains("status=200"), "{how:?}: {line}");
+        assert!(
+            line.contains("reason=\"upstream_error\""),
+            "{how:?}: {line}"
+        );
+        let text = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
+        assert_eq!(metric(&text, kind), 1, "{how:?}\n{text}");
+    }
+
+    // hyper's client: an HTTP/2 upstream that sends 10 bytes, then, told to, resets
+    // the stream.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let told = go.clone();
+    let addr = serve_tcp(move |s| {
+        let go = told.clone();
+        async move {
+            let svc = service_fn(move |_req| {
+                let go = go.clone();
+                async move {
+                    let body = StreamBody::new(futures_util::stream::unfold(0, move |n| {
+                        let go = go.clone();
+                        async move {
+                            match n {
+                                0 => Some((
+                                    Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(
+                                        b"0123456789",
+                                    ))),
+                                    1,
+                                )),
+                                1 => {
+                                    go.notified().await;
+                                    Some((Err(std::io::Error::other("the upstream gives up")), 2))
+                                }
+                                _ => None,
+                            }
+                        }
+                    }));
+                    Ok::<_, Infallible>(http::Response::new(body))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    })
+    .await;
+    let gw = Process::start(&format!(
+        "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{addr}\"]\nprotocol = \"h2\"\n\
+         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+    ));
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: t.com\r\nx-request-id: cut-up-h2\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(LIMIT, s.read(&mut buf)).await {
+            Err(_) => panic!("not cut off: {:?}", String::from_utf8_lossy(&got)),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+        if got.windows(10).any(|w| w == b"0123456789") {
+            go.notify_one();
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "cut off, not ended: {text}");
+    let line = gw.log_line(&["access:", "cut-up-h2"]).await;
+    assert!(line.contains("reason=\"upstream_error\""), "{line}");
+    let text = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
+    assert_eq!(metric(&text, "reset"), 1, "{text}");
+}

@@ -775,14 +775,8 @@ where
     // `upstream_errors_total`) or by the client, with the `n` bytes counted for the
     // write that failed taken back; both leave their reason in the access log.
     let upstream_broke = |finish: &mut Option<Finish>, kind: UpstreamKind| {
-        tracing::debug!(%upstream, ?kind, "the upstream broke a response after its head");
         if let Some(f) = finish {
-            if let Some(log) = &mut f.log {
-                log.reason = Some(crate::proxy::UPSTREAM_BROKE);
-            }
-            if let Some(stats) = &f.stats {
-                stats.record_upstream_failure(upstream, kind);
-            }
+            f.upstream_broke(upstream, kind);
         }
         Failure::Late
     };

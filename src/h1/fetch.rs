@@ -345,10 +345,12 @@ impl UpstreamBody {
             }
             Framing::Chunked => {
                 let mut out = Vec::new();
-                let (used, _) = self
-                    .chunked
-                    .decode(&self.rbuf, &mut out)
-                    .map_err(|_| std::io::Error::other("bad chunk from the upstream"))?;
+                let (used, _) = self.chunked.decode(&self.rbuf, &mut out).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "bad chunk from the upstream",
+                    )
+                })?;
                 self.rbuf.advance(used);
                 if self.chunked.is_done() {
                     self.end();
