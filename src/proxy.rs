@@ -145,8 +145,40 @@ pub async fn handle(
         }
     }
     let finish = ex.finish(&snap, started, status, reason, request_id, method, path);
-    resp.body_mut().set_finish(finish);
+    match resp.extensions_mut().remove::<TunnelEnd>() {
+        // A WebSocket tunnel: its line is written when it closes, with its bytes.
+        Some(tunnel) => tunnel.hand(finish),
+        None => resp.body_mut().set_finish(finish),
+    }
     Ok(resp)
+}
+
+/// Where the `Finish` of a WebSocket upgrade goes: to the task that splices the
+/// tunnel, which writes its access-log line when the tunnel closes, with the bytes
+/// that crossed it (client to upstream as `bytes_in`, back as `bytes_out`), instead
+/// of at the 101 with none. (In the response's extensions, which want `Clone`.)
+#[derive(Clone)]
+struct TunnelEnd(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Finish>>>>);
+
+impl TunnelEnd {
+    fn hand(self, finish: Finish) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            // A tunnel task already gone: the line is written here, now.
+            let _ = tx.send(finish);
+        }
+    }
+}
+
+/// The tunnel's bytes, added to its `Finish` (which writes the line when dropped).
+fn tunnel_ended(finish: &mut Finish, from_client: u64, to_client: u64) {
+    finish.bytes_out += to_client;
+    if let Some(log) = &finish.log {
+        log.bytes_in.fetch_add(from_client, Ordering::Relaxed);
+    }
+    if let Some(stats) = &finish.stats {
+        stats.add_request_bytes(from_client);
+    }
 }
 
 /// The service's future, boxed, for a connection whose service answers in more than
@@ -452,18 +484,25 @@ async fn proxy<'s>(
         let permit = ex.permit.take();
         let tenant_id = tenant.id.clone();
         let idle = snap.tunnel_idle_timeout;
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<Finish>();
         tokio::spawn(async move {
             let _permit = permit;
+            let (mut from_client, mut to_client) = (0, 0);
             match tokio::try_join!(client, upstream_side) {
                 Ok((c, u)) => {
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    if let Err(e) = splice(&mut c, &mut u, idle).await {
+                    let (moved, r) = splice(&mut c, &mut u, idle).await;
+                    (from_client, to_client) = moved;
+                    if let Err(e) = r {
                         tracing::debug!(tenant = %tenant_id, error = %e, "websocket tunnel ended with an error");
                     }
                 }
                 Err(e) => {
                     tracing::debug!(tenant = %tenant_id, error = %e, "websocket upgrade failed");
                 }
+            }
+            if let Ok(mut finish) = end_rx.await {
+                tunnel_ended(&mut finish, from_client, to_client);
             }
         });
         drop(lease);
@@ -477,6 +516,9 @@ async fn proxy<'s>(
             rparts.headers.insert(http::header::CONNECTION, c);
             rparts.headers.insert(http::header::UPGRADE, u);
         }
+        rparts
+            .extensions
+            .insert(TunnelEnd(Arc::new(std::sync::Mutex::new(Some(end_tx)))));
         return Ok(Response::from_parts(
             rparts,
             ProxyBody::full(bytes::Bytes::new()),
@@ -513,43 +555,57 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
 /// Copies both ways until either side closes, or until no byte has moved either way
 /// for `idle` (noticed within a quarter of it): a peer that vanished without closing
 /// (a NAT that dropped the flow) would otherwise hold the tunnel, and the tenant's
-/// in-flight slot, for ever.
-async fn splice<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> std::io::Result<()>
+/// in-flight slot, for ever. Returns the bytes read from `a` and from `b`, however
+/// it ended.
+async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Option<Duration>,
+) -> ((u64, u64), std::io::Result<()>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(idle) = idle else {
-        return tokio::io::copy_bidirectional(a, b).await.map(|_| ());
-    };
-    let moved = AtomicU64::new(0);
+    let (from_a, from_b) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut a, mut b) = (
         Counted {
             io: a,
-            moved: &moved,
+            moved: &from_a,
         },
         Counted {
             io: b,
-            moved: &moved,
+            moved: &from_b,
         },
     );
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    let moved = || {
+        (
+            from_a.load(Ordering::Relaxed),
+            from_b.load(Ordering::Relaxed),
+        )
+    };
+    let Some(idle) = idle else {
+        let r = copy.await.map(|_| ());
+        return (moved(), r);
+    };
     tokio::pin!(copy);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut seen, mut since) = (0, Instant::now());
     loop {
         tokio::select! {
-            r = &mut copy => return r.map(|_| ()),
+            r = &mut copy => return (moved(), r.map(|_| ())),
             _ = tick.tick() => {
-                let now = moved.load(Ordering::Relaxed);
+                let (x, y) = moved();
+                let now = x + y;
                 if now != seen {
                     (seen, since) = (now, Instant::now());
                 } else if since.elapsed() >= idle {
-                    return Err(std::io::Error::new(
+                    let e = std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("no bytes either way for {idle:?} (server.tunnel_idle_timeout)"),
-                    ));
+                    );
+                    return (moved(), Err(e));
                 }
             }
         }

@@ -489,3 +489,52 @@ fn check_warns_about_insecure_upstreams_and_rejects_ca_on_plain_targets() {
     assert_eq!(code, 1);
     assert!(err.contains("mixes http and https"), "{err}");
 }
+
+/// A WebSocket's access-log line is written when its tunnel closes, with the bytes
+/// that crossed it each way and the tunnel's life as its duration; the tenant's body
+/// byte counters count them too. Before, the line came at the 101 with 0 and 0.
+#[tokio::test]
+async fn a_websocket_is_logged_when_it_closes_with_its_bytes() {
+    let (ws_addr, _) = ws_echo().await;
+    let gw = support::Process::start(&format!(
+        "[server]\nworkers = 1\n[upstreams.ws]\ntargets = [\"{ws_addr}\"]\n\
+         [tenants.chat]\nhosts = [\"chat.test\"]\nupstream = \"ws\"\n"
+    ));
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let mut req = ws_request(&format!("ws://{}/socket", gw.addr), "chat.test");
+    req.headers_mut()
+        .insert("x-request-id", HeaderValue::from_static("ws-1"));
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    round_trips(&mut ws, 10).await;
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+    let line = gw.log_line(&["access:", "ws-1"]).await;
+    assert!(line.contains("status=101"), "{line}");
+    let field = |name: &str| -> u64 {
+        let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+        line[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    // Ten messages of 9–19 bytes each way (masked from the client: 6 bytes of frame
+    // head each; 2 back), and the close frames.
+    assert!(field("bytes_in") >= 10 * 15, "{line}");
+    assert!(field("bytes_out") >= 10 * 11, "{line}");
+    let metrics = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
+    let counter = |name: &str| -> u64 {
+        let key = format!("bulkhead_{name}{{tenant=\"chat\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    assert_eq!(
+        counter("request_body_bytes_total"),
+        field("bytes_in"),
+        "{metrics}"
+    );
+    assert_eq!(
+        counter("response_body_bytes_total"),
+        field("bytes_out"),
+        "{metrics}"
+    );
+}
