@@ -218,6 +218,39 @@ pub async fn refuse_head(
     Ok(resp)
 }
 
+/// A refusal written outside any HTTP server (a plain HTTP request on the TLS
+/// listener, before any handshake): its HTTP/1.1 bytes, then the close; counted and
+/// logged as [`refuse_head`] counts and logs one.
+pub fn refusal_bytes(e: &ProxyError, snap: &Snapshot) -> Vec<u8> {
+    let started = Instant::now();
+    let request_id = headers::new_request_id();
+    let mut ex = Exchange::new(snap);
+    let resp = refuse(e, snap, &mut ex, &request_id);
+    let status = resp.status();
+    let body = resp.into_body().into_full().unwrap_or_default();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         x-request-id: {}\r\nconnection: close\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        request_id.to_str().unwrap_or("-"),
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    let mut finish = ex.finish(
+        snap,
+        started,
+        status.as_u16(),
+        Some(e.code()),
+        request_id,
+        http::Method::from_bytes(b"-").unwrap_or_default(),
+        PathAndQuery::from_static("*"),
+    );
+    finish.bytes_out = body.len() as u64;
+    out
+}
+
 /// The access log's `reason` for a request whose client closed its connection (or,
 /// on HTTP/2, reset its stream) before the response was over.
 pub const CLIENT_CLOSED: &str = "client_closed";

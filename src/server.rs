@@ -653,8 +653,20 @@ async fn serve<I>(
     let io = Stalls::new(io, body_idle);
     if is_h2 && crate::h2::enabled() {
         // The gateway's own HTTP/2 server; each stream's handler is boxed once.
-        let service = move |req| -> crate::h2::Handler {
+        let service = move |req: Request<crate::limits::ClientBody>| -> crate::h2::Handler {
             let ctx = conn_ctx.clone();
+            if let Some(t) = req.extensions().get::<crate::h2::TooLarge>() {
+                let e = crate::error::ProxyError::HeadersTooLarge {
+                    size: t.size as u64,
+                    limit: t.limit as u64,
+                };
+                return Box::pin(async move {
+                    match proxy::refuse_head(e, ctx).await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
+                });
+            }
             Box::pin(async move {
                 match proxy::handle(req, ctx).await {
                     Ok(resp) => resp,

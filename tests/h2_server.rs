@@ -1243,13 +1243,45 @@ async fn a_request_head_over_the_header_list_size_gets_431() {
     c.send(&bytes).await;
     let r = c.response(1).await;
     assert_eq!(r.status, Some(431), "{r:?}");
+    // The gateway's JSON answer, counted as every refusal (it was an empty 431 that no
+    // metric or log line recorded).
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["error"], "headers_too_large", "{body}");
+    assert_eq!(
+        metric(
+            gw.admin,
+            "bulkhead_rejected_total{tenant=\"_unknown\",reason=\"headers_too_large\"}"
+        )
+        .await,
+        1
+    );
 
     // The connection goes on.
     let r = c.get(3, "/after").await;
     assert_eq!(r.status, Some(200), "{r:?}");
     assert_eq!(c.goaway, None);
+
+    // One with a body to follow: answered the same, the body not waited for.
+    let block = request_block("POST", "/too-big", &[("x-big", &big)]);
+    let mut chunks = block.chunks(MAX_FRAME).peekable();
+    let mut bytes = frame(HEADERS, 0, 5, chunks.next().unwrap());
+    while let Some(ch) = chunks.next() {
+        let flags = if chunks.peek().is_none() {
+            END_HEADERS
+        } else {
+            0
+        };
+        bytes.extend_from_slice(&frame(CONTINUATION, flags, 5, ch));
+    }
+    c.send(&bytes).await;
+    let r = c.response(5).await;
+    assert_eq!(r.status, Some(431), "{r:?}");
+    c.send(&frame(DATA, END_STREAM, 5, b"late")).await;
+    let r = c.get(7, "/after").await;
+    assert_eq!(r.status, Some(200), "{r:?}");
+    assert_eq!(c.goaway, None);
     let paths: Vec<String> = up.seen().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, ["/after"]);
+    assert_eq!(paths, ["/after", "/after"]);
 }
 
 /// A header block that never ends, and frames that carry nothing, are cut off.

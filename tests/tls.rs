@@ -605,6 +605,14 @@ async fn plain_http_on_the_tls_port_is_told_so() {
         "{body}"
     );
     assert!(s.acme.seen().is_empty());
+    // Counted as every refusal (it was in no metric and no log line).
+    let metrics = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
+    for key in [
+        "bulkhead_requests_total{tenant=\"_unknown\",status=\"400\"} 1",
+        "bulkhead_rejected_total{tenant=\"_unknown\",reason=\"bad_request\"} 1",
+    ] {
+        assert!(metrics.contains(key), "no {key} in\n{metrics}");
+    }
     let (r, _) = pki::tls_get(
         gw.tls(),
         "acme.test",

@@ -13,6 +13,14 @@ mod huffman;
 pub use body::{RecvBody, StreamReset};
 pub use conn::{serve, Config, Ended, Handler};
 
+/// On a request whose header list was over the advertised limit (`size` of
+/// `limit`, counted as RFC 9113 §6.5.2 counts): the service answers it 431.
+#[derive(Clone, Copy, Debug)]
+pub struct TooLarge {
+    pub size: usize,
+    pub limit: usize,
+}
+
 /// Whether this server (rather than hyper's) serves HTTP/2 connections.
 pub fn enabled() -> bool {
     static ON: std::sync::LazyLock<bool> =

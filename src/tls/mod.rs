@@ -176,7 +176,7 @@ pub async fn accept(
         // handshake's own reads).
         let mut first = [0u8; 1];
         if stream.peek(&mut first).await? == 1 && first[0].is_ascii_alphabetic() {
-            plain_http_answer(stream).await;
+            plain_http_answer(stream, &snapshot.load_full()).await;
             return Err(io::Error::other("a plain HTTP request on the TLS listener"));
         }
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await?;
@@ -226,19 +226,14 @@ pub async fn accept(
 }
 
 /// The answer to a plain HTTP request on the TLS listener: the gateway's 400, then the
-/// close (the request itself is not read).
-async fn plain_http_answer(mut stream: TcpStream) {
+/// close (the request itself is not read); counted and logged under no tenant.
+async fn plain_http_answer(mut stream: TcpStream, snap: &Snapshot) {
     use tokio::io::AsyncWriteExt;
-    let id = crate::headers::new_request_id();
-    let id = id.to_str().unwrap_or("-");
-    let body = format!(
-        "{{\"error\":\"bad_request\",\"message\":\"a plain HTTP request was sent to the HTTPS port\",\"tenant\":null,\"request_id\":\"{id}\"}}"
-    );
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(answer.as_bytes()).await;
+    let e = crate::error::ProxyError::MalformedRequest {
+        why: "a plain HTTP request was sent to the HTTPS port",
+    };
+    let answer = crate::proxy::refusal_bytes(&e, snap);
+    let _ = stream.write_all(&answer).await;
     let _ = stream.shutdown().await;
     // Read what the client sent (briefly, a little) before the socket closes: closing
     // with it unread would send a reset, which can destroy the answer in flight.

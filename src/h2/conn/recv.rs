@@ -364,11 +364,22 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             self.stream_error(stream, Reason::RefusedStream);
             return Ok(());
         }
-        if d.size > self.max_header_list {
-            self.refuse_too_large(stream, end_stream);
-            return Ok(());
+        // A header list over the advertised limit is answered by the service, as a
+        // head too long is on HTTP/1.1: the JSON 431, counted and logged. Its fields
+        // past the limit were not kept, so it is judged on nothing else.
+        let too_large = (d.size > self.max_header_list).then_some(crate::h2::TooLarge {
+            size: d.size,
+            limit: self.max_header_list,
+        });
+        if too_large.is_some() {
+            d.headers.clear();
+            d.malformed = false;
         }
-        let uri = if d.malformed { None } else { d.uri() };
+        let uri = match (&too_large, d.malformed) {
+            (Some(_), _) => Some(http::Uri::from_static("/")),
+            (None, true) => None,
+            (None, false) => d.uri(),
+        };
         // The same rule as the upstream exchange's (digits only).
         let content_length = match d.headers.get(header::CONTENT_LENGTH) {
             None => Ok(None),
@@ -405,6 +416,9 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_2;
         *req.headers_mut() = d.headers;
+        if let Some(t) = too_large {
+            req.extensions_mut().insert(t);
+        }
         let handler = (self.service)(req);
         let idx = self.alloc_slot(stream);
         let slot = &mut self.slots[idx as usize];

@@ -4,19 +4,6 @@
 use super::*;
 
 impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
-    /// Answers 431 to a request whose head is over the advertised limit.
-    pub(super) fn refuse_too_large(&mut self, stream: u32, end_stream: bool) {
-        let mut block = Vec::with_capacity(8);
-        self.begin_block(&mut block);
-        hpack::encode_status(431, &mut block);
-        hpack::encode_field("content-length", b"0", false, &mut block);
-        self.write_block(stream, &block, true);
-        if !end_stream {
-            frame::write_rst(&mut self.wbuf, stream, Reason::NoError);
-        }
-        self.remember_reset(stream);
-    }
-
     pub(super) fn begin_block(&mut self, block: &mut Vec<u8>) {
         self.encoder.begin(block);
     }
