@@ -648,6 +648,35 @@ async fn breaking_upstream(how: Break, go: Arc<tokio::sync::Notify>) -> SocketAd
     addr
 }
 
+/// Each way of breaking, and the `upstream_errors_total` kind it counts as.
+const BREAKS: [(Break, &str); 3] = [
+    (Break::Close, "reset"),
+    (Break::Reset, "reset"),
+    (Break::Garbage, "protocol"),
+];
+
+/// A gateway (the binary, for its log) in front of an upstream that breaks its
+/// response `how`, once told to by the notify returned.
+async fn breaking_gateway(how: Break) -> (Process, Arc<tokio::sync::Notify>) {
+    let go = Arc::new(tokio::sync::Notify::new());
+    let up = breaking_upstream(how, go.clone()).await;
+    let gw = Process::start(&format!(
+        "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{up}\"]\n\
+         [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
+    ));
+    (gw, go)
+}
+
+/// `upstream_errors_total{kind}` of tenant `t`, upstream `u`.
+async fn upstream_errors(admin: SocketAddr, kind: &str) -> u64 {
+    let text = String::from_utf8_lossy(&get(admin, "/metrics", &[]).await.body).into_owned();
+    let key =
+        format!("bulkhead_upstream_errors_total{{tenant=\"t\",upstream=\"u\",kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 /// A response the upstream breaks after its head (closed early, reset, garbage in
 /// the chunked framing) is cut off, and says so: the access log's reason is
 /// `upstream_error` and `upstream_errors_total` counts it by kind, as a stall is
@@ -655,17 +684,8 @@ async fn breaking_upstream(how: Break, go: Arc<tokio::sync::Notify>) -> SocketAd
 /// moved.
 #[tokio::test]
 async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_on_the_fast_path() {
-    for (how, kind) in [
-        (Break::Close, "reset"),
-        (Break::Reset, "reset"),
-        (Break::Garbage, "protocol"),
-    ] {
-        let go = Arc::new(tokio::sync::Notify::new());
-        let up = breaking_upstream(how, go.clone()).await;
-        let gw = Process::start(&format!(
-            "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{up}\"]\n\
-             [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
-        ));
+    for (how, kind) in BREAKS {
+        let (gw, go) = breaking_gateway(how).await;
         let mut s = TcpStream::connect(gw.addr).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nhost: t.com\r\nx-request-id: cut-1\r\n\r\n")
             .await
@@ -692,12 +712,7 @@ async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_on_the_fast_path
             line.contains("reason=\"upstream_error\""),
             "{how:?}: {line}"
         );
-        let metrics =
-            String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
-        let key = format!(
-            "bulkhead_upstream_errors_total{{tenant=\"t\",upstream=\"u\",kind=\"{kind}\"}} 1"
-        );
-        assert!(metrics.contains(&key), "{how:?}: no {key} in\n{metrics}");
+        assert_eq!(upstream_errors(gw.admin, kind).await, 1, "{how:?}");
     }
 }
 
@@ -707,25 +722,8 @@ async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_on_the_fast_path
 /// says `upstream_error`, the metric counts it.
 #[tokio::test]
 async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_over_http2_and_hypers_client() {
-    let metric = |text: &str, kind: &str| {
-        let key = format!(
-            "bulkhead_upstream_errors_total{{tenant=\"t\",upstream=\"u\",kind=\"{kind}\"}} "
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
-    };
-    for (how, kind) in [
-        (Break::Close, "reset"),
-        (Break::Reset, "reset"),
-        (Break::Garbage, "protocol"),
-    ] {
-        let go = Arc::new(tokio::sync::Notify::new());
-        let up = breaking_upstream(how, go.clone()).await;
-        let gw = Process::start(&format!(
-            "[server]\nworkers = 1\n[upstreams.u]\ntargets = [\"{up}\"]\n\
-             [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n"
-        ));
+    for (how, kind) in BREAKS {
+        let (gw, go) = breaking_gateway(how).await;
         let (mut send, _conn) = h2c_at::<http_body_util::Empty<Bytes>>(gw.addr).await;
         let req = http::Request::get("http://t.com/")
             .header("x-request-id", "cut-h2")
@@ -755,8 +753,7 @@ async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_over_http2_and_h
             line.contains("reason=\"upstream_error\""),
             "{how:?}: {line}"
         );
-        let text = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
-        assert_eq!(metric(&text, kind), 1, "{how:?}\n{text}");
+        assert_eq!(upstream_errors(gw.admin, kind).await, 1, "{how:?}");
     }
 
     // hyper's client: an HTTP/2 upstream that sends 10 bytes, then, told to, resets
@@ -821,6 +818,5 @@ async fn an_upstream_that_breaks_mid_body_is_counted_and_logged_over_http2_and_h
     assert!(!text.ends_with("0\r\n\r\n"), "cut off, not ended: {text}");
     let line = gw.log_line(&["access:", "cut-up-h2"]).await;
     assert!(line.contains("reason=\"upstream_error\""), "{line}");
-    let text = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).await.body).into_owned();
-    assert_eq!(metric(&text, "reset"), 1, "{text}");
+    assert_eq!(upstream_errors(gw.admin, "reset").await, 1);
 }
