@@ -28,7 +28,10 @@ mod allocator;
 #[command(
     name = "bulkhead",
     version,
-    about = "A multi-tenant reverse-proxy gateway"
+    about = "A multi-tenant reverse-proxy gateway",
+    // `bulkhead --config F check` would otherwise check ./gateway.toml and pass: the
+    // options of a bare `bulkhead` (run) go before no subcommand.
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -85,7 +88,10 @@ fn hash_key() -> ExitCode {
         eprintln!("cannot read the key from standard input: {e}");
         return ExitCode::FAILURE;
     }
-    while matches!(key.last(), Some(b'\n' | b'\r')) {
+    // One line ending (as `echo` adds), not every trailing byte of a kind.
+    if key.ends_with(b"\r\n") {
+        key.truncate(key.len() - 2);
+    } else if key.ends_with(b"\n") {
         key.pop();
     }
     if key.is_empty() {

@@ -190,8 +190,8 @@ async fn required_credentials() {
     assert_eq!((a.seen().len(), g.seen().len(), i.seen().len()), (1, 1, 1));
 }
 
-#[test]
-fn hash_key_command_prints_the_config_form() {
+/// `bulkhead hash-key` with `input` on its standard input: what it printed.
+fn hash_key_command(input: &[u8]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
         .arg("hash-key")
         .stdin(Stdio::piped())
@@ -199,17 +199,22 @@ fn hash_key_command_prints_the_config_form() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"ak_live_acme_0123456789\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn hash_key_command_prints_the_config_form() {
+    let acme = hash_key(ACME_KEY.as_bytes());
+    assert_eq!(hash_key_command(b"ak_live_acme_0123456789\n"), acme);
+    assert_eq!(hash_key_command(b"ak_live_acme_0123456789\r\n"), acme);
+    assert_eq!(hash_key_command(b"ak_live_acme_0123456789"), acme);
+    // One line ending is dropped, as `echo` adds it; a second is part of the key.
     assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
-        hash_key(ACME_KEY.as_bytes())
+        hash_key_command(b"ak_live_acme_0123456789\n\n"),
+        hash_key(b"ak_live_acme_0123456789\n")
     );
 }
 

@@ -497,3 +497,25 @@ fn invalid_utf8_is_reported_at_the_first_bad_byte() {
         );
     }
 }
+
+/// The options of a bare `bulkhead` (run) before a subcommand are an error, not
+/// silently dropped: `bulkhead --config F check` checked ./gateway.toml and passed.
+#[test]
+fn run_options_before_a_subcommand_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[tenants.Bad]\nhosts = [\"x\"]\n").unwrap();
+    for args in [
+        vec!["--config", bad.to_str().unwrap(), "check"],
+        vec!["--demo", "check", "--config", bad.to_str().unwrap()],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .args(&args)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("cannot be used with"), "{args:?}: {err}");
+    }
+}
