@@ -686,11 +686,20 @@ impl Validator<'_> {
         let listen = self.addr(&server.listen, "server.listen");
         let admin_listen = self.addr(&server.admin_listen, "server.admin_listen");
         if let (Some(l), Some(a)) = (listen, admin_listen) {
-            if l == a && l.port() != 0 {
-                self.error(
-                    server.admin_listen.span(),
-                    "`server.admin_listen` must differ from `server.listen`: the admin API is never served on the data plane".to_owned(),
-                );
+            if overlaps(l, a) {
+                // At whichever of the two the file sets (a default has no position).
+                let (span, msg) = if server.admin_listen.span().is_empty() {
+                    (
+                        server.listen.span(),
+                        format!("`server.listen` ({l}) takes the port of `server.admin_listen` (default {a}): set `server.admin_listen` to another address; the admin API is never served on the data plane"),
+                    )
+                } else {
+                    (
+                        server.admin_listen.span(),
+                        format!("`server.admin_listen` ({a}) must not share its port with `server.listen` ({l}): the admin API is never served on the data plane"),
+                    )
+                };
+                self.error(span, msg);
             }
         }
         let tls_listen = server
@@ -698,10 +707,14 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|l| self.addr(l, "server.tls_listen"));
         if let (Some(t), Some(spanned)) = (tls_listen, &server.tls_listen) {
-            if t.port() != 0 && (Some(t) == listen || Some(t) == admin_listen) {
+            if [listen, admin_listen]
+                .into_iter()
+                .flatten()
+                .any(|o| overlaps(t, o))
+            {
                 self.error(
                     spanned.span(),
-                    "`server.tls_listen` must differ from `server.listen` and `server.admin_listen`".to_owned(),
+                    format!("`server.tls_listen` ({t}) must not share its port with `server.listen` or `server.admin_listen`"),
                 );
             }
         }
@@ -847,6 +860,23 @@ impl Validator<'_> {
                 );
             }
             read_by.push((header, key));
+        }
+        // The forwarded tenant id would replace a credential before the upstream saw it
+        // (`Authorization` is forwarded unchanged, for backends that verify it).
+        for (header, key) in read_by.iter().filter(|(_, k)| *k != "tenancy.header") {
+            let forward = &t.forward_header;
+            if !header.get_ref().eq_ignore_ascii_case(forward.get_ref()) {
+                continue;
+            }
+            let (set, set_key, same_key) = if forward.span().is_empty() {
+                (*header, *key, "tenancy.forward_header")
+            } else {
+                (forward, "tenancy.forward_header", *key)
+            };
+            self.error(
+                set.span(),
+                format!("`{set_key}` and `{same_key}` are both {:?}: the gateway sets the tenant id in `tenancy.forward_header`, which would replace the credential before the upstream sees it", set.get_ref()),
+            );
         }
         if t.resolve.get_ref().contains(&SourceKind::Sni) && tls_listen.is_none() {
             self.error(
@@ -1509,6 +1539,15 @@ fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
         requests_per_day: pick(&t.requests_per_day, &d.requests_per_day),
         requests_per_month: pick(&t.requests_per_month, &d.requests_per_month),
     }
+}
+
+/// Whether two listeners would take the same port: the same address, or a wildcard
+/// (`0.0.0.0`, `::`) that covers the other (`::` covers IPv4 too, as Linux binds it
+/// dual-stack). Port 0 (any free port) never does.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 /// `[a-z0-9][a-z0-9_-]{0,62}`

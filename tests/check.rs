@@ -519,3 +519,69 @@ fn run_options_before_a_subcommand_are_refused() {
         assert!(err.contains("cannot be used with"), "{args:?}: {err}");
     }
 }
+
+/// Listeners that would take the same port are refused at the key the file sets: a
+/// wildcard covers a specific address (`run` then failed with "Address already in
+/// use" after `check` passed), and a `listen` on the default admin port is reported
+/// at `listen`, not at `1:1`.
+#[test]
+fn listeners_sharing_a_port_are_refused() {
+    let (code, _, err) = check(&format!(
+        "[server]\nlisten = \"0.0.0.0:18480\"\nadmin_listen = \"127.0.0.1:18480\"\n{BASE}"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("PATH:3:16: `server.admin_listen` (127.0.0.1:18480) must not share its port"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!("[server]\nlisten = \"127.0.0.1:9901\"\n{BASE}"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("PATH:2:10: `server.listen` (127.0.0.1:9901) takes the port of `server.admin_listen` (default 127.0.0.1:9901)"),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!(
+        "[server]\nlisten = \"[::]:18481\"\nadmin_listen = \"127.0.0.1:18482\"\ntls_listen = \"0.0.0.0:18481\"\n\
+         [server.tls]\ndefault_cert = \"c.pem\"\ndefault_key = \"c.key\"\n{BASE}"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("PATH:4:14: `server.tls_listen` (0.0.0.0:18481) must not share its port"),
+        "{err}"
+    );
+    // Different ports, or IPv4 and IPv6 loopbacks: fine.
+    let (code, _, err) = check(&format!(
+        "[server]\nlisten = \"0.0.0.0:18483\"\nadmin_listen = \"127.0.0.1:18484\"\n{BASE}"
+    ));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = check(&format!(
+        "[server]\nlisten = \"[::1]:18485\"\nadmin_listen = \"127.0.0.1:18485\"\n{BASE}"
+    ));
+    assert_eq!(code, 0, "{err}");
+}
+
+/// `forward_header` naming a header a credential source reads would replace the
+/// credential with the tenant id before the upstream saw it (a client's
+/// `Authorization` reached the upstream as `authorization: acme`).
+#[test]
+fn forward_header_may_not_be_a_credential_header() {
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"jwt\", \"host\"]\nforward_header = \"authorization\"\n{BASE}"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("PATH:3:18: `tenancy.forward_header` and `tenancy.jwt.header` are both \"authorization\""),
+        "{err}"
+    );
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"api_key\", \"host\"]\n[tenancy.api_key]\nheader = \"x-tenant-id\"\n{BASE}"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("PATH:4:10: `tenancy.api_key.header` and `tenancy.forward_header` are both \"x-tenant-id\""),
+        "{err}"
+    );
+    // The header source reads the header the id is forwarded in: by design.
+    let (code, _, err) = check(&format!("[tenancy]\nresolve = [\"header\"]\n{BASE}"));
+    assert_eq!(code, 0, "{err}");
+}
