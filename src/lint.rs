@@ -1,7 +1,7 @@
 //! `bulkhead check` warnings for configurations that are valid but risk one tenant's
 //! traffic reaching another's backend (exit 0, or 1 with `--strict`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::config::{Config, HostPattern, SourceKind};
 
@@ -40,27 +40,40 @@ pub fn isolation_warnings(config: &Config) -> Vec<String> {
     }
 
     // A wildcard that also covers another tenant's exact host: one typo in that host and
-    // its traffic goes to the wildcard's owner.
-    for owner in &config.tenants {
+    // its traffic goes to the wildcard's owner. The wildcards by domain, then each exact
+    // host looked up once (a scan of every pair took seconds at 20,000 tenants).
+    let mut wildcards: HashMap<&str, Vec<(usize, &HostPattern)>> = HashMap::new();
+    for (i, owner) in config.tenants.iter().enumerate() {
         for w in &owner.hosts {
-            let HostPattern::Wildcard(domain) = w else {
+            if let HostPattern::Wildcard(domain) = w {
+                wildcards.entry(domain.as_str()).or_default().push((i, w));
+            }
+        }
+    }
+    let mut covered = Vec::new();
+    for (j, other) in config.tenants.iter().enumerate() {
+        for h in &other.hosts {
+            let HostPattern::Exact(h) = h else { continue };
+            let Some((label, rest)) = h.split_once('.') else {
                 continue;
             };
-            for other in config.tenants.iter().filter(|o| o.id != owner.id) {
-                for h in &other.hosts {
-                    let HostPattern::Exact(h) = h else { continue };
-                    let covered = h
-                        .split_once('.')
-                        .is_some_and(|(label, rest)| !label.is_empty() && rest == domain);
-                    if covered {
-                        out.push(format!(
-                            "the wildcard \"{w}\" of tenant {:?} also covers host {h:?} of tenant {:?}",
-                            owner.id, other.id
-                        ));
-                    }
+            if label.is_empty() {
+                continue;
+            }
+            for &(i, w) in wildcards.get(rest).into_iter().flatten() {
+                if config.tenants[i].id != other.id {
+                    covered.push((i, j, w, h));
                 }
             }
         }
+    }
+    // In the order of the wildcards' owners, as the file lists them.
+    covered.sort_by_key(|&(i, j, ..)| (i, j));
+    for (i, j, w, h) in covered {
+        out.push(format!(
+            "the wildcard \"{w}\" of tenant {:?} also covers host {h:?} of tenant {:?}",
+            config.tenants[i].id, config.tenants[j].id
+        ));
     }
 
     // Some tenants demand credentials, others can be reached by host alone.
