@@ -1040,13 +1040,16 @@ impl Validator<'_> {
             let mut features = Vec::new();
             for feat in &tc.features {
                 let s = feat.get_ref();
+                // A space at either end would not survive the header value's trimming.
                 if s.is_empty()
                     || s.contains(',')
+                    || s.starts_with(' ')
+                    || s.ends_with(' ')
                     || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
                 {
                     self.error(
                         feat.span(),
-                        format!("feature {s:?} of tenant {id_str:?} must be printable ASCII (spaces allowed) without commas"),
+                        format!("feature {s:?} of tenant {id_str:?} must be printable ASCII without commas (spaces allowed inside, not at either end)"),
                     );
                 }
                 features.push(s.clone());

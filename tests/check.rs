@@ -585,3 +585,16 @@ fn forward_header_may_not_be_a_credential_header() {
     let (code, _, err) = check(&format!("[tenancy]\nresolve = [\"header\"]\n{BASE}"));
     assert_eq!(code, 0, "{err}");
 }
+
+/// A feature with a space at either end reached the upstream changed (`" x"` as `x`:
+/// a header value is trimmed), so it is refused, as a comma is.
+#[test]
+fn a_feature_with_a_space_at_either_end_is_refused() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.a]\nhosts = [\"a.test\"]\nfeatures = [\"beta search\", \" x\", \"y \"]\n"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(!err.contains("\"beta search\""), "{err}");
+    assert!(err.contains("PATH:7:28: feature \" x\""), "{err}");
+    assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
+}
