@@ -49,14 +49,14 @@ pub struct ServerConfig {
     pub workers: Spanned<usize>,
     pub shutdown_grace: Dur,
     pub header_read_timeout: Spanned<Dur>,
-    pub max_header_bytes: ByteSize,
+    pub max_header_bytes: Spanned<ByteSize>,
     pub log_format: LogFormat,
     /// One JSON line per applied config change is appended here; off when unset.
     pub audit_log: Option<Spanned<String>>,
     /// Peers whose `x-forwarded-for` is believed (IPs or CIDRs).
     pub trusted_proxies: Vec<Spanned<String>>,
     /// How often per-client limiter state is pruned.
-    pub limiter_prune_interval: Dur,
+    pub limiter_prune_interval: Spanned<Dur>,
     /// One access-log line per request.
     pub access_log: bool,
     /// Per-tenant request metrics (counters, latency histogram, body bytes).
@@ -64,7 +64,7 @@ pub struct ServerConfig {
     /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN).
     pub tls_listen: Option<Spanned<String>>,
     /// The plain listener answers 308 to https instead of proxying.
-    pub redirect_http: bool,
+    pub redirect_http: Spanned<bool>,
     /// `[server.tls]`: the default certificate and the minimum version.
     pub tls: Option<crate::tls::ServerTlsConfig>,
     /// Where local-scope quota counters are kept across restarts; in memory when unset.
@@ -87,15 +87,15 @@ impl Default for ServerConfig {
             workers: Spanned::new(0..0, 0),
             shutdown_grace: Dur(Duration::from_secs(30)),
             header_read_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
-            max_header_bytes: ByteSize(16 * 1024),
+            max_header_bytes: Spanned::new(0..0, ByteSize(16 * 1024)),
             log_format: LogFormat::Text,
             audit_log: None,
             trusted_proxies: Vec::new(),
-            limiter_prune_interval: Dur(Duration::from_secs(60)),
+            limiter_prune_interval: Spanned::new(0..0, Dur(Duration::from_secs(60))),
             access_log: true,
             metrics: true,
             tls_listen: None,
-            redirect_http: false,
+            redirect_http: Spanned::new(0..0, false),
             tls: None,
             state_dir: None,
             tunnel_idle_timeout: Dur(Duration::from_secs(3600)),
@@ -734,9 +734,9 @@ impl Validator<'_> {
             }
             tls
         };
-        if server.max_header_bytes.0 < 1024 {
+        if server.max_header_bytes.get_ref().0 < 1024 {
             self.error(
-                0..0,
+                server.max_header_bytes.span(),
                 "`server.max_header_bytes` must be at least 1KiB".to_owned(),
             );
         }
@@ -775,9 +775,9 @@ impl Validator<'_> {
                 self.error(t.span(), "`request_timeout` must be positive".to_owned());
             }
         }
-        if server.limiter_prune_interval.0.is_zero() {
+        if server.limiter_prune_interval.get_ref().0.is_zero() {
             self.error(
-                0..0,
+                server.limiter_prune_interval.span(),
                 "`server.limiter_prune_interval` must be positive".to_owned(),
             );
         }
@@ -1232,18 +1232,18 @@ impl Validator<'_> {
             workers: *server.workers.get_ref(),
             shutdown_grace: server.shutdown_grace.0,
             header_read_timeout: server.header_read_timeout.get_ref().0,
-            max_header_bytes: server.max_header_bytes.0,
+            max_header_bytes: server.max_header_bytes.get_ref().0,
             tunnel_idle_timeout: Some(server.tunnel_idle_timeout.0).filter(|d| !d.is_zero()),
             body_idle_timeout: Some(server.body_idle_timeout.0).filter(|d| !d.is_zero()),
             max_connections: server.max_connections,
             log_format: server.log_format,
             audit_log: self.audit_log(path, server.audit_log.as_ref()),
             trusted_proxies,
-            limiter_prune_interval: server.limiter_prune_interval.0,
+            limiter_prune_interval: server.limiter_prune_interval.get_ref().0,
             access_log: server.access_log,
             metrics: server.metrics,
             tls_listen,
-            redirect_http: server.redirect_http,
+            redirect_http: *server.redirect_http.get_ref(),
             tls,
             tls_files,
             resolve: t.resolve.get_ref().clone(),

@@ -597,4 +597,23 @@ fn a_feature_with_a_space_at_either_end_is_refused() {
     assert!(!err.contains("\"beta search\""), "{err}");
     assert!(err.contains("PATH:7:28: feature \" x\""), "{err}");
     assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
+
+/// These were reported at `1:1`, wherever they were.
+#[test]
+fn server_settings_are_refused_at_their_key() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("[server]\nworkers = 1\nmax_header_bytes = 512\n{BASE}"),
+            "PATH:3:20: `server.max_header_bytes` must be at least 1KiB",
+        ),
+        (
+            format!("[server]\nworkers = 1\nlimiter_prune_interval = \"0s\"\n{BASE}"),
+            "PATH:3:26: `server.limiter_prune_interval` must be positive",
+        ),
+        (
+            format!("[server]\nworkers = 1\nredirect_http = true\n{BASE}"),
+            "PATH:3:17: `server.redirect_http = true` needs `server.tls_listen`",
+        ),
+    ];
+    assert_refused(&cases, true);
 }

@@ -256,9 +256,9 @@ pub fn validate_server(
     files: &mut Vec<PathBuf>,
     err: &mut impl FnMut(Range<usize>, String),
 ) -> Option<ResolvedServerTls> {
-    if server.redirect_http && tls_listen.is_none() {
+    if *server.redirect_http.get_ref() && tls_listen.is_none() {
         err(
-            0..0,
+            server.redirect_http.span(),
             "`server.redirect_http = true` needs `server.tls_listen`: there is no https listener to redirect to".to_owned(),
         );
     }
