@@ -894,6 +894,11 @@ impl Validator<'_> {
                 t.path_prefix.span(),
                 format!("`tenancy.path_prefix` must look like \"/t/\" (start and end with '/'), not {prefix:?}"),
             );
+        } else if let Some(why) = not_in_a_path(prefix, "the \"path\" source reads the path") {
+            self.error(
+                t.path_prefix.span(),
+                format!("`tenancy.path_prefix` {prefix:?} can never match: {why}"),
+            );
         }
 
         // Upstreams.
@@ -1055,6 +1060,7 @@ impl Validator<'_> {
                 features.push(s.clone());
             }
             let mut routes = Vec::new();
+            let mut prefixes: HashMap<&str, usize> = HashMap::new();
             for r in &tc.routes {
                 let p = r.prefix.get_ref();
                 if !p.starts_with('/') {
@@ -1062,6 +1068,25 @@ impl Validator<'_> {
                         r.prefix.span(),
                         format!("route prefix {p:?} of tenant {id_str:?} must start with '/'"),
                     );
+                } else if let Some(why) = not_in_a_path(p, "routes match the path") {
+                    self.error(
+                        r.prefix.span(),
+                        format!("route prefix {p:?} of tenant {id_str:?} can never match: {why}"),
+                    );
+                } else if let Some(normal) =
+                    Some(crate::snapshot::route_path(p)).filter(|n| n.as_ref() != p.as_str())
+                {
+                    self.error(
+                        r.prefix.span(),
+                        format!("route prefix {p:?} of tenant {id_str:?} can never match: paths are normalised before routes match them (repeated '/' merged, '.' and '..' segments resolved, %XX of unreserved characters decoded); write {normal:?}"),
+                    );
+                } else if let Some(first) = prefixes.get(p.as_str()) {
+                    self.error(
+                        r.prefix.span(),
+                        format!("route prefix {p:?} of tenant {id_str:?} is also the prefix of an earlier route (line {first}), which takes every request it matches: this route would never be used"),
+                    );
+                } else {
+                    prefixes.insert(p, line_col(self.text, r.prefix.span().start).0);
                 }
                 if !upstream_ok(r.upstream.get_ref()) {
                     self.missing_upstream(&r.upstream, &format!("a route of tenant {id_str:?}"));
@@ -1562,6 +1587,21 @@ pub fn valid_id(s: &str) -> bool {
         && b[1..]
             .iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// Why no request path holds `p`: a query or fragment mark, or a byte that the
+/// request parsers refuse in a path (`http::uri`'s rules: controls, space, `<`, `>`,
+/// a backquote; `"`, `{`, `}` and UTF-8 pass). `reader` says what reads the path.
+fn not_in_a_path(p: &str, reader: &str) -> Option<String> {
+    p.chars().find_map(|c| match c {
+        '?' => Some(format!("{reader} without its query string ('?' starts it)")),
+        '#' => Some("a fragment ('#') is never sent in a request".to_owned()),
+        c if c.is_ascii_control() || matches!(c, ' ' | '<' | '>' | '`') => Some(format!(
+            "{c:?} is not valid in a request path (percent-encode it: %{:02X})",
+            u32::from(c)
+        )),
+        _ => None,
+    })
 }
 
 fn valid_hostname(h: &str) -> bool {

@@ -498,6 +498,99 @@ fn invalid_utf8_is_reported_at_the_first_bad_byte() {
     }
 }
 
+/// A tenant whose one route has `prefix` (a TOML value, quotes included) on line 8, col 10.
+fn with_route(prefix: &str) -> String {
+    format!(
+        "{BASE}[tenants.a]\nhosts = [\"a.com\"]\n[[tenants.a.routes]]\nprefix = {prefix}\nupstream = \"shared\"\n"
+    )
+}
+
+/// Routes match the path without its query, after normalisation (`route_path`): a
+/// prefix that no normalised path can start with, or a second route with the same
+/// prefix, is a route no request ever takes. All were accepted before.
+#[test]
+fn route_prefixes_that_can_never_match_are_refused_at_the_prefix() {
+    let never = "PATH:8:10: route prefix";
+    let cases: Vec<(String, &str)> = vec![
+        (with_route("\"/r?x=1\""), "PATH:8:10: route prefix \"/r?x=1\" of tenant \"a\" can never match: routes match the path without its query string ('?' starts it)"),
+        (with_route("\"/r#x\""), "PATH:8:10: route prefix \"/r#x\" of tenant \"a\" can never match: a fragment ('#') is never sent in a request"),
+        (with_route("\"/r x\""), "PATH:8:10: route prefix \"/r x\" of tenant \"a\" can never match: ' ' is not valid in a request path (percent-encode it: %20)"),
+        (with_route("\"/r\\tx\""), "can never match: '\\t' is not valid in a request path (percent-encode it: %09)"),
+        (with_route("\"/<r>\""), "can never match: '<' is not valid in a request path (percent-encode it: %3C)"),
+        (with_route("\"//r\""), "PATH:8:10: route prefix \"//r\" of tenant \"a\" can never match: paths are normalised before routes match them (repeated '/' merged, '.' and '..' segments resolved, %XX of unreserved characters decoded); write \"/r\""),
+        (with_route("\"/r/../s\""), "write \"/s\""),
+        (with_route("\"/r/./s\""), "write \"/r/s\""),
+        (with_route("\"/r/.\""), "write \"/r/\""),
+        (with_route("\"/%72\""), "write \"/r\""),
+        (with_route("\"/a%2db\""), "write \"/a-b\""),
+        (
+            format!("{BASE}[upstreams.v]\ntargets = [\"127.0.0.1:9002\"]\n[tenants.a]\nhosts = [\"a.com\"]\n[[tenants.a.routes]]\nprefix = \"/r\"\nupstream = \"v\"\n[[tenants.a.routes]]\nprefix = \"/r\"\nupstream = \"shared\"\n"),
+            "PATH:13:10: route prefix \"/r\" of tenant \"a\" is also the prefix of an earlier route (line 10), which takes every request it matches: this route would never be used",
+        ),
+        (
+            format!("[tenancy]\nresolve = [\"path\"]\npath_prefix = \"/t?/\"\n{BASE}"),
+            "PATH:3:15: `tenancy.path_prefix` \"/t?/\" can never match: the \"path\" source reads the path without its query string ('?' starts it)",
+        ),
+        (
+            format!("[tenancy]\nresolve = [\"path\"]\npath_prefix = \"/t t/\"\n{BASE}"),
+            "PATH:3:15: `tenancy.path_prefix` \"/t t/\" can never match: ' ' is not valid in a request path (percent-encode it: %20)",
+        ),
+    ];
+    assert_refused(&cases, true);
+    assert!(cases.iter().take(3).all(|(_, w)| w.starts_with(never)));
+    // What a normalised path can start with stays accepted: encoded reserved bytes,
+    // the bytes clients send unencoded, a trailing '/', dots inside a segment.
+    for ok in [
+        "\"/r%20x\"",
+        "\"/a%2Fb\"",
+        "\"/{x}\"",
+        "\"/r/\"",
+        "\"/\"",
+        "\"/.well-known\"",
+        "\"/a..b/c.\"",
+        "\"/caf\u{e9}\"",
+    ] {
+        let (code, _, err) = check(&with_route(ok));
+        assert_eq!(code, 0, "{ok}: {err}");
+    }
+    // As before: no leading '/', or empty.
+    for bad in ["\"r\"", "\"\""] {
+        let (code, _, err) = check(&with_route(bad));
+        assert_eq!(code, 1, "{bad}");
+        assert!(
+            err.contains("PATH:8:10:") && err.contains("must start with '/'"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // Two tenants may each route "/r"; "/r" and "/r/" are different routes.
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.a]\nhosts = [\"a.com\"]\n[[tenants.a.routes]]\nprefix = \"/r\"\nupstream = \"shared\"\n[[tenants.a.routes]]\nprefix = \"/r/\"\nupstream = \"shared\"\n\
+         [tenants.b]\nhosts = [\"b.com\"]\n[[tenants.b.routes]]\nprefix = \"/r\"\nupstream = \"shared\"\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}
+
+/// These were reported at `1:1`, wherever they were.
+#[test]
+fn server_settings_are_refused_at_their_key() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("[server]\nworkers = 1\nmax_header_bytes = 512\n{BASE}"),
+            "PATH:3:20: `server.max_header_bytes` must be at least 1KiB",
+        ),
+        (
+            format!("[server]\nworkers = 1\nlimiter_prune_interval = \"0s\"\n{BASE}"),
+            "PATH:3:26: `server.limiter_prune_interval` must be positive",
+        ),
+        (
+            format!("[server]\nworkers = 1\nredirect_http = true\n{BASE}"),
+            "PATH:3:17: `server.redirect_http = true` needs `server.tls_listen`",
+        ),
+    ];
+    assert_refused(&cases, true);
+}
+
 /// The options of a bare `bulkhead` (run) before a subcommand are an error, not
 /// silently dropped: `bulkhead --config F check` checked ./gateway.toml and passed.
 #[test]
@@ -597,23 +690,3 @@ fn a_feature_with_a_space_at_either_end_is_refused() {
     assert!(!err.contains("\"beta search\""), "{err}");
     assert!(err.contains("PATH:7:28: feature \" x\""), "{err}");
     assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
-
-/// These were reported at `1:1`, wherever they were.
-#[test]
-fn server_settings_are_refused_at_their_key() {
-    let cases: Vec<(String, &str)> = vec![
-        (
-            format!("[server]\nworkers = 1\nmax_header_bytes = 512\n{BASE}"),
-            "PATH:3:20: `server.max_header_bytes` must be at least 1KiB",
-        ),
-        (
-            format!("[server]\nworkers = 1\nlimiter_prune_interval = \"0s\"\n{BASE}"),
-            "PATH:3:26: `server.limiter_prune_interval` must be positive",
-        ),
-        (
-            format!("[server]\nworkers = 1\nredirect_http = true\n{BASE}"),
-            "PATH:3:17: `server.redirect_http = true` needs `server.tls_listen`",
-        ),
-    ];
-    assert_refused(&cases, true);
-}

@@ -959,3 +959,44 @@ async fn a_tenant_removed_and_added_back_keeps_its_counts() {
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_error(&get(gw.addr, "/", &h).await, 429, "quota_exhausted");
 }
+
+/// A reload refuses what `check` refuses, with the same `PATH:LINE:COL: message` lines:
+/// here a dead duplicate route and a `max_header_bytes` that `check` once put at 1:1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refuses_a_dead_route_and_a_small_header_limit_as_check_does() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let config = format!(
+        "{}[[tenants.globex.routes]]\nprefix = \"/r\"\nupstream = \"green\"\n\
+         [[tenants.globex.routes]]\nprefix = \"/r\"\nupstream = \"blue\"\n",
+        blue_green_config("green", &blue, &green)
+    );
+    // `max_header_bytes` goes into the `[server]` table the test listeners add.
+    let config = with_test_listeners(&config).replacen(
+        "[server]\n",
+        "[server]\nmax_header_bytes = 512\n",
+        1,
+    );
+    std::fs::write(&path, &config).unwrap();
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
+    let msg = r.json()["message"].as_str().unwrap().to_owned();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), msg.trim());
+    assert!(
+        msg.contains("`server.max_header_bytes` must be at least 1KiB"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("is also the prefix of an earlier route"),
+        "{msg}"
+    );
+    assert!(!msg.contains(":1:1:"), "{msg}");
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+}
