@@ -1604,8 +1604,29 @@ fn not_in_a_path(p: &str, reader: &str) -> Option<String> {
     })
 }
 
-fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
+/// Why `h` (lower case, without its trailing dot) is neither a host name nor an IPv4
+/// address, as a phrase to follow `host "…"`; `None` when it is one. Names follow RFC
+/// 1123 (labels of letters, digits and '-', not at either end, 63 bytes at most, 253 in
+/// all), and also take '_', as internal names often do. A name whose last label is all
+/// digits can only be an IPv4 address (RFC 1123 §2.1); `wildcard`: `h` follows `*.`.
+/// `Some("")`: not a name at all, which the caller says in its own words.
+fn host_problem(h: &str, trailing_dot: bool, wildcard: bool) -> Option<String> {
+    let last = h.rsplit('.').next().unwrap_or("");
+    if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return if wildcard || h.parse::<std::net::Ipv4Addr>().is_err() {
+            Some(if wildcard {
+                " cannot be a wildcard: a host name cannot end in an all-digit label".to_owned()
+            } else {
+                " is not a valid IPv4 address, and a host name cannot end in an all-digit label"
+                    .to_owned()
+            })
+        } else if trailing_dot {
+            Some(": an IP address takes no trailing dot".to_owned())
+        } else {
+            None
+        };
+    }
+    let plain = !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|label| {
             !label.is_empty()
@@ -1613,14 +1634,31 @@ fn valid_hostname(h: &str) -> bool {
                 && label
                     .bytes()
                     .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
-        })
+        });
+    if !plain {
+        return Some(String::new());
+    }
+    h.split('.')
+        .find(|l| l.starts_with('-') || l.ends_with('-'))
+        .map(|l| format!(": label {l:?} starts or ends with '-'"))
 }
 
 /// Parses a `hosts` entry: `acme.example.com` or `*.acme.example.com`.
 pub fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
     let lower = raw.to_ascii_lowercase();
+    if let Some((_, rest)) = lower.split_once("://") {
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = host.rsplit('@').next().unwrap_or(host);
+        let host = match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        return Err(format!(
+            "host {raw:?} is a URL; write the host name alone: {host:?}"
+        ));
+    }
     let h = lower.strip_suffix('.').unwrap_or(&lower);
-    if h.starts_with('[') {
+    if h.starts_with('[') || h.parse::<std::net::Ipv6Addr>().is_ok() {
         return Err(format!(
             "host {raw:?}: IPv6 literals are not supported in `hosts`"
         ));
@@ -1630,16 +1668,29 @@ pub fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
             "host {raw:?} must not carry a port (host matching ignores the port)"
         ));
     }
-    if let Some(rest) = h.strip_prefix("*.") {
-        if valid_hostname(rest) {
-            return Ok(HostPattern::Wildcard(rest.to_owned()));
-        }
-    } else if valid_hostname(h) {
-        return Ok(HostPattern::Exact(h.to_owned()));
+    if !h.is_ascii() {
+        return Err(format!(
+            "host {raw:?} must be ASCII: write an internationalised name in its punycode form (xn--...)"
+        ));
     }
-    Err(format!(
-        "host {raw:?} is not a valid host name or `*.domain` wildcard"
-    ))
+    let trailing_dot = h.len() < lower.len();
+    let (pattern, why) = match h.strip_prefix("*.") {
+        Some(rest) => (
+            HostPattern::Wildcard(rest.to_owned()),
+            host_problem(rest, trailing_dot, true),
+        ),
+        None => (
+            HostPattern::Exact(h.to_owned()),
+            host_problem(h, trailing_dot, false),
+        ),
+    };
+    match why {
+        None => Ok(pattern),
+        Some(why) if why.is_empty() => Err(format!(
+            "host {raw:?} is not a valid host name or `*.domain` wildcard"
+        )),
+        Some(why) => Err(format!("host {raw:?}{why}")),
+    }
 }
 
 /// Parses an upstream target (`host:port` or `http://host:port`) to `host:port`.
@@ -1662,16 +1713,35 @@ pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
             "target {raw:?} must be \"host:port\", \"http://host:port\" or \"https://host[:port]\""
         )
     })?;
-    if rest.contains('@') || auth.host().is_empty() {
+    let host = auth.host();
+    if rest.contains('@') || host.is_empty() {
         return Err(format!("target {raw:?} must be a host and a port"));
     }
-    match auth.port_u16() {
-        Some(0) => Err(format!("target {raw:?}: port 0 cannot be connected to")),
-        Some(_) => Ok((auth.as_str().to_owned(), https)),
-        None if https => Ok((format!("{}:443", auth.as_str()), true)),
-        None => Err(format!(
+    if !host.starts_with('[') {
+        let lower = host.to_ascii_lowercase();
+        let name = lower.strip_suffix('.').unwrap_or(&lower);
+        match host_problem(name, name.len() < lower.len(), false) {
+            None => {}
+            Some(why) if why.is_empty() => {
+                return Err(format!("target {raw:?}: {host:?} is not a valid host name"))
+            }
+            Some(why) => return Err(format!("target {raw:?}: host {host:?}{why}")),
+        }
+    }
+    // `http::uri::Authority` takes "+80" for 80, and has no port for "99999".
+    let port = auth.as_str().get(host.len()..).unwrap_or("");
+    match port.strip_prefix(':') {
+        None | Some("") if https => Ok((format!("{host}:443"), true)),
+        None | Some("") => Err(format!(
             "target {raw:?} must name a port, e.g. \"127.0.0.1:9001\""
         )),
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) => Err(format!("target {raw:?}: port 0 cannot be connected to")),
+            Ok(_) if p.bytes().all(|b| b.is_ascii_digit()) => Ok((auth.as_str().to_owned(), https)),
+            _ => Err(format!(
+                "target {raw:?}: the port must be a number from 1 to 65535"
+            )),
+        },
     }
 }
 

@@ -591,6 +591,54 @@ fn server_settings_are_refused_at_their_key() {
     assert_refused(&cases, true);
 }
 
+/// A tenant with one host (a TOML string, quotes included) on line 6, col 10.
+fn with_host(host: &str) -> String {
+    format!("{BASE}[tenants.a]\nhosts = [{host}]\n")
+}
+
+#[test]
+fn hosts_and_targets_that_are_no_name_address_or_port_are_refused() {
+    let cases: Vec<(String, &str)> = vec![
+        (with_host("\"256.1.1.1\""), "PATH:6:10: tenant \"a\": host \"256.1.1.1\" is not a valid IPv4 address, and a host name cannot end in an all-digit label"),
+        (with_host("\"1.2.3\""), "PATH:6:10: tenant \"a\": host \"1.2.3\" is not a valid IPv4 address, and a host name cannot end in an all-digit label"),
+        (with_host("\"*.1.2\""), "host \"*.1.2\" cannot be a wildcard: a host name cannot end in an all-digit label"),
+        (with_host("\"*.10.0.0.1\""), "host \"*.10.0.0.1\" cannot be a wildcard: a host name cannot end in an all-digit label"),
+        (with_host("\"-a.com\""), "PATH:6:10: tenant \"a\": host \"-a.com\": label \"-a\" starts or ends with '-'"),
+        (with_host("\"a-.com\""), "label \"a-\" starts or ends with '-'"),
+        (with_host("\"127.0.0.1.\""), "PATH:6:10: tenant \"a\": host \"127.0.0.1.\": an IP address takes no trailing dot"),
+        (with_host("\"http://a.com\""), "PATH:6:10: tenant \"a\": host \"http://a.com\" is a URL; write the host name alone: \"a.com\""),
+        (with_host("\"::1\""), "PATH:6:10: tenant \"a\": host \"::1\": IPv6 literals are not supported in `hosts`"),
+        (with_host("\"caf\u{e9}.com\""), "must be ASCII: write an internationalised name in its punycode form (xn--...)"),
+        (BASE.replace("127.0.0.1:9001", "a:+80"), "PATH:2:12: target \"a:+80\": the port must be a number from 1 to 65535"),
+        (BASE.replace("127.0.0.1:9001", "127.0.0.1:99999"), "PATH:2:12: target \"127.0.0.1:99999\": the port must be a number from 1 to 65535"),
+        (BASE.replace("127.0.0.1:9001", "http://a:"), "PATH:2:12: target \"http://a:\" must name a port"),
+    ];
+    assert_refused(&cases, true);
+    for ok in [
+        "\"a_b.internal\"",
+        "\"_srv.a.com\"",
+        "\"xn--bcher-kva.example\"",
+        "\"10.0.0.1\"",
+        "\"a.com.\"",
+        "\"*.a-b.com\"",
+        "\"3com.com\"",
+        "\"a.b1\"",
+        "\"localhost\"",
+    ] {
+        let (code, _, err) = check(&with_host(ok));
+        assert_eq!(code, 0, "{ok}: {err}");
+    }
+    for ok in [
+        "a_b:80",
+        "https://a.com",
+        "[::1]:9001",
+        "http://a.com:65535/",
+    ] {
+        let (code, _, err) = check(&BASE.replace("127.0.0.1:9001", ok));
+        assert_eq!(code, 0, "{ok}: {err}");
+    }
+}
+
 /// The options of a bare `bulkhead` (run) before a subcommand are an error, not
 /// silently dropped: `bulkhead --config F check` checked ./gateway.toml and passed.
 #[test]
