@@ -124,6 +124,20 @@ pub enum SourceKind {
     Sni,
 }
 
+impl SourceKind {
+    /// The source as `tenancy.resolve` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Host => "host",
+            SourceKind::Header => "header",
+            SourceKind::Path => "path",
+            SourceKind::ApiKey => "api_key",
+            SourceKind::Jwt => "jwt",
+            SourceKind::Sni => "sni",
+        }
+    }
+}
+
 /// The credential kinds a tenant may `require`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -540,7 +554,8 @@ impl Config {
             Ok(f) => f,
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                v.error(span, e.message().to_owned());
+                let message = plain_message(e.message(), text, span.clone());
+                v.error(span, message);
                 return Err(v.into_error(path));
             }
         };
@@ -552,6 +567,45 @@ impl Config {
         }
         Err(v.into_error(path))
     }
+}
+
+/// A message of serde's or toml's in the file's terms: Rust's integer type names,
+/// toml's wording for a non-string enum value, and a duplicate key left unnamed are
+/// what an operator cannot act on. Anything else is kept as it is.
+fn plain_message(message: &str, text: &str, span: std::ops::Range<usize>) -> String {
+    if message == "duplicate key" {
+        let rest = text.get(span.start..).unwrap_or("");
+        let key = match rest.strip_prefix('"') {
+            Some(q) => q.find('"').map_or("", |end| &rest[..end + 2]),
+            None => {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            }
+        };
+        if !key.is_empty() {
+            return format!("duplicate key `{key}`: a key or table is set twice");
+        }
+    }
+    if message == "wanted string or table" {
+        let value = text.get(span).unwrap_or("").trim();
+        return format!(
+            "invalid type: `{value}`, expected a string (one of the names this key takes)"
+        );
+    }
+    if let Some((n, _)) = message
+        .strip_prefix("invalid type: integer `")
+        .and_then(|rest| rest.split_once("` as i128"))
+    {
+        return format!("integer `{n}` is too large");
+    }
+    for ty in ["usize", "u64", "u32", "u16", "u8"] {
+        if let Some(head) = message.strip_suffix(&format!("expected {ty}")) {
+            return format!("{head}expected a whole number, 0 or more");
+        }
+    }
+    message.to_owned()
 }
 
 fn tls_fingerprints(
@@ -794,7 +848,7 @@ impl Validator<'_> {
             if seen.contains(s) {
                 self.error(
                     t.resolve.span(),
-                    format!("`tenancy.resolve` names {s:?} twice"),
+                    format!("`tenancy.resolve` names {:?} twice", s.name()),
                 );
             }
             seen.push(*s);
@@ -1185,7 +1239,11 @@ impl Validator<'_> {
             }
             let require = tc.require.as_ref().map_or(&[][..], |r| r.get_ref());
             let require_span = tc.require.as_ref().map_or(id.span(), |r| r.span());
-            for kind in require {
+            for (i, kind) in require.iter().enumerate() {
+                // A kind named twice is one problem, said once.
+                if require[..i].contains(kind) {
+                    continue;
+                }
                 match kind {
                     CredentialKind::Jwt
                         if !jwt_source

@@ -51,7 +51,18 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// most [`MAX_DURATION`] (ten years).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("invalid duration {s:?}: {e} (expected e.g. \"250ms\", \"30s\", \"5m\")")
+        // humantime's own words name its parser's offsets and every unit spelling.
+        let why = match e {
+            humantime::DurationError::UnknownUnit { unit, .. } => {
+                format!("unknown unit {unit:?} (use ms, s, m, h or d, in lower case)")
+            }
+            humantime::DurationError::NumberOverflow => {
+                return format!("invalid duration {s:?}: longer than ten years");
+            }
+            humantime::DurationError::Empty => "empty".to_owned(),
+            _ => "expected a number and a unit".to_owned(),
+        };
+        format!("invalid duration {s:?}: {why}, e.g. \"250ms\", \"30s\", \"5m\"")
     })?;
     if d > MAX_DURATION {
         return Err(format!("invalid duration {s:?}: longer than ten years"));

@@ -639,6 +639,28 @@ fn hosts_and_targets_that_are_no_name_address_or_port_are_refused() {
     }
 }
 
+/// Messages in the operator's words: no Rust type names, the duplicate key named, no
+/// duration parser internals, one line per problem.
+#[test]
+fn messages_name_the_problem_in_the_files_terms() {
+    let t = "[tenants.a]\nhosts = [\"a.com\"]\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("[server]\nworkers = -1\n{BASE}"), "PATH:2:11: invalid value: integer `-1`, expected a whole number, 0 or more"),
+        (format!("{BASE}[defaults.limits]\nburst = -1\n"), "PATH:6:9: invalid value: integer `-1`, expected a whole number, 0 or more"),
+        (format!("{BASE}[defaults.limits]\nmax_in_flight = 99999999999999999999\n"), "PATH:6:17: integer `99999999999999999999` is too large"),
+        (format!("{BASE}{t}status = 1\n"), "PATH:7:10: invalid type: `1`, expected a string (one of the names this key takes)"),
+        (format!("{BASE}{t}hosts = [\"b.com\"]\n"), "PATH:7:1: duplicate key `hosts`: a key or table is set twice"),
+        (format!("{BASE}{t}[tenants.a]\nupstream = \"shared\"\n"), "PATH:7:10: duplicate key `a`: a key or table is set twice"),
+        (format!("{BASE}request_timeout = \"-1s\"\n"), "PATH:5:19: invalid duration \"-1s\": expected a number and a unit, e.g. \"250ms\", \"30s\", \"5m\""),
+        (format!("{BASE}request_timeout = \"30S\"\n"), "PATH:5:19: invalid duration \"30S\": unknown unit \"S\" (use ms, s, m, h or d, in lower case), e.g. \"250ms\", \"30s\", \"5m\""),
+        (format!("[tenancy]\nresolve = [\"host\", \"host\"]\n{BASE}"), "PATH:2:11: `tenancy.resolve` names \"host\" twice"),
+    ];
+    assert_refused(&cases, true);
+    let (code, _, err) = check(&format!("{BASE}{t}require = [\"api_key\", \"api_key\"]\n"));
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 /// The options of a bare `bulkhead` (run) before a subcommand are an error, not
 /// silently dropped: `bulkhead --config F check` checked ./gateway.toml and passed.
 #[test]
