@@ -1011,7 +1011,7 @@ impl Validator<'_> {
             }
             let ca = u.ca.as_ref().and_then(|raw| {
                 let base = path.parent().unwrap_or(Path::new("."));
-                match crate::tls::load_ca(raw, base, &mut tls_files) {
+                match crate::tls::load_ca(raw, base, &mut tls_files, "upstream") {
                     Ok(ca) => Some(ca),
                     Err((span, msg)) => {
                         self.error(span, format!("upstream {:?}: {msg}", name.get_ref()));

@@ -661,6 +661,19 @@ fn messages_name_the_problem_in_the_files_terms() {
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
+/// An upstream's `ca` verifies the upstream's certificate: it is no client CA.
+#[test]
+fn an_upstream_ca_is_called_the_upstream_ca() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[upstreams.x]\ntargets = [\"https://a.com\"]\nca = \"missing.pem\"\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("PATH:7:6: upstream \"x\": cannot read the upstream CA bundle"),
+        "{err}"
+    );
+}
+
 /// The options of a bare `bulkhead` (run) before a subcommand are an error, not
 /// silently dropped: `bulkhead --config F check` checked ./gateway.toml and passed.
 #[test]

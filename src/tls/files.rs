@@ -169,13 +169,15 @@ pub fn load_pair(
     })
 }
 
-/// Reads a PEM bundle of CA certificates.
+/// Reads a PEM bundle of CA certificates; `of`: what they verify, `"client"` or
+/// `"upstream"`, for the messages.
 pub fn load_ca(
     raw: &Spanned<String>,
     base: &Path,
     files: &mut Vec<PathBuf>,
+    of: &str,
 ) -> Result<ClientCa, Problem> {
-    let (path, pem) = read(raw, base, "client CA bundle")?;
+    let (path, pem) = read(raw, base, &format!("{of} CA bundle"))?;
     files.push(path.clone());
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
@@ -200,7 +202,7 @@ pub fn load_ca(
                 return Err((
                     raw.span(),
                     format!(
-                        "{} holds a certificate that is not a CA ({}): {why}, so it can verify no client certificate",
+                        "{} holds a certificate that is not a CA ({}): {why}, so it can verify no {of} certificate",
                         path.display(),
                         parsed.subject()
                     ),
@@ -365,7 +367,7 @@ pub fn validate_tenant(
     let client_ca = t
         .client_ca
         .as_ref()
-        .and_then(|ca| match load_ca(ca, base, files) {
+        .and_then(|ca| match load_ca(ca, base, files, "client") {
             Ok(ca) => Some(ca),
             Err((span, msg)) => {
                 err(span, format!("tenant {id:?}: {msg}"));
