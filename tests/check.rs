@@ -773,3 +773,4 @@ fn a_feature_with_a_space_at_either_end_is_refused() {
     assert!(!err.contains("\"beta search\""), "{err}");
     assert!(err.contains("PATH:7:28: feature \" x\""), "{err}");
     assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
+}
