@@ -855,6 +855,16 @@ impl Validator<'_> {
         }
         self.header_name(&t.header, "tenancy.header", false);
         self.header_name(&t.jwt.header, "tenancy.jwt.header", false);
+        // An empty claim name or cookie name names nothing: every token would be
+        // refused for want of a tenant claim, and no cookie is called "".
+        for (v, key) in [
+            (Some(&t.jwt.tenant_claim), "tenancy.jwt.tenant_claim"),
+            (t.jwt.cookie.as_ref(), "tenancy.jwt.cookie"),
+        ] {
+            if let Some(v) = v.filter(|v| v.get_ref().trim().is_empty()) {
+                self.error(v.span(), format!("`{key}` must not be empty"));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let jwt_source = t.resolve.get_ref().contains(&SourceKind::Jwt);
         let jwt_global = match &t.jwt.jwks_file {
@@ -1332,8 +1342,8 @@ impl Validator<'_> {
             resolve: t.resolve.get_ref().clone(),
             api_key_header: t.api_key.header.get_ref().to_ascii_lowercase(),
             jwt_header: t.jwt.header.get_ref().to_ascii_lowercase(),
-            tenant_claim: t.jwt.tenant_claim.clone(),
-            jwt_cookie: t.jwt.cookie.clone(),
+            tenant_claim: t.jwt.tenant_claim.get_ref().clone(),
+            jwt_cookie: t.jwt.cookie.as_ref().map(|c| c.get_ref().clone()),
             jwt_leeway: t.jwt.leeway.0,
             jwt_global,
             tenant_header: t.header.get_ref().to_ascii_lowercase(),

@@ -21,8 +21,8 @@ use crate::units::Dur;
 pub struct JwtConfig {
     pub header: Spanned<String>,
     /// A cookie that carries the bare token, read when the header has none.
-    pub cookie: Option<String>,
-    pub tenant_claim: String,
+    pub cookie: Option<Spanned<String>>,
+    pub tenant_claim: Spanned<String>,
     pub leeway: Dur,
     pub issuer: Option<Spanned<String>>,
     pub audience: Option<Spanned<String>>,
@@ -34,7 +34,7 @@ impl Default for JwtConfig {
         JwtConfig {
             header: Spanned::new(0..0, "authorization".to_owned()),
             cookie: None,
-            tenant_claim: "tenant".to_owned(),
+            tenant_claim: Spanned::new(0..0, "tenant".to_owned()),
             leeway: Dur(std::time::Duration::from_secs(30)),
             issuer: None,
             audience: None,

@@ -774,3 +774,21 @@ fn a_feature_with_a_space_at_either_end_is_refused() {
     assert!(err.contains("PATH:7:28: feature \" x\""), "{err}");
     assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
 }
+
+/// An empty claim or cookie name names nothing: every token would be refused for
+/// want of a tenant claim. Each was accepted silently.
+#[test]
+fn empty_jwt_claim_and_cookie_names_are_refused() {
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[tenancy.jwt]\ntenant_claim = \"\"\ncookie = \" \"\n{BASE}"
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("PATH:4:16: `tenancy.jwt.tenant_claim` must not be empty"),
+        "{err}"
+    );
+    assert!(
+        err.contains("PATH:5:10: `tenancy.jwt.cookie` must not be empty"),
+        "{err}"
+    );
+}
