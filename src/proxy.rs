@@ -194,26 +194,11 @@ pub async fn refuse_head(
     e: ProxyError,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let started = Instant::now();
     let snap = ctx.shared.snapshot.load_full();
-    let request_id = headers::new_request_id();
-    let mut ex = Exchange::new(&snap);
-    let mut resp = refuse(&e, &snap, &mut ex, &request_id);
+    let (mut resp, request_id, finish) = refuse_unread(&e, &snap);
     let h = resp.headers_mut();
     h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    let status = resp.status().as_u16();
-    let method = http::Method::from_bytes(b"-").unwrap_or_default();
-    let path = PathAndQuery::from_static("*");
-    let finish = ex.finish(
-        &snap,
-        started,
-        status,
-        Some(e.code()),
-        request_id,
-        method,
-        path,
-    );
+    h.insert(X_REQUEST_ID.clone(), request_id);
     resp.body_mut().set_finish(finish);
     Ok(resp)
 }
@@ -222,10 +207,7 @@ pub async fn refuse_head(
 /// listener, before any handshake): its HTTP/1.1 bytes, then the close; counted and
 /// logged as [`refuse_head`] counts and logs one.
 pub fn refusal_bytes(e: &ProxyError, snap: &Snapshot) -> Vec<u8> {
-    let started = Instant::now();
-    let request_id = headers::new_request_id();
-    let mut ex = Exchange::new(snap);
-    let resp = refuse(e, snap, &mut ex, &request_id);
+    let (resp, request_id, mut finish) = refuse_unread(e, snap);
     let status = resp.status();
     let body = resp.into_body().into_full().unwrap_or_default();
     let mut out = format!(
@@ -238,17 +220,28 @@ pub fn refusal_bytes(e: &ProxyError, snap: &Snapshot) -> Vec<u8> {
     )
     .into_bytes();
     out.extend_from_slice(&body);
-    let mut finish = ex.finish(
+    finish.bytes_out = body.len() as u64;
+    out
+}
+
+/// The gateway's answer to a request no method or target was read from, with its
+/// request id and its `Finish`: counted (under no tenant) now, logged with `-` and
+/// `*` when the `Finish` is dropped.
+fn refuse_unread(e: &ProxyError, snap: &Snapshot) -> (Response<ProxyBody>, HeaderValue, Finish) {
+    let started = Instant::now();
+    let request_id = headers::new_request_id();
+    let mut ex = Exchange::new(snap);
+    let resp = refuse(e, snap, &mut ex, &request_id);
+    let finish = ex.finish(
         snap,
         started,
-        status.as_u16(),
+        resp.status().as_u16(),
         Some(e.code()),
-        request_id,
+        request_id.clone(),
         http::Method::from_bytes(b"-").unwrap_or_default(),
         PathAndQuery::from_static("*"),
     );
-    finish.bytes_out = body.len() as u64;
-    out
+    (resp, request_id, finish)
 }
 
 /// The access log's `reason` for a request whose client closed its connection (or,
