@@ -674,21 +674,27 @@ async fn cluster_changes_need_a_restart_and_quota_changes_reload() {
     );
 }
 
-/// A sync request whose reply was lost is sent again as it was: Redis answers it the
-/// same way and counts nothing twice (pushes, give-backs, grants).
-#[tokio::test]
-async fn a_resent_sync_counts_nothing_twice() {
-    use bulkhead::config::ClusterSettings;
-    use bulkhead::quota::{period_syncs, Periods};
-    use bulkhead::store::{Store, SyncRequest};
-    let Some(redis) = Redis::start() else { return };
-    let store = Store::new(ClusterSettings {
+/// The store API on its own, connected to `redis` as instance "edge-1", for the tests
+/// that drive the scripts directly.
+async fn direct_store(redis: &Redis) -> bulkhead::store::Store {
+    let store = bulkhead::store::Store::new(bulkhead::config::ClusterSettings {
         nodes: vec![redis.url()],
         instance_id: "edge-1".into(),
         sync_interval: Duration::from_millis(50),
         store_timeout: Duration::from_secs(2),
     });
     store.connect().await.unwrap();
+    store
+}
+
+/// A sync request whose reply was lost is sent again as it was: Redis answers it the
+/// same way and counts nothing twice (pushes, give-backs, grants).
+#[tokio::test]
+async fn a_resent_sync_counts_nothing_twice() {
+    use bulkhead::quota::{period_syncs, Periods};
+    use bulkhead::store::SyncRequest;
+    let Some(redis) = Redis::start() else { return };
+    let store = direct_store(&redis).await;
     let p = Periods::current();
     let (mut day, month) = period_syncs("t", Some(1000), None, &p);
     day.push = 7;
@@ -752,17 +758,10 @@ async fn a_resent_sync_counts_nothing_twice() {
 /// settled it as never applied is not applied.
 #[tokio::test]
 async fn a_late_reserve_is_settled_by_its_id() {
-    use bulkhead::config::ClusterSettings;
     use bulkhead::quota::{period_syncs, Periods};
-    use bulkhead::store::{Reserved, Store, SyncRequest};
+    use bulkhead::store::{Reserved, SyncRequest};
     let Some(redis) = Redis::start() else { return };
-    let store = Store::new(ClusterSettings {
-        nodes: vec![redis.url()],
-        instance_id: "edge-1".into(),
-        sync_interval: Duration::from_millis(50),
-        store_timeout: Duration::from_secs(2),
-    });
-    store.connect().await.unwrap();
+    let store = direct_store(&redis).await;
     let p = Periods::current();
     let (day, month) = period_syncs("t", Some(1000), None, &p);
     let used = || redis.cli(&["GET", &day.key]);
