@@ -62,11 +62,11 @@ pub(crate) struct Quiet {
 
 impl Quiet {
     /// For a body from `upstream` that may stream.
-    pub(crate) fn new(idle: Option<Duration>, upstream: &Arc<str>) -> Option<Quiet> {
-        Some(Quiet {
+    pub(crate) fn new(idle: Option<Duration>, upstream: &Arc<str>) -> Quiet {
+        Quiet {
             wait: idle.map(IdleWait::new),
             upstream: upstream.clone(),
-        })
+        }
     }
 }
 
@@ -240,7 +240,7 @@ impl ProxyBody {
             lease.release();
             (None, None)
         } else {
-            (Some(lease), Quiet::new(idle, upstream))
+            (Some(lease), Some(Quiet::new(idle, upstream)))
         };
         ProxyBody {
             kind: Kind::Upstream(Box::new(Streamed { body, lease, quiet })),

@@ -303,7 +303,7 @@ impl UpstreamBody {
             }
             None => {
                 // It streams: bounded by `body_idle_timeout`.
-                self.quiet = crate::body::Quiet::new(idle, upstream);
+                self.quiet = Some(crate::body::Quiet::new(idle, upstream));
                 ProxyBody::raw(Box::new(self))
             }
         })
