@@ -211,9 +211,9 @@ pub struct Outgoing<'a> {
 
 /// How an exchange ended.
 pub enum Done {
-    /// The response went out whole; `false` when the client connection must close
-    /// anyway (a request body left unread).
-    Served { client_reusable: bool },
+    /// The response went out whole, `at` then; `false` when the client connection
+    /// must close anyway (a request body left unread).
+    Served { client_reusable: bool, at: Instant },
     /// Failed before anything was written to the client; `client_reusable` says
     /// whether the request was read to its end.
     Refused {
@@ -335,7 +335,7 @@ pub async fn forward(
     let upstream = &failover.pool().name;
     let err = |f: Failure| f.into_error(upstream, req.timeout);
     loop {
-        let (mut up, reused) = match open(pool, target, force_fresh, deadline).await {
+        let (mut up, reused) = match open(pool, target, force_fresh, deadline, req.started).await {
             Ok(s) => s,
             Err(f) => match fail_over(&f, target, &mut failover) {
                 Some(next) => {
@@ -433,11 +433,14 @@ pub async fn forward(
         };
         return match result {
             Ok(reusable) => {
+                // One reading of the clock for the socket's idle time and the client's.
+                let at = Instant::now();
                 if reusable && body_read {
-                    pool.checkin(target, up, Instant::now());
+                    pool.checkin(target, up, at);
                 }
                 Done::Served {
                     client_reusable: body_read,
+                    at,
                 }
             }
             Err(Failure::Early(_)) if reused && idempotent && body_rest == 0 => {
@@ -455,15 +458,18 @@ pub async fn forward(
 
 /// A socket to `target`: the pool's most recently used idle one (unless `fresh`), or
 /// a new connection made before `deadline`, its timer armed for `deadline`. The flag
-/// says whether it was reused.
+/// says whether it was reused. `now`: the request's start, close enough to tell the
+/// pool's expired sockets (idle for `POOL_IDLE_TIMEOUT`) without reading the clock
+/// again.
 pub(super) async fn open(
     pool: &Pool,
     target: &Authority,
     fresh: bool,
     deadline: tokio::time::Instant,
+    now: Instant,
 ) -> Result<(UpSocket, bool), Failure> {
     if !fresh {
-        if let Some(mut s) = pool.checkout(target, Instant::now()) {
+        if let Some(mut s) = pool.checkout(target, now) {
             s.timer.arm(deadline);
             return Ok((s, true));
         }

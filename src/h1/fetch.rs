@@ -69,7 +69,8 @@ pub async fn fetch(
     let Timeouts { timeout, body_idle } = timeouts;
     let upstream = &failover.pool().name;
     let mut target = target;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let now = std::time::Instant::now();
+    let deadline = tokio::time::Instant::from_std(now) + timeout;
     let mut sending = if body.is_end_stream() {
         Sending::Ended
     } else {
@@ -101,7 +102,8 @@ pub async fn fetch(
     let fail = |f: Failure| f.into_error(upstream, timeout);
     let mut fresh = false;
     loop {
-        let (mut up, reused) = match exchange::open(&client.h1, target, fresh, deadline).await {
+        let (mut up, reused) = match exchange::open(&client.h1, target, fresh, deadline, now).await
+        {
             Ok(s) => s,
             Err(f) => match exchange::fail_over(&f, target, &mut failover) {
                 Some(next) => {

@@ -87,6 +87,9 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
     // Bounds the wait for the next request before the connection parks; made at the
     // first such wait and re-armed for each later one.
     let mut timer = None;
+    // When the last response went out, if the exchange read the clock then: the
+    // start of the wait for the next request, without reading it again.
+    let mut answered = None;
     loop {
         // A whole request head, or the reason there is none.
         let head = loop {
@@ -116,7 +119,7 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
                 }
             }
             if buf.is_empty() && !readable {
-                let since = Instant::now();
+                let since = answered.take().unwrap_or_else(Instant::now);
                 if !linger(&worker, &conn.stream, &mut timer, since).await {
                     match worker.park(conn, since) {
                         Some(c) => conn = c,
@@ -165,7 +168,7 @@ async fn serve(worker: Arc<Worker>, mut conn: Conn) {
         // Boxed, in its own statement: the request's state exists only while it runs.
         let next = Box::pin(request(&mut conn.stream, &mut buf, &conn.ctx, head));
         match next.await {
-            Next::KeepAlive => {}
+            Next::KeepAlive(at) => answered = at,
             Next::Close => {
                 close(conn.stream).await;
                 return;
@@ -245,7 +248,8 @@ async fn close(mut stream: TcpStream) {
 }
 
 enum Next {
-    KeepAlive,
+    /// With when the response went out, where that was read.
+    KeepAlive(Option<Instant>),
     Close,
     /// Not for the fast path after all; the head is back at the front of the buffer.
     Hyper,
@@ -360,10 +364,11 @@ async fn request(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, head
     .await;
     match done {
         // Read again after the head said `connection: close` when draining: then too.
-        Done::Served { client_reusable }
-            if client_reusable && !close && !draining.load(Ordering::Relaxed) =>
-        {
-            Next::KeepAlive
+        Done::Served {
+            client_reusable,
+            at,
+        } if client_reusable && !close && !draining.load(Ordering::Relaxed) => {
+            Next::KeepAlive(Some(at))
         }
         Done::Served { .. } | Done::Broken => Next::Close,
         // The guard logs the request as abandoned.
@@ -527,7 +532,7 @@ async fn refuse(
     let written = stream.write_all(&out).await.is_ok();
     // As the head said: read again, it is true if it was then.
     if written && !close && !r.draining.load(Ordering::Relaxed) {
-        Next::KeepAlive
+        Next::KeepAlive(None)
     } else {
         Next::Close
     }
