@@ -30,6 +30,7 @@ SCENARIOS = {
     "a1": "a1: 1 tenant, b's Lua client",
     "b": f"b: {TENANTS_B} tenants, {HOT_TENANTS} hot",
     "c": "c: 1 KiB POST",
+    "f": f"f: a at one load ({os.environ.get('PACE_MS', '1')} ms pace)",
 }
 PROXY_ORDER = ["bulkhead", "nginx", "haproxy", "l4", "direct"]
 PROTO_LABEL = {"h1": "HTTP/1.1", "h2": "h2c"}
@@ -225,6 +226,25 @@ def goals(cells, idle_per, rows):
                 line += (", per repeat "
                          + ", ".join(fmt(over_faster_peer(v, "l4"), ".2f") for v in l4reps))
             lines.append(line + f"; Bulkhead = {fmt(ratio(b['rps'], l4['rps']), '.2f')} x l4")
+    # (f), HTTP/1.1: p99 with every proxy offered the same load, under all their ceilings.
+    fb = get("f", "h1", "bulkhead")
+    named = (("nginx", get("f", "h1", "nginx")), ("HAProxy", get("f", "h1", "haproxy")))
+    fpeers = [c for _, c in named if c and c["p99"] is not None]
+    if fb and fpeers and fb["p99"] is not None:
+        low_p99 = min(c["p99"] for c in fpeers)
+        ok = fb["p99"] <= low_p99
+        line = (f"- goal 1's p99 at one offered load, (f) HTTP/1.1: Bulkhead "
+                f"{fb['p99']:.3f} ms vs lowest peer {low_p99:.3f} ms (goal <=): "
+                f"{'MET' if ok else 'NOT MET'}; req/s Bulkhead {fmt(fb['rps'], ',.0f')}, "
+                + ", ".join(f"{n} {fmt(c['rps'], ',.0f')}" for n, c in named
+                          if c and c["p99"] is not None))
+        reps = by_repeat(rows, "f", "h1")
+        if len(reps) > 1:
+            low = sum(bool(v["bulkhead"][1] is not None and v["bulkhead"][1] <= min(
+                v[x][1] for x in v if x != "bulkhead" and v[x][1] is not None))
+                for v in reps if any(v[x][1] is not None for x in v if x != "bulkhead"))
+            line += f"; p99 <= the lower peer's in {low} of {len(reps)} repeats"
+        lines.append(line)
     b2, h2 = get("a", "h2", "bulkhead"), get("a", "h2", "haproxy")
     if b2 and h2:
         r = ratio(b2["rps"], h2["rps"])

@@ -31,6 +31,7 @@ PROTOCOLS=${PROTOCOLS:-h1 h2}
 TENANTS_B=${TENANTS_B:-10000}    # tenants configured in scenario b
 HOT_TENANTS=${HOT_TENANTS:-1000} # tenants the scenario-b HTTP/1.1 load rotates over
 IDLE_CONNS=${IDLE_CONNS:-10000}  # scenario d
+PACE_MS=${PACE_MS:-1}            # scenario f: each connection's wait between requests (ms)
 LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
 PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
 KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
@@ -76,17 +77,18 @@ check_tools() {
 
 check_knobs() {
   local s p
-  for s in $SCENARIOS; do [[ $s == [abcd] || $s == a1 ]] || die "unknown scenario '$s' (a a1 b c d)"; done
+  for s in $SCENARIOS; do [[ $s == [abcdf] || $s == a1 ]] || die "unknown scenario '$s' (a a1 b c d f)"; done
   for p in $PROXIES; do
     [[ $p == bulkhead || $p == nginx || $p == haproxy ]] || die "unknown proxy '$p'"
   done
   for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "unknown protocol '$p' (h1 h2)"; done
   [[ $PAIRED == 0 || $PAIRED == 1 ]] || die "PAIRED must be 0 or 1, got '$PAIRED'"
   [[ $L4 == 0 || $L4 == 1 ]] || die "L4 must be 0 or 1, got '$L4'"
-  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU; do
+  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU PACE_MS; do
     [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
   done
   ((REPEAT >= 1 && CONNS >= 1)) || die "REPEAT and CONNS must be at least 1"
+  ((PACE_MS >= 1 && PACE_MS <= 1000)) || die "PACE_MS must be between 1 and 1000"
   ((HOT_TENANTS >= 1 && HOT_TENANTS <= TENANTS_B)) || die "need 1 <= HOT_TENANTS <= TENANTS_B"
   secs "$DURATION" >/dev/null && secs "$WARMUP" >/dev/null
   local cpus; cpus=$(nproc)
@@ -471,6 +473,8 @@ load_cmd() {
       # (b)/(a1) leaves out what the script itself costs the load generator's core.
       a1) CMD+=(-s "$HERE/rotate_host.lua" "$url" -- 1) ;;
       c) CMD+=(-s "$HERE/post_1k.lua" "$url") ;;
+      # (a) at one offered load: each connection waits PACE_MS after each response.
+      f) CMD=(env PACE_MS="$PACE_MS" "${CMD[@]}" -s "$HERE/pace.lua" "$url") ;;
       *) CMD+=("$url") ;;
     esac
   else
@@ -530,8 +534,9 @@ measure() { # scen proto proxy rep
 }
 
 # skip_measure SCEN PROTO PROXY: a1 differs from a only in HTTP/1.1's client (h2load
-# has no per-request script); l4 forwards to the backend's HTTP/1.1 port only.
-skip_measure() { [[ ($1 == a1 || $3 == l4) && $2 == h2 ]]; }
+# has no per-request script); f is goal 1's HTTP/1.1 tail at one load (the goal sets
+# no tail for h2c); l4 forwards to the backend's HTTP/1.1 port only.
+skip_measure() { [[ ($1 == a1 || $1 == f || $3 == l4) && $2 == h2 ]]; }
 
 # rotated REP WORD...: the words, rotated left by REP - 1, so that each proxy takes each
 # place in the order in turn: a machine that is slower right after one proxy stops, or in
@@ -660,6 +665,7 @@ the_command() {
   printf 'PROTOCOLS="%s" TENANTS_B=%s HOT_TENANTS=%s IDLE_CONNS=%s ' \
     "$PROTOCOLS" "$TENANTS_B" "$HOT_TENANTS" "$IDLE_CONNS"
   if ((PAIRED)); then printf 'PAIRED=1 '; fi
+  if [[ " $SCENARIOS " == *" f "* ]]; then printf 'PACE_MS=%s ' "$PACE_MS"; fi
   if ((!L4)); then printf 'L4=0 '; fi
   if [[ -n $PROXY_CPU_QUOTA ]]; then printf 'PROXY_CPU_QUOTA=%s ' "$PROXY_CPU_QUOTA"; fi
   printf 'benches/load/run.sh'
@@ -791,7 +797,7 @@ main() {
     if command -v haproxy >/dev/null; then REFS="direct l4"
     else warn "no haproxy: the l4 reference row is left out (apt-get install -y haproxy)"; fi
   fi
-  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED   # report.py labels scenarios with them, reads PAIRED
+  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED PACE_MS   # report.py labels scenarios with them, reads PAIRED
   busy_check
 
   local p
