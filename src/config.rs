@@ -1124,7 +1124,7 @@ impl Validator<'_> {
                 features.push(s.clone());
             }
             let mut routes = Vec::new();
-            let mut prefixes: HashMap<&str, usize> = HashMap::new();
+            let mut prefixes: HashMap<String, usize> = HashMap::new();
             for r in &tc.routes {
                 let p = r.prefix.get_ref();
                 if !p.starts_with('/') {
@@ -1137,20 +1137,24 @@ impl Validator<'_> {
                         r.prefix.span(),
                         format!("route prefix {p:?} of tenant {id_str:?} can never match: {why}"),
                     );
-                } else if let Some(normal) =
-                    Some(crate::snapshot::route_path(p)).filter(|n| n.as_ref() != p.as_str())
+                } else if let Some(normal) = Some(crate::snapshot::route_path(p))
+                    // Only the case of hex digits differs (`%2f`): taken as `%2F`.
+                    .filter(|n| !n.eq_ignore_ascii_case(p))
                 {
                     self.error(
                         r.prefix.span(),
                         format!("route prefix {p:?} of tenant {id_str:?} can never match: paths are normalised before routes match them (repeated '/' merged, '.' and '..' segments resolved, %XX of unreserved characters decoded); write {normal:?}"),
                     );
-                } else if let Some(first) = prefixes.get(p.as_str()) {
+                } else if let Some(first) = prefixes.get(&*crate::snapshot::route_path(p)) {
                     self.error(
                         r.prefix.span(),
                         format!("route prefix {p:?} of tenant {id_str:?} is also the prefix of an earlier route (line {first}), which takes every request it matches: this route would never be used"),
                     );
                 } else {
-                    prefixes.insert(p, line_col(self.text, r.prefix.span().start).0);
+                    prefixes.insert(
+                        crate::snapshot::route_path(p).into_owned(),
+                        line_col(self.text, r.prefix.span().start).0,
+                    );
                 }
                 if !upstream_ok(r.upstream.get_ref()) {
                     self.missing_upstream(&r.upstream, &format!("a route of tenant {id_str:?}"));

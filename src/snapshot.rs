@@ -362,7 +362,8 @@ fn retire(previous: &Snapshot, by_id: &FastMap<Box<str>, TenantIdx>) -> FastMap<
 }
 
 /// `path` as routes match it: unreserved characters percent-decoded (`%72` is `r`;
-/// RFC 3986 §6.2.2.2), repeated slashes merged, and `.` / `..` segments resolved
+/// RFC 3986 §6.2.2.2), the hex digits of other escapes in upper case (`%2f` is `%2F`;
+/// §6.2.2.1), repeated slashes merged, and `.` / `..` segments resolved
 /// (§5.2.4; `..` never climbs above the root). A path with none of these is returned
 /// as it is, after one pass over its bytes.
 pub fn route_path(path: &str) -> std::borrow::Cow<'_, str> {
@@ -384,9 +385,16 @@ pub fn route_path(path: &str) -> std::borrow::Cow<'_, str> {
                 let c = (h * 16 + l) as u8;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                     decoded.push(c);
-                    i += 3;
-                    continue;
+                } else {
+                    // Kept encoded, in upper case (§6.2.2.1): `%2f` is `%2F`.
+                    decoded.extend_from_slice(&[
+                        b'%',
+                        b[i + 1].to_ascii_uppercase(),
+                        b[i + 2].to_ascii_uppercase(),
+                    ]);
                 }
+                i += 3;
+                continue;
             }
         }
         decoded.push(b[i]);
@@ -656,7 +664,8 @@ impl Snapshot {
                 .iter()
                 .map(|(prefix, up)| {
                     Ok(Route {
-                        prefix: prefix.clone().into_boxed_str(),
+                        // As paths are matched: `%2f` written in the file is `%2F`.
+                        prefix: route_path(prefix).into(),
                         upstream: lookup(up)?,
                     })
                 })
@@ -849,6 +858,9 @@ mod tests {
             ("/./reports/./", "/reports/"),
             ("/../../reports", "/reports"),
             ("/a%2Fb", "/a%2Fb"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%2f%2e/b", "/a%2F./b"),
+            ("/%c3%a9", "/%C3%A9"),
             ("/reports/", "/reports/"),
             ("/reports/.", "/reports/"),
             ("/a/..", "/"),

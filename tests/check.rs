@@ -528,6 +528,10 @@ fn route_prefixes_that_can_never_match_are_refused_at_the_prefix() {
             "PATH:13:10: route prefix \"/r\" of tenant \"a\" is also the prefix of an earlier route (line 10), which takes every request it matches: this route would never be used",
         ),
         (
+            format!("{BASE}[upstreams.v]\ntargets = [\"127.0.0.1:9002\"]\n[tenants.a]\nhosts = [\"a.com\"]\n[[tenants.a.routes]]\nprefix = \"/a%2fb\"\nupstream = \"v\"\n[[tenants.a.routes]]\nprefix = \"/a%2Fb\"\nupstream = \"shared\"\n"),
+            "PATH:13:10: route prefix \"/a%2Fb\" of tenant \"a\" is also the prefix of an earlier route (line 10)",
+        ),
+        (
             format!("[tenancy]\nresolve = [\"path\"]\npath_prefix = \"/t?/\"\n{BASE}"),
             "PATH:3:15: `tenancy.path_prefix` \"/t?/\" can never match: the \"path\" source reads the path without its query string ('?' starts it)",
         ),
@@ -543,6 +547,7 @@ fn route_prefixes_that_can_never_match_are_refused_at_the_prefix() {
     for ok in [
         "\"/r%20x\"",
         "\"/a%2Fb\"",
+        "\"/a%2fb\"",
         "\"/{x}\"",
         "\"/r/\"",
         "\"/\"",

@@ -141,6 +141,55 @@ async fn longest_route_prefix_wins_at_segment_boundaries() {
 }
 
 #[tokio::test]
+async fn percent_escapes_in_route_prefixes_match_in_either_case() {
+    // `%2f` and `%2F` are the same octet (RFC 3986 §6.2.2.1): a route written with
+    // either takes requests spelt with either, as the path normaliser reads them.
+    let base = Upstream::echo("base").await;
+    let lower = Upstream::echo("lower").await;
+    let upper = Upstream::echo("upper").await;
+    let gw = Gateway::start(&format!(
+        r#"
+[upstreams.base]
+targets = ["{}"]
+[upstreams.lower]
+targets = ["{}"]
+[upstreams.upper]
+targets = ["{}"]
+[tenants.acme]
+hosts = ["acme.example.com"]
+upstream = "base"
+[[tenants.acme.routes]]
+prefix = "/files/a%2fb"
+upstream = "lower"
+[[tenants.acme.routes]]
+prefix = "/docs/%C3%A9t%C3%A9"
+upstream = "upper"
+"#,
+        base.addr, lower.addr, upper.addr
+    ));
+    let h = [("host", "acme.example.com")];
+    for (spelt, upstream) in [
+        ("/files/a%2fb/1", "lower"),
+        ("/files/a%2Fb/1", "lower"),
+        ("/files/a%2Fb", "lower"),
+        ("/files/a%2Fbc", "base"),
+        ("/files/a/b/1", "base"),
+        ("/docs/%C3%A9t%C3%A9/x", "upper"),
+        ("/docs/%c3%a9t%c3%a9/x", "upper"),
+        ("/docs/%c3%A9t%C3%a9", "upper"),
+    ] {
+        assert_eq!(
+            upstream_of(&get(gw.addr, spelt, &h).await),
+            upstream,
+            "{spelt}"
+        );
+    }
+    // Forwarded as the client spelt it.
+    assert_eq!(lower.seen()[1].path, "/files/a%2Fb/1");
+    assert_eq!(upper.seen()[1].path, "/docs/%c3%a9t%c3%a9/x");
+}
+
+#[tokio::test]
 async fn header_and_path_sources_and_mismatch() {
     let (gw, a, g, _i, _r) = three_tenants(r#"["host", "header", "path"]"#).await;
     // Header source alone.
