@@ -411,6 +411,33 @@ impl Guarded {
             })
     }
 
+    /// Whether a request trailer field `name` goes on to the upstream: not one the
+    /// gateway sets or guards, in either spelling (a backend that merges trailers into
+    /// its headers would take it for the gateway's), not hop-by-hop, and not one that
+    /// framing, routing, authentication or caching read from the head (RFC 9110
+    /// §6.5.1; the list hyper keeps out of the trailers it sends).
+    pub fn trailer_passes(&self, name: &HeaderName) -> bool {
+        static HEAD_ONLY: [HeaderName; 13] = [
+            header::AUTHORIZATION,
+            header::CACHE_CONTROL,
+            header::CONTENT_ENCODING,
+            header::CONTENT_LENGTH,
+            header::CONTENT_RANGE,
+            header::CONTENT_TYPE,
+            header::COOKIE,
+            header::EXPECT,
+            header::HOST,
+            header::MAX_FORWARDS,
+            header::RANGE,
+            header::SET_COOKIE,
+            header::TRAILER,
+        ];
+        !(is_hop_by_hop(name)
+            || HEAD_ONLY.contains(name)
+            || self.names.contains(name)
+            || self.doomed(name))
+    }
+
     /// Removes every doomed name from `headers`.
     fn remove_from(&self, headers: &mut HeaderMap) {
         let doomed: Vec<HeaderName> = headers

@@ -32,7 +32,7 @@ use ipnet::IpNet;
 
 use crate::config::{Limits, OnStoreFailure, Scope};
 use crate::error::ProxyError;
-use crate::headers::X_FORWARDED_FOR;
+use crate::headers::{Guarded, X_FORWARDED_FOR};
 use crate::metrics::TenantStats;
 
 type ClientBuckets =
@@ -661,6 +661,8 @@ pub struct RequestBody {
     bytes_in: Option<Arc<AtomicU64>>,
     /// For a body with something to send: how its upload goes.
     upload: Option<Arc<Upload>>,
+    /// Which of the client's trailer fields go on; with none, none do.
+    trailers: Option<Arc<Guarded>>,
 }
 
 impl RequestBody {
@@ -686,6 +688,7 @@ impl RequestBody {
             stats,
             bytes_in,
             upload: None,
+            trailers: None,
         };
         if !body.is_end_stream() {
             body.upload = Some(new_upload());
@@ -696,6 +699,12 @@ impl RequestBody {
     /// How the upload goes; `None` for a body with nothing to send.
     pub fn upload(&self) -> Option<Arc<Upload>> {
         self.upload.clone()
+    }
+
+    /// Lets the client's trailer fields through, those `guarded` passes
+    /// (`Guarded::trailer_passes`); until then a trailer section goes on empty.
+    pub fn guard_trailers(&mut self, guarded: Arc<Guarded>) {
+        self.trailers = Some(guarded);
     }
 }
 
@@ -742,6 +751,19 @@ impl Body for RequestBody {
                             limit: this.limit,
                         })));
                     }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    // Only fields that pass go upstream: a client's `x-tenant-id`
+                    // in a trailer must not reach a backend that merges trailers
+                    // into its headers.
+                    let mut kept = HeaderMap::new();
+                    if let Some(g) = &this.trailers {
+                        for (name, value) in trailers {
+                            if g.trailer_passes(name) {
+                                kept.append(name, value.clone());
+                            }
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(Frame::trailers(kept))));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -459,12 +459,15 @@ async fn proxy<'s>(
         websocket.as_ref().map(|w| &w.0),
     )
     .await?;
-    let body = RequestBody::new(
+    let mut body = RequestBody::new(
         body,
         tenant.limits.max_body,
         snap.metrics.then(|| tenant.stats.clone()),
         ex.bytes_in.clone(),
     );
+    if !http_body::Body::is_end_stream(&body) {
+        body.guard_trailers(snap.tenancy.guarded.clone());
+    }
     let failover = upstream::Failover::new(upstream, snap.metrics.then_some(&*tenant.stats));
     // Every method goes this way (`CONNECT` was refused above); upgrades go through
     // hyper's client, which hands over the upgraded connection.

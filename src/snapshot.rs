@@ -440,7 +440,7 @@ pub struct Tenancy {
     /// `None` when `forward_header = ""` (injection off).
     pub forward_header: Option<HeaderName>,
     /// What no client may send, whatever its tenant: [`crate::headers::Guarded`].
-    pub guarded: crate::headers::Guarded,
+    pub guarded: Arc<crate::headers::Guarded>,
 }
 
 /// Everything one request needs to decide where it goes.
@@ -766,7 +766,7 @@ impl Snapshot {
                 jwt_cookie: config.jwt_cookie.clone().map(String::into_boxed_str),
                 header: header(&config.tenant_header)?,
                 path_prefix: config.path_prefix.clone().into_boxed_str(),
-                guarded: crate::headers::Guarded::new(
+                guarded: Arc::new(crate::headers::Guarded::new(
                     [
                         Some(header(&config.tenant_header)?),
                         Some(header(&config.api_key_header)?),
@@ -779,7 +779,7 @@ impl Snapshot {
                         let claims = t.forward_claims.iter().map(|(_, h)| h.clone());
                         cert.into_iter().chain(claims)
                     }),
-                ),
+                )),
                 forward_header,
             },
             max_header_bytes: config.max_header_bytes,

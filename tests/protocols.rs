@@ -347,6 +347,72 @@ upstream = "grpc"
     assert_eq!(h["content-type"], "application/grpc");
 }
 
+/// A client's request trailers reach an HTTP/2 upstream, but never a field the
+/// gateway sets or guards (a client's `x-tenant-id` in a trailer went through as
+/// sent), nor one framing or authentication read from the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_reach_an_http2_upstream_without_the_gateways_own_fields() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let h2c = serve_tcp(move |tcp| {
+        let seen = seen2.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    let collected = req.into_body().collect().await.unwrap();
+                    seen.lock().unwrap().push(collected.trailers().cloned());
+                    Ok::<_, Infallible>(Response::new(Full::new(collected.to_bytes())))
+                }
+            });
+            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        r#"
+[upstreams.grpc]
+targets = ["{h2c}"]
+protocol = "h2"
+[tenants.acme]
+hosts = ["acme.test"]
+upstream = "grpc"
+"#
+    ));
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("sha256=1"));
+    trailers.insert("x-tenant-id", HeaderValue::from_static("evil"));
+    trailers.insert("x_tenant_id", HeaderValue::from_static("evil"));
+    trailers.insert("x-forwarded-for", HeaderValue::from_static("10.9.9.9"));
+    trailers.insert("authorization", HeaderValue::from_static("Bearer x"));
+    let frames: Vec<Result<_, Infallible>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"payload"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = Request::builder()
+        .method("POST")
+        .uri("http://acme.test/upload")
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let resp: Response<Incoming> = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"payload");
+    let got = seen.lock().unwrap()[0]
+        .clone()
+        .expect("a trailer section upstream");
+    let names: Vec<&str> = got.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-checksum"], "{got:?}");
+    assert_eq!(got["x-checksum"], "sha256=1");
+}
+
 // ---- upstream TLS ----
 
 fn tls_server_config(
