@@ -900,10 +900,90 @@ async fn chunked_request_body_is_forwarded_chunked() {
     assert!(seen.body == body, "the upstream got other bytes");
     assert!(seen.chunked, "{}", seen.head);
     assert!(!seen.headers.has("content-length"), "{}", seen.head);
-    // Chunk extensions and the client's trailer section are not forwarded.
+    // Chunk extensions are not forwarded; the client's trailer section is.
     assert!(!seen.head.contains("ext="), "{}", seen.head);
-    assert!(seen.trailers.0.is_empty(), "{:?}", seen.trailers);
+    assert_eq!(
+        seen.trailers.sorted(),
+        sorted_pairs(&[("x-client-trailer", "t")])
+    );
     assert_eq!(c.get("/next").await.text(), "/next");
+}
+
+/// Request trailers go on after the re-chunked body (as HAProxy forwards them; they
+/// were dropped), but never one the gateway sets or guards, in either spelling (a
+/// backend that merges trailers into headers would take `x-tenant-id` from the
+/// client), nor a field that framing, routing or authentication read from the head.
+#[tokio::test]
+async fn request_trailers_are_forwarded_but_never_the_gateways_own_fields() {
+    let up = RawUpstream::echo().await;
+    let gw = gateway(&up, "");
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        format!(
+            "POST /trailed HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\
+             Trailer: x-checksum, grpc-status\r\n\r\n3\r\nabc\r\n0\r\n\
+             x-checksum: sha256=1\r\ngrpc-status: 0\r\nx-tenant-id: evil\r\n\
+             x_tenant_id: evil\r\nx-forwarded-for: 10.9.9.9\r\nx-request-id: forged\r\n\
+             content-length: 99\r\nhost: evil.example\r\nauthorization: Bearer x\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.response().await.status, 200);
+    let seen = &up.seen()[0];
+    assert_eq!(seen.body, b"abc");
+    assert!(!seen.headers.has("trailer"), "{}", seen.head);
+    assert_eq!(
+        seen.trailers.sorted(),
+        sorted_pairs(&[("grpc-status", "0"), ("x-checksum", "sha256=1")])
+    );
+    // The connection is in step after the trailer section, on both sides.
+    assert_eq!(c.get("/next").await.text(), "/next");
+    assert_eq!(up.conns(), 1);
+
+    // An HTTP/2 client's trailers, on a body of no declared length, the same way.
+    let mut h2: hyper::client::conn::http2::SendRequest<Trailed> = h2c(&gw).await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "sha256=2".parse().unwrap());
+    trailers.insert("x-tenant-features", "admin".parse().unwrap());
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{HOST}/h2-trailed"))
+        .body(Trailed(
+            Some(bytes::Bytes::from_static(b"xyz")),
+            Some(trailers),
+        ))
+        .unwrap();
+    let r = h2_exchange(&mut h2, req).await;
+    assert_eq!(r.status, 200);
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(seen.target, "/h2-trailed");
+    assert!(seen.chunked, "{}", seen.head);
+    assert_eq!(seen.body, b"xyz");
+    assert_eq!(
+        seen.trailers.sorted(),
+        sorted_pairs(&[("x-checksum", "sha256=2")])
+    );
+}
+
+/// A request body of one data frame and then trailers.
+struct Trailed(Option<bytes::Bytes>, Option<http::HeaderMap>);
+
+impl http_body::Body for Trailed {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = match self.0.take() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.1.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
 }
 
 #[tokio::test]

@@ -49,6 +49,9 @@ enum Sending {
     /// Re-chunked: the client named no length (HTTP/2 without `content-length`, a
     /// chunked HTTP/1.1 body).
     Chunked,
+    /// Re-chunked, and the last chunk and the client's trailer fields are written:
+    /// only the blank line that ends them is left.
+    Trailed,
 }
 
 /// Sends `parts` (already rewritten for the upstream: origin form, HTTP/1.1) with the
@@ -91,7 +94,7 @@ pub async fn fetch(
             break;
         };
         let end = frame.is_none();
-        put_frame(&mut wbuf, frame, sending, &written).map_err(|e| e.to_error())?;
+        put_frame(&mut wbuf, frame, &mut sending, &written).map_err(|e| e.to_error())?;
         if end {
             sending = Sending::Ended;
         }
@@ -180,27 +183,48 @@ pub async fn fetch(
 }
 
 /// Appends one frame of the request body (or its end, `None`) to `out` in the
-/// framing chosen; counts the data into `written`. Trailers are dropped.
+/// framing chosen; counts the data into `written`. Trailer fields (those
+/// `RequestBody` lets pass) go on after the last chunk of a re-chunked body, as
+/// HAProxy forwards them; a body sent with its `Content-Length` has nowhere to carry
+/// them, and they are dropped.
 fn put_frame(
     out: &mut Vec<u8>,
     frame: Option<Result<Frame<Bytes>, RequestBodyError>>,
-    sending: Sending,
+    sending: &mut Sending,
     written: &AtomicU64,
 ) -> Result<(), RequestBodyError> {
-    match frame {
+    let frame = match frame {
         None => {
-            if sending == Sending::Chunked {
-                out.extend_from_slice(wire::LAST_CHUNK);
+            match sending {
+                Sending::Chunked => out.extend_from_slice(wire::LAST_CHUNK),
+                Sending::Trailed => out.extend_from_slice(b"\r\n"),
+                Sending::Ended | Sending::Length(_) => {}
+            }
+            return Ok(());
+        }
+        Some(frame) => frame?,
+    };
+    match frame.into_data() {
+        Ok(data) => {
+            written.fetch_add(data.len() as u64, Ordering::Relaxed);
+            match sending {
+                Sending::Chunked => wire::write_chunk(out, &data),
+                // Nothing may follow trailers (hyper and the HTTP/2 server end the
+                // body there): nothing more is sent.
+                Sending::Trailed => {}
+                Sending::Ended | Sending::Length(_) => out.extend_from_slice(&data),
             }
         }
-        Some(frame) => {
-            if let Ok(data) = frame?.into_data() {
-                written.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if sending == Sending::Chunked {
-                    wire::write_chunk(out, &data);
-                } else {
-                    out.extend_from_slice(&data);
+        Err(frame) => {
+            if let (Sending::Chunked, Ok(trailers)) = (*sending, frame.into_trailers()) {
+                out.extend_from_slice(b"0\r\n");
+                for (name, value) in &trailers {
+                    out.extend_from_slice(name.as_str().as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value.as_bytes());
+                    out.extend_from_slice(b"\r\n");
                 }
+                *sending = Sending::Trailed;
             }
         }
     }
@@ -211,7 +235,7 @@ fn put_frame(
 async fn send_rest<W: AsyncWrite + Unpin>(
     body: &mut RequestBody,
     up: &mut W,
-    sending: Sending,
+    mut sending: Sending,
     written: &AtomicU64,
 ) -> Result<(), UploadError<RequestBodyError>> {
     let mut out = super::spare::Scratch::new(1024);
@@ -219,7 +243,7 @@ async fn send_rest<W: AsyncWrite + Unpin>(
         let frame = body.frame().await;
         let end = frame.is_none();
         out.clear();
-        put_frame(&mut out, frame, sending, written).map_err(UploadError::Client)?;
+        put_frame(&mut out, frame, &mut sending, written).map_err(UploadError::Client)?;
         if !out.is_empty() && up.write_all(&out).await.is_err() {
             // The upstream stopped reading; its answer, if any, is due from now.
             if let Some(u) = body.upload() {
