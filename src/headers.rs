@@ -568,8 +568,10 @@ pub fn forwarded_for(headers: &HeaderMap, peer_ip: &HeaderValue) -> HeaderValue 
 /// caller). A `Content-Length` beside `Transfer-Encoding` goes first: the body was read
 /// by the latter (RFC 9112 §6.3), and the length, left in, would frame the client's
 /// copy differently — cut short, or waiting for bytes that never come.
-pub fn rewrite_response(headers: &mut HeaderMap) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+/// Nor on a 204, which has no body and may not name a length (RFC 9110 §8.6; HTTP/2
+/// clients reset the stream over one), as the fast path leaves it out.
+pub fn rewrite_response(status: http::StatusCode, headers: &mut HeaderMap) {
+    if status == http::StatusCode::NO_CONTENT || headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
     remove_hop_by_hop(headers);

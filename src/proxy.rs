@@ -540,7 +540,7 @@ async fn proxy<'s>(
             rparts.headers.remove(http::header::CONNECTION),
             rparts.headers.remove(http::header::UPGRADE),
         );
-        headers::rewrite_response(&mut rparts.headers);
+        headers::rewrite_response(rparts.status, &mut rparts.headers);
         if let (Some(c), Some(u)) = (connection, upgrade) {
             rparts.headers.insert(http::header::CONNECTION, c);
             rparts.headers.insert(http::header::UPGRADE, u);
@@ -554,7 +554,7 @@ async fn proxy<'s>(
         ));
     }
     let (mut rparts, rbody) = resp.into_parts();
-    headers::rewrite_response(&mut rparts.headers);
+    headers::rewrite_response(rparts.status, &mut rparts.headers);
     Ok(Response::from_parts(
         rparts,
         ProxyBody::upstream(rbody, lease, snap.body_idle_timeout, &upstream.name),

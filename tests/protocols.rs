@@ -459,6 +459,76 @@ async fn https_echo(cfg: Arc<rustls::ServerConfig>) -> SocketAddr {
     .await
 }
 
+/// A 204 from an `https://` upstream that names a length (and sends that many bytes)
+/// reaches clients without it: RFC 9110 §8.6 forbids it, and HTTP/2 clients (curl's
+/// nghttp2) reset the stream over it — the fast path already left it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_204_with_a_length_from_an_https_upstream_reaches_http2_clients_without_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "upstream-ca");
+    let cert = ca.server("backend", &["localhost"], 5);
+    let cfg = tls_server_config(&cert, &[b"http/1.1"]);
+    let up = serve_tcp(move |tcp| {
+        let cfg = cfg.clone();
+        async move {
+            let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tls
+                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\nx-up: 1\r\n\r\nhello")
+                .await;
+            let _ = tls.read(&mut buf).await;
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        r#"
+[upstreams.tls]
+targets = ["https://localhost:{}"]
+ca = "{}"
+[tenants.acme]
+hosts = ["acme.test"]
+upstream = "tls"
+"#,
+        up.port(),
+        ca.path.display()
+    ));
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .args([
+            "-H",
+            "host: acme.test",
+            &format!("http://{}/nothing", gw.addr),
+        ])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        out.status.success(),
+        "{head}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(head.starts_with("http/2 204"), "{head}");
+    assert!(head.contains("x-up: 1"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstreams_are_verified_against_their_ca_with_sni() {
     let dir = tempfile::tempdir().unwrap();
