@@ -696,6 +696,11 @@ impl RequestBody {
         body
     }
 
+    /// A body with nothing in it: a request sent again whose body was empty.
+    pub fn empty() -> RequestBody {
+        RequestBody::new(ClientBody::Empty, None, None, None)
+    }
+
     /// How the upload goes; `None` for a body with nothing to send.
     pub fn upload(&self) -> Option<Arc<Upload>> {
         self.upload.clone()

@@ -350,6 +350,9 @@ pub async fn send(
     let exchange = async {
         let mut req = req;
         let mut fresh_tried = false;
+        // An HTTP/2 upstream may refuse a stream it has not processed (a GOAWAY that
+        // crossed it, REFUSED_STREAM): a request with no body can go again, once.
+        let mut replay = transport.h2 && http_body::Body::is_end_stream(req.body());
         loop {
             let (mut sender, pooled) = match pool.checkout(&key) {
                 Some(s) if !fresh_tried => (s, true),
@@ -376,6 +379,8 @@ pub async fn send(
                     (s, false)
                 }
             };
+            // The head, kept only while it may be needed again.
+            let head = replay.then(|| head_of(&req));
             match sender.try_send(req).await {
                 Ok(resp) => {
                     return Ok((
@@ -392,6 +397,15 @@ pub async fn send(
                     Some(back) if pooled => req = back,
                     _ => {
                         let err = e.into_error();
+                        if let Some(head) = head.filter(|_| refused(&err)) {
+                            // Not processed (RFC 9113 §8.7), whatever its method: on a
+                            // new connection, as this one is going away.
+                            tracing::debug!(upstream = %upstream, error = %err, "upstream refused the stream; sent again on a new connection");
+                            req = Request::from_parts(head, RequestBody::empty());
+                            replay = false;
+                            fresh_tried = true;
+                            continue;
+                        }
                         return Err(match body_error(&err) {
                             Some(b) => (UpstreamFailure::Reset, Some(b.to_error())),
                             None => {
@@ -434,6 +448,33 @@ pub async fn send(
         };
         return Err(error);
     }
+}
+
+/// `req`'s method, target, version and headers, for sending it again.
+fn head_of(req: &Request<RequestBody>) -> http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = req.method().clone();
+    head.uri = req.uri().clone();
+    head.version = req.version();
+    head.headers = req.headers().clone();
+    head
+}
+
+/// Whether an HTTP/2 upstream refused the stream without processing it: reset with
+/// REFUSED_STREAM, or above the last stream id of a graceful GOAWAY (h2 reports a
+/// remote GOAWAY with NO_ERROR only to those streams; one with an error code also
+/// fails streams the upstream may have acted on).
+fn refused(e: &hyper::Error) -> bool {
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)));
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The request body's own failure, found in the error's source chain: not the

@@ -413,6 +413,80 @@ upstream = "grpc"
     assert_eq!(got["x-checksum"], "sha256=1");
 }
 
+/// An HTTP/2 upstream that refuses a stream (REFUSED_STREAM: RFC 9113 §8.7, not
+/// processed) gets a request with no body again on a new connection, whatever its
+/// method, instead of a 502; one with a body it cannot be sent again is 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_http2_stream_is_sent_again_when_it_has_no_body() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Every other stream is refused, starting with the first.
+    let streams = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (streams2, conns2) = (streams.clone(), conns.clone());
+    let up = serve_tcp(move |tcp| {
+        let streams = streams2.clone();
+        conns2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                if streams.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                let body = format!("{} {}", req.method(), req.uri().path());
+                let resp = Response::builder().status(200).body(()).unwrap();
+                if let Ok(mut send) = respond.send_response(resp, false) {
+                    let _ = send.send_data(Bytes::from(body), true);
+                }
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        r#"
+[server]
+workers = 1
+[upstreams.h2]
+targets = ["{up}"]
+protocol = "h2"
+[tenants.acme]
+hosts = ["acme.test"]
+upstream = "h2"
+"#
+    ));
+    let r = get(gw.addr, "/first", &[("host", "acme.test")]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(&r.body[..], b"GET /first");
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        2,
+        "sent again on a new connection"
+    );
+    let r = support::send(
+        gw.addr,
+        "DELETE",
+        "/second",
+        &[("host", "acme.test")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(&r.body[..], b"DELETE /second");
+    assert_eq!(streams.load(Ordering::SeqCst), 4);
+    // A body that has gone up cannot be sent again.
+    let r = support::send(
+        gw.addr,
+        "POST",
+        "/with-body",
+        &[("host", "acme.test")],
+        Bytes::from_static(b"payload"),
+    )
+    .await;
+    assert_error(&r, 502, "upstream_error");
+}
+
 // ---- upstream TLS ----
 
 fn tls_server_config(
