@@ -8,6 +8,7 @@
 //! anyway: `governor`'s direct limiter was an allocation of its own, two more lines
 //! to fetch per request when many tenants take turns (BENCHMARKS.md, goal 2).
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io::Write as _;
@@ -15,7 +16,7 @@ use std::net::IpAddr;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -701,6 +702,48 @@ impl RequestBody {
         RequestBody::new(ClientBody::Empty, None, None, None)
     }
 
+    /// A body that passes on what `inner` yields (counted and checked there) and
+    /// adds nothing of its own.
+    fn wrapping(inner: ClientBody) -> RequestBody {
+        RequestBody {
+            inner,
+            limit: u64::MAX,
+            seen: 0,
+            stats: None,
+            bytes_in: None,
+            upload: None,
+            trailers: None,
+        }
+    }
+
+    /// `body`, with a copy of what is taken of it (up to `max` bytes) kept in the
+    /// returned [`Recording`], for [`RequestBody::replay`].
+    pub fn recorded(body: RequestBody, max: usize) -> (RequestBody, Arc<Mutex<Recording>>) {
+        let rec = Arc::new(Mutex::new(Recording {
+            body: Some(body),
+            sent: VecDeque::new(),
+            size: 0,
+            max,
+            over: false,
+        }));
+        (
+            RequestBody::wrapping(ClientBody::Recorded(rec.clone())),
+            rec,
+        )
+    }
+
+    /// The body to send again: what was taken of the recorded one, then the rest of
+    /// it (which the first sending gives up); `None` when more was taken than kept.
+    pub fn replay(rec: &Mutex<Recording>) -> Option<RequestBody> {
+        let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+        if r.over {
+            return None;
+        }
+        let front = std::mem::take(&mut r.sent);
+        let rest = r.body.take().filter(|b| !b.is_end_stream()).map(Box::new);
+        Some(RequestBody::wrapping(ClientBody::Taken(front, rest)))
+    }
+
     /// How the upload goes; `None` for a body with nothing to send.
     pub fn upload(&self) -> Option<Arc<Upload>> {
         self.upload.clone()
@@ -722,10 +765,35 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         let this = self.get_mut();
+        if let ClientBody::Recorded(rec) = &this.inner {
+            let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+            let r = &mut *r;
+            let Some(body) = &mut r.body else {
+                return Poll::Ready(None);
+            };
+            let polled = Pin::new(body).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                r.record(frame);
+            }
+            return polled;
+        }
+        if let ClientBody::Taken(front, rest) = &mut this.inner {
+            // Counted, checked and filtered as they were first taken (and `rest`
+            // does all that itself).
+            if let Some(frame) = front.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            return match rest {
+                Some(rest) => Pin::new(&mut **rest).poll_frame(cx),
+                None => Poll::Ready(None),
+            };
+        }
         let polled = match &mut this.inner {
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as _),
             ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as _),
-            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Empty | ClientBody::Taken(..) | ClientBody::Recorded(_) => {
+                Poll::Ready(None)
+            }
         };
         if let Some(u) = &this.upload {
             match &polled {
@@ -787,6 +855,20 @@ impl Body for RequestBody {
             ClientBody::Hyper(b) => b.size_hint(),
             ClientBody::H2(b) => b.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Taken(front, None) => SizeHint::with_exact(
+                front
+                    .iter()
+                    .filter_map(|f| f.data_ref())
+                    .map(|d| d.len() as u64)
+                    .sum(),
+            ),
+            ClientBody::Taken(..) => SizeHint::default(),
+            ClientBody::Recorded(rec) => {
+                let r = rec.lock().unwrap_or_else(|e| e.into_inner());
+                r.body
+                    .as_ref()
+                    .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+            }
         }
     }
 }
@@ -799,6 +881,43 @@ pub enum ClientBody {
     H2(crate::h2::RecvBody),
     /// A request without a body (HTTP/2 HEADERS with END_STREAM).
     Empty,
+    /// Frames already taken from the client's body (counted and checked as they
+    /// were), then the rest of it, if any: see [`RequestBody::taken`].
+    Taken(VecDeque<Frame<Bytes>>, Option<Box<RequestBody>>),
+    /// A body whose frames are copied as they are taken: see [`RequestBody::recorded`].
+    Recorded(Arc<Mutex<Recording>>),
+}
+
+/// What has been taken of a request body to an HTTP/2 upstream, kept so that a stream
+/// the upstream refuses unprocessed can be sent again.
+pub struct Recording {
+    /// `None` once [`RequestBody::replay`] has taken it.
+    body: Option<RequestBody>,
+    sent: VecDeque<Frame<Bytes>>,
+    size: usize,
+    max: usize,
+    /// More was taken than `max`: nothing is kept.
+    over: bool,
+}
+
+impl Recording {
+    fn record(&mut self, frame: &Frame<Bytes>) {
+        if self.over {
+            return;
+        }
+        self.size += frame.data_ref().map_or(0, Bytes::len);
+        let copy = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(data), _) => Frame::data(data.clone()),
+            (_, Some(trailers)) => Frame::trailers(trailers.clone()),
+            _ => return,
+        };
+        if self.size > self.max {
+            self.over = true;
+            self.sent = VecDeque::new();
+        } else {
+            self.sent.push_back(copy);
+        }
+    }
 }
 
 impl ClientBody {
@@ -808,6 +927,13 @@ impl ClientBody {
             ClientBody::Hyper(b) => b.is_end_stream(),
             ClientBody::H2(b) => b.is_end_stream(),
             ClientBody::Empty => true,
+            ClientBody::Taken(front, rest) => {
+                front.is_empty() && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
+            ClientBody::Recorded(rec) => {
+                let r = rec.lock().unwrap_or_else(|e| e.into_inner());
+                r.body.as_ref().is_none_or(|b| b.is_end_stream())
+            }
         }
     }
 }
@@ -815,6 +941,33 @@ impl ClientBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_recording_keeps_what_went_up_to_its_bound() {
+        use http_body_util::BodyExt;
+        let source = || {
+            let frames = (b'a'..=b'c').map(|c| Frame::data(Bytes::from(vec![c; 10])));
+            RequestBody::wrapping(ClientBody::Taken(frames.collect(), None))
+        };
+        let data = |f: Option<Result<Frame<Bytes>, RequestBodyError>>| match f {
+            Some(Ok(f)) => f.into_data().ok(),
+            _ => None,
+        };
+        // Within the bound: what went, then the rest.
+        let (mut body, rec) = RequestBody::recorded(source(), 25);
+        assert_eq!(data(body.frame().await), Some(Bytes::from(vec![b'a'; 10])));
+        let mut again = RequestBody::replay(&rec).expect("within the bound");
+        let mut all = Vec::new();
+        while let Some(d) = data(again.frame().await) {
+            all.extend_from_slice(&d);
+        }
+        assert_eq!(all, [[b'a'; 10], [b'b'; 10], [b'c'; 10]].concat());
+        assert!(http_body::Body::is_end_stream(&again));
+        // Beyond it: nothing to send again.
+        let (mut body, rec) = RequestBody::recorded(source(), 25);
+        while data(body.frame().await).is_some() {}
+        assert!(RequestBody::replay(&rec).is_none());
+    }
 
     fn limits(rps: f64, burst: u64) -> Limits {
         Limits {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use http::{Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -351,8 +352,16 @@ pub async fn send(
         let mut req = req;
         let mut fresh_tried = false;
         // An HTTP/2 upstream may refuse a stream it has not processed (a GOAWAY that
-        // crossed it, REFUSED_STREAM): a request with no body can go again, once.
-        let mut replay = transport.h2 && http_body::Body::is_end_stream(req.body());
+        // crossed it, REFUSED_STREAM): a request can go again, once, when its body is
+        // empty or was all in hand before it went (a copy kept).
+        let mut replay = transport.h2;
+        let mut recording = None;
+        if transport.h2 && !req.body().is_end_stream() {
+            let (parts, body) = req.into_parts();
+            let (body, rec) = RequestBody::recorded(body, REPLAY_MAX);
+            req = Request::from_parts(parts, body);
+            recording = Some(rec);
+        }
         loop {
             let (mut sender, pooled) = match pool.checkout(&key) {
                 Some(s) if !fresh_tried => (s, true),
@@ -397,11 +406,18 @@ pub async fn send(
                     Some(back) if pooled => req = back,
                     _ => {
                         let err = e.into_error();
-                        if let Some(head) = head.filter(|_| refused(&err)) {
+                        let again = head.filter(|_| refused(&err)).and_then(|head| {
+                            let body = match &recording {
+                                Some(rec) => RequestBody::replay(rec)?,
+                                None => RequestBody::empty(),
+                            };
+                            Some(Request::from_parts(head, body))
+                        });
+                        if let Some(again) = again {
                             // Not processed (RFC 9113 §8.7), whatever its method: on a
                             // new connection, as this one is going away.
                             tracing::debug!(upstream = %upstream, error = %err, "upstream refused the stream; sent again on a new connection");
-                            req = Request::from_parts(head, RequestBody::empty());
+                            req = again;
                             replay = false;
                             fresh_tried = true;
                             continue;
@@ -449,6 +465,10 @@ pub async fn send(
         return Err(error);
     }
 }
+
+/// Of a request body to an HTTP/2 upstream, this much is kept as it goes, so that a
+/// refused stream can be sent again.
+const REPLAY_MAX: usize = 64 * 1024;
 
 /// `req`'s method, target, version and headers, for sending it again.
 fn head_of(req: &Request<RequestBody>) -> http::request::Parts {
