@@ -178,6 +178,15 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
         r.headers_mut().insert(header::ALLOW, allowed.header());
         return r;
     }
+    if *req.method() == Method::POST {
+        if let Some(origin) = cross_site(&req) {
+            let body = serde_json::json!({
+                "error": "cross_origin",
+                "message": format!("refused: a POST sent by a web page of another site ({origin}); the admin API takes POSTs from non-browser clients (curl, scripts) or from its own origin only"),
+            });
+            return json_value(StatusCode::FORBIDDEN, &body);
+        }
+    }
     // hyper sends no body in answer to HEAD; the headers are the GET's.
     if let Some(rest) = path.strip_prefix("/tenants/") {
         return tenant_usage(rest, &shared).await;
@@ -205,6 +214,38 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
         }
         _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
     }
+}
+
+/// Whether `req` was sent by a browser on behalf of a page of another site: what it
+/// names (the `Origin`, or the `Sec-Fetch-Site` value) if so. A page anywhere on the
+/// web can make the browser of someone on the admin host POST to a loopback address
+/// (a form, or `fetch` with `mode: "no-cors"`): it cannot read the answer, but the
+/// reset or reload happens. Browsers send `Origin` with every POST and
+/// `Sec-Fetch-Site` with every request; curl, Prometheus and scripts send neither.
+fn cross_site(req: &Request<Incoming>) -> Option<String> {
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("?");
+        if !site.eq_ignore_ascii_case("same-origin") && !site.eq_ignore_ascii_case("none") {
+            return Some(format!("Sec-Fetch-Site: {site}"));
+        }
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    let origin = origin.to_str().unwrap_or("?");
+    // The authority this request was sent to: `:authority` over HTTP/2, else `Host`.
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+    let own = host.is_some_and(|host| {
+        ["http://", "https://"].iter().any(|scheme| {
+            let (s, rest) = (origin.get(..scheme.len()), origin.get(scheme.len()..));
+            s.is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+                && rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
+        })
+    });
+    (!own).then(|| format!("Origin: {origin}"))
 }
 
 /// `GET /tenants/{id}/usage` and `POST /tenants/{id}/usage/reset` (quota.rs); the

@@ -239,3 +239,77 @@ async fn http2_prior_knowledge_is_served() {
     // HTTP/1.1 still, on the same listener.
     assert_eq!(get(gw.admin, "/healthz", &[]).await.status, 200);
 }
+
+/// A web page on another site can make the browser of someone on the admin host POST
+/// to the loopback admin listener (a form, or `fetch` with `mode: "no-cors"`): it
+/// cannot read the answer, but the quota reset would happen. Such POSTs (a foreign
+/// `Origin`, or `Sec-Fetch-Site: cross-site`) are refused; curl, scripts and the
+/// admin's own origin are not.
+#[tokio::test]
+async fn a_post_from_another_sites_page_is_refused() {
+    let up = Upstream::echo("u").await;
+    let gw = Gateway::start(&format!(
+        "[upstreams.u]\ntargets = [\"{}\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n\
+         [tenants.t.limits]\nrequests_per_day = 10\n",
+        up.addr
+    ));
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
+    }
+    let used = |r: &Reply| r.json()["day"]["used"].clone();
+    let own = format!("http://{}", gw.admin);
+    for headers in [
+        vec![("origin", "http://evil.example")],
+        vec![("origin", "null")],
+        vec![
+            ("origin", "http://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("sec-fetch-site", "same-site")],
+    ] {
+        let r = send(
+            gw.admin,
+            "POST",
+            "/tenants/t/usage/reset",
+            &headers,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{headers:?}");
+        assert_eq!(r.json()["error"], "cross_origin", "{headers:?}");
+        let r = send(gw.admin, "POST", "/reload", &headers, Bytes::new()).await;
+        assert_eq!(r.status, 403, "{headers:?}");
+        assert_eq!(r.json()["error"], "cross_origin", "{headers:?}");
+        assert_eq!(
+            used(&get(gw.admin, "/tenants/t/usage", &[]).await),
+            2,
+            "{headers:?}"
+        );
+    }
+    // GETs stay readable (a browser keeps their answers from other sites' pages).
+    let r = get(gw.admin, "/config", &[("origin", "http://evil.example")]).await;
+    assert_eq!(r.status, 200);
+    // The admin's own origin, and clients that send no Origin, may POST.
+    let r = send(
+        gw.admin,
+        "POST",
+        "/tenants/t/usage/reset",
+        &[("origin", own.as_str()), ("sec-fetch-site", "same-origin")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(used(&r), 0);
+    assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
+    let r = send(
+        gw.admin,
+        "POST",
+        "/tenants/t/usage/reset",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(used(&r), 0);
+}
