@@ -588,6 +588,40 @@ pub fn diff(old: &Config, new: &Config) -> Changes {
         old.body_idle_timeout != new.body_idle_timeout,
         "server.body_idle_timeout",
     );
+    setting(old.access_log != new.access_log, "server.access_log");
+    setting(old.metrics != new.metrics, "server.metrics");
+    let server_tls = |c: &Config| {
+        c.tls
+            .as_ref()
+            .map(|t| (t.default.fingerprint, t.tls13_only))
+    };
+    setting(server_tls(old) != server_tls(new), "server.tls");
+    // Who may send what as a credential: an audit trail that left these out would
+    // show a change of the token's tenant claim, or of the issuer's keys, as nothing.
+    setting(
+        old.api_key_header != new.api_key_header,
+        "tenancy.api_key.header",
+    );
+    setting(old.jwt_header != new.jwt_header, "tenancy.jwt.header");
+    setting(
+        old.tenant_claim != new.tenant_claim,
+        "tenancy.jwt.tenant_claim",
+    );
+    setting(old.jwt_cookie != new.jwt_cookie, "tenancy.jwt.cookie");
+    setting(old.jwt_leeway != new.jwt_leeway, "tenancy.jwt.leeway");
+    let (ja, jb) = (old.jwt_global.as_ref(), new.jwt_global.as_ref());
+    setting(
+        ja.map(|j| &j.issuer) != jb.map(|j| &j.issuer),
+        "tenancy.jwt.issuer",
+    );
+    setting(
+        ja.map(|j| &j.audience) != jb.map(|j| &j.audience),
+        "tenancy.jwt.audience",
+    );
+    setting(
+        ja.map(|j| &j.keys) != jb.map(|j| &j.keys),
+        "tenancy.jwt.jwks_file",
+    );
     c
 }
 
@@ -605,6 +639,10 @@ fn tenant_fields(a: &ResolvedTenant, b: &ResolvedTenant) -> Vec<&'static str> {
     field(a.request_timeout != b.request_timeout, "request_timeout");
     field(a.features != b.features, "features");
     field(a.status != b.status, "status");
+    field(a.api_keys != b.api_keys, "api_keys");
+    field(a.require != b.require, "require");
+    field(a.jwt != b.jwt, "jwt");
+    field(a.tls != b.tls, "tls");
     let (la, lb) = (&a.limits, &b.limits);
     field(
         la.requests_per_second != lb.requests_per_second,

@@ -1000,3 +1000,46 @@ async fn a_reload_refuses_a_dead_route_and_a_small_header_limit_as_check_does() 
     assert!(!msg.contains(":1:1:"), "{msg}");
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 }
+
+/// The history (and the audit log) names changes to who may present what credential:
+/// a reload that drops a tenant's `require`, rotates its API keys, or renames the
+/// token's tenant claim showed as a tenant field `other`, or as no change at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_names_credential_changes() {
+    let up = Upstream::echo("u").await;
+    let key = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let config = |header: &str, claim: &str, keys: &str, require: &str| {
+        format!(
+            "[tenancy]\nresolve = [\"jwt\", \"api_key\", \"host\"]\n\
+             [tenancy.api_key]\nheader = \"{header}\"\n\
+             [tenancy.jwt]\ntenant_claim = \"{claim}\"\n\
+             [upstreams.u]\ntargets = [\"{}\"]\n\
+             [tenants.acme]\nhosts = [\"acme.example.com\"]\nupstream = \"u\"\n\
+             api_keys = [{keys}]\n{require}",
+            up.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let before = config(
+        "x-api-key",
+        "tenant",
+        &format!("\"{}\"", key('a')),
+        "require = [\"api_key\"]\n",
+    );
+    let (gw, path) = Gateway::start_file(dir.path(), &before);
+    let after = config("x-key", "org", &format!("\"{}\"", key('b')), "");
+    write_config(&path, &after);
+    assert_eq!(post_reload(gw.admin).await.status, 200);
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(h[0]["result"], "success", "{h:#}");
+    assert_eq!(
+        h[0]["changed"],
+        serde_json::json!([{"tenant": "acme", "fields": ["api_keys", "require"]}]),
+        "{h:#}"
+    );
+    assert_eq!(
+        h[0]["settings"],
+        serde_json::json!(["tenancy.api_key.header", "tenancy.jwt.tenant_claim"]),
+        "{h:#}"
+    );
+}
