@@ -245,7 +245,30 @@ fn cross_site(req: &Request<Incoming>) -> Option<String> {
                 && rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
         })
     });
-    (!own).then(|| format!("Origin: {origin}"))
+    if !own {
+        return Some(format!("Origin: {origin}"));
+    }
+    // Same-origin, but by a name: a site whose DNS name was re-pointed at this
+    // address (DNS rebinding) is "same-origin" with itself. Browsers resolve
+    // `localhost` themselves; an address cannot be re-pointed.
+    let named = host.is_some_and(|h| !address_or_localhost(h));
+    named.then(|| format!("Host: {} (a DNS name)", host.unwrap_or("-")))
+}
+
+/// Whether the host of `authority` is an IP address, `localhost` or a `*.localhost`.
+fn address_or_localhost(authority: &str) -> bool {
+    let Ok(a) = authority.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let host = a.host();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok()
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .len()
+            .checked_sub(".localhost".len())
+            .and_then(|i| host.get(i..))
+            .is_some_and(|t| t.eq_ignore_ascii_case(".localhost"))
 }
 
 /// `GET /tenants/{id}/usage` and `POST /tenants/{id}/usage/reset` (quota.rs); the

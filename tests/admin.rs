@@ -267,6 +267,13 @@ async fn a_post_from_another_sites_page_is_refused() {
         ],
         vec![("sec-fetch-site", "cross-site")],
         vec![("sec-fetch-site", "same-site")],
+        // DNS rebinding: the attacker's name re-pointed at the admin address is
+        // same-origin with itself.
+        vec![
+            ("host", "rebind.example:9901"),
+            ("origin", "http://rebind.example:9901"),
+            ("sec-fetch-site", "same-origin"),
+        ],
     ] {
         let r = send(
             gw.admin,
@@ -301,6 +308,17 @@ async fn a_post_from_another_sites_page_is_refused() {
     .await;
     assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(used(&r), 0);
+    let host = format!("localhost:{}", gw.admin.port());
+    let origin = format!("http://{host}");
+    let r = send(
+        gw.admin,
+        "POST",
+        "/tenants/t/usage/reset",
+        &[("host", host.as_str()), ("origin", origin.as_str())],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(get(gw.addr, "/", &[("host", "t.com")]).await.status, 200);
     let r = send(
         gw.admin,
