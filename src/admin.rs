@@ -202,7 +202,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
             });
             json_value(StatusCode::OK, &body)
         }
-        "/config/history" => json_value(StatusCode::OK, &shared.reload.history()),
+        "/config/history" => history(&shared).await,
         "/metrics" => metrics(&shared),
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#),
         "/readyz" => {
@@ -303,6 +303,35 @@ async fn reload(shared: Arc<Shared>) -> Response<ProxyBody> {
             json(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 r#"{"error":"internal_error","message":"the reload task failed; see the log"}"#,
+            )
+        }
+    }
+}
+
+/// `GET /config/history`, encoded on the blocking pool: 50 entries that each name
+/// every tenant of a large config are megabytes of JSON, and the admin thread also
+/// answers the health checks.
+async fn history(shared: &Shared) -> Response<ProxyBody> {
+    let history = shared.reload.history();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let entries: Vec<&crate::reload::HistoryEntry> = history.iter().map(|e| &**e).collect();
+        serde_json::to_vec(&entries)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(bytes)) => respond(StatusCode::OK, Bytes::from(bytes)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot encode the reload history");
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"error":"internal_error"}"#,
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the history task failed");
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"error":"internal_error"}"#,
             )
         }
     }

@@ -114,6 +114,12 @@ fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
 /// the other left in force.
 pub struct ReloadState {
     inner: Mutex<Inner>,
+    /// The last [`HISTORY_LEN`] attempts, oldest first. A lock of its own: a reload
+    /// holds `inner` while it reads and builds the new config (seconds with a very
+    /// large one), and `GET /config/history`, answered on the admin thread, must not
+    /// wait for that (health checks on the same thread would wait with it). Taken
+    /// after `inner` when both are.
+    history: Mutex<VecDeque<Arc<HistoryEntry>>>,
     succeeded: AtomicU64,
     failed: AtomicU64,
     /// Milliseconds since the Unix epoch of the last successful load (startup included).
@@ -123,8 +129,6 @@ pub struct ReloadState {
 struct Inner {
     /// The config in force.
     config: Config,
-    /// Oldest first.
-    history: VecDeque<HistoryEntry>,
     /// The version of the last file that was rejected (or, for a file that could not
     /// be read, `unreadable: ` and the error): the watcher does not try the same bytes,
     /// or report the same error, twice.
@@ -149,9 +153,9 @@ impl ReloadState {
         ReloadState {
             inner: Mutex::new(Inner {
                 config: config.clone(),
-                history: VecDeque::from([entry]),
                 last_rejected: None,
             }),
+            history: Mutex::new(VecDeque::from([Arc::new(entry)])),
             succeeded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(unix_ms(now)),
@@ -175,8 +179,9 @@ impl ReloadState {
     }
 
     /// The last [`HISTORY_LEN`] attempts, newest first.
-    pub fn history(&self) -> Vec<HistoryEntry> {
-        self.lock().history.iter().rev().cloned().collect()
+    pub fn history(&self) -> Vec<Arc<HistoryEntry>> {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        history.iter().rev().cloned().collect()
     }
 
     /// A copy of the config in force.
@@ -296,7 +301,7 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
             error: None,
             changes: Changes::default(),
         };
-        push(&mut inner, entry);
+        push(state, entry);
         return Some(Ok(version));
     }
 
@@ -342,7 +347,7 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
     audit(new.audit_log.as_deref(), &entry);
     inner.config = new;
     inner.last_rejected = None;
-    push(&mut inner, entry);
+    push(state, entry);
     Some(Ok(version))
 }
 
@@ -399,15 +404,16 @@ fn reject(
         error: Some(msg.clone()),
         changes: Changes::default(),
     };
-    push(inner, entry);
+    push(state, entry);
     msg
 }
 
-fn push(inner: &mut Inner, entry: HistoryEntry) {
-    if inner.history.len() == HISTORY_LEN {
-        inner.history.pop_front();
+fn push(state: &ReloadState, entry: HistoryEntry) {
+    let mut history = state.history.lock().unwrap_or_else(|e| e.into_inner());
+    if history.len() == HISTORY_LEN {
+        history.pop_front();
     }
-    inner.history.push_back(entry);
+    history.push_back(Arc::new(entry));
 }
 
 /// Settings the running process cannot change: the listeners are bound, the worker

@@ -1043,3 +1043,68 @@ async fn the_history_names_credential_changes() {
         "{h:#}"
     );
 }
+
+/// A reload holds the config lock while it reads and builds the new file (seconds
+/// for a very large one; here, a key file that is a FIFO nobody has written yet).
+/// `GET /config/history` and the health checks, answered on the admin thread, go on
+/// answering meanwhile: the history was behind that lock, and the admin thread
+/// waited on it, health checks included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_and_health_answer_while_a_reload_is_reading() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let up = Upstream::echo("u").await;
+    let base = format!(
+        "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[upstreams.u]\ntargets = [\"{}\"]\n\
+         [tenants.acme]\nhosts = [\"acme.example.com\"]\nupstream = \"u\"\n",
+        up.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = Gateway::start_file(dir.path(), &base);
+    let fifo = dir.path().join("acme.key");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    write_config(
+        &path,
+        &format!("{base}[tenants.acme.jwt]\nhs256_secret_file = \"acme.key\"\n"),
+    );
+    let admin = gw.admin;
+    let reload = tokio::spawn(async move { post_reload(admin).await });
+    // Opening a FIFO for writing without blocking succeeds once a reader has it
+    // open: then the reload is reading the key, under its lock.
+    const O_NONBLOCK: i32 = 0o4000; // Linux
+    let start = Instant::now();
+    let mut writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&fifo)
+        {
+            Ok(w) => break w,
+            Err(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the reload never opened the key"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    for path in ["/config/history", "/healthz"] {
+        let r = tokio::time::timeout(Duration::from_secs(10), get(gw.admin, path, &[]))
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} waited for the reload"));
+        assert_eq!(r.status, 200, "{path}");
+    }
+    assert!(!reload.is_finished());
+    std::io::Write::write_all(&mut writer, &[b'k'; 40]).unwrap();
+    drop(writer);
+    let r = reload.await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let h = admin_get(gw.admin, "/config/history").await;
+    assert_eq!(h[0]["trigger"], "admin");
+    assert_eq!(h[0]["result"], "success", "{h:#}");
+    assert_eq!(h[0]["changed"][0]["fields"], serde_json::json!(["jwt"]));
+}
