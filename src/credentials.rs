@@ -24,20 +24,24 @@ pub fn hash_key(key: &[u8]) -> String {
     out
 }
 
-/// Parses a configured `api_keys` entry.
+/// Parses a configured `api_keys` entry. The messages never quote the entry: one
+/// that is not a hash is most likely a key pasted in by mistake, and the message goes
+/// to the log, the reload's 422 answer and `GET /config/history` (its position says
+/// which entry it is).
 pub fn parse_digest(s: &str) -> Result<KeyDigest, String> {
     let hex = s.strip_prefix("sha256:").ok_or_else(|| {
-        format!("api key {s:?} must be \"sha256:<64 hex digits>\" (the config stores only hashes; `bulkhead hash-key` prints one)")
+        format!("an api key ({} characters, not quoted here: it may be a key itself) must be \"sha256:<64 hex digits>\" (the config stores only hashes; `bulkhead hash-key` prints one)", s.chars().count())
     })?;
     if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(format!(
-            "api key {s:?} must be \"sha256:\" followed by 64 hex digits"
+            "an api key (\"sha256:\" and {} characters) must be \"sha256:\" followed by 64 hex digits",
+            hex.chars().count()
         ));
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
         *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| format!("api key {s:?} is not valid hex"))?;
+            .map_err(|_| "an api key is not valid hex".to_owned())?;
     }
     Ok(out)
 }
