@@ -1380,8 +1380,11 @@ impl Validator<'_> {
             self.error(redis.span(), "`cluster.redis` names no node".to_owned());
         }
         let mut tls_modes = Vec::new();
-        for n in &nodes {
-            match redis::IntoConnectionInfo::into_connection_info(n.as_str()) {
+        for url in &nodes {
+            // Messages name the node without its password: they reach the log, a
+            // reload's 422 answer and `GET /config/history`.
+            let n = without_password(url);
+            match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
                 Err(e) => self.error(
                     redis.span(),
                     format!("`cluster.redis`: {n:?} is not a redis:// or rediss:// URL ({e})"),
@@ -1644,6 +1647,21 @@ fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
 /// Whether two listeners would take the same port: the same address, or a wildcard
 /// (`0.0.0.0`, `::`) that covers the other (`::` covers IPv4 too, as Linux binds it
 /// dual-stack). Port 0 (any free port) never does.
+/// `url` with whatever sits between `://` and its last `@` (the user and password)
+/// replaced by `***`, for messages; a URL with no `@` is shown as it is.
+fn without_password(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_owned(),
+        },
+    }
+}
+
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     let covers =
         |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());

@@ -1108,3 +1108,41 @@ async fn the_history_and_health_answer_while_a_reload_is_reading() {
     assert_eq!(h[0]["result"], "success", "{h:#}");
     assert_eq!(h[0]["changed"][0]["fields"], serde_json::json!(["jwt"]));
 }
+
+/// A Redis URL may carry a password (`redis://:PASSWORD@host`). The gateway logs
+/// nodes by address for that reason, but a refused URL was quoted whole in the
+/// message that goes to the log, the reload's 422 answer and `GET /config/history`.
+#[tokio::test]
+async fn a_refused_redis_url_is_never_quoted_with_its_password() {
+    let up = Upstream::echo("u").await;
+    let base = format!(
+        "[upstreams.u]\ntargets = [\"{}\"]\n[tenants.a]\nhosts = [\"a.com\"]\nupstream = \"u\"\n",
+        up.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = Gateway::start_file(dir.path(), &base);
+    for (url, says) in [
+        (
+            "redis://:hunter2pw@127.0.0.1:0/0",
+            "\"redis://***@127.0.0.1:0/0\" names port 0",
+        ),
+        (
+            "redis://app:hunter2pw@127.0.0.1:6379/-1",
+            "\"redis://***@127.0.0.1:6379/-1\" names database -1",
+        ),
+        (
+            "rediss://:hunter2pw@[bad/0",
+            "\"rediss://***@[bad/0\" is not a redis:// or rediss:// URL",
+        ),
+    ] {
+        write_config(&path, &format!("[cluster]\nredis = \"{url}\"\n{base}"));
+        let r = post_reload(gw.admin).await;
+        assert_eq!(r.status, 422);
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(says), "{message}");
+        assert!(!message.contains("hunter2pw"), "{message}");
+        let history =
+            String::from_utf8_lossy(&get(gw.admin, "/config/history", &[]).await.body).into_owned();
+        assert!(!history.contains("hunter2pw"), "{history}");
+    }
+}
