@@ -1786,6 +1786,10 @@ pub fn parse_host_pattern(raw: &str) -> Result<HostPattern, String> {
 /// Parses an upstream target (`host:port` or `http://host:port`) to `host:port`.
 /// A target as `host:port`, and whether it is `https://` (whose port defaults to 443).
 pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
+    // A target carries no user or password (any `@` is refused below), so one that
+    // does is parsed, and named in messages, with them replaced by `***`.
+    let shown = without_password(raw);
+    let raw = shown.as_str();
     let (rest, https) = if let Some(r) = raw.strip_prefix("http://") {
         (r, false)
     } else if let Some(r) = raw.strip_prefix("https://") {

@@ -1146,3 +1146,30 @@ async fn a_refused_redis_url_is_never_quoted_with_its_password() {
         assert!(!history.contains("hunter2pw"), "{history}");
     }
 }
+
+/// Upstream targets take no credentials; one written with them is refused without
+/// quoting them.
+#[tokio::test]
+async fn a_refused_target_is_never_quoted_with_its_password() {
+    let up = Upstream::echo("u").await;
+    let tenant = "[tenants.a]\nhosts = [\"a.com\"]\nupstream = \"u\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = Gateway::start_file(
+        dir.path(),
+        &format!("[upstreams.u]\ntargets = [\"{}\"]\n{tenant}", up.addr),
+    );
+    for target in [
+        "http://admin:hunter2pw@127.0.0.1:81",
+        "admin:hunter2pw@127.0.0.1:81",
+    ] {
+        write_config(
+            &path,
+            &format!("[upstreams.u]\ntargets = [\"{target}\"]\n{tenant}"),
+        );
+        let r = post_reload(gw.admin).await;
+        assert_eq!(r.status, 422);
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("***@127.0.0.1:81"), "{message}");
+        assert!(!message.contains("hunter2pw"), "{message}");
+    }
+}
