@@ -1532,6 +1532,21 @@ impl Validator<'_> {
                 ),
             );
         }
+        // The log would be appended to the config itself (at start, and at every
+        // reload): the file then fails to parse, and the next start fails.
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same(&file, config) {
+            self.error(
+                raw.span(),
+                format!(
+                    "`server.audit_log` {:?} is this configuration file; name another file",
+                    raw.get_ref()
+                ),
+            );
+        }
         Some(file)
     }
 

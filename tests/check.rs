@@ -204,6 +204,28 @@ fn a_state_dir_that_is_a_file_and_an_audit_log_that_is_a_directory_are_refused()
     assert_eq!(code, 0, "{err}");
 }
 
+/// `audit_log` naming the config file itself was accepted: the gateway appended its
+/// startup audit line to its own config, whose next reload (or start) then failed.
+#[test]
+fn an_audit_log_that_is_the_config_file_is_refused() {
+    let (code, _, err) = check(&format!(
+        "[server]\naudit_log = \"gateway.toml\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "PATH:2:13: `server.audit_log` \"gateway.toml\" is this configuration file; name another file",
+    );
+    let (code, _, err) = check(&format!(
+        "[server]\naudit_log = \"./gateway.toml\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = check(&format!(
+        "[server]\naudit_log = \"audit.jsonl\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn unknown_key() {
     let (code, _, err) = check(&format!(
