@@ -1137,24 +1137,23 @@ impl Validator<'_> {
                         r.prefix.span(),
                         format!("route prefix {p:?} of tenant {id_str:?} can never match: {why}"),
                     );
-                } else if let Some(normal) = Some(crate::snapshot::route_path(p))
-                    // Only the case of hex digits differs (`%2f`): taken as `%2F`.
-                    .filter(|n| !n.eq_ignore_ascii_case(p))
-                {
-                    self.error(
-                        r.prefix.span(),
-                        format!("route prefix {p:?} of tenant {id_str:?} can never match: paths are normalised before routes match them (repeated '/' merged, '.' and '..' segments resolved, %XX of unreserved characters decoded); write {normal:?}"),
-                    );
-                } else if let Some(first) = prefixes.get(&*crate::snapshot::route_path(p)) {
-                    self.error(
-                        r.prefix.span(),
-                        format!("route prefix {p:?} of tenant {id_str:?} is also the prefix of an earlier route (line {first}), which takes every request it matches: this route would never be used"),
-                    );
                 } else {
-                    prefixes.insert(
-                        crate::snapshot::route_path(p).into_owned(),
-                        line_col(self.text, r.prefix.span().start).0,
-                    );
+                    let normal = crate::snapshot::route_path(p);
+                    // Only the case of hex digits may differ (`%2f`): taken as `%2F`.
+                    if !normal.eq_ignore_ascii_case(p) {
+                        self.error(
+                            r.prefix.span(),
+                            format!("route prefix {p:?} of tenant {id_str:?} can never match: paths are normalised before routes match them (repeated '/' merged, '.' and '..' segments resolved, %XX of unreserved characters decoded); write {normal:?}"),
+                        );
+                    } else if let Some(first) = prefixes.get(&*normal) {
+                        self.error(
+                            r.prefix.span(),
+                            format!("route prefix {p:?} of tenant {id_str:?} is also the prefix of an earlier route (line {first}), which takes every request it matches: this route would never be used"),
+                        );
+                    } else {
+                        let line = line_col(self.text, r.prefix.span().start).0;
+                        prefixes.insert(normal.into_owned(), line);
+                    }
                 }
                 if !upstream_ok(r.upstream.get_ref()) {
                     self.missing_upstream(&r.upstream, &format!("a route of tenant {id_str:?}"));
@@ -1659,9 +1658,6 @@ fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
     }
 }
 
-/// Whether two listeners would take the same port: the same address, or a wildcard
-/// (`0.0.0.0`, `::`) that covers the other (`::` covers IPv4 too, as Linux binds it
-/// dual-stack). Port 0 (any free port) never does.
 /// `url` with whatever sits between `://` and its last `@` (the user and password)
 /// replaced by `***`, for messages; a URL with no `@` is shown as it is.
 fn without_password(url: &str) -> String {
@@ -1677,6 +1673,9 @@ fn without_password(url: &str) -> String {
     }
 }
 
+/// Whether two listeners would take the same port: the same address, or a wildcard
+/// (`0.0.0.0`, `::`) that covers the other (`::` covers IPv4 too, as Linux binds it
+/// dual-stack). Port 0 (any free port) never does.
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     let covers =
         |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());

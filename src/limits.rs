@@ -882,7 +882,7 @@ pub enum ClientBody {
     /// A request without a body (HTTP/2 HEADERS with END_STREAM).
     Empty,
     /// Frames already taken from the client's body (counted and checked as they
-    /// were), then the rest of it, if any: see [`RequestBody::taken`].
+    /// were), then the rest of it, if any: see [`RequestBody::replay`].
     Taken(VecDeque<Frame<Bytes>>, Option<Box<RequestBody>>),
     /// A body whose frames are copied as they are taken: see [`RequestBody::recorded`].
     Recorded(Arc<Mutex<Recording>>),

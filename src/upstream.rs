@@ -485,25 +485,25 @@ fn head_of(req: &Request<RequestBody>) -> http::request::Parts {
 /// remote GOAWAY with NO_ERROR only to those streams; one with an error code also
 /// fails streams the upstream may have acted on).
 fn refused(e: &hyper::Error) -> bool {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)));
-        }
-        source = s.source();
-    }
-    false
+    in_sources::<h2::Error>(e).is_some_and(|h2| {
+        h2.is_remote()
+            && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)))
+    })
 }
 
 /// The request body's own failure, found in the error's source chain: not the
 /// upstream's fault.
 fn body_error(e: &hyper::Error) -> Option<&RequestBodyError> {
+    in_sources(e)
+}
+
+/// The first error of type `T` in `e`'s source chain.
+fn in_sources<T: std::error::Error + 'static>(e: &hyper::Error) -> Option<&T> {
     let mut source = e.source();
     while let Some(s) = source {
-        if let Some(b) = s.downcast_ref::<RequestBodyError>() {
-            return Some(b);
+        if let Some(t) = s.downcast_ref::<T>() {
+            return Some(t);
         }
         source = s.source();
     }
