@@ -429,7 +429,12 @@ async fn daily_quota_is_exact_across_three_instances() {
     // Reset on one instance: every instance admits again.
     let r = reset_usage(gws[1].admin, "q").await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["day"]["used"], 0, "{}", r.json());
+    assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "1");
+    // `used` is Redis' count, leases included: between the reset and the answer's read
+    // another instance's sync may already have leased its fair share of what is left
+    // (⌊100 / (2 · 3)⌋ = 16 each; CI once saw 4 here), never more.
+    let used = r.json()["day"]["used"].as_u64().unwrap();
+    assert!(used <= 3 * 16, "{}", r.json());
     for gw in &gws {
         let r = hit(&c, gw.addr, "q.com").await.expect("answered");
         assert_eq!(r.status, 200, "{:?}", r.body);
