@@ -74,3 +74,13 @@ unsafe impl GlobalAlloc for MiMalloc {
         }
     }
 }
+
+/// Gives back to the system what the calling thread's heap and mimalloc's arenas hold
+/// freed (`mi_collect(true)`), at once rather than after mimalloc's purge delay. For a
+/// worker with nothing to do (see [`bulkhead::RETURN_FREED_MEMORY`]): memory freed at
+/// the end of a burst otherwise stays resident until the worker's next allocations
+/// find it due, which an idle worker does not make.
+pub fn give_back() {
+    // SAFETY: a plain C call with nothing to uphold.
+    unsafe { mi::mi_collect(true) }
+}

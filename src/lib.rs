@@ -39,6 +39,14 @@ pub mod usage;
 pub mod watch;
 
 pub use config::{Config, ConfigError};
+
+/// Set once by the binary (its global allocator, `src/allocator.rs`): gives what the
+/// allocator holds freed back to the system. A worker calls it, on its own thread,
+/// when every connection it has open is parked between requests (checked four times a
+/// second): the memory a burst freed — 10,000 connections' first requests, say — is
+/// then returned while the worker idles, not kept resident until its next burst of
+/// work. Unset (tests, embedders), nothing is called.
+pub static RETURN_FREED_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 pub use server::RunningGateway;
 
 /// A seeded xorshift64 generator: for unit tests that feed random input (the same

@@ -72,6 +72,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Only `main` sets it, so it cannot be set already.
+    let _ = bulkhead::RETURN_FREED_MEMORY.set(allocator::give_back);
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { config, strict }) => check(config, strict),

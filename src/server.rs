@@ -330,6 +330,9 @@ impl Drop for ConnGuard {
     }
 }
 
+/// How often a worker checks whether it is idle, to give freed memory back.
+const IDLE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
 /// One worker's (or the admin thread's, or `--demo`'s) event loop, built before its
 /// thread starts so that a failure is an error, not a panic in the thread.
 pub(crate) fn runtime() -> io::Result<tokio::runtime::Runtime> {
@@ -458,6 +461,23 @@ async fn worker(
             to_hyper,
         )
     });
+
+    // A worker whose every open connection is parked (or that has none) is idle: what
+    // its last burst freed goes back to the system (RETURN_FREED_MEMORY).
+    if let Some(&give_back) = crate::RETURN_FREED_MEMORY.get() {
+        let (tracker, fast) = (tracker.clone(), fast.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(IDLE_CHECK_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let parked = fast.as_ref().map_or(0, |w| w.parked());
+                if tracker.open.load(Ordering::Acquire) <= parked {
+                    give_back();
+                }
+            }
+        });
+    }
 
     loop {
         if tracker.open.load(Ordering::Acquire) >= tracker.limit {

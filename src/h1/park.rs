@@ -126,6 +126,12 @@ impl Worker {
         None
     }
 
+    /// How many connections are parked (about: one being parked counts already).
+    pub fn parked(&self) -> usize {
+        let lot = lock(&self.lot);
+        lot.slots.len() - lot.free.len()
+    }
+
     fn spawn(self: &Arc<Self>, conn: Conn) {
         self.handle.spawn(super::serve(self.clone(), conn));
     }
