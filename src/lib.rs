@@ -39,6 +39,7 @@ pub mod usage;
 pub mod watch;
 
 pub use config::{Config, ConfigError};
+pub use server::RunningGateway;
 
 /// Set once by the binary (its global allocator, `src/allocator.rs`): gives what the
 /// allocator holds freed back to the system. A worker calls it, on its own thread,
@@ -47,7 +48,6 @@ pub use config::{Config, ConfigError};
 /// then returned while the worker idles, not kept resident until its next burst of
 /// work. Unset (tests, embedders), nothing is called.
 pub static RETURN_FREED_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
-pub use server::RunningGateway;
 
 /// A seeded xorshift64 generator: for unit tests that feed random input (the same
 /// sequence on every run), and the cluster sync's jitter. `seed` must not be 0.
