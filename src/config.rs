@@ -1303,6 +1303,7 @@ impl Validator<'_> {
             self.cluster_scope_needs_redis(f);
         }
         self.store_failure_needs_cluster_scope(f);
+        self.burst_needs_rate(f);
         let state_dir = server.state_dir.as_ref().map(|d| {
             let dir = path.parent().unwrap_or(Path::new("")).join(d.get_ref());
             if d.get_ref().is_empty() {
@@ -1494,6 +1495,80 @@ impl Validator<'_> {
         }
     }
 
+    /// A `burst` sizes the bucket of a rate: one that no table's rate goes with
+    /// limits nothing, where its author meant a limit.
+    fn burst_needs_rate(&mut self, f: &FileConfig) {
+        let d = &f.defaults.limits;
+        for (burst, rate, bkey, rkey) in [
+            (
+                &d.burst,
+                d.requests_per_second.is_some(),
+                "burst",
+                "requests_per_second",
+            ),
+            (
+                &d.per_client_burst,
+                d.per_client_requests_per_second.is_some(),
+                "per_client_burst",
+                "per_client_requests_per_second",
+            ),
+        ] {
+            // An invalid burst has its own error.
+            let Some(b) = burst.as_ref().filter(|b| valid_burst(*b.get_ref())) else {
+                continue;
+            };
+            // Used by a tenant with a rate of its own and no burst of its own.
+            let used = rate
+                || f.tenants.values().any(|t| {
+                    let (own_burst, own_rate) = if bkey == "burst" {
+                        (
+                            t.limits.burst.is_some(),
+                            t.limits.requests_per_second.is_some(),
+                        )
+                    } else {
+                        (
+                            t.limits.per_client_burst.is_some(),
+                            t.limits.per_client_requests_per_second.is_some(),
+                        )
+                    };
+                    own_rate && !own_burst
+                });
+            if !used {
+                self.error(
+                    b.span(),
+                    format!("[defaults.limits] {bkey} goes with no `{rkey}`, here or in a tenant without a {bkey} of its own: it would limit nothing"),
+                );
+            }
+        }
+        for (id, t) in &f.tenants {
+            for (burst, rate, bkey, rkey) in [
+                (
+                    &t.limits.burst,
+                    t.limits.requests_per_second.is_some() || d.requests_per_second.is_some(),
+                    "burst",
+                    "requests_per_second",
+                ),
+                (
+                    &t.limits.per_client_burst,
+                    t.limits.per_client_requests_per_second.is_some()
+                        || d.per_client_requests_per_second.is_some(),
+                    "per_client_burst",
+                    "per_client_requests_per_second",
+                ),
+            ] {
+                if let (Some(b), false) = (burst, rate) {
+                    if !valid_burst(*b.get_ref()) {
+                        continue;
+                    }
+                    self.error(
+                        b.span(),
+                        format!("[tenants.{}.limits] {bkey} without `{rkey}` (here or in [defaults.limits]) would limit nothing: set the rate, or leave the {bkey} out", id.get_ref()),
+                    );
+                }
+            }
+        }
+    }
+
     /// Without a usable `[cluster] redis`, no `scope = "cluster"` can work.
     fn cluster_scope_needs_redis(&mut self, f: &FileConfig) {
         let tables = std::iter::once(("[defaults.limits]".to_owned(), &f.defaults.limits)).chain(
@@ -1586,7 +1661,7 @@ impl Validator<'_> {
             ("per_client_burst", &l.per_client_burst),
         ] {
             if let Some(b) = b {
-                if *b.get_ref() < 1 || *b.get_ref() > u64::from(u32::MAX) {
+                if !valid_burst(*b.get_ref()) {
                     self.error(
                         b.span(),
                         format!("`{key}` must be at least 1 (and fit in 32 bits)"),
@@ -1618,6 +1693,11 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// `burst` and `per_client_burst`: at least 1, and 32 bits.
+fn valid_burst(b: u64) -> bool {
+    (1..=u64::from(u32::MAX)).contains(&b)
 }
 
 fn merge_limits(t: &LimitsConfig, d: &LimitsConfig) -> Limits {
@@ -2002,6 +2082,41 @@ upstream = "shared"
         assert_eq!(l.burst, Some(5));
         assert_eq!(l.max_body, Some(1 << 20));
         assert_eq!(l.max_in_flight, None);
+    }
+
+    #[test]
+    fn a_burst_needs_a_rate() {
+        // A tenant's burst with no rate anywhere.
+        let text = format!("{BASE}\n[tenants.a]\nhosts=[\"a.com\"]\n[tenants.a.limits]\nburst = 5\nper_client_burst = 2\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("[tenants.a.limits] burst without `requests_per_second`"),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "[tenants.a.limits] per_client_burst without `per_client_requests_per_second`"
+            ),
+            "{e}"
+        );
+        // The defaults' burst, with no tenant taking it with a rate.
+        let text = format!("{BASE}\n[defaults.limits]\nburst = 5\n[tenants.a]\nhosts=[\"a.com\"]\n[tenants.b]\nhosts=[\"b.com\"]\n[tenants.b.limits]\nrequests_per_second = 1\nburst = 3\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "gateway.toml:9:9: [defaults.limits] burst goes with no `requests_per_second`"
+            ),
+            "{e}"
+        );
+        // Each burst with a rate: the tenant's own, the defaults', or one that takes
+        // the defaults' burst.
+        for ok in [
+            "[defaults.limits]\nrequests_per_second = 1\n[tenants.a]\nhosts=[\"a.com\"]\n[tenants.a.limits]\nburst = 5\n",
+            "[defaults.limits]\nburst = 5\n[tenants.a]\nhosts=[\"a.com\"]\n[tenants.a.limits]\nrequests_per_second = 1\n",
+            "[defaults.limits]\nper_client_requests_per_second = 1\nper_client_burst = 5\n[tenants.a]\nhosts=[\"a.com\"]\n",
+        ] {
+            parse(&format!("{BASE}\n{ok}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 
     #[test]

@@ -731,6 +731,7 @@ targets = ["127.0.0.1:2"]
 [defaults]
 upstream = "a"
 [defaults.limits]
+requests_per_second = 100
 burst = 10
 [tenants.acme]
 hosts = ["acme.com"]

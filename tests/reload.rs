@@ -669,7 +669,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     let metrics = get(gw.admin, "/metrics", &[]).await;
     assert!(String::from_utf8_lossy(&metrics.body).contains("tenant=\"globex\""));
 
-    // acme: new upstream and burst; globex removed; initech added.
+    // acme: new upstream, rate and burst; globex removed; initech added.
     let changed = blue_green_config("green", &blue, &green)
         .replace(
             "[tenants.globex]\nhosts = [\"globex.example.com\"]\n",
@@ -677,7 +677,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
         )
         .replace(
             "upstream = \"green\"\n",
-            "upstream = \"green\"\nlimits = { burst = 5 }\n",
+            "upstream = \"green\"\nlimits = { requests_per_second = 1000000, burst = 5 }\n",
         );
     write_config(&path, &with_audit(&changed));
     let r = post_reload(gw.admin).await;
@@ -702,7 +702,7 @@ async fn history_and_audit_log_show_added_removed_and_changed_tenants() {
     assert_eq!(e["removed"], serde_json::json!(["globex"]));
     assert_eq!(
         e["changed"],
-        serde_json::json!([{"tenant": "acme", "fields": ["upstream", "limits.burst"]}])
+        serde_json::json!([{"tenant": "acme", "fields": ["upstream", "limits.requests_per_second", "limits.burst"]}])
     );
     humantime::parse_rfc3339(e["time"].as_str().unwrap()).unwrap();
 
