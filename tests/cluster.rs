@@ -1006,10 +1006,8 @@ async fn rediss_verifies_the_server_certificate() {
 /// port is one nothing listens on.
 #[tokio::test]
 async fn an_unreachable_redis_is_logged_with_the_reason() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free_guard = Refused::new();
+    let free = free_guard.addr();
     let up = Upstream::echo("u").await;
     let gw = Process::start(&format!(
         "[cluster]\nredis = \"redis://:hunter2-secret@{free}/0\"\ninstance_id = \"edge-1\"\nstore_timeout = \"20ms\"\n\

@@ -48,10 +48,8 @@ fn live_metric_names() -> BTreeSet<String> {
                 c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         }
     });
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_guard = support::Refused::new();
+    let dead = dead_guard.addr();
     let gw = support::Process::start(&format!(
         "[server]\nworkers = 1\n[upstreams.up]\ntargets = [\"{up_addr}\"]\n[upstreams.dead]\ntargets = [\"{dead}\"]\n\
          [tenants.t]\nhosts = [\"t.com\"]\nupstream = \"up\"\n[tenants.t.limits]\nrequests_per_second = 1\nburst = 2\nmax_in_flight = 10\nmax_body = 1000\nrequests_per_day = 1000\n\

@@ -16,11 +16,9 @@ fn one_tenant(upstream: &str, extra: &str) -> Gateway {
 
 #[tokio::test]
 async fn upstream_down_is_502() {
-    // A port that was just free: nothing listens there.
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port bound and not listening: connections to it are refused.
+    let free_guard = Refused::new();
+    let free = free_guard.addr();
     let gw = one_tenant(&free.to_string(), "");
     let r = get(gw.addr, "/", &[("host", "t.com")]).await;
     assert_error(&r, 502, "upstream_error");

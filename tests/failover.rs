@@ -17,12 +17,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An address on which connections are refused: a port bound, then let go.
-fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// One series of the gateway's metrics, if exported.
 async fn metric(admin: SocketAddr, series: &str) -> Option<u64> {
     let r = get(admin, "/metrics", &[]).await;
@@ -115,7 +109,8 @@ async fn requests(gw: SocketAddr, path: Path, n: usize) -> Vec<u16> {
 async fn a_target_that_refuses_connections_is_passed_over_on_every_path() {
     for path in [Path::FastPost, Path::Hyper, Path::H2c] {
         let (a, b) = (Upstream::echo("a").await, Upstream::echo("b").await);
-        let dead = refused_addr();
+        let refused = Refused::new();
+        let dead = refused.addr();
         // Round robin starts at the dead target: the first request fails over.
         let gw = Process::start(&config(&[dead, a.addr, b.addr], ""));
         assert_eq!(requests(gw.addr, path, 6).await, [200; 6], "{path:?}");
@@ -151,7 +146,8 @@ async fn an_http2_pool_fails_over_too() {
             .await;
     })
     .await;
-    let gw = Process::start(&config(&[refused_addr(), live], "protocol = \"h2\""));
+    let refused = Refused::new();
+    let gw = Process::start(&config(&[refused.addr(), live], "protocol = \"h2\""));
     for i in 0..4 {
         let r = get(gw.addr, "/", &[("host", "t.com")]).await;
         assert_eq!(r.status, 200, "request {i}");
@@ -162,7 +158,8 @@ async fn an_http2_pool_fails_over_too() {
 
 #[tokio::test]
 async fn with_no_target_left_the_request_is_502_as_before() {
-    let (d1, d2) = (refused_addr(), refused_addr());
+    let (r1, r2) = (Refused::new(), Refused::new());
+    let (d1, d2) = (r1.addr(), r2.addr());
     let gw = Process::start(&config(&[d1, d2], ""));
     let r = get(gw.addr, "/", &[("host", "t.com")]).await;
     assert_error(&r, 502, "upstream_error");
@@ -172,7 +169,8 @@ async fn with_no_target_left_the_request_is_502_as_before() {
     let r = get(gw.addr, "/", &[("host", "t.com")]).await;
     assert_error(&r, 502, "upstream_error");
     // A pool of one has nothing to fail over to.
-    let gw = Process::start(&config(&[refused_addr()], ""));
+    let refused = Refused::new();
+    let gw = Process::start(&config(&[refused.addr()], ""));
     let r = get(gw.addr, "/", &[("host", "t.com")]).await;
     assert_error(&r, 502, "upstream_error");
     assert_eq!(connect_errors(gw.admin).await, 1);

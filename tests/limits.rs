@@ -182,10 +182,8 @@ async fn in_flight_gateway() -> (Gateway, Upstream) {
         },
     )
     .await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_guard = Refused::new();
+    let dead = dead_guard.addr();
     let gw = Gateway::start(&format!(
         r#"
 [upstreams.slow]

@@ -81,10 +81,8 @@ hosts = ["beta.com"]
 
 async fn two_tenant_gateway() -> (Gateway, Upstream) {
     let up = Upstream::echo("u").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_guard = Refused::new();
+    let dead = dead_guard.addr();
     let gw = Gateway::start(
         &TWO_TENANTS
             .replace("UP", &up.addr.to_string())

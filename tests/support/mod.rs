@@ -128,6 +128,23 @@ pub async fn read_request_head(s: &mut tokio::net::TcpStream) -> bool {
     true
 }
 
+/// An address on which connections are refused for as long as the guard lives: a
+/// socket bound and not listening. (A port bound and let go could be taken by another
+/// test's listener meanwhile; CI once saw a test gateway's 404 from the "dead" target.)
+pub struct Refused(tokio::net::TcpSocket);
+
+impl Refused {
+    pub fn new() -> Refused {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Refused(s)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.0.local_addr().unwrap()
+    }
+}
+
 /// A real HTTP/1.1 upstream on `127.0.0.1:0`.
 pub struct Upstream {
     pub addr: SocketAddr,
