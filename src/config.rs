@@ -1498,42 +1498,35 @@ impl Validator<'_> {
     /// A `burst` sizes the bucket of a rate: one that no table's rate goes with
     /// limits nothing, where its author meant a limit.
     fn burst_needs_rate(&mut self, f: &FileConfig) {
-        let d = &f.defaults.limits;
-        for (burst, rate, bkey, rkey) in [
-            (
-                &d.burst,
-                d.requests_per_second.is_some(),
-                "burst",
-                "requests_per_second",
-            ),
-            (
-                &d.per_client_burst,
-                d.per_client_requests_per_second.is_some(),
-                "per_client_burst",
-                "per_client_requests_per_second",
-            ),
-        ] {
-            // An invalid burst has its own error.
-            let Some(b) = burst.as_ref().filter(|b| valid_burst(*b.get_ref())) else {
-                continue;
-            };
-            // Used by a tenant with a rate of its own and no burst of its own.
-            let used = rate
+        // Each burst of a limits table, whether the table sets its rate, and their keys.
+        let bursts = |l: &LimitsConfig| {
+            [
+                (
+                    l.burst.clone(),
+                    l.requests_per_second.is_some(),
+                    "burst",
+                    "requests_per_second",
+                ),
+                (
+                    l.per_client_burst.clone(),
+                    l.per_client_requests_per_second.is_some(),
+                    "per_client_burst",
+                    "per_client_requests_per_second",
+                ),
+            ]
+        };
+        // An invalid burst has its own error.
+        let valid = |b: Option<Spanned<u64>>| b.filter(|b| valid_burst(*b.get_ref()));
+        let defaults = bursts(&f.defaults.limits);
+        for (i, (burst, rate, bkey, rkey)) in defaults.iter().cloned().enumerate() {
+            let Some(b) = valid(burst) else { continue };
+            // Taken by a tenant with a rate of its own and no burst of its own.
+            let taken = rate
                 || f.tenants.values().any(|t| {
-                    let (own_burst, own_rate) = if bkey == "burst" {
-                        (
-                            t.limits.burst.is_some(),
-                            t.limits.requests_per_second.is_some(),
-                        )
-                    } else {
-                        (
-                            t.limits.per_client_burst.is_some(),
-                            t.limits.per_client_requests_per_second.is_some(),
-                        )
-                    };
-                    own_rate && !own_burst
+                    let (own_burst, own_rate, ..) = &bursts(&t.limits)[i];
+                    *own_rate && own_burst.is_none()
                 });
-            if !used {
+            if !taken {
                 self.error(
                     b.span(),
                     format!("[defaults.limits] {bkey} goes with no `{rkey}`, here or in a tenant without a {bkey} of its own: it would limit nothing"),
@@ -1541,25 +1534,9 @@ impl Validator<'_> {
             }
         }
         for (id, t) in &f.tenants {
-            for (burst, rate, bkey, rkey) in [
-                (
-                    &t.limits.burst,
-                    t.limits.requests_per_second.is_some() || d.requests_per_second.is_some(),
-                    "burst",
-                    "requests_per_second",
-                ),
-                (
-                    &t.limits.per_client_burst,
-                    t.limits.per_client_requests_per_second.is_some()
-                        || d.per_client_requests_per_second.is_some(),
-                    "per_client_burst",
-                    "per_client_requests_per_second",
-                ),
-            ] {
-                if let (Some(b), false) = (burst, rate) {
-                    if !valid_burst(*b.get_ref()) {
-                        continue;
-                    }
+            for (i, (burst, rate, bkey, rkey)) in bursts(&t.limits).into_iter().enumerate() {
+                let Some(b) = valid(burst) else { continue };
+                if !rate && !defaults[i].1 {
                     self.error(
                         b.span(),
                         format!("[tenants.{}.limits] {bkey} without `{rkey}` (here or in [defaults.limits]) would limit nothing: set the rate, or leave the {bkey} out", id.get_ref()),
