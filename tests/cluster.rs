@@ -147,6 +147,20 @@ async fn usage(gw: &Gateway, tenant: &str) -> serde_json::Value {
         .json()
 }
 
+/// Polls `GET /tenants/{tenant}/usage` (up to 10 s) until the instance is synced with
+/// Redis up and the day's `used` is `used`.
+async fn usage_settles_at(gw: &Gateway, tenant: &str, used: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = usage(gw, tenant).await;
+        if u["store"] == "up" && u["synced"] == true && u["day"]["used"] == used {
+            return;
+        }
+        assert!(Instant::now() < deadline, "expected used {used}: {u}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `POST /tenants/{tenant}/usage/reset` on an admin listener.
 async fn reset_usage(admin: SocketAddr, tenant: &str) -> Reply {
     let path = format!("/tenants/{tenant}/usage/reset");
@@ -436,15 +450,7 @@ async fn daily_quota_is_exact_across_three_instances() {
     let used = r.json()["day"]["used"].as_u64().unwrap();
     assert!(used <= 3 * 16, "{}", r.json());
     // Once the instances' demand has died down, their leases are back: 0.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let u = usage(&gws[2], "q").await;
-        if u["synced"] == true && u["day"]["used"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{u}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    usage_settles_at(&gws[2], "q", 0).await;
     for gw in &gws {
         let r = hit(&c, gw.addr, "q.com").await.expect("answered");
         assert_eq!(r.status, 200, "{:?}", r.body);
@@ -1074,15 +1080,7 @@ async fn a_reset_not_answered_in_time_says_it_may_still_apply() {
     }
     // The other scripts are loaded again as they are needed.
     assert_eq!(get(gw.addr, "/", &[("host", "q.com")]).await.status, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let u = usage(&gw, "q").await;
-        if u["store"] == "up" && u["synced"] == true && u["day"]["used"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{u}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    usage_settles_at(&gw, "q", 1).await;
 }
 
 /// A reset not answered in time and sent again by the operator — while Redis is still
@@ -1130,15 +1128,7 @@ async fn a_reset_sent_again_starts_one_generation() {
     let r = reset_usage(gw.admin, "q").await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(redis.cli(&["GET", "bulkhead:{q}:generation"]), "2");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let u = usage(&gw, "q").await;
-        if u["synced"] == true && u["day"]["used"] == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{u}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    usage_settles_at(&gw, "q", 2).await;
     // A reset after that is a new one.
     let r = reset_usage(gw.admin, "q").await;
     assert_eq!(r.status, 200);
@@ -1146,15 +1136,7 @@ async fn a_reset_sent_again_starts_one_generation() {
     // `used` counts units leased too, and the instance's next sync may lease some at
     // once (CI saw 4 in the answer): once its demand has died down, nothing is left of
     // the two admitted before the reset.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let u = usage(&gw, "q").await;
-        if u["synced"] == true && u["day"]["used"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{u}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    usage_settles_at(&gw, "q", 0).await;
 }
 
 /// A request that finds no leased unit reserves one in Redis within `store_timeout`.
