@@ -255,6 +255,20 @@ struct Tally {
     other_sent: u64,
 }
 
+/// The tests' own Redis: one asked to start on a port another server holds starts on
+/// another port, not "answered by" the server already there (which would share its
+/// data with another test running at the same time).
+#[test]
+fn a_test_redis_never_shares_another_servers_port() {
+    let Some(first) = Redis::start() else { return };
+    let Some(second) = Redis::start_trying(first.port) else {
+        return;
+    };
+    assert_ne!(second.port, first.port);
+    assert_eq!(second.cli(&["SET", "only-here", "1"]), "OK");
+    assert_eq!(first.cli(&["EXISTS", "only-here"]), "0");
+}
+
 /// Acceptance 2: three instances, one tenant at 50 rps / burst 50, load spread round
 /// robin for 10 s: the fleet admits no more than the documented bound
 /// `burst + rate · (T + sync_interval)`, far below the 3 × that per-instance limits

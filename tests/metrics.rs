@@ -277,11 +277,6 @@ async fn a_real_prometheus_scrapes_per_tenant_values() {
         assert_eq!(get(gw.addr, "/", &[("host", "beta.com")]).await.status, 200);
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     std::fs::write(
         dir.path().join("prometheus.yml"),
         format!(
@@ -297,8 +292,15 @@ async fn a_real_prometheus_scrapes_per_tenant_values() {
             let _ = self.0.wait();
         }
     }
-    let _prom = Kill(
-        Command::new("prometheus")
+    // Prometheus on a port that was free a moment ago; when another process took it in
+    // between, Prometheus exits, and is started again on another.
+    let spawn = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",
                 dir.path().join("prometheus.yml").display()
@@ -313,8 +315,10 @@ async fn a_real_prometheus_scrapes_per_tenant_values() {
             .spawn()
             .expect(
                 "prometheus is installed (scripts/test.sh installs the Debian prometheus package)",
-            ),
-    );
+            );
+        (port, Kill(child))
+    };
+    let (mut port, mut prom) = spawn();
     let query = "sum by (tenant) (bulkhead_requests_total)";
     let url = format!(
         "/api/v1/query?query={}",
@@ -323,7 +327,6 @@ async fn a_real_prometheus_scrapes_per_tenant_values() {
             .replace('(', "%28")
             .replace(')', "%29")
     );
-    let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let t0 = Instant::now();
     let found = loop {
         assert!(
@@ -331,6 +334,12 @@ async fn a_real_prometheus_scrapes_per_tenant_values() {
             "Prometheus never returned the values"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if !matches!(prom.0.try_wait(), Ok(None)) {
+            drop(prom);
+            (port, prom) = spawn();
+            continue;
+        }
+        let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), async {
             let c = client();
             c.request(

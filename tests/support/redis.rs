@@ -38,6 +38,27 @@ pub fn available() -> bool {
     ok
 }
 
+/// Whether the TCP socket listening on 127.0.0.1:`port` belongs to process `pid`:
+/// its inode in /proc/net/tcp is one of the process's open descriptors.
+fn listener_pid_is(port: u16, pid: u32) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    // Columns: sl local_address rem_address st ... uid timeout inode.
+    let local = format!("0100007F:{port:04X}");
+    let Some(inode) = table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_owned())
+    }) else {
+        return false;
+    };
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == want))
+    })
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -54,13 +75,13 @@ impl Redis {
             return None;
         }
         let mut r = Redis {
-            port: free_port(),
+            port: 0,
             child: None,
             dir: tempfile::tempdir().unwrap(),
             extra: Vec::new(),
             ca: None,
         };
-        r.restart();
+        r.first_start();
         Some(r)
     }
 
@@ -70,13 +91,13 @@ impl Redis {
             return None;
         }
         let mut r = Redis {
-            port: free_port(),
+            port: 0,
             child: None,
             dir: tempfile::tempdir().unwrap(),
             extra: args.iter().map(|a| a.to_string()).collect(),
             ca: None,
         };
-        r.restart();
+        r.first_start();
         Some(r)
     }
 
@@ -162,13 +183,10 @@ impl Redis {
             "ext.cnf",
         ]);
         let file = |name: &str| d.join(name).to_str().unwrap().to_owned();
-        let port = free_port();
         let mut r = Redis {
-            port,
+            port: 0,
             child: None,
             extra: vec![
-                "--tls-port".into(),
-                port.to_string(),
                 "--tls-cert-file".into(),
                 file("server.pem"),
                 "--tls-key-file".into(),
@@ -181,7 +199,7 @@ impl Redis {
             ca: Some(d.join("ca.pem")),
             dir,
         };
-        r.restart();
+        r.first_start();
         Some(r)
     }
 
@@ -194,13 +212,13 @@ impl Redis {
         let nodes: Vec<Redis> = (0..n)
             .map(|_| {
                 let mut r = Redis {
-                    port: free_port(),
+                    port: 0,
                     child: None,
                     dir: tempfile::tempdir().unwrap(),
                     extra: vec!["--cluster-enabled".into(), "yes".into()],
                     ca: None,
                 };
-                r.restart();
+                r.first_start();
                 r
             })
             .collect();
@@ -247,13 +265,64 @@ impl Redis {
         }
     }
 
+    /// Starts the server on a port that was free a moment ago. Another process (another
+    /// test's Redis, say) may take that port in between: then our server cannot bind
+    /// it, and a PING would be answered by theirs, so the test would share their data.
+    /// So the start counts only when the socket listening on the port is our child's,
+    /// and otherwise tries again on another port.
+    fn first_start(&mut self) {
+        self.start_on_first_of(std::iter::repeat_with(free_port));
+    }
+
+    fn start_on_first_of(&mut self, ports: impl Iterator<Item = u16>) {
+        for port in ports.take(10) {
+            self.port = port;
+            if self.spawn_and_wait() {
+                return;
+            }
+        }
+        panic!("redis-server could not listen on any of 10 free ports");
+    }
+
+    /// A plain server asked to start on `port` first, which another process may hold
+    /// (a test of the start itself).
+    pub fn start_trying(port: u16) -> Option<Redis> {
+        if !available() {
+            return None;
+        }
+        let mut r = Redis {
+            port: 0,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            extra: Vec::new(),
+            ca: None,
+        };
+        r.start_on_first_of(std::iter::once(port).chain(std::iter::repeat_with(free_port)));
+        Some(r)
+    }
+
     /// Starts the server (again) on the same port and waits until it answers PING.
     pub fn restart(&mut self) {
+        assert!(
+            self.spawn_and_wait(),
+            "redis-server could not listen on port {} again (another process took it)",
+            self.port
+        );
+    }
+
+    /// Spawns the server on `self.port` and waits until it answers PING; false when it
+    /// exited, or when what answers on the port is not it.
+    fn spawn_and_wait(&mut self) -> bool {
         self.kill();
-        // With TLS the plain port is off and `extra` names the TLS one.
-        let plain = if self.ca.is_some() { 0 } else { self.port };
+        // With TLS the plain port is off and the TLS one is `self.port`.
+        let (plain, tls) = if self.ca.is_some() {
+            (0, vec!["--tls-port".to_owned(), self.port.to_string()])
+        } else {
+            (self.port, Vec::new())
+        };
         let child = Command::new("redis-server")
             .args(["--port", &plain.to_string()])
+            .args(tls)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -262,9 +331,26 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
+        let pid = child.id();
         self.child = Some(child);
         let start = Instant::now();
-        while self.ping().is_none() {
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| !matches!(c.try_wait(), Ok(None)));
+            if exited {
+                self.kill();
+                return false;
+            }
+            if self.ping().is_some() {
+                if listener_pid_is(self.port, pid) {
+                    return true;
+                }
+                // Someone else's server answered; ours will exit, or is about to.
+                self.kill();
+                return false;
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "redis-server did not answer on port {}",
