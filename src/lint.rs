@@ -76,6 +76,33 @@ pub fn isolation_warnings(config: &Config) -> Vec<String> {
         ));
     }
 
+    // A wildcard on a single label (`*.com`) takes every name directly under a
+    // top-level domain: every site a client names there (`globex.com`, `acme.io`) lands
+    // on this one tenant. Almost always `*.acme.com` was meant. Only the one-label rule:
+    // telling `*.co.uk` (a public suffix) from `*.acme.com` takes the public-suffix
+    // list, which changes monthly and is not shipped. The names reserved for local and
+    // test use (RFC 6761, 6762; ICANN's `internal`) are no one else's sites.
+    const PRIVATE_USE: [&str; 6] = [
+        "localhost",
+        "test",
+        "example",
+        "invalid",
+        "local",
+        "internal",
+    ];
+    for t in &config.tenants {
+        for w in &t.hosts {
+            if let HostPattern::Wildcard(domain) = w {
+                if !domain.contains('.') && !PRIVATE_USE.contains(&domain.as_str()) {
+                    out.push(format!(
+                        "the wildcard \"{w}\" of tenant {:?} covers every name under the top-level domain {domain:?} (any \"NAME.{domain}\" a client sends goes to this tenant): write the tenant's own domain, e.g. \"*.{}.{domain}\"",
+                        t.id, t.id
+                    ));
+                }
+            }
+        }
+    }
+
     // Some tenants demand credentials, others can be reached by host alone.
     let (with, without): (Vec<&str>, Vec<&str>) = {
         let mut with = Vec::new();

@@ -344,6 +344,10 @@ fn isolation_lints_name_the_tenants() {
             ),
             "tenants \"globex\" have no `require` while \"acme\" do",
         ),
+        (
+            format!("{BASE}[tenants.acme]\nhosts = [\"acme.com\", \"*.COM.\"]\n"),
+            "the wildcard \"*.com\" of tenant \"acme\" covers every name under the top-level domain \"com\" (any \"NAME.com\" a client sends goes to this tenant): write the tenant's own domain, e.g. \"*.acme.com\"",
+        ),
     ];
     for (text, expected) in &cases {
         let (code, err) = check_args(text, false);
@@ -356,9 +360,10 @@ fn isolation_lints_name_the_tenants() {
         assert_eq!(code, 1, "--strict fails on: {err}");
         assert!(err.contains("failing because of --strict"), "{err}");
     }
-    // A config with none of these risks passes --strict.
+    // A config with none of these risks passes --strict: a wildcard under the
+    // tenant's own domain, and one under a name reserved for local use.
     let (code, err) = check_args(
-        &format!("{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"),
+        &format!("{BASE}[tenants.acme]\nhosts = [\"a.com\", \"*.acme.com\", \"*.localhost\"]\n"),
         true,
     );
     assert_eq!(code, 0, "{err}");
