@@ -1384,33 +1384,21 @@ impl Validator<'_> {
             // Messages name the node without its password: they reach the log, a
             // reload's 422 answer and `GET /config/history`.
             let n = without_password(url);
+            // Our own reading first: redis-rs says "Redis URL did not parse" for most
+            // mistakes (a bad port, a missing host, a scheme it does not take).
+            if let Some(why) = redis_url_problem(url, &n, nodes.len() > 1) {
+                self.error(redis.span(), format!("`cluster.redis`: {why}"));
+                continue;
+            }
             match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                // What the reading above does not look at (a `?protocol=` it does not
+                // know, a password that is not UTF-8 once decoded), in its words.
                 Err(e) => self.error(
                     redis.span(),
-                    format!("`cluster.redis`: {n:?} is not a redis:// or rediss:// URL ({e})"),
+                    format!("`cluster.redis`: the Redis client refuses {n:?}: {e}"),
                 ),
                 Ok(info) => {
-                    // What the client would only find out by never connecting.
-                    let port = match info.addr() {
-                        redis::ConnectionAddr::Tcp(_, port) => Some(*port),
-                        redis::ConnectionAddr::TcpTls { port, .. } => Some(*port),
-                        _ => None,
-                    };
                     tls_modes.push(matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }));
-                    if port == Some(0) {
-                        self.error(
-                            redis.span(),
-                            format!(
-                                "`cluster.redis`: {n:?} names port 0, where no Redis can listen"
-                            ),
-                        );
-                    }
-                    if info.redis_settings().db() < 0 {
-                        self.error(
-                            redis.span(),
-                            format!("`cluster.redis`: {n:?} names database {}; databases are numbered from 0", info.redis_settings().db()),
-                        );
-                    }
                 }
             }
         }
@@ -1728,6 +1716,117 @@ fn without_password(url: &str) -> String {
             None => url.to_owned(),
         },
     }
+}
+
+/// Why `url` is not a Redis URL the store could connect to, as a phrase naming it as
+/// `n` (the URL with `***` for its user and password); `None` when it is one. The
+/// schemes are redis-rs's: `redis://` and `valkey://`, `rediss://` and `valkeys://`
+/// with TLS, each `[USER][:PASSWORD@]HOST[:PORT][/DB]`; and `unix://`,
+/// `redis+unix://` and `valkey+unix://` for a socket's path, for a single server only
+/// (`cluster`: one of a Redis Cluster's seed nodes, which the client reaches by the IP
+/// addresses and ports the cluster announces).
+fn redis_url_problem(url: &str, n: &str, cluster: bool) -> Option<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some(format!(
+            "{n:?} is not a URL: write redis://HOST[:PORT][/DB] (rediss:// for TLS)"
+        ));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    match scheme.as_str() {
+        "redis" | "rediss" | "valkey" | "valkeys" => {}
+        "unix" | "redis+unix" | "valkey+unix" => {
+            if cluster {
+                return Some(format!("{n:?}: the nodes of a Redis Cluster are reached over TCP at the addresses the cluster announces, not by a unix socket"));
+            }
+            let path = rest.strip_prefix("localhost").unwrap_or(rest);
+            let path = path.split(['?', '#']).next().unwrap_or("");
+            if !path.starts_with('/') || path.len() < 2 {
+                return Some(format!("{n:?} names no socket: write {scheme}:///PATH/TO/redis.sock (an absolute path)"));
+            }
+            return None;
+        }
+        _ => {
+            return Some(format!("{n:?}: the scheme must be redis:// or rediss:// (TLS); valkey://, valkeys:// and, for a unix socket, unix:// are taken too; not {scheme:?}"));
+        }
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, after) = rest.split_at(end);
+    // The user and password end at the last '@'.
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let port = if let Some(v6) = host_port.strip_prefix('[') {
+        let Some((addr, tail)) = v6.split_once(']') else {
+            return Some(format!("{n:?}: an IPv6 address is closed by ']'"));
+        };
+        match addr.parse::<std::net::Ipv6Addr>() {
+            Ok(a) if a.is_unspecified() => {
+                return Some(format!("{n:?} names the wildcard address [::], which no client can connect to: write the Redis server's address"));
+            }
+            Ok(_) => {}
+            Err(_) => return Some(format!("{n:?}: [{addr}] is not a valid IPv6 address")),
+        }
+        match tail.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if tail.is_empty() => None,
+            None => return Some(format!("{n:?}: only a ':' and a port may follow ']'")),
+        }
+    } else {
+        let (host, port) = match host_port.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        };
+        if host.is_empty() {
+            return Some(if after.contains('@') {
+                // `redis://:pa/ss@host`: the authority ended at the '/'.
+                format!("{n:?} names no host: a '/', '?' or '#' in the user or password must be percent-encoded (%2F, %3F, %23)")
+            } else {
+                format!("{n:?} names no host: write {scheme}://HOST[:PORT][/DB]")
+            });
+        }
+        let lower = host.to_ascii_lowercase();
+        let name = lower.strip_suffix('.').unwrap_or(&lower);
+        if name == "0.0.0.0" {
+            return Some(format!("{n:?} names the wildcard address 0.0.0.0, which no client can connect to: write the Redis server's address"));
+        }
+        match host_problem(name, name.len() < lower.len(), false) {
+            None => {}
+            Some(why) if why.is_empty() => {
+                return Some(format!("{n:?}: {host:?} is not a valid host name"))
+            }
+            Some(why) => return Some(format!("{n:?}: host {host:?}{why}")),
+        }
+        port
+    };
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(0) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                return Some(format!("{n:?} names port 0, where no Redis can listen"));
+            }
+            Ok(_) if p.bytes().all(|b| b.is_ascii_digit()) => {}
+            _ => return Some(format!(
+                "{n:?}: the port must be a number from 1 to 65535 (6379 when left out), not {p:?}"
+            )),
+        }
+    }
+    let path = after.split(['?', '#']).next().unwrap_or("");
+    let db = path.trim_matches('/');
+    if let Some(minus) = db.strip_prefix('-') {
+        if !minus.is_empty() && minus.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(format!(
+                "{n:?} names database {db}; databases are numbered from 0"
+            ));
+        }
+    }
+    if !db.is_empty() && (!db.bytes().all(|b| b.is_ascii_digit()) || db.parse::<i64>().is_err()) {
+        return Some(format!(
+            "{n:?}: the path names the database, a number such as /0, not {path:?}"
+        ));
+    }
+    if let Some((_, fragment)) = after.split_once('#') {
+        if fragment != "insecure" && (scheme == "rediss" || scheme == "valkeys") {
+            return Some(format!("{n:?}: the one fragment a {scheme}:// URL takes is #insecure (the server's certificate is then not verified)"));
+        }
+    }
+    None
 }
 
 /// Whether two listeners would take the same port: the same address, or a wildcard
@@ -2127,6 +2226,59 @@ upstream = "shared"
             .unwrap_err()
             .to_string();
         assert!(e.contains("gateway.toml:9:9: `cluster.redis`"), "{e}");
+    }
+
+    #[test]
+    fn redis_urls_are_read_before_the_client_reads_them() {
+        let problem = |url: &str| redis_url_problem(url, &without_password(url), false);
+        for ok in [
+            "redis://127.0.0.1",
+            "redis://h:1/0",
+            "rediss://u:p@h.example.com:65535/15#insecure",
+            "redis://[2001:db8::1]:6379",
+            "VALKEYS://h/",
+            "redis+unix:///run/redis.sock",
+            "unix://localhost/run/redis.sock",
+        ] {
+            assert_eq!(problem(ok), None, "{ok}");
+            // What we take, the client takes.
+            assert!(
+                redis::IntoConnectionInfo::into_connection_info(ok).is_ok(),
+                "{ok}"
+            );
+        }
+        for (bad, says) in [
+            (
+                "redis://h:65536",
+                "the port must be a number from 1 to 65535",
+            ),
+            ("redis://h:+80", "the port must be a number from 1 to 65535"),
+            ("redis://h:", "the port must be a number from 1 to 65535"),
+            ("redis://h:0", "names port 0"),
+            ("redis://", "names no host"),
+            ("redis://u:p@", "names no host"),
+            ("redis://[::]:6379", "the wildcard address [::]"),
+            ("redis://[::1]x", "only a ':' and a port may follow ']'"),
+            ("redis://h/-1", "names database -1"),
+            ("redis://h/1/2", "the path names the database"),
+            ("redis://h_-/0", "starts or ends with '-'"),
+            ("tcp://h:6379", "the scheme must be redis://"),
+            ("h:6379", "is not a URL"),
+            ("unix:relative.sock", "is not a URL"),
+            ("unix://run/redis.sock", "names no socket"),
+        ] {
+            let why = problem(bad).unwrap_or_default();
+            assert!(why.contains(says), "{bad}: {why}");
+        }
+        let why = redis_url_problem("unix:///r.sock", "unix:///r.sock", true).unwrap_or_default();
+        assert!(why.contains("reached over TCP"), "{why}");
+        // The password never reaches the message.
+        let url = "redis://user:hunter2@h:99999";
+        let why = problem(url).unwrap_or_default();
+        assert!(
+            why.contains("redis://***@h:99999") && !why.contains("hunter2"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -1132,7 +1132,12 @@ async fn a_refused_redis_url_is_never_quoted_with_its_password() {
         ),
         (
             "rediss://:hunter2pw@[bad/0",
-            "\"rediss://***@[bad/0\" is not a redis:// or rediss:// URL",
+            "\"rediss://***@[bad/0\": an IPv6 address is closed by ']'",
+        ),
+        // Our wording, not the client's "Redis URL did not parse", as `check` says it.
+        (
+            "redis://:hunter2pw@127.0.0.1:99999/0",
+            "`cluster.redis`: \"redis://***@127.0.0.1:99999/0\": the port must be a number from 1 to 65535",
         ),
     ] {
         write_config(&path, &format!("[cluster]\nredis = \"{url}\"\n{base}"));
