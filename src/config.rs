@@ -1802,9 +1802,11 @@ fn redis_url_problem(url: &str, n: &str, cluster: bool) -> Option<String> {
                 return Some(format!("{n:?} names port 0, where no Redis can listen"));
             }
             Ok(_) if p.bytes().all(|b| b.is_ascii_digit()) => {}
-            _ => return Some(format!(
+            _ => {
+                return Some(format!(
                 "{n:?}: the port must be a number from 1 to 65535 (6379 when left out), not {p:?}"
-            )),
+            ))
+            }
         }
     }
     let path = after.split(['?', '#']).next().unwrap_or("");
