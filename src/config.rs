@@ -552,10 +552,12 @@ impl Config {
         };
         let file: FileConfig = match toml::from_str(text) {
             Ok(f) => f,
-            Err(e) => {
-                let span = e.span().unwrap_or(0..0);
-                let message = plain_message(e.message(), text, span.clone());
-                v.error(span, message);
+            Err(first) => {
+                for e in toml_errors(text, first) {
+                    let span = e.span().unwrap_or(0..0);
+                    let message = plain_message(e.message(), text, span.clone());
+                    v.error(span, message);
+                }
                 return Err(v.into_error(path));
             }
         };
@@ -567,6 +569,59 @@ impl Config {
         }
         Err(v.into_error(path))
     }
+}
+
+/// The TOML errors of `text`, whose first is `first`. A syntax error is reported
+/// alone: toml's recovery carries on past it, but inside a multi-line array that was
+/// not closed every later line is misread (one missing `]` gave 19 errors on the five
+/// lines after it). A type error (a wrong type, an unknown or missing key) is reported
+/// with those of every other part of the file read on its own — each tenant, each
+/// upstream, each other top-level table — as deserializing the whole file stops at the
+/// first. The rules (hosts, routes, upstream names, limits) are not run on the parts
+/// that did read: a part left out would show up as errors of its own (an upstream with
+/// a misspelt key reported missing by every tenant naming it).
+fn toml_errors(text: &str, first: toml::de::Error) -> Vec<toml::de::Error> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(root) = DeTable::parse(text) else {
+        return vec![first];
+    };
+    // A file holding only `key = value` (under `key`, only `entry`), with the spans of
+    // `text`: FileConfig's tables all have defaults, so it reads as the whole file
+    // would if that part were all there is.
+    let part =
+        |key: &Spanned<toml::de::DeString<'_>>,
+         value: &Spanned<DeValue<'_>>,
+         entry: Option<(&Spanned<toml::de::DeString<'_>>, &Spanned<DeValue<'_>>)>| {
+            let value = match entry {
+                Some((k, v)) => {
+                    let mut one = DeTable::new();
+                    one.insert(k.clone(), v.clone());
+                    Spanned::new(value.span(), DeValue::Table(one))
+                }
+                None => value.clone(),
+            };
+            let mut doc = DeTable::new();
+            doc.insert(key.clone(), value);
+            FileConfig::deserialize(toml::de::Deserializer::from(Spanned::new(
+                0..text.len(),
+                doc,
+            )))
+            .err()
+        };
+    let mut errors = Vec::new();
+    for (key, value) in root.get_ref() {
+        match (key.get_ref().as_ref(), value.get_ref()) {
+            ("tenants" | "upstreams", DeValue::Table(entries)) => {
+                errors.extend(entries.iter().filter_map(|e| part(key, value, Some(e))));
+            }
+            _ => errors.extend(part(key, value, None)),
+        }
+    }
+    // Read whole, the file failed: if no part does on its own, say what failed.
+    if errors.is_empty() {
+        errors.push(first);
+    }
+    errors
 }
 
 /// A message of serde's or toml's in the file's terms: Rust's integer type names,
@@ -2333,6 +2388,20 @@ upstream = "shared"
     fn invalid_toml_has_position() {
         let e = parse("[server\nlisten = 1").unwrap_err();
         assert_eq!(e.problems[0].line, 1);
+    }
+
+    #[test]
+    fn a_type_error_in_each_part_is_reported() {
+        let e = parse(&format!(
+            "{BASE}\n[tenants.a]\nstatus = 1\n[tenants.b]\nstatus = 2\n[cluster]\nredis = 3\n[upstreams.u]\ntargets = 4\n"
+        ))
+        .unwrap_err();
+        let at: Vec<(usize, usize)> = e.problems.iter().map(|p| (p.line, p.col)).collect();
+        assert_eq!(at, [(9, 10), (11, 10), (13, 9), (15, 11)], "{e}");
+        // A syntax error is reported alone.
+        let e = parse("[tenants.a]\nstatus = 1\n[tenants.b\n").unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!((e.problems[0].line, e.problems[0].col), (3, 11), "{e}");
     }
 
     #[test]

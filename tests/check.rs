@@ -286,6 +286,41 @@ fn several_problems_are_all_reported() {
     assert!(err.lines().all(|l| l.starts_with("PATH:")), "{err}");
 }
 
+/// Deserializing stops at the first wrong type or unknown key; each tenant, upstream
+/// and other table is read on its own too, so one of each is reported (only the first
+/// was). A syntax error is still reported alone.
+#[test]
+fn type_errors_in_separate_parts_are_all_reported() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.a]\nhosts = [\"a.com\"]\nstatus = 1\n[tenants.b]\nhostz = [\"b.com\"]\n\
+         [upstreams.x]\ntargets = 5\n[server]\nworkers = \"two\"\n\
+         [tenants.c]\nhosts = [\"c.com\"]\n[[tenants.c.routes]]\nprefix = 1\n[tenants.ok]\nhosts = [\"ok.com\"]\n"
+    ));
+    assert_eq!(code, 1);
+    let want = [
+        "PATH:7:10: invalid type: `1`, expected a string (one of the names this key takes)",
+        "PATH:9:1: unknown field `hostz`, expected one of `hosts`,",
+        "PATH:11:11: invalid type: integer `5`, expected a sequence",
+        "PATH:13:11: invalid type: string \"two\", expected a whole number, 0 or more",
+        "PATH:17:10: invalid type: integer `1`, expected a string",
+    ];
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), want.len(), "{err}");
+    for (line, want) in lines.iter().zip(want) {
+        assert!(line.starts_with(want), "want {want:?}, got:\n{err}");
+    }
+    // A syntax error stops the parse: reported alone, the type error after it not.
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.a]\nhosts = [\"a.com\"\nstatus = 1\n[tenants.b]\nstatus = 1\n"
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("PATH:7:1: missing comma between array elements"),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_file() {
     let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))

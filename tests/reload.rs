@@ -1001,6 +1001,39 @@ async fn a_reload_refuses_a_dead_route_and_a_small_header_limit_as_check_does() 
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
 }
 
+/// Wrong types in two tenants: a reload names both, as `check` does (each part of the
+/// file is read on its own once the whole fails; only the first was named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_type_errors_of_every_tenant_as_check_does() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let config = blue_green_config("green", &blue, &green)
+        .replace("[tenants.acme]\n", "[tenants.acme]\nstatus = 1\n")
+        .replace(
+            "[tenants.globex]\n",
+            "[tenants.globex]\nrequest_timeout = 30\n",
+        );
+    write_config(&path, &config);
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
+    let msg = r.json()["message"].as_str().unwrap().to_owned();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), msg.trim());
+    assert_eq!(msg.trim().lines().count(), 2, "{msg}");
+    assert!(
+        msg.contains("invalid type: `1`, expected a string"),
+        "{msg}"
+    );
+    assert!(msg.contains("invalid type: integer `30`"), "{msg}");
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+}
+
 /// The history (and the audit log) names changes to who may present what credential:
 /// a reload that drops a tenant's `require`, rotates its API keys, or renames the
 /// token's tenant claim showed as a tenant field `other`, or as no change at all.
