@@ -166,6 +166,15 @@ impl Allowed {
 }
 
 async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBody> {
+    // First, for every path and method: a page on a rebound name must not learn even
+    // which paths exist.
+    if let Some(host) = rebound(&req) {
+        let body = serde_json::json!({
+            "error": "cross_origin",
+            "message": format!("refused: a request a browser sent to {host}, a DNS name (DNS rebinding: a web site's name re-pointed at this address would let its pages read the answers); browsers may use the admin API at an IP address or localhost, other clients (curl, Prometheus, scripts) at any name"),
+        });
+        return json_value(StatusCode::FORBIDDEN, &body);
+    }
     let path = req.uri().path();
     let Some(allowed) = Allowed::of(path) else {
         return json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#);
@@ -222,6 +231,8 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBod
 /// (a form, or `fetch` with `mode: "no-cors"`): it cannot read the answer, but the
 /// reset or reload happens. Browsers send `Origin` with every POST and
 /// `Sec-Fetch-Site` with every request; curl, Prometheus and scripts send neither.
+/// (A page of a site whose name was re-pointed here is same-origin with itself:
+/// [`rebound`] refuses those.)
 fn cross_site(req: &Request<Incoming>) -> Option<String> {
     let headers = req.headers();
     if let Some(site) = headers.get("sec-fetch-site") {
@@ -232,27 +243,50 @@ fn cross_site(req: &Request<Incoming>) -> Option<String> {
     }
     let origin = headers.get(header::ORIGIN)?;
     let origin = origin.to_str().unwrap_or("?");
-    // The authority this request was sent to: `:authority` over HTTP/2, else `Host`.
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
-    let own = host.is_some_and(|host| {
+    let own = authority(req).is_some_and(|host| {
         ["http://", "https://"].iter().any(|scheme| {
             let (s, rest) = (origin.get(..scheme.len()), origin.get(scheme.len()..));
             s.is_some_and(|s| s.eq_ignore_ascii_case(scheme))
                 && rest.is_some_and(|r| r.eq_ignore_ascii_case(host))
         })
     });
-    if !own {
-        return Some(format!("Origin: {origin}"));
+    (!own).then(|| format!("Origin: {origin}"))
+}
+
+/// The DNS name a browser's request was sent to, when it is one: DNS rebinding. A
+/// site re-points its own name at the admin address; its pages are then same-origin
+/// with what answers there, so the browser lets them read `/config`, the history,
+/// usage and metrics, and POST too. An address cannot be re-pointed, and browsers
+/// resolve `localhost` (and `*.localhost`) themselves, so those names are safe.
+/// Refused only for browsers (an `Origin`, or a `Sec-Fetch-Site` other than `none`,
+/// which is a typed URL or a bookmark, not a page): curl, scripts and Prometheus
+/// (scraping `gw-1.internal:9901`) send neither and may use any name.
+fn rebound(req: &Request<Incoming>) -> Option<String> {
+    let headers = req.headers();
+    let page = headers.contains_key(header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| !site.as_bytes().eq_ignore_ascii_case(b"none"));
+    if !page {
+        return None;
     }
-    // Same-origin, but by a name: a site whose DNS name was re-pointed at this
-    // address (DNS rebinding) is "same-origin" with itself. Browsers resolve
-    // `localhost` themselves; an address cannot be re-pointed.
-    let named = host.is_some_and(|h| !address_or_localhost(h));
-    named.then(|| format!("Host: {} (a DNS name)", host.unwrap_or("-")))
+    match authority(req) {
+        Some(host) => (!address_or_localhost(host)).then(|| format!("{host:?}")),
+        // A `Host` that is not text cannot be told to be an address: refused.
+        None if headers.contains_key(header::HOST) => Some("a Host that is not text".into()),
+        // HTTP/1.0 without `Host`, which no browser sends.
+        None => None,
+    }
+}
+
+/// The authority a request was sent to: `:authority` over HTTP/2 (or an
+/// absolute-form target), else `Host`.
+fn authority(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 /// Whether the host of `authority` is an IP address, `localhost` or a `*.localhost`.

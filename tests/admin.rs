@@ -331,3 +331,101 @@ async fn a_post_from_another_sites_page_is_refused() {
     assert_eq!(r.status, 200);
     assert_eq!(used(&r), 0);
 }
+
+/// DNS rebinding: a site re-points its own name at the admin address, and its pages,
+/// same-origin with that name, read the config, the history, usage and metrics from
+/// the browser of someone on the admin host. Whatever a browser sends for a page (an
+/// `Origin`, or `Sec-Fetch-Site` other than `none`) to a DNS name other than
+/// localhost is refused, GET and HEAD too; clients that are not browsers (Prometheus
+/// scraping `gw-1.internal:9901`) and a typed URL (`Sec-Fetch-Site: none`) are not.
+#[tokio::test]
+async fn a_browser_read_through_a_rebound_name_is_refused() {
+    let gw = Gateway::start(&format!(
+        "{TENANT}[tenants.t.limits]\nrequests_per_day = 10\n"
+    ));
+    let port = gw.admin.port();
+    let rebound = format!("rebind.example:{port}");
+    let rebound_origin = format!("http://{rebound}");
+    let paths = [
+        "/config",
+        "/config/history",
+        "/tenants/t/usage",
+        "/metrics",
+        "/healthz",
+        // Not even which paths exist.
+        "/nope",
+    ];
+    for headers in [
+        vec![("sec-fetch-site", "same-origin")],
+        vec![
+            ("sec-fetch-site", "same-origin"),
+            ("origin", &rebound_origin),
+        ],
+        vec![("origin", rebound_origin.as_str())],
+        vec![("sec-fetch-site", "cross-site")],
+        // `none` is a typed URL, but an `Origin` comes from a page.
+        vec![("sec-fetch-site", "none"), ("origin", &rebound_origin)],
+    ] {
+        let mut headers = headers;
+        headers.push(("host", &rebound));
+        for path in paths {
+            let r = get(gw.admin, path, &headers).await;
+            assert_eq!(r.status, 403, "GET {path} {headers:?}");
+            assert_eq!(r.json()["error"], "cross_origin", "GET {path} {headers:?}");
+            let message = r.json()["message"].as_str().unwrap().to_owned();
+            assert!(message.contains("rebind.example"), "{message}");
+            let r = send(gw.admin, "HEAD", path, &headers, Bytes::new()).await;
+            assert_eq!(r.status, 403, "HEAD {path} {headers:?}");
+            assert!(r.body.is_empty());
+        }
+    }
+    // HTTP/2: the name is the `:authority`.
+    let (mut h2, _conn) = h2c_at::<http_body_util::Empty<bytes::Bytes>>(gw.admin).await;
+    let resp = h2
+        .send_request(
+            http::Request::get(format!("http://{rebound}/config"))
+                .header("sec-fetch-site", "same-origin")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(read(resp).await.json()["error"], "cross_origin");
+
+    // Prometheus, curl and scripts send neither header, at any name; a typed URL
+    // (`Sec-Fetch-Site: none`) is the admin's own navigation.
+    let scrape = format!("gw-1.internal:{port}");
+    for headers in [
+        vec![("host", scrape.as_str())],
+        vec![("host", rebound.as_str()), ("sec-fetch-site", "none")],
+    ] {
+        for path in paths.iter().filter(|p| **p != "/nope") {
+            assert_eq!(
+                get(gw.admin, path, &headers).await.status,
+                200,
+                "{path} {headers:?}"
+            );
+        }
+    }
+    // Browsers at an address or at localhost read as before.
+    let names = [
+        gw.admin.to_string(),
+        format!("localhost:{port}"),
+        format!("admin.localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    for host in &names {
+        let origin = format!("http://{host}");
+        for headers in [
+            vec![("host", host.as_str()), ("sec-fetch-site", "same-origin")],
+            vec![("host", host.as_str()), ("origin", origin.as_str())],
+            // Another site's page may send it (it cannot read the answer).
+            vec![("host", host.as_str()), ("sec-fetch-site", "cross-site")],
+        ] {
+            let r = get(gw.admin, "/config", &headers).await;
+            assert_eq!(r.status, 200, "{headers:?}");
+        }
+    }
+}
