@@ -14,18 +14,29 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+mod conns;
+use conns::{Conn, Conns, Tracked, Watched};
 
 use crate::body::ProxyBody;
 use crate::reload::Trigger;
 use crate::server::Shared;
 
-/// At most this many admin connections are served at once; beyond it the listener
-/// stops accepting (connections wait in the kernel's backlog) until one closes. Health
-/// checks and scrapes need a handful; without a cap, idle connections held open cost
-/// memory without bound (about 28 KiB each).
+/// At most this many admin connections are served at once. Health checks and scrapes
+/// need a handful; without a cap, idle connections held open cost memory without
+/// bound (about 28 KiB each). When every slot is taken, the next connection is
+/// accepted and the connection idle longest between requests is closed for it
+/// ([`conns`]); when none is idle, the new one waits for a slot, and the ones after it
+/// wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 256;
+
+/// How long a connection closed to make room may take to end once it has nothing in
+/// flight: an HTTP/1.1 one closes at once, an HTTP/2 one after its GOAWAY (its client
+/// answers the PING that goes with it).
+const EVICT_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -49,26 +60,14 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
         .keep_alive_timeout(shared.config.header_read_timeout);
     let wait = shared.config.header_read_timeout;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let conns = Conns::new();
     let (mut full_warned, mut accept_warned) = (
         crate::server::Quiet::default(),
         crate::server::Quiet::default(),
     );
     loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(s) => s,
-            Err(_) => {
-                if full_warned.due() {
-                    tracing::warn!(
-                        limit = MAX_CONNECTIONS,
-                        "admin connection limit reached; new admin connections wait until one closes"
-                    );
-                }
-                tokio::select! {
-                    s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-                    _ = stop.changed() => return,
-                }
-            }
-        };
+        // Accepted before a slot is free: a connection waiting is what makes the
+        // longest idle one give up its slot. At most this one waits accepted.
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
@@ -84,38 +83,119 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
                 continue;
             }
         };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                if full_warned.due() {
+                    tracing::warn!(
+                        limit = MAX_CONNECTIONS,
+                        "admin connection limit reached; closing the connection idle longest for each new one, or, with none idle, new admin connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    s = make_room(&slots, &conns) => s,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        let conn = conns.open();
+        let tracked = Arc::clone(&conn);
         let shared = shared.clone();
         let service = service_fn(move |req| {
+            // Counted from the head hyper has parsed until the body is taken whole.
+            let in_flight = tracked.request();
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(route(req, shared).await) }
+            async move {
+                let response = route(req, shared).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
         });
         let (h1, h2) = (builder.clone(), h2.clone());
         tokio::spawn(async move {
             // HTTP/2 with prior knowledge (`curl --http2-prior-knowledge`) or HTTP/1.1,
             // told apart by the first bytes; a client that sends neither in time is
-            // let go.
-            match tokio::time::timeout(wait, h2_preface(&stream)).await {
+            // let go, and so is one chosen to make room before it sent anything.
+            let preface = tokio::select! {
+                p = tokio::time::timeout(wait, h2_preface(&stream, &conn)) => p,
+                () = conn.evicted() => Ok(Err(std::io::ErrorKind::ConnectionAborted.into())),
+            };
+            match preface {
                 Ok(Ok(true)) => {
-                    let _ = h2.serve_connection(TokioIo::new(stream), service).await;
+                    // The preface is no request: idle until a stream opens.
+                    conn.idle_now();
+                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), false));
+                    until_done_or_evicted(h2.serve_connection(io, service), &conn).await;
                 }
                 Ok(Ok(false)) => {
-                    let _ = h1.serve_connection(TokioIo::new(stream), service).await;
+                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), true));
+                    until_done_or_evicted(h1.serve_connection(io, service), &conn).await;
                 }
                 Ok(Err(_)) | Err(_) => {}
             }
+            drop(conn);
             drop(slot);
         });
+    }
+}
+
+/// Waits for a free slot for a connection already accepted, asking the connection
+/// idle longest to close meanwhile (again whenever the one asked declines, busy by
+/// then, or none was idle and one goes idle).
+async fn make_room(slots: &Arc<Semaphore>, conns: &Conns) -> OwnedSemaphorePermit {
+    loop {
+        if let Ok(s) = slots.clone().try_acquire_owned() {
+            return s;
+        }
+        conns.evict_longest_idle();
+        tokio::select! {
+            s = slots.clone().acquire_owned() => return s.expect("the semaphore is never closed"),
+            () = conns.changed() => {}
+        }
+    }
+}
+
+/// Serves `connection` until it ends, or, chosen to make room while idle, closes it:
+/// hyper's graceful shutdown closes an idle HTTP/1.1 connection at once and sends an
+/// HTTP/2 one GOAWAY, finishing any stream its client opened in the meantime.
+async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn) {
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = conn.evicted() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let mut slow = false;
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = tokio::time::sleep(EVICT_GRACE) => {
+                if conn.in_flight() == 0 {
+                    return;
+                }
+                if !slow {
+                    conn.slow_to_close();
+                    slow = true;
+                }
+            }
+        }
     }
 }
 
 /// Whether the connection starts with the HTTP/2 connection preface (read without
 /// taking it: hyper's server reads it again). Waits for the whole preface only while
 /// what has come matches it.
-async fn h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+async fn h2_preface(stream: &TcpStream, conn: &Conn) -> std::io::Result<bool> {
     const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; 24];
     loop {
         let n = stream.peek(&mut buf).await?;
+        if n > 0 {
+            // A request (or the preface) has begun: not to be closed to make room.
+            conn.read();
+        }
         if n == 0 || buf[..n] != PREFACE[..n] {
             return Ok(false);
         }

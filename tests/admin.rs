@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TENANT: &str = "[upstreams.u]\ntargets = [\"127.0.0.1:9\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n";
@@ -104,22 +104,42 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// More idle connections than the cap: the admin listener stops accepting and says so,
-/// closes each idle one after `header_read_timeout`, and then answers again.
+/// More connections that send nothing than the cap: the admin listener says so, serves
+/// no more than the cap at once, closes the longest idle ones to make room for the
+/// newer ones, closes the rest after `header_read_timeout`, and then answers again.
 #[tokio::test]
 async fn idle_admin_connections_are_capped_and_closed() {
     let gw = Process::start(&format!("[server]\nheader_read_timeout = \"3s\"\n{TENANT}"));
+    let pid = gw.child.id();
+    let open_files = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = open_files();
     let cap = 256;
+    let extra = 20;
     let mut idle = Vec::new();
-    for _ in 0..cap + 20 {
+    for _ in 0..cap + extra {
         idle.push(TcpStream::connect(gw.admin).await.unwrap());
     }
     gw.log_line(&["admin connection limit reached", "limit=256"])
         .await;
-    // A connection that sends nothing is closed by the gateway (EOF on our side).
-    let mut first = idle.swap_remove(0);
+    // A connection that sends nothing is closed by the gateway (EOF on our side): the
+    // oldest ones to make room for the newest, ...
     let mut b = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(20), first.read(&mut b))
+    for (i, s) in idle.iter_mut().take(extra).enumerate() {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i}, among the oldest, is closed"));
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+    // ... never serving more than the cap (and one accepted, waiting for a slot).
+    let held = open_files().saturating_sub(before);
+    assert!(held <= cap + 1, "{held} admin connections open");
+    // ... and the newest after header_read_timeout.
+    let mut last = idle.pop().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), last.read(&mut b))
         .await
         .expect("an idle admin connection is closed after header_read_timeout");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
@@ -428,4 +448,103 @@ async fn a_browser_read_through_a_rebound_name_is_refused() {
             assert_eq!(r.status, 200, "{headers:?}");
         }
     }
+}
+
+/// Reads one HTTP/1.1 response (a head, then a `content-length` body) off `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before a whole response: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Every slot held by a keep-alive connection that sent one request and is idle
+/// (kept alive, a client would send another before `header_read_timeout`): a new
+/// client is still answered, because the connection idle longest is closed for it,
+/// as nginx does with keep-alive connections; over HTTP/2 too. One in the middle of a
+/// request, though its last response is the oldest, is not the one closed. Before,
+/// the new client waited unaccepted until an idle one timed out (here 60 s).
+#[tokio::test]
+async fn a_new_admin_connection_takes_the_slot_of_the_one_idle_longest() {
+    let gw = Process::start(&format!(
+        "[server]\nheader_read_timeout = \"60s\"\n{TENANT}"
+    ));
+    let cap = 256;
+    const GET: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n";
+    async fn one_request(admin: std::net::SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+        s
+    }
+    // The oldest response of all, then the head of a second request, not finished.
+    let mut midway = one_request(gw.admin).await;
+    midway
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    // Idle longest: an HTTP/2 connection after one request.
+    let (mut h2, h2_task) = h2c_at::<http_body_util::Empty<Bytes>>(gw.admin).await;
+    let resp = h2
+        .send_request(
+            http::Request::get(format!("http://{}/healthz", gw.admin))
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read(resp).await.status, 200);
+    // The other slots, idle after one request each, oldest first.
+    let mut idle = Vec::new();
+    for _ in 2..cap {
+        idle.push(one_request(gw.admin).await);
+    }
+    // A new client (Prometheus, a health check) is answered; it keeps its connection.
+    let _newcomer = tokio::time::timeout(Duration::from_secs(10), one_request(gw.admin))
+        .await
+        .expect("a new admin client is answered while every slot is held by an idle connection");
+    gw.log_line(&["admin connection limit reached", "limit=256"])
+        .await;
+    // The HTTP/2 connection, idle longest, was closed for it (GOAWAY, then the end).
+    tokio::time::timeout(Duration::from_secs(10), h2_task)
+        .await
+        .expect("the HTTP/2 connection idle longest is closed")
+        .unwrap();
+    // And the next new client takes the slot of the oldest HTTP/1.1 one.
+    let r = tokio::time::timeout(Duration::from_secs(10), get(gw.admin, "/healthz", &[]))
+        .await
+        .expect("a second new admin client is answered");
+    assert_eq!(r.status, 200);
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut b))
+        .await
+        .expect("the HTTP/1.1 connection idle longest is closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The one in the middle of its request was not: it finishes the request.
+    midway.write_all(b"\r\n").await.unwrap();
+    assert!(read_response(&mut midway).await.starts_with("HTTP/1.1 200"));
+    // Nor the others.
+    let last = idle.last_mut().unwrap();
+    last.write_all(GET).await.unwrap();
+    assert!(read_response(last).await.starts_with("HTTP/1.1 200"));
 }

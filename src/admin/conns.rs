@@ -1,0 +1,343 @@
+//! What each open admin connection is doing, so that when every slot is taken the
+//! connection idle longest between requests can be closed for a new one, as nginx
+//! does with its reusable (keep-alive) connections when it runs out. Without it,
+//! `MAX_CONNECTIONS` keep-alive clients that each send a request more often than
+//! `header_read_timeout` keep Prometheus and the health checks out for good.
+//!
+//! A connection is idle from when it is accepted, and from when its last response
+//! has been written whole, until a byte of its next request arrives (HTTP/1.1) or
+//! its next stream opens (HTTP/2). One that is in the middle of a request or of a
+//! response is never chosen.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::body::ProxyBody;
+
+/// The admin listener's open connections.
+pub(super) struct Conns {
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+    /// A connection went idle, or declined to close: the listener, waiting for a
+    /// slot, may choose (again).
+    changed: Arc<Notify>,
+}
+
+/// One admin connection.
+pub(super) struct Conn {
+    activity: Mutex<Activity>,
+    /// The listener chose this connection to make room.
+    evict: Notify,
+    changed: Arc<Notify>,
+}
+
+#[derive(Debug)]
+struct Activity {
+    /// Requests handed to the service whose responses hyper has not taken whole.
+    in_flight: usize,
+    /// The last response was taken whole but may still be in hyper's write buffer:
+    /// idle once a flush has written it.
+    unflushed: bool,
+    /// Since when nothing is in progress; `None` while busy.
+    idle_since: Option<Instant>,
+    /// Chosen by the listener and not yet declined, nor slow to close; while one is,
+    /// the listener chooses no other (one new connection, one closed).
+    evicting: bool,
+    /// Closing since it was chosen: never chosen again.
+    closing: bool,
+}
+
+impl Conns {
+    pub(super) fn new() -> Arc<Conns> {
+        Arc::new(Conns {
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            changed: Arc::new(Notify::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection just accepted: idle until its first bytes arrive. It counts until
+    /// the returned guard is dropped.
+    pub(super) fn open(self: &Arc<Self>) -> Registered {
+        let conn = Arc::new(Conn {
+            activity: Mutex::new(Activity {
+                in_flight: 0,
+                unflushed: false,
+                idle_since: Some(Instant::now()),
+                evicting: false,
+                closing: false,
+            }),
+            evict: Notify::new(),
+            changed: self.changed.clone(),
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, conn.clone());
+        Registered {
+            conns: self.clone(),
+            id,
+            conn,
+        }
+    }
+
+    /// Asks the connection idle longest to close, unless one asked before has not
+    /// closed or declined yet. Whether a connection was asked (or is still closing).
+    pub(super) fn evict_longest_idle(&self) -> bool {
+        let open = self.lock();
+        let mut longest: Option<(Instant, &Arc<Conn>)> = None;
+        for conn in open.values() {
+            let a = conn.lock();
+            if a.evicting {
+                return true;
+            }
+            if a.closing {
+                continue;
+            }
+            if let Some(since) = a.idle_since {
+                if longest.is_none_or(|(l, _)| since < l) {
+                    longest = Some((since, conn));
+                }
+            }
+        }
+        let Some((_, conn)) = longest else {
+            return false;
+        };
+        conn.lock().evicting = true;
+        conn.evict.notify_one();
+        true
+    }
+
+    /// Resolves when a connection went idle or declined to close since the last time
+    /// (a notification sent while nobody waited is kept for the next wait).
+    pub(super) async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// An open connection's entry; dropping it takes the connection off the list.
+pub(super) struct Registered {
+    conns: Arc<Conns>,
+    id: u64,
+    conn: Arc<Conn>,
+}
+
+impl std::ops::Deref for Registered {
+    type Target = Arc<Conn>;
+    fn deref(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.conns.lock().remove(&self.id);
+    }
+}
+
+impl Conn {
+    fn lock(&self) -> MutexGuard<'_, Activity> {
+        self.activity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of a request arrived (HTTP/1.1): busy until its response is written.
+    pub(super) fn read(&self) {
+        let mut a = self.lock();
+        a.idle_since = None;
+        // A response still being flushed does not make the connection idle: the
+        // next request has begun.
+        a.unflushed = false;
+    }
+
+    /// Idle from now: an HTTP/2 connection past its preface (its streams count, not
+    /// the frames that keep it open).
+    pub(super) fn idle_now(&self) {
+        let mut a = self.lock();
+        if a.in_flight == 0 {
+            a.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// A request handed to the service; busy until the guard (kept with its response
+    /// body) is dropped and the response flushed.
+    pub(super) fn request(self: &Arc<Self>) -> InFlight {
+        let mut a = self.lock();
+        a.in_flight += 1;
+        a.idle_since = None;
+        a.unflushed = false;
+        InFlight(self.clone())
+    }
+
+    /// Everything hyper had buffered is written to the socket.
+    fn flushed(&self) {
+        let mut a = self.lock();
+        if a.unflushed && a.in_flight == 0 {
+            a.unflushed = false;
+            a.idle_since = Some(Instant::now());
+            drop(a);
+            self.changed.notify_one();
+        }
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Chosen and closing, but a stream its HTTP/2 client opened just before the
+    /// GOAWAY is still in flight: the listener need not wait for it, and chooses
+    /// another (else a client that never reads that answer would stop every choice).
+    pub(super) fn slow_to_close(&self) {
+        self.lock().evicting = false;
+        self.changed.notify_one();
+    }
+
+    /// Resolves when the listener chose this connection while it was idle: it is to
+    /// close now. Chosen while busy again (a request began meanwhile), it declines
+    /// and the listener chooses again. Cancel-safe.
+    pub(super) async fn evicted(&self) {
+        loop {
+            self.evict.notified().await;
+            {
+                let mut a = self.lock();
+                if a.idle_since.is_some() {
+                    a.closing = true;
+                    return;
+                }
+                a.evicting = false;
+            }
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// A request in progress, until its response body is dropped: by hyper once it has
+/// taken the whole body (or at once for `HEAD`), or when the connection ends.
+pub(super) struct InFlight(Arc<Conn>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut a = self.0.lock();
+        a.in_flight = a.in_flight.saturating_sub(1);
+        if a.in_flight == 0 {
+            a.unflushed = true;
+        }
+    }
+}
+
+/// An admin response's body, holding its request's [`InFlight`].
+pub(super) struct Tracked {
+    pub(super) body: ProxyBody,
+    pub(super) _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection's socket, reporting what it sees to its [`Conn`]: bytes read (the
+/// start of a request, over HTTP/1.1) and flushes (a response written whole).
+///
+/// Bytes of a pipelined request that hyper read together with the request before it
+/// sit in hyper's buffer, unseen here, so such a connection passes for idle once the
+/// first response is written. Browsers, curl and Prometheus do not pipeline, and a
+/// client that does resends what a closed connection left unanswered (RFC 9112
+/// §9.3.2), as every keep-alive client must when a server closes an idle connection
+/// just as it sends (§9.3.1).
+pub(super) struct Watched<S> {
+    io: S,
+    conn: Arc<Conn>,
+    /// Whether bytes read start a request: HTTP/1.1. Over HTTP/2 they are as often
+    /// the client's PING answers and window updates; its streams count instead.
+    reads_are_requests: bool,
+}
+
+impl<S> Watched<S> {
+    pub(super) fn new(io: S, conn: Arc<Conn>, reads_are_requests: bool) -> Watched<S> {
+        Watched {
+            io,
+            conn,
+            reads_are_requests,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.reads_are_requests && buf.filled().len() > before {
+            this.conn.read();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    /// hyper flushes once its write buffer is in the socket: the response written
+    /// so far is out of its hands.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.conn.flushed();
+        }
+        polled
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
