@@ -1077,53 +1077,59 @@ async fn the_history_names_credential_changes() {
     );
 }
 
-/// A reload holds the config lock while it reads and builds the new file (seconds
-/// for a very large one; here, a key file that is a FIFO nobody has written yet).
+/// A reload holds the config lock from reading the new file until it has written its
+/// audit line (seconds for a very large file; here, an audit log that is a FIFO whose
+/// reader, a log shipper, has fallen behind, so the pipe is full).
 /// `GET /config/history` and the health checks, answered on the admin thread, go on
 /// answering meanwhile: the history was behind that lock, and the admin thread
-/// waited on it, health checks included.
+/// waited on it, health checks included. (This test used a key file that was a FIFO
+/// nobody wrote to; such a file is now refused at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_history_and_health_answer_while_a_reload_is_reading() {
+async fn the_history_and_health_answer_while_a_reload_is_under_way() {
+    use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    let up = Upstream::echo("u").await;
-    let base = format!(
-        "[tenancy]\nresolve = [\"jwt\", \"host\"]\n[upstreams.u]\ntargets = [\"{}\"]\n\
-         [tenants.acme]\nhosts = [\"acme.example.com\"]\nupstream = \"u\"\n",
-        up.addr
-    );
+    const O_NONBLOCK: i32 = 0o4000; // Linux
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let (gw, path) = Gateway::start_file(dir.path(), &base);
-    let fifo = dir.path().join("acme.key");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
+    let fifo = dir.path().join("audit.fifo");
+    mkfifo(&fifo);
+    // The shipper: a reader, so that the audit log opens (at start too).
+    let mut shipper = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
         .unwrap();
-    assert!(made.success());
-    write_config(
-        &path,
-        &format!("{base}[tenants.acme.jwt]\nhs256_secret_file = \"acme.key\"\n"),
-    );
+    let config = |up: &str| {
+        format!(
+            "[server]\naudit_log = \"audit.fifo\"\n{}",
+            blue_green_config(up, &blue, &green)
+        )
+    };
+    let (gw, path) = Gateway::start_file(dir.path(), &config("blue"));
+    // The shipper falls behind: the pipe fills up.
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    while filler.write(&[b'\n'; 4096]).is_ok_and(|n| n > 0) {}
+    write_config(&path, &config("green"));
     let admin = gw.admin;
     let reload = tokio::spawn(async move { post_reload(admin).await });
-    // Opening a FIFO for writing without blocking succeeds once a reader has it
-    // open: then the reload is reading the key, under its lock.
-    const O_NONBLOCK: i32 = 0o4000; // Linux
+    // Until a reader of the config in force waits: the reload has its lock.
+    let state = shared(&gw);
     let start = Instant::now();
-    let mut writer = loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(O_NONBLOCK)
-            .open(&fifo)
-        {
-            Ok(w) => break w,
-            Err(_) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "the reload never opened the key"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+    let waiting = loop {
+        let state = state.clone();
+        let probe = std::thread::spawn(move || drop(state.reload.config()));
+        std::thread::sleep(Duration::from_millis(500));
+        if !probe.is_finished() {
+            break probe;
         }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the reload never took its lock"
+        );
     };
     for path in ["/config/history", "/healthz"] {
         let r = tokio::time::timeout(Duration::from_secs(10), get(gw.admin, path, &[]))
@@ -1132,14 +1138,28 @@ async fn the_history_and_health_answer_while_a_reload_is_reading() {
         assert_eq!(r.status, 200, "{path}");
     }
     assert!(!reload.is_finished());
-    std::io::Write::write_all(&mut writer, &[b'k'; 40]).unwrap();
-    drop(writer);
+    // The shipper catches up; the reload writes its line and finishes.
+    let drained = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        let mut buf = [0u8; 65536];
+        let t0 = Instant::now();
+        while !String::from_utf8_lossy(&lines).contains("\"trigger\":\"admin\"") {
+            match shipper.read(&mut buf) {
+                Ok(n) => lines.extend_from_slice(&buf[..n]),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "no audit line");
+        }
+    });
     let r = reload.await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.json());
+    drained.join().unwrap();
+    waiting.join().unwrap();
     let h = admin_get(gw.admin, "/config/history").await;
     assert_eq!(h[0]["trigger"], "admin");
     assert_eq!(h[0]["result"], "success", "{h:#}");
-    assert_eq!(h[0]["changed"][0]["fields"], serde_json::json!(["jwt"]));
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "green");
+    drop(filler);
 }
 
 /// A Redis URL may carry a password (`redis://:PASSWORD@host`). The gateway logs

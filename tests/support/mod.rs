@@ -687,6 +687,12 @@ pub fn assert_error(r: &Reply, status: u16, code: &str) {
     assert!(j.get("tenant").is_some(), "{j}");
 }
 
+/// Makes a FIFO (named pipe) at `path` with `mkfifo`, as an operator would.
+pub fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
 /// Runs `bulkhead check` (plus `args`) on `text` written to a temporary gateway.toml.
 /// Returns the exit code, stdout, and stderr with the file's path replaced by `PATH`.
 pub fn run_check(text: &str, args: &[&str]) -> (i32, String, String) {
