@@ -2080,7 +2080,7 @@ pub(crate) enum NotText {
 /// A config file's text, or why there is none; for `Config::load` (start, `check`)
 /// and reloads alike, so both report a bad byte at the same line and column.
 pub(crate) fn read_text(path: &Path) -> Result<String, NotText> {
-    let bytes = std::fs::read(path).map_err(NotText::Io)?;
+    let bytes = crate::file::read(path).map_err(NotText::Io)?;
     String::from_utf8(bytes).map_err(|e| {
         let valid = e.utf8_error().valid_up_to();
         let bytes = e.into_bytes();

@@ -214,7 +214,8 @@ pub fn load_jwks(
 
 fn read(base: &Path, file: &Spanned<String>) -> Result<Vec<u8>, (std::ops::Range<usize>, String)> {
     let path = base.join(file.get_ref());
-    std::fs::read(&path).map_err(|e| (file.span(), format!("cannot read {}: {e}", path.display())))
+    crate::file::read(&path)
+        .map_err(|e| (file.span(), format!("cannot read {}: {e}", path.display())))
 }
 
 fn pem_key(pem: &[u8]) -> Option<(DecodingKey, &'static [Algorithm])> {

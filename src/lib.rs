@@ -16,6 +16,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod error;
+pub mod file;
 pub mod h1;
 pub mod h2;
 pub mod headers;

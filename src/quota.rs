@@ -549,7 +549,7 @@ impl Quotas {
     pub fn open(dir: Option<PathBuf>) -> Quotas {
         let saved = dir
             .as_ref()
-            .and_then(|d| match std::fs::read(d.join(STATE_FILE)) {
+            .and_then(|d| match crate::file::read(&d.join(STATE_FILE)) {
                 Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
                     Ok(f) => Some(f.tenants),
                     Err(e) => {

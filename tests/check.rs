@@ -949,3 +949,81 @@ fn empty_jwt_claim_and_cookie_names_are_refused() {
         "{err}"
     );
 }
+
+/// `bulkhead check --config PATH`: exit code and stderr, or a panic when it has not
+/// exited within 10 s (it is killed first).
+fn check_path_within(path: &std::path::Path) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`bulkhead check` still reading {} after 10 s",
+                path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A FIFO, or a device, where the config or a file it names should be: refused with
+/// the path and why, at once. Reading it waited for a writer that never came (and
+/// `/dev/zero` never ends).
+#[test]
+fn a_fifo_or_a_device_in_a_files_place_is_refused_not_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    support::mkfifo(&config);
+    let (code, err) = check_path_within(&config);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}:1:1: cannot read the file: not a regular file (a FIFO)",
+            config.display()
+        )
+    );
+    std::fs::remove_file(&config).unwrap();
+
+    // A CA bundle, an HMAC secret, a certificate.
+    let fifo = dir.path().join("named.pem");
+    support::mkfifo(&fifo);
+    for (text, want) in [
+        (
+            format!("{BASE}[upstreams.x]\ntargets = [\"https://a.com\"]\nca = \"named.pem\"\n"),
+            format!(
+                "cannot read the upstream CA bundle {}: not a regular file (a FIFO)",
+                fifo.display()
+            ),
+        ),
+        (
+            format!("[tenancy]\nresolve = [\"jwt\", \"host\"]\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"/dev/zero\"\n"),
+            "cannot read /dev/zero: not a regular file (a character device)".to_owned(),
+        ),
+        (
+            format!("[server]\ntls_listen = \"127.0.0.1:0\"\n[server.tls]\ndefault_cert = \"named.pem\"\ndefault_key = \"named.pem\"\n{BASE}"),
+            format!(
+                "cannot read the certificate {}: not a regular file (a FIFO)",
+                fifo.display()
+            ),
+        ),
+    ] {
+        std::fs::write(&config, &text).unwrap();
+        let (code, err) = check_path_within(&config);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(&want), "want {want:?} in {err}");
+    }
+}

@@ -1162,6 +1162,112 @@ async fn the_history_and_health_answer_while_a_reload_is_under_way() {
     drop(filler);
 }
 
+/// A FIFO where the config file, or a key it names, should be: the reload is refused
+/// at once (422, and the history says why), and the old config keeps serving. The read
+/// waited for a writer that never came, under the reload lock, so every reload after
+/// it (`POST /reload`, `SIGHUP`, the file watcher) waited too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_place_of_the_config_or_a_key_is_refused_and_the_old_config_serves() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::pki::Ca::new(dir.path(), "ca");
+    ca.server("default", &["gateway.test"], 1);
+    let config = |up: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n\
+             [server.tls]\ndefault_cert = \"default.pem\"\ndefault_key = \"default.key\"\n{}",
+            blue_green_config(up, &blue, &green)
+        )
+    };
+    let (gw, path) = Gateway::start_file(dir.path(), &config("blue"));
+    let _watch = bulkhead::watch::spawn(shared(&gw)).unwrap();
+    let before = admin_get(gw.admin, "/config").await["version"].clone();
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+    let admin = gw.admin;
+    // POST /reload, within 10 s. Else the reload is stuck reading the FIFOs: they are
+    // replaced by these files and the stuck reads let go (so the gateway can stop),
+    // and the test fails.
+    let reload = |fifos: Vec<(std::path::PathBuf, Vec<u8>)>| async move {
+        use std::os::unix::fs::OpenOptionsExt;
+        const O_NONBLOCK: i32 = 0o4000; // Linux
+        if let Ok(r) = tokio::time::timeout(Duration::from_secs(10), post_reload(admin)).await {
+            return r;
+        }
+        let writers: Vec<_> = fifos
+            .iter()
+            .filter_map(|(p, _)| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(O_NONBLOCK)
+                    .open(p)
+                    .ok()
+            })
+            .collect();
+        for (p, bytes) in &fifos {
+            let _ = std::fs::remove_file(p);
+            std::fs::write(p, bytes).unwrap();
+        }
+        drop(writers);
+        panic!("POST /reload did not answer within 10 s: a FIFO is being read");
+    };
+
+    // The key (the watcher sees it change, and tries too).
+    let key = dir.path().join("default.key");
+    let key_pem = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    mkfifo(&key);
+    write_config(&path, &config("green"));
+    let r = reload(vec![(key.clone(), key_pem.clone())]).await;
+    assert_eq!(r.status, 422, "{:?}", r.json());
+    assert_eq!(r.json()["error"], "invalid_config");
+    let want = format!(
+        "cannot read the private key {}: not a regular file (a FIFO)",
+        key.display()
+    );
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains(&want), "{message}");
+    std::fs::remove_file(&key).unwrap();
+    std::fs::write(&key, &key_pem).unwrap();
+
+    // The config file itself.
+    std::fs::remove_file(&path).unwrap();
+    mkfifo(&path);
+    let green = with_test_listeners(&config("green")).into_bytes();
+    let r = reload(vec![(path.clone(), green)]).await;
+    assert_eq!(r.status, 422, "{:?}", r.json());
+    assert_eq!(r.json()["error"], "invalid_config");
+    let want = format!(
+        "{}:1:1: cannot read the file: not a regular file (a FIFO)",
+        path.display()
+    );
+    assert_eq!(r.json()["message"], want.as_str());
+    let h = admin_get(gw.admin, "/config/history").await;
+    let mine = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["trigger"] == "admin")
+        .unwrap();
+    assert_eq!(mine["result"], "failure", "{h:#}");
+    assert_eq!(mine["error"], want.as_str());
+    assert_eq!(mine["previous_version"], before);
+
+    // The old config serves.
+    assert_eq!(admin_get(gw.admin, "/config").await["version"], before);
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+    // A file again: the watcher applies it, and POST /reload answers.
+    std::fs::remove_file(&path).unwrap();
+    write_config(&path, &config("green"));
+    until_served_by(
+        gw.addr,
+        "acme.example.com",
+        "green",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(reload(Vec::new()).await.status, 200);
+}
+
 /// A Redis URL may carry a password (`redis://:PASSWORD@host`). The gateway logs
 /// nodes by address for that reason, but a refused URL was quoted whole in the
 /// message that goes to the log, the reload's 422 answer and `GET /config/history`.

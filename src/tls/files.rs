@@ -86,7 +86,7 @@ pub type Problem = (Range<usize>, String);
 
 fn read(raw: &Spanned<String>, base: &Path, what: &str) -> Result<(PathBuf, Vec<u8>), Problem> {
     let path = base.join(raw.get_ref());
-    match std::fs::read(&path) {
+    match crate::file::read(&path) {
         Ok(b) => Ok((path, b)),
         Err(e) => Err((
             raw.span(),
