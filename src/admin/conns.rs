@@ -94,14 +94,14 @@ impl Conns {
     }
 
     /// Asks the connection idle longest to close, unless one asked before has not
-    /// closed or declined yet. Whether a connection was asked (or is still closing).
-    pub(super) fn evict_longest_idle(&self) -> bool {
+    /// closed or declined yet; with none idle, asks none.
+    pub(super) fn evict_longest_idle(&self) {
         let open = self.lock();
         let mut longest: Option<(Instant, &Arc<Conn>)> = None;
         for conn in open.values() {
             let a = conn.lock();
             if a.evicting {
-                return true;
+                return;
             }
             if a.closing {
                 continue;
@@ -112,12 +112,10 @@ impl Conns {
                 }
             }
         }
-        let Some((_, conn)) = longest else {
-            return false;
-        };
-        conn.lock().evicting = true;
-        conn.evict.notify_one();
-        true
+        if let Some((_, conn)) = longest {
+            conn.lock().evicting = true;
+            conn.evict.notify_one();
+        }
     }
 
     /// Resolves when a connection went idle or declined to close since the last time
