@@ -979,16 +979,7 @@ async fn a_reload_refuses_a_dead_route_and_a_small_header_limit_as_check_does() 
         1,
     );
     std::fs::write(&path, &config).unwrap();
-    let r = post_reload(gw.admin).await;
-    assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
-    let msg = r.json()["message"].as_str().unwrap().to_owned();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), msg.trim());
+    let msg = refused_as_check_refuses(&gw, &path).await;
     assert!(
         msg.contains("`server.max_header_bytes` must be at least 1KiB"),
         "{msg}"
@@ -999,6 +990,22 @@ async fn a_reload_refuses_a_dead_route_and_a_small_header_limit_as_check_does() 
     );
     assert!(!msg.contains(":1:1:"), "{msg}");
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+}
+
+/// `POST /reload` of the file at `path` is refused (422), with the message `bulkhead
+/// check` prints for the same file; returns it.
+async fn refused_as_check_refuses(gw: &Gateway, path: &std::path::Path) -> String {
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
+    let msg = r.json()["message"].as_str().unwrap().to_owned();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), msg.trim());
+    msg
 }
 
 /// Wrong types in two tenants: a reload names both, as `check` does (each part of the
@@ -1015,16 +1022,7 @@ async fn a_reload_names_the_type_errors_of_every_tenant_as_check_does() {
             "[tenants.globex]\nrequest_timeout = 30\n",
         );
     write_config(&path, &config);
-    let r = post_reload(gw.admin).await;
-    assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
-    let msg = r.json()["message"].as_str().unwrap().to_owned();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), msg.trim());
+    let msg = refused_as_check_refuses(&gw, &path).await;
     assert_eq!(msg.trim().lines().count(), 2, "{msg}");
     assert!(
         msg.contains("invalid type: `1`, expected a string"),

@@ -74,15 +74,20 @@ impl Redis {
         if !available() {
             return None;
         }
-        let mut r = Redis {
+        let mut r = Redis::unstarted(Vec::new());
+        r.first_start();
+        Some(r)
+    }
+
+    /// A plain server not started yet, in a new temporary directory.
+    fn unstarted(extra: Vec<String>) -> Redis {
+        Redis {
             port: 0,
             child: None,
             dir: tempfile::tempdir().unwrap(),
-            extra: Vec::new(),
+            extra,
             ca: None,
-        };
-        r.first_start();
-        Some(r)
+        }
     }
 
     /// A server started with more `redis-server` arguments (e.g. `--requirepass`).
@@ -90,13 +95,7 @@ impl Redis {
         if !available() {
             return None;
         }
-        let mut r = Redis {
-            port: 0,
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            extra: args.iter().map(|a| a.to_string()).collect(),
-            ca: None,
-        };
+        let mut r = Redis::unstarted(args.iter().map(|a| a.to_string()).collect());
         r.first_start();
         Some(r)
     }
@@ -211,13 +210,7 @@ impl Redis {
         }
         let nodes: Vec<Redis> = (0..n)
             .map(|_| {
-                let mut r = Redis {
-                    port: 0,
-                    child: None,
-                    dir: tempfile::tempdir().unwrap(),
-                    extra: vec!["--cluster-enabled".into(), "yes".into()],
-                    ca: None,
-                };
+                let mut r = Redis::unstarted(vec!["--cluster-enabled".into(), "yes".into()]);
                 r.first_start();
                 r
             })
@@ -290,13 +283,7 @@ impl Redis {
         if !available() {
             return None;
         }
-        let mut r = Redis {
-            port: 0,
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            extra: Vec::new(),
-            ca: None,
-        };
+        let mut r = Redis::unstarted(Vec::new());
         r.start_on_first_of(std::iter::once(port).chain(std::iter::repeat_with(free_port)));
         Some(r)
     }
