@@ -684,6 +684,34 @@ impl H2 {
         }
     }
 
+    /// Sends `data` on stream `id` in DATA frames of at most 16,384 bytes within the
+    /// connection window only, whatever became of the stream (answered, reset): what a
+    /// client whose frames were already on their way does. It keeps to the stream
+    /// window by sending no more than the initial one (the rest of `data` is left out).
+    async fn send_regardless(&mut self, id: u32, data: &[u8]) {
+        let data = &data[..data.len().min(usize::try_from(self.send_initial).unwrap())];
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = (rest.len() as i64)
+                .min(MAX_FRAME as i64)
+                .min(self.send_conn);
+            if n <= 0 {
+                let conn = self.send_conn;
+                let what = format!(
+                    "a connection WINDOW_UPDATE ({} of {} bytes sent on stream {id})",
+                    data.len() - rest.len(),
+                    data.len()
+                );
+                self.until(&what, |c| c.send_conn > conn).await;
+                continue;
+            }
+            let (chunk, tail) = rest.split_at(n as usize);
+            rest = tail;
+            self.send_conn -= n;
+            self.send(&frame(DATA, 0, id, chunk)).await;
+        }
+    }
+
     /// Sends a PING and waits for its acknowledgement: everything the server wrote
     /// before handling the PING has been read by then.
     async fn ping(&mut self, opaque: &[u8; 8]) {
@@ -972,6 +1000,76 @@ async fn many_small_posts_do_not_use_up_the_connection_window() {
     let seen = up.seen();
     assert_eq!(seen.len(), N as usize);
     assert!(seen.iter().all(|s| s.body == Digest::of(&body)));
+}
+
+/// A request the gateway answers itself before it reads the body — a declared length
+/// over `max_body` (413), a host no tenant has (404), a streamed body that crosses
+/// `max_body` (413) — is followed by RST_STREAM NO_ERROR (RFC 9113 §8.1: the client
+/// may stop sending), and whatever DATA the client had already sent for it, up to its
+/// full windows, still counts as received for the connection: the window comes back,
+/// so the next streams on the connection are not starved. Checked on both servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_streams_body_is_credited_to_the_connection_window() {
+    const MIB: usize = 1 << 20;
+    let up = Upstream::echo("u").await;
+    let toml = format!(
+        "{}[tenants.t1.limits]\nmax_body = 1000\n",
+        process_toml(up.addr, "")
+    );
+    let big = pattern(MIB);
+    for (server, gw) in both_servers(&toml) {
+        let mut c = H2::open(gw.addr).await;
+        // The server's SETTINGS (its stream window) and connection window are in.
+        c.ping(b"settings").await;
+        let refusals = [
+            (
+                413,
+                request_block("POST", "/declared", &[("content-length", "1048576")]),
+            ),
+            (
+                404,
+                request_block_at("POST", "/nobody", "nobody.example", &[]),
+            ),
+            (413, request_block("POST", "/streamed", &[])),
+        ];
+        for (i, (status, block)) in refusals.into_iter().enumerate() {
+            let id = 2 * i as u32 + 1;
+            c.headers(id, &block, false).await;
+            // The client goes on sending the whole stream window's worth, as one whose
+            // DATA was on its way before the answer would; each of these needs the
+            // window the ones before it took.
+            c.send_regardless(id, &big).await;
+            c.until(&format!("stream {id}'s answer and its RST_STREAM"), |c| {
+                c.streams
+                    .get(&id)
+                    .is_some_and(|r| r.end && r.reset.is_some())
+            })
+            .await;
+            let r = c.streams[&id].clone();
+            assert_eq!(r.status, Some(status), "{server}, stream {id}: {r:?}");
+            assert!(r.end, "{server}, stream {id}: the response ended: {r:?}");
+            assert_eq!(
+                r.reset,
+                Some(NO_ERROR),
+                "{server}, stream {id}: the client is told to stop sending: {r:?}"
+            );
+        }
+        // The connection still carries request bodies, and answers.
+        let id = 7;
+        c.headers(id, &request_block("POST", "/after", &[]), false)
+            .await;
+        c.send_body(id, &big[..1000], true).await;
+        let r = c.ok_response(id).await;
+        assert_eq!(r.status, Some(200), "{server}: {}", r.text());
+        assert!(
+            r.text().contains("\"body_len\":1000"),
+            "{server}: {}",
+            r.text()
+        );
+        let r = c.get(9, "/get").await;
+        assert_eq!(r.status, Some(200), "{server}: {}", r.text());
+        assert_eq!(c.goaway, None, "{server}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
