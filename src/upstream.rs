@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::error::{ProxyError, UpstreamFailure};
+use crate::h1::wire;
 use crate::limits::{HeadDue, RequestBody, RequestBodyError};
 
 /// Idle upstream connections are closed after this long; it must stay below the
@@ -263,6 +264,9 @@ async fn connect(target: &Authority, transport: &Transport) -> Result<Sender, Up
     }
 }
 
+/// [`wire::MAX_RESPONSE_HEAD`] as an HTTP/2 header-list size (a constant that fits).
+const RESPONSE_HEAD_LIST: u32 = wire::MAX_RESPONSE_HEAD as u32;
+
 /// HTTP/1.1 (with upgrades, for WebSocket) or HTTP/2 over a connected stream.
 async fn handshake<T>(io: T, h2: bool) -> Result<Sender, UpstreamFailure>
 where
@@ -272,6 +276,8 @@ where
     if h2 {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // The response-head limit of every other path (as HTTP/2 counts it).
+            .max_header_list_size(RESPONSE_HEAD_LIST)
             .handshake(io)
             .await
             .map_err(|_| UpstreamFailure::Connect)?;
@@ -282,7 +288,11 @@ where
         });
         return Ok(Sender::H2(sender));
     }
+    // The limits the gateway's own exchange holds plain upstreams' heads to, so that
+    // a head is refused or passed alike whichever path reads it.
     let (sender, conn) = http1::Builder::new()
+        .max_headers(wire::MAX_RESPONSE_FIELDS)
+        .max_header_size(wire::MAX_RESPONSE_HEAD)
         .handshake(io)
         .await
         .map_err(|_| UpstreamFailure::Connect)?;

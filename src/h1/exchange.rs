@@ -25,8 +25,6 @@ use crate::upstream::{
     connect_tcp, drop_expired, Failover, MAX_IDLE_PER_TARGET, POOL_IDLE_TIMEOUT,
 };
 
-/// An upstream response head larger than this is refused as malformed.
-pub(super) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// First read of a response; bodies stream through reads of `STREAM_READ`.
 pub(super) const HEAD_READ: usize = 8 * 1024;
 pub(super) const STREAM_READ: usize = 32 * 1024;
@@ -633,7 +631,8 @@ where
                     rbuf.advance(n);
                     continue;
                 }
-                Step::Partial if rbuf.len() < MAX_RESPONSE_HEAD => {}
+                // Not whole in MAX_RESPONSE_HEAD bytes: longer than the limit.
+                Step::Partial if rbuf.len() < wire::MAX_RESPONSE_HEAD => {}
                 Step::Partial | Step::Malformed => {
                     return Err(Failure::Upstream(UpstreamFailure::Protocol))
                 }

@@ -20,6 +20,18 @@ use crate::error::ProxyError;
 /// (which allows 256), a response with more is refused as malformed.
 const MAX_HEADERS: usize = 128;
 
+/// The most header fields an upstream's response head may have, on every path: the
+/// gateway's own exchange parses this many, and hyper's client (`https://` and
+/// WebSocket upstreams, `upstream.rs`) is set to the same, so that a head one path
+/// passes on is not a 502 on another (hyper's own default is 100).
+pub const MAX_RESPONSE_FIELDS: usize = MAX_HEADERS;
+
+/// The largest upstream response head (status line to the empty line), on every path:
+/// here, hyper's client (`max_header_size`) and, as HTTP/2 counts a header list, the
+/// HTTP/2 client's `SETTINGS_MAX_HEADER_LIST_SIZE` (hyper's defaults were ~400 KiB
+/// and 16 KiB). Longer is a 502 `upstream_error`.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 /// What the client's buffered bytes hold. Returned and matched at once, never
 /// stored, so the large variant is not boxed (that would be an allocation per request).
 #[allow(clippy::large_enum_variant)]
@@ -645,7 +657,10 @@ pub fn parse_response(
     let mut headers = no_headers();
     let mut resp = httparse::Response::new(&mut []);
     let head_len = match parse_response_head(&mut resp, buf, &mut headers) {
-        Ok(httparse::Status::Complete(n)) => n,
+        // Checked here as well as while reading (`exchange::read_head`): a head that
+        // arrived whole in one read may be longer than the limit.
+        Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => return Err(Malformed),
         Ok(httparse::Status::Partial) => return Ok(Response::Partial),
         Err(_) => return Err(Malformed),
     };
@@ -715,7 +730,8 @@ pub fn parse_response_parts(buf: &mut BytesMut, head_request: bool) -> Result<Pa
         let mut headers = no_headers();
         let mut resp = httparse::Response::new(&mut []);
         let head_len = match parse_response_head(&mut resp, buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
+            Ok(httparse::Status::Complete(_)) => return Err(Malformed),
             Ok(httparse::Status::Partial) => return Ok(Parted::Partial),
             Err(_) => return Err(Malformed),
         };
