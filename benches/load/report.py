@@ -31,6 +31,7 @@ SCENARIOS = {
     "b": f"b: {TENANTS_B} tenants, {HOT_TENANTS} hot",
     "c": "c: 1 KiB POST",
     "f": f"f: a at one load ({os.environ.get('PACE_MS', '1')} ms pace)",
+    "g": f"g: a at {os.environ.get('RATE', '70000')} req/s (h2load)",
 }
 PROXY_ORDER = ["bulkhead", "nginx", "haproxy", "l4", "direct"]
 PROTO_LABEL = {"h1": "HTTP/1.1", "h2": "h2c"}

@@ -32,6 +32,7 @@ TENANTS_B=${TENANTS_B:-10000}    # tenants configured in scenario b
 HOT_TENANTS=${HOT_TENANTS:-1000} # tenants the scenario-b HTTP/1.1 load rotates over
 IDLE_CONNS=${IDLE_CONNS:-10000}  # scenario d
 PACE_MS=${PACE_MS:-1}            # scenario f: each connection's wait between requests (ms)
+RATE=${RATE:-70000}              # scenario g: requests a second offered to every proxy alike
 LOADGEN_CPU=${LOADGEN_CPU:-0}    # backend + wrk/h2load/idle_conns.py
 PROXY_CPU=${PROXY_CPU:-1}        # the proxy under test
 KEEP_TMP=${KEEP_TMP:-0}          # 1: keep the temp dir (configs, logs, raw tool output)
@@ -59,7 +60,8 @@ check_tools() {
   local missing=() t
   for t in nginx wrk taskset python3; do command -v "$t" >/dev/null || missing+=("$t"); done
   [[ " $PROXIES " == *" haproxy "* ]] && ! command -v haproxy >/dev/null && missing+=(haproxy)
-  [[ " $PROTOCOLS " == *" h2 "* ]] && ! command -v h2load >/dev/null && missing+=(h2load)
+  [[ " $PROTOCOLS " == *" h2 "* || " $SCENARIOS " == *" g "* ]] && ! command -v h2load >/dev/null &&
+    missing+=(h2load)
   if ((${#missing[@]})); then
     say "missing tools: ${missing[*]}"
     say "install them with (Debian/Ubuntu):"
@@ -77,18 +79,19 @@ check_tools() {
 
 check_knobs() {
   local s p
-  for s in $SCENARIOS; do [[ $s == [abcdf] || $s == a1 ]] || die "unknown scenario '$s' (a a1 b c d f)"; done
+  for s in $SCENARIOS; do [[ $s == [abcdfg] || $s == a1 ]] || die "unknown scenario '$s' (a a1 b c d f g)"; done
   for p in $PROXIES; do
     [[ $p == bulkhead || $p == nginx || $p == haproxy ]] || die "unknown proxy '$p'"
   done
   for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "unknown protocol '$p' (h1 h2)"; done
   [[ $PAIRED == 0 || $PAIRED == 1 ]] || die "PAIRED must be 0 or 1, got '$PAIRED'"
   [[ $L4 == 0 || $L4 == 1 ]] || die "L4 must be 0 or 1, got '$L4'"
-  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU PACE_MS; do
+  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU PACE_MS RATE; do
     [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
   done
   ((REPEAT >= 1 && CONNS >= 1)) || die "REPEAT and CONNS must be at least 1"
   ((PACE_MS >= 1 && PACE_MS <= 1000)) || die "PACE_MS must be between 1 and 1000"
+  ((RATE >= CONNS)) || die "RATE must be at least CONNS (one request a second per connection)"
   ((HOT_TENANTS >= 1 && HOT_TENANTS <= TENANTS_B)) || die "need 1 <= HOT_TENANTS <= TENANTS_B"
   secs "$DURATION" >/dev/null && secs "$WARMUP" >/dev/null
   local cpus; cpus=$(nproc)
@@ -475,6 +478,12 @@ load_cmd() {
       c) CMD+=(-s "$HERE/post_1k.lua" "$url") ;;
       # (a) at one offered load: each connection waits PACE_MS after each response.
       f) CMD=(env PACE_MS="$PACE_MS" "${CMD[@]}" -s "$HERE/pace.lua" "$url") ;;
+      # (a) at a fixed rate, RATE a second over the CONNS connections: wrk has no rate
+      # of its own, so h2load sends it (--rps per connection; a request whose time comes
+      # while the one before is unanswered goes out when that answer arrives), and each
+      # request's latency comes from its log.
+      g) CMD=(taskset -c "$LOADGEN_CPU" h2load --h1 -t1 -c"$CONNS" --rps="$((RATE / CONNS))"
+              -D "$(secs "$dur")" -H ":authority: t1.example.com" --log-file="$log" "$url") ;;
       *) CMD+=("$url") ;;
     esac
   else
@@ -513,7 +522,7 @@ measure() { # scen proto proxy rep
   # Whatever else ran on the proxy's core meanwhile (a build, say) skews this run.
   other=$(awk -v b="$((b1 - b0))" -v c="$((${c1:-0} - ${c0:-0}))" -v hz="$CLK_TCK" \
     -v t0="$t0" -v t1="$t1" 'BEGIN { x = 100 * (b - c) / hz / (t1 - t0); printf "%.1f", x < 0 ? 0 : x }')
-  if [[ $proto == h1 ]]; then res=$(parse_wrk "$out"); else res=$(parse_h2load "$out" "$h2log"); fi
+  if [[ $proto == h1 && $scen != g ]]; then res=$(parse_wrk "$out"); else res=$(parse_h2load "$out" "$h2log"); fi
   rm -f "$h2log"
   proxy_alive || { warn "$proxy died during $scen/$proto; see $TMP"; res="- - - 1"; }
 
@@ -534,9 +543,9 @@ measure() { # scen proto proxy rep
 }
 
 # skip_measure SCEN PROTO PROXY: a1 differs from a only in HTTP/1.1's client (h2load
-# has no per-request script); f is goal 1's HTTP/1.1 tail at one load (the goal sets
+# has no per-request script); f and g are goal 1's HTTP/1.1 tail at one load (the goal sets
 # no tail for h2c); l4 forwards to the backend's HTTP/1.1 port only.
-skip_measure() { [[ ($1 == a1 || $1 == f || $3 == l4) && $2 == h2 ]]; }
+skip_measure() { [[ ($1 == a1 || $1 == f || $1 == g || $3 == l4) && $2 == h2 ]]; }
 
 # rotated REP WORD...: the words, rotated left by REP - 1, so that each proxy takes each
 # place in the order in turn: a machine that is slower right after one proxy stops, or in
@@ -666,6 +675,7 @@ the_command() {
     "$PROTOCOLS" "$TENANTS_B" "$HOT_TENANTS" "$IDLE_CONNS"
   if ((PAIRED)); then printf 'PAIRED=1 '; fi
   if [[ " $SCENARIOS " == *" f "* ]]; then printf 'PACE_MS=%s ' "$PACE_MS"; fi
+  if [[ " $SCENARIOS " == *" g "* ]]; then printf 'RATE=%s ' "$RATE"; fi
   if ((!L4)); then printf 'L4=0 '; fi
   if [[ -n $PROXY_CPU_QUOTA ]]; then printf 'PROXY_CPU_QUOTA=%s ' "$PROXY_CPU_QUOTA"; fi
   printf 'benches/load/run.sh'
@@ -797,7 +807,7 @@ main() {
     if command -v haproxy >/dev/null; then REFS="direct l4"
     else warn "no haproxy: the l4 reference row is left out (apt-get install -y haproxy)"; fi
   fi
-  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED PACE_MS   # report.py labels scenarios with them, reads PAIRED
+  export TENANTS_B HOT_TENANTS IDLE_CONNS PAIRED PACE_MS RATE   # report.py labels scenarios with them, reads PAIRED
   busy_check
 
   local p
