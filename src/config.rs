@@ -1837,27 +1837,19 @@ fn redis_url_problem(url: &str, n: &str, cluster: bool) -> Option<String> {
                 format!("{n:?} names no host: write {scheme}://HOST[:PORT][/DB]")
             });
         }
-        let lower = host.to_ascii_lowercase();
-        let name = lower.strip_suffix('.').unwrap_or(&lower);
-        if name == "0.0.0.0" {
+        if host.strip_suffix('.').unwrap_or(host) == "0.0.0.0" {
             return Some(format!("{n:?} names the wildcard address 0.0.0.0, which no client can connect to: write the Redis server's address"));
         }
-        match host_problem(name, name.len() < lower.len(), false) {
-            None => {}
-            Some(why) if why.is_empty() => {
-                return Some(format!("{n:?}: {host:?} is not a valid host name"))
-            }
-            Some(why) => return Some(format!("{n:?}: host {host:?}{why}")),
+        if let Some(why) = host_name_problem(host) {
+            return Some(format!("{n:?}: {why}"));
         }
         port
     };
     if let Some(p) = port {
-        match p.parse::<u16>() {
-            Ok(0) if p.bytes().all(|b| b.is_ascii_digit()) => {
-                return Some(format!("{n:?} names port 0, where no Redis can listen"));
-            }
-            Ok(_) if p.bytes().all(|b| b.is_ascii_digit()) => {}
-            _ => {
+        match port_number(p) {
+            Some(0) => return Some(format!("{n:?} names port 0, where no Redis can listen")),
+            Some(_) => {}
+            None => {
                 return Some(format!(
                 "{n:?}: the port must be a number from 1 to 65535 (6379 when left out), not {p:?}"
             ))
@@ -2039,14 +2031,8 @@ pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
         return Err(format!("target {raw:?} must be a host and a port"));
     }
     if !host.starts_with('[') {
-        let lower = host.to_ascii_lowercase();
-        let name = lower.strip_suffix('.').unwrap_or(&lower);
-        match host_problem(name, name.len() < lower.len(), false) {
-            None => {}
-            Some(why) if why.is_empty() => {
-                return Err(format!("target {raw:?}: {host:?} is not a valid host name"))
-            }
-            Some(why) => return Err(format!("target {raw:?}: host {host:?}{why}")),
+        if let Some(why) = host_name_problem(host) {
+            return Err(format!("target {raw:?}: {why}"));
         }
     }
     // `http::uri::Authority` takes "+80" for 80, and has no port for "99999".
@@ -2056,14 +2042,34 @@ pub fn parse_target(raw: &str) -> Result<(String, bool), String> {
         None | Some("") => Err(format!(
             "target {raw:?} must name a port, e.g. \"127.0.0.1:9001\""
         )),
-        Some(p) => match p.parse::<u16>() {
-            Ok(0) => Err(format!("target {raw:?}: port 0 cannot be connected to")),
-            Ok(_) if p.bytes().all(|b| b.is_ascii_digit()) => Ok((auth.as_str().to_owned(), https)),
-            _ => Err(format!(
+        Some(p) => match port_number(p) {
+            Some(0) => Err(format!("target {raw:?}: port 0 cannot be connected to")),
+            Some(_) => Ok((auth.as_str().to_owned(), https)),
+            None => Err(format!(
                 "target {raw:?}: the port must be a number from 1 to 65535"
             )),
         },
     }
+}
+
+/// Why `host` (a name or an IPv4 address, not bracketed, as written in a target or a
+/// Redis URL) is not one to connect to, as "HOST is not a valid host name" or "host
+/// HOST…"; `None` when it is one. Case and one trailing dot do not count.
+fn host_name_problem(host: &str) -> Option<String> {
+    let lower = host.to_ascii_lowercase();
+    let name = lower.strip_suffix('.').unwrap_or(&lower);
+    match host_problem(name, name.len() < lower.len(), false)? {
+        why if why.is_empty() => Some(format!("{host:?} is not a valid host name")),
+        why => Some(format!("host {host:?}{why}")),
+    }
+}
+
+/// A port written as digits only (`u16::from_str` also takes "+80"), 0 included.
+fn port_number(p: &str) -> Option<u16> {
+    p.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| p.parse().ok())
+        .flatten()
 }
 
 /// Why a config file could not be read as text.
