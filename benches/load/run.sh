@@ -43,6 +43,11 @@ PROXY_CPU_QUOTA=${PROXY_CPU_QUOTA:-}  # N: each proxy gets N % of its core (a cg
                                  # quota, 10 ms period), so that every proxy, not the
                                  # load generator's core, is the limit: req/s then
                                  # compares their CPU cost (p50/p99 do not mean much)
+CAPTURE=${CAPTURE:-0}            # 1: after scenarios f and g, one more run of each per proxy
+                                 # with tcpdump on loopback for CAPTURE_SECS, and the time each
+                                 # request spent in the proxy, the backend and on the wire
+                                 # (residence.py; needs tcpdump and root or CAP_NET_RAW)
+CAPTURE_SECS=${CAPTURE_SECS:-1}
 OUT=${OUT:-$HERE/results-$(date +%Y-%m-%d-%H%M%S).md}
 
 readonly ADDR=127.0.0.1          # the only address this script listens on or connects to
@@ -62,10 +67,12 @@ check_tools() {
   [[ " $PROXIES " == *" haproxy "* ]] && ! command -v haproxy >/dev/null && missing+=(haproxy)
   [[ " $PROTOCOLS " == *" h2 "* || " $SCENARIOS " == *" g "* ]] && ! command -v h2load >/dev/null &&
     missing+=(h2load)
+  ((CAPTURE)) && ! command -v tcpdump >/dev/null && missing+=(tcpdump)
   if ((${#missing[@]})); then
     say "missing tools: ${missing[*]}"
     say "install them with (Debian/Ubuntu):"
     say "  apt-get install -y nginx haproxy wrk nghttp2-client   # taskset: util-linux, python3: python3"
+    ((CAPTURE)) && say "  apt-get install -y tcpdump   # CAPTURE=1"
     say "(this script installs nothing itself)"
     exit 1
   fi
@@ -86,7 +93,8 @@ check_knobs() {
   for p in $PROTOCOLS; do [[ $p == h1 || $p == h2 ]] || die "unknown protocol '$p' (h1 h2)"; done
   [[ $PAIRED == 0 || $PAIRED == 1 ]] || die "PAIRED must be 0 or 1, got '$PAIRED'"
   [[ $L4 == 0 || $L4 == 1 ]] || die "L4 must be 0 or 1, got '$L4'"
-  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU PACE_MS RATE; do
+  [[ $CAPTURE == 0 || $CAPTURE == 1 ]] || die "CAPTURE must be 0 or 1, got '$CAPTURE'"
+  for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU PACE_MS RATE CAPTURE_SECS; do
     [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
   done
   ((REPEAT >= 1 && CONNS >= 1)) || die "REPEAT and CONNS must be at least 1"
@@ -94,6 +102,12 @@ check_knobs() {
   ((RATE >= CONNS)) || die "RATE must be at least CONNS (one request a second per connection)"
   ((HOT_TENANTS >= 1 && HOT_TENANTS <= TENANTS_B)) || die "need 1 <= HOT_TENANTS <= TENANTS_B"
   secs "$DURATION" >/dev/null && secs "$WARMUP" >/dev/null
+  if ((CAPTURE)); then
+    ((CAPTURE_SECS >= 1 && CAPTURE_SECS < $(secs "$DURATION"))) ||
+      die "CAPTURE_SECS must be at least 1 and shorter than DURATION"
+    [[ " $SCENARIOS " == *" f "* || " $SCENARIOS " == *" g "* ]] && [[ " $PROTOCOLS " == *" h1 "* ]] ||
+      die "CAPTURE=1 captures scenarios f and g over HTTP/1.1: add f or g to SCENARIOS, h1 to PROTOCOLS"
+  fi
   local cpus; cpus=$(nproc)
   ((LOADGEN_CPU < cpus && PROXY_CPU < cpus)) || die "LOADGEN_CPU/PROXY_CPU must be < $cpus"
   ((LOADGEN_CPU != PROXY_CPU)) || warn "load generator and proxy share CPU $PROXY_CPU"
@@ -170,8 +184,13 @@ EOF
   } >"$1"
 }
 
-write_nginx_conf() { # dir ntenants
-  local d=$1
+# A third argument "rid": the request id (nginx's $request_id) sent to the backend and
+# back to the client as x-request-id, as Bulkhead does, so that CAPTURE can tie a
+# client's exchange to the backend's.
+write_nginx_conf() { # dir ntenants [rid]
+  local d=$1 rid=""
+  [[ ${3:-} == rid ]] && rid='proxy_set_header x-request-id $request_id;
+            add_header x-request-id $request_id always;'
   mkdir -p "$d"
   {
     cat <<EOF
@@ -228,6 +247,7 @@ EOF
             proxy_set_header Connection "";
             proxy_set_header Host \$host;
             proxy_set_header x-tenant-id \$tenant;
+            $rid
         }
     }
 }
@@ -235,8 +255,12 @@ EOF
   } >"$d/nginx.conf"
 }
 
-write_haproxy_conf() { # dir ntenants
-  local d=$1
+# A third argument "rid": a request id sent both ways as x-request-id (see nginx's).
+write_haproxy_conf() { # dir ntenants [rid]
+  local d=$1 rid=""
+  [[ ${3:-} == rid ]] && rid='unique-id-format %{+X}o%rt
+    http-request set-header x-request-id %[unique-id]
+    http-response set-header x-request-id %[unique-id]'
   mkdir -p "$d"
   tenant_list "$2" | awk '{ printf "t%s.example.com t%s\n", $1, $1 }' >"$d/hosts.map"
   cat >"$d/haproxy.cfg" <<EOF
@@ -270,6 +294,7 @@ frontend fe
     http-request track-sc0 var(txn.tenant) table per_tenant
     http-request deny deny_status 429 if { sc_http_req_rate(0) gt 10000000 }
     http-request set-header x-tenant-id %[var(txn.tenant)]
+    $rid
     default_backend backend
 
 backend per_tenant
@@ -315,6 +340,12 @@ write_configs() {
     [[ " $PROXIES " == *" nginx "* ]] && write_nginx_conf "$TMP/nginx-$n" "$n"
     [[ " $PROXIES " == *" haproxy "* ]] && write_haproxy_conf "$TMP/haproxy-$n" "$n"
   done
+  if ((CAPTURE)); then
+    # One tenant, as (a); x-request-id both ways (Bulkhead sends it by default).
+    [[ " $PROXIES " == *" bulkhead "* ]] && write_bulkhead_conf "$TMP/bulkhead-cap.toml" 1
+    [[ " $PROXIES " == *" nginx "* ]] && write_nginx_conf "$TMP/nginx-cap" 1 rid
+    [[ " $PROXIES " == *" haproxy "* ]] && write_haproxy_conf "$TMP/haproxy-cap" 1 rid
+  fi
   write_backend_conf "$TMP/backend"
   head -c 1024 /dev/zero | tr '\0' x >"$TMP/body-1k"
   return 0
@@ -330,7 +361,9 @@ validate_configs() {
   if [[ " $REFS " == *" l4 "* ]]; then
     out=$(haproxy -c -q -f "$TMP/l4/haproxy.cfg" 2>&1) || die "haproxy (l4) config: $out"
   fi
-  for n in 1 "$TENANTS_B"; do
+  local sets=(1 "$TENANTS_B")
+  ((CAPTURE)) && sets+=(cap)
+  for n in "${sets[@]}"; do
     if [[ " $PROXIES " == *" nginx "* ]]; then
       nginx_args "$TMP/nginx-$n"
       out=$("${NGINX[@]}" -t -q 2>&1) || die "nginx config ($n tenants): $out"
@@ -578,6 +611,58 @@ run_load_scenario() { # scen
   done
 }
 
+# capture_scenario SCEN (f or g): one more HTTP/1.1 run per proxy, with CAPTURE_SECS of
+# loopback traffic captured from its middle, and residence.py's split of each request's
+# time: in the proxy (client -> backend and back), at the backend (which waits for the
+# load generator's core it shares), and on the wire in all. The load tool's own p50/p99
+# of that run show what the capture costs. Rows are added to $TMP/residence.md.
+capture_scenario() {
+  local scen=$1 proxy log pcap res rps p50 p99 err wait_s dur
+  dur=$(secs "$DURATION")
+  wait_s=$(((dur - CAPTURE_SECS) / 2))
+  ((wait_s >= 1)) || wait_s=1
+  for proxy in $PROXIES; do
+    if ! start_proxy "$proxy" cap; then
+      stop_proxy || true
+      warn "skipping $proxy for the $scen capture"
+      continue
+    fi
+    log=$TMP/runs/cap-$scen-$proxy
+    # In memory where there is /dev/shm: writing ~100 MB a second to disk would bring
+    # the kernel's writeback onto the proxy's core, and tcpdump would drop packets.
+    pcap=$log.pcap
+    [[ -d /dev/shm && -w /dev/shm ]] && pcap=/dev/shm/bulkhead-load-cap-$$-$scen-$proxy.pcap
+    load_cmd "$scen" h1 "$H1_PORT" "$WARMUP" "$log.h2log"
+    run_fg "$log.warmup" "${CMD[@]}" || true
+    load_cmd "$scen" h1 "$H1_PORT" "$DURATION" "$log.h2log"
+    spawn "$log.txt" "${CMD[@]}"
+    local load=$BG_PID
+    sleep "$wait_s"
+    # On the load generator's core, so that the proxy's core runs nothing else. -Q in:
+    # each loopback packet once. 400 bytes hold the heads, x-request-id included.
+    spawn "$log.tcpdump" taskset -c "$LOADGEN_CPU" tcpdump -i lo -Q in -s 400 -B 131072 -n \
+      -w "$pcap" "tcp and (port $PROXY_PORT or port $BACKEND_PORT)"
+    local dump=$BG_PID
+    sleep "$CAPTURE_SECS"
+    kill -INT "$dump" 2>/dev/null || true
+    wait "$dump" 2>/dev/null || true
+    forget "$dump"
+    wait "$load" || warn "$scen/$proxy capture: load generator failed (see $log.txt)"
+    forget "$load"
+    stop_proxy
+    if [[ $scen == g ]]; then res=$(parse_h2load "$log.txt" "$log.h2log"); else res=$(parse_wrk "$log.txt"); fi
+    read -r rps p50 p99 err <<<"$res"
+    if [[ ! -s $pcap ]]; then
+      warn "$scen/$proxy: tcpdump captured nothing (it needs root or CAP_NET_RAW); see $log.tcpdump"
+      continue
+    fi
+    python3 "$HERE/residence.py" "$PROXY_PORT" "$BACKEND_PORT" \
+      "$scen: $proxy ($p50 / $p99 ms)=$pcap" | tail -n +3 >>"$TMP/residence.md"
+    tail -n 1 "$TMP/residence.md"
+    if ((KEEP_TMP)) && [[ $pcap != $log.pcap ]]; then mv "$pcap" "$log.pcap"; else rm -f "$pcap"; fi
+  done
+}
+
 run_paired_repeat() { # rep: each proxy and protocol in turn, its scenarios back to back
   local rep=$1 proxy proto scen n
   # shellcheck disable=SC2086 # the proxies' names are single words
@@ -678,6 +763,7 @@ the_command() {
   if [[ " $SCENARIOS " == *" g "* ]]; then printf 'RATE=%s ' "$RATE"; fi
   if ((!L4)); then printf 'L4=0 '; fi
   if [[ -n $PROXY_CPU_QUOTA ]]; then printf 'PROXY_CPU_QUOTA=%s ' "$PROXY_CPU_QUOTA"; fi
+  if ((CAPTURE)); then printf 'CAPTURE=1 CAPTURE_SECS=%s ' "$CAPTURE_SECS"; fi
   printf 'benches/load/run.sh'
 }
 
@@ -768,6 +854,21 @@ non-2xx responses and socket errors; a row with errors is not a valid figure. "o
 is the most CPU time any repeat of that row saw other processes take on the proxy's core;
 above a few per cent the figure is skewed.
 EOF
+    if [[ -s $TMP/residence.md ]]; then
+      echo
+      echo "Where the time goes (\`CAPTURE=1\`): one more run per proxy and scenario, with"
+      echo "$CAPTURE_SECS s of loopback traffic captured from its middle (tcpdump on CPU $LOADGEN_CPU) and"
+      echo "each exchange's four packets tied together by its \`x-request-id\` (benches/load/residence.py)."
+      echo "In µs. *proxy in*: client's request to the proxy's request to the backend; *proxy out*: the"
+      echo "backend's response to the proxy's response; *backend*: the backend's answer, waiting for the"
+      echo "core it shares with the load generator included; *wire*: the client's request to its"
+      echo "response. The load tool's own p50 / p99 for that run are beside each name: the capture"
+      echo "adds work to both cores, so compare these rows with each other, not with the table above."
+      echo
+      echo "| run | exchanges | proxy in p50/p99 | proxy out p50/p99 | proxy total p50/p90/p99 | backend p50/p99 | wire p50/p90/p99 |"
+      echo "|---|---:|---:|---:|---:|---:|---:|"
+      cat "$TMP/residence.md"
+    fi
     echo
     echo "<details><summary>raw runs</summary>"
     echo
@@ -819,7 +920,7 @@ main() {
   chmod 755 "$TMP"   # nginx workers run as an unprivileged user when started as root
   mkdir -p "$TMP/runs"
   RAW=$TMP/raw.tsv IDLE=$TMP/idle.tsv
-  : >"$RAW"; : >"$IDLE"
+  : >"$RAW"; : >"$IDLE"; : >"$TMP/residence.md"
 
   write_configs
   validate_configs
@@ -844,6 +945,14 @@ main() {
     done
   fi
 
+  if ((CAPTURE)); then
+    for scen in f g; do
+      [[ " $SCENARIOS " == *" $scen "* ]] || continue
+      say "capture of scenario $scen (residence.py): proxy in / out p50/p99, proxy total p50/p90/p99, backend p50/p99, wire p50/p90/p99, in µs"
+      capture_scenario "$scen"
+    done
+  fi
+
   say ""
   python3 "$HERE/report.py" text "$RAW" "$IDLE"
   write_markdown
@@ -852,7 +961,7 @@ main() {
   say "markdown report: $OUT"
 }
 
-trap 'rc=$?; remove_cpu_cgroup; (exit $rc); cleanup' EXIT
+trap 'rc=$?; remove_cpu_cgroup; rm -f /dev/shm/bulkhead-load-cap-$$-*; (exit $rc); cleanup' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 main "$@"
