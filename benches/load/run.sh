@@ -656,10 +656,17 @@ capture_scenario() {
       warn "$scen/$proxy: tcpdump captured nothing (it needs root or CAP_NET_RAW); see $log.tcpdump"
       continue
     fi
-    python3 "$HERE/residence.py" "$PROXY_PORT" "$BACKEND_PORT" \
-      "$scen: $proxy ($p50 / $p99 ms)=$pcap" | tail -n +3 >>"$TMP/residence.md"
-    tail -n 1 "$TMP/residence.md"
-    if ((KEEP_TMP)) && [[ $pcap != $log.pcap ]]; then mv "$pcap" "$log.pcap"; else rm -f "$pcap"; fi
+    if python3 "$HERE/residence.py" "$PROXY_PORT" "$BACKEND_PORT" \
+      "$scen: $proxy ($p50 / $p99 ms)=$pcap" >"$log.residence"; then
+      tail -n +3 "$log.residence" | tee -a "$TMP/residence.md"
+    else
+      warn "$scen/$proxy: residence.py could not read the capture (see $log.residence)"
+    fi
+    if ((KEEP_TMP)); then
+      [[ $pcap == "$log.pcap" ]] || mv "$pcap" "$log.pcap"
+    else
+      rm -f "$pcap"
+    fi
   done
 }
 
