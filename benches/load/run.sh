@@ -43,7 +43,7 @@ PROXY_CPU_QUOTA=${PROXY_CPU_QUOTA:-}  # N: each proxy gets N % of its core (a cg
                                  # quota, 10 ms period), so that every proxy, not the
                                  # load generator's core, is the limit: req/s then
                                  # compares their CPU cost (p50/p99 do not mean much)
-CAPTURE=${CAPTURE:-0}            # 1: after scenarios f and g, one more run of each per proxy
+CAPTURE=${CAPTURE:-0}            # 1: after scenarios a, f and g, one more run of each per proxy
                                  # with tcpdump on loopback for CAPTURE_SECS, and the time each
                                  # request spent in the proxy, the backend and on the wire
                                  # (residence.py; needs tcpdump and root or CAP_NET_RAW)
@@ -105,8 +105,8 @@ check_knobs() {
   if ((CAPTURE)); then
     ((CAPTURE_SECS >= 1 && CAPTURE_SECS < $(secs "$DURATION"))) ||
       die "CAPTURE_SECS must be at least 1 and shorter than DURATION"
-    [[ " $SCENARIOS " == *" f "* || " $SCENARIOS " == *" g "* ]] && [[ " $PROTOCOLS " == *" h1 "* ]] ||
-      die "CAPTURE=1 captures scenarios f and g over HTTP/1.1: add f or g to SCENARIOS, h1 to PROTOCOLS"
+    [[ " $SCENARIOS " == *" "[afg]" "* ]] && [[ " $PROTOCOLS " == *" h1 "* ]] ||
+      die "CAPTURE=1 captures scenarios a, f and g over HTTP/1.1: add one to SCENARIOS, h1 to PROTOCOLS"
   fi
   local cpus; cpus=$(nproc)
   ((LOADGEN_CPU < cpus && PROXY_CPU < cpus)) || die "LOADGEN_CPU/PROXY_CPU must be < $cpus"
@@ -611,7 +611,7 @@ run_load_scenario() { # scen
   done
 }
 
-# capture_scenario SCEN (f or g): one more HTTP/1.1 run per proxy, with CAPTURE_SECS of
+# capture_scenario SCEN (a, f or g): one more HTTP/1.1 run per proxy, with CAPTURE_SECS of
 # loopback traffic captured from its middle, and residence.py's split of each request's
 # time: in the proxy (client -> backend and back), at the backend (which waits for the
 # load generator's core it shares), and on the wire in all. The load tool's own p50/p99
@@ -953,7 +953,7 @@ main() {
   fi
 
   if ((CAPTURE)); then
-    for scen in f g; do
+    for scen in a f g; do
       [[ " $SCENARIOS " == *" $scen "* ]] || continue
       say "capture of scenario $scen (residence.py): proxy in / out p50/p99, proxy total p50/p90/p99, backend p50/p99, wire p50/p90/p99, in µs"
       capture_scenario "$scen"
