@@ -49,7 +49,8 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
     };
     let mut builder = http1::Builder::new();
     // A connection that sends no request head in time, or none after its last
-    // response, is closed: it would hold one of the MAX_CONNECTIONS slots.
+    // response, is closed: it would hold one of the MAX_CONNECTIONS slots. So is one
+    // whose client stops taking its response for as long ([`Watched`]).
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.header_read_timeout);
@@ -126,11 +127,11 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
                 Ok(Ok(true)) => {
                     // The preface is no request: idle until a stream opens.
                     conn.idle_now();
-                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), false));
+                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), false, wait));
                     until_done_or_evicted(h2.serve_connection(io, service), &conn).await;
                 }
                 Ok(Ok(false)) => {
-                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), true));
+                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), true, wait));
                     until_done_or_evicted(h1.serve_connection(io, service), &conn).await;
                 }
                 Ok(Err(_)) | Err(_) => {}

@@ -111,19 +111,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
 async fn idle_admin_connections_are_capped_and_closed() {
     let gw = Process::start(&format!("[server]\nheader_read_timeout = \"3s\"\n{TENANT}"));
     let pid = gw.child.id();
-    // Sockets only: the config watcher, started after the listeners, opens
-    // descriptors of its own meanwhile.
-    let sockets = || {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .filter(|e| {
-                let e = e.as_ref().unwrap();
-                std::fs::read_link(e.path())
-                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
-            })
-            .count()
-    };
-    let before = sockets();
+    let before = sockets(pid);
     let cap = 256;
     let extra = 20;
     let mut idle = Vec::new();
@@ -142,7 +130,7 @@ async fn idle_admin_connections_are_capped_and_closed() {
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
     // ... never serving more than the cap (and one accepted, waiting for a slot).
-    let held = sockets().saturating_sub(before);
+    let held = sockets(pid).saturating_sub(before);
     assert!(held <= cap + 1, "{held} admin connections open");
     // ... and the newest after header_read_timeout.
     let mut last = idle.pop().unwrap();
@@ -168,6 +156,18 @@ async fn idle_admin_connections_are_capped_and_closed() {
     assert_eq!(r.status, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("bulkhead_"));
     drop(idle);
+}
+
+/// The sockets process `pid` has open. Sockets only: the config watcher, started after
+/// the listeners, opens descriptors of its own meanwhile.
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter(|e| {
+            let e = e.as_ref().unwrap();
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .count()
 }
 
 /// CPU time (user + system) the process has used so far.
@@ -554,4 +554,71 @@ async fn a_new_admin_connection_takes_the_slot_of_the_one_idle_longest() {
     let last = idle.last_mut().unwrap();
     last.write_all(GET).await.unwrap();
     assert!(read_response(last).await.starts_with("HTTP/1.1 200"));
+}
+
+/// A client that asks for a large answer and never reads it held its connection, and
+/// one of the 256 slots, for good: in the middle of a response, it is never the one
+/// closed to make room, and nothing bounded the write. Now a write that makes no
+/// progress for `header_read_timeout` closes the connection, the rest of the answer
+/// unsent.
+#[tokio::test]
+async fn an_admin_client_that_reads_nothing_is_closed() {
+    // 10,000 tenants with long ids and four limits: /metrics is about 9 MB, more than
+    // the socket buffers of both sides hold (4 MiB at most on the gateway's, with
+    // Linux' defaults).
+    let mut toml = format!(
+        "[server]\nheader_read_timeout = \"1s\"\n[defaults.limits]\nrequests_per_second = 10\nburst = 10\nmax_body = \"1MiB\"\nmax_in_flight = 5\n{TENANT}"
+    );
+    for i in 0..10_000 {
+        let id = format!("tenant-{i:05}-{}", "x".repeat(50));
+        toml += &format!("[tenants.{id}]\nhosts = [\"{id}.com\"]\nupstream = \"u\"\n");
+    }
+    let gw = Process::start(&toml);
+    let pid = gw.child.id();
+    let before = sockets(pid);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // Accepted, then closed by the gateway: its writes waited 1 s (allowed: 20).
+    let t0 = Instant::now();
+    while sockets(pid) == before {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while sockets(pid) > before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "an admin connection whose client reads nothing is still open after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the kernel already held arrives, then the end: the answer is cut short.
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the connection ends once what was sent is read")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .parse()
+        .unwrap();
+    assert!(
+        len > 8_000_000 && body.len() < len,
+        "{} of {len} bytes arrived",
+        body.len()
+    );
 }
