@@ -622,3 +622,96 @@ async fn an_admin_client_that_reads_nothing_is_closed() {
         body.len()
     );
 }
+
+/// A client that drip-feeds a request head, a byte every 100 ms (each well within
+/// `header_read_timeout` of the one before), cannot hold its connection open: the whole
+/// head must arrive within `header_read_timeout` of when the gateway began waiting for
+/// it (hyper's timer is set once per head, not restarted by bytes), so it is closed,
+/// with a 408. On a new connection, and on one after its first answer. (No defect
+/// found: pins it.)
+#[tokio::test]
+async fn a_request_head_sent_a_byte_at_a_time_is_bounded_as_a_whole() {
+    let gw = Gateway::start(&format!("[server]\nheader_read_timeout = \"1s\"\n{TENANT}"));
+    async fn drip(mut s: TcpStream) -> String {
+        let t0 = Instant::now();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\nx-drip: ")
+            .await
+            .unwrap();
+        let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+        loop {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                },
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(10),
+                        "a head sent a byte every 100 ms is still being read after {:?}",
+                        t0.elapsed()
+                    );
+                    // Fails once the gateway has closed; the read then says so.
+                    let _ = s.write_all(b"a").await;
+                }
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+    let fresh = TcpStream::connect(gw.admin).await.unwrap();
+    let mut kept = TcpStream::connect(gw.admin).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut kept).await.starts_with("HTTP/1.1 200"));
+    let (fresh, kept) = tokio::join!(drip(fresh), drip(kept));
+    // The 408 is lost when the gateway's close, with a byte unread, resets.
+    for got in [fresh, kept] {
+        assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got:?}");
+    }
+}
+
+/// Over HTTP/2 a header block cannot be held open either: a HEADERS frame without
+/// END_HEADERS, then a few CONTINUATION frames (more than a handful is refused as a
+/// flood), then nothing. While a block is open its client may send no other frame, so
+/// it cannot answer the keep-alive PING, and the connection is closed after
+/// `header_read_timeout` twice (interval, then the wait for the answer). (No defect
+/// found: pins it.)
+#[tokio::test]
+async fn an_http2_header_block_left_unfinished_is_closed() {
+    let gw = Gateway::start(&format!("[server]\nheader_read_timeout = \"1s\"\n{TENANT}"));
+    let mut s = TcpStream::connect(gw.admin).await.unwrap();
+    let frame = |kind: u8, flags: u8, stream: u8, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, stream]);
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+                                         // HEADERS, END_STREAM: `:method: GET`, then `x-drip`, a value of 100 bytes to come.
+    start.extend(frame(0x1, 0x1, 1, b"\x82\x00\x06x-drip\x64"));
+    s.write_all(&start).await.unwrap();
+    let t0 = Instant::now();
+    let (mut sent, mut buf) = (0, [0u8; 1024]);
+    loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the gateway's SETTINGS, its PING, then its GOAWAY
+            },
+            () = tokio::time::sleep(Duration::from_millis(300)) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "an unfinished header block is still open after {:?}",
+                    t0.elapsed()
+                );
+                if sent < 4 {
+                    // CONTINUATION: a byte of the value.
+                    let _ = s.write_all(&frame(0x9, 0, 1, b"a")).await;
+                    sent += 1;
+                }
+            }
+        }
+    }
+}
