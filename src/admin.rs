@@ -164,6 +164,9 @@ async fn make_room(slots: &Arc<Semaphore>, conns: &Conns) -> OwnedSemaphorePermi
 async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn) {
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
+        // The connection first: a pipelined request hyper has buffered (it yields
+        // every 16) becomes a request before the choice is looked at.
+        biased;
         _ = connection.as_mut() => return,
         () = conn.evicted() => {}
     }

@@ -489,8 +489,10 @@ async fn read_response(s: &mut TcpStream) -> String {
 /// (kept alive, a client would send another before `header_read_timeout`): a new
 /// client is still answered, because the connection idle longest is closed for it,
 /// as nginx does with keep-alive connections; over HTTP/2 too. One in the middle of a
-/// request, though its last response is the oldest, is not the one closed. Before,
-/// the new client waited unaccepted until an idle one timed out (here 60 s).
+/// request, though its last response is the oldest, is not the one closed; nor is one
+/// whose next request's head came, unfinished, with the request before (pipelined:
+/// hyper read it with that one, so no byte arrived after the answer; it was closed).
+/// Before, the new client waited unaccepted until an idle one timed out (here 60 s).
 #[tokio::test]
 async fn a_new_admin_connection_takes_the_slot_of_the_one_idle_longest() {
     let gw = Process::start(&format!(
@@ -521,9 +523,18 @@ async fn a_new_admin_connection_takes_the_slot_of_the_one_idle_longest() {
         .await
         .unwrap();
     assert_eq!(read(resp).await.status, 200);
+    // Then a request and, in the same write, the head of the next, not finished.
+    let mut pipelined = TcpStream::connect(gw.admin).await.unwrap();
+    pipelined
+        .write_all(&[GET, b"GET /healthz HTTP/1.1\r\nhost: a\r\n"].concat())
+        .await
+        .unwrap();
+    assert!(read_response(&mut pipelined)
+        .await
+        .starts_with("HTTP/1.1 200"));
     // The other slots, idle after one request each, oldest first.
     let mut idle = Vec::new();
-    for _ in 2..cap {
+    for _ in 3..cap {
         idle.push(one_request(gw.admin).await);
     }
     // A new client (Prometheus, a health check) is answered; it keeps its connection.
@@ -547,9 +558,11 @@ async fn a_new_admin_connection_takes_the_slot_of_the_one_idle_longest() {
         .await
         .expect("the HTTP/1.1 connection idle longest is closed");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
-    // The one in the middle of its request was not: it finishes the request.
-    midway.write_all(b"\r\n").await.unwrap();
-    assert!(read_response(&mut midway).await.starts_with("HTTP/1.1 200"));
+    // The ones in the middle of a request were not: they finish it.
+    for s in [&mut midway, &mut pipelined] {
+        s.write_all(b"\r\n").await.unwrap();
+        assert!(read_response(s).await.starts_with("HTTP/1.1 200"));
+    }
     // Nor the others.
     let last = idle.last_mut().unwrap();
     last.write_all(GET).await.unwrap();

@@ -7,7 +7,10 @@
 //! A connection is idle from when it is accepted, and from when its last response
 //! has been written whole, until a byte of its next request arrives (HTTP/1.1) or
 //! its next stream opens (HTTP/2). One that is in the middle of a request or of a
-//! response is never chosen.
+//! response is never chosen. Over HTTP/1.1, a connection whose bytes read so far do
+//! not end with an empty line (the end of a head, or of a chunked body) is not idle
+//! after its answer either: hyper may hold the start of the next request, read
+//! together with the one answered (pipelined).
 
 use std::collections::HashMap;
 use std::io;
@@ -48,6 +51,13 @@ struct Activity {
     /// The last response was taken whole but may still be in hyper's write buffer:
     /// idle once a flush has written it.
     unflushed: bool,
+    /// The bytes read so far do not end with an empty line (HTTP/1.1): they may end
+    /// with the start of a request that hyper read with the one before and has not
+    /// parsed yet, unseen here. Not idle after the answer, then; hyper's
+    /// `header_read_timeout` bounds the wait for the rest. (So too after a request
+    /// with a `Content-Length` body, whose last bytes are its own: such a connection,
+    /// rare on the admin listener, is never closed to make room and only times out.)
+    unparsed: bool,
     /// Since when nothing is in progress; `None` while busy.
     idle_since: Option<Instant>,
     /// Chosen by the listener and not yet declined, nor slow to close; while one is,
@@ -77,6 +87,7 @@ impl Conns {
             activity: Mutex::new(Activity {
                 in_flight: 0,
                 unflushed: false,
+                unparsed: false,
                 idle_since: Some(Instant::now()),
                 evicting: false,
                 closing: false,
@@ -152,8 +163,15 @@ impl Conn {
 
     /// Bytes of a request arrived (HTTP/1.1): busy until its response is written.
     pub(super) fn read(&self) {
+        self.lock().idle_since = None;
+    }
+
+    /// Bytes of a request were read (HTTP/1.1), the last of them ending with an empty
+    /// line or not: busy until its response is written, and after that too if not.
+    fn read_bytes(&self, end_with_empty_line: bool) {
         let mut a = self.lock();
         a.idle_since = None;
+        a.unparsed = !end_with_empty_line;
         // A response still being flushed does not make the connection idle: the
         // next request has begun.
         a.unflushed = false;
@@ -181,7 +199,7 @@ impl Conn {
     /// Everything hyper had buffered is written to the socket.
     fn flushed(&self) {
         let mut a = self.lock();
-        if a.unflushed && a.in_flight == 0 {
+        if a.unflushed && a.in_flight == 0 && !a.unparsed {
             a.unflushed = false;
             a.idle_since = Some(Instant::now());
             drop(a);
@@ -269,17 +287,20 @@ impl Body for Tracked {
 /// the one closed to make room.
 ///
 /// Bytes of a pipelined request that hyper read together with the request before it
-/// sit in hyper's buffer, unseen here, so such a connection passes for idle once the
-/// first response is written. Browsers, curl and Prometheus do not pipeline, and a
-/// client that does resends what a closed connection left unanswered (RFC 9112
-/// §9.3.2), as every keep-alive client must when a server closes an idle connection
-/// just as it sends (§9.3.1).
+/// sit in hyper's buffer, unseen here: a connection whose reads do not end with an
+/// empty line is not taken for idle after its answer ([`Activity`]'s `unparsed`). A
+/// whole pipelined head hyper parses at once, in the same poll that wrote the answer
+/// before it (or, every 16 requests, the next, which polls the connection before
+/// [`Conn::evicted`]), so it is a request before the choice is looked at.
 pub(super) struct Watched<S> {
     io: S,
     conn: Arc<Conn>,
     /// Whether bytes read start a request: HTTP/1.1. Over HTTP/2 they are as often
     /// the client's PING answers and window updates; its streams count instead.
     reads_are_requests: bool,
+    /// The last three bytes read (HTTP/1.1), to tell whether they end with an empty
+    /// line; as if one had ended before the first.
+    tail: [u8; 3],
     /// How long writes may wait in a row for the client to take bytes.
     write_wait: IdleWait,
 }
@@ -295,6 +316,7 @@ impl<S> Watched<S> {
             io,
             conn,
             reads_are_requests,
+            tail: *b"\n\r\n",
             write_wait: IdleWait::new(write_timeout),
         }
     }
@@ -332,8 +354,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if this.reads_are_requests && buf.filled().len() > before {
-            this.conn.read();
+        let new = &buf.filled()[before..];
+        if this.reads_are_requests && !new.is_empty() {
+            for &b in new.iter().rev().take(3).rev() {
+                this.tail = [this.tail[1], this.tail[2], b];
+            }
+            this.conn
+                .read_bytes(this.tail == *b"\n\r\n" || this.tail[1..] == *b"\n\n");
         }
         polled
     }
