@@ -401,6 +401,14 @@ pub async fn send(
             // The head, kept only while it may be needed again.
             let head = replay.then(|| head_of(&req));
             match sender.try_send(req).await {
+                // hyper (HTTP/1.1 and HTTP/2 alike) takes any status from 100 to
+                // 999; past 599 it is no status code (RFC 9110 §15), as the fast
+                // path's parser holds too. Not relayed; the connection is not kept
+                // (an HTTP/2 one is, with this stream reset).
+                Ok(resp) if resp.status().as_u16() > 599 => {
+                    tracing::debug!(upstream = %upstream, status = resp.status().as_u16(), "upstream sent a status outside 100-599");
+                    return Err((UpstreamFailure::Protocol, None));
+                }
                 Ok(resp) => {
                     return Ok((
                         resp,

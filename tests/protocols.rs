@@ -941,3 +941,156 @@ upstream = "tls"
         assert_eq!(status, want, "HTTP/2 upstream, {path}");
     }
 }
+
+// ---- upstream status codes ----
+
+/// Answers each request head with the status its path names (`/status/NNN`), on a
+/// plain or TLS connection.
+async fn serve_status<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).into_owned();
+        got.drain(..end + 4);
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        let status = path.strip_prefix("/status/").unwrap_or("200");
+        let answer = format!("HTTP/1.1 {status} Odd\r\ncontent-length: 2\r\n\r\nok");
+        if s.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An upstream status outside 100–599 (RFC 9110 §15: a status code is three digits,
+/// 100 to 599) is no HTTP response: 502 `upstream_error`, whichever client path and
+/// upstream path the response takes — the gateway's own exchange (`http://` targets),
+/// hyper's HTTP/1.1 client (`https://` targets) and its HTTP/2 client (`protocol =
+/// "h2"`), to clients over plain HTTP/1.1, h2c, and HTTPS with HTTP/1.1 or HTTP/2.
+/// httparse, hyper and the `http` crate all take 100–999, so 600–999 was relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_status_outside_100_to_599_is_502_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "test-ca");
+    let up_cfg = tls_server_config(&ca.server("backend", &["localhost"], 5), &[b"http/1.1"]);
+    ca.server("gateway", &["plain.test", "tls.test", "h2.test"], 6);
+    let plain = serve_tcp(serve_status).await;
+    let tls = serve_tcp(move |tcp| {
+        let cfg = up_cfg.clone();
+        async move {
+            if let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+                serve_status(tls).await;
+            }
+        }
+    })
+    .await;
+    let h2 = serve_tcp(|tcp| async move {
+        let svc = service_fn(|req: Request<Incoming>| async move {
+            let status = req
+                .uri()
+                .path()
+                .strip_prefix("/status/")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(200);
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            Ok::<_, Infallible>(resp)
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tcp), svc)
+            .await;
+    })
+    .await;
+    let (gw, _) = Gateway::start_file(
+        dir.path(),
+        &format!(
+            r#"
+[server]
+tls_listen = "127.0.0.1:0"
+[server.tls]
+default_cert = "gateway.pem"
+default_key = "gateway.key"
+[upstreams.plain]
+targets = ["{plain}"]
+[upstreams.tls]
+targets = ["https://localhost:{}"]
+ca = "{}"
+[upstreams.h2]
+targets = ["{h2}"]
+protocol = "h2"
+[tenants.plain]
+hosts = ["plain.test"]
+upstream = "plain"
+[tenants.tls]
+hosts = ["tls.test"]
+upstream = "tls"
+[tenants.h2]
+hosts = ["h2.test"]
+upstream = "h2"
+"#,
+            tls.port(),
+            ca.path.display()
+        ),
+    );
+    let (port, tls_port) = (gw.addr.port(), gw.tls().port());
+    let mut wrong = Vec::new();
+    for (status, want) in [
+        ("599", "599"),
+        ("600", "502"),
+        ("999", "502"),
+        ("200", "200"),
+    ] {
+        for host in ["plain.test", "tls.test", "h2.test"] {
+            for client in ["http1.1", "http2-prior-knowledge", "https1.1", "https2"] {
+                let mut cmd = std::process::Command::new("curl");
+                cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"]);
+                let url = match client {
+                    "http1.1" | "http2-prior-knowledge" => {
+                        cmd.arg(format!("--{client}"))
+                            .args(["-H", &format!("host: {host}")]);
+                        format!("http://127.0.0.1:{port}/status/{status}")
+                    }
+                    _ => {
+                        cmd.arg(if client == "https1.1" {
+                            "--http1.1"
+                        } else {
+                            "--http2"
+                        })
+                        .arg("--cacert")
+                        .arg(&ca.path)
+                        .args(["--resolve", &format!("{host}:{tls_port}:127.0.0.1")]);
+                        format!("https://{host}:{tls_port}/status/{status}")
+                    }
+                };
+                let out = cmd.arg(url).output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (body, got) = text.rsplit_once('\n').unwrap_or(("", &text));
+                let right =
+                    got == want && (want != "502" || body.contains(r#""error":"upstream_error""#));
+                if !right {
+                    wrong.push(format!(
+                        "{status} from {host} to {client}: got {got} {body}{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // Counted as the upstream's protocol errors.
+    let metrics = get(gw.admin, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    for (tenant, upstream) in [("plain", "plain"), ("tls", "tls"), ("h2", "h2")] {
+        let line = format!(
+            r#"bulkhead_upstream_errors_total{{tenant="{tenant}",upstream="{upstream}",kind="protocol"}} 8"#
+        );
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+}

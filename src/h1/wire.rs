@@ -521,8 +521,9 @@ fn scan<'b>(
     head_request: bool,
 ) -> Result<Option<Scan<'b>>, Malformed> {
     let status = resp.code.ok_or(Malformed)?;
-    if status < 100 {
-        // Three digits, but no status code (RFC 9110 §15).
+    if !(100..=599).contains(&status) {
+        // Three digits, but no status code (RFC 9110 §15: 100 to 599); httparse
+        // takes any three.
         return Err(Malformed);
     }
     if (100..200).contains(&status) {
@@ -1324,8 +1325,13 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
             b"garbage\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 099 Low\r\n\r\n",
+            b"HTTP/1.1 600 High\r\n\r\n",
+            b"HTTP/1.1 999 High\r\n\r\n",
         ] {
             assert!(parse_response(bad, false, &extra(&rid), &mut out).is_err());
+            let mut buf = BytesMut::from(bad);
+            assert!(parse_response_parts(&mut buf, false).is_err(), "{bad:?}");
         }
     }
 
