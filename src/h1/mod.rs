@@ -471,7 +471,9 @@ struct Refusal<'a> {
 }
 
 /// Writes the gateway's own error response. The connection stays open only when the
-/// request's body (if any) is already in the buffer, so it can be skipped.
+/// request's body (if any) is already in the buffer, so it can be skipped, and the
+/// request was not malformed: a 400 `bad_request` closes it, as hyper's server here
+/// (TLS, proxy::handle) and nginx do, and as the README says.
 async fn refuse(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
@@ -482,7 +484,7 @@ async fn refuse(
     r: Refusal<'_>,
 ) -> Next {
     let skippable = body_len <= buf.len() as u64;
-    let close = close || !skippable;
+    let close = close || !skippable || matches!(e, ProxyError::MalformedRequest { .. });
     if skippable {
         bytes::Buf::advance(buf, body_len as usize);
     }
