@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Serialize, Serializer};
 
 use crate::config::{line_col, version_of, Config, NotText, ResolvedTenant};
+use crate::file::AppendError;
 use crate::server::Shared;
 use crate::snapshot::Snapshot;
 
@@ -137,8 +139,11 @@ struct Inner {
 
 impl ReloadState {
     /// Starts the bookkeeping for the config the process started with, and records it
-    /// in the history and the audit log.
-    pub fn new(config: &Config) -> ReloadState {
+    /// in the history and the audit log. An audit log that is not a regular file (a
+    /// FIFO, a device) is an error: the gateway does not start.
+    pub fn new(config: &Config) -> Result<ReloadState, String> {
+        let audit_log = open_audit(config.audit_log.as_deref())
+            .map_err(|why| format!("{}: {why}", config.path.display()))?;
         let now = SystemTime::now();
         let entry = HistoryEntry {
             time: now,
@@ -149,8 +154,8 @@ impl ReloadState {
             error: None,
             changes: Changes::default(),
         };
-        audit(config.audit_log.as_deref(), &entry);
-        ReloadState {
+        audit(audit_log, &entry);
+        Ok(ReloadState {
             inner: Mutex::new(Inner {
                 config: config.clone(),
                 last_rejected: None,
@@ -159,7 +164,7 @@ impl ReloadState {
             succeeded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(unix_ms(now)),
-        }
+        })
     }
 
     /// Reloads that succeeded since startup (`config_reloads_total{result="success"}`).
@@ -316,6 +321,24 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
             return Some(Err(reject(state, &mut inner, trigger, Some(version), msg)));
         }
     };
+    // Opened before the swap: an audit log that is not a regular file refuses the
+    // reload, as `check` refuses it, rather than applying a change it cannot record.
+    let audit_log = match open_audit(new.audit_log.as_deref()) {
+        Ok(f) => f,
+        Err(why) => {
+            let (line, col) = key_position(&text, "server.audit_log");
+            let msg = format!("{}:{line}:{col}: {why}", path.display());
+            // As for a parse error: the same text may pass once the path holds a
+            // file, so the watcher tries it again then, but reports this once.
+            let key = format!("{version} {msg}");
+            if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
+                return None;
+            }
+            let msg = reject(state, &mut inner, trigger, Some(version), msg);
+            inner.last_rejected = Some(key);
+            return Some(Err(msg));
+        }
+    };
     let changes = diff(&inner.config, &new);
     shared.snapshot.store(Arc::new(snapshot));
     if new.tenants.is_empty() && !inner.config.tenants.is_empty() {
@@ -344,7 +367,7 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
         error: None,
         changes,
     };
-    audit(new.audit_log.as_deref(), &entry);
+    audit(audit_log, &entry);
     inner.config = new;
     inner.last_rejected = None;
     push(state, entry);
@@ -686,10 +709,30 @@ fn tenant_fields(a: &ResolvedTenant, b: &ResolvedTenant) -> Vec<&'static str> {
     f
 }
 
+/// The audit log, opened for appending without blocking (`file::append`); `Ok(None)`
+/// without one. Something other than a regular file at its path is the error: a FIFO
+/// would block the open until a reader came (forever, at start or under the reload
+/// lock) and every write once its reader fell behind. A file that cannot be opened for
+/// another reason (permissions, a missing directory) is logged, as a failed write is:
+/// the change applies without its line.
+fn open_audit(path: Option<&Path>) -> Result<Option<(&Path, File)>, String> {
+    let Some(path) = path else { return Ok(None) };
+    match crate::file::append(path) {
+        Ok(f) => Ok(Some((path, f))),
+        Err(AppendError::NotRegular(kind)) => Err(format!(
+            "`server.audit_log` {path:?} is {kind}, not a regular file; the audit log is appended to a regular file (made when missing), never to a FIFO, a device or a socket, whose writes can block or be lost"
+        )),
+        Err(AppendError::Io(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot open the audit log");
+            Ok(None)
+        }
+    }
+}
+
 /// Appends `entry` as one JSON line. A failure to write is logged, never fatal: the
 /// config is already in force.
-fn audit(path: Option<&Path>, entry: &HistoryEntry) {
-    let Some(path) = path else { return };
+fn audit(log: Option<(&Path, File)>, entry: &HistoryEntry) {
+    let Some((path, mut file)) = log else { return };
     let mut line = match serde_json::to_vec(entry) {
         Ok(l) => l,
         Err(e) => {
@@ -700,12 +743,7 @@ fn audit(path: Option<&Path>, entry: &HistoryEntry) {
     line.push(b'\n');
     // One write of a whole line to a file opened for appending: concurrent writers
     // and log rotation never see half a line.
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(&line));
-    if let Err(e) = written {
+    if let Err(e) = file.write_all(&line) {
         tracing::warn!(path = %path.display(), error = %e, "cannot append to the audit log");
     }
 }

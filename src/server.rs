@@ -78,7 +78,8 @@ impl RunningGateway {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
-            reload: crate::reload::ReloadState::new(&config),
+            reload: crate::reload::ReloadState::new(&config)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             config,
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -953,9 +953,14 @@ fn empty_jwt_claim_and_cookie_names_are_refused() {
 /// `bulkhead check --config PATH`: exit code and stderr, or a panic when it has not
 /// exited within 10 s (it is killed first).
 fn check_path_within(path: &std::path::Path) -> (i32, String) {
+    bulkhead_within(&["check".as_ref(), "--config".as_ref(), path.as_os_str()])
+}
+
+/// `bulkhead ARGS`: exit code and stderr, or a panic when it has not exited within
+/// 10 s (it is killed first).
+fn bulkhead_within(args: &[&std::ffi::OsStr]) -> (i32, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["check", "--config"])
-        .arg(path)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -965,10 +970,7 @@ fn check_path_within(path: &std::path::Path) -> (i32, String) {
         if t0.elapsed() > std::time::Duration::from_secs(10) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "`bulkhead check` still reading {} after 10 s",
-                path.display()
-            );
+            panic!("`bulkhead {args:?}` still running after 10 s");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -977,6 +979,37 @@ fn check_path_within(path: &std::path::Path) -> (i32, String) {
         out.status.code().unwrap(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// An audit log that is a FIFO nobody reads (a log shipper not up yet): the gateway
+/// opened it at start and waited there for a reader, for good (SIGTERM did not end
+/// it either: signals are acted on once it serves). It fails at once, naming the key
+/// and the path.
+#[test]
+fn an_audit_log_that_is_a_fifo_fails_the_start_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    support::mkfifo(&dir.path().join("audit.fifo"));
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             audit_log = \"audit.fifo\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, err) = bulkhead_within(&[
+        "run".as_ref(),
+        "--no-watch".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("`server.audit_log` ")
+            && err.contains("audit.fifo\" is a FIFO, not a regular file"),
+        "{err}"
+    );
 }
 
 /// A FIFO, or a device, where the config or a file it names should be: refused with

@@ -1075,43 +1075,24 @@ async fn the_history_names_credential_changes() {
     );
 }
 
-/// A reload holds the config lock from reading the new file until it has written its
-/// audit line (seconds for a very large file; here, an audit log that is a FIFO whose
-/// reader, a log shipper, has fallen behind, so the pipe is full).
-/// `GET /config/history` and the health checks, answered on the admin thread, go on
-/// answering meanwhile: the history was behind that lock, and the admin thread
-/// waited on it, health checks included. (This test used a key file that was a FIFO
-/// nobody wrote to; such a file is now refused at once.)
+/// A reload holds the config lock from reading the new file until it has swapped it
+/// in: seconds for a very large file (here 100,000 tenants, 4.7 MB). `GET
+/// /config/history` and the health checks, answered on the admin thread, go on
+/// answering meanwhile: the history was behind that lock, and the admin thread waited
+/// on it, health checks included. (This test first held the reload with a key file
+/// that was a FIFO nobody wrote to, then with an audit log that was a FIFO whose
+/// reader had fallen behind; both are now refused at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_history_and_health_answer_while_a_reload_is_under_way() {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    const O_NONBLOCK: i32 = 0o4000; // Linux
+    use std::fmt::Write;
     let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
     let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("audit.fifo");
-    mkfifo(&fifo);
-    // The shipper: a reader, so that the audit log opens (at start too).
-    let mut shipper = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(O_NONBLOCK)
-        .open(&fifo)
-        .unwrap();
-    let config = |up: &str| {
-        format!(
-            "[server]\naudit_log = \"audit.fifo\"\n{}",
-            blue_green_config(up, &blue, &green)
-        )
-    };
-    let (gw, path) = Gateway::start_file(dir.path(), &config("blue"));
-    // The shipper falls behind: the pipe fills up.
-    let mut filler = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(O_NONBLOCK)
-        .open(&fifo)
-        .unwrap();
-    while filler.write(&[b'\n'; 4096]).is_ok_and(|n| n > 0) {}
-    write_config(&path, &config("green"));
+    let (gw, path) = Gateway::start_file(dir.path(), &blue_green_config("blue", &blue, &green));
+    let mut large = blue_green_config("green", &blue, &green);
+    for i in 0..100_000 {
+        writeln!(large, "[tenants.t{i}]\nhosts = [\"t{i}.example.com\"]").unwrap();
+    }
+    write_config(&path, &large);
     let admin = gw.admin;
     let reload = tokio::spawn(async move { post_reload(admin).await });
     // Until a reader of the config in force waits: the reload has its lock.
@@ -1120,10 +1101,14 @@ async fn the_history_and_health_answer_while_a_reload_is_under_way() {
     let waiting = loop {
         let state = state.clone();
         let probe = std::thread::spawn(move || drop(state.reload.config()));
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(100));
         if !probe.is_finished() {
             break probe;
         }
+        assert!(
+            !reload.is_finished(),
+            "the reload finished before it was seen holding its lock"
+        );
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "the reload never took its lock"
@@ -1136,28 +1121,71 @@ async fn the_history_and_health_answer_while_a_reload_is_under_way() {
         assert_eq!(r.status, 200, "{path}");
     }
     assert!(!reload.is_finished());
-    // The shipper catches up; the reload writes its line and finishes.
-    let drained = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        let mut buf = [0u8; 65536];
-        let t0 = Instant::now();
-        while !String::from_utf8_lossy(&lines).contains("\"trigger\":\"admin\"") {
-            match shipper.read(&mut buf) {
-                Ok(n) => lines.extend_from_slice(&buf[..n]),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "no audit line");
-        }
-    });
     let r = reload.await.unwrap();
     assert_eq!(r.status, 200, "{:?}", r.json());
-    drained.join().unwrap();
     waiting.join().unwrap();
     let h = admin_get(gw.admin, "/config/history").await;
     assert_eq!(h[0]["trigger"], "admin");
     assert_eq!(h[0]["result"], "success", "{h:#}");
     assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "green");
-    drop(filler);
+}
+
+/// An audit log that is a FIFO. With no reader, a reload that named it applied the
+/// change and then waited to open it, under the reload lock, for a reader that never
+/// came: `POST /reload` never answered, and every reload after it waited too. With a
+/// reader, each line could wait for it. Now the reload is refused at once (422, in the
+/// history), the old config keeps serving, and the next reload goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_that_is_a_fifo_refuses_the_reload_at_once() {
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000; // Linux
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = |log: &str, up: &str| {
+        format!(
+            "[server]\naudit_log = \"{log}\"\n{}",
+            blue_green_config(up, &blue, &green)
+        )
+    };
+    let (gw, path) = Gateway::start_file(dir.path(), &config("audit.jsonl", "blue"));
+    let fifo = dir.path().join("audit.fifo");
+    mkfifo(&fifo);
+    write_config(&path, &config("audit.fifo", "green"));
+    let refused = || async {
+        let r = tokio::time::timeout(Duration::from_secs(10), post_reload(gw.admin))
+            .await
+            .expect("the reload waited on the FIFO");
+        assert_eq!(r.status, 422, "{:?}", String::from_utf8_lossy(&r.body));
+        let msg = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(
+            msg.contains(":4:13: `server.audit_log` ")
+                && msg.contains("audit.fifo\" is a FIFO, not a regular file"),
+            "{msg}"
+        );
+        let h = admin_get(gw.admin, "/config/history").await;
+        assert_eq!(h[0]["result"], "failure", "{h:#}");
+        assert_eq!(h[0]["error"], msg.as_str());
+        assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "blue");
+    };
+    refused().await;
+    // A log shipper reading it: refused all the same.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    refused().await;
+    drop(reader);
+    write_config(&path, &config("audit.jsonl", "green"));
+    let r = post_reload(gw.admin).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(upstream_for(gw.addr, "acme.example.com").await, "green");
+    let lines = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let triggers: Vec<_> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["trigger"].clone())
+        .collect();
+    assert_eq!(triggers, ["startup", "admin"]);
 }
 
 /// A FIFO where the config file, or a key it names, should be: the reload is refused
