@@ -1617,14 +1617,22 @@ impl Validator<'_> {
             return None;
         }
         let file = config.parent().unwrap_or(Path::new("")).join(raw.get_ref());
-        if file.is_dir() {
-            self.error(
+        // The path's type, not opened (`check` must not block, nor make the file): a
+        // FIFO, a device or a socket is refused where the gateway would refuse it (at
+        // start, in a reload), with the same words.
+        match std::fs::metadata(&file) {
+            Ok(m) if m.is_dir() => self.error(
                 raw.span(),
                 format!(
                     "`server.audit_log` {:?} is a directory; name a file in it",
                     raw.get_ref()
                 ),
-            );
+            ),
+            Ok(m) if !m.is_file() => self.error(
+                raw.span(),
+                audit_log_not_regular(raw.get_ref(), crate::file::kind(m.file_type())),
+            ),
+            _ => {}
         }
         // The log would be appended to the config itself (at start, and at every
         // reload): the file then fails to parse, and the next start fails.
@@ -1771,6 +1779,12 @@ fn without_password(url: &str) -> String {
             None => url.to_owned(),
         },
     }
+}
+
+/// `server.audit_log` (`name`, as written or resolved) is `kind` ("a FIFO"): the one
+/// message for `check`, the start and a reload.
+pub(crate) fn audit_log_not_regular(name: &str, kind: &str) -> String {
+    format!("`server.audit_log` {name:?} is {kind}, not a regular file; the audit log is appended to a regular file (made when missing), never to a FIFO, a device or a socket, whose writes can block or be lost")
 }
 
 /// Why `url` is not a Redis URL the store could connect to, as a phrase naming it as

@@ -719,8 +719,10 @@ fn open_audit(path: Option<&Path>) -> Result<Option<(&Path, File)>, String> {
     let Some(path) = path else { return Ok(None) };
     match crate::file::append(path) {
         Ok(f) => Ok(Some((path, f))),
-        Err(AppendError::NotRegular(kind)) => Err(format!(
-            "`server.audit_log` {path:?} is {kind}, not a regular file; the audit log is appended to a regular file (made when missing), never to a FIFO, a device or a socket, whose writes can block or be lost"
+        // `check` refuses it already (Config::parse); this is a path that changed since.
+        Err(AppendError::NotRegular(kind)) => Err(crate::config::audit_log_not_regular(
+            &path.display().to_string(),
+            kind,
         )),
         Err(AppendError::Io(e)) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot open the audit log");

@@ -1012,6 +1012,46 @@ fn an_audit_log_that_is_a_fifo_fails_the_start_at_once() {
     );
 }
 
+/// `check` says what the gateway would refuse at start or in a reload: an audit log
+/// that is a FIFO, a device or a socket, at the key. It passed, looking only for a
+/// directory. It looks at the path's type without opening it (that would wait for a
+/// FIFO's reader) and makes no file.
+#[test]
+fn an_audit_log_that_is_a_fifo_or_a_device_is_refused_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    support::mkfifo(&dir.path().join("audit.fifo"));
+    let path = dir.path().join("gateway.toml");
+    for (log, kind) in [
+        ("audit.fifo", "a FIFO"),
+        ("/dev/null", "a character device"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("[server]\naudit_log = \"{log}\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"),
+        )
+        .unwrap();
+        let (code, err) = check_path_within(&path);
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "{}:2:13: `server.audit_log` \"{log}\" is {kind}, not a regular file; the audit log is appended to a regular file (made when missing), never to a FIFO, a device or a socket, whose writes can block or be lost",
+                path.display()
+            )
+        );
+    }
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\naudit_log = \"audit.jsonl\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, err) = check_path_within(&path);
+    assert_eq!(code, 0, "{err}");
+    assert!(!dir.path().join("audit.jsonl").exists());
+}
+
 /// A FIFO, or a device, where the config or a file it names should be: refused with
 /// the path and why, at once. Reading it waited for a writer that never came (and
 /// `/dev/zero` never ends).
