@@ -1435,6 +1435,7 @@ impl Validator<'_> {
             self.error(redis.span(), "`cluster.redis` names no node".to_owned());
         }
         let mut tls_modes = Vec::new();
+        let mut seeds = Vec::new();
         for url in &nodes {
             // Messages name the node without its password: they reach the log, a
             // reload's 422 answer and `GET /config/history`.
@@ -1454,8 +1455,12 @@ impl Validator<'_> {
                 ),
                 Ok(info) => {
                     tls_modes.push(matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }));
+                    seeds.push((n, info));
                 }
             }
+        }
+        if nodes.len() > 1 {
+            self.cluster_seeds(redis.span(), &seeds);
         }
         if tls_modes.iter().any(|t| *t) && tls_modes.iter().any(|t| !*t) {
             self.error(
@@ -1586,6 +1591,59 @@ impl Validator<'_> {
                     );
                 }
             }
+        }
+    }
+
+    /// The seed nodes of a Redis Cluster (`n`, the URL with its user and password
+    /// masked, and what the client reads from it). redis-rs's cluster client reaches
+    /// every node, the seeds and the ones the cluster announces, as the first seed
+    /// says: its user, password, protocol and database. It refuses a later seed that
+    /// names another only when connecting, and not at all when the first names none
+    /// (the others' password was dropped, and Redis answered NOAUTH). A database other
+    /// than 0 is refused by Redis Cluster itself (`SELECT is not allowed in cluster
+    /// mode`), on every connection.
+    fn cluster_seeds(
+        &mut self,
+        span: std::ops::Range<usize>,
+        seeds: &[(String, redis::ConnectionInfo)],
+    ) {
+        let Some((first_n, first)) = seeds.first() else {
+            return;
+        };
+        let a = first.redis_settings();
+        for (n, info) in &seeds[1..] {
+            let b = info.redis_settings();
+            let differs: Vec<&str> = [
+                (a.username() != b.username(), "user"),
+                (a.password() != b.password(), "password"),
+                (a.protocol() != b.protocol(), "protocol (?protocol=)"),
+            ]
+            .into_iter()
+            .filter_map(|(d, what)| d.then_some(what))
+            .collect();
+            if !differs.is_empty() {
+                self.error(
+                    span.clone(),
+                    format!(
+                        "`cluster.redis`: {n:?} differs from {first_n:?} in its {}; the client reaches every node of a Redis Cluster (the seeds and the nodes the cluster announces) with one user, password and protocol, the first seed's, so the seeds name the same",
+                        differs.join(" and ")
+                    ),
+                );
+            }
+        }
+        let with_db: Vec<String> = seeds
+            .iter()
+            .filter(|(_, info)| info.redis_settings().db() != 0)
+            .map(|(n, info)| format!("{n:?} (database {})", info.redis_settings().db()))
+            .collect();
+        if !with_db.is_empty() {
+            self.error(
+                span,
+                format!(
+                    "`cluster.redis`: a Redis Cluster has only database 0 (it refuses SELECT of another), so its seed nodes name /0 or no database, not {}",
+                    with_db.join(", ")
+                ),
+            );
         }
     }
 

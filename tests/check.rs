@@ -612,6 +612,55 @@ fn bad_redis_urls_are_refused_in_plain_words() {
     }
 }
 
+/// The seed nodes of a Redis Cluster are all reached with the first seed's user,
+/// password and protocol (redis-rs's cluster client has one set for every node, the
+/// ones the cluster announces included), and a Redis Cluster has only database 0. A
+/// list that differed passed `check`: the client refused it at connect time, or, when
+/// the first seed had no password, dropped the others' and Redis answered NOAUTH; a
+/// database other than 0 failed every connection (SELECT is refused in cluster mode).
+/// Now each is refused at the key, the passwords hidden.
+#[test]
+fn redis_cluster_seeds_that_differ_in_credentials_or_name_a_database_are_refused() {
+    let scoped = "[defaults.limits]\nscope = \"cluster\"\nrequests_per_second = 10\n";
+    let conf = |redis: &str| {
+        format!("[cluster]\nredis = {redis}\n{BASE}{scoped}[tenants.a]\nhosts = [\"a.com\"]\n")
+    };
+    let same = "; the client reaches every node of a Redis Cluster (the seeds and the nodes the cluster announces) with one user, password and protocol, the first seed's, so the seeds name the same";
+    let cases: Vec<(String, String)> = vec![
+        (
+            conf("[\"redis://10.0.0.1:7000\", \"redis://:s3cret@10.0.0.2:7000\"]"),
+            format!("PATH:2:9: `cluster.redis`: \"redis://***@10.0.0.2:7000\" differs from \"redis://10.0.0.1:7000\" in its password{same}"),
+        ),
+        (
+            conf("[\"redis://:s3cret@10.0.0.1:7000\", \"redis://:0ther@10.0.0.2:7000\"]"),
+            format!("PATH:2:9: `cluster.redis`: \"redis://***@10.0.0.2:7000\" differs from \"redis://***@10.0.0.1:7000\" in its password{same}"),
+        ),
+        (
+            conf("[\"redis://app:s3cret@10.0.0.1:7000\", \"redis://ops:s3cret@10.0.0.2:7000?protocol=resp3\"]"),
+            format!("PATH:2:9: `cluster.redis`: \"redis://***@10.0.0.2:7000?protocol=resp3\" differs from \"redis://***@10.0.0.1:7000\" in its user and protocol (?protocol=){same}"),
+        ),
+        (
+            conf("[\"redis://:s3cret@10.0.0.1:7000/2\", \"redis://:s3cret@10.0.0.2:7000/0\"]"),
+            "PATH:2:9: `cluster.redis`: a Redis Cluster has only database 0 (it refuses SELECT of another), so its seed nodes name /0 or no database, not \"redis://***@10.0.0.1:7000/2\" (database 2)".to_owned(),
+        ),
+    ];
+    for (text, want) in &cases {
+        let (code, _, err) = check(text);
+        assert_eq!(code, 1, "{want}\n{text}");
+        assert_eq!(err.trim_end(), want, "{text}");
+        assert!(!err.contains("s3cret") && !err.contains("0ther"), "{err}");
+    }
+    // The same credentials written differently (percent-encoded), database 0 said or
+    // not: one cluster. One URL is a single server, whose database may be any.
+    for ok in [
+        "[\"redis://app:s3cret@10.0.0.1:7000/0\", \"redis://app:s3cr%65t@10.0.0.2:7000\"]",
+        "\"redis://app:s3cret@10.0.0.1:7000/2\"",
+    ] {
+        let (code, _, err) = check(&conf(ok));
+        assert_eq!(code, 0, "{ok}: {err}");
+    }
+}
+
 /// Each config is refused, its message containing the text given with it (and, when
 /// `alone`, the only problem found).
 fn assert_refused(cases: &[(String, &str)], alone: bool) {
