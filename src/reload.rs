@@ -236,12 +236,7 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
             let msg = format!("{}:1:1: cannot read the file: {e}", path.display());
             // The watcher reports the same error once, as it does a rejected file.
             let key = format!("unreadable: {e}");
-            if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
-                return None;
-            }
-            let msg = reject(state, &mut inner, trigger, None, msg);
-            inner.last_rejected = Some(key);
-            return Some(Err(msg));
+            return reject_once(state, &mut inner, trigger, None, msg, key, only_if_new);
         }
         Err(Unreadable::NotUtf8 { version, line, col }) => {
             if only_if_new && inner.last_rejected.as_deref() == Some(version.as_str()) {
@@ -273,12 +268,15 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
             // event in the directory comes here; reporting it again at each one made
             // a loop with the gateway's own log in the directory.)
             let key = format!("{version} {msg}");
-            if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
-                return None;
-            }
-            let msg = reject(state, &mut inner, trigger, Some(version), msg);
-            inner.last_rejected = Some(key);
-            return Some(Err(msg));
+            return reject_once(
+                state,
+                &mut inner,
+                trigger,
+                Some(version),
+                msg,
+                key,
+                only_if_new,
+            );
         }
     };
     // A config that reads certificate files has a version that covers their bytes too.
@@ -331,12 +329,15 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
             // As for a parse error: the same text may pass once the path holds a
             // file, so the watcher tries it again then, but reports this once.
             let key = format!("{version} {msg}");
-            if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
-                return None;
-            }
-            let msg = reject(state, &mut inner, trigger, Some(version), msg);
-            inner.last_rejected = Some(key);
-            return Some(Err(msg));
+            return reject_once(
+                state,
+                &mut inner,
+                trigger,
+                Some(version),
+                msg,
+                key,
+                only_if_new,
+            );
         }
     };
     let changes = diff(&inner.config, &new);
@@ -401,6 +402,26 @@ fn read(path: &Path) -> Result<String, Unreadable> {
 }
 
 /// Records a rejected attempt and returns its message.
+/// [`reject`], once: the file watcher (`only_if_new`) passes over a rejection whose
+/// `key` is the last one's in silence, so that each is reported once however many
+/// events bring the same file back.
+fn reject_once(
+    state: &ReloadState,
+    inner: &mut Inner,
+    trigger: Trigger,
+    version: Option<String>,
+    msg: String,
+    key: String,
+    only_if_new: bool,
+) -> Option<Result<String, String>> {
+    if only_if_new && inner.last_rejected.as_deref() == Some(key.as_str()) {
+        return None;
+    }
+    let msg = reject(state, inner, trigger, version, msg);
+    inner.last_rejected = Some(key);
+    Some(Err(msg))
+}
+
 fn reject(
     state: &ReloadState,
     inner: &mut Inner,

@@ -815,8 +815,13 @@ fn sized_response(path: &str) -> Vec<u8> {
     head
 }
 
-/// Serves [`sized_response`]s on a plain or TLS connection, one per request head.
-async fn serve_sized<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
+/// Answers each request head read from `s` with `answer(path)`, on a plain or TLS
+/// connection, until the client closes or a write fails.
+async fn serve_heads<S, F>(mut s: S, answer: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: Fn(&str) -> Vec<u8>,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -830,11 +835,16 @@ async fn serve_sized<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mu
         };
         let head = String::from_utf8_lossy(&got[..end]).into_owned();
         got.drain(..end + 4);
-        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
-        if s.write_all(&sized_response(&path)).await.is_err() {
+        let path = head.split(' ').nth(1).unwrap_or("/");
+        if s.write_all(&answer(path)).await.is_err() {
             return;
         }
     }
+}
+
+/// Serves [`sized_response`]s on a plain or TLS connection, one per request head.
+async fn serve_sized<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: S) {
+    serve_heads(s, sized_response).await;
 }
 
 /// The status curl gets for `url` (`--http2-prior-knowledge` when `h2c`).
@@ -946,27 +956,12 @@ upstream = "tls"
 
 /// Answers each request head with the status its path names (`/status/NNN`), on a
 /// plain or TLS connection.
-async fn serve_status<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&got[..end]).into_owned();
-        got.drain(..end + 4);
-        let path = head.split(' ').nth(1).unwrap_or("/");
+async fn serve_status<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: S) {
+    serve_heads(s, |path| {
         let status = path.strip_prefix("/status/").unwrap_or("200");
-        let answer = format!("HTTP/1.1 {status} Odd\r\ncontent-length: 2\r\n\r\nok");
-        if s.write_all(answer.as_bytes()).await.is_err() {
-            return;
-        }
-    }
+        format!("HTTP/1.1 {status} Odd\r\ncontent-length: 2\r\n\r\nok").into_bytes()
+    })
+    .await;
 }
 
 /// An upstream status outside 100–599 (RFC 9110 §15: a status code is three digits,
