@@ -656,8 +656,11 @@ capture_scenario() {
       warn "$scen/$proxy: tcpdump captured nothing (it needs root or CAP_NET_RAW); see $log.tcpdump"
       continue
     fi
+    # h2load's per-request log (g): its own latencies over the capture, beside the wire's.
+    local files=$pcap
+    [[ $scen == g ]] && files="$pcap,$log.h2log"
     if python3 "$HERE/residence.py" "$PROXY_PORT" "$BACKEND_PORT" \
-      "$scen: $proxy ($p50 / $p99 ms)=$pcap" >"$log.residence"; then
+      "$scen: $proxy ($p50 / $p99 ms)=$files" >"$log.residence"; then
       tail -n +3 "$log.residence" | tee -a "$TMP/residence.md"
     else
       warn "$scen/$proxy: residence.py could not read the capture (see $log.residence)"
@@ -869,11 +872,15 @@ EOF
       echo "In µs. *proxy in*: client's request to the proxy's request to the backend; *proxy out*: the"
       echo "backend's response to the proxy's response; *backend*: the backend's answer, waiting for the"
       echo "core it shares with the load generator included; *wire*: the client's request to its"
-      echo "response. The load tool's own p50 / p99 for that run are beside each name: the capture"
-      echo "adds work to both cores, so compare these rows with each other, not with the table above."
+      echo "response; *h2load* (g only, from its per-request log): its latencies for the requests"
+      echo "it started within the capture, and by how much they exceed the wire's at p50 and p99 —"
+      echo "the time h2load itself took to send what it had timed and to read what had arrived, on"
+      echo "the core it shares with the backend. The load tool's own p50 / p99 for the whole run are"
+      echo "beside each name: the capture adds work to both cores, so compare these rows with each"
+      echo "other, not with the table above."
       echo
-      echo "| run | exchanges | proxy in p50/p99 | proxy out p50/p99 | proxy total p50/p90/p99 | backend p50/p99 | wire p50/p90/p99 |"
-      echo "|---|---:|---:|---:|---:|---:|---:|"
+      echo "| run | exchanges | proxy in p50/p99 | proxy out p50/p99 | proxy total p50/p90/p99 | backend p50/p99 | wire p50/p90/p99 | h2load p50/p90/p99 | h2load over wire p50/p99 |"
+      echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
       cat "$TMP/residence.md"
     fi
     echo
@@ -955,7 +962,7 @@ main() {
   if ((CAPTURE)); then
     for scen in a f g; do
       [[ " $SCENARIOS " == *" $scen "* ]] || continue
-      say "capture of scenario $scen (residence.py): proxy in / out p50/p99, proxy total p50/p90/p99, backend p50/p99, wire p50/p90/p99, in µs"
+      say "capture of scenario $scen (residence.py): proxy in / out p50/p99, proxy total p50/p90/p99, backend p50/p99, wire p50/p90/p99, h2load p50/p90/p99 and its excess over the wire p50/p99, in µs"
       capture_scenario "$scen"
     done
   fi
