@@ -172,9 +172,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    // Signal handlers first: a SIGTERM that arrives while the listeners come up (after
-    // "bulkhead is serving" is logged, a supervisor may send one at once) must drain,
-    // not kill the process outright.
+    // Signal handlers first, so that no SIGTERM kills the process outright: one during
+    // the start stops it (exit 1), one after "bulkhead is serving" is logged (a
+    // supervisor may send one at once) drains.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -198,13 +198,46 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     bulkhead::server::raise_nofile();
-    let gateway = match RunningGateway::start(config) {
-        Ok(g) => g,
-        Err(e) => {
+    // The start runs on a thread of its own while this one waits for the signals: it
+    // reads files (certificates, the system's trusted roots, the quota state) that can
+    // take long or hang (a network mount), and a supervisor's SIGTERM must not wait for
+    // it. A SIGHUP stays queued in its stream until the gateway serves.
+    let (started_tx, mut started) = tokio::sync::oneshot::channel();
+    let starter = std::thread::Builder::new()
+        .name("bulkhead-start".into())
+        .spawn(move || {
+            let _ = started_tx.send(RunningGateway::start(config));
+        });
+    if let Err(e) = starter {
+        tracing::error!("cannot start the start thread: {e}");
+        return ExitCode::FAILURE;
+    }
+    let (signalled, outcome) = rt.block_on(async {
+        tokio::select! {
+            r = &mut started => (false, r.ok()),
+            _ = term.recv() => (true, None),
+            _ = int.recv() => (true, None),
+        }
+    });
+    // A start that finished as the signal came is serving: it drains, as after any
+    // signal once serving.
+    let gateway = match outcome.or_else(|| started.try_recv().ok()) {
+        Some(Ok(g)) => g,
+        Some(Err(e)) => {
             tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
+        None if signalled => {
+            // Returning exits the process, the start thread and what it bound with it.
+            tracing::error!("stopped before serving: a signal came while the gateway was starting");
+            return ExitCode::FAILURE;
+        }
+        None => {
+            tracing::error!("the start failed without saying why");
+            return ExitCode::FAILURE;
+        }
     };
+    gateway.log_serving();
     let watcher = if args.no_watch {
         None
     } else {
@@ -219,13 +252,16 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                // The outcome is logged, counted and recorded by `reload` itself.
-                _ = hup.recv() => {
-                    let _ = bulkhead::reload::reload(&gateway.shared, Trigger::Signal);
+        // Not when the signal came as a start finished: that one drains now.
+        if !signalled {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    // The outcome is logged, counted and recorded by `reload` itself.
+                    _ = hup.recv() => {
+                        let _ = bulkhead::reload::reload(&gateway.shared, Trigger::Signal);
+                    }
                 }
             }
         }

@@ -131,14 +131,6 @@ impl RunningGateway {
                     crate::cluster::shutdown(&admin_shared).await;
                 });
             })?;
-        match tls_addr {
-            Some(tls) => {
-                tracing::info!(listen = %listen_addr, tls_listen = %tls, admin = %admin_addr, workers = workers_n, "bulkhead is serving")
-            }
-            None => {
-                tracing::info!(listen = %listen_addr, admin = %admin_addr, workers = workers_n, "bulkhead is serving")
-            }
-        }
         Ok(RunningGateway {
             listen_addr,
             tls_addr,
@@ -149,6 +141,19 @@ impl RunningGateway {
             admin_stop,
             admin,
         })
+    }
+
+    /// Logs "bulkhead is serving" with the addresses bound. The command logs it once it
+    /// holds the gateway, so that a signal after the line drains it, one before the
+    /// line stops the start (src/main.rs).
+    pub fn log_serving(&self) {
+        let (listen, admin, workers) = (self.listen_addr, self.admin_addr, self.workers.len());
+        match self.tls_addr {
+            Some(tls) => {
+                tracing::info!(%listen, tls_listen = %tls, %admin, workers, "bulkhead is serving")
+            }
+            None => tracing::info!(%listen, %admin, workers, "bulkhead is serving"),
+        }
     }
 
     /// Starts draining: `/readyz` turns 503, listeners close (new connections are

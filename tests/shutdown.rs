@@ -298,3 +298,120 @@ async fn requests_cut_off_by_the_grace_are_logged() {
             .await;
     }
 }
+
+/// A SIGTERM or SIGINT while the gateway is still starting stops it at once: exit 1,
+/// "stopped before serving", never "serving". The start is held here where a real one
+/// can hang: reading the system's trusted roots for an `https://` upstream, from an
+/// `SSL_CERT_FILE` that is a FIFO the test keeps open (a trust store on a hung network
+/// mount reads the same way). The signal waited until the start finished, then drained.
+#[tokio::test]
+async fn a_signal_while_starting_stops_before_serving() {
+    for sig in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = dir.path().join("roots.pem");
+        mkfifo(&roots);
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            with_test_listeners(
+                "[upstreams.u]\ntargets = [\"https://127.0.0.1:9\"]\n[tenants.t]\nhosts = [\"t.com\"]\nupstream = \"u\"\n",
+            ),
+        )
+        .unwrap();
+        let mut child = Reaped(
+            std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+                .args(["run", "--no-watch", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .env("SSL_CERT_FILE", &roots)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let log = collect_log(child.0.stderr.take().unwrap());
+
+        // The FIFO opens for writing once the gateway has opened it to read its roots:
+        // from then on the start waits for the test.
+        let t0 = Instant::now();
+        let writer = loop {
+            let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK;
+            match rustix::fs::open(&roots, flags, rustix::fs::Mode::empty()) {
+                Ok(fd) => break fd,
+                Err(e) => assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "the gateway never read its roots ({e}); log:\n{}",
+                    log.lock().unwrap().join("\n")
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let kill = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+
+        // Far beyond a prompt exit; the bound only tells "stopped" from "waited".
+        let exited = wait_exit(&mut child.0, Duration::from_secs(10)).await;
+        let Some(code) = exited else {
+            // What it did instead: let the start finish, and see.
+            drop(writer);
+            let code = wait_exit(&mut child.0, Duration::from_secs(20)).await;
+            panic!(
+                "SIG{sig}: still running 10 s after the signal; once the start could finish it exited {code:?}; log:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
+        drop(writer);
+        let log = log.lock().unwrap().join("\n");
+        assert_eq!(code, Some(1), "SIG{sig}; log:\n{log}");
+        assert!(
+            log.contains("stopped before serving"),
+            "SIG{sig}; log:\n{log}"
+        );
+        assert!(
+            !log.contains("bulkhead is serving"),
+            "SIG{sig}; log:\n{log}"
+        );
+    }
+}
+
+/// A child process killed and reaped when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every line the process writes to `stderr`, as it comes.
+fn collect_log(stderr: std::process::ChildStderr) -> Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().unwrap().push(line);
+        }
+    });
+    log
+}
+
+/// Waits up to `bound` for `child` to exit: `Some(its exit code)`, or `None` if it
+/// still runs.
+async fn wait_exit(child: &mut std::process::Child, bound: Duration) -> Option<Option<i32>> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s.code());
+        }
+        if t0.elapsed() > bound {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
