@@ -967,6 +967,62 @@ async fn bad_input_gets_the_same_answer_over_tls_as_over_plain_http() {
     );
 }
 
+/// A 413 for a body the client sent whole, the next request right behind it: both
+/// listeners answer the 413 with `connection: close` and close, as nginx does after
+/// every 413 (RFC 9110 §15.5.14 lets the server close). The plain listener skipped a
+/// body already in its buffer and answered the next request; TLS closed. A body within
+/// `max_body` keeps the connection on both (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_for_a_body_already_received_closes_over_tls_as_over_plain_http() {
+    let s = Setup::new().await;
+    let gw = s.start(&config(
+        &s.acme,
+        &s.globex,
+        "",
+        "[tenants.acme.limits]\nmax_body = 1024\n",
+    ));
+    let after = "GET /after HTTP/1.1\r\nhost: acme.test\r\nconnection: close\r\n\r\n";
+    let post = |n: usize| {
+        format!(
+            "POST /body HTTP/1.1\r\nhost: acme.test\r\ncontent-length: {n}\r\n\r\n{}{after}",
+            "b".repeat(n)
+        )
+    };
+    let summary = |raw: &[u8]| -> Vec<(u16, bool)> {
+        pki::responses(raw)
+            .into_iter()
+            .map(|(status, head, _)| {
+                let close = head.to_ascii_lowercase().contains("connection: close");
+                (status, close)
+            })
+            .collect()
+    };
+    let cases = [
+        ("2000 bytes, over max_body", post(2000), vec![(413, true)]),
+        (
+            "1024 bytes, within it",
+            post(1024),
+            vec![(200, false), (200, true)],
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let plain = summary(&plain_raw(gw.addr, bytes.as_bytes()).await);
+        let tls = summary(
+            &pki::tls_raw(
+                gw.tls(),
+                "acme.test",
+                s.client(&[b"http/1.1"]),
+                bytes.as_bytes(),
+            )
+            .await,
+        );
+        assert_eq!(plain, want, "{what}, plain");
+        assert_eq!(tls, want, "{what}, TLS");
+    }
+    let bodies = s.acme.seen().iter().filter(|r| r.path == "/body").count();
+    assert_eq!(bodies, 2, "only the bodies within max_body were forwarded");
+}
+
 /// Over TLS, a request that names the `http` scheme (HTTP/2 `:scheme: http`, an
 /// HTTP/1.1 `http://` target) is served as nginx and HAProxy serve it: the scheme a
 /// client writes is not the connection's (RFC 9113 §8.3.1 does not tie them), and the

@@ -472,8 +472,9 @@ struct Refusal<'a> {
 
 /// Writes the gateway's own error response. The connection stays open only when the
 /// request's body (if any) is already in the buffer, so it can be skipped, and the
-/// request was not malformed: a 400 `bad_request` closes it, as hyper's server here
-/// (TLS, proxy::handle) and nginx do, and as the README says.
+/// request was neither malformed nor over `max_body`: a 400 `bad_request` and a 413
+/// `body_too_large` close it, whatever was read, as hyper's server here (TLS,
+/// proxy::handle) and nginx do, and as the README says.
 async fn refuse(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
@@ -484,7 +485,12 @@ async fn refuse(
     r: Refusal<'_>,
 ) -> Next {
     let skippable = body_len <= buf.len() as u64;
-    let close = close || !skippable || matches!(e, ProxyError::MalformedRequest { .. });
+    let close = close
+        || !skippable
+        || matches!(
+            e,
+            ProxyError::MalformedRequest { .. } | ProxyError::BodyTooLarge { .. }
+        );
     if skippable {
         bytes::Buf::advance(buf, body_len as usize);
     }
