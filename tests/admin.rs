@@ -576,17 +576,9 @@ async fn a_new_admin_connection_takes_the_slot_of_the_one_idle_longest() {
 /// unsent.
 #[tokio::test]
 async fn an_admin_client_that_reads_nothing_is_closed() {
-    // 10,000 tenants with long ids and four limits: /metrics is about 9 MB, more than
-    // the socket buffers of both sides hold (4 MiB at most on the gateway's, with
-    // Linux' defaults).
-    let mut toml = format!(
-        "[server]\nheader_read_timeout = \"1s\"\n[defaults.limits]\nrequests_per_second = 10\nburst = 10\nmax_body = \"1MiB\"\nmax_in_flight = 5\n{TENANT}"
-    );
-    for i in 0..10_000 {
-        let id = format!("tenant-{i:05}-{}", "x".repeat(50));
-        toml += &format!("[tenants.{id}]\nhosts = [\"{id}.com\"]\nupstream = \"u\"\n");
-    }
-    let gw = Process::start(&toml);
+    // /metrics is about 9 MB, more than the socket buffers of both sides hold (4 MiB at
+    // most on the gateway's, with Linux' defaults).
+    let gw = Process::start(&large_config());
     let pid = gw.child.id();
     let before = sockets(pid);
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -634,6 +626,19 @@ async fn an_admin_client_that_reads_nothing_is_closed() {
         "{} of {len} bytes arrived",
         body.len()
     );
+}
+
+/// A config whose `/metrics` is about 9 MB: 10,000 tenants with long ids and four
+/// limits; `header_read_timeout` is 1 s.
+fn large_config() -> String {
+    let mut toml = format!(
+        "[server]\nheader_read_timeout = \"1s\"\n[defaults.limits]\nrequests_per_second = 10\nburst = 10\nmax_body = \"1MiB\"\nmax_in_flight = 5\n{TENANT}"
+    );
+    for i in 0..10_000 {
+        let id = format!("tenant-{i:05}-{}", "x".repeat(50));
+        toml += &format!("[tenants.{id}]\nhosts = [\"{id}.com\"]\nupstream = \"u\"\n");
+    }
+    toml
 }
 
 /// A client that drip-feeds a request head, a byte every 100 ms (each well within
