@@ -38,6 +38,13 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// answers the PING that goes with it).
 const EVICT_GRACE: Duration = Duration::from_secs(1);
 
+/// Streams an HTTP/2 admin connection may have open at once. curl, scripts and health
+/// checks use one; each stream may hold a whole answer (`/metrics` of a config of
+/// 10,000 tenants is about 9 MB) until its client has taken it, or for
+/// `header_read_timeout` of a client taking nothing ([`conns::Conn::stalled`]), so
+/// this times [`MAX_CONNECTIONS`] bounds what the admin listener holds.
+const MAX_STREAMS: u32 = 4;
+
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let listener = match TcpListener::from_std(listener) {
@@ -56,7 +63,7 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
         .header_read_timeout(shared.config.header_read_timeout);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_concurrent_streams(16)
+        .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(shared.config.header_read_timeout)
         .keep_alive_timeout(shared.config.header_read_timeout);
     let wait = shared.config.header_read_timeout;
@@ -108,10 +115,7 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
             let shared = shared.clone();
             async move {
                 let response = route(req, shared).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked {
-                    body,
-                    _in_flight: in_flight,
-                }))
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
             }
         });
         let (h1, h2) = (builder.clone(), h2.clone());
@@ -128,11 +132,11 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
                     // The preface is no request: idle until a stream opens.
                     conn.idle_now();
                     let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), false, wait));
-                    until_done_or_evicted(h2.serve_connection(io, service), &conn).await;
+                    until_done_or_evicted(h2.serve_connection(io, service), &conn, wait).await;
                 }
                 Ok(Ok(false)) => {
                     let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), true, wait));
-                    until_done_or_evicted(h1.serve_connection(io, service), &conn).await;
+                    until_done_or_evicted(h1.serve_connection(io, service), &conn, wait).await;
                 }
                 Ok(Err(_)) | Err(_) => {}
             }
@@ -160,8 +164,9 @@ async fn make_room(slots: &Arc<Semaphore>, conns: &Conns) -> OwnedSemaphorePermi
 
 /// Serves `connection` until it ends, or, chosen to make room while idle, closes it:
 /// hyper's graceful shutdown closes an idle HTTP/1.1 connection at once and sends an
-/// HTTP/2 one GOAWAY, finishing any stream its client opened in the meantime.
-async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn) {
+/// HTTP/2 one GOAWAY, finishing any stream its client opened in the meantime. Drops
+/// it, at once, when a response has waited `wait` for its client to take a byte.
+async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn, wait: Duration) {
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         // The connection first: a pipelined request hyper has buffered (it yields
@@ -169,12 +174,14 @@ async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn
         biased;
         _ = connection.as_mut() => return,
         () = conn.evicted() => {}
+        () = conn.stalled(wait) => return stalled(wait),
     }
     connection.as_mut().graceful_shutdown();
     let mut slow = false;
     loop {
         tokio::select! {
             _ = connection.as_mut() => return,
+            () = conn.stalled(wait) => return stalled(wait),
             () = tokio::time::sleep(EVICT_GRACE) => {
                 if conn.in_flight() == 0 {
                     return;
@@ -186,6 +193,13 @@ async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn
             }
         }
     }
+}
+
+fn stalled(wait: Duration) {
+    tracing::debug!(
+        ?wait,
+        "closing an admin connection whose client took nothing of a response for server.header_read_timeout"
+    );
 }
 
 /// Whether the connection starts with the HTTP/2 connection preface (read without

@@ -733,3 +733,100 @@ async fn an_http2_header_block_left_unfinished_is_closed() {
         }
     }
 }
+
+/// An HTTP/2 admin client that reads its socket and answers the keep-alive PINGs, but
+/// never opens its flow-control window, asking for `/metrics` of a large config (about
+/// 9 MB) on every stream it may open. Its socket never stalls, so the write bound never
+/// fired; each answer, rendered whole, waited in the gateway for a window that never
+/// came (in hyper, or handed to the `h2` crate whole, the connection then taken for
+/// idle): about 9 MB per stream, held for as long as the client kept its connection.
+/// Some connections start every stream's window at 0, the others leave the default
+/// 65,535 bytes and never give back what arrives. Before, 8 connections of 16 streams
+/// grew the gateway by about 1.3 GB, and 5 to 7 of them were still open after 30 s.
+/// Now a connection has at most 4 streams, and one whose response waits
+/// `header_read_timeout` for its client to take its next piece is closed: about 0.3 GB
+/// at the peak, every connection closed.
+#[tokio::test]
+async fn an_http2_admin_client_that_never_opens_its_window_is_closed() {
+    const CONNECTIONS: usize = 8;
+    const STREAMS: usize = 16;
+    let gw = Process::start(&large_config());
+    // One whole answer first: the pages one render takes count in the baseline.
+    let r = get(gw.admin, "/metrics", &[]).await;
+    assert!(r.body.len() > 8_000_000, "{} bytes", r.body.len());
+    let (peak_before, _) = gw.memory_kib();
+    let admin = gw.admin;
+    let mut connections = Vec::new();
+    for i in 0..CONNECTIONS {
+        let tcp = TcpStream::connect(admin).await.unwrap();
+        let mut builder = h2::client::Builder::new();
+        if i % 2 == 0 {
+            builder.initial_window_size(0);
+        }
+        let (client, connection) = builder.handshake::<_, Bytes>(tcp).await.unwrap();
+        // Reads the socket and answers PINGs, and ends once the gateway has closed.
+        connections.push(tokio::spawn(connection));
+        for _ in 0..STREAMS {
+            let client = client.clone();
+            tokio::spawn(async move {
+                // Past the gateway's SETTINGS_MAX_CONCURRENT_STREAMS, waits here.
+                let Ok(mut client) = client.ready().await else {
+                    return;
+                };
+                let req = http::Request::get(format!("http://{admin}/metrics"))
+                    .body(())
+                    .unwrap();
+                let Ok((response, _)) = client.send_request(req, true) else {
+                    return;
+                };
+                // The body is kept and never read: no capacity is released.
+                if let Ok(response) = response.await {
+                    let _body = response.into_body();
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    }
+    let t0 = Instant::now();
+    let mut open = 0;
+    for c in connections {
+        let left = Duration::from_secs(30).saturating_sub(t0.elapsed());
+        if tokio::time::timeout(left, c).await.is_err() {
+            open += 1;
+        }
+    }
+    let (peak, now) = gw.memory_kib();
+    let grew = peak.saturating_sub(peak_before) / 1024;
+    eprintln!(
+        "VmHWM {} -> {} MiB (+{grew} MiB), VmRSS now {} MiB, {open} of {CONNECTIONS} connections open after {:?}",
+        peak_before / 1024,
+        peak / 1024,
+        now / 1024,
+        t0.elapsed()
+    );
+    assert_eq!(
+        open, 0,
+        "admin connections whose client never opens its window are still open after 30 s (resident memory grew by {grew} MiB)"
+    );
+    assert!(
+        grew < 512,
+        "resident memory grew by {grew} MiB for {CONNECTIONS} connections of {STREAMS} streams"
+    );
+    // A client that takes its answer gets it whole, in pieces as it opens its window.
+    let (mut h2, _conn) = h2c_at::<http_body_util::Empty<Bytes>>(admin).await;
+    let resp = h2
+        .send_request(
+            http::Request::get(format!("http://{admin}/metrics"))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(body.len() > 8_000_000, "{} bytes", body.len());
+    assert!(body.ends_with(b"\n"));
+}

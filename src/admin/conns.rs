@@ -11,6 +11,10 @@
 //! not end with an empty line (the end of a head, or of a chunked body) is not idle
 //! after its answer either: hyper may hold the start of the next request, read
 //! together with the one answered (pipelined).
+//!
+//! A response body that waits `header_read_timeout` for its next piece to be taken
+//! closes its connection ([`Conn::stalled`]): over HTTP/2 a client may read its socket
+//! and answer PINGs, so no write ever waits, yet never open its flow-control window.
 
 use std::collections::HashMap;
 use std::io;
@@ -36,12 +40,24 @@ pub(super) struct Conns {
     changed: Arc<Notify>,
 }
 
+/// The most of a response body handed to hyper at a time. hyper's HTTP/2 server takes
+/// a body's next frame before it waits for flow-control window, and hands it to the
+/// `h2` crate whole once the window holds a byte: `/metrics` of a large config (9 MB,
+/// one frame) was handed over at once and buffered for a client that never opens its
+/// window, out of sight here (the body taken, the connection looked idle), or waited in
+/// hyper for a window of 0. In pieces, what waits beyond the client's window is one
+/// piece, and each piece taken is progress that [`Conn::stalled`] sees. The size of an
+/// HTTP/2 frame's payload unless the client allows more.
+const PIECE: usize = 16 * 1024;
+
 /// One admin connection.
 pub(super) struct Conn {
     activity: Mutex<Activity>,
     /// The listener chose this connection to make room.
     evict: Notify,
     changed: Arc<Notify>,
+    /// A response body began: [`Conn::stalled`] has one to watch.
+    body_began: Notify,
 }
 
 #[derive(Debug)]
@@ -65,6 +81,10 @@ struct Activity {
     evicting: bool,
     /// Closing since it was chosen: never chosen again.
     closing: bool,
+    /// The response bodies hyper has not taken whole, each with since when it has
+    /// waited for hyper to take its next piece (keyed by `next_body`).
+    bodies: Vec<(u64, Instant)>,
+    next_body: u64,
 }
 
 impl Conns {
@@ -91,9 +111,12 @@ impl Conns {
                 idle_since: Some(Instant::now()),
                 evicting: false,
                 closing: false,
+                bodies: Vec::new(),
+                next_body: 0,
             }),
             evict: Notify::new(),
             changed: self.changed.clone(),
+            body_began: Notify::new(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(id, conn.clone());
@@ -211,6 +234,51 @@ impl Conn {
         self.lock().in_flight
     }
 
+    /// A response body handed to hyper: waiting for its first piece to be taken.
+    fn body_began(&self) -> u64 {
+        let mut a = self.lock();
+        let id = a.next_body;
+        a.next_body += 1;
+        a.bodies.push((id, Instant::now()));
+        drop(a);
+        self.body_began.notify_one();
+        id
+    }
+
+    /// hyper took a piece of body `id`: it waits for the next from now.
+    fn body_moved(&self, id: u64) {
+        if let Some(b) = self.lock().bodies.iter_mut().find(|b| b.0 == id) {
+            b.1 = Instant::now();
+        }
+    }
+
+    fn body_ended(&self, id: u64) {
+        self.lock().bodies.retain(|b| b.0 != id);
+    }
+
+    /// Resolves once a response body has waited `wait` for hyper to take its next
+    /// piece: its client took nothing for that long. Over HTTP/1.1 its socket is full
+    /// (and [`Watched`] sees the write wait too); over HTTP/2 its client may read the
+    /// socket and answer PINGs but leave the stream's or the connection's window shut,
+    /// which nothing else sees. hyper offers no way to reset one stream from outside,
+    /// so the connection is closed; the data plane's HTTP/2 server resets the stream
+    /// (`server.body_idle_timeout`). Cancel-safe.
+    pub(super) async fn stalled(&self, wait: Duration) {
+        loop {
+            let oldest = self.lock().bodies.iter().map(|b| b.1).min();
+            match oldest {
+                None => self.body_began.notified().await,
+                Some(since) => {
+                    let due = since + wait;
+                    if Instant::now() >= due {
+                        return;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+        }
+    }
+
     /// Chosen and closing, but a stream its HTTP/2 client opened just before the
     /// GOAWAY is still in flight: the listener need not wait for it, and chooses
     /// another (else a client that never reads that answer would stop every choice).
@@ -252,10 +320,35 @@ impl Drop for InFlight {
     }
 }
 
-/// An admin response's body, holding its request's [`InFlight`].
+/// An admin response's body, holding its request's [`InFlight`]: handed to hyper in
+/// pieces of at most [`PIECE`], each taken reported to the connection. Admin answers
+/// are whole in memory, so a piece is never waited for here: the time between two is
+/// the client's (or the connection's) to take.
 pub(super) struct Tracked {
-    pub(super) body: ProxyBody,
-    pub(super) _in_flight: InFlight,
+    body: ProxyBody,
+    /// What is left of a data frame of `body` larger than a piece.
+    rest: Bytes,
+    /// This body among the connection's ([`Conn::stalled`]).
+    id: u64,
+    in_flight: InFlight,
+}
+
+impl Tracked {
+    pub(super) fn new(body: ProxyBody, in_flight: InFlight) -> Tracked {
+        let id = in_flight.0.body_began();
+        Tracked {
+            body,
+            rest: Bytes::new(),
+            id,
+            in_flight,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.in_flight.0.body_ended(self.id);
+    }
 }
 
 impl Body for Tracked {
@@ -266,15 +359,39 @@ impl Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let frame = if this.rest.is_empty() {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        if data.len() > PIECE {
+                            this.rest = data.split_off(PIECE);
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => frame,
+                },
+                other => return other,
+            }
+        } else {
+            Frame::data(this.rest.split_to(PIECE.min(this.rest.len())))
+        };
+        this.in_flight.0.body_moved(this.id);
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let (inner, rest) = (self.body.size_hint(), self.rest.len() as u64);
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
