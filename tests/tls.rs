@@ -864,6 +864,14 @@ async fn heads_hyper_would_refuse_get_the_gateways_json_errors_over_tls() {
     }
 }
 
+/// Every byte each listener sends on a new connection after `bytes` (as `acme.test`
+/// over TLS), until it closes: (plain, TLS).
+async fn on_both_listeners(s: &Setup, gw: &Gateway, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let plain = plain_raw(gw.addr, bytes).await;
+    let tls = pki::tls_raw(gw.tls(), "acme.test", s.client(&[b"http/1.1"]), bytes).await;
+    (plain, tls)
+}
+
 /// Every byte the plain listener sends on a new connection after `bytes`, until it
 /// closes.
 async fn plain_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
@@ -944,16 +952,8 @@ async fn bad_input_gets_the_same_answer_over_tls_as_over_plain_http() {
     };
     for (what, bad, status, error) in &cases {
         let bytes = format!("{bad}{after}");
-        let plain = summary(&plain_raw(gw.addr, bytes.as_bytes()).await);
-        let tls = summary(
-            &pki::tls_raw(
-                gw.tls(),
-                "acme.test",
-                s.client(&[b"http/1.1"]),
-                bytes.as_bytes(),
-            )
-            .await,
-        );
+        let (plain, tls) = on_both_listeners(&s, &gw, bytes.as_bytes()).await;
+        let (plain, tls) = (summary(&plain), summary(&tls));
         assert_eq!(
             plain.first().map(|a| (a.0, a.1.as_str())),
             Some((*status, *error)),
@@ -1006,16 +1006,8 @@ async fn a_413_for_a_body_already_received_closes_over_tls_as_over_plain_http() 
         ),
     ];
     for (what, bytes, want) in cases {
-        let plain = summary(&plain_raw(gw.addr, bytes.as_bytes()).await);
-        let tls = summary(
-            &pki::tls_raw(
-                gw.tls(),
-                "acme.test",
-                s.client(&[b"http/1.1"]),
-                bytes.as_bytes(),
-            )
-            .await,
-        );
+        let (plain, tls) = on_both_listeners(&s, &gw, bytes.as_bytes()).await;
+        let (plain, tls) = (summary(&plain), summary(&tls));
         assert_eq!(plain, want, "{what}, plain");
         assert_eq!(tls, want, "{what}, TLS");
     }
