@@ -401,7 +401,6 @@ fn read(path: &Path) -> Result<String, Unreadable> {
     })
 }
 
-/// Records a rejected attempt and returns its message.
 /// [`reject`], once: the file watcher (`only_if_new`) passes over a rejection whose
 /// `key` is the last one's in silence, so that each is reported once however many
 /// events bring the same file back.
@@ -422,6 +421,7 @@ fn reject_once(
     Some(Err(msg))
 }
 
+/// Records a rejected attempt and returns its message.
 fn reject(
     state: &ReloadState,
     inner: &mut Inner,
