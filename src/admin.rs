@@ -24,6 +24,7 @@ use conns::{Conn, Conns, Tracked, Watched};
 use crate::body::ProxyBody;
 use crate::reload::Trigger;
 use crate::server::Shared;
+use crate::server::Stalls;
 
 /// At most this many admin connections are served at once. Health checks and scrapes
 /// need a handful; without a cap, idle connections held open cost memory without
@@ -131,11 +132,17 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
                 Ok(Ok(true)) => {
                     // The preface is no request: idle until a stream opens.
                     conn.idle_now();
-                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), false, wait));
+                    let io = TokioIo::new(written_within(
+                        Watched::new(stream, Arc::clone(&conn), false),
+                        wait,
+                    ));
                     until_done_or_evicted(h2.serve_connection(io, service), &conn, wait).await;
                 }
                 Ok(Ok(false)) => {
-                    let io = TokioIo::new(Watched::new(stream, Arc::clone(&conn), true, wait));
+                    let io = TokioIo::new(written_within(
+                        Watched::new(stream, Arc::clone(&conn), true),
+                        wait,
+                    ));
                     until_done_or_evicted(h1.serve_connection(io, service), &conn, wait).await;
                 }
                 Ok(Err(_)) | Err(_) => {}
@@ -193,6 +200,17 @@ async fn until_done_or_evicted<C: GracefulConnection>(connection: C, conn: &Conn
             }
         }
     }
+}
+
+/// `io` with its writes bounded by `header_read_timeout` ([`Stalls`]): a client that
+/// takes no byte of its answer for that long is closed.
+fn written_within<S>(io: S, wait: Duration) -> Stalls<S> {
+    Stalls::new(
+        io,
+        Some(wait),
+        "the admin client",
+        "server.header_read_timeout",
+    )
 }
 
 fn stalled(wait: Duration) {

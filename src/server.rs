@@ -676,7 +676,7 @@ async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let body_idle = ctx.shared.snapshot.load().body_idle_timeout;
-    let io = Stalls::new(io, body_idle);
+    let io = Stalls::new(io, body_idle, "the client", "server.body_idle_timeout");
     if is_h2 && crate::h2::enabled() {
         // The gateway's own HTTP/2 server; each stream's handler is boxed once.
         let service = move |req: Request<crate::limits::ClientBody>| -> crate::h2::Handler {
@@ -773,22 +773,33 @@ where
     conn.await
 }
 
-/// A client connection whose writes are bounded by `server.body_idle_timeout`: a client
-/// that takes no byte for that long while the gateway has bytes for it (a response it
-/// does not read) gets an error on the write, and hyper (or the gateway's HTTP/2
-/// server) closes the connection, ending its responses and releasing their in-flight
-/// slots. A write that completes at once never reads the clock.
-struct Stalls<I> {
+/// A client connection whose writes are bounded by a setting (`server.body_idle_timeout`
+/// here, `server.header_read_timeout` on the admin listener): a client that takes no
+/// byte for that long while the gateway has bytes for it (a response it does not read)
+/// gets an error on the write, and hyper (or the gateway's HTTP/2 server) closes the
+/// connection, ending its responses and releasing their in-flight slots. A write that
+/// completes at once never reads the clock.
+pub(crate) struct Stalls<I> {
     inner: I,
     /// `None`: no bound ("0s").
     wait: Option<crate::body::IdleWait>,
+    /// The client, and the setting that bounds it, as the error names them.
+    who: &'static str,
+    setting: &'static str,
 }
 
 impl<I> Stalls<I> {
-    fn new(inner: I, idle: Option<Duration>) -> Stalls<I> {
+    pub(crate) fn new(
+        inner: I,
+        idle: Option<Duration>,
+        who: &'static str,
+        setting: &'static str,
+    ) -> Stalls<I> {
         Stalls {
             inner,
             wait: idle.map(crate::body::IdleWait::new),
+            who,
+            setting,
         }
     }
 
@@ -810,8 +821,8 @@ impl<I> Stalls<I> {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "the client took no byte for {:?} (server.body_idle_timeout)",
-                    wait.idle
+                    "{} took no byte for {:?} ({})",
+                    self.who, wait.idle, self.setting
                 ),
             ))),
         }

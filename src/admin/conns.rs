@@ -29,7 +29,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::body::{IdleWait, ProxyBody};
+use crate::body::ProxyBody;
 
 /// The admin listener's open connections.
 pub(super) struct Conns {
@@ -396,12 +396,11 @@ impl Body for Tracked {
 }
 
 /// A connection's socket, reporting what it sees to its [`Conn`]: bytes read (the
-/// start of a request, over HTTP/1.1) and flushes (a response written whole). Its
-/// writes are bounded: a client that takes no byte for `header_read_timeout` while a
-/// response waits for it gets an error on the write, and hyper closes the connection.
-/// Without that, a client that asks for a large answer (`/metrics` of a large config)
-/// and never reads it holds its slot for good: in the middle of a response, it is never
-/// the one closed to make room.
+/// start of a request, over HTTP/1.1) and flushes (a response written whole). The
+/// listener bounds its writes with [`crate::server::Stalls`]
+/// (`header_read_timeout`): without that, a client that asks for a large answer
+/// (`/metrics` of a large config) and never reads it holds its slot for good: in the
+/// middle of a response, it is never the one closed to make room.
 ///
 /// Bytes of a pipelined request that hyper read together with the request before it
 /// sit in hyper's buffer, unseen here: a connection whose reads do not end with an
@@ -418,46 +417,15 @@ pub(super) struct Watched<S> {
     /// The last three bytes read (HTTP/1.1), to tell whether they end with an empty
     /// line; as if one had ended before the first.
     tail: [u8; 3],
-    /// How long writes may wait in a row for the client to take bytes.
-    write_wait: IdleWait,
 }
 
 impl<S> Watched<S> {
-    pub(super) fn new(
-        io: S,
-        conn: Arc<Conn>,
-        reads_are_requests: bool,
-        write_timeout: Duration,
-    ) -> Watched<S> {
+    pub(super) fn new(io: S, conn: Arc<Conn>, reads_are_requests: bool) -> Watched<S> {
         Watched {
             io,
             conn,
             reads_are_requests,
             tail: *b"\n\r\n",
-            write_wait: IdleWait::new(write_timeout),
-        }
-    }
-
-    /// What a write returned, or an error once writes have waited `write_timeout` in
-    /// a row.
-    fn bound<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.write_wait.progress();
-            return polled;
-        }
-        match self.write_wait.poll_expired(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the admin client took no byte for {:?} (server.header_read_timeout)",
-                    self.write_wait.idle
-                ),
-            ))),
         }
     }
 }
@@ -489,9 +457,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.bound(cx, polled)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -499,9 +465,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.bound(cx, polled)
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -516,12 +480,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         if let Poll::Ready(Ok(())) = polled {
             this.conn.flushed();
         }
-        this.bound(cx, polled)
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.bound(cx, polled)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
