@@ -27,6 +27,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 pub mod pki;
+pub mod raw_h2;
 pub mod redis;
 
 /// A deterministic byte pattern, so bodies can be checked byte for byte.
