@@ -340,6 +340,18 @@ fn cases() -> Vec<Case> {
             Goaway(PROTOCOL_ERROR),
         ),
         // 5.1.1 Stream identifiers.
+        case(
+            "http2/5.1.1/2",
+            "HEADERS on a stream id below one already used, never opened",
+            cat(&[held(5), held(3)]),
+            Goaway(PROTOCOL_ERROR),
+        ),
+        steps(
+            "http2/5.1.1/2",
+            "HEADERS on a stream id skipped before an answered one",
+            vec![Step::Send(get(5)), Step::Answered(5), Step::Send(get(3))],
+            Goaway(PROTOCOL_ERROR),
+        ),
         steps(
             "http2/5.1.1",
             "HEADERS again on a stream opened and closed before a skip",

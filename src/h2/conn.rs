@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 mod recv;
 mod send;
+mod skipped;
 
 use super::body::{self, RecvBody};
 use super::frame::{self, Head, Reason};
@@ -243,6 +244,8 @@ struct Conn<S> {
     recv_window: i64,
     recv_released: u32,
     last_id: u32,
+    /// The ids below `last_id` that never opened.
+    skipped: skipped::Skipped,
     block: Option<Block>,
     goaway_sent: bool,
     goaway_received: bool,
@@ -391,6 +394,7 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             recv_window: CONN_WINDOW,
             recv_released: 0,
             last_id: 0,
+            skipped: skipped::Skipped::default(),
             block: None,
             goaway_sent: false,
             goaway_received: false,

@@ -350,8 +350,14 @@ impl<S: FnMut(Request<ClientBody>) -> Handler> Conn<S> {
             if self.recent_resets.contains(&stream) {
                 return Ok(());
             }
+            // A stream that never opened cannot be closed: its id is out of order
+            // (RFC 9113 §5.1.1).
+            if self.skipped.contains(stream) {
+                return Err(Reason::Protocol);
+            }
             return Err(Reason::StreamClosed);
         }
+        self.skipped.opened(self.last_id, stream);
         self.last_id = stream;
         if self.goaway_sent {
             return Ok(());
