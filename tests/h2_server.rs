@@ -1468,6 +1468,51 @@ async fn bytes_in_counts_a_body_the_upstream_answered_before_reading() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_bytes_that_arrive_after_the_stream_ended_count_nowhere() {
+    // README: the response is over before the body, so the stream ends (RST_STREAM
+    // NO_ERROR) and its line is written; DATA the client had already sent after that
+    // is dropped, in `bytes_in` and in `request_body_bytes_total` alike — the metric
+    // stays the sum of the lines.
+    let (tx, rx) = watch::channel(false);
+    let up = serve_tcp(move |mut s| {
+        let mut rx = rx.clone();
+        async move {
+            if support::read_request_head(&mut s).await {
+                let _ = rx.wait_for(|go| *go).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let mut buf = [0u8; 1024];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+        }
+    })
+    .await;
+    let gw = support::Process::start(&process_toml(up, ""));
+    let mut c = H2::open(gw.addr).await;
+    let head = [("content-length", "900"), ("x-request-id", "rid-late")];
+    c.headers(1, &request_block("POST", "/late", &head), false)
+        .await;
+    c.send_body(1, &[b'a'; 300], false).await;
+    // Once the PING is answered, the gateway has handled the DATA before it.
+    c.ping(b"300sent!").await;
+    tx.send_replace(true);
+    let r = c.response(1).await;
+    assert_eq!((r.status, r.text().as_str()), (Some(200), "ok"), "{r:?}");
+    c.until("the stream's end", |c| c.streams[&1].reset.is_some())
+        .await;
+    assert_eq!(c.streams[&1].reset, Some(NO_ERROR));
+    c.send_regardless(1, &[b'b'; 600]).await;
+    c.send(&frame(DATA, END_STREAM, 1, &[])).await;
+    c.ping(b"600sent!").await;
+    let line = gw.log_line(&["access:", "rid-late"]).await;
+    assert_eq!(log_field(&line, "bytes_in"), "300", "{line}");
+    let key = "bulkhead_request_body_bytes_total{tenant=\"t1\"}";
+    assert_eq!(metric(gw.admin, key).await, 300);
+    assert_eq!(c.goaway, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_stalls_mid_body_gets_the_stream_reset_with_internal_error() {
     // README (`body_idle_timeout`): the upstream failed mid-response, so the stream is
     // reset with INTERNAL_ERROR, as for any upstream failure after the head, and on
