@@ -800,6 +800,52 @@ fn cases() -> Vec<Case> {
             "no :scheme",
             fields(&[(":method", "GET"), (":path", "/c"), (":authority", HOST)]),
         ),
+        case(
+            "http2/8.1.2.3",
+            "a :scheme other than http or https (RFC 9113 §8.3.1 allows any)",
+            frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &fields(&[
+                    (":method", "GET"),
+                    (":scheme", "coap+tcp"),
+                    (":path", "/c"),
+                    (":authority", HOST),
+                ]),
+            ),
+            Status(1, 200),
+        ),
+        malformed(
+            "http2/8.1.2.3",
+            "an empty :scheme",
+            fields(&[
+                (":method", "GET"),
+                (":scheme", ""),
+                (":path", "/c"),
+                (":authority", HOST),
+            ]),
+        ),
+        malformed(
+            "http2/8.1.2.3",
+            "a :scheme that is no URI scheme, without :authority",
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "a b"),
+                (":path", "/c"),
+                ("host", HOST),
+            ]),
+        ),
+        malformed(
+            "http2/8.1.2.3",
+            "a :scheme that starts with a digit",
+            fields(&[
+                (":method", "GET"),
+                (":scheme", "1http"),
+                (":path", "/c"),
+                (":authority", HOST),
+            ]),
+        ),
         malformed(
             "http2/8.1.2.3/5",
             "two :method",

@@ -111,6 +111,12 @@ impl Decoded {
             return Uri::from_parts(parts).ok();
         }
         let (scheme, path) = (self.scheme.take()?, self.path.take()?);
+        // RFC 9113 §8.3.1: the target URI's scheme, checked with or without
+        // `:authority` (an upstream never sees it, but a request that names none is
+        // malformed).
+        if !matches!(&scheme[..], b"http" | b"https") && !is_scheme(&scheme) {
+            return None;
+        }
         // RFC 9113 §8.3.1: a path in origin form, or `*` for OPTIONS only.
         match path.first() {
             Some(b'/') => {}
@@ -139,6 +145,13 @@ impl Decoded {
         parts.path_and_query = Some(PathAndQuery::from_maybe_shared(path).ok()?);
         Uri::from_parts(parts).ok()
     }
+}
+
+/// RFC 3986 §3.1: `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`.
+fn is_scheme(s: &[u8]) -> bool {
+    s.first().is_some_and(u8::is_ascii_alphabetic)
+        && s.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
 }
 
 pub(super) fn connection_specific(name: &HeaderName) -> bool {
@@ -288,6 +301,10 @@ mod tests {
             // Not origin form; `*` is for OPTIONS only (§8.3.1).
             vec![(":method", "GET"), (":scheme", "http"), (":path", "?x")],
             vec![(":method", "GET"), (":scheme", "http"), (":path", "*")],
+            // Not a URI scheme (RFC 3986 §3.1).
+            vec![(":method", "GET"), (":scheme", ""), (":path", "/")],
+            vec![(":method", "GET"), (":scheme", "a b"), (":path", "/")],
+            vec![(":method", "GET"), (":scheme", "1a"), (":path", "/")],
             vec![(":method", "OPTIONS"), (":scheme", "http"), (":path", "*x")],
             vec![(":scheme", "http"), (":path", "/")],
             vec![
