@@ -37,6 +37,9 @@ enum Expect {
     PingAcked(&'static [u8; 8]),
     /// This stream is answered with this status.
     Status(u32, u16),
+    /// This stream is answered 200, its body in DATA frames of at most this many
+    /// bytes (the window the client gives each time).
+    DataOf(u32, usize),
     /// The connection closes without a connection error.
     Closed,
     /// Not taken for HTTP/2: an HTTP/1.1 response with this status, then the close.
@@ -662,6 +665,31 @@ fn cases() -> Vec<Case> {
             ]),
             Goaway(FLOW_CONTROL_ERROR),
         ),
+        case(
+            "http2/6.9.1/1",
+            "SETTINGS_INITIAL_WINDOW_SIZE of 1",
+            cat(&[settings(&[(INITIAL_WINDOW_SIZE, 1)]), get(1)]),
+            DataOf(1, 1),
+        ),
+        case(
+            "http2/6.5.3/1",
+            "two values of SETTINGS_INITIAL_WINDOW_SIZE in one frame: the last counts",
+            cat(&[
+                settings(&[(INITIAL_WINDOW_SIZE, 100), (INITIAL_WINDOW_SIZE, 1)]),
+                get(1),
+            ]),
+            DataOf(1, 1),
+        ),
+        case(
+            "http2/6.9.2/1",
+            "SETTINGS_INITIAL_WINDOW_SIZE changed from 0 to 1 with a stream open",
+            cat(&[
+                settings(&[(INITIAL_WINDOW_SIZE, 0)]),
+                get(1),
+                settings(&[(INITIAL_WINDOW_SIZE, 1)]),
+            ]),
+            DataOf(1, 1),
+        ),
         // 6.10 CONTINUATION.
         case(
             "http2/6.10/2",
@@ -890,6 +918,17 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "http2/8.1.2.6",
+            "a content-length that is not a number, the body still to come",
+            frame(
+                HEADERS,
+                END_HEADERS,
+                1,
+                &request_block("POST", "/hold", &[("content-length", "+5")]),
+            ),
+            Reset(1, PROTOCOL_ERROR),
+        ),
+        case(
+            "http2/8.1.2.6",
             "a content-length on a request that ends at its head",
             frame(
                 HEADERS,
@@ -1078,6 +1117,18 @@ async fn run(gw: SocketAddr, case: Case) {
             );
             assert_eq!(c.goaway, None, "{label}: no connection error");
             assert_eq!(resets(&c), [], "{label}: no stream error");
+        }
+        Expect::DataOf(id, len) => {
+            let r = c.ok_response(id).await;
+            assert_eq!(r.status, Some(200), "{label}: {r:?}");
+            let sizes: Vec<usize> = c
+                .log
+                .iter()
+                .filter(|f| f.0 == DATA && f.2 == id)
+                .map(|f| f.3)
+                .collect();
+            assert!(sizes.len() > 1, "{label}: {sizes:?}");
+            assert!(sizes.iter().all(|&n| n <= len), "{label}: {sizes:?}");
         }
         Expect::Http1(status) => {
             let mut got = Vec::new();
