@@ -605,7 +605,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "http2/6.7/4",
-            "PING of 6 bytes",
+            "PING of 6 bytes (also 5.4.1/1, /2: GOAWAY, then the close)",
             frame(PING, 0, 0, b"123456"),
             Goaway(FRAME_SIZE_ERROR),
         ),
