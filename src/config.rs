@@ -3,7 +3,7 @@
 //! `PATH:LINE:COL: message`. Nothing here is read on the request path: a validated
 //! [`Config`] is turned into a [`crate::snapshot::Snapshot`] first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
