@@ -498,6 +498,10 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// `server.state_dir`, relative paths taken from the config file's directory.
     pub state_dir: Option<PathBuf>,
+    /// Settings that apply but will not do what they say (a burst no rate uses, an
+    /// audit log in a directory that does not exist), by position: `bulkhead check`
+    /// prints them as `PATH:LINE:COL: warning: …`.
+    pub warnings: Vec<Problem>,
 }
 
 /// One problem found in the file, with its position.
@@ -557,6 +561,7 @@ impl Config {
         let mut v = Validator {
             text,
             problems: Vec::new(),
+            warnings: Vec::new(),
         };
         let file: FileConfig = match toml::from_str(text) {
             Ok(f) => f,

@@ -52,7 +52,7 @@ enum Command {
         /// Path to gateway.toml.
         #[arg(long, default_value = "gateway.toml")]
         config: PathBuf,
-        /// Exit 1 on isolation warnings too.
+        /// Exit 1 on warnings too.
         #[arg(long)]
         strict: bool,
     },
@@ -121,15 +121,26 @@ fn check(path: PathBuf, strict: bool) -> ExitCode {
                 suspended,
                 upstreams
             );
+            // Settings that will not do what they say, at their key; then the
+            // isolation risks of the whole file.
+            for w in &c.warnings {
+                eprintln!(
+                    "{}:{}:{}: warning: {}",
+                    path.display(),
+                    w.line,
+                    w.col,
+                    w.message
+                );
+            }
             let warnings = bulkhead::lint::isolation_warnings(&c);
             for w in &warnings {
                 eprintln!("{}: warning: {w}", path.display());
             }
-            if strict && !warnings.is_empty() {
+            let count = c.warnings.len() + warnings.len();
+            if strict && count > 0 {
                 eprintln!(
-                    "{}: {} isolation warning(s); failing because of --strict",
+                    "{}: {count} warning(s); failing because of --strict",
                     path.display(),
-                    warnings.len()
                 );
                 return ExitCode::FAILURE;
             }

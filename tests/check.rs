@@ -405,6 +405,54 @@ fn isolation_lints_name_the_tenants() {
     assert!(!err.contains("warning"), "{err}");
 }
 
+/// `[defaults.limits] burst` with the rates set per tenant is accepted; a tenant that
+/// sets no rate ends up with the burst alone, which limits nothing: a warning at the
+/// burst naming the tenants (exit 0; 1 with --strict). Accepted silently before.
+#[test]
+fn a_default_burst_that_a_tenant_has_without_a_rate_is_a_warning() {
+    let text = format!(
+        "{BASE}[defaults.limits]\nburst = 50\nper_client_burst = 5\n\
+         [tenants.metered]\nhosts = [\"m.com\"]\n\
+         [tenants.metered.limits]\nrequests_per_second = 10\nper_client_requests_per_second = 1\n\
+         [tenants.free]\nhosts = [\"f.com\"]\n\
+         [tenants.own]\nhosts = [\"o.com\"]\n\
+         [tenants.own.limits]\nrequests_per_second = 10\nburst = 20\n"
+    );
+    let (code, err) = check_args(&text, false);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "PATH:6:9: warning: [defaults.limits] burst limits nothing for tenant \"free\": it has no `requests_per_second` (of its own or in [defaults.limits]), and a burst only sizes the bucket of that rate",
+            "PATH:7:20: warning: [defaults.limits] per_client_burst limits nothing for tenants \"free\", \"own\": none of them has a `per_client_requests_per_second` (of its own or in [defaults.limits]), and a per_client_burst only sizes the bucket of that rate",
+        ],
+        "{err}"
+    );
+    let (code, err) = check_args(&text, true);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.ends_with("PATH: 2 warning(s); failing because of --strict\n"),
+        "{err}"
+    );
+    // Every tenant has a rate for the burst it takes: no warning, --strict passes.
+    for rates in [
+        "requests_per_second = 1\nper_client_requests_per_second = 1\n",
+        "",
+    ] {
+        let text = format!(
+            "{BASE}[defaults.limits]\nburst = 50\n{rates}\
+             [tenants.metered]\nhosts = [\"m.com\"]\n\
+             [tenants.metered.limits]\nrequests_per_second = 10\n\
+             [tenants.own]\nhosts = [\"o.com\"]\n\
+             [tenants.own.limits]\nrequests_per_second = 10\nburst = 20\n"
+        );
+        let (code, err) = check_args(&text, true);
+        assert_eq!(code, 0, "{rates}: {err}");
+        assert!(!err.contains("warning"), "{err}");
+    }
+}
+
 #[test]
 fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
     let dir = tempfile::tempdir().unwrap();

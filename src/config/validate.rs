@@ -17,12 +17,21 @@ mod upstreams;
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     pub(super) problems: Vec<Problem>,
+    /// Settings that apply but do not do what they say: `bulkhead check` prints them
+    /// as warnings ([`Config::warnings`]).
+    pub(super) warnings: Vec<Problem>,
 }
 
 impl Validator<'_> {
     pub(super) fn error(&mut self, span: std::ops::Range<usize>, message: String) {
         let (line, col) = line_col(self.text, span.start);
         self.problems.push(Problem { line, col, message });
+    }
+
+    /// A warning at `span`: the file applies, but `message` says what will not work.
+    pub(super) fn warn(&mut self, span: std::ops::Range<usize>, message: String) {
+        let (line, col) = line_col(self.text, span.start);
+        self.warnings.push(Problem { line, col, message });
     }
 
     pub(super) fn into_error(mut self, path: &Path) -> ConfigError {
@@ -171,6 +180,12 @@ impl Validator<'_> {
             tenants,
             cluster,
             state_dir,
+            // Last: `audit_log` above may add one.
+            warnings: {
+                let mut w = std::mem::take(&mut self.warnings);
+                w.sort_by_key(|p| (p.line, p.col));
+                w
+            },
         })
     }
 }

@@ -133,7 +133,31 @@ impl Validator<'_> {
                     b.span(),
                     format!("[defaults.limits] {bkey} goes with no `{rkey}`, here or in a tenant without a {bkey} of its own: it would limit nothing"),
                 );
+                continue;
             }
+            if rate {
+                continue;
+            }
+            // Taken by some, so valid (a default burst for the tenants that set a
+            // rate); but a tenant with neither ends up with the burst and no rate.
+            let idle: Vec<String> = f
+                .tenants
+                .iter()
+                .filter(|(_, t)| {
+                    let (own_burst, own_rate, ..) = &bursts(&t.limits)[i];
+                    !*own_rate && own_burst.is_none()
+                })
+                .map(|(id, _)| format!("{:?}", id.get_ref()))
+                .collect();
+            let who = match idle.as_slice() {
+                [] => continue,
+                [one] => format!("tenant {one}: it has no `{rkey}`"),
+                many => format!("tenants {}: none of them has a `{rkey}`", many.join(", ")),
+            };
+            self.warn(
+                b.span(),
+                format!("[defaults.limits] {bkey} limits nothing for {who} (of its own or in [defaults.limits]), and a {bkey} only sizes the bucket of that rate"),
+            );
         }
         for (id, t) in &f.tenants {
             for (i, (burst, rate, bkey, rkey)) in bursts(&t.limits).into_iter().enumerate() {
