@@ -1078,6 +1078,64 @@ fn bulkhead_within(args: &[&std::ffi::OsStr]) -> (i32, String) {
     )
 }
 
+/// An audit log whose directory does not exist: the gateway starts and reloads without
+/// it (a `warn` line each time), and `check` said nothing. Now a warning at the key
+/// naming the directory (exit 0; 1 with --strict); `check` makes neither.
+#[test]
+fn an_audit_log_in_a_missing_directory_is_a_warning_at_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let d = dir.path().display().to_string();
+    let run = |audit: &str, strict: bool| {
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\naudit_log = \"{audit}\"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"
+            ),
+        )
+        .unwrap();
+        let mut args = vec!["check".as_ref(), "--config".as_ref(), path.as_os_str()];
+        if strict {
+            args.push("--strict".as_ref());
+        }
+        let (code, err) = bulkhead_within(&args);
+        (code, err.replace(&d, "DIR"))
+    };
+    for (audit, what) in [
+        ("logs/audit.jsonl", "\"DIR/logs\" does not exist"),
+        (
+            "DIR/no/such/dir/audit.jsonl",
+            "\"DIR/no/such/dir\" does not exist",
+        ),
+        (
+            "gateway.toml/audit.jsonl",
+            "\"DIR/gateway.toml\" is not a directory",
+        ),
+    ] {
+        let audit = audit.replace("DIR", &d);
+        let (code, err) = run(&audit, false);
+        assert_eq!(code, 0, "{err}");
+        let audit = audit.replace(&d, "DIR");
+        assert_eq!(
+            err.lines().next().unwrap_or_default(),
+            format!("DIR/gateway.toml:2:13: warning: `server.audit_log` \"{audit}\": its directory {what}, so the file cannot be made: the gateway starts and reloads without writing the audit log (a `warn` line each time)"),
+            "{err}"
+        );
+        let (code, err) = run(&audit.replace("DIR", &d), true);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("1 warning(s); failing because of --strict"),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("logs").exists());
+    // Once the directory is there: no warning, and still no file made by `check`.
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+    let (code, err) = run("logs/audit.jsonl", true);
+    assert_eq!((code, err.as_str()), (0, ""), "{err}");
+    assert!(!dir.path().join("logs/audit.jsonl").exists());
+}
+
 /// An audit log that is a FIFO nobody reads (a log shipper not up yet): the gateway
 /// opened it at start and waited there for a reader, for good (SIGTERM did not end
 /// it either: signals are acted on once it serves). It fails at once, naming the key

@@ -178,7 +178,8 @@ impl Validator<'_> {
                 raw.span(),
                 audit_log_not_regular(raw.get_ref(), crate::file::kind(m.file_type())),
             ),
-            _ => {}
+            Ok(_) => {}
+            Err(_) => self.audit_log_dir(raw, &file),
         }
         // The log would be appended to the config itself (at start, and at every
         // reload): the file then fails to parse, and the next start fails.
@@ -196,5 +197,31 @@ impl Validator<'_> {
             );
         }
         Some(file)
+    }
+
+    /// The audit log is made when missing, but not its directory: the gateway would
+    /// start, and apply every reload, without an audit line (a `warn` line each time).
+    /// Valid, as at start; a warning at the key.
+    fn audit_log_dir(&mut self, raw: &Spanned<String>, file: &Path) {
+        let dir = match file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let what = match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                "is not a directory (a file stands in its path)"
+            }
+            Ok(m) if !m.is_dir() => "is not a directory",
+            _ => return,
+        };
+        self.warn(
+            raw.span(),
+            format!(
+                "`server.audit_log` {:?}: its directory {:?} {what}, so the file cannot be made: the gateway starts and reloads without writing the audit log (a `warn` line each time)",
+                raw.get_ref(),
+                dir.display().to_string()
+            ),
+        );
     }
 }
