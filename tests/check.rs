@@ -660,6 +660,33 @@ fn bad_redis_urls_are_refused_in_plain_words() {
     }
 }
 
+/// A bad port in `cluster.redis` (too large, not a number, 0) gets our words naming
+/// the key and the URL, its password masked, from `check` and at start alike (not the
+/// client's "Redis URL did not parse").
+#[test]
+fn a_bad_redis_port_is_refused_in_our_words_by_check_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    for (url, says) in [
+        ("redis://u:hunter2@h:99999", "\"redis://***@h:99999\": the port must be a number from 1 to 65535 (6379 when left out), not \"99999\""),
+        ("redis://:hunter2@h:abc/0", "\"redis://***@h:abc/0\": the port must be a number from 1 to 65535 (6379 when left out), not \"abc\""),
+        ("redis://h:0", "\"redis://h:0\" names port 0, where no Redis can listen"),
+    ] {
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[cluster]\nredis = \"{url}\"\n{BASE}"),
+        )
+        .unwrap();
+        let expected = format!("{}:5:9: `cluster.redis`: {says}", path.display());
+        for cmd in ["check", "run"] {
+            let (code, err) = bulkhead_within(&[cmd.as_ref(), "--config".as_ref(), path.as_os_str()]);
+            assert_eq!(code, 1, "{cmd} {url}: {err}");
+            assert_eq!(err.trim(), expected, "{cmd} {url}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+}
+
 /// The seed nodes of a Redis Cluster are all reached with the first seed's user,
 /// password and protocol (redis-rs's cluster client has one set for every node, the
 /// ones the cluster announces included), and a Redis Cluster has only database 0. A
