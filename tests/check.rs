@@ -204,6 +204,37 @@ fn a_state_dir_that_is_a_file_and_an_audit_log_that_is_a_directory_are_refused()
     assert_eq!(code, 0, "{err}");
 }
 
+/// `check` reports every problem at once: a `server.listen` or `admin_listen` that is
+/// no address hid the problems of `server.audit_log` (an empty path, a directory),
+/// which then came one fix later.
+#[test]
+fn a_bad_listener_does_not_hide_the_audit_logs_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    for (listener, audit, says) in [
+        (
+            "listen = \"nope\"",
+            String::new(),
+            "`server.audit_log` must be a file path (leave it out to turn the audit log off)"
+                .to_owned(),
+        ),
+        (
+            "admin_listen = \"127.0.0.1\"",
+            d.to_string(),
+            format!("`server.audit_log` \"{d}\" is a directory; name a file in it"),
+        ),
+    ] {
+        let (code, _, err) = check(&format!(
+            "[server]\n{listener}\naudit_log = \"{audit}\"\n{BASE}"
+        ));
+        assert_eq!(code, 1, "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(lines[0].starts_with("PATH:2:"), "{err}");
+        assert_eq!(lines[1], format!("PATH:3:13: {says}"), "{err}");
+    }
+}
+
 /// `audit_log` naming the config file itself was accepted: the gateway appended its
 /// startup audit line to its own config, whose next reload (or start) then failed.
 #[test]

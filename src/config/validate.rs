@@ -140,6 +140,8 @@ impl Validator<'_> {
         self.store_failure_needs_cluster_scope(f);
         self.burst_needs_rate(f);
         let state_dir = server.state_dir.as_ref().map(|d| self.state_dir(path, d));
+        // Before the listeners' `?` below, or a bad listener hid its problems.
+        let audit_log = self.audit_log(path, server.audit_log.as_ref());
 
         Some(Config {
             path: path.to_owned(),
@@ -157,7 +159,7 @@ impl Validator<'_> {
             body_idle_timeout: Some(server.body_idle_timeout.0).filter(|d| !d.is_zero()),
             max_connections: server.max_connections,
             log_format: server.log_format,
-            audit_log: self.audit_log(path, server.audit_log.as_ref()),
+            audit_log,
             trusted_proxies: s.trusted_proxies,
             limiter_prune_interval: server.limiter_prune_interval.get_ref().0,
             access_log: server.access_log,
@@ -180,7 +182,6 @@ impl Validator<'_> {
             tenants,
             cluster,
             state_dir,
-            // Last: `audit_log` above may add one.
             warnings: {
                 let mut w = std::mem::take(&mut self.warnings);
                 w.sort_by_key(|p| (p.line, p.col));
