@@ -484,6 +484,65 @@ fn a_default_burst_that_a_tenant_has_without_a_rate_is_a_warning() {
     }
 }
 
+/// Settings that were accepted silently and do nothing: a `[tenancy]` key of a source
+/// `resolve` does not name, a tenant no source can name (only ever 404), a daily quota
+/// above the monthly one. Each a warning at its key (exit 0; 1 with --strict).
+#[test]
+fn settings_that_nothing_reads_are_warnings_at_their_keys() {
+    let cases = [
+        (
+            format!("[tenancy]\nheader = \"x-customer\"\npath_prefix = \"/c/\"\n{BASE}"),
+            vec![
+                "PATH:2:10: warning: `tenancy.header` is set but `tenancy.resolve` has no \"header\" source: nothing reads it (add \"header\" to `tenancy.resolve`, or leave the key out)",
+                "PATH:3:15: warning: `tenancy.path_prefix` is set but `tenancy.resolve` has no \"path\" source: nothing reads it (add \"path\" to `tenancy.resolve`, or leave the key out)",
+            ],
+        ),
+        (
+            format!("[tenancy.api_key]\nheader = \"x-key\"\n[tenancy.jwt]\ncookie = \"session\"\n{BASE}"),
+            vec![
+                "PATH:2:10: warning: `tenancy.api_key.header` is set but `tenancy.resolve` has no \"api_key\" source: nothing reads it (add \"api_key\" to `tenancy.resolve`, or leave the key out)",
+                "PATH:4:10: warning: `tenancy.jwt.cookie` is set but `tenancy.resolve` has no \"jwt\" source: nothing reads it (add \"jwt\" to `tenancy.resolve`, or leave the key out)",
+            ],
+        ),
+        (
+            format!("[tenancy]\nresolve = [\"host\", \"api_key\"]\n{BASE}[tenants.staged]\nstatus = \"active\"\n[tenants.live]\nhosts = [\"l.com\"]\n"),
+            vec![
+                "PATH:7:10: warning: tenant \"staged\" can be named by no source in `tenancy.resolve` (\"host\": it has no `hosts`; \"api_key\": it has no `api_keys`): every request meant for it is 404 `unknown_tenant`",
+            ],
+        ),
+        (
+            format!("{BASE}[defaults.limits]\nrequests_per_day = 2000\nrequests_per_month = 1000\n\
+                     [tenants.a]\nhosts = [\"a.com\"]\n\
+                     [tenants.b]\nhosts = [\"b.com\"]\n[tenants.b.limits]\nrequests_per_month = 50000\n\
+                     [tenants.c]\nhosts = [\"c.com\"]\n[tenants.c.limits]\nrequests_per_month = 100\n"),
+            vec![
+                "PATH:6:20: warning: [defaults.limits] `requests_per_day` (2000) is more than `requests_per_month` (1000): the monthly quota runs out first, so the daily one never applies",
+                "PATH:17:22: warning: [tenants.c.limits] `requests_per_day` (2000) is more than `requests_per_month` (100): the monthly quota runs out first, so the daily one never applies",
+            ],
+        ),
+    ];
+    for (text, expected) in &cases {
+        let (code, err) = check_args(text, false);
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(&lines, expected, "{err}");
+        let (code, err) = check_args(text, true);
+        assert_eq!(code, 1, "{err}");
+    }
+    // What each source reads, with the source: no warning.
+    let key = bulkhead::credentials::hash_key(b"k");
+    let (code, err) = check_args(
+        &format!(
+            "[tenancy]\nresolve = [\"host\", \"header\", \"api_key\"]\nheader = \"x-customer\"\n\
+             [tenancy.api_key]\nheader = \"x-key\"\n{BASE}\
+             [tenants.keyed]\napi_keys = [\"{key}\"]\nrequire = [\"api_key\"]\n\
+             [tenants.keyed.limits]\nrequests_per_day = 10\nrequests_per_month = 300\n"
+        ),
+        true,
+    );
+    assert_eq!((code, err.as_str()), (0, ""), "{err}");
+}
+
 #[test]
 fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -139,6 +139,7 @@ impl Validator<'_> {
         }
         self.store_failure_needs_cluster_scope(f);
         self.burst_needs_rate(f);
+        self.day_quota_over_month(f);
         let state_dir = server.state_dir.as_ref().map(|d| self.state_dir(path, d));
         // Before the listeners' `?` below, or a bad listener hid its problems.
         let audit_log = self.audit_log(path, server.audit_log.as_ref());

@@ -188,4 +188,45 @@ impl Validator<'_> {
             }
         }
     }
+
+    /// A daily quota above the monthly one never applies: the month's runs out first.
+    /// Valid; a warning at the table that sets the pair, once (at the defaults when
+    /// both are theirs).
+    pub(super) fn day_quota_over_month(&mut self, f: &FileConfig) {
+        let d = &f.defaults.limits;
+        let tables = std::iter::once(("[defaults.limits]".to_owned(), d, None)).chain(
+            f.tenants.iter().map(|(id, t)| {
+                (
+                    format!("[tenants.{}.limits]", id.get_ref()),
+                    &t.limits,
+                    Some(d),
+                )
+            }),
+        );
+        for (table, l, defaults) in tables {
+            // A tenant's own value, or the defaults'; at least one of the pair its own.
+            if l.requests_per_day.is_none() && l.requests_per_month.is_none() {
+                continue;
+            }
+            let day = (l.requests_per_day.as_ref())
+                .or(defaults.and_then(|d| d.requests_per_day.as_ref()));
+            let month = (l.requests_per_month.as_ref())
+                .or(defaults.and_then(|d| d.requests_per_month.as_ref()));
+            let (Some(day), Some(month)) = (day, month) else {
+                continue;
+            };
+            let (dv, mv) = (*day.get_ref(), *month.get_ref());
+            if dv > mv {
+                let at = l
+                    .requests_per_day
+                    .as_ref()
+                    .or(l.requests_per_month.as_ref())
+                    .map_or(day.span(), |q| q.span());
+                self.warn(
+                    at,
+                    format!("{table} `requests_per_day` ({dv}) is more than `requests_per_month` ({mv}): the monthly quota runs out first, so the daily one never applies"),
+                );
+            }
+        }
+    }
 }

@@ -144,9 +144,57 @@ impl Validator<'_> {
                 format!("`tenancy.path_prefix` {prefix:?} can never match: {why}"),
             );
         }
+        self.unread_settings(t);
         Tenancy {
             jwt_global,
             read_by,
+        }
+    }
+
+    /// A setting of a source `tenancy.resolve` does not name is read by nothing: most
+    /// likely the source was meant to be added. A warning, at each key the file sets.
+    fn unread_settings(&mut self, t: &TenancyConfig) {
+        let jwt = &t.jwt;
+        let settings = [
+            (SourceKind::Header, Some(&t.header), "tenancy.header"),
+            (
+                SourceKind::Path,
+                Some(&t.path_prefix),
+                "tenancy.path_prefix",
+            ),
+            (
+                SourceKind::ApiKey,
+                Some(&t.api_key.header),
+                "tenancy.api_key.header",
+            ),
+            (SourceKind::Jwt, Some(&jwt.header), "tenancy.jwt.header"),
+            (SourceKind::Jwt, jwt.cookie.as_ref(), "tenancy.jwt.cookie"),
+            (
+                SourceKind::Jwt,
+                Some(&jwt.tenant_claim),
+                "tenancy.jwt.tenant_claim",
+            ),
+            (
+                SourceKind::Jwt,
+                jwt.jwks_file.as_ref(),
+                "tenancy.jwt.jwks_file",
+            ),
+        ];
+        for (source, value, key) in settings {
+            // A default has no position: only what the file sets.
+            let Some(v) = value.filter(|v| !v.span().is_empty()) else {
+                continue;
+            };
+            if !t.resolve.get_ref().contains(&source) {
+                self.warn(
+                    v.span(),
+                    format!(
+                        "`{key}` is set but `tenancy.resolve` has no {:?} source: nothing reads it (add {:?} to `tenancy.resolve`, or leave the key out)",
+                        source.name(),
+                        source.name()
+                    ),
+                );
+            }
         }
     }
 }

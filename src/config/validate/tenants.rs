@@ -142,6 +142,7 @@ impl Validator<'_> {
                 CredentialKind::ApiKey => {}
             }
         }
+        self.unreachable(cx, id, &hosts, &api_keys, jwt.as_ref());
         ResolvedTenant {
             id: id_str.to_owned(),
             hosts,
@@ -159,6 +160,47 @@ impl Validator<'_> {
             require: require.to_vec(),
             jwt,
             tls: tenant_tls,
+        }
+    }
+
+    /// A tenant that no source in `tenancy.resolve` can name gets only 404
+    /// `unknown_tenant`. Valid (a tenant set up ahead of its hosts or keys); a warning.
+    fn unreachable(
+        &mut self,
+        cx: &Context<'_>,
+        id: &Spanned<String>,
+        hosts: &[HostPattern],
+        api_keys: &[crate::credentials::KeyDigest],
+        jwt: Option<&crate::jwt::ResolvedJwt>,
+    ) {
+        let mut lacks = Vec::new();
+        for source in cx.f.tenancy.resolve.get_ref() {
+            let lack = match source {
+                SourceKind::Header | SourceKind::Path => return,
+                SourceKind::Host | SourceKind::Sni if !hosts.is_empty() => return,
+                SourceKind::Host | SourceKind::Sni => "it has no `hosts`",
+                SourceKind::ApiKey if !api_keys.is_empty() => return,
+                SourceKind::ApiKey => "it has no `api_keys`",
+                SourceKind::Jwt
+                    if jwt.is_some_and(|j| !j.keys.is_empty())
+                        || cx.tenancy.jwt_global.is_some() =>
+                {
+                    return
+                }
+                SourceKind::Jwt => "it has no JWT keys, nor has `[tenancy.jwt]` a `jwks_file`",
+            };
+            lacks.push(format!("{:?}: {lack}", source.name()));
+        }
+        // No source at all is an error of its own.
+        if !lacks.is_empty() {
+            self.warn(
+                id.span(),
+                format!(
+                    "tenant {:?} can be named by no source in `tenancy.resolve` ({}): every request meant for it is 404 `unknown_tenant`",
+                    id.get_ref(),
+                    lacks.join("; ")
+                ),
+            );
         }
     }
 
