@@ -543,6 +543,39 @@ fn settings_that_nothing_reads_are_warnings_at_their_keys() {
     assert_eq!((code, err.as_str()), (0, ""), "{err}");
 }
 
+/// `trusted_proxies = ["0.0.0.0/0"]` was accepted silently: every client's
+/// `x-forwarded-for` is then believed, and a client dodges its per-client limit by
+/// naming another address in it. A warning at the entry where a per-client rate is set.
+#[test]
+fn trusting_every_address_as_a_proxy_is_a_warning_with_per_client_limits() {
+    let text = |proxies: &str, limits: &str| {
+        format!("[server]\ntrusted_proxies = {proxies}\n{BASE}[tenants.a]\nhosts = [\"a.com\"]\n[tenants.a.limits]\n{limits}")
+    };
+    let per_client = "per_client_requests_per_second = 5\n";
+    let (code, err) = check_args(
+        &text("[\"10.0.0.0/8\", \"0.0.0.0/0\", \" ::/0\"]", per_client),
+        false,
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "PATH:2:34: warning: `server.trusted_proxies` entry \"0.0.0.0/0\" trusts every IPv4 address: the `x-forwarded-for` of any IPv4 client is believed, so it names the address its per-client limit counts against (list the proxies' own addresses)",
+            "PATH:2:47: warning: `server.trusted_proxies` entry \"::/0\" trusts every IPv6 address: the `x-forwarded-for` of any IPv6 client is believed, so it names the address its per-client limit counts against (list the proxies' own addresses)",
+        ],
+        "{err}"
+    );
+    // The proxies' own addresses, or no per-client rate to key: no warning.
+    for (proxies, limits) in [
+        ("[\"10.0.0.0/8\", \"fd00::/8\"]", per_client),
+        ("[\"0.0.0.0/0\"]", "requests_per_second = 5\n"),
+    ] {
+        let (code, err) = check_args(&text(proxies, limits), true);
+        assert_eq!((code, err.as_str()), (0, ""), "{proxies}: {err}");
+    }
+}
+
 #[test]
 fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
     let dir = tempfile::tempdir().unwrap();

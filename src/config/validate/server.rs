@@ -88,7 +88,10 @@ impl Validator<'_> {
                 .parse::<ipnet::IpNet>()
                 .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
             match net {
-                Ok(n) => trusted_proxies.push(n),
+                Ok(n) => {
+                    self.trusts_everyone(f, p, n);
+                    trusted_proxies.push(n);
+                }
                 Err(_) => self.error(
                     p.span(),
                     format!("`server.trusted_proxies` entry {raw:?} is not an IP address or CIDR such as \"10.0.0.0/8\""),
@@ -127,6 +130,23 @@ impl Validator<'_> {
             tls_listen,
             tls,
             trusted_proxies,
+        }
+    }
+
+    /// A `trusted_proxies` entry of prefix length 0 (`0.0.0.0/0`, `::/0`) believes the
+    /// `x-forwarded-for` of every client: each then picks the address its per-client
+    /// limit counts against. A warning where a per-client rate is set (nothing else
+    /// reads the client address).
+    fn trusts_everyone(&mut self, f: &FileConfig, p: &Spanned<String>, net: ipnet::IpNet) {
+        let per_client = std::iter::once(&f.defaults.limits)
+            .chain(f.tenants.values().map(|t| &t.limits))
+            .any(|l| l.per_client_requests_per_second.is_some());
+        if net.prefix_len() == 0 && per_client {
+            let fam = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+            self.warn(
+                p.span(),
+                format!("`server.trusted_proxies` entry {:?} trusts every {fam} address: the `x-forwarded-for` of any {fam} client is believed, so it names the address its per-client limit counts against (list the proxies' own addresses)", p.get_ref().trim()),
+            );
         }
     }
 
