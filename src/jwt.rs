@@ -53,8 +53,8 @@ pub struct TenantJwtConfig {
     pub public_keys: Vec<Spanned<String>>,
     /// A JWKS document with the tenant's keys (each with `alg`), re-read on reload.
     pub jwks_file: Option<Spanned<String>>,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
+    pub issuer: Option<Spanned<String>>,
+    pub audience: Option<Spanned<String>>,
     #[serde(default)]
     pub forward_claims: std::collections::BTreeMap<String, Spanned<String>>,
 }

@@ -597,6 +597,10 @@ fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
         r#"{"keys":[{"kty":"oct","k":"","alg":"HS256","kid":"k1"}]}"#,
     );
     let jwt = "[tenancy]\nresolve = [\"jwt\", \"host\"]\n";
+    let jwks = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/jwt/globex-jwks.json"
+    );
     let cases: Vec<(String, &str)> = vec![
         // An HMAC key anyone can guess: tokens for the tenant can be forged.
         (
@@ -638,6 +642,20 @@ fn jwt_settings_that_would_verify_nothing_or_anything_are_refused() {
         (
             format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\nforward_claims = {{ sub = \"x-user\", email = \"X-User\" }}\n"),
             "`forward_claims` sends claims \"email\" and \"sub\" both in \"x-user\"",
+        ),
+        // An empty issuer, audience or claim name: accepted before, and then no token
+        // carried the empty `iss` / `aud` it required, or the claim to forward.
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\nissuer = \"\"\n"),
+            "PATH:11:10: `[tenants.acme.jwt] issuer` must not be empty: a token would need an empty `iss` claim to verify (leave the key out not to check `iss`)",
+        ),
+        (
+            format!("{jwt}[tenancy.jwt]\njwks_file = \"{jwks}\"\naudience = \" \"\n{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n"),
+            "PATH:5:12: `tenancy.jwt.audience` must not be empty: a token would need an empty `aud` claim to verify (leave the key out not to check `aud`)",
+        ),
+        (
+            format!("{jwt}{BASE}[tenants.acme]\nhosts = [\"a.com\"]\n[tenants.acme.jwt]\nhs256_secret_file = \"{long_crlf}\"\nforward_claims = {{ \"\" = \"x-user\" }}\n"),
+            "PATH:11:25: `forward_claims` names the claim \"\": no token has a claim by that name, so \"x-user\" would never be set",
         ),
     ];
     assert_refused(&cases, true);

@@ -47,6 +47,9 @@ impl Validator<'_> {
                 self.error(v.span(), format!("`{key}` must not be empty"));
             }
         }
+        for (v, key) in [(&t.jwt.issuer, "issuer"), (&t.jwt.audience, "audience")] {
+            self.not_blank_claim(v.as_ref(), &format!("tenancy.jwt.{key}"));
+        }
         let jwt_global = match &t.jwt.jwks_file {
             Some(f) => match crate::jwt::load_jwks(f, base) {
                 Ok(k) => Some(crate::jwt::ResolvedJwt {
@@ -148,6 +151,22 @@ impl Validator<'_> {
         Tenancy {
             jwt_global,
             read_by,
+        }
+    }
+
+    /// An `issuer` or `audience` is required of every token when set: an empty one
+    /// passes only a token whose `iss` / `aud` is "", so in practice none.
+    pub(super) fn not_blank_claim(&mut self, v: Option<&Spanned<String>>, key: &str) {
+        if let Some(v) = v.filter(|v| v.get_ref().trim().is_empty()) {
+            let claim = if key.ends_with("issuer") {
+                "iss"
+            } else {
+                "aud"
+            };
+            self.error(
+                v.span(),
+                format!("`{key}` must not be empty: a token would need an empty `{claim}` claim to verify (leave the key out not to check `{claim}`)"),
+            );
         }
     }
 

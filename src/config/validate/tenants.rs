@@ -360,8 +360,17 @@ impl Validator<'_> {
                 format!("tenant {id_str:?} has `[tenants.{id_str}.jwt]` keys but `tenancy.resolve` has no \"jwt\" source to verify tokens with them"),
             );
         }
+        for (v, key) in [(&j.issuer, "issuer"), (&j.audience, "audience")] {
+            self.not_blank_claim(v.as_ref(), &format!("[tenants.{id_str}.jwt] {key}"));
+        }
         let mut forward_claims: Vec<(String, String)> = Vec::new();
         for (claim, header) in &j.forward_claims {
+            if claim.trim().is_empty() {
+                self.error(
+                    header.span(),
+                    format!("`forward_claims` names the claim {claim:?}: no token has a claim by that name, so {:?} would never be set", header.get_ref()),
+                );
+            }
             self.header_name(header, "forward_claims", true);
             self.not_an_identity_header(
                 header,
@@ -380,8 +389,8 @@ impl Validator<'_> {
         }
         crate::jwt::ResolvedJwt {
             keys,
-            issuer: j.issuer.clone(),
-            audience: j.audience.clone(),
+            issuer: j.issuer.as_ref().map(|s| s.get_ref().clone()),
+            audience: j.audience.as_ref().map(|s| s.get_ref().clone()),
             forward_claims,
         }
     }
