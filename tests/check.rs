@@ -1002,6 +1002,10 @@ fn server_settings_are_refused_at_their_key() {
             "PATH:3:20: `server.max_header_bytes` must be at least 1KiB",
         ),
         (
+            format!("[server]\nworkers = 1\nmax_header_bytes = \"100GiB\"\n{BASE}"),
+            "PATH:3:20: `server.max_header_bytes` must be at most 8MiB, not 107374182400 bytes: every connection may hold a head this large",
+        ),
+        (
             format!("[server]\nworkers = 1\nlimiter_prune_interval = \"0s\"\n{BASE}"),
             "PATH:3:26: `server.limiter_prune_interval` must be positive",
         ),

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// The most `server.max_header_bytes` may be.
+const MAX_HEADER_BYTES: u64 = 8 * 1024 * 1024;
+
 /// `[server]`, validated as far as the rest of the file needs it.
 pub(super) struct Server {
     pub(super) listen: Option<SocketAddr>,
@@ -74,10 +77,19 @@ impl Validator<'_> {
             }
             tls
         };
-        if server.max_header_bytes.get_ref().0 < 1024 {
+        let header_bytes = server.max_header_bytes.get_ref().0;
+        if header_bytes < 1024 {
             self.error(
                 server.max_header_bytes.span(),
                 "`server.max_header_bytes` must be at least 1KiB".to_owned(),
+            );
+        } else if header_bytes > MAX_HEADER_BYTES {
+            // Each connection may buffer this much of a head, and an HTTP/2 one twice it:
+            // beyond a few MiB it is a way to exhaust memory, not a limit (Envoy caps
+            // its own at 8 MiB).
+            self.error(
+                server.max_header_bytes.span(),
+                format!("`server.max_header_bytes` must be at most 8MiB, not {header_bytes} bytes: every connection may hold a head this large"),
             );
         }
 
