@@ -2,8 +2,26 @@
 //! traffic reaching another's backend (exit 0, or 1 with `--strict`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use crate::config::{Config, HostPattern, SourceKind};
+
+/// Logs what `bulkhead check` warns about in `config`, one `warn` line each: at start
+/// and after each reload that applies it, for the operator who did not run `check`.
+pub fn log_warnings(config: &Config, path: &Path) {
+    for w in &config.warnings {
+        tracing::warn!(
+            "{}:{}:{}: warning: {}",
+            path.display(),
+            w.line,
+            w.col,
+            w.message
+        );
+    }
+    for w in isolation_warnings(config) {
+        tracing::warn!("{}: warning: {w}", path.display());
+    }
+}
 
 /// Every isolation risk in `config`, one human sentence each, naming the tenants.
 pub fn isolation_warnings(config: &Config) -> Vec<String> {

@@ -177,6 +177,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    bulkhead::lint::log_warnings(&config, &args.config);
     if args.demo {
         if let Err(e) = bulkhead::demo::spawn_echo_upstreams(&config) {
             tracing::error!("{e}");

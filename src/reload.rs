@@ -359,6 +359,7 @@ fn attempt(shared: &Shared, trigger: Trigger, only_if_new: bool) -> Option<Resul
         changed = changes.changed.len(),
         "configuration reloaded"
     );
+    crate::lint::log_warnings(&new, &path);
     let entry = HistoryEntry {
         time: now,
         trigger,

@@ -1364,3 +1364,43 @@ async fn a_refused_target_is_never_quoted_with_its_password() {
         assert!(!message.contains("hunter2pw"), "{message}");
     }
 }
+
+/// What `check` warns about is logged too, at start and after each reload that applies
+/// it: an operator who edits the file and does not run `check` still sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_warnings_are_logged_at_start_and_on_reload() {
+    let (blue, green) = (Upstream::echo("blue").await, Upstream::echo("green").await);
+    let unread = "[tenancy]\nheader = \"x-customer\"\n";
+    let bin = Process::start_with_args(
+        &format!("{unread}{}", blue_green_config("blue", &blue, &green)),
+        &["--no-watch"],
+    );
+    let path = bin.path.display().to_string();
+    let line = bin
+        .log_line(&["WARN", "warning: `tenancy.header` is set"])
+        .await;
+    // At the key: `PATH:LINE:COL` (the test listeners come first in the file).
+    let at = line.split(&format!("{path}:")).nth(1).unwrap_or_default();
+    let mut nums = at.split(':').take(2).map(|n| n.parse::<u32>());
+    assert!(
+        matches!((nums.next(), nums.next()), (Some(Ok(_)), Some(Ok(10)))),
+        "{line}"
+    );
+
+    // A reload that applies a file with another warning logs it after "reloaded".
+    let daily = "[tenants.acme.limits]\nrequests_per_day = 2000\nrequests_per_month = 1000\n";
+    write_config(
+        &bin.path,
+        &format!("{}{daily}", blue_green_config("green", &blue, &green)),
+    );
+    bin.signal("HUP");
+    bin.log_line(&["configuration reloaded", "trigger=signal"])
+        .await;
+    let line = bin
+        .log_line(&[
+            "WARN",
+            "`requests_per_day` (2000) is more than `requests_per_month` (1000)",
+        ])
+        .await;
+    assert!(line.contains(&format!("{path}:")), "{line}");
+}
