@@ -1201,6 +1201,19 @@ fn a_feature_with_a_space_at_either_end_is_refused() {
     assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
 }
 
+/// A feature listed twice was forwarded twice (`x-tenant-features: beta,beta`).
+#[test]
+fn a_feature_listed_twice_is_a_warning() {
+    let (code, _, err) = check(&format!(
+        "{BASE}[tenants.a]\nhosts = [\"a.test\"]\nfeatures = [\"beta\", \"sso\", \"beta\"]\n"
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.trim(),
+        "PATH:7:28: warning: feature \"beta\" of tenant \"a\" is listed twice: it is forwarded once",
+    );
+}
+
 /// An empty claim or cookie name names nothing: every token would be refused for
 /// want of a tenant claim. Each was accepted silently.
 #[test]

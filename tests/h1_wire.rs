@@ -1094,7 +1094,8 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 #[tokio::test]
 async fn forwarded_headers_and_tenant_identity() {
     let up = RawUpstream::echo().await;
-    let gw = gateway(&up, "features = [\"beta\", \"sso\"]\n");
+    // A feature listed twice is forwarded once (`check` warns at the second).
+    let gw = gateway(&up, "features = [\"beta\", \"sso\", \"beta\"]\n");
     let mut c = Client::connect(&gw).await;
     c.send(
         format!(

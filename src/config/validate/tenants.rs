@@ -255,6 +255,15 @@ impl Validator<'_> {
                     format!("feature {s:?} of tenant {id_str:?} must be printable ASCII without commas (spaces allowed inside, not at either end)"),
                 );
             }
+            if features.contains(s) {
+                self.warn(
+                    feat.span(),
+                    format!(
+                        "feature {s:?} of tenant {id_str:?} is listed twice: it is forwarded once"
+                    ),
+                );
+                continue;
+            }
             features.push(s.clone());
         }
         features
