@@ -79,17 +79,52 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
+/// Fields that framing, routing, authentication or caching read from a message's
+/// head, which a trailer section may not carry (RFC 9110 §6.5.1; the list hyper keeps
+/// out of the trailers it sends, with `Cookie`, `Expect` and `Range`).
+static HEAD_ONLY: [HeaderName; 13] = [
+    header::AUTHORIZATION,
+    header::CACHE_CONTROL,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::COOKIE,
+    header::EXPECT,
+    header::HOST,
+    header::MAX_FORWARDS,
+    header::RANGE,
+    header::SET_COOKIE,
+    header::TRAILER,
+];
+
+/// Whether an upstream's response trailer field `name` goes on to the client (from
+/// an HTTP/1.1 upstream, whose trailer section the gateway decodes itself): not
+/// hop-by-hop, and not one read from the head.
+pub fn response_trailer_passes(name: &HeaderName) -> bool {
+    !(is_hop_by_hop(name) || HEAD_ONLY.contains(name))
+}
+
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
 /// `Host` and `Content-Length` are never removed through `Connection`: they are end to
 /// end — routing needs the one, and the message's framing is the other (a request
 /// whose length went while its body was still sent as is would reach the upstream as
 /// two).
 /// One pass over the names first, so the common message with none of them costs no
-/// hashed lookups.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// hashed lookups. Returns whether a `TE` it removed named `trailers` (the client
+/// takes response trailers: RFC 9110 §10.1.4), read here where the hop-by-hop
+/// fields are looked at anyway.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     if !headers.keys().any(is_hop_by_hop) {
-        return;
+        return false;
     }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            t.split(|&b| b == b';')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        })
+    });
     if headers.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -111,6 +146,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::UPGRADE);
     headers.remove(header::PROXY_AUTHORIZATION);
+    te_trailers
 }
 
 /// The client's `x-request-id` when it is sane (1–128 visible ASCII characters),
@@ -221,6 +257,9 @@ pub struct Added<'a> {
     /// `x-forwarded-proto` is sent: `https` or `http`.
     https: Option<bool>,
     forwarded_for: ForwardedFor<'a>,
+    /// The client sent `TE: trailers`: not a header to add, but read where the
+    /// client's `TE` goes; [`Added::apply`] keeps it.
+    te_trailers: bool,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +273,11 @@ enum ForwardedFor<'a> {
 }
 
 impl Added<'_> {
+    /// Whether the client sent `TE: trailers` (it reads response trailers).
+    pub fn te_trailers(&self) -> bool {
+        self.te_trailers
+    }
+
     /// Inserts the headers into `headers` (which then holds the whole forwarded set),
     /// leaving `self` empty.
     pub fn apply(&mut self, headers: &mut HeaderMap) {
@@ -246,7 +290,9 @@ impl Added<'_> {
             forwarded_host,
             https,
             forwarded_for,
+            te_trailers,
         } = std::mem::take(self);
+        self.te_trailers = te_trailers;
         if tenant.is_none() && request_id.is_none() && https.is_none() {
             return;
         }
@@ -417,25 +463,7 @@ impl Guarded {
     /// framing, routing, authentication or caching read from the head (RFC 9110
     /// §6.5.1; the list hyper keeps out of the trailers it sends).
     pub fn trailer_passes(&self, name: &HeaderName) -> bool {
-        static HEAD_ONLY: [HeaderName; 13] = [
-            header::AUTHORIZATION,
-            header::CACHE_CONTROL,
-            header::CONTENT_ENCODING,
-            header::CONTENT_LENGTH,
-            header::CONTENT_RANGE,
-            header::CONTENT_TYPE,
-            header::COOKIE,
-            header::EXPECT,
-            header::HOST,
-            header::MAX_FORWARDS,
-            header::RANGE,
-            header::SET_COOKIE,
-            header::TRAILER,
-        ];
-        !(is_hop_by_hop(name)
-            || HEAD_ONLY.contains(name)
-            || self.names.contains(name)
-            || self.doomed(name))
+        response_trailer_passes(name) && !(self.names.contains(name) || self.doomed(name))
     }
 
     /// Removes every doomed name from `headers`.
@@ -466,7 +494,7 @@ pub fn rewrite_request<'a>(
     authority: Option<&http::uri::Authority>,
     f: &Forward<'a>,
 ) -> Added<'a> {
-    remove_hop_by_hop(headers);
+    let te_trailers = remove_hop_by_hop(headers);
 
     // One pass over the names says which of the gateway's names the client sent, so
     // the common request, with none of them, costs no hashed lookups. Tenant identity
@@ -540,6 +568,7 @@ pub fn rewrite_request<'a>(
         host,
         https: Some(f.https),
         forwarded_for,
+        te_trailers,
     };
     // `forward` is never one of the headers set above: the config refuses those names
     // (`reserved`), so the lines can be written after the client's without a duplicate.

@@ -446,6 +446,8 @@ async fn proxy<'s>(
     // tunnel is taken before the request is consumed.
     let websocket = websocket_upgrade(&req).map(|token| (token, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
+    // Read before `commit` makes the request HTTP/1.1 or HTTP/2 for the upstream.
+    let client_h2 = parts.version == Version::HTTP_2;
     let routed = route(&parts, snap, ctx, ex)?;
     let tenant = routed.tenant;
     let upstream = routed.upstream;
@@ -480,9 +482,10 @@ async fn proxy<'s>(
             body,
             &target,
             failover,
-            crate::h1::Timeouts {
+            crate::h1::Options {
                 timeout: tenant.request_timeout,
                 body_idle: snap.body_idle_timeout,
+                trailers: client_h2,
             },
         )
         .await;
@@ -771,14 +774,6 @@ where
     ex.upstream = Some(upstream.name.clone());
     let target = upstream.pick().clone();
     let tls = ctx.tls.as_deref();
-    // Read before the hop-by-hop `TE` is removed; only HTTP/2 upstreams get it back.
-    let te_trailers = upstream.transport.h2
-        && parts.headers.get_all(http::header::TE).iter().any(|v| {
-            v.as_bytes()
-                .windows(8)
-                .any(|w| w.eq_ignore_ascii_case(b"trailers"))
-        });
-
     let mut added = headers::rewrite_request(
         &mut parts.headers,
         parts.uri.authority(),
@@ -790,6 +785,8 @@ where
             https: tls.is_some(),
         },
     );
+    // The hop-by-hop `TE` is gone; only HTTP/2 upstreams get it back.
+    let te_trailers = upstream.transport.h2 && added.te_trailers();
     let cert_header = tenant
         .tls
         .as_ref()

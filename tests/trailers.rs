@@ -475,12 +475,12 @@ impl Setup {
 fn table(rows: &[(String, Vec<String>)]) -> String {
     let mut out = format!("{:<22}", "");
     for up in UPS {
-        out.push_str(&format!("{:<16}", format!("{up:?}")));
+        out.push_str(&format!("{:<18}", format!("{up:?}")));
     }
     for (name, cells) in rows {
         out.push_str(&format!("\n{name:<21} "));
         for c in cells {
-            out.push_str(&format!("{c:<16}"));
+            out.push_str(&format!("{c:<17} "));
         }
     }
     out
@@ -620,10 +620,10 @@ async fn response_trailer_matrix() {
         H1s+te/streamed        chunked:-     chunked:-    chunked:-       chunked:-
         H1s/whole              length:-      chunked:-    chunked:-       chunked:-
         H1s/streamed           chunked:-     chunked:-    chunked:-       chunked:-
-        H2c/whole              h2:-          h2:x-up=done h2:x-up=done    h2:x-up=done
-        H2c/streamed           h2:-          h2:x-up=done h2:x-up=done    h2:x-up=done
-        H2s/whole              h2:-          h2:x-up=done h2:x-up=done    h2:x-up=done
-        H2s/streamed           h2:-          h2:x-up=done h2:x-up=done    h2:x-up=done
+        H2c/whole              h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
+        H2c/streamed           h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
+        H2s/whole              h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
+        H2s/streamed           h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
         ",
     );
 }

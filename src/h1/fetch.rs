@@ -32,11 +32,17 @@ use crate::upstream::{Failover, UpstreamClient};
 /// write, up to this much.
 const EARLY_BODY: usize = 64 * 1024;
 
-/// The tenant's `request_timeout` and `server.body_idle_timeout`.
+/// The tenant's `request_timeout` and `server.body_idle_timeout`, and what the
+/// client takes.
 #[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
+pub struct Options {
     pub timeout: Duration,
     pub body_idle: Option<Duration>,
+    /// The client reads response trailers (HTTP/2): the upstream's trailer section
+    /// is kept and passed on, filtered (`h1::trailer`). Not for HTTP/1.1 clients:
+    /// hyper's server writes only trailers a `Trailer` header declared, and a body
+    /// that arrived whole then keeps its `Content-Length`.
+    pub trailers: bool,
 }
 
 /// How the request body goes upstream.
@@ -67,9 +73,13 @@ pub async fn fetch(
     mut body: RequestBody,
     target: &Authority,
     mut failover: Failover<'_>,
-    timeouts: Timeouts,
+    options: Options,
 ) -> Result<http::Response<ProxyBody>, ProxyError> {
-    let Timeouts { timeout, body_idle } = timeouts;
+    let Options {
+        timeout,
+        body_idle,
+        trailers,
+    } = options;
     let upstream = &failover.pool().name;
     let mut target = target;
     let now = std::time::Instant::now();
@@ -165,7 +175,12 @@ pub async fn fetch(
                     rbuf,
                     pending: Bytes::new(),
                     framing: head.framing,
-                    chunked: Chunked::payload_only(),
+                    chunked: if trailers {
+                        Chunked::payload_only().keeping_trailers()
+                    } else {
+                        Chunked::payload_only()
+                    },
+                    trailers: None,
                     // An upstream that answered before it had the whole request body
                     // is in no state to read another request.
                     reusable: head.reusable && body_sent,
@@ -270,6 +285,8 @@ pub struct UpstreamBody {
     /// `Length` counts the bytes not yet passed on.
     framing: Framing,
     chunked: Chunked,
+    /// The upstream's trailer fields, to pass on after the data.
+    trailers: Option<http::HeaderMap>,
     reusable: bool,
     client: Arc<UpstreamClient>,
     target: Authority,
@@ -318,20 +335,20 @@ impl UpstreamBody {
             }
             _ => None,
         };
-        Ok(match whole {
-            Some(b) => {
-                self.end();
-                if b.is_empty() {
-                    ProxyBody::empty()
-                } else {
-                    ProxyBody::full(b)
-                }
-            }
-            None => {
-                // It streams: bounded by `body_idle_timeout`.
-                self.quiet = Some(crate::body::Quiet::new(idle, upstream));
-                ProxyBody::raw(Box::new(self))
-            }
+        let Some(b) = whole else {
+            // It streams: bounded by `body_idle_timeout`.
+            self.quiet = Some(crate::body::Quiet::new(idle, upstream));
+            return Ok(ProxyBody::raw(Box::new(self)));
+        };
+        self.end();
+        Ok(if self.trailers.is_some() {
+            // Whole, but with trailer fields: they follow the data as a frame of their own.
+            self.pending = b;
+            ProxyBody::raw(Box::new(self))
+        } else if b.is_empty() {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(b)
         })
     }
 
@@ -339,6 +356,9 @@ impl UpstreamBody {
     /// exchange (nothing unread after the body).
     fn end(&mut self) {
         self.framing = Framing::Empty;
+        if let Some(section) = self.chunked.take_trailers() {
+            self.trailers = super::trailer::fields(&section);
+        }
         if let Some(up) = self.up.take() {
             if self.reusable && self.rbuf.is_empty() {
                 self.client
@@ -407,7 +427,8 @@ impl Body for UpstreamBody {
                 }
             }
             let Some(up) = &this.up else {
-                return Poll::Ready(None);
+                // Over: the trailer fields, if any, end it.
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             };
             this.rbuf.reserve(STREAM_READ);
             match up.stream.try_read_buf(&mut this.rbuf) {
@@ -435,13 +456,16 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_empty() && (self.up.is_none() || self.framing == Framing::Empty)
+        self.pending.is_empty()
+            && self.trailers.is_none()
+            && (self.up.is_none() || self.framing == Framing::Empty)
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
             Framing::Length(rest) => SizeHint::with_exact(rest),
-            Framing::Empty => SizeHint::with_exact(0),
+            // Over upstream; what is left is `pending` (a whole body with trailers).
+            Framing::Empty => SizeHint::with_exact(self.pending.len() as u64),
             _ => SizeHint::default(),
         }
     }

@@ -21,6 +21,7 @@ mod exchange;
 mod fetch;
 mod park;
 mod spare;
+mod trailer;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +38,7 @@ use tokio::net::TcpStream;
 pub use checked::{Checked, Verdict};
 use exchange::{Done, Outgoing, RequestCounters};
 pub use exchange::{Pool, Stall};
-pub use fetch::{fetch, Timeouts, UpstreamBody};
+pub use fetch::{fetch, Options, UpstreamBody};
 pub use park::{Conn, ToHyper, Worker};
 use wire::{Extra, Head, Parsed};
 

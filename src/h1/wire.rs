@@ -901,7 +901,8 @@ enum ChunkState {
 }
 
 /// Decodes a chunked body incrementally and re-encodes its data for the client
-/// (extensions and trailers are dropped, as hyper does).
+/// (extensions are dropped; the trailer section too, unless kept:
+/// [`Chunked::keeping_trailers`]).
 #[derive(Debug)]
 pub struct Chunked {
     state: ChunkState,
@@ -916,9 +917,14 @@ pub struct Chunked {
     blank: bool,
     /// Data is written re-chunked (for an HTTP/1.1 client) rather than as is.
     rechunk: bool,
+    /// The trailer section's bytes, when kept; `None` when not, or when it grew past
+    /// [`MAX_TRAILER_SECTION`] (and is dropped).
+    trailer: Option<Vec<u8>>,
 }
 
 const MAX_LINE: usize = 4096;
+/// A trailer section longer than this is dropped: the limit of a response head.
+const MAX_TRAILER_SECTION: usize = MAX_RESPONSE_HEAD;
 
 impl Default for Chunked {
     fn default() -> Self {
@@ -930,6 +936,7 @@ impl Default for Chunked {
             line: 0,
             blank: true,
             rechunk: true,
+            trailer: None,
         }
     }
 }
@@ -943,8 +950,24 @@ impl Chunked {
         }
     }
 
+    /// Keeps the trailer section: re-encoded, it goes after the last chunk
+    /// (`h1::trailer::write_last_chunk`); as is, it is taken by
+    /// [`Chunked::take_trailers`].
+    pub fn keeping_trailers(self) -> Chunked {
+        Chunked {
+            trailer: Some(Vec::new()),
+            ..self
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == ChunkState::Done
+    }
+
+    /// The trailer section (field lines and the blank line that ends them), once the
+    /// body is over, if it was kept.
+    pub fn take_trailers(&mut self) -> Option<Vec<u8>> {
+        self.trailer.take().filter(|_| self.is_done())
     }
 
     /// Consumes bytes from `input`, appending the data to `out` (re-chunked unless
@@ -952,7 +975,7 @@ impl Chunked {
     /// unless the body ended earlier) and the number of payload bytes.
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, u64), BadChunk> {
         let rechunk = self.rechunk;
-        self.run(input, |data, last| {
+        let decoded = self.run(input, |data, last| {
             if last {
                 if rechunk {
                     out.extend_from_slice(LAST_CHUNK);
@@ -962,7 +985,16 @@ impl Chunked {
             } else {
                 out.extend_from_slice(data);
             }
-        })
+        })?;
+        if rechunk && self.trailer.is_some() && self.is_done() {
+            // The last chunk ends `out`: the kept trailer fields go before its blank line.
+            out.truncate(out.len().saturating_sub(2));
+            if let Some(section) = self.trailer.take() {
+                super::trailer::write_fields(&section, out);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        Ok(decoded)
     }
 
     /// Follows the framing only (a body hyper reads): how many bytes of `input`
@@ -1047,6 +1079,13 @@ impl Chunked {
                     self.line += 1;
                     if self.line > MAX_LINE * 4 {
                         return Err(BadChunk);
+                    }
+                    if let Some(t) = &mut self.trailer {
+                        if t.len() < MAX_TRAILER_SECTION {
+                            t.push(b);
+                        } else {
+                            self.trailer = None;
+                        }
                     }
                     match b {
                         b'\n' if self.blank => {
