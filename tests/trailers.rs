@@ -610,8 +610,8 @@ async fn response_trailer_matrix() {
         &rows,
         "
                                 H1            H1s          H2c             H2s
-        H1+te/whole            chunked:-     chunked:-    chunked:-       chunked:-
-        H1+te/streamed         chunked:-     chunked:-    chunked:-       chunked:-
+        H1+te/whole            chunked:x-up=done chunked:-    chunked:-       chunked:-
+        H1+te/streamed         chunked:x-up=done chunked:-    chunked:-       chunked:-
         H1/whole               chunked:-     chunked:-    chunked:-       chunked:-
         H1/streamed            chunked:-     chunked:-    chunked:-       chunked:-
         H1+te+body/whole       length:-      chunked:-    chunked:-       chunked:-
@@ -626,4 +626,70 @@ async fn response_trailer_matrix() {
         H2s/streamed           h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
         ",
     );
+}
+
+/// An upstream's trailer section goes on without the fields that are hop-by-hop or
+/// read from a head, to an HTTP/1.1 client on the fast path (which asked with
+/// `TE: trailers`) and to an HTTP/2 client; both connections, and the upstream's,
+/// carry the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_go_on_filtered_and_connections_stay_in_step() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    let up = serve_tcp(move |tcp| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut w = Wire::new(tcp);
+            while let Some((_, fields)) = w.head().await {
+                if w.body(&fields).await.is_none() {
+                    return;
+                }
+                let resp =
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\npong\r\n0\r\n\
+                    x-checksum: abc\r\ncontent-length: 9\r\nconnection: close\r\n\
+                    set-cookie: a=b\r\nGrpc-Status: 0\r\n\r\n";
+                if w.s.write_all(resp).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n\
+         [upstreams.u]\ntargets = [\"{up}\"]\n[tenants.t]\nhosts = [\"t.test\"]\nupstream = \"u\"\n"
+    ));
+    let want = "grpc-status=0,x-checksum=abc";
+    let mut w = Wire::new(TcpStream::connect(gw.addr).await.unwrap());
+    for path in ["/one", "/two"] {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: t.test\r\nte: trailers\r\n\r\n");
+        w.s.write_all(req.as_bytes()).await.unwrap();
+        let (status, fields) = w.head().await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let msg = w.body(&fields).await.unwrap();
+        assert_eq!(msg.data, b"pong");
+        assert_eq!(msg.cell(), want, "{path}");
+    }
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for path in ["/three", "/four"] {
+        let req = Request::get(format!("http://t.test{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let got = resp.into_body().collect().await.unwrap();
+        let msg = Message {
+            trailers: fields_of(got.trailers()),
+            data: got.to_bytes().to_vec(),
+            framing: "h2",
+        };
+        assert_eq!(msg.data, b"pong");
+        assert_eq!(msg.cell(), want, "{path}");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "one upstream connection");
 }

@@ -205,6 +205,8 @@ pub struct Outgoing<'a> {
     pub body_len: u64,
     pub counters: RequestCounters,
     pub extra: Extra<'a>,
+    /// The client sent `TE: trailers`: a chunked response's trailer fields go on.
+    pub trailers: bool,
 }
 
 /// How an exchange ended.
@@ -397,6 +399,7 @@ pub async fn forward(
                     upstream,
                     body_idle: req.body_idle,
                     clock,
+                    trailers: req.trailers,
                 },
                 &mut on_head,
                 &mut finish,
@@ -716,6 +719,8 @@ struct Responding<'a> {
     upstream: &'a Arc<str>,
     body_idle: Option<Duration>,
     clock: Option<HeadClock<'a>>,
+    /// Pass the trailer section of a chunked body on (`Outgoing::trailers`).
+    trailers: bool,
 }
 
 /// Reads the response head (skipping 1xx), writes the client's head, streams the
@@ -740,6 +745,7 @@ where
         upstream,
         body_idle,
         clock,
+        trailers,
     } = r;
     let mut out = spare::Scratch::new(1024);
     let head = read_head(up, rbuf, timer, clock, |rbuf| {
@@ -758,6 +764,9 @@ where
     let mut chunked = Chunked::default();
     let mut first = None;
     if matches!(head.framing, Framing::Chunked) {
+        if trailers {
+            chunked = chunked.keeping_trailers();
+        }
         first = Some(
             chunked
                 .decode(rbuf, &mut out)
