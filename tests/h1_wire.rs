@@ -643,7 +643,8 @@ async fn chunked_response_with_extension_and_trailers() {
         assert_eq!(r.body, b"hello world");
         assert!(r.chunked, "re-sent chunked: {}", r.head);
         assert!(!r.headers.has("content-length"));
-        // `Trailer` is hop-by-hop and removed; the trailer section is not forwarded.
+        // `Trailer` is hop-by-hop and removed; the trailer section is not forwarded to a
+        // client that sent no `TE: trailers` (tests/trailers.rs has one that did).
         assert!(!r.headers.has("trailer"), "{}", r.head);
         assert!(r.trailers.0.is_empty(), "{:?}", r.trailers);
     }

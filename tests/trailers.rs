@@ -529,16 +529,17 @@ async fn request_trailer_matrix() {
             rows.push((name, cells));
         }
     }
+    // README "Trailers" says why each `-` is one.
     assert_table(
         &rows,
         "
-                          H1               H1s          H2c            H2s
-        H1       chunked:x-req=t     chunked:-     none:x-req=t    none:x-req=t
-        H1s      chunked:x-req=t     chunked:-     none:x-req=t    none:x-req=t
-        H2c      chunked:x-req=t     chunked:-     none:x-req=t    none:x-req=t
-        H2c+len  length:-            length:-      length:x-req=t  length:x-req=t
-        H2s      chunked:x-req=t     chunked:-     none:x-req=t    none:x-req=t
-        H2s+len  length:-            length:-      length:x-req=t  length:x-req=t
+                              H1                H1s               H2c               H2s
+        H1                    chunked:x-req=t   chunked:-         none:x-req=t      none:x-req=t
+        H1s                   chunked:x-req=t   chunked:-         none:x-req=t      none:x-req=t
+        H2c                   chunked:x-req=t   chunked:-         none:x-req=t      none:x-req=t
+        H2c+len               length:-          length:-          length:x-req=t    length:x-req=t
+        H2s                   chunked:x-req=t   chunked:-         none:x-req=t      none:x-req=t
+        H2s+len               length:-          length:-          length:x-req=t    length:x-req=t
         ",
     );
 }
@@ -606,24 +607,25 @@ async fn response_trailer_matrix() {
             }
         }
     }
+    // README "Trailers" says why each `-` is one.
     assert_table(
         &rows,
         "
-                                H1            H1s          H2c             H2s
-        H1+te/whole            chunked:x-up=done chunked:-    chunked:-       chunked:-
-        H1+te/streamed         chunked:x-up=done chunked:-    chunked:-       chunked:-
-        H1/whole               chunked:-     chunked:-    chunked:-       chunked:-
-        H1/streamed            chunked:-     chunked:-    chunked:-       chunked:-
-        H1+te+body/whole       length:-      chunked:-    chunked:-       chunked:-
-        H1+te+body/streamed    chunked:-     chunked:-    chunked:-       chunked:-
-        H1s+te/whole           length:-      chunked:-    chunked:-       chunked:-
-        H1s+te/streamed        chunked:-     chunked:-    chunked:-       chunked:-
-        H1s/whole              length:-      chunked:-    chunked:-       chunked:-
-        H1s/streamed           chunked:-     chunked:-    chunked:-       chunked:-
-        H2c/whole              h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
-        H2c/streamed           h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
-        H2s/whole              h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
-        H2s/streamed           h2:x-up=done        h2:x-up=done h2:x-up=done    h2:x-up=done
+                              H1                H1s               H2c               H2s
+        H1+te/whole           chunked:x-up=done chunked:-         chunked:-         chunked:-
+        H1+te/streamed        chunked:x-up=done chunked:-         chunked:-         chunked:-
+        H1/whole              chunked:-         chunked:-         chunked:-         chunked:-
+        H1/streamed           chunked:-         chunked:-         chunked:-         chunked:-
+        H1+te+body/whole      length:-          chunked:-         chunked:-         chunked:-
+        H1+te+body/streamed   chunked:-         chunked:-         chunked:-         chunked:-
+        H1s+te/whole          length:-          chunked:-         chunked:-         chunked:-
+        H1s+te/streamed       chunked:-         chunked:-         chunked:-         chunked:-
+        H1s/whole             length:-          chunked:-         chunked:-         chunked:-
+        H1s/streamed          chunked:-         chunked:-         chunked:-         chunked:-
+        H2c/whole             h2:x-up=done      h2:x-up=done      h2:x-up=done      h2:x-up=done
+        H2c/streamed          h2:x-up=done      h2:x-up=done      h2:x-up=done      h2:x-up=done
+        H2s/whole             h2:x-up=done      h2:x-up=done      h2:x-up=done      h2:x-up=done
+        H2s/streamed          h2:x-up=done      h2:x-up=done      h2:x-up=done      h2:x-up=done
         ",
     );
 }
