@@ -205,8 +205,6 @@ pub struct Outgoing<'a> {
     pub body_len: u64,
     pub counters: RequestCounters,
     pub extra: Extra<'a>,
-    /// The client sent `TE: trailers`: a chunked response's trailer fields go on.
-    pub trailers: bool,
 }
 
 /// How an exchange ended.
@@ -399,7 +397,8 @@ pub async fn forward(
                     upstream,
                     body_idle: req.body_idle,
                     clock,
-                    trailers: req.trailers,
+                    // The client sent `TE: trailers`.
+                    trailers: req.added.te_trailers(),
                 },
                 &mut on_head,
                 &mut finish,
@@ -719,7 +718,7 @@ struct Responding<'a> {
     upstream: &'a Arc<str>,
     body_idle: Option<Duration>,
     clock: Option<HeadClock<'a>>,
-    /// Pass the trailer section of a chunked body on (`Outgoing::trailers`).
+    /// Pass the trailer section of a chunked body on.
     trailers: bool,
 }
 
@@ -761,14 +760,16 @@ where
     rbuf.advance(head.head_len);
     // A chunked body already broken in what came with the head is a 502: nothing has
     // reached the client yet, and the response is not recorded as the upstream's.
-    let mut chunked = Chunked::default();
+    // Made only for a chunked body: the decoder is most of the exchange's state.
+    let mut chunked = None;
     let mut first = None;
     if matches!(head.framing, Framing::Chunked) {
-        if trailers {
-            chunked = chunked.keeping_trailers();
-        }
+        let decoder = chunked.insert(match trailers {
+            true => Chunked::default().keeping_trailers(),
+            false => Chunked::default(),
+        });
         first = Some(
-            chunked
+            decoder
                 .decode(rbuf, &mut out)
                 .map_err(|_| Failure::Upstream(UpstreamFailure::Protocol))?,
         );
@@ -853,6 +854,8 @@ where
             }
         }
         Framing::Chunked => loop {
+            // Made above.
+            let chunked = chunked.get_or_insert_with(Chunked::default);
             let (used, payload) = match first.take() {
                 Some(decoded) => decoded,
                 None => chunked

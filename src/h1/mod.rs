@@ -351,7 +351,6 @@ async fn request(stream: &mut TcpStream, buf: &mut BytesMut, ctx: &ConnCtx, head
                 close,
                 draining,
             },
-            trailers: added.te_trailers(),
         },
         |status| match pending.pending.take() {
             Some((ex, log)) => finish(ex, &snap, started, status, None, &request_id, log),
