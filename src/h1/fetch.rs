@@ -285,8 +285,9 @@ pub struct UpstreamBody {
     /// `Length` counts the bytes not yet passed on.
     framing: Framing,
     chunked: Chunked,
-    /// The upstream's trailer fields, to pass on after the data.
-    trailers: Option<http::HeaderMap>,
+    /// The upstream's trailer fields, to pass on after the data (boxed: the body is
+    /// moved whole a few times per request, and has none most of the time).
+    trailers: Option<Box<http::HeaderMap>>,
     reusable: bool,
     client: Arc<UpstreamClient>,
     target: Authority,
@@ -357,7 +358,7 @@ impl UpstreamBody {
     fn end(&mut self) {
         self.framing = Framing::Empty;
         if let Some(section) = self.chunked.take_trailers() {
-            self.trailers = super::trailer::fields(&section);
+            self.trailers = super::trailer::fields(&section).map(Box::new);
         }
         if let Some(up) = self.up.take() {
             if self.reusable && self.rbuf.is_empty() {
@@ -428,7 +429,7 @@ impl Body for UpstreamBody {
             }
             let Some(up) = &this.up else {
                 // Over: the trailer fields, if any, end it.
-                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(*t))));
             };
             this.rbuf.reserve(STREAM_READ);
             match up.stream.try_read_buf(&mut this.rbuf) {

@@ -80,4 +80,36 @@ mod tests {
         let many = "x-a: 1\r\n".repeat(MAX_RESPONSE_FIELDS + 1) + "\r\n";
         assert_eq!(fields(many.as_bytes()), None);
     }
+
+    #[test]
+    fn a_kept_trailer_section_survives_any_split_of_the_body() {
+        use super::super::wire::Chunked;
+        let body = b"3\r\nabc\r\n0\r\nx-a: 1\r\nconnection: x\r\n\r\n";
+        for at in 0..=body.len() {
+            let mut c = Chunked::default().keeping_trailers();
+            let mut out = Vec::new();
+            c.decode(&body[..at], &mut out).unwrap();
+            c.decode(&body[at..], &mut out).unwrap();
+            assert!(c.is_done());
+            // Re-chunked as it came; the filtered section after the last chunk.
+            assert!(out.ends_with(b"\r\n0\r\nx-a: 1\r\n\r\n"), "split at {at}");
+            assert!(
+                !out.ends_with(b"\r\n0\r\nx-a: 1\r\n\r\n\r\n"),
+                "split at {at}"
+            );
+            let mut c = Chunked::payload_only().keeping_trailers();
+            let mut out = Vec::new();
+            c.decode(&body[..at], &mut out).unwrap();
+            c.decode(&body[at..], &mut out).unwrap();
+            assert_eq!(out, b"abc");
+            let section = c.take_trailers().unwrap();
+            assert_eq!(section, b"x-a: 1\r\nconnection: x\r\n\r\n", "split at {at}");
+        }
+        // No fields: the plain last chunk, and nothing kept.
+        let mut c = Chunked::default().keeping_trailers();
+        let mut out = Vec::new();
+        c.decode(b"1\r\na\r\n0\r\n\r\n", &mut out).unwrap();
+        assert_eq!(out, b"1\r\na\r\n0\r\n\r\n");
+        assert_eq!(c.take_trailers(), None);
+    }
 }

@@ -917,8 +917,10 @@ pub struct Chunked {
     blank: bool,
     /// Data is written re-chunked (for an HTTP/1.1 client) rather than as is.
     rechunk: bool,
-    /// The trailer section's bytes, when kept; `None` when not, or when it grew past
-    /// [`MAX_TRAILER_SECTION`] (and is dropped).
+    /// The trailer section's bytes, when kept (its field lines, and the blank line
+    /// that ends them when there are any: an empty section allocates nothing);
+    /// `None` when not kept, or when it grew past [`MAX_TRAILER_SECTION`] (and is
+    /// dropped).
     trailer: Option<Vec<u8>>,
 }
 
@@ -965,9 +967,11 @@ impl Chunked {
     }
 
     /// The trailer section (field lines and the blank line that ends them), once the
-    /// body is over, if it was kept.
+    /// body is over, if it was kept and has any.
     pub fn take_trailers(&mut self) -> Option<Vec<u8>> {
-        self.trailer.take().filter(|_| self.is_done())
+        self.trailer
+            .take()
+            .filter(|t| self.state == ChunkState::Done && !t.is_empty())
     }
 
     /// Consumes bytes from `input`, appending the data to `out` (re-chunked unless
@@ -986,7 +990,7 @@ impl Chunked {
                 out.extend_from_slice(data);
             }
         })?;
-        if rechunk && self.trailer.is_some() && self.is_done() {
+        if rechunk && self.trailer.as_ref().is_some_and(|t| !t.is_empty()) && self.is_done() {
             // The last chunk ends `out`: the kept trailer fields go before its blank line.
             out.truncate(out.len().saturating_sub(2));
             if let Some(section) = self.trailer.take() {
@@ -1081,14 +1085,20 @@ impl Chunked {
                         return Err(BadChunk);
                     }
                     if let Some(t) = &mut self.trailer {
-                        if t.len() < MAX_TRAILER_SECTION {
-                            t.push(b);
-                        } else {
-                            self.trailer = None;
+                        // Not the blank line's bytes (added below, after fields).
+                        if !self.blank || (b != b'\r' && b != b'\n') {
+                            if t.len() < MAX_TRAILER_SECTION {
+                                t.push(b);
+                            } else {
+                                self.trailer = None;
+                            }
                         }
                     }
                     match b {
                         b'\n' if self.blank => {
+                            if let Some(t) = self.trailer.as_mut().filter(|t| !t.is_empty()) {
+                                t.extend_from_slice(b"\r\n");
+                            }
                             self.state = ChunkState::Done;
                             data(&[], true);
                             return Ok((i, payload));
