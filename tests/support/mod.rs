@@ -460,10 +460,19 @@ pub async fn until_served_by(gw: SocketAddr, host: &str, want: &str, deadline: D
 pub fn with_test_listeners(toml: &str) -> String {
     if toml.contains("[server]") {
         let mut extra = String::new();
-        if !toml.contains("listen =") && !toml.contains("listen=") {
+        // A line that sets the key itself: `tls_listen =` and `admin_listen =` are not
+        // `listen =` (the gateway would bind its default, 0.0.0.0:8080).
+        let sets = |key: &str| {
+            toml.lines().any(|l| {
+                l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        };
+        if !sets("listen") {
             extra.push_str("listen = \"127.0.0.1:0\"\n");
         }
-        if !toml.contains("admin_listen") {
+        if !sets("admin_listen") {
             extra.push_str("admin_listen = \"127.0.0.1:0\"\n");
         }
         toml.replacen("[server]\n", &format!("[server]\n{extra}"), 1)
