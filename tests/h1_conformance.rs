@@ -467,6 +467,17 @@ fn cases() -> Vec<Case> {
             "chunked and a vertical tab",
             post("transfer-encoding: chunked\x0b\r\n", "3\r\nabc\r\n0\r\n\r\n"),
         ),
+        bad(
+            "chunked, chunked (chunked applied twice, §6.1)",
+            post("transfer-encoding: chunked, chunked\r\n", "3\r\nabc\r\n0\r\n\r\n"),
+        ),
+        bad(
+            "chunked in two fields",
+            post(
+                "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+                "3\r\nabc\r\n0\r\n\r\n",
+            ),
+        ),
         case(
             "gzip, then chunked in a second field",
             post(

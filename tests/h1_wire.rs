@@ -2136,11 +2136,7 @@ async fn content_length_with_transfer_encoding() {
 async fn request_transfer_coding_other_than_chunked_is_501() {
     let up = RawUpstream::echo().await;
     let gw = gateway(&up, "");
-    for te in [
-        "gzip, chunked",
-        "chunked, gzip, chunked",
-        "x-custom,chunked",
-    ] {
+    for te in ["gzip, chunked", "x-custom,chunked"] {
         let mut c = Client::connect(&gw).await;
         c.send(
             format!(
@@ -2162,11 +2158,13 @@ async fn request_transfer_coding_other_than_chunked_is_501() {
         assert_eq!(c.closed().await, b"", "{te}");
     }
     // Not chunked last: no length to read the body by (RFC 9112 §6.3), a JSON 400 and
-    // the close — hyper's answer was empty, and in no log. Over two fields too.
+    // the close — hyper's answer was empty, and in no log. Over two fields too. And
+    // chunked twice (RFC 9112 §6.1), whatever else is listed.
     for te in [
         "gzip",
         "chunked, gzip",
         "chunked\r\nTransfer-Encoding: gzip",
+        "chunked, gzip, chunked",
     ] {
         let mut c = Client::connect(&gw).await;
         c.send(

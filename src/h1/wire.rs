@@ -108,6 +108,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
         let mut close = false;
         let mut hosts = 0;
         let mut te: Option<&[u8]> = None;
+        let mut chunked = 0;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             if is_name(name, b"content-length") {
@@ -122,6 +123,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
                 }
             } else if is_name(name, b"transfer-encoding") {
                 te = Some(h.value);
+                chunked += count_chunked(h.value);
             } else if is_name(name, b"upgrade") || is_name(name, b"expect") {
                 return Parsed::Fallback;
             } else if is_name(name, b"connection") {
@@ -135,9 +137,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Parsed {
             // Bodies with a transfer coding are hyper's to read; but RFC 9112 §6.3: a
             // request whose last coding is not chunked has no length to read — 400 and
             // close (hyper's answer would be empty, and in no log).
-            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return malformed("a transfer-encoding whose last coding is not chunked");
+            if let Some(why) = coding_problem(value, chunked) {
+                return malformed(why);
             }
             return Parsed::Fallback;
         }
@@ -228,6 +229,7 @@ pub fn check_head(buf: &[u8]) -> Result<Option<(usize, HeadFraming)>, ProxyError
         _ => return bad("invalid request target"),
     }
     let (mut length, mut te, mut hosts, mut upgrade) = (None, None, 0, false);
+    let mut chunked = 0;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if is_name(name, b"content-length") {
@@ -240,6 +242,7 @@ pub fn check_head(buf: &[u8]) -> Result<Option<(usize, HeadFraming)>, ProxyError
             length = Some(n);
         } else if is_name(name, b"transfer-encoding") {
             te = Some(h.value);
+            chunked += count_chunked(h.value);
         } else if is_name(name, b"host") {
             hosts += 1;
         } else if is_name(name, b"upgrade") {
@@ -250,9 +253,8 @@ pub fn check_head(buf: &[u8]) -> Result<Option<(usize, HeadFraming)>, ProxyError
         if req.version != Some(1) {
             return bad("a transfer-encoding in an HTTP/1.0 request");
         }
-        let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-        if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return bad("a transfer-encoding whose last coding is not chunked");
+        if let Some(why) = coding_problem(value, chunked) {
+            return bad(why);
         }
         HeadFraming::Chunked
     } else {
@@ -270,6 +272,27 @@ pub fn check_head(buf: &[u8]) -> Result<Option<(usize, HeadFraming)>, ProxyError
         return Ok(Some((len, HeadFraming::Opaque)));
     }
     Ok(Some((len, framing)))
+}
+
+/// How many times a `Transfer-Encoding` value lists `chunked`.
+fn count_chunked(value: &[u8]) -> usize {
+    value
+        .split(|&b| b == b',')
+        .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count()
+}
+
+/// What makes a request's transfer codings (the last `Transfer-Encoding` field,
+/// `chunked` counted over all of them) leave its body without a length the gateway
+/// and the upstream would both read alike: RFC 9112 §6.3, `chunked` not last (the
+/// body runs to the close: 400); §6.1, `chunked` applied more than once (HAProxy's
+/// 400 too — one reader would undo it once, another twice).
+fn coding_problem(last_field: &[u8], chunked: usize) -> Option<&'static str> {
+    let last = last_field.rsplit(|&b| b == b',').next().unwrap_or(b"");
+    if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+        return Some("a transfer-encoding whose last coding is not chunked");
+    }
+    (chunked > 1).then_some("a transfer-encoding that applies chunked more than once")
 }
 
 /// The most header fields a request may have: the fast path parses up to `MAX_HEADERS`
