@@ -556,6 +556,16 @@ fn cases() -> Vec<Case> {
                  host: other.test\r\nx-t: 1\r\n\r\n",
             ),
         ),
+        // hyper ends the trailer section only at CRLF CRLF: what follows a bare LF is
+        // swallowed as trailer bytes, so it must not be read as a request either.
+        bad_chunks(
+            "a trailer line ended by a bare LF, then a request",
+            &format!("3\r\nabc\r\n0\r\nx-t: 1\n\n{SMUGGLED}"),
+        ),
+        bad_chunks(
+            "the last chunk's line ended by CRLF LF, then a request",
+            &format!("3\r\nabc\r\n0\r\n\n{SMUGGLED}"),
+        ),
         // ---- header field syntax (RFC 9112 §5, RFC 9110 §5.5) ----
         bad(
             "whitespace between a name and its colon",

@@ -71,9 +71,13 @@ enum State {
     /// Body bytes left before the next head.
     Length(u64),
     Chunked(Chunked),
-    /// Everything passes unchecked (a tunnel, an upgrade, a body whose chunking
-    /// this reader could not follow: hyper will refuse it).
+    /// Everything passes unchecked (a tunnel, an upgrade).
     Through,
+    /// A chunked body this reader could not follow: hyper gets the end of the stream
+    /// there, so it fails the body (400 `bad_request_body`) rather than read on by
+    /// rules of its own — where it would see a head this reader did not check, or
+    /// swallow one a client or a proxy in front meant as a request.
+    Cut,
     /// A head was refused; the stand-in is in `buf`, nothing is read after it.
     Refused,
 }
@@ -119,7 +123,7 @@ impl<I> Checked<I> {
                     self.state = match framing {
                         Framing::Length(0) => State::Head,
                         Framing::Length(n) => State::Length(n),
-                        Framing::Chunked => State::Chunked(Chunked::payload_only()),
+                        Framing::Chunked => State::Chunked(Chunked::request()),
                         Framing::Opaque => State::Through,
                     };
                     true
@@ -152,7 +156,7 @@ impl<I> Checked<I> {
                     true
                 }
                 Err(_) => {
-                    self.state = State::Through;
+                    self.state = State::Cut;
                     true
                 }
             },
@@ -160,7 +164,7 @@ impl<I> Checked<I> {
                 self.ready = self.buf.len();
                 true
             }
-            State::Refused => false,
+            State::Refused | State::Cut => false,
         }
     }
 
@@ -201,9 +205,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Checked<I> {
             if !this.buf.is_empty() && this.classify() {
                 continue;
             }
-            if matches!(this.state, State::Refused) {
+            match this.state {
                 // hyper answers the stand-in and closes; nothing more is for it.
-                return Poll::Pending;
+                State::Refused => return Poll::Pending,
+                State::Cut => return Poll::Ready(Ok(())),
+                _ => {}
             }
             // A body whose end is known, or bytes passed unchecked, go straight
             // into hyper's buffer.
