@@ -732,10 +732,21 @@ async fn serve<I>(
         let service = service_fn(move |req: Request<Incoming>| -> proxy::Handled {
             match verdict.refusal() {
                 Some(e) => Box::pin(proxy::refuse_head(e, conn_ctx.clone())),
-                None => Box::pin(proxy::handle(
-                    req.map(crate::limits::ClientBody::Hyper),
-                    conn_ctx.clone(),
-                )),
+                None => {
+                    let (verdict, ctx) = (verdict.clone(), conn_ctx.clone());
+                    Box::pin(async move {
+                        let req = req.map(crate::limits::ClientBody::Hyper);
+                        let mut resp = proxy::handle(req, ctx).await?;
+                        if verdict.body_arriving() {
+                            // hyper closes after it; the answer says so.
+                            resp.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("close"),
+                            );
+                        }
+                        Ok(resp)
+                    })
+                }
             }
         });
         drive(

@@ -685,6 +685,39 @@ fn cases() -> Vec<Case> {
             &[],
         ),
         Case {
+            what: "Expect: 100-continue, refused, then a body that looks like a request",
+            steps: vec![
+                Step::Send(
+                    format!(
+                        "POST /x HTTP/1.1\r\nhost: {NOBODY}\r\nexpect: 100-continue\r\n\
+                         content-length: {smuggled_len}\r\n\r\n"
+                    )
+                    .into_bytes(),
+                ),
+                Step::Answers(1),
+                Step::Send(SMUGGLED.as_bytes().to_vec()),
+            ],
+            answers: vec![(404, "unknown_tenant")],
+            kept: false,
+            forwarded: vec![],
+        },
+        Case {
+            what: "a refused request whose body comes after the answer",
+            steps: vec![
+                Step::Send(
+                    format!(
+                        "POST /x HTTP/1.1\r\nhost: {NOBODY}\r\ncontent-length: {smuggled_len}\r\n\r\n"
+                    )
+                    .into_bytes(),
+                ),
+                Step::Answers(1),
+                Step::Send(SMUGGLED.as_bytes().to_vec()),
+            ],
+            answers: vec![(404, "unknown_tenant")],
+            kept: false,
+            forwarded: vec![],
+        },
+        Case {
             what: "Expect: 100-continue, admitted",
             steps: vec![
                 Step::Send(post("expect: 100-continue\r\ncontent-length: 3\r\n", "").into_bytes()),

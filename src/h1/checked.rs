@@ -16,7 +16,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -43,9 +43,20 @@ pub struct Verdict {
     requests: AtomicU64,
     /// The refused head's error and the number of its stand-in (`u64::MAX`: none).
     refused: Mutex<Option<(u64, ProxyError)>>,
+    /// The last head passed has a body whose end has not been read yet.
+    body_arriving: AtomicBool,
 }
 
 impl Verdict {
+    /// Whether the body of the request being answered is still to come from the
+    /// client: hyper's server closes the connection after an answer that leaves it
+    /// unread (it cannot tell the rest from the next request), so the answer must
+    /// say `connection: close` (RFC 9110 §10.1.1), as the fast path's does. A body
+    /// that has all arrived is skipped by hyper, and the connection stays.
+    pub fn body_arriving(&self) -> bool {
+        self.body_arriving.load(Ordering::Relaxed)
+    }
+
     /// Called by the service once per request hyper hands it, in order: the error to
     /// answer when this request is the stand-in for a refused head.
     pub fn refusal(&self) -> Option<ProxyError> {
@@ -126,6 +137,7 @@ impl<I> Checked<I> {
                         Framing::Chunked => State::Chunked(Chunked::request()),
                         Framing::Opaque => State::Through,
                     };
+                    self.note_body();
                     true
                 }
                 Ok(None) if pending.len() < self.limit => false,
@@ -143,7 +155,7 @@ impl<I> Checked<I> {
                 *left -= n;
                 self.ready += n as usize;
                 if *left == 0 {
-                    self.state = State::Head;
+                    self.body_read();
                 }
                 true
             }
@@ -151,7 +163,7 @@ impl<I> Checked<I> {
                 Ok(n) => {
                     self.ready += n;
                     if c.is_done() {
-                        self.state = State::Head;
+                        self.body_read();
                     }
                     true
                 }
@@ -166,6 +178,29 @@ impl<I> Checked<I> {
             }
             State::Refused | State::Cut => false,
         }
+    }
+
+    /// Records whether the body of the head just passed has its end among the bytes
+    /// read (a copy of the chunked decoder looks ahead; only chunked requests pay).
+    fn note_body(&self) {
+        let rest = &self.buf[self.ready..];
+        let arriving = match &self.state {
+            State::Length(n) => *n > rest.len() as u64,
+            State::Chunked(c) => {
+                let mut c = c.clone();
+                !(c.frame(rest).is_ok() && c.is_done())
+            }
+            _ => false,
+        };
+        self.verdict
+            .body_arriving
+            .store(arriving, Ordering::Relaxed);
+    }
+
+    /// The body before the next head has been read to its end.
+    fn body_read(&mut self) {
+        self.state = State::Head;
+        self.verdict.body_arriving.store(false, Ordering::Relaxed);
     }
 
     /// Puts the stand-in where the refused head was, and stops reading.
@@ -229,11 +264,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Checked<I> {
                             out.advance(n);
                         }
                         let n = (out.filled().len() - before) as u64;
-                        if n > 0 {
-                            this.state = match left - n {
-                                0 => State::Head,
-                                rest => State::Length(rest),
-                            };
+                        match left - n {
+                            _ if n == 0 => {}
+                            0 => this.body_read(),
+                            rest => this.state = State::Length(rest),
                         }
                         return Poll::Ready(Ok(()));
                     }
