@@ -329,7 +329,7 @@ async fn a_signal_while_starting_stops_before_serving() {
                 .spawn()
                 .unwrap(),
         );
-        let log = collect_log(child.0.stderr.take().unwrap());
+        let (log, reader) = collect_log(child.0.stderr.take().unwrap());
 
         // The FIFO opens for writing once the gateway has opened it to read its roots:
         // from then on the start waits for the test.
@@ -364,6 +364,8 @@ async fn a_signal_while_starting_stops_before_serving() {
             );
         };
         drop(writer);
+        // Every line the process wrote: its stderr is at its end once it has exited.
+        reader.join().unwrap();
         let log = log.lock().unwrap().join("\n");
         assert_eq!(code, Some(1), "SIG{sig}; log:\n{log}");
         assert!(
@@ -388,17 +390,23 @@ impl Drop for Reaped {
 }
 
 /// Every line the process writes to `stderr`, as it comes.
-fn collect_log(stderr: std::process::ChildStderr) -> Arc<std::sync::Mutex<Vec<String>>> {
+/// The lines so far, and the thread that reads them, which ends at the stream's end.
+type Log = (
+    Arc<std::sync::Mutex<Vec<String>>>,
+    std::thread::JoinHandle<()>,
+);
+
+fn collect_log(stderr: std::process::ChildStderr) -> Log {
     use std::io::BufRead;
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let lines = log.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             lines.lock().unwrap().push(line);
         }
     });
-    log
+    (log, reader)
 }
 
 /// Waits up to `bound` for `child` to exit: `Some(its exit code)`, or `None` if it
