@@ -527,29 +527,6 @@ upstream = "h2"
 
 // ---- upstream TLS ----
 
-fn tls_server_config(
-    cert: &(std::path::PathBuf, std::path::PathBuf),
-    alpn: &[&[u8]],
-) -> Arc<rustls::ServerConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(&cert.0)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&cert.1).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    Arc::new(cfg)
-}
-
 /// An HTTP/1.1 echo upstream over TLS.
 async fn https_echo(cfg: Arc<rustls::ServerConfig>) -> SocketAddr {
     serve_tcp(move |tcp| {
@@ -580,7 +557,7 @@ async fn a_204_with_a_length_from_an_https_upstream_reaches_http2_clients_withou
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "upstream-ca");
     let cert = ca.server("backend", &["localhost"], 5);
-    let cfg = tls_server_config(&cert, &[b"http/1.1"]);
+    let cfg = pki::server_config(&cert, &[b"http/1.1"]);
     let up = serve_tcp(move |tcp| {
         let cfg = cfg.clone();
         async move {
@@ -647,8 +624,8 @@ async fn https_upstreams_are_verified_against_their_ca_with_sni() {
     let ca = Ca::new(dir.path(), "upstream-ca");
     let cert = ca.server("backend", &["localhost"], 5);
     let other_ca = Ca::new(dir.path(), "other-ca");
-    let h1 = https_echo(tls_server_config(&cert, &[b"http/1.1"])).await;
-    let (h2, seen) = grpc_upstream(Some(tls_server_config(&cert, &[b"h2"]))).await;
+    let h1 = https_echo(pki::server_config(&cert, &[b"http/1.1"])).await;
+    let (h2, seen) = grpc_upstream(Some(pki::server_config(&cert, &[b"h2"]))).await;
     let toml = format!(
         r#"
 [server]
@@ -870,7 +847,7 @@ async fn an_upstream_response_head_has_the_same_limits_on_every_path() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "upstream-ca");
     let cert = ca.server("backend", &["localhost"], 5);
-    let cfg = tls_server_config(&cert, &[b"http/1.1"]);
+    let cfg = pki::server_config(&cert, &[b"http/1.1"]);
     let plain = serve_tcp(serve_sized).await;
     let tls = serve_tcp(move |tcp| {
         let cfg = cfg.clone();
@@ -974,7 +951,7 @@ async fn serve_status<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s
 async fn an_upstream_status_outside_100_to_599_is_502_on_every_path() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "test-ca");
-    let up_cfg = tls_server_config(&ca.server("backend", &["localhost"], 5), &[b"http/1.1"]);
+    let up_cfg = pki::server_config(&ca.server("backend", &["localhost"], 5), &[b"http/1.1"]);
     ca.server("gateway", &["plain.test", "tls.test", "h2.test"], 6);
     let plain = serve_tcp(serve_status).await;
     let tls = serve_tcp(move |tcp| {

@@ -271,29 +271,6 @@ async fn upstream(up: Up, tls: Arc<rustls::ServerConfig>) -> (SocketAddr, Seen) 
     (addr, seen)
 }
 
-fn server_tls(
-    cert: &(std::path::PathBuf, std::path::PathBuf),
-    alpn: &[u8],
-) -> Arc<rustls::ServerConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(&cert.0)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&cert.1).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
-    Arc::new(cfg)
-}
-
 /// A gateway with a TLS listener and one tenant per upstream kind, and what each
 /// upstream receives.
 struct Setup {
@@ -325,7 +302,7 @@ impl Setup {
             } else {
                 b"http/1.1"
             };
-            let (addr, s) = upstream(up, server_tls(&up_cert, alpn)).await;
+            let (addr, s) = upstream(up, pki::server_config(&up_cert, &[alpn])).await;
             seen.push((up, s));
             let (target, protocol) = match up {
                 Up::H1 => (format!("http://{addr}"), "http1"),

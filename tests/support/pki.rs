@@ -100,6 +100,26 @@ impl Ca {
     }
 }
 
+/// A TLS server config for a test upstream: `cert` (chain and key files, as
+/// [`Ca::server`] writes them), offering `alpn`.
+pub fn server_config(cert: &(PathBuf, PathBuf), alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    let chain = CertificateDer::pem_file_iter(&cert.0)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.1).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
 /// Writes through a temporary file and a rename, as a deploy tool would.
 pub fn write_atomic(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("tmp");
