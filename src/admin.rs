@@ -15,9 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 mod conns;
+mod renders;
 mod routes;
 mod wrap;
 use conns::{Conn, Conns};
+use renders::Renders;
 use routes::route;
 use wrap::{Tracked, Watched};
 
@@ -38,10 +40,11 @@ pub const MAX_CONNECTIONS: usize = 256;
 const EVICT_GRACE: Duration = Duration::from_secs(1);
 
 /// Streams an HTTP/2 admin connection may have open at once. curl, scripts and health
-/// checks use one; each stream may hold a whole answer (`/metrics` of a config of
-/// 10,000 tenants is about 9 MB) until its client has taken it, or for
-/// `header_read_timeout` of a client taking nothing ([`conns::Conn::stalled`]), so
-/// this times [`MAX_CONNECTIONS`] bounds what the admin listener holds.
+/// checks use one; each stream may hold a whole answer until its client has taken it,
+/// or for `header_read_timeout` of a client taking nothing ([`conns::Conn::stalled`]),
+/// so this times [`MAX_CONNECTIONS`] bounds the answers the admin listener holds.
+/// `/metrics` answers (about 9 MB for 10,000 tenants) waiting at the same time share
+/// one render ([`renders`]).
 const MAX_STREAMS: u32 = 4;
 
 /// Serves the admin API until `stop` turns true.
@@ -68,6 +71,7 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
     let wait = shared.config.header_read_timeout;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let conns = Conns::new();
+    let renders = Renders::new();
     let (mut full_warned, mut accept_warned) = (
         crate::server::Quiet::default(),
         crate::server::Quiet::default(),
@@ -107,13 +111,13 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
         };
         let conn = conns.open();
         let tracked = Arc::clone(&conn);
-        let shared = shared.clone();
+        let (shared, renders) = (shared.clone(), renders.clone());
         let service = service_fn(move |req| {
             // Counted from the head hyper has parsed until the body is taken whole.
             let in_flight = tracked.request();
-            let shared = shared.clone();
+            let (shared, renders) = (shared.clone(), renders.clone());
             async move {
-                let response = route(req, shared).await;
+                let response = route(req, shared, renders).await;
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
             }
         });

@@ -506,7 +506,13 @@ fn quota_families(snap: &Snapshot) -> Vec<MetricFamily> {
 
 /// The text exposition of [`families`].
 pub fn render(snap: &Snapshot, reloads: &ReloadCounters) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 * 1024);
+    render_with_capacity(snap, reloads, 64 * 1024)
+}
+
+/// [`render`] into a buffer of `capacity` bytes to begin with (the length of the
+/// last render fits this one without growing).
+pub fn render_with_capacity(snap: &Snapshot, reloads: &ReloadCounters, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity.max(64 * 1024));
     if let Err(e) = TextEncoder::new().encode(&families(snap, reloads), &mut out) {
         tracing::error!(error = %e, "cannot encode metrics");
     }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use super::renders::{Renders, Scrape};
 use crate::body::ProxyBody;
 use crate::reload::Trigger;
 use crate::server::Shared;
@@ -51,7 +52,11 @@ impl Allowed {
     }
 }
 
-pub(super) async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<ProxyBody> {
+pub(super) async fn route(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    renders: Arc<Renders>,
+) -> Response<ProxyBody> {
     // First, for every path and method: a page on a rebound name must not learn even
     // which paths exist.
     if let Some(host) = rebound(&req) {
@@ -98,7 +103,7 @@ pub(super) async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Respon
             json_value(StatusCode::OK, &body)
         }
         "/config/history" => history(&shared).await,
-        "/metrics" => metrics(&shared),
+        "/metrics" => metrics(&shared, &renders).await,
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#),
         "/readyz" => {
             if shared.draining.load(Ordering::SeqCst) {
@@ -276,17 +281,21 @@ fn respond(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     r
 }
 
-fn metrics(shared: &Shared) -> Response<ProxyBody> {
-    let reloads = crate::metrics::ReloadCounters {
-        succeeded: shared.reload.succeeded(),
-        failed: shared.reload.failed(),
-        last_success: shared.reload.last_success(),
-    };
-    let body = crate::metrics::render(&shared.snapshot.load(), &reloads);
-    let mut r = Response::new(ProxyBody::full(Bytes::from(body)));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
+/// `GET /metrics`, from a render shared with the scrapes waiting at the same time
+/// ([`Renders`]).
+async fn metrics(shared: &Arc<Shared>, renders: &Arc<Renders>) -> Response<ProxyBody> {
+    match renders.scrape(shared).await {
+        Scrape::Text(text) => {
+            let mut r = Response::new(ProxyBody::full(text));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        Scrape::Failed => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"error":"internal_error","message":"the /metrics render failed; see the log"}"#,
+        ),
+    }
 }
