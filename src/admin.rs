@@ -43,8 +43,8 @@ const EVICT_GRACE: Duration = Duration::from_secs(1);
 /// checks use one; each stream may hold a whole answer until its client has taken it,
 /// or for `header_read_timeout` of a client taking nothing ([`conns::Conn::stalled`]),
 /// so this times [`MAX_CONNECTIONS`] bounds the answers the admin listener holds.
-/// `/metrics` answers (about 9 MB for 10,000 tenants) waiting at the same time share
-/// one render ([`renders`]).
+/// `/metrics` answers (about 9 MB for 10,000 tenants) share their renders, of which at
+/// most [`renders::MAX_RENDERS`] are alive.
 const MAX_STREAMS: u32 = 4;
 
 /// Serves the admin API until `stop` turns true.
@@ -71,7 +71,7 @@ pub async fn serve(listener: StdListener, shared: Arc<Shared>, mut stop: watch::
     let wait = shared.config.header_read_timeout;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let conns = Conns::new();
-    let renders = Renders::new();
+    let renders = Renders::new(wait);
     let (mut full_warned, mut accept_warned) = (
         crate::server::Quiet::default(),
         crate::server::Quiet::default(),

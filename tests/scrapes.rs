@@ -1,6 +1,6 @@
 //! `GET /metrics` under concurrent scrapes of a large config: scrapes waiting at the same
-//! time share one render, a scrape still sees every count made before it arrived, and
-//! health checks are answered while one runs.
+//! time share one render, a scrape still sees every count made before it arrived, the
+//! renders alive at once are capped, and health checks are answered while one runs.
 
 mod support;
 
@@ -255,4 +255,69 @@ async fn a_health_check_is_answered_while_a_render_runs() {
         first > 0,
         "the health check was answered after the scrape's render every time"
     );
+}
+
+/// Clients that each keep an answer of a different render waiting, taking a piece now
+/// and then (so they are not closed as stalled), hold that render's bytes: without a
+/// cap, 256 connections × 4 streams of them could hold 1,024 renders (9 GB for this
+/// config). At most 8 renders are alive at once; a scrape beyond them waits
+/// `header_read_timeout` for one to go, then gets 503 `too_many_scrapes` with
+/// `Retry-After`. Once a client lets its answer go, scrapes are answered again. Before,
+/// the ninth scrape got its own 9 MB like the others.
+#[tokio::test]
+async fn renders_alive_at_once_are_capped() {
+    const MAX_RENDERS: usize = 8;
+    let gw = Process::start(&large_config("2s"));
+    let admin = gw.admin;
+    let mut holders = Vec::new();
+    for _ in 0..MAX_RENDERS {
+        // One after another: each scrape arrives after the render before has ended, so
+        // it gets a render of its own.
+        let client = h2_open(admin).await;
+        let response = scrape_on(&client, admin).await.await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        holders.push(tokio::spawn(async move {
+            let _client = client;
+            // A piece now and then: well within header_read_timeout of the last.
+            while let Some(Ok(chunk)) = body.data().await {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+        }));
+    }
+    let refused = get(admin, "/metrics", &[]).await;
+    assert_eq!(
+        refused.status,
+        503,
+        "a ninth render while 8 are held: {} bytes",
+        refused.body.len()
+    );
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.json()["error"], "too_many_scrapes");
+    assert!(refused.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("8 renders"));
+    // The health checks are answered meanwhile.
+    assert_eq!(get(admin, "/healthz", &[]).await.status, 200);
+    // One client lets its answer go (its stream is reset): its render goes, and the
+    // next scrape is answered whole.
+    holders.pop().unwrap().abort();
+    let answered = get(admin, "/metrics", &[]).await;
+    assert_eq!(answered.status, 200);
+    assert!(
+        answered.body.len() > 8_000_000,
+        "{} bytes",
+        answered.body.len()
+    );
+    series(&answered.body);
+}
+
+/// An HTTP/2 connection with the default windows, driven in the background.
+async fn h2_open(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    client
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::renders::{Renders, Scrape};
+use super::renders::{Renders, Scrape, MAX_RENDERS};
 use crate::body::ProxyBody;
 use crate::reload::Trigger;
 use crate::server::Shared;
@@ -291,6 +291,16 @@ async fn metrics(shared: &Arc<Shared>, renders: &Arc<Renders>) -> Response<Proxy
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
+            r
+        }
+        Scrape::Busy => {
+            let body = serde_json::json!({
+                "error": "too_many_scrapes",
+                "message": format!("{MAX_RENDERS} renders of /metrics are held by answers their clients have not taken yet; try again"),
+            });
+            let mut r = json_value(StatusCode::SERVICE_UNAVAILABLE, &body);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
         Scrape::Failed => json(
