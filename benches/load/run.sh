@@ -48,6 +48,10 @@ CAPTURE=${CAPTURE:-0}            # 1: after scenarios a, f and g, one more run o
                                  # request spent in the proxy, the backend and on the wire
                                  # (residence.py; needs tcpdump and root or CAP_NET_RAW)
 CAPTURE_SECS=${CAPTURE_SECS:-1}
+SAME_HEADERS=${SAME_HEADERS:-0}  # 1: nginx and HAProxy also send the backend what Bulkhead sends
+                                 # (x-request-id, generated, and back on the response;
+                                 # x-forwarded-for, -proto and -host): the backend then
+                                 # parses the same head behind every proxy
 OUT=${OUT:-$HERE/results-$(date +%Y-%m-%d-%H%M%S).md}
 
 readonly ADDR=127.0.0.1          # the only address this script listens on or connects to
@@ -94,6 +98,7 @@ check_knobs() {
   [[ $PAIRED == 0 || $PAIRED == 1 ]] || die "PAIRED must be 0 or 1, got '$PAIRED'"
   [[ $L4 == 0 || $L4 == 1 ]] || die "L4 must be 0 or 1, got '$L4'"
   [[ $CAPTURE == 0 || $CAPTURE == 1 ]] || die "CAPTURE must be 0 or 1, got '$CAPTURE'"
+  [[ $SAME_HEADERS == 0 || $SAME_HEADERS == 1 ]] || die "SAME_HEADERS must be 0 or 1, got '$SAME_HEADERS'"
   for s in CONNS H2_STREAMS REPEAT TENANTS_B HOT_TENANTS IDLE_CONNS LOADGEN_CPU PROXY_CPU PACE_MS RATE CAPTURE_SECS; do
     [[ ${!s} =~ ^[0-9]+$ ]] || die "$s must be a non-negative integer, got '${!s}'"
   done
@@ -187,10 +192,15 @@ EOF
 # A third argument "rid": the request id (nginx's $request_id) sent to the backend and
 # back to the client as x-request-id, as Bulkhead does, so that CAPTURE can tie a
 # client's exchange to the backend's.
-write_nginx_conf() { # dir ntenants [rid]
+# "same": that, and the x-forwarded-* headers Bulkhead sends (SAME_HEADERS=1).
+write_nginx_conf() { # dir ntenants [rid|same]
   local d=$1 rid=""
-  [[ ${3:-} == rid ]] && rid='proxy_set_header x-request-id $request_id;
+  [[ ${3:-} == rid || ${3:-} == same ]] && rid='proxy_set_header x-request-id $request_id;
             add_header x-request-id $request_id always;'
+  [[ ${3:-} == same ]] && rid="$rid"'
+            proxy_set_header x-forwarded-host $host;
+            proxy_set_header x-forwarded-proto $scheme;
+            proxy_set_header x-forwarded-for $proxy_add_x_forwarded_for;'
   mkdir -p "$d"
   {
     cat <<EOF
@@ -255,12 +265,17 @@ EOF
   } >"$d/nginx.conf"
 }
 
-# A third argument "rid": a request id sent both ways as x-request-id (see nginx's).
-write_haproxy_conf() { # dir ntenants [rid]
+# A third argument "rid": a request id sent both ways as x-request-id (see nginx's);
+# "same": that, and the x-forwarded-* headers Bulkhead sends (SAME_HEADERS=1).
+write_haproxy_conf() { # dir ntenants [rid|same]
   local d=$1 rid=""
-  [[ ${3:-} == rid ]] && rid='unique-id-format %{+X}o%rt
+  [[ ${3:-} == rid || ${3:-} == same ]] && rid='unique-id-format %{+X}o%rt
     http-request set-header x-request-id %[unique-id]
     http-response set-header x-request-id %[unique-id]'
+  [[ ${3:-} == same ]] && rid="$rid"'
+    http-request set-header x-forwarded-host %[req.hdr(host)]
+    http-request set-header x-forwarded-proto http
+    option forwardfor'
   mkdir -p "$d"
   tenant_list "$2" | awk '{ printf "t%s.example.com t%s\n", $1, $1 }' >"$d/hosts.map"
   cat >"$d/haproxy.cfg" <<EOF
@@ -335,10 +350,12 @@ EOF
 write_configs() {
   local n
   [[ " $REFS " == *" l4 "* ]] && write_l4_conf "$TMP/l4"
+  local same=""
+  ((SAME_HEADERS)) && same=same
   for n in 1 "$TENANTS_B"; do
     [[ " $PROXIES " == *" bulkhead "* ]] && write_bulkhead_conf "$TMP/bulkhead-$n.toml" "$n"
-    [[ " $PROXIES " == *" nginx "* ]] && write_nginx_conf "$TMP/nginx-$n" "$n"
-    [[ " $PROXIES " == *" haproxy "* ]] && write_haproxy_conf "$TMP/haproxy-$n" "$n"
+    [[ " $PROXIES " == *" nginx "* ]] && write_nginx_conf "$TMP/nginx-$n" "$n" $same
+    [[ " $PROXIES " == *" haproxy "* ]] && write_haproxy_conf "$TMP/haproxy-$n" "$n" $same
   done
   if ((CAPTURE)); then
     # One tenant, as (a); x-request-id both ways (Bulkhead sends it by default).
@@ -774,6 +791,7 @@ the_command() {
   if ((!L4)); then printf 'L4=0 '; fi
   if [[ -n $PROXY_CPU_QUOTA ]]; then printf 'PROXY_CPU_QUOTA=%s ' "$PROXY_CPU_QUOTA"; fi
   if ((CAPTURE)); then printf 'CAPTURE=1 CAPTURE_SECS=%s ' "$CAPTURE_SECS"; fi
+  if ((SAME_HEADERS)); then printf 'SAME_HEADERS=1 '; fi
   printf 'benches/load/run.sh'
 }
 
