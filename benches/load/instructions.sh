@@ -21,7 +21,8 @@
 # spread by about ±10 per request between runs, as the event loop's batching follows
 # the machine's load, so compare binaries over several interleaved runs). Prints the
 # count per request and the functions with the most instructions of their own; the
-# dump stays in the printed directory.
+# dump stays in the printed directory. PORT_OFFSET=N (default 0) moves every port it
+# uses (18080, 18081, 19000) up by N, so that two runs at once do not meet.
 # Needs valgrind, nginx, h2load (nghttp2-client), wrk (h1b), curl and python3.
 set -euo pipefail
 [ $# -ge 1 ] || { sed -n 2,25p "$0"; exit 2; }
@@ -53,6 +54,14 @@ if [ "$PROTO" = h1b ] && [ $# -lt 4 ]; then
       printf "\n[tenants.t%d]\nhosts = [\"t%d.example.com\"]\n", i, i }'
   } >"$CONF"
 fi
+OFF=${PORT_OFFSET:-0}
+[[ $OFF =~ ^[0-9]+$ ]] && ((OFF <= 40000)) || { echo "PORT_OFFSET must be 0 to 40000" >&2; exit 2; }
+PORT=$((18080 + OFF))
+if ((OFF)); then
+  sed -e "s/127.0.0.1:18080/127.0.0.1:$PORT/" -e "s/127.0.0.1:18081/127.0.0.1:$((18081 + OFF))/" \
+    -e "s/127.0.0.1:19000/127.0.0.1:$((19000 + OFF))/" "$CONF" >"$TMP/ports.toml"
+  CONF=$TMP/ports.toml
+fi
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -64,12 +73,12 @@ RUST_LOG=warn valgrind --tool=callgrind "${SIM[@]}" --callgrind-out-file="$OUT" 
   "$BIN" run --no-watch --config "$CONF" >"$TMP/bulkhead.log" 2>&1 & PID=$!
 PIDS+=("$PID")
 for _ in $(seq 150); do
-  curl -s -o /dev/null -H 'Host: t1.example.com' http://127.0.0.1:18080/ && break
+  curl -s -o /dev/null -H 'Host: t1.example.com' http://127.0.0.1:$PORT/ && break
   sleep 0.2
 done
 if [ "$PROTO" = h1b ]; then
   # wrk's options before the script's arguments (after `--`): the duration goes first.
-  WRK=(-t1 -c64 -s "$HERE/rotate_host.lua" http://127.0.0.1:18080/ -- "${HOT_TENANTS:-1000}")
+  WRK=(-t1 -c64 -s "$HERE/rotate_host.lua" http://127.0.0.1:$PORT/ -- "${HOT_TENANTS:-1000}")
   wrk -d3s "${WRK[@]}" >/dev/null
   callgrind_control -z "$PID" >/dev/null
   wrk -d"${N}s" "${WRK[@]}" >"$TMP/wrk.out"
@@ -77,7 +86,7 @@ if [ "$PROTO" = h1b ]; then
   grep -E 'requests in|Non-2xx' "$TMP/wrk.out"
   N=$(awk '/requests in/ {print $1}' "$TMP/wrk.out")
 else
-  H2=(h2load -t1 "${LOAD[@]}" -H ':authority: t1.example.com' http://127.0.0.1:18080/)
+  H2=(h2load -t1 "${LOAD[@]}" -H ':authority: t1.example.com' http://127.0.0.1:$PORT/)
   "${H2[@]}" -n 2000 >/dev/null
   callgrind_control -z "$PID" >/dev/null
   "${H2[@]}" -n "$N" | grep -E '^requests:'
