@@ -67,7 +67,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 # shellcheck source=benches/load/backend.sh
 . "$HERE/backend.sh"
-start_backend
+BACKEND_OFFSET=$OFF start_backend
 OUT=$TMP/callgrind.out
 RUST_LOG=warn valgrind --tool=callgrind "${SIM[@]}" --callgrind-out-file="$OUT" \
   "$BIN" run --no-watch --config "$CONF" >"$TMP/bulkhead.log" 2>&1 & PID=$!
