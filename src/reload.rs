@@ -122,6 +122,12 @@ pub struct ReloadState {
     /// wait for that (health checks on the same thread would wait with it). Taken
     /// after `inner` when both are.
     history: Mutex<VecDeque<Arc<HistoryEntry>>>,
+    /// Entries pushed since startup: which history `encoded` is of.
+    pushed: AtomicU64,
+    /// The history as `GET /config/history` sends it, made once per change and shared
+    /// by every answer until the next (with a large config an entry's change lists
+    /// run to thousands of ids, and an answer may be held while a slow client reads).
+    encoded: Mutex<Option<(u64, bytes::Bytes)>>,
     succeeded: AtomicU64,
     failed: AtomicU64,
     /// Milliseconds since the Unix epoch of the last successful load (startup included).
@@ -161,6 +167,8 @@ impl ReloadState {
                 last_rejected: None,
             }),
             history: Mutex::new(VecDeque::from([Arc::new(entry)])),
+            pushed: AtomicU64::new(1),
+            encoded: Mutex::new(None),
             succeeded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(unix_ms(now)),
@@ -185,8 +193,35 @@ impl ReloadState {
 
     /// The last [`HISTORY_LEN`] attempts, newest first.
     pub fn history(&self) -> Vec<Arc<HistoryEntry>> {
+        self.history_at().1
+    }
+
+    /// [`ReloadState::history`], and how many entries had been pushed then.
+    fn history_at(&self) -> (u64, Vec<Arc<HistoryEntry>>) {
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.iter().rev().cloned().collect()
+        let pushed = self.pushed.load(Ordering::Relaxed);
+        (pushed, history.iter().rev().cloned().collect())
+    }
+
+    /// The history as JSON (an array, newest first), encoded once per change: answers
+    /// between two changes share the same bytes. Blocks while it encodes.
+    pub fn history_json(&self) -> serde_json::Result<bytes::Bytes> {
+        let current = self.pushed.load(Ordering::Relaxed);
+        let lock = || self.encoded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, bytes)) = &*lock() {
+            if *at == current {
+                return Ok(bytes.clone());
+            }
+        }
+        let (at, history) = self.history_at();
+        let entries: Vec<&HistoryEntry> = history.iter().map(|e| &**e).collect();
+        let bytes = bytes::Bytes::from(serde_json::to_vec(&entries)?);
+        let mut cached = lock();
+        // Unless a newer history was encoded meanwhile.
+        if cached.as_ref().is_none_or(|(c, _)| *c < at) {
+            *cached = Some((at, bytes.clone()));
+        }
+        Ok(bytes)
     }
 
     /// A copy of the config in force.
@@ -459,6 +494,7 @@ fn push(state: &ReloadState, entry: HistoryEntry) {
         history.pop_front();
     }
     history.push_back(Arc::new(entry));
+    state.pushed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Settings the running process cannot change: the listeners are bound, the worker
@@ -802,6 +838,29 @@ hosts = ["globex.com"]
 [tenants.initech]
 hosts = ["initech.com"]
 "#;
+
+    /// Answers between two changes share one encoding (a large history is megabytes,
+    /// held while a slow client reads it); a change makes the next answer a new one.
+    #[test]
+    fn the_history_is_encoded_once_per_change() {
+        let state = ReloadState::new(&parse(BASE)).unwrap();
+        let first = state.history_json().unwrap();
+        let again = state.history_json().unwrap();
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "encoded again with nothing new"
+        );
+        let mut inner = state.lock();
+        reject(&state, &mut inner, Trigger::Signal, None, "bad".to_owned());
+        drop(inner);
+        let after = state.history_json().unwrap();
+        assert_ne!(first, after);
+        let entries: serde_json::Value = serde_json::from_slice(&after).unwrap();
+        assert_eq!(entries[0]["result"], "failure", "newest first: {entries}");
+        assert_eq!(entries[1]["trigger"], "startup", "{entries}");
+        assert_eq!(state.history_json().unwrap().as_ptr(), after.as_ptr());
+    }
 
     #[test]
     fn diff_names_added_removed_and_changed_fields() {

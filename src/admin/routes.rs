@@ -236,15 +236,11 @@ async fn reload(shared: Arc<Shared>) -> Response<ProxyBody> {
 /// `GET /config/history`, encoded on the blocking pool: 50 entries that each name
 /// every tenant of a large config are megabytes of JSON, and the admin thread also
 /// answers the health checks.
-async fn history(shared: &Shared) -> Response<ProxyBody> {
-    let history = shared.reload.history();
-    let encoded = tokio::task::spawn_blocking(move || {
-        let entries: Vec<&crate::reload::HistoryEntry> = history.iter().map(|e| &**e).collect();
-        serde_json::to_vec(&entries)
-    })
-    .await;
+async fn history(shared: &Arc<Shared>) -> Response<ProxyBody> {
+    let shared = Arc::clone(shared);
+    let encoded = tokio::task::spawn_blocking(move || shared.reload.history_json()).await;
     match encoded {
-        Ok(Ok(bytes)) => respond(StatusCode::OK, Bytes::from(bytes)),
+        Ok(Ok(bytes)) => respond(StatusCode::OK, bytes),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "cannot encode the reload history");
             json(
