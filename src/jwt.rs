@@ -23,7 +23,7 @@ pub struct JwtConfig {
     /// A cookie that carries the bare token, read when the header has none.
     pub cookie: Option<Spanned<String>>,
     pub tenant_claim: Spanned<String>,
-    pub leeway: Dur,
+    pub leeway: Spanned<Dur>,
     pub issuer: Option<Spanned<String>>,
     pub audience: Option<Spanned<String>>,
     pub jwks_file: Option<Spanned<String>>,
@@ -35,7 +35,7 @@ impl Default for JwtConfig {
             header: Spanned::new(0..0, "authorization".to_owned()),
             cookie: None,
             tenant_claim: Spanned::new(0..0, "tenant".to_owned()),
-            leeway: Dur(std::time::Duration::from_secs(30)),
+            leeway: Spanned::new(0..0, Dur(std::time::Duration::from_secs(30))),
             issuer: None,
             audience: None,
             jwks_file: None,

@@ -1201,6 +1201,24 @@ fn a_feature_with_a_space_at_either_end_is_refused() {
     assert!(err.contains("PATH:7:34: feature \"y \""), "{err}");
 }
 
+/// A leeway of hours or more keeps expired tokens working; it was accepted silently
+/// (up to ten years, the bound of every duration).
+#[test]
+fn a_jwt_leeway_past_minutes_is_a_warning() {
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"host\"]\n[tenancy.jwt]\nleeway = \"2h\"\n{BASE}"
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.trim(),
+        "PATH:4:10: warning: `tenancy.jwt.leeway` of 2h: a token is still accepted that long after it expired (and that long before its nbf); leeway covers clock skew, seconds to a minute",
+    );
+    let (code, _, err) = check(&format!(
+        "[tenancy]\nresolve = [\"host\"]\n[tenancy.jwt]\nleeway = \"60s\"\n{BASE}"
+    ));
+    assert_eq!((code, err.as_str()), (0, ""));
+}
+
 /// A feature listed twice was forwarded twice (`x-tenant-features: beta,beta`).
 #[test]
 fn a_feature_listed_twice_is_a_warning() {

@@ -174,7 +174,7 @@ impl Validator<'_> {
             jwt_header: t.jwt.header.get_ref().to_ascii_lowercase(),
             tenant_claim: t.jwt.tenant_claim.get_ref().clone(),
             jwt_cookie: t.jwt.cookie.as_ref().map(|c| c.get_ref().clone()),
-            jwt_leeway: t.jwt.leeway.0,
+            jwt_leeway: t.jwt.leeway.get_ref().0,
             jwt_global: tenancy.jwt_global,
             tenant_header: t.header.get_ref().to_ascii_lowercase(),
             path_prefix: t.path_prefix.get_ref().clone(),

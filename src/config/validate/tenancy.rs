@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// A `tenancy.jwt.leeway` above this is a warning.
+const MAX_SENSIBLE_LEEWAY: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
 /// `[tenancy]`, validated as far as the tenants need it.
 pub(super) struct Tenancy<'f> {
     /// `[tenancy.jwt] jwks_file`'s keys, with `issuer` and `audience`.
@@ -46,6 +49,15 @@ impl Validator<'_> {
             if let Some(v) = v.filter(|v| v.get_ref().trim().is_empty()) {
                 self.error(v.span(), format!("`{key}` must not be empty"));
             }
+        }
+        // Leeway is for clocks that disagree by seconds; past a few minutes it keeps
+        // expired tokens working (at most ten years: every duration's bound).
+        let leeway = t.jwt.leeway.get_ref().0;
+        if leeway > MAX_SENSIBLE_LEEWAY {
+            self.warn(
+                t.jwt.leeway.span(),
+                format!("`tenancy.jwt.leeway` of {}: a token is still accepted that long after it expired (and that long before its nbf); leeway covers clock skew, seconds to a minute", humantime::format_duration(leeway)),
+            );
         }
         for (v, key) in [(&t.jwt.issuer, "issuer"), (&t.jwt.audience, "audience")] {
             self.not_blank_claim(v.as_ref(), &format!("tenancy.jwt.{key}"));
