@@ -734,11 +734,19 @@ async fn serve<I>(
                 Some(e) => Box::pin(proxy::refuse_head(e, conn_ctx.clone())),
                 None => {
                     let (verdict, ctx) = (verdict.clone(), conn_ctx.clone());
+                    let shared = Arc::clone(&ctx.shared);
                     Box::pin(async move {
                         let req = req.map(crate::limits::ClientBody::Hyper);
                         let mut resp = proxy::handle(req, ctx).await?;
-                        if verdict.body_arriving() {
-                            // hyper closes after it; the answer says so.
+                        // hyper closes after an answer that leaves the body unread; and
+                        // once draining began, this connection's graceful shutdown may
+                        // not have reached hyper yet when the answer is written (the
+                        // fast path reads the same flag). Either way the answer says so,
+                        // and hyper closes after a `connection: close` it sends. Not
+                        // on a 101: its `connection: upgrade` hands the connection over.
+                        let closing =
+                            verdict.body_arriving() || shared.draining.load(Ordering::Relaxed);
+                        if closing && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                             resp.headers_mut().insert(
                                 http::header::CONNECTION,
                                 http::HeaderValue::from_static("close"),
