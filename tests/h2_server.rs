@@ -187,16 +187,7 @@ async fn the_server_preface_advertises_its_limits_and_acknowledges_settings_and_
     // the acknowledgement of the client's SETTINGS.
     let first = c.read_frame().await.expect("the server's SETTINGS");
     assert_eq!((first.kind, first.flags, first.stream), (SETTINGS, 0, 0));
-    let params: HashMap<u16, u32> = first
-        .payload
-        .chunks_exact(6)
-        .map(|s| {
-            (
-                u16::from_be_bytes([s[0], s[1]]),
-                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
-            )
-        })
-        .collect();
+    let params: HashMap<u16, u32> = settings_params(&first.payload).into_iter().collect();
     assert_eq!(
         params.get(&MAX_CONCURRENT_STREAMS),
         Some(&256),

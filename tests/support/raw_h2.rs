@@ -374,16 +374,7 @@ impl H2 {
             }
             SETTINGS if f.flags & ACK != 0 => self.settings_acks += 1,
             SETTINGS => {
-                let params: Vec<(u16, u32)> = f
-                    .payload
-                    .chunks_exact(6)
-                    .map(|s| {
-                        (
-                            u16::from_be_bytes([s[0], s[1]]),
-                            u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
-                        )
-                    })
-                    .collect();
+                let params = settings_params(&f.payload);
                 for &(id, v) in &params {
                     if id == INITIAL_WINDOW_SIZE {
                         let delta = i64::from(v) - self.send_initial;
@@ -588,4 +579,17 @@ pub fn unpad(flags: u8, payload: &[u8]) -> &[u8] {
     }
     let pad = usize::from(payload[0]);
     &payload[1..payload.len() - pad]
+}
+
+/// A SETTINGS frame's payload as (identifier, value) pairs, in order.
+pub fn settings_params(payload: &[u8]) -> Vec<(u16, u32)> {
+    payload
+        .chunks_exact(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect()
 }
