@@ -191,13 +191,9 @@ impl ReloadState {
         UNIX_EPOCH + Duration::from_millis(self.last_success_ms.load(Ordering::Relaxed))
     }
 
-    /// The last [`HISTORY_LEN`] attempts, newest first.
-    pub fn history(&self) -> Vec<Arc<HistoryEntry>> {
-        self.history_at().1
-    }
-
-    /// [`ReloadState::history`], and how many entries had been pushed then.
-    fn history_at(&self) -> (u64, Vec<Arc<HistoryEntry>>) {
+    /// The last [`HISTORY_LEN`] attempts, newest first, and how many entries had been
+    /// pushed then.
+    fn history(&self) -> (u64, Vec<Arc<HistoryEntry>>) {
         let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let pushed = self.pushed.load(Ordering::Relaxed);
         (pushed, history.iter().rev().cloned().collect())
@@ -213,7 +209,7 @@ impl ReloadState {
                 return Ok(bytes.clone());
             }
         }
-        let (at, history) = self.history_at();
+        let (at, history) = self.history();
         let entries: Vec<&HistoryEntry> = history.iter().map(|e| &**e).collect();
         let bytes = bytes::Bytes::from(serde_json::to_vec(&entries)?);
         let mut cached = lock();
